@@ -1,0 +1,186 @@
+"""Load and validate an image-caption manifest (CSV or TSV) in open_clip's convention.
+
+The synthetic generator writes this format, and a user's own data in the same form drops in:
+column names are configurable, relative image paths resolve against the manifest's folder.
+Every problem names the file, the line and the column. Nothing is dropped silently: bad rows
+raise, or, with ``skip_bad_rows=True``, are skipped and listed in ``Manifest.skipped``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+from PIL import Image, UnidentifiedImageError
+
+from fedclip.data.schema import MANIFEST_COLUMNS, Split
+
+_POPULATION = {Split.PUBLIC: "public", Split.TRAIN: "member", Split.QUERY: "member", Split.HELDOUT: "heldout"}
+
+
+class ManifestError(ValueError):
+    """A manifest that cannot be used as it is; the message names file, line and column."""
+
+
+@dataclass(frozen=True)
+class ManifestColumns:
+    """Which column of the user's file holds each field. ``None`` marks an optional field absent:
+    no name (the patient id is used as the name), no site (one site), no condition (no zero-shot
+    utility), no split (every row is a training row)."""
+
+    image: str = "filepath"
+    caption: str = "title"
+    patient: str = "patient_id"
+    name: str | None = "name"
+    site: str | None = "site"
+    condition: str | None = "condition"
+    split: str | None = "split"
+
+    def mapping(self) -> dict[str, str]:
+        """User column -> canonical column, for the columns that are present."""
+        pairs = zip(
+            (self.image, self.caption, self.patient, self.name, self.site, self.condition, self.split),
+            MANIFEST_COLUMNS,
+        )
+        return {user: canon for user, canon in pairs if user is not None}
+
+
+@dataclass(frozen=True)
+class BadRow:
+    """One rejected row: ``line`` is the line in the file, the header being line 1."""
+
+    line: int
+    column: str
+    problem: str
+
+    def describe(self, source: Path) -> str:
+        return f"{source}: line {self.line}, column '{self.column}': {self.problem}"
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A validated manifest: ``frame`` has the canonical columns, absolute image paths and the
+    ``line`` each row came from (so later errors can still point into the user's file)."""
+
+    frame: pd.DataFrame
+    source: Path
+    skipped: tuple[BadRow, ...] = field(default=())
+
+    def rows(self, *splits: Split) -> pd.DataFrame:
+        return self.frame[self.frame["split"].isin([str(s) for s in splits])].reset_index(drop=True)
+
+
+def _read_table(path: Path, sep: str | None) -> pd.DataFrame:
+    if not path.is_file():
+        raise ManifestError(f"{path}: manifest file not found")
+    if sep is None:
+        sep = "\t" if path.suffix.lower() in (".tsv", ".tab") else ","
+    try:
+        return pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, UnicodeDecodeError) as exc:
+        raise ManifestError(f"{path}: not a readable {'TSV' if sep == chr(9) else 'CSV'} file: {exc}") from exc
+
+
+def _check_image(path: Path) -> str | None:
+    if not path.is_file():
+        return f"image file not found: {path}"
+    try:
+        with Image.open(path) as img:
+            img.verify()
+    except (UnidentifiedImageError, OSError) as exc:
+        return f"image file cannot be read as an image: {path} ({exc})"
+    return None
+
+
+def _row_problems(frame: pd.DataFrame, root: Path, columns: ManifestColumns, verify_images: bool) -> list[BadRow]:
+    problems: list[BadRow] = []
+    seen_paths: dict[str, int] = {}
+    valid_splits = {str(s) for s in Split}
+    for i, row in enumerate(frame.itertuples(index=False)):
+        line = i + 2
+        image = row.filepath.strip()
+        if not image:
+            problems.append(BadRow(line, columns.image, "empty image path"))
+        elif image in seen_paths:
+            problems.append(BadRow(line, columns.image, f"duplicate image {image!r} (first on line {seen_paths[image]})"))
+        else:
+            seen_paths[image] = line
+            problem = _check_image(root / image) if verify_images else None
+            if problem:
+                problems.append(BadRow(line, columns.image, problem))
+        if not row.title.strip():
+            problems.append(BadRow(line, columns.caption, "empty caption"))
+        if not row.patient_id.strip():
+            problems.append(BadRow(line, columns.patient, "empty patient id"))
+        if row.split not in valid_splits:
+            problems.append(BadRow(line, columns.split or "split", f"unknown split {row.split!r}; expected one of {sorted(valid_splits)}"))
+    return problems
+
+
+def _check_patients(frame: pd.DataFrame, source: Path, columns: ManifestColumns) -> None:
+    """A patient has one name, one site and one population; anything else is an error."""
+    checks = (
+        ("name", columns.name, "names"),
+        ("site", columns.site, "sites"),
+        ("population", columns.split, "populations (public / member / held-out)"),
+    )
+    for canon, user, what in checks:
+        per_patient = frame.groupby("patient_id")[canon].nunique()
+        bad = per_patient[per_patient > 1]
+        if len(bad):
+            pid = bad.index[0]
+            lines = frame.loc[frame["patient_id"] == pid, "line"].tolist()
+            values = sorted(frame.loc[frame["patient_id"] == pid, canon].unique())
+            raise ManifestError(
+                f"{source}: column '{user}': patient {pid!r} has several {what} {values} "
+                f"(lines {lines[:10]}); a patient must belong to exactly one"
+                + (f" ({len(bad)} patients affected)" if len(bad) > 1 else "")
+            )
+
+
+def load_manifest(
+    path: str | Path,
+    *,
+    columns: ManifestColumns = ManifestColumns(),
+    sep: str | None = None,
+    skip_bad_rows: bool = False,
+    verify_images: bool = True,
+) -> Manifest:
+    """Read, validate and canonicalise a manifest.
+
+    ``skip_bad_rows`` skips rows with row-level problems (missing or unreadable image, empty
+    caption or id, unknown split, duplicate image) and lists them; conflicts between rows of one
+    patient (two names, two sites) always raise, since no row can be chosen over another.
+    """
+    source = Path(path).resolve()
+    raw = _read_table(source, sep)
+    mapping = columns.mapping()
+    missing = [user for user in mapping if user not in raw.columns]
+    if missing:
+        raise ManifestError(f"{source}: missing column(s) {missing}; the file has columns {list(raw.columns)}")
+    if raw.empty:
+        raise ManifestError(f"{source}: the manifest has a header but no rows")
+    frame = raw[list(mapping)].rename(columns=mapping)
+    if "name" not in frame:
+        frame["name"] = frame["patient_id"]
+    for canon, default in (("site", ""), ("condition", ""), ("split", str(Split.TRAIN))):
+        if canon not in frame:
+            frame[canon] = default
+    frame = frame[list(MANIFEST_COLUMNS)].copy()
+    frame["line"] = range(2, len(frame) + 2)
+
+    problems = _row_problems(frame, source.parent, columns, verify_images)
+    if problems and not skip_bad_rows:
+        shown = "\n  ".join(p.describe(source) for p in problems[:20])
+        more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
+        raise ManifestError(f"{len(problems)} bad row(s) in {source}:\n  {shown}{more}")
+    bad_lines = {p.line for p in problems}
+    frame = frame[~frame["line"].isin(bad_lines)].reset_index(drop=True)
+    if frame.empty:
+        raise ManifestError(f"{source}: every row was bad; nothing left to load")
+    frame["population"] = frame["split"].map(lambda s: _POPULATION[Split(s)])
+    _check_patients(frame, source, columns)
+    frame = frame.drop(columns="population")
+    frame["filepath"] = [str(source.parent / p) for p in frame["filepath"]]
+    return Manifest(frame=frame, source=source, skipped=tuple(problems))

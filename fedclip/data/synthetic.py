@@ -1,0 +1,197 @@
+"""A deterministic synthetic multi-hospital image-report data set.
+
+Real patient data cannot ship, so this generator builds data that has the two properties the
+platform studies:
+
+* **utility**: every image shows one finding from a small set of conditions, drawn as a
+  luminance structure (a hazy patch, a bright band, an enlarged dark ellipse, a dot, or
+  nothing), so zero-shot condition classification is learnable;
+* **identity**: every patient has a stable, patient-specific colour pattern that appears in all
+  of their images, and every report names the patient, so a model trained on a patient's pairs
+  can link *new* images of that patient to the name. That is exactly what the identity inference
+  attack (IDIA) probes.
+
+Populations are disjoint: a *public* population (warm-start pretraining), the *sites'* patients
+(federation members, with extra query images that are never trained on) and *held-out* patients
+(IDIA non-members and the utility test set). The output is image files plus a CSV manifest in
+open_clip's CSV convention (``filepath`` and ``title`` columns) with patient id, name, site,
+condition and split, so a user's own data in the same form drops in.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from fedclip.data.names import draw_unique_names
+from fedclip.data.schema import CONDITIONS, MANIFEST_COLUMNS, Split
+
+FINDING_PHRASES: dict[str, tuple[str, ...]] = {
+    "no acute findings": ("no acute findings", "no acute findings seen", "normal study, no acute findings"),
+    "pneumonia": ("pneumonia", "consolidation consistent with pneumonia", "signs of pneumonia"),
+    "pleural effusion": ("pleural effusion", "a small pleural effusion", "pleural effusion at the base"),
+    "cardiomegaly": ("cardiomegaly", "an enlarged heart, cardiomegaly", "cardiomegaly is present"),
+    "pulmonary nodule": ("pulmonary nodule", "a small pulmonary nodule", "a solitary pulmonary nodule"),
+}
+
+REPORT_TEMPLATES: tuple[str, ...] = (
+    "Chest X-ray of {name}: {finding}.",
+    "{name}, chest radiograph. Findings: {finding}.",
+    "Report for {name}. Impression: {finding}.",
+    "Patient {name} imaged today; {finding}.",
+    "Radiograph of {name} shows {finding}.",
+)
+
+
+@dataclass(frozen=True)
+class SyntheticConfig:
+    """Size and shape of the generated data set; every field is validated on construction."""
+
+    seed: int = 0
+    num_sites: int = 4
+    patients_per_site: int = 30
+    public_patients: int = 120
+    heldout_patients: int = 60
+    images_per_patient: int = 6
+    query_images_per_patient: int = 5
+    image_size: int = 32
+    site_skew: float = 0.0
+    noise: float = 0.06
+
+    def __post_init__(self) -> None:
+        positive = ("num_sites", "patients_per_site", "images_per_patient", "query_images_per_patient")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: expected an integer >= 1, got {getattr(self, name)}")
+        for name in ("public_patients", "heldout_patients"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}: expected an integer >= 0, got {getattr(self, name)}")
+        if self.image_size < 16:
+            raise ValueError(f"image_size: expected >= 16 pixels, got {self.image_size}")
+        if self.site_skew < 0:
+            raise ValueError(
+                f"site_skew: expected 0 (balanced sites) or a Dirichlet concentration > 0, got {self.site_skew}"
+            )
+        if not 0 <= self.noise < 1:
+            raise ValueError(f"noise: expected a pixel noise level in [0, 1), got {self.noise}")
+
+
+def _site_plan(cfg: SyntheticConfig, rng: np.random.Generator) -> tuple[list[int], np.ndarray]:
+    """Patients per site and each site's condition mix.
+
+    ``site_skew`` = 0 means balanced sites with uniform condition mixes; a positive value is the
+    concentration of a Dirichlet over sites (sizes) and over conditions (mix): small is skewed.
+    """
+    total = cfg.num_sites * cfg.patients_per_site
+    k = len(CONDITIONS)
+    if cfg.site_skew == 0:
+        return [cfg.patients_per_site] * cfg.num_sites, np.full((cfg.num_sites, k), 1.0 / k)
+    shares = rng.dirichlet(np.full(cfg.num_sites, cfg.site_skew))
+    # Every site keeps at least two patients; the rest is shared in proportion to the Dirichlet draw.
+    spare = total - 2 * cfg.num_sites
+    if spare < 0:
+        raise ValueError("patients_per_site: skewed sites need at least 2 patients per site")
+    sizes = 2 + np.floor(shares * spare).astype(int)
+    sizes[np.argmax(shares)] += total - sizes.sum()
+    mixes = rng.dirichlet(np.full(k, cfg.site_skew), size=cfg.num_sites)
+    return sizes.tolist(), mixes
+
+
+def _identity_pattern(rng: np.random.Generator, size: int) -> np.ndarray:
+    """A patient's stable look: a smooth colour field upsampled from a 4x4 grid."""
+    grid = rng.uniform(0.1, 0.9, size=(4, 4, 3)).astype(np.float32)
+    img = Image.fromarray((grid * 255).astype(np.uint8)).resize((size, size), Image.BILINEAR)
+    return np.asarray(img, dtype=np.float32) / 255.0
+
+
+def _finding_overlay(condition: str, rng: np.random.Generator, size: int) -> np.ndarray:
+    """A luminance map (added to every channel) that draws one condition."""
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    if condition == "no acute findings":
+        return np.zeros((size, size), np.float32)
+    if condition == "pneumonia":
+        cx = rng.choice([0.28, 0.72]) + rng.normal(0, 0.03)
+        cy = 0.45 + rng.normal(0, 0.05)
+        return 0.55 * np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / (2 * 0.11**2))
+    if condition == "pleural effusion":
+        level = 0.72 + rng.normal(0, 0.03)
+        meniscus = level - 0.12 * (xx - 0.5) ** 2
+        return 0.55 * (yy > meniscus).astype(np.float32)
+    if condition == "cardiomegaly":
+        cx, cy = 0.5 + rng.normal(0, 0.02), 0.55 + rng.normal(0, 0.02)
+        inside = ((xx - cx) / 0.30) ** 2 + ((yy - cy) / 0.22) ** 2 <= 1
+        return -0.5 * inside.astype(np.float32)
+    if condition == "pulmonary nodule":
+        cx, cy = rng.uniform(0.2, 0.8), rng.uniform(0.2, 0.7)
+        return 0.8 * (((xx - cx) ** 2 + (yy - cy) ** 2) <= 0.07**2).astype(np.float32)
+    raise ValueError(f"condition: unknown condition {condition!r}; expected one of {CONDITIONS}")
+
+
+def render_image(pattern: np.ndarray, condition: str, rng: np.random.Generator, noise: float) -> np.ndarray:
+    """One image of one patient: identity pattern, shifted and lit a little differently each time."""
+    size = pattern.shape[0]
+    shift = rng.integers(-2, 3, size=2)
+    base = np.roll(pattern, tuple(shift), axis=(0, 1)) * rng.uniform(0.85, 1.15)
+    img = 0.75 * base + _finding_overlay(condition, rng, size)[..., None]
+    img = img + rng.normal(0, noise, size=img.shape)
+    return np.clip(img, 0.0, 1.0)
+
+
+def _caption(name: str, condition: str, rng: np.random.Generator) -> str:
+    template = REPORT_TEMPLATES[rng.integers(len(REPORT_TEMPLATES))]
+    phrases = FINDING_PHRASES[condition]
+    return template.format(name=name, finding=phrases[rng.integers(len(phrases))])
+
+
+def generate(out_dir: str | Path, config: SyntheticConfig = SyntheticConfig()) -> Path:
+    """Write images and ``manifest.csv`` under ``out_dir``; return the manifest's path.
+
+    The same config gives byte-identical files: every random draw comes from one seeded stream.
+    """
+    out = Path(out_dir)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(config.seed)
+    sizes, mixes = _site_plan(config, rng)
+    n_members = sum(sizes)
+    names = draw_unique_names(rng, config.public_patients + n_members + config.heldout_patients)
+    uniform = np.full(len(CONDITIONS), 1.0 / len(CONDITIONS))
+
+    # (population split of the training images, site, condition mix, number of query images)
+    plan: list[tuple[str, str, np.ndarray, int]] = []
+    plan += [(Split.PUBLIC, "", uniform, 0)] * config.public_patients
+    for s, n in enumerate(sizes):
+        plan += [(Split.TRAIN, f"hospital_{s}", mixes[s], config.query_images_per_patient)] * n
+    plan += [(Split.HELDOUT, "", uniform, 0)] * config.heldout_patients
+
+    rows: list[dict[str, str]] = []
+    for idx, ((split, site, mix, n_query), name) in enumerate(zip(plan, names)):
+        pid = f"P{idx:05d}"
+        pattern = _identity_pattern(rng, config.image_size)
+        n_main = config.query_images_per_patient if split == Split.HELDOUT else config.images_per_patient
+        splits = [split] * n_main + [Split.QUERY] * n_query
+        for k, image_split in enumerate(splits):
+            condition = CONDITIONS[rng.choice(len(CONDITIONS), p=mix)]
+            pixels = render_image(pattern, condition, rng, config.noise)
+            rel = f"images/{pid}_{k:02d}.png"
+            Image.fromarray((pixels * 255).round().astype(np.uint8)).save(out / rel, optimize=False)
+            rows.append(
+                {
+                    "filepath": rel,
+                    "title": _caption(name, condition, rng),
+                    "patient_id": pid,
+                    "name": name,
+                    "site": site,
+                    "condition": condition,
+                    "split": str(image_split),
+                }
+            )
+    manifest = out / "manifest.csv"
+    pd.DataFrame(rows, columns=list(MANIFEST_COLUMNS)).to_csv(manifest, index=False)
+    (out / "synthetic_config.json").write_text(json.dumps(asdict(config), indent=2, sort_keys=True))
+    return manifest
+

@@ -1,0 +1,28 @@
+"""The user's first command, run as the user runs it."""
+
+import subprocess
+import sys
+
+import pandas as pd
+
+
+def test_prepare_writes_data_checkpoint_and_table(tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "fedclip.cli", "prepare", "--out", str(out), "--epochs", "3", "--num-sites", "2",
+           "--patients-per-site", "3", "--public-patients", "12", "--heldout-patients", "4"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "[3/3] evaluating on held-out patients" in done.stdout
+    table = pd.read_csv(out / "warmstart_eval.csv")
+    assert table["model"].tolist() == ["random init", "warm start"]
+    assert table["heldout_images"].tolist() == [20, 20]
+    assert table["zero_shot_accuracy"].between(0, 1).all()
+    assert (out / "data" / "manifest.csv").is_file()
+    assert len(list((out / "cache").glob("warmstart-fedclip-tiny-*.pt"))) == 1
+
+
+def test_bad_option_gives_a_clear_error(tmp_path):
+    cmd = [sys.executable, "-m", "fedclip.cli", "data", "--out", str(tmp_path), "--num-sites", "0"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert "num_sites: expected an integer >= 1" in done.stderr
