@@ -23,6 +23,7 @@ class PairData:
     patient_ids: tuple[str, ...]
     names: tuple[str, ...]
     conditions: tuple[str, ...]
+    record_ids: tuple[str, ...]
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
@@ -36,6 +37,7 @@ class PairData:
             patient_ids=tuple(self.patient_ids[i] for i in pick),
             names=tuple(self.names[i] for i in pick),
             conditions=tuple(self.conditions[i] for i in pick),
+            record_ids=tuple(self.record_ids[i] for i in pick),
         )
 
 
@@ -62,4 +64,5 @@ def load_pairs(
         patient_ids=tuple(frame["patient_id"]),
         names=tuple(frame["name"]),
         conditions=tuple(frame["condition"]),
+        record_ids=tuple(frame["filepath"]),
     )

@@ -26,7 +26,7 @@ class LookupModel(torch.nn.Module):
 def _pairs(n: int, conditions: list[str]) -> PairData:
     ids = torch.arange(n)
     return PairData(images=ids.view(n, 1, 1, 1).float(), tokens=ids.view(n, 1), patient_ids=("p",) * n,
-                    names=("n",) * n, conditions=tuple(conditions))
+                    names=("n",) * n, conditions=tuple(conditions), record_ids=tuple(map(str, range(n))))
 
 
 def test_retrieval_recall_on_hand_made_embeddings():

@@ -1,0 +1,77 @@
+"""Find the noise multiplier for a target (epsilon, delta): it never overshoots the target.
+
+For ``add_or_remove`` events this starts from Opacus' ``get_noise_multiplier`` (scaled by the
+sensitivity); for ``replace_one`` it bisects with the PLD accountant. Either way the answer is
+checked with the same ``fedclip.privacy.accountant.epsilon`` the ledger uses, and raised until
+that epsilon is within the target, so the plan and the bill agree.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+from opacus.accountants.utils import get_noise_multiplier
+
+from fedclip.privacy.accountant import check_delta, epsilon
+from fedclip.privacy.events import DpEvent, PrivacyUnit, Relation
+
+
+def warn_if_delta_is_large(delta: float, num_units: int) -> None:
+    """delta should be well below 1/n: a mechanism that publishes one random unit's data
+    outright is (0, 1/n)-DP."""
+    if num_units >= 1 and delta > 0.1 / num_units:
+        warnings.warn(
+            f"delta: {delta:g} is not well below 1/(number of units) = 1/{num_units}; "
+            f"choose delta <= {0.1 / num_units:.2g}",
+            stacklevel=2,
+        )
+
+
+def _event(sigma: float, *, sample_rate: float, steps: int, relation: Relation, sensitivity: float) -> DpEvent:
+    return DpEvent(noise_multiplier=sigma, sample_rate=sample_rate, steps=steps,
+                   privacy_unit=PrivacyUnit.RECORD, relation=relation, sensitivity=sensitivity)
+
+
+def calibrate_noise_multiplier(
+    *,
+    target_epsilon: float,
+    delta: float,
+    sample_rate: float,
+    steps: int,
+    relation: Relation,
+    sensitivity: float,
+    accountant: str = "prv",
+    tolerance: float = 0.01,
+) -> float:
+    """The smallest noise multiplier (to within ``tolerance``) whose epsilon is <= the target."""
+    if not (target_epsilon > 0 and math.isfinite(target_epsilon)):
+        raise ValueError(f"target_epsilon: expected a finite value > 0, got {target_epsilon}")
+    check_delta(delta)
+    if steps < 1:
+        raise ValueError(f"steps: expected an integer >= 1, got {steps}")
+    relation = Relation(relation)
+
+    def eps(sigma: float) -> float:
+        e = _event(sigma, sample_rate=sample_rate, steps=steps, relation=relation, sensitivity=sensitivity)
+        return epsilon([e], delta=delta, accountant=accountant)
+
+    if relation == Relation.ADD_OR_REMOVE:
+        high = sensitivity * get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta,
+                                                  sample_rate=sample_rate, steps=steps, accountant=accountant)
+        low = high / 2
+    else:
+        low, high = 0.0, 1.0
+        while eps(high) > target_epsilon:
+            low, high = high, 2 * high
+            if high > 1e6:
+                raise ValueError("target_epsilon: unreachable with any noise multiplier below 1e6")
+    while eps(high) > target_epsilon:  # guard against the search's own approximation
+        low, high = high, high * 1.05
+    while high - low > tolerance * high:
+        mid = (low + high) / 2
+        if mid > 0 and eps(mid) <= target_epsilon:
+            high = mid
+        else:
+            low = mid
+    return high

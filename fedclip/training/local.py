@@ -1,0 +1,129 @@
+"""A site's local training under per-batch DP, top to bottom.
+
+One step: Poisson-sample micro-batches (Opacus' sampler); compute every sampled micro-batch's
+contrastive-loss gradient at once (``per_microbatch_grads``); hand them to Opacus'
+``DPOptimizer`` as ``p.grad_sample``, which clips each to norm C, sums, adds N(0, (sigma C)^2)
+and divides by the expected number of micro-batches; step. The non-private mode samples the
+same way and takes a plain step on the whole batch. The run returns one privacy event.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from opacus.optimizers import DPOptimizer
+from opacus.utils.uniform_sampler import UniformWithReplacementSampler
+
+from fedclip.data.tensors import PairData
+from fedclip.privacy.events import DpEvent
+from fedclip.privacy.microbatches import group_records, unit_ids
+from fedclip.training.config import DpConfig, Mode, TrainConfig
+from fedclip.training.loss import clip_loss
+from fedclip.training.microbatch_grads import per_microbatch_grads
+
+
+@dataclass(frozen=True)
+class LocalResult:
+    event: DpEvent
+    losses: tuple[float, ...]
+    microbatches_per_step: tuple[int, ...]
+    pairs_per_step: tuple[int, ...]
+
+
+def sampling_units(data: PairData, dp: DpConfig) -> list[np.ndarray]:
+    """What the Poisson sampler draws from: fixed hashed micro-batches (``microbatch``) or the
+    units themselves (``paper``, ``nonprivate``); each entry lists record indices."""
+    units = unit_ids(privacy_unit=dp.privacy_unit, patient_ids=data.patient_ids, record_ids=data.record_ids)
+    if dp.mode == Mode.MICROBATCH:
+        n_units = len(set(units))
+        if dp.num_microbatches > n_units:
+            raise ValueError(
+                f"num_microbatches: {dp.num_microbatches} micro-batches but only {n_units} {dp.privacy_unit} units"
+            )
+        return group_records(units, num_blocks=dp.num_microbatches, key=dp.hash_key)
+    order = {u: i for i, u in enumerate(dict.fromkeys(units))}
+    per_unit: list[list[int]] = [[] for _ in order]
+    for record, u in enumerate(units):
+        per_unit[order[u]].append(record)
+    return [np.asarray(r) for r in per_unit]
+
+
+def make_optimizer(model: torch.nn.Module, dp: DpConfig, train: TrainConfig, *, expected_microbatches: float,
+                   noise_generator: torch.Generator | None) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
+    if dp.mode == Mode.NONPRIVATE:
+        return optimizer
+    return DPOptimizer(optimizer, noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.max_grad_norm,
+                       expected_batch_size=expected_microbatches, loss_reduction="mean", generator=noise_generator)
+
+
+def train_local(
+    model: torch.nn.Module,
+    data: PairData,
+    *,
+    dp: DpConfig,
+    train: TrainConfig,
+    seed: int,
+    step_hook: Callable[[DPOptimizer], None] | None = None,
+) -> LocalResult:
+    """Run ``train.steps`` steps on ``data`` in place; return the event and per-step figures.
+
+    ``step_hook`` is Opacus' observer: called after clipping, noise and scaling, before the
+    update, with ``p.grad_sample`` (raw), ``p.summed_grad`` (clipped sum) and ``p.grad`` set.
+    """
+    pools = sampling_units(data, dp)
+    sampler_gen = torch.Generator().manual_seed(seed)
+    noise_gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed + 1)
+    sampler = UniformWithReplacementSampler(num_samples=len(pools), sample_rate=dp.sample_rate,
+                                            generator=sampler_gen, steps=train.steps)
+    expected = dp.sample_rate * len(pools) if dp.mode == Mode.MICROBATCH else 1.0
+    optimizer = make_optimizer(model, dp, train, expected_microbatches=expected, noise_generator=noise_gen)
+    if step_hook is not None and isinstance(optimizer, DPOptimizer):
+        optimizer.attach_step_hook(step_hook)
+    device = next(model.parameters()).device
+    model.train()
+    losses, counts, pairs = [], [], []
+    for picked in sampler:
+        chosen = [pools[i] for i in picked]
+        groups = chosen if dp.mode == Mode.MICROBATCH else [np.concatenate(chosen) if chosen else np.zeros(0, int)]
+        groups = [g for g in groups if len(g)] if dp.mode == Mode.NONPRIVATE else groups
+        if dp.mode == Mode.NONPRIVATE:
+            loss = _plain_step(model, optimizer, groups, data, device)
+        else:
+            grads, group_losses = per_microbatch_grads(model, groups, data.images, data.tokens,
+                                                       chunk_size=train.microbatch_chunk)
+            for name, p in model.named_parameters():
+                if p.requires_grad:
+                    p.grad_sample = grads[name]
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            loss = float(group_losses.mean()) if len(group_losses) else float("nan")
+        losses.append(loss)
+        counts.append(len(groups))
+        pairs.append(int(sum(len(g) for g in groups)))
+    event = DpEvent(
+        noise_multiplier=0.0 if dp.mode == Mode.NONPRIVATE else dp.noise_multiplier,
+        sample_rate=dp.sample_rate,
+        steps=train.steps,
+        privacy_unit=dp.privacy_unit,
+        relation=dp.relation,
+        sensitivity=dp.sensitivity,
+    )
+    return LocalResult(event=event, losses=tuple(losses), microbatches_per_step=tuple(counts), pairs_per_step=tuple(pairs))
+
+
+def _plain_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, groups: list[np.ndarray],
+                data: PairData, device: torch.device) -> float:
+    if not groups or len(groups[0]) < 2:
+        return float("nan")  # nothing (or no negative) sampled: no step, as DP-SGD would only add noise
+    idx = torch.as_tensor(groups[0])
+    image_f, text_f, scale = model(data.images[idx].to(device), data.tokens[idx].to(device))
+    loss = clip_loss(image_f, text_f, scale)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.item()

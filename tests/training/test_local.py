@@ -1,0 +1,134 @@
+import math
+
+import pytest
+import torch
+
+from fedclip.data.schema import Split
+from fedclip.data.tensors import load_pairs
+from fedclip.evaluation.zero_shot import zero_shot_accuracy
+from fedclip.models.factory import ModelConfig, create_model
+from fedclip.privacy.accountant import epsilon
+from fedclip.training.config import DpConfig, Mode, TrainConfig
+from fedclip.training.local import sampling_units, train_local
+
+
+@pytest.fixture(scope="module")
+def bundle_and_data(small_manifest, warm_checkpoint):
+    bundle = create_model(ModelConfig(pretrained=str(warm_checkpoint)))
+    train = load_pairs(small_manifest.rows(Split.TRAIN), preprocess=bundle.preprocess, tokenizer=bundle.tokenizer)
+    # utility on images never trained on: held-out patients and members' query images
+    frame = small_manifest.frame[small_manifest.frame["split"].isin(["heldout", "query"])]
+    test = load_pairs(frame, preprocess=bundle.preprocess, tokenizer=bundle.tokenizer)
+    return bundle, train, test
+
+
+def _fresh(warm_checkpoint, trainable="all"):
+    torch.manual_seed(0)
+    return create_model(ModelConfig(pretrained=str(warm_checkpoint), trainable=trainable)).model
+
+
+def test_every_microbatch_gradient_entering_the_sum_is_clipped(bundle_and_data, warm_checkpoint):
+    _, train, _ = bundle_and_data
+    C = 0.05  # far below the raw norms, so clipping is active
+    seen = []
+
+    def check(opt):
+        norms = torch.stack([g.reshape(len(g), -1).norm(dim=1) for g in opt.grad_samples], dim=1).norm(dim=1)
+        factors = (C / (norms + 1e-6)).clamp(max=1.0)
+        assert (norms * factors <= C * (1 + 1e-5)).all()
+        for p, g in zip(opt.params, opt.grad_samples):
+            torch.testing.assert_close(p.summed_grad, torch.einsum("i,i...", factors, g), rtol=1e-4, atol=1e-7)
+        seen.append((len(norms), float(norms.max()) if len(norms) else 0.0))
+
+    dp = DpConfig(mode=Mode.MICROBATCH, noise_multiplier=1.0, max_grad_norm=C, sample_rate=0.6, num_microbatches=4)
+    train_local(_fresh(warm_checkpoint), train, dp=dp, train=TrainConfig(steps=3), seed=0, step_hook=check)
+    assert len(seen) == 3 and max(n for _, n in seen) > C * 10
+
+
+def test_noise_has_the_standard_deviation_the_accountant_assumes(bundle_and_data, warm_checkpoint):
+    _, train, _ = bundle_and_data
+    sigma, C, q, B = 2.5, 0.3, 0.5, 4
+    stds = []
+
+    def measure(opt):
+        expected = opt.expected_batch_size
+        noise = torch.cat([(p.grad * expected - p.summed_grad).reshape(-1) for p in opt.params])
+        stds.append(float(noise.std()))
+
+    dp = DpConfig(mode=Mode.MICROBATCH, noise_multiplier=sigma, max_grad_norm=C, sample_rate=q, num_microbatches=B)
+    result = train_local(_fresh(warm_checkpoint), train, dp=dp, train=TrainConfig(steps=2), seed=3, step_hook=measure)
+    # 3.4M noise draws per step: the standard error of the std is ~0.04%, so 1% cannot pass by accident
+    for s in stds:
+        assert s == pytest.approx(sigma * C, rel=0.01)
+    assert result.event.noise_multiplier == sigma and result.event.relation == "replace_one"
+    assert result.event.sample_rate == q and result.event.steps == 2
+
+
+def test_sampling_units_follow_the_privacy_unit(bundle_and_data):
+    _, train, _ = bundle_and_data
+    identity = sampling_units(train, DpConfig(mode=Mode.MICROBATCH, privacy_unit="identity", num_microbatches=5))
+    for records in identity:
+        patients = {train.patient_ids[r] for r in records}
+        for other in identity:
+            if other is not records:
+                assert patients.isdisjoint({train.patient_ids[r] for r in other})
+    paper = sampling_units(train, DpConfig(mode=Mode.PAPER, privacy_unit="identity"))
+    assert len(paper) == len(set(train.patient_ids))
+    record = sampling_units(train, DpConfig(mode=Mode.PAPER, privacy_unit="record"))
+    assert len(record) == len(train)
+
+
+def test_paper_mode_accounts_sensitivity_2c_under_add_or_remove(bundle_and_data, warm_checkpoint):
+    _, train, _ = bundle_and_data
+    dp = DpConfig(mode=Mode.PAPER, noise_multiplier=2.0, sample_rate=0.3)
+    result = train_local(_fresh(warm_checkpoint, "projections"), train, dp=dp, train=TrainConfig(steps=2), seed=0)
+    assert result.microbatches_per_step == (1, 1)
+    assert result.event.relation == "add_or_remove" and result.event.sensitivity == 2.0
+
+
+@pytest.mark.parametrize(("kwargs", "field"), [
+    (dict(max_grad_norm=0.0), "max_grad_norm"),
+    (dict(max_grad_norm=-1.0), "max_grad_norm"),
+    (dict(sample_rate=0.0), "sample_rate"),
+    (dict(delta=1.0), "delta"),
+    (dict(noise_multiplier=0.0), "noise_multiplier"),
+    (dict(num_microbatches=0), "num_microbatches"),
+    (dict(mode="ghost"), "ghost"),
+])
+def test_bad_dp_config_names_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        DpConfig(**kwargs)
+
+
+def test_more_microbatches_than_units_is_refused(bundle_and_data, warm_checkpoint):
+    _, train, _ = bundle_and_data
+    n_patients = len(set(train.patient_ids))
+    dp = DpConfig(num_microbatches=n_patients + 1)
+    with pytest.raises(ValueError, match=f"num_microbatches: {n_patients + 1} micro-batches but only {n_patients}"):
+        train_local(_fresh(warm_checkpoint), train, dp=dp, train=TrainConfig(steps=1), seed=0)
+
+
+def test_learning_directions(bundle_and_data, warm_checkpoint):
+    """Non-private and generous-epsilon DP fine-tuning improve on the warm start; a tiny epsilon
+    does not (its noise drowns the signal)."""
+    bundle, train, test = bundle_and_data
+    steps = TrainConfig(steps=40, lr=2e-3)
+    runs = {
+        "nonprivate": DpConfig(mode=Mode.NONPRIVATE, sample_rate=0.5),
+        "generous": DpConfig(mode=Mode.MICROBATCH, noise_multiplier=0.15, sample_rate=0.5, num_microbatches=6),
+        "tiny": DpConfig(mode=Mode.MICROBATCH, noise_multiplier=60.0, sample_rate=0.5, num_microbatches=6),
+    }
+    warm = zero_shot_accuracy(_fresh(warm_checkpoint), bundle.tokenizer, test)
+    acc, eps = {}, {}
+    for label, dp in runs.items():
+        scores = []
+        for seed in (1, 2):  # mean over two seeds: one run's noise should not decide the direction
+            model = _fresh(warm_checkpoint, "last-1")  # fewer noisy dimensions: the usual DP lever
+            result = train_local(model, train, dp=dp, train=steps, seed=seed)
+            scores.append(zero_shot_accuracy(model, bundle.tokenizer, test))
+        acc[label] = sum(scores) / len(scores)
+        eps[label] = epsilon([result.event], delta=dp.delta)
+    assert math.isinf(eps["nonprivate"]) and math.isfinite(eps["generous"]) and eps["tiny"] < 0.5
+    assert acc["nonprivate"] > warm + 0.02, (warm, acc)
+    assert acc["generous"] > warm + 0.02, (warm, acc)
+    assert acc["tiny"] < acc["generous"], (warm, acc)
