@@ -57,11 +57,13 @@ class SyntheticConfig:
     patients_per_site: int = 30
     public_patients: int = 120
     heldout_patients: int = 60
-    images_per_patient: int = 6
+    images_per_patient: int = 10
     query_images_per_patient: int = 5
     image_size: int = 32
     site_skew: float = 0.0
     noise: float = 0.06
+    identity_strength: float = 1.0
+    identity_grid: int = 3
 
     def __post_init__(self) -> None:
         positive = ("num_sites", "patients_per_site", "images_per_patient", "query_images_per_patient")
@@ -77,6 +79,10 @@ class SyntheticConfig:
             raise ValueError(
                 f"site_skew: expected 0 (balanced sites) or a Dirichlet concentration > 0, got {self.site_skew}"
             )
+        if not 0 < self.identity_strength <= 2:
+            raise ValueError(f"identity_strength: expected a weight in (0, 2], got {self.identity_strength}")
+        if not 2 <= self.identity_grid <= self.image_size // 2:
+            raise ValueError(f"identity_grid: expected 2 .. image_size/2 cells per side, got {self.identity_grid}")
         if not 0 <= self.noise < 1:
             raise ValueError(f"noise: expected a pixel noise level in [0, 1), got {self.noise}")
 
@@ -102,9 +108,9 @@ def _site_plan(cfg: SyntheticConfig, rng: np.random.Generator) -> tuple[list[int
     return sizes.tolist(), mixes
 
 
-def _identity_pattern(rng: np.random.Generator, size: int) -> np.ndarray:
-    """A patient's stable look: a smooth colour field upsampled from a 4x4 grid."""
-    grid = rng.uniform(0.1, 0.9, size=(4, 4, 3)).astype(np.float32)
+def _identity_pattern(rng: np.random.Generator, size: int, cells: int) -> np.ndarray:
+    """A patient's stable look: a smooth colour field upsampled from a cells x cells grid."""
+    grid = rng.uniform(0.1, 0.9, size=(cells, cells, 3)).astype(np.float32)
     img = Image.fromarray((grid * 255).astype(np.uint8)).resize((size, size), Image.BILINEAR)
     return np.asarray(img, dtype=np.float32) / 255.0
 
@@ -132,12 +138,13 @@ def _finding_overlay(condition: str, rng: np.random.Generator, size: int) -> np.
     raise ValueError(f"condition: unknown condition {condition!r}; expected one of {CONDITIONS}")
 
 
-def render_image(pattern: np.ndarray, condition: str, rng: np.random.Generator, noise: float) -> np.ndarray:
+def render_image(pattern: np.ndarray, condition: str, rng: np.random.Generator, *, noise: float,
+                 identity_strength: float) -> np.ndarray:
     """One image of one patient: identity pattern, shifted and lit a little differently each time."""
     size = pattern.shape[0]
     shift = rng.integers(-2, 3, size=2)
     base = np.roll(pattern, tuple(shift), axis=(0, 1)) * rng.uniform(0.85, 1.15)
-    img = 0.75 * base + _finding_overlay(condition, rng, size)[..., None]
+    img = identity_strength * base + _finding_overlay(condition, rng, size)[..., None]
     img = img + rng.normal(0, noise, size=img.shape)
     return np.clip(img, 0.0, 1.0)
 
@@ -171,12 +178,12 @@ def generate(out_dir: str | Path, config: SyntheticConfig = SyntheticConfig()) -
     rows: list[dict[str, str]] = []
     for idx, ((split, site, mix, n_query), name) in enumerate(zip(plan, names)):
         pid = f"P{idx:05d}"
-        pattern = _identity_pattern(rng, config.image_size)
+        pattern = _identity_pattern(rng, config.image_size, config.identity_grid)
         n_main = config.query_images_per_patient if split == Split.HELDOUT else config.images_per_patient
         splits = [split] * n_main + [Split.QUERY] * n_query
         for k, image_split in enumerate(splits):
             condition = CONDITIONS[rng.choice(len(CONDITIONS), p=mix)]
-            pixels = render_image(pattern, condition, rng, config.noise)
+            pixels = render_image(pattern, condition, rng, noise=config.noise, identity_strength=config.identity_strength)
             rel = f"images/{pid}_{k:02d}.png"
             Image.fromarray((pixels * 255).round().astype(np.uint8)).save(out / rel, optimize=False)
             rows.append(

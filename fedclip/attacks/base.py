@@ -1,0 +1,34 @@
+"""The attack interface: small enough that a second attack is a new file, not a strategy change.
+
+An attack looks at a model and returns one decision per target (a person or a record): is it a
+member of the training data? Metrics and the empirical epsilon bound are computed from the
+decisions by ``fedclip.attacks.metrics``, the same way for every attack.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import pandas as pd
+import torch
+
+
+@dataclass(frozen=True)
+class AttackDecisions:
+    """One row per target: ``target``, ``site`` ("" for non-members), ``is_member`` (truth),
+    ``predicted_member`` (the attack's call), plus attack-specific columns."""
+
+    attack: str
+    frame: pd.DataFrame
+
+    def __post_init__(self) -> None:
+        missing = {"target", "site", "is_member", "predicted_member"} - set(self.frame.columns)
+        if missing:
+            raise ValueError(f"decisions: missing column(s) {sorted(missing)}")
+
+
+class Attack(Protocol):
+    name: str
+
+    def __call__(self, model: torch.nn.Module) -> AttackDecisions: ...
