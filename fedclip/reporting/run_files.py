@@ -1,0 +1,50 @@
+"""A run folder's tables: CSVs appended row by row, so a crash keeps what was measured."""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+TABLES: dict[str, tuple[str, ...]] = {
+    "rounds": ("round", "site", "epsilon", "delta", "noise_multiplier", "sample_rate", "steps", "privacy_unit",
+               "relation", "train_loss", "selected", "budget"),
+    "attack": ("round", "attack", "tpr", "fpr", "precision", "recall", "accuracy", "epsilon_lower_bound",
+               "max_site_epsilon", "members", "non_members"),
+    "attack_sites": ("round", "attack", "site", "members", "tpr", "fpr"),
+    "utility": ("round", "zero_shot_accuracy", "recall_at_1", "recall_at_5"),
+}
+
+
+class RunFiles:
+    def __init__(self, out_dir: str | Path) -> None:
+        self.dir = Path(out_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+
+    def path(self, table: str) -> Path:
+        return self.dir / f"{table}.csv"
+
+    def append(self, table: str, rows: Sequence[Mapping[str, Any]]) -> None:
+        columns = TABLES[table]
+        path = self.path(table)
+        new = not path.exists()
+        with path.open("a", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="raise")
+            if new:
+                writer.writeheader()
+            for row in rows:
+                writer.writerow({c: row[c] for c in columns})
+            handle.flush()
+
+    def read(self, table: str) -> pd.DataFrame:
+        path = self.path(table)
+        return pd.read_csv(path) if path.exists() else pd.DataFrame(columns=list(TABLES[table]))
+
+    def write_json(self, name: str, data: Mapping[str, Any]) -> Path:
+        path = self.dir / name
+        path.write_text(json.dumps(data, indent=2, sort_keys=True, default=str))
+        return path

@@ -1,0 +1,1 @@
+"""Flower apps that run fedclip federations (``flower-simulation --app simulations.hospital_clip``)."""

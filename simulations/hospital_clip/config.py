@@ -1,0 +1,177 @@
+"""The app's run configuration: Flower run-config keys (kebab-case) parsed and validated once.
+
+Every key has a default here; ``default.toml`` beside this file documents them for users and
+``flwr run``. Unknown keys and wrong types fail before Ray starts, naming the key.
+"""
+
+from __future__ import annotations
+
+import math
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from fedclip.attacks.idia import DEFAULT_TEMPLATES, IdiaConfig
+from fedclip.data.synthetic import SyntheticConfig
+from fedclip.models.factory import ModelConfig
+from fedclip.training.config import DpConfig, TrainConfig
+from strategies.registry import INNER_STRATEGIES
+
+DEFAULT_TOML = Path(__file__).with_name("default.toml")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SimulationConfig:
+    num_rounds: int = 5
+    strategy: str = "fedavg"
+    fraction_train: float = 1.0
+    output_dir: str = "runs/hospital_clip"
+    cache_dir: str = "runs/cache"
+    resume: bool = False
+    seed: int = 0
+    # data
+    manifest: str = ""
+    num_sites: int = 4
+    patients_per_site: int = 30
+    public_patients: int = 120
+    heldout_patients: int = 60
+    images_per_patient: int = 10
+    query_images_per_patient: int = 5
+    site_skew: float = 0.0
+    # model
+    arch: str = "fedclip-tiny"
+    pretrained: str = ""
+    warm_start_epochs: int = 25
+    trainable: str = "last-1"
+    # local training and privacy
+    dp_mode: str = "microbatch"
+    privacy_unit: str = "identity"
+    noise_multiplier: float = 1.0
+    target_epsilon: float = 0.0
+    budget: float = math.inf
+    site_budgets: str = ""
+    max_grad_norm: float = 1.0
+    sample_rate: float = 0.5
+    num_microbatches: int = 6
+    delta: float = 1e-5
+    accountant: str = "prv"
+    local_steps: int = 20
+    lr: float = 1e-3
+    # attack
+    idia_queries: int = 5
+    idia_tau: int = 1
+    idia_templates: str = "|".join(DEFAULT_TEMPLATES)
+    idia_distractors: int = 200
+
+    def __post_init__(self) -> None:
+        if self.num_rounds < 1:
+            raise ValueError(f"num-rounds: expected an integer >= 1, got {self.num_rounds}")
+        if self.strategy not in INNER_STRATEGIES:
+            raise ValueError(f"strategy: expected one of {sorted(INNER_STRATEGIES)}, got {self.strategy!r}")
+        if not 0 < self.fraction_train <= 1:
+            raise ValueError(f"fraction-train: expected a value in (0, 1], got {self.fraction_train}")
+        if self.target_epsilon < 0 or (self.target_epsilon > 0 and self.dp_mode == "nonprivate"):
+            raise ValueError(f"target-epsilon: expected 0 (use noise-multiplier) or > 0 with a private dp-mode, got {self.target_epsilon}")
+        if not self.budget > 0:
+            raise ValueError(f"budget: expected an epsilon > 0 (or inf), got {self.budget}")
+        if self.manifest and not Path(self.manifest).is_file():
+            raise ValueError(f"manifest: file not found: {self.manifest}")
+        self.site_budget_map()
+        if self.dp_mode != "nonprivate" and self.noise_multiplier <= 0 and self.target_epsilon <= 0:
+            raise ValueError("noise-multiplier: expected > 0 (or set target-epsilon) with a private dp-mode")
+        # building the parts validates their own fields
+        self.synthetic(), self.model(), self.dp(), self.train(), self.idia()
+
+    def synthetic(self) -> SyntheticConfig:
+        return SyntheticConfig(seed=self.seed, num_sites=self.num_sites, patients_per_site=self.patients_per_site,
+                               public_patients=self.public_patients, heldout_patients=self.heldout_patients,
+                               images_per_patient=self.images_per_patient,
+                               query_images_per_patient=self.query_images_per_patient, site_skew=self.site_skew)
+
+    def model(self, pretrained: str | None = None) -> ModelConfig:
+        return ModelConfig(arch=self.arch, pretrained=self.pretrained if pretrained is None else pretrained,
+                           trainable=self.trainable)
+
+    def dp(self, noise_multiplier: float | None = None) -> DpConfig:
+        sigma = self.noise_multiplier if noise_multiplier is None else noise_multiplier
+        return DpConfig(mode=self.dp_mode, privacy_unit=self.privacy_unit, noise_multiplier=sigma,
+                        max_grad_norm=self.max_grad_norm, sample_rate=self.sample_rate,
+                        num_microbatches=self.num_microbatches, delta=self.delta, accountant=self.accountant)
+
+    def train(self) -> TrainConfig:
+        return TrainConfig(steps=self.local_steps, lr=self.lr)
+
+    def idia(self) -> IdiaConfig:
+        return IdiaConfig(num_queries=self.idia_queries, tau=self.idia_tau,
+                          templates=tuple(t for t in self.idia_templates.split("|") if t),
+                          num_distractors=self.idia_distractors, seed=self.seed)
+
+    def site_budget_map(self) -> dict[str, float]:
+        """``site-budgets = "hospital_0=2.0,hospital_1=8"``: per-site budgets over ``budget``."""
+        out: dict[str, float] = {}
+        for item in filter(None, (s.strip() for s in self.site_budgets.split(","))):
+            site, sep, value = item.partition("=")
+            try:
+                out[site.strip()] = float(value)
+            except ValueError:
+                sep = ""
+            if not sep or not site.strip() or not out.get(site.strip(), 0) > 0:
+                raise ValueError(f"site-budgets: expected 'site=epsilon,...' with epsilon > 0, got {item!r}")
+        return out
+
+    def budget_of(self, site: str) -> float:
+        return self.site_budget_map().get(site, self.budget)
+
+    def to_run_config(self) -> dict[str, Any]:
+        return {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_run_config(cls, values: Mapping[str, Any]) -> "SimulationConfig":
+        """Parse Flower run-config values (kebab-case keys; bool, int, float or str)."""
+        known = {f.name: f for f in fields(cls)}
+        kwargs: dict[str, Any] = {}
+        for key, value in values.items():
+            name = key.replace("-", "_")
+            if name not in known:
+                raise ValueError(f"{key}: unknown run-config key; known keys: {sorted(k.replace('_', '-') for k in known)}")
+            kwargs[name] = _coerce(key, value, type(_DEFAULTS[name]))
+        return cls(**kwargs)
+
+
+def _coerce(key: str, value: Any, kind: type) -> Any:
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+    elif kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+            return int(value)
+    elif kind is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif kind is str:
+        if isinstance(value, str):
+            return value
+    raise ValueError(f"{key}: expected {kind.__name__}, got {value!r}")
+
+
+def load_toml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ValueError(f"{path}: not a readable TOML run config: {exc}") from exc
+    return data.get("tool", {}).get("flwr", {}).get("app", {}).get("config", data)
+
+
+_DEFAULTS = {f.name: f.default for f in fields(SimulationConfig)}

@@ -1,0 +1,79 @@
+"""The per-round hook: utility and IDIA against the global model, beside each site's epsilon.
+
+Passed to ``Strategy.start(..., evaluate_fn=...)``; called before the first round and after
+each. It also checkpoints the global model, so a resumed run continues from the last round.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from flwr.app import ArrayRecord, MetricRecord
+
+from fedclip.attacks.base import Attack
+from fedclip.attacks.metrics import membership_metrics, per_site_rates
+from fedclip.data.tensors import PairData
+from fedclip.evaluation.retrieval import retrieval_recall
+from fedclip.evaluation.zero_shot import zero_shot_accuracy
+from fedclip.models.arrays import load_arrays
+from fedclip.reporting.run_files import RunFiles
+
+
+class RoundEvaluator:
+    def __init__(
+        self,
+        *,
+        model: torch.nn.Module,
+        tokenizer: Callable,
+        test: PairData,
+        attacks: list[Attack],
+        files: RunFiles,
+        epsilons: Callable[[], dict[str, float]],
+        delta: float,
+        state_dir: Path,
+        round_offset: int,
+        total_rounds: int,
+        trained_this_round: Callable[[], bool],
+    ) -> None:
+        self.model, self.tokenizer, self.test, self.attacks = model, tokenizer, test, attacks
+        self.files, self.epsilons, self.delta = files, epsilons, delta
+        self.state_dir, self.round_offset, self.total_rounds = state_dir, round_offset, total_rounds
+        self.trained_this_round = trained_this_round
+        self.started = time.time()
+
+    def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        round_ = self.round_offset + server_round
+        if server_round == 0 and self.round_offset > 0:
+            return None  # resumed: round `round_offset` was evaluated before the interruption
+        if server_round > 0 and not self.trained_this_round():
+            return None  # no site could train: the model did not change
+        load_arrays(self.model, arrays)
+        eps = self.epsilons()
+        max_eps = max(eps.values()) if eps else 0.0
+        recall = retrieval_recall(self.model, self.test)
+        utility = {"round": round_, "zero_shot_accuracy": zero_shot_accuracy(self.model, self.tokenizer, self.test),
+                   "recall_at_1": recall["image_to_text_r1"], "recall_at_5": recall["image_to_text_r5"]}
+        self.files.append("utility", [utility])
+        line = [f"round {round_}/{self.total_rounds}", f"zero-shot {utility['zero_shot_accuracy']:.3f}",
+                f"max site epsilon {max_eps:.2f}"]
+        for attack in self.attacks:
+            decisions = attack(self.model)
+            m = membership_metrics(decisions.frame, delta=self.delta)
+            self.files.append("attack", [{"round": round_, "attack": attack.name, "max_site_epsilon": max_eps, **m}])
+            sites = per_site_rates(decisions.frame)
+            self.files.append("attack_sites", [{"round": round_, "attack": attack.name, **r} for r in sites.to_dict("records")])
+            line.append(f"{attack.name} TPR {m['tpr']:.2f} FPR {m['fpr']:.2f} eps_lb {m['epsilon_lower_bound']:.2f}")
+        self._checkpoint(round_, arrays)
+        print(" | ".join(line) + f" | {time.time() - self.started:.0f}s", flush=True)
+        return MetricRecord({"zero-shot-accuracy": utility["zero_shot_accuracy"],
+                             "max-site-epsilon": max_eps if math.isfinite(max_eps) else -1.0})
+
+    def _checkpoint(self, round_: int, arrays: ArrayRecord) -> None:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.state_dir / "global.pt.tmp"
+        torch.save({"round": round_, "state_dict": arrays.to_torch_state_dict()}, tmp)
+        tmp.replace(self.state_dir / "global.pt")

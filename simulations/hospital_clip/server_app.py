@@ -1,0 +1,190 @@
+"""The federation's ServerApp: prepare data and warm start, discover sites, run the strategy.
+
+Read top to bottom, ``run`` is the whole experiment: resolve the config, make (or find) the
+data and the warm-started model, ask every SuperNode which site it is, plan each site's next
+round, then let ``PrivacyBudgetStrategy`` wrapping the inner strategy run the rounds, with IDIA
+and utility after each through ``evaluate_fn``. Tables, plots and ``summary.md`` land in the
+output folder.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.serverapp import Grid, ServerApp
+
+from fedclip.attacks.idia import IdentityInferenceAttack, IdiaTargets
+from fedclip.data.manifest import load_manifest
+from fedclip.data.schema import Split
+from fedclip.data.synthetic import generate
+from fedclip.data.tensors import load_pairs
+from fedclip.models.arrays import model_to_arrays
+from fedclip.models.factory import ModelConfig, create_model
+from fedclip.privacy.calibration import calibrate_noise_multiplier, warn_if_delta_is_large
+from fedclip.privacy.events import DpEvent
+from fedclip.reporting.plots import plot_run
+from fedclip.reporting.run_files import RunFiles
+from fedclip.reporting.summary import write_summary
+from fedclip.training.warmstart import WarmStartConfig, warm_start
+from simulations.hospital_clip.config import DEFAULT_TOML, SimulationConfig, load_toml
+from simulations.hospital_clip.evaluator import RoundEvaluator
+from simulations.hospital_clip.task import manifest_path, pick_device, site_frames
+from strategies.ledger_store import LedgerStore
+from strategies.privacy_budget import PrivacyBudgetStrategy, SiteRound
+from strategies.registry import make_inner_strategy
+
+
+def default_run_config() -> dict[str, Any]:
+    return load_toml(DEFAULT_TOML)
+
+
+def resolve_config(*layers: Mapping[str, Any]) -> SimulationConfig:
+    merged: dict[str, Any] = {}
+    for layer in layers:
+        merged.update(layer)
+    return SimulationConfig.from_run_config(merged)
+
+
+def make_server_app(overrides: Mapping[str, Any] | None = None) -> ServerApp:
+    """A ServerApp whose config is: defaults, then the run config Flower passes, then overrides."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        run(grid, resolve_config(default_run_config(), context.run_config, overrides or {}))
+
+    return app
+
+
+app = make_server_app()
+
+
+def prepare_data(cfg: SimulationConfig, out: Path) -> str:
+    if cfg.manifest:
+        return manifest_path(cfg.manifest)
+    existing = out / "data" / "manifest.csv"
+    if cfg.resume and existing.is_file():
+        return str(existing.resolve())
+    print(f"generating synthetic hospitals under {out / 'data'}", flush=True)
+    return str(generate(out / "data", cfg.synthetic()).resolve())
+
+
+def prepare_checkpoint(cfg: SimulationConfig, manifest: str) -> str:
+    """The base model every site starts from: given weights, or a cached warm start."""
+    if cfg.pretrained:
+        return cfg.pretrained
+    print("warm start on the public population (cached after the first run)", flush=True)
+    path = warm_start(manifest, cache_dir=cfg.cache_dir, model_config=ModelConfig(arch=cfg.arch),
+                      config=WarmStartConfig(epochs=cfg.warm_start_epochs, seed=cfg.seed))
+    return str(path.resolve())
+
+
+def discover_sites(grid: Grid, config: ConfigRecord, *, expected: int, timeout: float = 120.0) -> dict[int, str]:
+    """Ask every SuperNode which site it is (a QUERY message; the reply names the site only)."""
+    deadline = time.time() + timeout
+    while len(nodes := list(grid.get_node_ids())) < expected:
+        if time.time() > deadline:
+            raise RuntimeError(f"only {len(nodes)} of {expected} SuperNodes connected within {timeout:.0f}s")
+        time.sleep(0.5)
+    messages = [Message(RecordDict({"config": config}), dst_node_id=n, message_type=MessageType.QUERY) for n in nodes]
+    sites = {}
+    for reply in grid.send_and_receive(messages, timeout=timeout):
+        if reply.has_error():
+            raise RuntimeError(f"node {reply.metadata.src_node_id} failed to say which site it is: {reply.error.reason}")
+        sites[reply.metadata.src_node_id] = str(reply.content["site"]["site"])
+    return sites
+
+
+def plan_noise(cfg: SimulationConfig) -> float:
+    """The noise multiplier: given, or calibrated so that all planned rounds meet target-epsilon."""
+    if cfg.dp_mode == "nonprivate":
+        return 0.0
+    if cfg.target_epsilon <= 0:
+        return cfg.noise_multiplier
+    dp = cfg.dp()
+    return calibrate_noise_multiplier(target_epsilon=cfg.target_epsilon, delta=cfg.delta, sample_rate=cfg.sample_rate,
+                                      steps=cfg.num_rounds * cfg.local_steps, relation=dp.relation,
+                                      sensitivity=dp.sensitivity, accountant=cfg.accountant)
+
+
+def run(grid: Grid, cfg: SimulationConfig) -> Path:
+    out = Path(cfg.output_dir)
+    state = out / "state"
+    progress = state / "global.pt"
+    if progress.exists() and not cfg.resume:
+        raise ValueError(f"output-dir: {out} already holds a run; pass resume=true to continue it or choose another folder")
+    if cfg.resume and not progress.exists():
+        raise ValueError(f"resume: {out} has no saved state to resume from")
+    files = RunFiles(out)
+    manifest = prepare_data(cfg, out)
+    checkpoint = prepare_checkpoint(cfg, manifest)
+    sigma = plan_noise(cfg)
+    files.write_json("config.json", {**cfg.to_run_config(), "resolved-manifest": manifest,
+                                     "resolved-checkpoint": checkpoint, "resolved-noise-multiplier": sigma})
+
+    parts = site_frames(manifest, cfg.num_sites, cfg.seed)
+    train_config = ConfigRecord({
+        **{k: v for k, v in cfg.to_run_config().items() if isinstance(v, (bool, int, float, str)) and k != "budget"},
+        "noise-multiplier": sigma, "manifest": manifest, "checkpoint": checkpoint, "round-offset": 0,
+    })
+    sites = discover_sites(grid, train_config, expected=len(parts))
+    dp = cfg.dp(noise_multiplier=sigma if sigma > 0 else 1.0)
+    event = DpEvent(noise_multiplier=sigma, sample_rate=cfg.sample_rate, steps=cfg.local_steps,
+                    privacy_unit=dp.privacy_unit, relation=dp.relation, sensitivity=dp.sensitivity)
+    for site, frame in parts.items():
+        units = frame["patient_id"].nunique() if cfg.privacy_unit == "identity" else len(frame)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            warn_if_delta_is_large(cfg.delta, units)
+        for w in caught:
+            print(f"warning ({site}): {w.message}", flush=True)
+
+    store = LedgerStore(state / "ledger.sqlite", delta=cfg.delta, accountant=cfg.accountant)
+    device = pick_device()
+    bundle = create_model(cfg.model(pretrained=checkpoint), device=device)
+    round_offset = 0
+    initial = model_to_arrays(bundle.model, trainable_only=True)
+    if cfg.resume:
+        saved = torch.load(progress, map_location="cpu", weights_only=True)
+        round_offset = int(saved["round"])
+        initial = ArrayRecord(torch_state_dict=saved["state_dict"])
+        print(f"resuming after round {round_offset}", flush=True)
+    remaining = cfg.num_rounds - round_offset
+    frame = load_manifest(manifest).frame
+    test = load_pairs(frame[frame["split"] == str(Split.HELDOUT)], preprocess=bundle.preprocess, tokenizer=bundle.tokenizer)
+    idia = IdentityInferenceAttack(IdiaTargets.from_frame(frame, config=cfg.idia(), preprocess=bundle.preprocess),
+                                   tokenizer=bundle.tokenizer, config=cfg.idia())
+
+    trained = {"last": True}
+
+    def on_round(rows: list[SiteRound]) -> None:
+        trained["last"] = any(r.selected for r in rows)
+        files.append("rounds", [r.as_dict() for r in rows])
+
+    strategy = PrivacyBudgetStrategy(
+        make_inner_strategy(cfg.strategy), store=store, sites=sites, budget=cfg.budget_of,
+        planned_event=lambda site: event, round_offset=round_offset, on_round=on_round,
+    )
+    evaluator = RoundEvaluator(model=bundle.model, tokenizer=bundle.tokenizer, test=test, attacks=[idia], files=files,
+                               epsilons=strategy.epsilons, delta=cfg.delta, state_dir=state, round_offset=round_offset,
+                               total_rounds=cfg.num_rounds, trained_this_round=lambda: trained["last"])
+    if remaining > 0:
+        train_config["round-offset"] = round_offset
+        strategy.start(grid, initial, num_rounds=remaining, train_config=train_config, evaluate_fn=evaluator)
+    final_eps = strategy.epsilons()
+    store.close()
+    rounds, attack, utility = files.read("rounds"), files.read("attack"), files.read("utility")
+    plot_run(out, rounds, attack, utility)
+    summary = write_summary(out / "summary.md", config=cfg.to_run_config(), rounds=rounds, attack=attack,
+                            utility=utility, noise_multiplier=sigma)
+    print(f"done: {summary}", flush=True)
+    print(json.dumps({"final_site_epsilon": {k: v if math.isfinite(v) else "inf" for k, v in final_eps.items()}}))
+    return out

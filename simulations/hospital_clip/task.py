@@ -1,0 +1,71 @@
+"""What the server and the clients of the hospital federation share: data, model and partitions.
+
+In a simulation every SuperNode is on this machine and reads its own site's rows of the same
+manifest; in a deployment a SuperNode's ``--node-config "manifest='...' site='...'"`` points at
+its own data. Either way the rows never leave the node: only model updates, the example count,
+the training loss and the privacy event do.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+from fedclip.data.manifest import load_manifest
+from fedclip.data.partition import assign_sites_by_patient, partition_by_site
+from fedclip.data.schema import Split
+from fedclip.data.tensors import PairData, load_pairs
+from fedclip.models.factory import ClipBundle, ModelConfig, create_model
+
+
+def pick_device() -> torch.device:
+    """The GPU that Ray (or the machine) gives this process, else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@lru_cache(maxsize=4)
+def site_frames(manifest: str, num_sites: int, seed: int) -> dict:
+    """Member rows per site: by the manifest's site column, or split by patient if it has none."""
+    frame = load_manifest(manifest).frame
+    members = frame[frame["split"] == str(Split.TRAIN)]
+    if (members["site"].str.strip() == "").all():
+        frame = assign_sites_by_patient(frame, num_sites=num_sites, seed=seed)
+    return partition_by_site(frame)
+
+
+@lru_cache(maxsize=2)
+def base_bundle(arch: str, checkpoint: str, trainable: str) -> ClipBundle:
+    return create_model(ModelConfig(arch=arch, pretrained=checkpoint, trainable=trainable))
+
+
+def fresh_model(arch: str, checkpoint: str, trainable: str, device: torch.device) -> torch.nn.Module:
+    """A new model with the base weights (the global model's frozen part), on ``device``."""
+    torch.manual_seed(0)
+    bundle = create_model(ModelConfig(arch=arch, pretrained=checkpoint, trainable=trainable), device=device)
+    return bundle.model
+
+
+@lru_cache(maxsize=8)
+def site_training_data(manifest: str, site: str, num_sites: int, seed: int, arch: str, checkpoint: str) -> PairData:
+    """A site's training pairs (``train`` rows only: query images are never trained on)."""
+    parts = site_frames(manifest, num_sites, seed)
+    if site not in parts:
+        raise ValueError(f"site: {site!r} is not in {manifest} (sites: {sorted(parts)})")
+    rows = parts[site]
+    rows = rows[rows["split"] == str(Split.TRAIN)]
+    bundle = base_bundle(arch, checkpoint, "all")
+    return load_pairs(rows, preprocess=bundle.preprocess, tokenizer=bundle.tokenizer)
+
+
+def site_for_partition(manifest: str, num_sites: int, seed: int, partition_id: int) -> str:
+    sites = sorted(site_frames(manifest, num_sites, seed))
+    if not 0 <= partition_id < len(sites):
+        raise ValueError(f"partition-id: {partition_id} but the manifest has {len(sites)} sites {sites}; "
+                         "run as many SuperNodes as sites")
+    return sites[partition_id]
+
+
+def manifest_path(value: str) -> str:
+    return str(Path(value).resolve())
