@@ -15,6 +15,7 @@ import json
 import os
 import shlex
 import sys
+import time
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -96,9 +97,11 @@ def main(argv: list[str] | None = None) -> int:
     from flwr.simulation import run_simulation
 
     print(f"flower-simulation: {args.app}, {supernodes} SuperNodes, output {cfg.output_dir}", flush=True)
+    started = time.time()
     run_simulation(server_app=module.make_server_app(overrides), client_app=module.client_app,
                    num_supernodes=supernodes, backend_config=backend)
-    if not (Path(cfg.output_dir) / "summary.md").is_file():
+    summary = Path(cfg.output_dir) / "summary.md"
+    if not summary.is_file() or summary.stat().st_mtime < started:
         print(f"flower-simulation: error: the run did not finish; see the log above ({cfg.output_dir})", file=sys.stderr)
         return 1
     return 0

@@ -24,7 +24,7 @@ DEFAULT_TOML = Path(__file__).with_name("default.toml")
 
 @dataclass(frozen=True, kw_only=True)
 class SimulationConfig:
-    num_rounds: int = 5
+    num_rounds: int = 12
     strategy: str = "fedavg"
     fraction_train: float = 1.0
     output_dir: str = "runs/hospital_clip"
@@ -49,7 +49,7 @@ class SimulationConfig:
     dp_mode: str = "microbatch"
     privacy_unit: str = "identity"
     noise_multiplier: float = 1.0
-    target_epsilon: float = 0.0
+    target_epsilon: float = 4.0
     budget: float = math.inf
     site_budgets: str = ""
     max_grad_norm: float = 1.0
@@ -57,8 +57,8 @@ class SimulationConfig:
     num_microbatches: int = 6
     delta: float = 1e-5
     accountant: str = "prv"
-    local_steps: int = 20
-    lr: float = 1e-3
+    local_steps: int = 30
+    lr: float = 2e-3
     # attack
     idia_queries: int = 5
     idia_tau: int = 1
@@ -72,8 +72,8 @@ class SimulationConfig:
             raise ValueError(f"strategy: expected one of {sorted(INNER_STRATEGIES)}, got {self.strategy!r}")
         if not 0 < self.fraction_train <= 1:
             raise ValueError(f"fraction-train: expected a value in (0, 1], got {self.fraction_train}")
-        if self.target_epsilon < 0 or (self.target_epsilon > 0 and self.dp_mode == "nonprivate"):
-            raise ValueError(f"target-epsilon: expected 0 (use noise-multiplier) or > 0 with a private dp-mode, got {self.target_epsilon}")
+        if self.target_epsilon < 0:
+            raise ValueError(f"target-epsilon: expected 0 (use noise-multiplier) or a value > 0, got {self.target_epsilon}")
         if not self.budget > 0:
             raise ValueError(f"budget: expected an epsilon > 0 (or inf), got {self.budget}")
         if self.manifest and not Path(self.manifest).is_file():

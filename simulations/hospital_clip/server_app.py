@@ -115,6 +115,14 @@ def plan_noise(cfg: SimulationConfig) -> float:
                                       sensitivity=dp.sensitivity, accountant=cfg.accountant)
 
 
+def train_config_record(cfg: SimulationConfig, *, noise_multiplier: float, manifest: str, checkpoint: str,
+                        round_offset: int = 0) -> ConfigRecord:
+    """What every site is told each round: the run config plus the resolved paths and noise."""
+    values = {k: v for k, v in cfg.to_run_config().items() if k not in ("budget", "site-budgets")}
+    return ConfigRecord({**values, "noise-multiplier": noise_multiplier, "manifest": manifest,
+                         "checkpoint": checkpoint, "round-offset": round_offset})
+
+
 def run(grid: Grid, cfg: SimulationConfig) -> Path:
     out = Path(cfg.output_dir)
     state = out / "state"
@@ -131,10 +139,7 @@ def run(grid: Grid, cfg: SimulationConfig) -> Path:
                                      "resolved-checkpoint": checkpoint, "resolved-noise-multiplier": sigma})
 
     parts = site_frames(manifest, cfg.num_sites, cfg.seed)
-    train_config = ConfigRecord({
-        **{k: v for k, v in cfg.to_run_config().items() if isinstance(v, (bool, int, float, str)) and k != "budget"},
-        "noise-multiplier": sigma, "manifest": manifest, "checkpoint": checkpoint, "round-offset": 0,
-    })
+    train_config = train_config_record(cfg, noise_multiplier=sigma, manifest=manifest, checkpoint=checkpoint)
     sites = discover_sites(grid, train_config, expected=len(parts))
     dp = cfg.dp(noise_multiplier=sigma if sigma > 0 else 1.0)
     event = DpEvent(noise_multiplier=sigma, sample_rate=cfg.sample_rate, steps=cfg.local_steps,

@@ -1,0 +1,70 @@
+import subprocess
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+import pytest
+
+from simulations.cli import parse_backend_config, parse_run_config
+from simulations.hospital_clip.config import DEFAULT_TOML, SimulationConfig, load_toml
+
+APP_DIR = Path(DEFAULT_TOML).parent
+
+
+def test_default_toml_documents_every_key_with_the_dataclass_default():
+    toml = load_toml(DEFAULT_TOML)
+    defaults = SimulationConfig().to_run_config()
+    assert set(toml) == set(defaults)
+    assert SimulationConfig.from_run_config(toml) == SimulationConfig()
+
+
+def test_nonprivate_config_is_valid_and_nonprivate():
+    cfg = SimulationConfig.from_run_config({**load_toml(DEFAULT_TOML), **load_toml(APP_DIR / "nonprivate.toml")})
+    assert cfg.dp_mode == "nonprivate" and cfg.output_dir != SimulationConfig().output_dir
+
+
+@pytest.mark.parametrize(("values", "message"), [
+    ({"num-roundz": 3}, "num-roundz: unknown run-config key"),
+    ({"num-rounds": "three"}, "num-rounds: expected int"),
+    ({"num-rounds": 0}, "num-rounds: expected an integer >= 1"),
+    ({"lr": True}, "lr: expected float"),
+    ({"dp-mode": "ghost"}, "ghost"),
+    ({"max-grad-norm": 0.0}, "max_grad_norm"),
+    ({"budget": -1.0}, "budget: expected an epsilon > 0"),
+    ({"site-budgets": "hospital_0=abc"}, "site-budgets"),
+    ({"strategy": "fedfoo"}, "strategy: expected one of"),
+    ({"idia-tau": 9}, "idia tau"),
+    ({"manifest": "/no/such/file.csv"}, "manifest: file not found"),
+    ({"trainable": "last-0"}, "trainable"),
+])
+def test_bad_run_config_names_the_key(values, message):
+    with pytest.raises(ValueError, match=message):
+        SimulationConfig.from_run_config(values)
+
+
+def test_run_config_strings_and_files():
+    assert parse_run_config("num-rounds=3 dp-mode='paper' lr=0.01 resume=true budget=inf name=bare") == {
+        "num-rounds": 3, "dp-mode": "paper", "lr": 0.01, "resume": True, "budget": float("inf"), "name": "bare"}
+    assert parse_run_config(str(APP_DIR / "nonprivate.toml"))["dp-mode"] == "nonprivate"
+    with pytest.raises(ValueError, match="expected key=value"):
+        parse_run_config("num-rounds")
+
+
+def test_backend_config_merges_client_resources():
+    cfg = parse_backend_config('{"client_resources": {"num_gpus": 0.5}}', use_gpu=False)
+    assert cfg["client_resources"] == {"num_cpus": 1, "num_gpus": 0.5}
+    with pytest.raises(ValueError, match="backend-config"):
+        parse_backend_config("{not json", use_gpu=False)
+
+
+def test_cli_fails_before_ray_starts_naming_the_key(tmp_path):
+    cmd = [sys.executable, "-m", "simulations.cli", "--app", "simulations.hospital_clip", "--run-config",
+           "num-rounds=2 sample-rate=1.5", "--output", str(tmp_path / "run")]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert "sample_rate: expected a value in (0, 1]" in done.stderr
+    assert "ray" not in done.stderr.lower() and not (tmp_path / "run").exists()
+
+
+def test_every_field_has_a_kebab_key():
+    assert all("-" not in f.name for f in fields(SimulationConfig))

@@ -1,0 +1,87 @@
+"""A real simulation, as a user runs it: flower-simulation, Ray, 2 sites, then a resume."""
+
+import json
+import sqlite3
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+
+from strategies.ledger_store import LedgerStore
+
+TINY = ("num-sites=2 patients-per-site=6 public-patients=30 heldout-patients=8 images-per-patient=4 "
+        "query-images-per-patient=3 idia-queries=3 idia-distractors=20 warm-start-epochs=3 local-steps=2 "
+        "num-microbatches=2 target-epsilon=0.0 noise-multiplier=1.0")
+
+
+def _simulate(out, cache, extra: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "simulations.cli", "--app", "simulations.hospital_clip", "--output", str(out),
+           "--run-config", f"{TINY} cache-dir='{cache}' {extra}",
+           "--backend-config", '{"client_resources": {"num_cpus": 1, "num_gpus": 0.0}}']
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=420)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    base = tmp_path_factory.mktemp("sim")
+    out, cache = base / "run", base / "cache"
+    first = _simulate(out, cache, "num-rounds=1")
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    assert "round 1/1" in first.stdout
+    with sqlite3.connect(out / "state" / "ledger.sqlite") as db:
+        after_first = db.execute("SELECT COUNT(*) FROM events").fetchone()[0]
+    second = _simulate(out, cache, "num-rounds=2 resume=true")
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert "resuming after round 1" in second.stdout and "round 2/2" in second.stdout
+    return out, after_first
+
+
+def test_run_folder_has_every_table_plot_and_the_summary(run_dir):
+    out, _ = run_dir
+    for name in ("config.json", "rounds.csv", "attack.csv", "attack_sites.csv", "utility.csv", "summary.md",
+                 "epsilon.png", "attack.png", "utility.png"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    config = json.loads((out / "config.json").read_text())
+    assert config["num-rounds"] == 2 and config["resolved-noise-multiplier"] == 1.0
+    summary = (out / "summary.md").read_text()
+    assert "adding or removing one patient" in summary and "IDIA" in summary
+
+
+def test_rounds_csv_composes_epsilon_per_site_across_rounds(run_dir):
+    out, after_first = run_dir
+    rounds = pd.read_csv(out / "rounds.csv")
+    assert list(rounds.columns[:11]) == ["round", "site", "epsilon", "delta", "noise_multiplier", "sample_rate", "steps",
+                                         "privacy_unit", "relation", "train_loss", "selected"]
+    assert sorted(rounds["round"].unique()) == [1, 2] and sorted(rounds["site"].unique()) == ["hospital_0", "hospital_1"]
+    assert rounds["selected"].all() and (rounds["relation"] == "replace_one").all()
+    for _, g in rounds.groupby("site"):
+        eps = g.sort_values("round")["epsilon"].tolist()
+        assert 0 < eps[0] < eps[1]
+    # the ledger holds one event per site and round, written across the interruption
+    assert after_first == 2
+    store = LedgerStore(out / "state" / "ledger.sqlite", delta=1e-5)
+    assert sorted(store.rounds()) == [("hospital_0", 1), ("hospital_0", 2), ("hospital_1", 1), ("hospital_1", 2)]
+    final = rounds[rounds["round"] == 2].set_index("site")["epsilon"]
+    for site in final.index:
+        assert store.ledger(site).epsilon() == pytest.approx(final[site])
+
+
+def test_attack_and_utility_rows_per_round(run_dir):
+    out, _ = run_dir
+    attack, utility = pd.read_csv(out / "attack.csv"), pd.read_csv(out / "utility.csv")
+    assert attack["round"].tolist() == [0, 1, 2] and utility["round"].tolist() == [0, 1, 2]
+    assert {"tpr", "fpr", "precision", "recall", "accuracy", "epsilon_lower_bound", "max_site_epsilon"} <= set(attack.columns)
+    assert attack["tpr"].between(0, 1).all() and (attack["epsilon_lower_bound"] >= 0).all()
+    assert attack["max_site_epsilon"].is_monotonic_increasing and attack["max_site_epsilon"].iloc[0] == 0
+    assert (attack["members"] == 12).all() and (attack["non_members"] == 8).all()
+    sites = pd.read_csv(out / "attack_sites.csv")
+    assert set(sites["site"]) == {"hospital_0", "hospital_1"}
+    assert utility["zero_shot_accuracy"].between(0, 1).all()
+
+
+def test_rerunning_into_a_finished_folder_without_resume_is_refused(run_dir, tmp_path):
+    out, _ = run_dir
+    done = _simulate(out, tmp_path / "cache", "num-rounds=2")
+    assert done.returncode != 0
+    assert "already holds a run; pass resume=true" in done.stdout + done.stderr
