@@ -50,7 +50,7 @@ class SimulationConfig:
     privacy_unit: str = "identity"
     noise_multiplier: float = 1.0
     target_epsilon: float = 4.0
-    budget: float = math.inf
+    budget: float = 4.0
     site_budgets: str = ""
     max_grad_norm: float = 1.0
     sample_rate: float = 0.5
