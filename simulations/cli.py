@@ -84,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
             overrides["output-dir"] = args.output
         cfg = resolve_config(default_run_config(), overrides)  # fails here, before Ray, naming the key
         sites = len(site_frames(cfg.manifest, cfg.num_sites, cfg.seed)) if cfg.manifest else cfg.num_sites
+        sites = 1 if cfg.pool_sites else sites
         supernodes = args.num_supernodes or sites
         if supernodes != sites:
             raise ValueError(f"--num-supernodes: {supernodes}, but the data has {sites} sites (one SuperNode per site)")

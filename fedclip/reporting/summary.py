@@ -23,7 +23,7 @@ def _fmt(value: Any) -> str:
 
 
 def write_summary(path: str | Path, *, config: Mapping[str, Any], rounds: pd.DataFrame, attack: pd.DataFrame,
-                  utility: pd.DataFrame, noise_multiplier: float) -> Path:
+                  utility: pd.DataFrame, noise_multiplier: float, site_level: Mapping[str, Any] | None = None) -> Path:
     last = int(rounds["round"].max()) if len(rounds) else 0
     final_sites = rounds[rounds["round"] == last][["site", "epsilon", "budget"]] if len(rounds) else rounds
     selected = rounds.groupby("site")["selected"].sum() if len(rounds) else pd.Series(dtype=int)
@@ -40,13 +40,18 @@ def write_summary(path: str | Path, *, config: Mapping[str, Any], rounds: pd.Dat
         "",
     ]
     if config["dp-mode"] == "nonprivate":
-        lines.append("Nothing: this run adds no noise, so epsilon is infinite.")
+        lines.append("Locally nothing: sites add no noise, so the per-site epsilon below is infinite.")
     else:
         lines += [
             f"Each epsilon is an upper bound for data sets that differ by adding or removing {UNIT_TEXT[config['privacy-unit']]}, "
             f"at delta = {config['delta']:g}, composed over every round the site trained. Mechanism: "
             f"{RELATION_TEXT['replace_one' if config['dp-mode'] == 'microbatch' else 'add_or_remove']}.",
         ]
+    if site_level:
+        lines += ["", f"Client-level DP at the server: each site's update clipped to {site_level['clip_norm']}, "
+                  f"noise multiplier {site_level['noise_multiplier']:.4g} on the average, over {site_level['rounds']} rounds: "
+                  f"**epsilon {site_level['epsilon']:.3f}** at delta {site_level['delta']:g} for adding or removing a whole "
+                  "site (Flower's RDP accountant, no sampling amplification)."]
     lines += ["", "| site | rounds trained | epsilon | budget |", "|---|---|---|---|"]
     for row in final_sites.itertuples():
         lines.append(f"| {row.site} | {int(selected.get(row.site, 0))} | {_fmt(float(row.epsilon))} | {row.budget} |")

@@ -27,7 +27,8 @@ def _site(context: Context, config: ConfigRecord) -> tuple[str, str]:
     if "site" in context.node_config:
         return manifest, str(context.node_config["site"])
     partition = int(context.node_config.get("partition-id", 0))
-    return manifest, site_for_partition(manifest, int(config["num-sites"]), int(config["seed"]), partition)
+    return manifest, site_for_partition(manifest, int(config["num-sites"]), int(config["seed"]), partition,
+                                        bool(config["pool-sites"]))
 
 
 @app.query()
@@ -42,7 +43,7 @@ def train(msg: Message, context: Context) -> Message:
     config = msg.content["config"]
     manifest, site = _site(context, config)
     data = site_training_data(manifest, site, int(config["num-sites"]), int(config["seed"]), str(config["arch"]),
-                              str(config["checkpoint"]))
+                              str(config["checkpoint"]), bool(config["pool-sites"]))
     device = pick_device()
     model = fresh_model(str(config["arch"]), str(config["checkpoint"]), str(config["trainable"]), device)
     load_arrays(model, msg.content["arrays"])
@@ -56,7 +57,9 @@ def train(msg: Message, context: Context) -> Message:
     losses = [v for v in result.losses if not math.isnan(v)]
     content = RecordDict({
         "arrays": model_to_arrays(model, trainable_only=True),
-        "metrics": MetricRecord({"num-examples": len(data), "train-loss": sum(losses) / len(losses) if losses else 0.0}),
+        # site-weight: equal weights, which client-level DP's accounting requires
+        "metrics": MetricRecord({"num-examples": len(data), "site-weight": 1.0,
+                                 "train-loss": sum(losses) / len(losses) if losses else 0.0}),
         PRIVACY_RECORD: ConfigRecord(result.event.to_dict()),
     })
     return Message(content, reply_to=msg)

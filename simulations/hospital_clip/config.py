@@ -40,6 +40,7 @@ class SimulationConfig:
     images_per_patient: int = 10
     query_images_per_patient: int = 5
     site_skew: float = 0.0
+    pool_sites: bool = False
     # model
     arch: str = "fedclip-tiny"
     pretrained: str = ""
@@ -59,6 +60,9 @@ class SimulationConfig:
     accountant: str = "prv"
     local_steps: int = 30
     lr: float = 2e-3
+    # client-level DP at the server (a site is the unit): Flower's fixed-clipping wrapper
+    client_dp_epsilon: float = 0.0
+    client_clip_norm: float = 1.0
     # attack
     idia_queries: int = 5
     idia_tau: int = 1
@@ -74,6 +78,13 @@ class SimulationConfig:
             raise ValueError(f"fraction-train: expected a value in (0, 1], got {self.fraction_train}")
         if self.target_epsilon < 0:
             raise ValueError(f"target-epsilon: expected 0 (use noise-multiplier) or a value > 0, got {self.target_epsilon}")
+        if self.client_dp_epsilon < 0:
+            raise ValueError(f"client-dp-epsilon: expected 0 (off) or a value > 0, got {self.client_dp_epsilon}")
+        if self.client_dp_epsilon > 0 and (self.fraction_train != 1.0 or self.strategy != "fedavg"):
+            raise ValueError("client-dp-epsilon: client-level DP runs every site every round (fraction-train = 1.0) "
+                             "over fedavg; its accounting claims no sampling amplification")
+        if not self.client_clip_norm > 0:
+            raise ValueError(f"client-clip-norm: expected a value > 0, got {self.client_clip_norm}")
         if not self.budget > 0:
             raise ValueError(f"budget: expected an epsilon > 0 (or inf), got {self.budget}")
         if self.manifest and not Path(self.manifest).is_file():

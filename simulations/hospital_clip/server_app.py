@@ -37,6 +37,7 @@ from fedclip.training.warmstart import WarmStartConfig, warm_start
 from simulations.hospital_clip.config import DEFAULT_TOML, SimulationConfig, load_toml
 from simulations.hospital_clip.evaluator import RoundEvaluator
 from simulations.hospital_clip.task import manifest_path, pick_device, site_frames
+from strategies.client_level import calibrate_site_noise, with_site_level_dp
 from strategies.ledger_store import LedgerStore
 from strategies.privacy_budget import PrivacyBudgetStrategy, SiteRound
 from strategies.registry import make_inner_strategy
@@ -135,10 +136,13 @@ def run(grid: Grid, cfg: SimulationConfig) -> Path:
     manifest = prepare_data(cfg, out)
     checkpoint = prepare_checkpoint(cfg, manifest)
     sigma = plan_noise(cfg)
+    parts = site_frames(manifest, cfg.num_sites, cfg.seed, cfg.pool_sites)
+    site_sigma = (calibrate_site_noise(target_epsilon=cfg.client_dp_epsilon, rounds=cfg.num_rounds,
+                                       num_sites=len(parts), delta=cfg.delta) if cfg.client_dp_epsilon > 0 else 0.0)
     files.write_json("config.json", {**cfg.to_run_config(), "resolved-manifest": manifest,
-                                     "resolved-checkpoint": checkpoint, "resolved-noise-multiplier": sigma})
+                                     "resolved-checkpoint": checkpoint, "resolved-noise-multiplier": sigma,
+                                     "resolved-site-noise-multiplier": site_sigma})
 
-    parts = site_frames(manifest, cfg.num_sites, cfg.seed)
     train_config = train_config_record(cfg, noise_multiplier=sigma, manifest=manifest, checkpoint=checkpoint)
     sites = discover_sites(grid, train_config, expected=len(parts))
     dp = cfg.dp(noise_multiplier=sigma if sigma > 0 else 1.0)
@@ -174,8 +178,10 @@ def run(grid: Grid, cfg: SimulationConfig) -> Path:
         trained["last"] = any(r.selected for r in rows)
         files.append("rounds", [r.as_dict() for r in rows])
 
+    inner = (with_site_level_dp(noise_multiplier=site_sigma, clip_norm=cfg.client_clip_norm, num_sites=len(parts),
+                                delta=cfg.delta) if site_sigma > 0 else make_inner_strategy(cfg.strategy))
     strategy = PrivacyBudgetStrategy(
-        make_inner_strategy(cfg.strategy), store=store, sites=sites, budget=cfg.budget_of,
+        inner, store=store, sites=sites, budget=cfg.budget_of,
         planned_event=lambda site: event, round_offset=round_offset, on_round=on_round,
     )
     evaluator = RoundEvaluator(model=bundle.model, tokenizer=bundle.tokenizer, test=test, attacks=[idia], files=files,
@@ -186,10 +192,17 @@ def run(grid: Grid, cfg: SimulationConfig) -> Path:
         strategy.start(grid, initial, num_rounds=remaining, train_config=train_config, evaluate_fn=evaluator)
     final_eps = strategy.epsilons()
     store.close()
+    site_level = None
+    if site_sigma > 0:
+        spent = inner.privacy_spent()
+        site_level = {"epsilon": spent.epsilon if spent else 0.0, "delta": cfg.delta, "noise_multiplier": site_sigma,
+                      "clip_norm": cfg.client_clip_norm, "rounds": spent.num_releases if spent else 0,
+                      "unit": "site", "relation": "add_or_remove", "accountant": "flwr RdpAccountant"}
+        files.write_json("site_level.json", site_level)
     rounds, attack, utility = files.read("rounds"), files.read("attack"), files.read("utility")
     plot_run(out, rounds, attack, utility)
     summary = write_summary(out / "summary.md", config=cfg.to_run_config(), rounds=rounds, attack=attack,
-                            utility=utility, noise_multiplier=sigma)
+                            utility=utility, noise_multiplier=sigma, site_level=site_level)
     print(f"done: {summary}", flush=True)
     print(json.dumps({"final_site_epsilon": {k: v if math.isfinite(v) else "inf" for k, v in final_eps.items()}}))
     return out

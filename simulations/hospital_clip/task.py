@@ -25,12 +25,19 @@ def pick_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+POOLED_SITE = "pooled"
+
+
 @lru_cache(maxsize=4)
-def site_frames(manifest: str, num_sites: int, seed: int) -> dict:
-    """Member rows per site: by the manifest's site column, or split by patient if it has none."""
+def site_frames(manifest: str, num_sites: int, seed: int, pooled: bool = False) -> dict:
+    """Member rows per site: by the manifest's site column, or split by patient if it has none;
+    ``pooled``: one site holding every member (central training on pooled data)."""
     frame = load_manifest(manifest).frame
     members = frame[frame["split"] == str(Split.TRAIN)]
-    if (members["site"].str.strip() == "").all():
+    if pooled:
+        frame = assign_sites_by_patient(frame, num_sites=1, seed=seed)
+        frame["site"] = frame["site"].replace("site_0", POOLED_SITE)
+    elif (members["site"].str.strip() == "").all():
         frame = assign_sites_by_patient(frame, num_sites=num_sites, seed=seed)
     return partition_by_site(frame)
 
@@ -48,9 +55,10 @@ def fresh_model(arch: str, checkpoint: str, trainable: str, device: torch.device
 
 
 @lru_cache(maxsize=8)
-def site_training_data(manifest: str, site: str, num_sites: int, seed: int, arch: str, checkpoint: str) -> PairData:
+def site_training_data(manifest: str, site: str, num_sites: int, seed: int, arch: str, checkpoint: str,
+                       pooled: bool = False) -> PairData:
     """A site's training pairs (``train`` rows only: query images are never trained on)."""
-    parts = site_frames(manifest, num_sites, seed)
+    parts = site_frames(manifest, num_sites, seed, pooled)
     if site not in parts:
         raise ValueError(f"site: {site!r} is not in {manifest} (sites: {sorted(parts)})")
     rows = parts[site]
@@ -59,8 +67,8 @@ def site_training_data(manifest: str, site: str, num_sites: int, seed: int, arch
     return load_pairs(rows, preprocess=bundle.preprocess, tokenizer=bundle.tokenizer)
 
 
-def site_for_partition(manifest: str, num_sites: int, seed: int, partition_id: int) -> str:
-    sites = sorted(site_frames(manifest, num_sites, seed))
+def site_for_partition(manifest: str, num_sites: int, seed: int, partition_id: int, pooled: bool = False) -> str:
+    sites = sorted(site_frames(manifest, num_sites, seed, pooled))
     if not 0 <= partition_id < len(sites):
         raise ValueError(f"partition-id: {partition_id} but the manifest has {len(sites)} sites {sites}; "
                          "run as many SuperNodes as sites")

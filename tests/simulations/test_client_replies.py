@@ -55,7 +55,7 @@ def test_every_reply_carries_only_updates_counts_loss_and_the_event(small_manife
         assert set(train_reply.keys()) == {"arrays", "metrics", "privacy"}
         trainable = {n for n, p in model.named_parameters() if p.requires_grad}
         assert set(train_reply["arrays"].keys()) == trainable
-        assert set(train_reply["metrics"].keys()) == {"num-examples", "train-loss"}
+        assert set(train_reply["metrics"].keys()) == {"num-examples", "site-weight", "train-loss"}
         assert set(train_reply["privacy"].keys()) == EVENT_FIELDS
         for record in (site_reply["site"], train_reply["metrics"], train_reply["privacy"]):
             for value in record.values():
