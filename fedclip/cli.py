@@ -3,6 +3,7 @@
     fedclip prepare [--out runs/default]   generate the data, warm-start, evaluate, write a table
     fedclip data --out DIR [--seed N]      only generate the synthetic data set
     fedclip warmstart --manifest FILE      only pretrain (or find the cached checkpoint)
+    fedclip compare [--config FILE]        central vs federated DP: a matrix of federation runs
 """
 
 from __future__ import annotations
@@ -82,6 +83,26 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    # the comparison drives the Flower apps, so it lives with them in simulations/
+    from simulations.compare.config import DEFAULT_COMPARE_TOML, CompareConfig
+    from simulations.compare.results import write_outputs
+    from simulations.compare.runner import run_all
+
+    config = CompareConfig.from_toml(args.config or DEFAULT_COMPARE_TOML)
+    if args.output:
+        config = CompareConfig(**{**config.__dict__, "output_dir": args.output})
+    try:
+        runs = run_all(config)
+    except RuntimeError as exc:
+        print(f"fedclip: error: {exc}", file=sys.stderr)
+        return 1
+    paths = write_outputs(config.output_dir, runs)
+    print(paths["markdown"].read_text())
+    print("\n".join(f"{k}: {v}" for k, v in paths.items()))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedclip", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -99,6 +120,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", default="runs/cache")
     p.add_argument("--epochs", type=int, default=WarmStartConfig.epochs)
     p.set_defaults(func=cmd_warmstart)
+    p = sub.add_parser("compare", help="compare central and federated DP over a grid of epsilons and seeds")
+    p.add_argument("--config", default=None, help="comparison TOML (default: simulations/compare/default.toml)")
+    p.add_argument("--output", default=None, help="output folder (overrides compare.output-dir)")
+    p.set_defaults(func=cmd_compare)
     return parser
 
 

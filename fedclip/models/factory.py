@@ -8,6 +8,8 @@ through open_clip's own config registry so that it trains on a CPU in seconds.
 
 from __future__ import annotations
 
+import os
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,7 +70,7 @@ def save_checkpoint(model: torch.nn.Module, path: str | Path, **meta: object) ->
     """Write an open_clip-loadable checkpoint (``{"state_dict": ...}``) atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp = path.with_suffix(f"{path.suffix}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")  # concurrent writers never collide
     torch.save({"state_dict": model.state_dict(), **meta}, tmp)
     tmp.replace(path)
     return path

@@ -1,0 +1,76 @@
+"""The comparison's configuration: a TOML file with a [compare] table and a [base] run config."""
+
+from __future__ import annotations
+
+import math
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from simulations.compare.settings import SETTINGS
+from simulations.hospital_clip.config import SimulationConfig
+
+DEFAULT_COMPARE_TOML = Path(__file__).with_name("default.toml")
+
+
+@dataclass(frozen=True, kw_only=True)
+class CompareConfig:
+    output_dir: str = "runs/compare"
+    settings: tuple[str, ...] = tuple(SETTINGS)
+    epsilons: tuple[float, ...] = (1.0, 8.0)
+    seeds: tuple[int, ...] = (0, 1)
+    parallel: int = 0  # 0: as many as the cores allow
+    base: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        unknown = [s for s in self.settings if s not in SETTINGS]
+        if unknown or not self.settings:
+            raise ValueError(f"compare.settings: unknown {unknown or 'empty list'}; expected some of {sorted(SETTINGS)}")
+        if not self.epsilons or any(not (e > 0 and math.isfinite(e)) for e in self.epsilons):
+            raise ValueError(f"compare.epsilons: expected finite values > 0, got {list(self.epsilons)}")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"compare.seeds: expected distinct integers, got {list(self.seeds)}")
+        if self.parallel < 0:
+            raise ValueError(f"compare.parallel: expected 0 (automatic) or >= 1, got {self.parallel}")
+        for key in ("output-dir", "seed", "resume"):
+            if key in self.base:
+                raise ValueError(f"base.{key}: set by the comparison itself; remove it from [base]")
+        self.base_config()  # validates every base key now, before anything runs
+
+    def base_config(self) -> SimulationConfig:
+        from simulations.hospital_clip.server_app import default_run_config
+
+        return SimulationConfig.from_run_config({**default_run_config(), **self.base})
+
+    def workers(self) -> int:
+        """Runs at once: each run keeps about two cores busy (its Ray workers and the server)."""
+        return self.parallel or max(1, (os.cpu_count() or 1) // 2)
+
+    @classmethod
+    def from_toml(cls, path: str | Path) -> "CompareConfig":
+        path = Path(path)
+        try:
+            data = tomllib.loads(path.read_text())
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ValueError(f"{path}: not a readable TOML comparison config: {exc}") from exc
+        unknown = set(data) - {"compare", "base"}
+        if unknown:
+            raise ValueError(f"{path}: unknown table(s) {sorted(unknown)}; expected [compare] and [base]")
+        table = dict(data.get("compare", {}))
+        known = {"output-dir", "settings", "epsilons", "seeds", "parallel"}
+        bad = set(table) - known
+        if bad:
+            raise ValueError(f"{path}: unknown key(s) {sorted(bad)} in [compare]; expected {sorted(known)}")
+        kwargs: dict[str, Any] = {"base": dict(data.get("base", {}))}
+        if "output-dir" in table:
+            kwargs["output_dir"] = str(table["output-dir"])
+        for key in ("settings", "epsilons", "seeds"):
+            if key in table:
+                if not isinstance(table[key], list):
+                    raise ValueError(f"compare.{key}: expected a list, got {table[key]!r}")
+                kwargs[key] = tuple(float(v) if key == "epsilons" else v for v in table[key])
+        if "parallel" in table:
+            kwargs["parallel"] = int(table["parallel"])
+        return cls(**kwargs)

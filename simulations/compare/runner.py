@@ -1,0 +1,104 @@
+"""Run the comparison matrix: one hospital_clip run per (setting, epsilon, seed), reused if done.
+
+Each run is a ``flower-simulation`` process with its own Ray runtime and its own folder
+``<output>/<setting>/eps=<e>/seed=<s>/``. Runs that finished are read back, not repeated; a run
+that was interrupted is resumed from its saved round. Independent runs go in parallel, as many
+as ``CompareConfig.workers()`` allows (one after another on a small machine).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from simulations.compare.config import CompareConfig
+from simulations.compare.settings import SETTINGS
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    setting: str
+    epsilon: float | None  # None for non-private settings
+    seed: int
+    folder: Path
+    overrides: dict[str, Any]
+
+    @property
+    def label(self) -> str:
+        eps = "none" if self.epsilon is None else f"{self.epsilon:g}"
+        return f"{self.setting} eps={eps} seed={self.seed}"
+
+
+def plan_runs(config: CompareConfig) -> list[RunSpec]:
+    base = config.base_config()
+    out = Path(config.output_dir)
+    runs = []
+    for name in config.settings:
+        setting = SETTINGS[name]
+        for eps in (config.epsilons if setting.private else (None,)):
+            for seed in config.seeds:
+                folder = out / name / f"eps={'none' if eps is None else f'{eps:g}'}" / f"seed={seed}"
+                overrides = {**config.base, **setting.overrides(eps or 0.0, base), "seed": seed,
+                             "output-dir": str(folder), "cache-dir": str(out / "cache")}
+                runs.append(RunSpec(name, eps, seed, folder, overrides))
+    return runs
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float) and math.isinf(value):
+        return "inf"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return json.dumps(str(value))  # a TOML basic string
+
+
+def _is_done(run: RunSpec) -> bool:
+    return (run.folder / "done.json").is_file()
+
+
+def execute(run: RunSpec) -> RunSpec:
+    """Run (or resume) one simulation; raise with the log's tail if it fails."""
+    overrides = dict(run.overrides)
+    if (run.folder / "state" / "global.pt").exists():
+        overrides["resume"] = True
+    config = " ".join(f"{k}={_toml_value(v)}" for k, v in overrides.items())
+    cmd = [sys.executable, "-m", "simulations.cli", "--app", "simulations.hospital_clip", "--run-config", config]
+    run.folder.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    with (run.folder / "log.txt").open("a") as log:
+        done = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, text=True)
+    if done.returncode != 0:
+        tail = (run.folder / "log.txt").read_text()[-2000:]
+        raise RuntimeError(f"{run.label} failed (exit {done.returncode}); log {run.folder / 'log.txt'}:\n{tail}")
+    (run.folder / "done.json").write_text(json.dumps({"seconds": time.time() - started, "label": run.label}))
+    return run
+
+
+def run_all(config: CompareConfig, *, progress=print) -> list[RunSpec]:
+    runs = plan_runs(config)
+    todo = [r for r in runs if not _is_done(r)]
+    progress(f"compare: {len(runs)} runs, {len(runs) - len(todo)} already done, {len(todo)} to run, "
+             f"{config.workers()} at a time")
+    failures = []
+    with ThreadPoolExecutor(max_workers=config.workers()) as pool:
+        futures = {pool.submit(execute, r): r for r in todo}
+        for i, future in enumerate(as_completed(futures), 1):
+            run = futures[future]
+            try:
+                future.result()
+                progress(f"  [{i}/{len(todo)}] done: {run.label}")
+            except RuntimeError as exc:
+                failures.append(str(exc))
+                progress(f"  [{i}/{len(todo)}] FAILED: {run.label}")
+    if failures:
+        raise RuntimeError("some runs failed; finished runs are kept and will be reused:\n" + "\n".join(failures))
+    return runs

@@ -1,0 +1,60 @@
+"""The settings a comparison can run, each a set of hospital_clip run-config overrides.
+
+Every setting shares the base config (data, model, warm start, rounds, local steps, sample rate,
+learning rate), so only where the data is trained and how it is protected changes. ``unit`` says
+what the setting's epsilon is about; non-private settings have none.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from simulations.hospital_clip.config import SimulationConfig
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str
+    description: str
+    unit: str
+    relation: str
+    private: bool
+    overrides: Callable[[float, SimulationConfig], dict[str, Any]]
+
+
+def _local(unit: str, *, pooled: bool = False, client: bool = False) -> Callable[[float, SimulationConfig], dict[str, Any]]:
+    def build(eps: float, base: SimulationConfig) -> dict[str, Any]:
+        out: dict[str, Any] = {"dp-mode": "microbatch", "privacy-unit": unit, "target-epsilon": eps, "budget": math.inf,
+                               "pool-sites": pooled, "client-dp-epsilon": eps if client else 0.0}
+        if pooled:  # keep the micro-batch size: as many micro-batches as all sites together
+            out["num-microbatches"] = base.num_microbatches * base.num_sites
+        return out
+
+    return build
+
+
+def _nonprivate(*, pooled: bool = False, client: bool = False) -> Callable[[float, SimulationConfig], dict[str, Any]]:
+    def build(eps: float, base: SimulationConfig) -> dict[str, Any]:
+        return {"dp-mode": "nonprivate", "privacy-unit": "record", "target-epsilon": 0.0, "budget": math.inf,
+                "pool-sites": pooled, "client-dp-epsilon": eps if client else 0.0}
+
+    return build
+
+
+SETTINGS: dict[str, Setting] = {s.name: s for s in (
+    Setting("pooled-nonprivate", "all sites' data pooled, no DP", "none", "-", False, _nonprivate(pooled=True)),
+    Setting("pooled-dp", "pooled data, central per-batch DP (identity units)", "identity", "replace_one", True,
+            _local("identity", pooled=True)),
+    Setting("fed-nonprivate", "federated, no DP", "none", "-", False, _nonprivate()),
+    Setting("fed-local-record", "federated, local per-batch DP at every site, record units", "record", "replace_one",
+            True, _local("record")),
+    Setting("fed-local-identity", "federated, local per-batch DP at every site, identity units", "identity",
+            "replace_one", True, _local("identity")),
+    Setting("fed-client", "federated, client-level DP at the server (a site is the unit)", "site", "add_or_remove",
+            True, _nonprivate(client=True)),
+    Setting("fed-local-client", "local identity-level DP plus client-level DP at the server", "identity + site",
+            "replace_one + add_or_remove", True, _local("identity", client=True)),
+)}

@@ -1,0 +1,111 @@
+"""A small central-vs-federated comparison, run as the user runs it, and its invariants."""
+
+import math
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+
+from simulations.compare.config import DEFAULT_COMPARE_TOML, CompareConfig
+from simulations.compare.runner import plan_runs
+from simulations.compare.settings import SETTINGS
+
+SMALL = """
+[compare]
+output-dir = "{out}"
+epsilons = [1.0, 16.0]
+seeds = [0]
+parallel = 2
+
+[base]
+num-sites = 2
+patients-per-site = 8
+public-patients = 30
+heldout-patients = 8
+images-per-patient = 8
+query-images-per-patient = 3
+idia-queries = 3
+idia-distractors = 20
+warm-start-epochs = 5
+local-steps = 30
+num-microbatches = 4
+num-rounds = 4
+sample-rate = 0.5
+"""
+
+
+def _compare(config_path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "fedclip.cli", "compare", "--config", str(config_path)],
+                          capture_output=True, text=True, timeout=1500)
+
+
+@pytest.fixture(scope="module")
+def comparison(tmp_path_factory):
+    base = tmp_path_factory.mktemp("compare")
+    config = base / "compare.toml"
+    config.write_text(SMALL.format(out=base / "out"))
+    done = _compare(config)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return base / "out", config, done.stdout
+
+
+def test_every_setting_ran_and_wrote_tables_and_plots(comparison):
+    out, _, stdout = comparison
+    runs = pd.read_csv(out / "runs.csv")
+    assert len(runs) == 2 + 5 * 2  # two non-private settings, five private ones at two epsilons, one seed
+    assert set(runs["setting"]) == set(SETTINGS)
+    for name in ("table.csv", "table.md", "utility_vs_epsilon.png", "tpr_vs_epsilon.png"):
+        assert (out / name).stat().st_size > 0
+    table = pd.read_csv(out / "table.csv")
+    units = dict(zip(table["setting"], table["unit"]))
+    assert units["fed-local-record"] == "record" and units["fed-local-identity"] == "identity"
+    assert units["fed-client"] == "site" and units["pooled-nonprivate"] == "none"
+    assert "| fed-client |" in (out / "table.md").read_text() and "| setting |" in stdout
+
+
+def test_epsilon_grows_as_noise_shrinks(comparison):
+    out, _, _ = comparison
+    runs = pd.read_csv(out / "runs.csv")
+    for name, g in runs[runs["target_epsilon"].apply(math.isfinite)].groupby("setting"):
+        g = g.sort_values("target_epsilon")
+        column = "epsilon_site" if SETTINGS[name].unit == "site" else "epsilon_local"
+        noise = "site_noise_multiplier" if SETTINGS[name].unit == "site" else "noise_multiplier"
+        assert g[column].is_monotonic_increasing and g[column].iloc[0] < g[column].iloc[-1], name
+        assert g[noise].iloc[0] > g[noise].iloc[-1], name
+        assert (g[column] <= g["target_epsilon"] * (1 + 1e-9)).all(), name  # never past the target
+
+
+def test_nonprivate_settings_leak_at_least_as_much_as_private_ones(comparison):
+    out, _, _ = comparison
+    runs = pd.read_csv(out / "runs.csv")
+    private = runs[runs["target_epsilon"].apply(math.isfinite)]
+    nonprivate = runs[~runs["target_epsilon"].apply(math.isfinite)]
+    assert nonprivate["tpr"].min() > 0  # the non-private runs do leak in this configuration
+    assert nonprivate["tpr"].min() >= private.loc[private["target_epsilon"] == 1.0, "tpr"].max()
+    assert nonprivate["tpr"].max() >= private["tpr"].max()
+
+
+def test_a_second_invocation_reuses_every_finished_run(comparison):
+    out, config, _ = comparison
+    before = (out / "table.csv").read_text()
+    again = _compare(config)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "12 already done, 0 to run" in again.stdout
+    assert (out / "table.csv").read_text() == before
+
+
+def test_compare_config_is_validated_before_anything_runs(tmp_path):
+    assert len(plan_runs(CompareConfig.from_toml(DEFAULT_COMPARE_TOML))) == 2 * 2 + 5 * 2 * 2
+    with pytest.raises(ValueError, match="compare.settings: unknown"):
+        CompareConfig(settings=("fed-magic",))
+    with pytest.raises(ValueError, match="compare.epsilons"):
+        CompareConfig(epsilons=(0.0,))
+    with pytest.raises(ValueError, match="num-roundz: unknown run-config key"):
+        CompareConfig(base={"num-roundz": 3})
+    with pytest.raises(ValueError, match="base.output-dir: set by the comparison"):
+        CompareConfig(base={"output-dir": "x"})
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[compare]\nepsilonz = [1.0]\n")
+    with pytest.raises(ValueError, match="unknown key"):
+        CompareConfig.from_toml(bad)
