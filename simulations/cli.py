@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import logging
 import os
 import shlex
 import sys
@@ -59,6 +60,17 @@ def parse_backend_config(text: str | None, *, use_gpu: bool) -> dict[str, Any]:
     return config
 
 
+def _undo_opacus_root_logging() -> None:
+    """Opacus calls ``logging.basicConfig`` on import, which echoes every Flower log line a
+    second time through the root logger; Flower logs through its own handler."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if isinstance(handler, logging.StreamHandler) and handler.formatter and "%(asctime)s:%(levelname)s" in (
+            handler.formatter._fmt or ""
+        ):
+            root.removeHandler(handler)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="flower-simulation", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -74,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         module = importlib.import_module(args.app)
+        _undo_opacus_root_logging()
         if not hasattr(module, "make_server_app") or not hasattr(module, "client_app"):
             raise ValueError(f"--app: {args.app} has no make_server_app and client_app")
         from simulations.hospital_clip.server_app import default_run_config, resolve_config

@@ -99,8 +99,11 @@ class IdiaTargets:
         if is_member.all() or not is_member.any():
             raise ValueError("idia: needs both members ('query' rows) and non-members ('heldout' rows)")
         names = list(first["name"])
+        # every member (also one without query images) and every non-member is a candidate
+        everyone = names + sorted(set(frame.loc[frame["split"] == str(Split.TRAIN), "name"]) - set(names))
         rng = np.random.default_rng(config.seed)
-        candidates = tuple(dict.fromkeys(names)) + tuple(draw_unique_names(rng, config.num_distractors, exclude=set(names)))
+        candidates = tuple(dict.fromkeys(everyone)) + tuple(
+            draw_unique_names(rng, config.num_distractors, exclude=set(everyone)))
         images = torch.stack([preprocess_one(p, preprocess) for p in picked["filepath"]])
         return cls(
             patient_ids=tuple(first.index),

@@ -36,6 +36,7 @@ def run_row(run: RunSpec) -> dict:
         "noise_multiplier": config["resolved-noise-multiplier"],
         "site_noise_multiplier": config.get("resolved-site-noise-multiplier", 0.0),
         "rounds": int(utility["round"]),
+        "sites": int(rounds["site"].nunique()),
         **{m: float(utility[m]) if m in utility else float(attack[m]) for m in METRICS},
     }
 
@@ -46,8 +47,12 @@ def collect(runs: Sequence[RunSpec]) -> tuple[pd.DataFrame, pd.DataFrame]:
     keys = ["setting", "target_epsilon", "unit", "relation"]
     agg = rows.groupby(keys, sort=False).agg(
         seeds=("seed", "count"), epsilon_local=("epsilon_local", "mean"), epsilon_site=("epsilon_site", "mean"),
+        noise_multiplier=("noise_multiplier", "mean"), site_noise_multiplier=("site_noise_multiplier", "mean"),
+        sites=("sites", "first"),
         **{f"{m}_mean": (m, "mean") for m in METRICS}, **{f"{m}_std": (m, "std") for m in METRICS},
     ).reset_index()
+    # client-level noise on the averaged update, in units of one site's clipped update (S)
+    agg["site_noise_on_average"] = agg["site_noise_multiplier"] / agg["sites"]
     return rows, agg
 
 
@@ -57,12 +62,15 @@ def _eps(value: float) -> str:
 
 def markdown_table(agg: pd.DataFrame) -> str:
     head = ("| setting | target epsilon | unit (what epsilon is about) | epsilon (local) | epsilon (site) | "
+            "noise multiplier: local / site (site noise on the average, x S) | "
             "zero-shot acc | IDIA TPR | IDIA FPR | empirical eps lower bound | seeds |")
-    lines = [head, "|" + "---|" * 10]
+    lines = [head, "|" + "---|" * 11]
     for r in agg.itertuples():
         pm = lambda m: f"{getattr(r, m + '_mean'):.3f} ± {0.0 if math.isnan(getattr(r, m + '_std')) else getattr(r, m + '_std'):.3f}"  # noqa: E731
+        site_noise = f"{r.site_noise_multiplier:.2f} ({r.site_noise_on_average:.2f})" if r.site_noise_multiplier else "-"
+        local_noise = f"{r.noise_multiplier:.2f}" if r.noise_multiplier else "-"
         lines.append(f"| {r.setting} | {_eps(r.target_epsilon)} | {r.unit} | {_eps(r.epsilon_local)} | "
-                     f"{_eps(r.epsilon_site)} | {pm('zero_shot_accuracy')} | {pm('tpr')} | {pm('fpr')} | "
+                     f"{_eps(r.epsilon_site)} | {local_noise} / {site_noise} | {pm('zero_shot_accuracy')} | {pm('tpr')} | {pm('fpr')} | "
                      f"{pm('epsilon_lower_bound')} | {r.seeds} |")
     return "\n".join(lines) + "\n"
 

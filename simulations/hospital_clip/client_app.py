@@ -42,10 +42,12 @@ def query(msg: Message, context: Context) -> Message:
 def train(msg: Message, context: Context) -> Message:
     config = msg.content["config"]
     manifest, site = _site(context, config)
+    # the base weights: the server's path in a simulation, the node's own copy in a deployment
+    checkpoint = str(context.node_config.get("checkpoint", config["checkpoint"]))
     data = site_training_data(manifest, site, int(config["num-sites"]), int(config["seed"]), str(config["arch"]),
-                              str(config["checkpoint"]), bool(config["pool-sites"]))
+                              checkpoint, bool(config["pool-sites"]))
     device = pick_device()
-    model = fresh_model(str(config["arch"]), str(config["checkpoint"]), str(config["trainable"]), device)
+    model = fresh_model(str(config["arch"]), checkpoint, str(config["trainable"]), device)
     load_arrays(model, msg.content["arrays"])
     dp = DpConfig(mode=str(config["dp-mode"]), privacy_unit=str(config["privacy-unit"]),
                   noise_multiplier=float(config["noise-multiplier"]), max_grad_norm=float(config["max-grad-norm"]),

@@ -68,3 +68,13 @@ def test_cli_fails_before_ray_starts_naming_the_key(tmp_path):
 
 def test_every_field_has_a_kebab_key():
     assert all("-" not in f.name for f in fields(SimulationConfig))
+
+
+def test_pyproject_declares_the_same_app_config_for_flwr_run():
+    import tomllib
+
+    pyproject = tomllib.loads((APP_DIR.parents[1] / "pyproject.toml").read_text())
+    assert pyproject["tool"]["flwr"]["app"]["config"] == load_toml(DEFAULT_TOML)
+    components = pyproject["tool"]["flwr"]["app"]["components"]
+    assert components == {"serverapp": "simulations.hospital_clip.server_app:app",
+                          "clientapp": "simulations.hospital_clip.client_app:app"}
