@@ -86,6 +86,10 @@ def plot_against_epsilon(agg: pd.DataFrame, metric: str, ylabel: str, path: Path
         ax.axhline(g[f"{metric}_mean"].iloc[0], linestyle="--", color="grey" if "pooled" in name else "black",
                    label=f"{name} (no DP)")
     ax.set_xscale("log")
+    ticks = sorted(set(private["target_epsilon"]))
+    if ticks:
+        ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+        ax.minorticks_off()
     ax.set(xlabel="target epsilon (per the setting's unit; log scale)", ylabel=ylabel, ylim=(-0.02, 1.02))
     ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
