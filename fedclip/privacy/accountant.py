@@ -18,7 +18,6 @@ from collections.abc import Iterable
 from functools import lru_cache
 
 from dp_accounting.pld import privacy_loss_distribution as pld_lib
-from dp_accounting.pld.common import DifferentialPrivacyParameters  # noqa: F401  (documented type)
 from dp_accounting import NeighboringRelation
 from opacus.accountants import create_accountant
 
