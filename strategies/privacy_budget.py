@@ -116,6 +116,7 @@ class PrivacyBudgetStrategy(Strategy):
         replies = list(replies)
         round_ = self.round_offset + server_round
         losses: dict[str, float] = {}
+        reported: dict[str, DpEvent] = {}
         for reply in replies:
             if reply.has_error():
                 continue
@@ -127,20 +128,21 @@ class PrivacyBudgetStrategy(Strategy):
             if event != planned:
                 log(WARNING, "site %s reported %s, planned %s; the ledger records what was reported", site, event, planned)
             self.store.append(site, round_, event)  # durable before aggregation
+            reported[site] = event
             metrics = next(iter(reply.content.metric_records.values()), {})
             losses[site] = float(metrics.get("train-loss", math.nan))
         aggregated = self.strategy.aggregate_train(server_round, replies)
-        self._report(round_, losses)
+        self._report(round_, losses, reported)
         return aggregated
 
-    def _report(self, round_: int, losses: Mapping[str, float]) -> None:
+    def _report(self, round_: int, losses: Mapping[str, float], reported: Mapping[str, DpEvent]) -> None:
         if self.on_round is None:
             return
         rows = []
         for site in sorted(self.sites.values()):
             ledger = self.store.ledger(site)
-            plan = self.planned_event(site)
-            trained = site in losses
+            trained = site in reported
+            plan = reported[site] if trained else self.planned_event(site)
             rows.append(SiteRound(
                 round=round_, site=site, epsilon=ledger.epsilon(), delta=ledger.delta,
                 noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate,

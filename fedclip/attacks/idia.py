@@ -16,11 +16,11 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 import torch
-from PIL import Image
 
 from fedclip.attacks.base import AttackDecisions
 from fedclip.data.names import draw_unique_names
 from fedclip.data.schema import Split
+from fedclip.data.tensors import load_images
 from fedclip.evaluation.encode import encode_images, encode_texts
 
 DEFAULT_TEMPLATES: tuple[str, ...] = (
@@ -104,7 +104,7 @@ class IdiaTargets:
         rng = np.random.default_rng(config.seed)
         candidates = tuple(dict.fromkeys(everyone)) + tuple(
             draw_unique_names(rng, config.num_distractors, exclude=set(everyone)))
-        images = torch.stack([preprocess_one(p, preprocess) for p in picked["filepath"]])
+        images = load_images(picked, preprocess=preprocess)
         return cls(
             patient_ids=tuple(first.index),
             sites=tuple(first["site"]),
@@ -113,11 +113,6 @@ class IdiaTargets:
             images=images.view(len(first), config.num_queries, *images.shape[1:]),
             candidates=candidates,
         )
-
-
-def preprocess_one(path: str, preprocess: Callable) -> torch.Tensor:
-    with Image.open(path) as img:
-        return preprocess(img.convert("RGB"))
 
 
 class IdentityInferenceAttack:

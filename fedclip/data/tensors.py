@@ -41,6 +41,19 @@ class PairData:
         )
 
 
+def load_images(frame: pd.DataFrame, *, preprocess: Callable[[Image.Image], torch.Tensor]) -> torch.Tensor:
+    """Decode and preprocess every row's image; a failure names the file and its manifest line."""
+    images = []
+    for path, line in zip(frame["filepath"], frame.get("line", pd.Series([None] * len(frame)))):
+        try:
+            with Image.open(path) as img:
+                images.append(preprocess(img.convert("RGB")))
+        except (FileNotFoundError, UnidentifiedImageError, OSError) as exc:
+            where = f" (manifest line {line})" if line is not None else ""
+            raise ValueError(f"filepath: cannot read image {path}{where}: {exc}") from exc
+    return torch.stack(images)
+
+
 def load_pairs(
     frame: pd.DataFrame,
     *,
@@ -50,16 +63,8 @@ def load_pairs(
     """Decode, preprocess and tokenize every row of ``frame`` (canonical manifest columns)."""
     if frame.empty:
         raise ValueError("frame: no rows to load")
-    images = []
-    for path, line in zip(frame["filepath"], frame.get("line", pd.Series([None] * len(frame)))):
-        try:
-            with Image.open(path) as img:
-                images.append(preprocess(img.convert("RGB")))
-        except (FileNotFoundError, UnidentifiedImageError, OSError) as exc:
-            where = f" (manifest line {line})" if line is not None else ""
-            raise ValueError(f"filepath: cannot read image {path}{where}: {exc}") from exc
     return PairData(
-        images=torch.stack(images),
+        images=load_images(frame, preprocess=preprocess),
         tokens=tokenizer(list(frame["title"])),
         patient_ids=tuple(frame["patient_id"]),
         names=tuple(frame["name"]),

@@ -66,11 +66,16 @@ def epsilon(events: Iterable[DpEvent], *, delta: float, accountant: str = "prv")
     check_delta(delta)
     if accountant not in OPACUS_ACCOUNTANTS:
         raise ValueError(f"accountant: expected one of {OPACUS_ACCOUNTANTS}, got {accountant!r}")
-    spent = [e for e in events if e.steps > 0]
+    return _composed_epsilon(tuple(e for e in events if e.steps > 0), delta, accountant)
+
+
+@lru_cache(maxsize=4096)
+def _composed_epsilon(spent: tuple[DpEvent, ...], delta: float, accountant: str) -> float:
+    """Cached: a strategy asks for the same ledger's epsilon several times a round."""
     if not spent:
         return 0.0
     if any(not e.is_private for e in spent):
         return math.inf
     if all(e.relation == Relation.ADD_OR_REMOVE for e in spent):
-        return _opacus_epsilon(spent, delta, accountant)
-    return _pld_epsilon(spent, delta)
+        return _opacus_epsilon(list(spent), delta, accountant)
+    return _pld_epsilon(list(spent), delta)

@@ -88,9 +88,7 @@ def train_local(
     model.train()
     losses, counts, pairs = [], [], []
     for picked in sampler:
-        chosen = [pools[i] for i in picked]
-        groups = chosen if dp.mode == Mode.MICROBATCH else [np.concatenate(chosen) if chosen else np.zeros(0, int)]
-        groups = [g for g in groups if len(g)] if dp.mode == Mode.NONPRIVATE else groups
+        groups = _step_groups([pools[i] for i in picked], dp.mode)
         if dp.mode == Mode.NONPRIVATE:
             loss = _plain_step(model, optimizer, groups, data, device)
         else:
@@ -114,6 +112,16 @@ def train_local(
         sensitivity=dp.sensitivity,
     )
     return LocalResult(event=event, losses=tuple(losses), microbatches_per_step=tuple(counts), pairs_per_step=tuple(pairs))
+
+
+def _step_groups(chosen: list[np.ndarray], mode: Mode) -> list[np.ndarray]:
+    """What one step trains on: each sampled micro-batch (``microbatch``); the whole sample as one
+    micro-batch, present even when empty, since its noise is always added (``paper``); the whole
+    sample, or nothing (``nonprivate``)."""
+    if mode == Mode.MICROBATCH:
+        return chosen
+    batch = np.concatenate(chosen) if chosen else np.zeros(0, dtype=np.int64)
+    return [batch] if mode == Mode.PAPER or len(batch) else []
 
 
 def _plain_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, groups: list[np.ndarray],

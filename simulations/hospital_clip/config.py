@@ -20,6 +20,7 @@ from fedclip.training.config import DpConfig, TrainConfig
 from strategies.registry import INNER_STRATEGIES
 
 DEFAULT_TOML = Path(__file__).with_name("default.toml")
+_DATA = SyntheticConfig()  # the data keys default to the generator's own defaults
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -33,13 +34,13 @@ class SimulationConfig:
     seed: int = 0
     # data
     manifest: str = ""
-    num_sites: int = 4
-    patients_per_site: int = 30
-    public_patients: int = 120
-    heldout_patients: int = 60
-    images_per_patient: int = 10
-    query_images_per_patient: int = 5
-    site_skew: float = 0.0
+    num_sites: int = _DATA.num_sites
+    patients_per_site: int = _DATA.patients_per_site
+    public_patients: int = _DATA.public_patients
+    heldout_patients: int = _DATA.heldout_patients
+    images_per_patient: int = _DATA.images_per_patient
+    query_images_per_patient: int = _DATA.query_images_per_patient
+    site_skew: float = _DATA.site_skew
     pool_sites: bool = False
     # model
     arch: str = "fedclip-tiny"
@@ -80,9 +81,11 @@ class SimulationConfig:
             raise ValueError(f"target-epsilon: expected 0 (use noise-multiplier) or a value > 0, got {self.target_epsilon}")
         if self.client_dp_epsilon < 0:
             raise ValueError(f"client-dp-epsilon: expected 0 (off) or a value > 0, got {self.client_dp_epsilon}")
-        if self.client_dp_epsilon > 0 and (self.fraction_train != 1.0 or self.strategy != "fedavg"):
-            raise ValueError("client-dp-epsilon: client-level DP runs every site every round (fraction-train = 1.0) "
-                             "over fedavg; its accounting claims no sampling amplification")
+        if self.client_dp_epsilon > 0 and (self.fraction_train != 1.0 or self.strategy != "fedavg"
+                                           or math.isfinite(self.budget) or self.site_budgets):
+            raise ValueError("client-dp-epsilon: client-level DP runs every site every round over fedavg (its "
+                             "accounting claims no sampling amplification), so it needs fraction-train = 1.0, "
+                             "strategy = 'fedavg', budget = inf and no site-budgets")
         if not self.client_clip_norm > 0:
             raise ValueError(f"client-clip-norm: expected a value > 0, got {self.client_clip_norm}")
         if not self.budget > 0:

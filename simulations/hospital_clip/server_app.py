@@ -145,7 +145,7 @@ def run(grid: Grid, cfg: SimulationConfig) -> Path:
 
     train_config = train_config_record(cfg, noise_multiplier=sigma, manifest=manifest, checkpoint=checkpoint)
     sites = discover_sites(grid, train_config, expected=len(parts))
-    dp = cfg.dp(noise_multiplier=sigma if sigma > 0 else 1.0)
+    dp = cfg.dp(noise_multiplier=sigma)
     event = DpEvent(noise_multiplier=sigma, sample_rate=cfg.sample_rate, steps=cfg.local_steps,
                     privacy_unit=dp.privacy_unit, relation=dp.relation, sensitivity=dp.sensitivity)
     for site, frame in parts.items():
@@ -172,10 +172,7 @@ def run(grid: Grid, cfg: SimulationConfig) -> Path:
     idia = IdentityInferenceAttack(IdiaTargets.from_frame(frame, config=cfg.idia(), preprocess=bundle.preprocess),
                                    tokenizer=bundle.tokenizer, config=cfg.idia())
 
-    trained = {"last": True}
-
     def on_round(rows: list[SiteRound]) -> None:
-        trained["last"] = any(r.selected for r in rows)
         files.append("rounds", [r.as_dict() for r in rows])
 
     inner = (with_site_level_dp(noise_multiplier=site_sigma, clip_norm=cfg.client_clip_norm, num_sites=len(parts),
@@ -186,7 +183,7 @@ def run(grid: Grid, cfg: SimulationConfig) -> Path:
     )
     evaluator = RoundEvaluator(model=bundle.model, tokenizer=bundle.tokenizer, test=test, attacks=[idia], files=files,
                                epsilons=strategy.epsilons, delta=cfg.delta, state_dir=state, round_offset=round_offset,
-                               total_rounds=cfg.num_rounds, trained_this_round=lambda: trained["last"])
+                               total_rounds=cfg.num_rounds, trained_this_round=lambda: not strategy.exhausted)
     if remaining > 0:
         train_config["round-offset"] = round_offset
         strategy.start(grid, initial, num_rounds=remaining, train_config=train_config, evaluate_fn=evaluator)

@@ -8,6 +8,7 @@ the training loss and the privacy event do.
 
 from __future__ import annotations
 
+import copy
 from functools import lru_cache
 from pathlib import Path
 
@@ -42,16 +43,15 @@ def site_frames(manifest: str, num_sites: int, seed: int, pooled: bool = False) 
     return partition_by_site(frame)
 
 
-@lru_cache(maxsize=2)
+@lru_cache(maxsize=4)
 def base_bundle(arch: str, checkpoint: str, trainable: str) -> ClipBundle:
     return create_model(ModelConfig(arch=arch, pretrained=checkpoint, trainable=trainable))
 
 
 def fresh_model(arch: str, checkpoint: str, trainable: str, device: torch.device) -> torch.nn.Module:
-    """A new model with the base weights (the global model's frozen part), on ``device``."""
-    torch.manual_seed(0)
-    bundle = create_model(ModelConfig(arch=arch, pretrained=checkpoint, trainable=trainable), device=device)
-    return bundle.model
+    """A copy of the base model (the global model's frozen part), on ``device``; the checkpoint
+    is read once per process, not once per round."""
+    return copy.deepcopy(base_bundle(arch, checkpoint, trainable).model).to(device)
 
 
 @lru_cache(maxsize=8)

@@ -36,6 +36,8 @@ def test_nonprivate_config_is_valid_and_nonprivate():
     ({"idia-tau": 9}, "idia tau"),
     ({"manifest": "/no/such/file.csv"}, "manifest: file not found"),
     ({"trainable": "last-0"}, "trainable"),
+    ({"client-dp-epsilon": 2.0}, "client-dp-epsilon: .* budget = inf"),  # default budget is finite
+    ({"client-dp-epsilon": 2.0, "budget": float("inf"), "fraction-train": 0.5}, "fraction-train = 1.0"),
 ])
 def test_bad_run_config_names_the_key(values, message):
     with pytest.raises(ValueError, match=message):
