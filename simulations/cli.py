@@ -89,13 +89,15 @@ def main(argv: list[str] | None = None) -> int:
         _undo_opacus_root_logging()
         if not hasattr(module, "make_server_app") or not hasattr(module, "client_app"):
             raise ValueError(f"--app: {args.app} has no make_server_app and client_app")
-        from simulations.hospital_clip.server_app import default_run_config, resolve_config
+        from fedclip.privacy.randomness import NOT_PRIVATE_AGAINST_THE_SERVER
+        from simulations.hospital_clip.server_app import default_run_config, resolve_config, saved_round
         from simulations.hospital_clip.task import site_frames
 
         overrides = parse_run_config(args.run_config)
         if args.output:
             overrides["output-dir"] = args.output
         cfg = resolve_config(default_run_config(), overrides)  # fails here, before Ray, naming the key
+        saved_round(cfg)  # a folder that holds a run, or a resume without its ledger, fails before Ray too
         sites = len(site_frames(cfg.manifest, cfg.num_sites, cfg.seed)) if cfg.manifest else cfg.num_sites
         sites = 1 if cfg.pool_sites else sites
         supernodes = args.num_supernodes or sites
@@ -111,14 +113,26 @@ def main(argv: list[str] | None = None) -> int:
     from flwr.simulation import run_simulation
 
     print(f"flower-simulation: {args.app}, {supernodes} SuperNodes, output {cfg.output_dir}", flush=True)
+    if cfg.reproducible_noise:
+        print(f"flower-simulation: WARNING: {NOT_PRIVATE_AGAINST_THE_SERVER}", file=sys.stderr, flush=True)
     started = time.time()
     run_simulation(server_app=module.make_server_app(overrides), client_app=module.client_app,
                    num_supernodes=supernodes, backend_config=backend)
-    summary = Path(cfg.output_dir) / "summary.md"
-    if not summary.is_file() or summary.stat().st_mtime < started:
-        print(f"flower-simulation: error: the run did not finish; see the log above ({cfg.output_dir})", file=sys.stderr)
+    return _exit_status(Path(cfg.output_dir), started)
+
+
+def _exit_status(out: Path, started: float) -> int:
+    """0 only if this run wrote a finished status; a stopped run names its reason."""
+    status_file = out / "status.json"
+    status = json.loads(status_file.read_text()) if status_file.is_file() and status_file.stat().st_mtime >= started else {}
+    if status.get("status") == "finished":
+        return 0
+    if status.get("status") == "failed":
+        print(f"flower-simulation: error: the run stopped: {status.get('reason')} (see {out / 'summary.md'})",
+              file=sys.stderr)
         return 1
-    return 0
+    print(f"flower-simulation: error: the run did not finish; see the log above ({out})", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

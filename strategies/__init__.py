@@ -1,6 +1,6 @@
 """Server strategies: a privacy-budget wrapper around any Flower strategy, and its ledger store."""
 
-from strategies.ledger_store import LedgerStore
+from fedclip.privacy.ledger_store import LedgerStore
 from strategies.privacy_budget import PrivacyBudgetStrategy, SiteRound
 from strategies.registry import INNER_STRATEGIES, make_inner_strategy
 

@@ -3,10 +3,12 @@
 ``PrivacyBudgetStrategy(inner, ...)`` wraps any Flower strategy, the way Flower's DP wrappers
 do. Before each round it asks every site's ledger "would one more round, as planned, take you
 past your budget?" and shows the inner strategy only the nodes that answer no, so the inner
-strategy samples among eligible sites with its own policy. After the round it writes every
-reply's privacy event to the durable ledger store *before* the inner strategy aggregates the
-updates. Budgets and the planned next event are injected callables, so per-site budgets and
-calibrated plans need no subclass.
+strategy samples among eligible sites with its own policy. The ledger is *write-ahead*
+(``fedclip.privacy.ledger_store``): the planned events of every selected site are committed
+before the train messages leave, and each charge is settled when the replies are in. An error
+reply, a refusal or a missing reply keeps its charge; a reported event above the plan is
+charged in full. A round in which a selected site failed stops the run (``SiteFailure``) unless
+the successful share of the selected sites reaches ``failure_quorum``.
 """
 
 from __future__ import annotations
@@ -21,10 +23,16 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from fedclip.privacy.events import DpEvent
-from strategies.ledger_store import LedgerStore
+from fedclip.privacy.events import DpEvent, events_from_wire
+from fedclip.privacy.ledger_store import LedgerStore, Status
+from fedclip.privacy.policy import REFUSAL
+from strategies.faults import crash_point
 
-PRIVACY_RECORD = "privacy"  # the ConfigRecord in a train reply that carries the site's DpEvent
+PRIVACY_RECORD = "privacy"  # the ConfigRecord in a train reply that carries the site's DpEvents
+
+
+class SiteFailure(RuntimeError):
+    """A round in which too many selected sites failed; the message names each site and reason."""
 
 
 @dataclass(frozen=True)
@@ -33,6 +41,7 @@ class SiteRound:
 
     round: int
     site: str
+    status: str  # trained | failed | refused | lost | not-selected
     epsilon: float
     delta: float
     noise_multiplier: float
@@ -40,9 +49,10 @@ class SiteRound:
     steps: int
     privacy_unit: str
     relation: str
-    train_loss: float
+    train_loss: float  # the noised, accounted release if the run asked for it, else empty
     selected: bool
     budget: float
+    reason: str = ""
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -62,6 +72,14 @@ class _EligibleGrid:
         return getattr(self._grid, name)
 
 
+@dataclass(frozen=True)
+class _Outcome:
+    status: Status
+    reason: str = ""
+    reported: tuple[DpEvent, ...] = ()
+    loss: float = math.nan
+
+
 class PrivacyBudgetStrategy(Strategy):
     def __init__(
         self,
@@ -70,21 +88,26 @@ class PrivacyBudgetStrategy(Strategy):
         store: LedgerStore,
         sites: Mapping[int, str],
         budget: Callable[[str], float],
-        planned_event: Callable[[str], DpEvent],
+        planned_events: Callable[[str], tuple[DpEvent, ...]],
         round_offset: int = 0,
         on_round: Callable[[list[SiteRound]], None] | None = None,
+        failure_quorum: float = 1.0,
     ) -> None:
         if len(set(sites.values())) != len(sites):
             raise ValueError(f"sites: two nodes claim the same site: {sorted(sites.values())}")
+        if not 0 < failure_quorum <= 1:
+            raise ValueError(f"failure-quorum: expected a share in (0, 1], got {failure_quorum}")
         self.strategy = strategy
         self.store = store
         self.sites = dict(sites)
         self.budget = budget
-        self.planned_event = planned_event
+        self.planned_events = planned_events
         self.round_offset = round_offset
         self.on_round = on_round
+        self.failure_quorum = failure_quorum
         self.exhausted = False
-        self._selected: set[str] = set()
+        self._selected: dict[str, int] = {}
+        self._attempt = 0
 
     def epsilons(self) -> dict[str, float]:
         return {site: self.store.ledger(site).epsilon() for site in sorted(self.sites.values())}
@@ -93,61 +116,88 @@ class PrivacyBudgetStrategy(Strategy):
         """Nodes whose site can afford one more planned round (prospective check)."""
         out = []
         for node, site in sorted(self.sites.items()):
-            if not self.store.ledger(site).would_exceed(self.planned_event(site), budget=self.budget(site)):
+            if self.store.ledger(site).record_all(self.planned_events(site)).epsilon() <= self.budget(site):
                 out.append(node)
         return out
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        round_ = self.round_offset + server_round
+        self._attempt = self.store.begin_round(round_)
         eligible = self.eligible_nodes()
+        self._selected = {}
         if not eligible:
             if not self.exhausted:
                 log(INFO, "privacy budget: no site can afford another round; remaining rounds train nothing")
             self.exhausted = True
-            self._selected = set()
             return []
         messages = list(self.strategy.configure_train(server_round, arrays, config, _EligibleGrid(grid, eligible)))
-        self._selected = {self.sites[m.metadata.dst_node_id] for m in messages}
+        self._selected = {self.sites[m.metadata.dst_node_id]: m.metadata.dst_node_id for m in messages}
+        for site in sorted(self._selected):  # write-ahead: charged before anything is sent
+            self.store.charge(site, round_, self.planned_events(site), attempt=self._attempt)
+        crash_point("charged", round_)
         skipped = sorted(set(self.sites.values()) - {self.sites[n] for n in eligible})
         if skipped:
             log(INFO, "privacy budget: not selecting %s (next round would exceed the budget)", skipped)
-        return messages
+        return _SentHook(messages, round_)
+
+    def _outcome(self, site: str, reply: Message | None) -> _Outcome:
+        if reply is None:
+            return _Outcome(Status.LOST, "no reply")
+        if reply.has_error():
+            reason = str(reply.error.reason)
+            return _Outcome(Status.REFUSED if REFUSAL in reason else Status.FAILED, reason)
+        if PRIVACY_RECORD not in reply.content.config_records:
+            return _Outcome(Status.FAILED, f"the reply carries no '{PRIVACY_RECORD}' record with its privacy events")
+        try:
+            reported = events_from_wire(reply.content[PRIVACY_RECORD]["events"])
+        except (KeyError, ValueError, TypeError) as exc:
+            return _Outcome(Status.FAILED, f"unreadable privacy events: {exc}")
+        planned = self.planned_events(site)
+        if reported != planned:
+            log(WARNING, "site %s reported %s, planned %s; the ledger charges what was reported", site, reported, planned)
+        metrics = next(iter(reply.content.metric_records.values()), {})
+        return _Outcome(Status.CONFIRMED, reported=reported, loss=float(metrics.get("train-loss", math.nan)))
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
         round_ = self.round_offset + server_round
-        losses: dict[str, float] = {}
-        reported: dict[str, DpEvent] = {}
-        for reply in replies:
-            if reply.has_error():
-                continue
-            site = self.sites[reply.metadata.src_node_id]
-            if PRIVACY_RECORD not in reply.content.config_records:
-                raise ValueError(f"reply from site {site!r} carries no '{PRIVACY_RECORD}' record with its privacy event")
-            event = DpEvent.from_dict(dict(reply.content[PRIVACY_RECORD]))
-            planned = self.planned_event(site)
-            if event != planned:
-                log(WARNING, "site %s reported %s, planned %s; the ledger records what was reported", site, event, planned)
-            self.store.append(site, round_, event)  # durable before aggregation
-            reported[site] = event
-            metrics = next(iter(reply.content.metric_records.values()), {})
-            losses[site] = float(metrics.get("train-loss", math.nan))
-        aggregated = self.strategy.aggregate_train(server_round, replies)
-        self._report(round_, losses, reported)
+        crash_point("replied", round_)
+        by_site = {self.sites[r.metadata.src_node_id]: r for r in replies if r.metadata.src_node_id in self.sites}
+        outcomes = {site: self._outcome(site, by_site.get(site)) for site in sorted(self._selected)}
+        for site, o in outcomes.items():
+            self.store.settle(site, round_, attempt=self._attempt, status=o.status, note=o.reason[:500],
+                              reported=o.reported or None)
+        crash_point("settled", round_)
+        good = [by_site[s] for s, o in outcomes.items() if o.status == Status.CONFIRMED]
+        failed = {s: o for s, o in outcomes.items() if o.status != Status.CONFIRMED}
+        for site, o in failed.items():
+            log(WARNING, "site %s %s in round %s: %s (its planned spending stays charged)", site, o.status, round_, o.reason)
+        if failed and (not good or len(good) / len(outcomes) < self.failure_quorum):
+            self._report(round_, outcomes)
+            detail = "; ".join(f"{s} {o.status}: {o.reason}" for s, o in failed.items())
+            raise SiteFailure(f"round {round_}: {len(failed)} of {len(outcomes)} selected sites did not train "
+                              f"(failure-quorum {self.failure_quorum:g}): {detail}")
+        aggregated = self.strategy.aggregate_train(server_round, good)
+        crash_point("aggregated", round_)
+        self._report(round_, outcomes)
         return aggregated
 
-    def _report(self, round_: int, losses: Mapping[str, float], reported: Mapping[str, DpEvent]) -> None:
+    def _report(self, round_: int, outcomes: Mapping[str, _Outcome]) -> None:
         if self.on_round is None:
             return
         rows = []
         for site in sorted(self.sites.values()):
             ledger = self.store.ledger(site)
-            trained = site in reported
-            plan = reported[site] if trained else self.planned_event(site)
+            o = outcomes.get(site)
+            trained = o is not None and o.status == Status.CONFIRMED
+            plan = o.reported[0] if trained else self.planned_events(site)[0]
+            status = "not-selected" if o is None else ("trained" if trained else str(o.status))
             rows.append(SiteRound(
-                round=round_, site=site, epsilon=ledger.epsilon(), delta=ledger.delta,
+                round=round_, site=site, status=status, epsilon=ledger.epsilon(), delta=ledger.delta,
                 noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate,
                 steps=plan.steps if trained else 0, privacy_unit=str(plan.privacy_unit), relation=str(plan.relation),
-                train_loss=losses.get(site, math.nan), selected=trained, budget=self.budget(site),
+                train_loss=o.loss if o is not None else math.nan, selected=o is not None, budget=self.budget(site),
+                reason=o.reason if o is not None else "",
             ))
         self.on_round(rows)
 
@@ -160,5 +210,17 @@ class PrivacyBudgetStrategy(Strategy):
     def summary(self) -> None:
         log(INFO, "\t├── PrivacyBudgetStrategy over %s", type(self.strategy).__name__)
         for site in sorted(self.sites.values()):
-            log(INFO, "\t│   %s: budget epsilon %s, next round %s", site, self.budget(site), self.planned_event(site))
+            log(INFO, "\t│   %s: budget epsilon %s, next round %s", site, self.budget(site), self.planned_events(site))
         self.strategy.summary()
+
+
+class _SentHook(list):
+    """The round's messages; marks the ``sent`` phase once the grid has taken them all."""
+
+    def __init__(self, messages: list[Message], round_: int) -> None:
+        super().__init__(messages)
+        self._round = round_
+
+    def __iter__(self):
+        yield from super().__iter__()
+        crash_point("sent", self._round)

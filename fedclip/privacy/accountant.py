@@ -32,20 +32,25 @@ def check_delta(delta: float) -> None:
         raise ValueError(f"delta: expected a value in (0, 1), got {delta}")
 
 
-@lru_cache(maxsize=4096)
-def _event_pld(event: DpEvent) -> pld_lib.PrivacyLossDistribution:
-    relation = (
-        NeighboringRelation.REPLACE_ONE if event.relation == Relation.REPLACE_ONE else NeighboringRelation.ADD_OR_REMOVE_ONE
-    )
+def gaussian_pld(*, noise_multiplier: float, sensitivity: float, sample_rate: float, steps: int,
+                 relation: Relation) -> pld_lib.PrivacyLossDistribution:
+    """Pessimistic PLD of ``steps`` Poisson-subsampled Gaussians (noise std = ``noise_multiplier``)."""
     single = pld_lib.from_gaussian_mechanism(
-        standard_deviation=event.noise_multiplier,
-        sensitivity=event.sensitivity,
-        sampling_prob=event.sample_rate,
-        neighboring_relation=relation,
+        standard_deviation=noise_multiplier,
+        sensitivity=sensitivity,
+        sampling_prob=sample_rate,
+        neighboring_relation=(NeighboringRelation.REPLACE_ONE if Relation(relation) == Relation.REPLACE_ONE
+                              else NeighboringRelation.ADD_OR_REMOVE_ONE),
         value_discretization_interval=PLD_DISCRETIZATION,
         pessimistic_estimate=True,
     )
-    return single.self_compose(event.steps)
+    return single.self_compose(steps)
+
+
+@lru_cache(maxsize=4096)
+def _event_pld(event: DpEvent) -> pld_lib.PrivacyLossDistribution:
+    return gaussian_pld(noise_multiplier=event.noise_multiplier, sensitivity=event.sensitivity,
+                        sample_rate=event.sample_rate, steps=event.steps, relation=event.relation)
 
 
 def _pld_epsilon(events: list[DpEvent], delta: float) -> float:

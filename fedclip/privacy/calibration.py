@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from dataclasses import replace
 
 from opacus.accountants.utils import get_noise_multiplier
 
@@ -43,18 +44,27 @@ def calibrate_noise_multiplier(
     sensitivity: float,
     accountant: str = "prv",
     tolerance: float = 0.01,
+    alongside: tuple[DpEvent, ...] = (),
 ) -> float:
-    """The smallest noise multiplier (to within ``tolerance``) whose epsilon is <= the target."""
+    """The smallest noise multiplier (to within ``tolerance``) whose epsilon is <= the target.
+
+    ``alongside``: events composed with the training (released statistics), so that the target
+    holds for everything the sites release, not for the training alone."""
     if not (target_epsilon > 0 and math.isfinite(target_epsilon)):
         raise ValueError(f"target_epsilon: expected a finite value > 0, got {target_epsilon}")
     check_delta(delta)
     if steps < 1:
         raise ValueError(f"steps: expected an integer >= 1, got {steps}")
     relation = Relation(relation)
+    if alongside and epsilon(alongside, delta=delta, accountant=accountant) >= target_epsilon:
+        raise ValueError(f"target_epsilon: the released statistics alone cost "
+                         f"{epsilon(alongside, delta=delta, accountant=accountant):.3g} >= {target_epsilon}; "
+                         "raise their noise or the target")
 
     def eps(sigma: float) -> float:
         e = _event(sigma, sample_rate=sample_rate, steps=steps, relation=relation, sensitivity=sensitivity)
-        return epsilon([e], delta=delta, accountant=accountant)
+        return epsilon([e, *(replace(a, privacy_unit=e.privacy_unit) for a in alongside)], delta=delta,
+                       accountant=accountant)
 
     if relation == Relation.ADD_OR_REMOVE:
         high = sensitivity * get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta,

@@ -92,3 +92,16 @@ class DpEvent:
     @classmethod
     def from_json(cls, text: str) -> "DpEvent":
         return cls.from_dict(json.loads(text))
+
+
+def events_to_wire(events: "tuple[DpEvent, ...] | list[DpEvent]") -> list[str]:
+    """Events as a list of JSON strings (a Flower ``ConfigRecord`` value)."""
+    return [e.to_json() for e in events]
+
+
+def events_from_wire(values: Any) -> tuple[DpEvent, ...]:
+    if isinstance(values, str):
+        values = [values]
+    if not isinstance(values, (list, tuple)) or not values:
+        raise ValueError(f"privacy events: expected a non-empty list of JSON events, got {values!r}")
+    return tuple(DpEvent.from_json(v) for v in values)

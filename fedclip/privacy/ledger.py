@@ -32,6 +32,9 @@ class PrivacyLedger:
     def record(self, event: DpEvent) -> "PrivacyLedger":
         return PrivacyLedger(delta=self.delta, accountant=self.accountant, events=self.events + (event,))
 
+    def record_all(self, events: "tuple[DpEvent, ...] | list[DpEvent]") -> "PrivacyLedger":
+        return PrivacyLedger(delta=self.delta, accountant=self.accountant, events=self.events + tuple(events))
+
     def epsilon(self) -> float:
         return epsilon(self.events, delta=self.delta, accountant=self.accountant)
 

@@ -11,8 +11,8 @@ from typing import Any
 import pandas as pd
 
 TABLES: dict[str, tuple[str, ...]] = {
-    "rounds": ("round", "site", "epsilon", "delta", "noise_multiplier", "sample_rate", "steps", "privacy_unit",
-               "relation", "train_loss", "selected", "budget"),
+    "rounds": ("round", "site", "status", "epsilon", "delta", "noise_multiplier", "sample_rate", "steps",
+               "privacy_unit", "relation", "train_loss", "selected", "budget", "reason"),
     "attack": ("round", "attack", "tpr", "fpr", "precision", "recall", "accuracy", "epsilon_lower_bound",
                "max_site_epsilon", "members", "non_members"),
     "attack_sites": ("round", "attack", "site", "members", "tpr", "fpr"),
@@ -39,6 +39,17 @@ class RunFiles:
             for row in rows:
                 writer.writerow({c: row[c] for c in columns})
             handle.flush()
+
+    def truncate_after(self, round_: int) -> None:
+        """Drop every row of a round after ``round_`` (a resumed run re-runs them: no round twice)."""
+        for table in TABLES:
+            path = self.path(table)
+            if path.exists():
+                frame = pd.read_csv(path, keep_default_na=False, dtype=str)
+                kept = frame[frame["round"].astype(int) <= round_]
+                tmp = path.with_suffix(".csv.tmp")
+                kept.to_csv(tmp, index=False)
+                tmp.replace(path)
 
     def read(self, table: str) -> pd.DataFrame:
         path = self.path(table)

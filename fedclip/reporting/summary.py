@@ -22,19 +22,40 @@ def _fmt(value: Any) -> str:
     return f"{value:.3f}" if isinstance(value, float) else str(value)
 
 
+def _released(config: Mapping[str, Any]) -> str:
+    extra = []
+    if config.get("release-loss-noise", 0) > 0:
+        extra.append(f"the mean training loss (blocks clipped to [0, {config['release-loss-bound']}], noise multiplier "
+                     f"{config['release-loss-noise']}, charged in the ledger)")
+    if config.get("release-count-noise", 0) > 0:
+        extra.append(f"the number of units (noise multiplier {config['release-count-noise']}, charged in the ledger)")
+    text = ("Released by each site every round: its trainable parameters (the accounted mechanism), its privacy "
+            "events, and a public weight it declares before training (1.0 in a simulation)")
+    return text + (", and " + "; ".join(extra) if extra else "; no count, loss or other value computed from its data") + "."
+
+
 def write_summary(path: str | Path, *, config: Mapping[str, Any], rounds: pd.DataFrame, attack: pd.DataFrame,
-                  utility: pd.DataFrame, noise_multiplier: float, site_level: Mapping[str, Any] | None = None) -> Path:
+                  utility: pd.DataFrame, noise_multiplier: float, site_level: Mapping[str, Any] | None = None,
+                  failure: str | None = None) -> Path:
     last = int(rounds["round"].max()) if len(rounds) else 0
     final_sites = rounds[rounds["round"] == last][["site", "epsilon", "budget"]] if len(rounds) else rounds
     selected = rounds.groupby("site")["selected"].sum() if len(rounds) else pd.Series(dtype=int)
-    lines = [
-        "# fedclip run summary", "",
+    lines = ["# fedclip run summary", ""]
+    if failure:
+        lines += [f"**The run stopped: {failure}**", ""]
+    if config.get("reproducible-noise"):
+        lines += ["**WARNING: reproducible-noise was on. Noise and sampling were seeded from the run config, so "
+                  "this run is NOT PRIVATE AGAINST THE SERVER: every epsilon below holds only against parties who do "
+                  "not know the config.**", ""]
+    lines += [
         f"- dp mode: **{config['dp-mode']}**, privacy unit: **{config['privacy-unit']}**, "
         f"noise multiplier {noise_multiplier:.4g}, clipping norm C = {config['max-grad-norm']}, "
         f"sample rate {config['sample-rate']}, {config['local-steps']} local steps per round, "
         f"{config['num-rounds']} rounds, delta = {config['delta']:g}",
         f"- strategy: {config['strategy']} wrapped by PrivacyBudgetStrategy (budget {config['budget']}"
         + (f", per site: {config['site-budgets']}" if config["site-budgets"] else "") + ")",
+        f"- a round stops the run unless at least {config.get('failure-quorum', 1.0):g} of its selected sites train"
+        + (" (a quorum below 1: failed sites were tolerated)" if config.get("failure-quorum", 1.0) < 1 else ""),
         "",
         "## What the accountant promises",
         "",
@@ -46,18 +67,28 @@ def write_summary(path: str | Path, *, config: Mapping[str, Any], rounds: pd.Dat
             f"Each epsilon is an upper bound for data sets that differ by adding or removing {UNIT_TEXT[config['privacy-unit']]}, "
             f"at delta = {config['delta']:g}, composed over every round the site trained. Mechanism: "
             f"{RELATION_TEXT['replace_one' if config['dp-mode'] == 'microbatch' else 'add_or_remove']}.",
+            "", "Threat model: local DP; the server is the adversary. Each site draws its noise and sampling from "
+            "OS entropy" + (" (here: NOT, reproducible-noise was on)" if config.get("reproducible-noise") else "")
+            + ", enforces its own policy and keeps its own ledger; the server's ledger is write-ahead (a round is "
+            "charged before it is sent; failed, refused or lost replies keep their charge).",
         ]
     if site_level:
         lines += ["", f"Client-level DP at the server: each site's update clipped to {site_level['clip_norm']}, "
                   f"noise multiplier {site_level['noise_multiplier']:.4g} on the average, over {site_level['rounds']} rounds: "
-                  f"**epsilon {site_level['epsilon']:.3f}** at delta {site_level['delta']:g} for adding or removing a whole "
-                  "site (Flower's RDP accountant, no sampling amplification)."]
+                  f"**epsilon {site_level['epsilon']:.3f}** at delta {site_level['delta']:g} under the *zero-out* relation "
+                  "(one site's clipped update replaced by zero, the number of sites fixed); under replace-one (a site's "
+                  f"data replaced by anything, sensitivity 2S) epsilon {site_level['epsilon_replace_one']:.3f}. PLD "
+                  f"accountant, no sampling amplification (Flower's RDP figure: {site_level['epsilon_flower_rdp']:.3f})."]
     lines += ["", "| site | rounds trained | epsilon | budget |", "|---|---|---|---|"]
     for row in final_sites.itertuples():
         lines.append(f"| {row.site} | {int(selected.get(row.site, 0))} | {_fmt(float(row.epsilon))} | {row.budget} |")
+    failed = rounds[rounds["status"].isin(["failed", "refused", "lost"])] if "status" in rounds else rounds.iloc[0:0]
+    if len(failed):
+        lines += ["", "Sites that did not train when selected (their planned spending stays charged):", "",
+                  "| round | site | status | reason |", "|---|---|---|---|"]
+        lines += [f"| {r.round} | {r.site} | {r.status} | {str(r.reason)[:200]} |" for r in failed.itertuples()]
     lines += [
-        "", "Released outside the guarantee: each site's example count and mean training loss per round "
-        "(site sizes are treated as public).", "",
+        "", _released(config), "",
         "## What the attacker extracted (IDIA on the global model)", "",
         "| round | TPR | FPR | precision | accuracy | empirical epsilon lower bound | max site epsilon |",
         "|---|---|---|---|---|---|---|",
@@ -66,8 +97,11 @@ def write_summary(path: str | Path, *, config: Mapping[str, Any], rounds: pd.Dat
         lines.append(f"| {row.round} | {row.tpr:.3f} | {row.fpr:.3f} | {_fmt(float(row.precision))} | {row.accuracy:.3f} | "
                      f"{row.epsilon_lower_bound:.3f} | {_fmt(float(row.max_site_epsilon))} |")
     lines += [
-        "", "The lower bound uses one-sided 95% Clopper-Pearson intervals on TPR and FPR; it is about a *person*, "
-        "so compare it with identity-level epsilon.", "",
+        "", "The lower bound uses one-sided Clopper-Pearson intervals on TPR and FPR, Bonferroni-corrected over the "
+        f"{int(config['num-rounds']) + 1} rounds it is printed for (jointly 95%); it is about a *person*, so compare it "
+        "with identity-level epsilon. It is *indicative, not a certificate*: membership here is fixed by design "
+        "(not randomised) and one model's decisions about different people are dependent, which the interval "
+        "assumes away.", "",
         "## Utility on held-out patients", "",
         "| round | zero-shot accuracy | recall@1 | recall@5 |", "|---|---|---|---|",
     ]

@@ -5,6 +5,9 @@ contrastive-loss gradient at once (``per_microbatch_grads``); hand them to Opacu
 ``DPOptimizer`` as ``p.grad_sample``, which clips each to norm C, sums, adds N(0, (sigma C)^2)
 and divides by the expected number of micro-batches; step. The non-private mode samples the
 same way and takes a plain step on the whole batch. The run returns one privacy event.
+
+Sampling and noise draw from OS entropy (``fedclip.privacy.randomness``) unless the caller asks
+for a reproducible seed, which is not private against whoever knows it.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from fedclip.data.tensors import PairData
 from fedclip.privacy.events import DpEvent
 from fedclip.privacy.microbatches import group_records, unit_ids
+from fedclip.privacy.randomness import site_randomness
 from fedclip.training.config import DpConfig, Mode, TrainConfig
 from fedclip.training.loss import clip_loss
 from fedclip.training.microbatch_grads import per_microbatch_grads
@@ -38,17 +42,27 @@ def sampling_units(data: PairData, dp: DpConfig) -> list[np.ndarray]:
     units themselves (``paper``, ``nonprivate``); each entry lists record indices."""
     units = unit_ids(privacy_unit=dp.privacy_unit, patient_ids=data.patient_ids, record_ids=data.record_ids)
     if dp.mode == Mode.MICROBATCH:
-        n_units = len(set(units))
-        if dp.num_microbatches > n_units:
-            raise ValueError(
-                f"num_microbatches: {dp.num_microbatches} micro-batches but only {n_units} {dp.privacy_unit} units"
-            )
+        # more micro-batches than units is allowed: an empty micro-batch contributes a zero
+        # gradient, and refusing would itself reveal the unit count (it differs between neighbours)
         return group_records(units, num_blocks=dp.num_microbatches, key=dp.hash_key)
     order = {u: i for i, u in enumerate(dict.fromkeys(units))}
     per_unit: list[list[int]] = [[] for _ in order]
     for record, u in enumerate(units):
         per_unit[order[u]].append(record)
     return [np.asarray(r) for r in per_unit]
+
+
+def training_event(dp: DpConfig, train: TrainConfig) -> DpEvent:
+    """The event ``train_local`` returns for these settings: fixed before any data is touched,
+    so the server can plan (and charge) it before sending the round."""
+    return DpEvent(
+        noise_multiplier=0.0 if dp.mode == Mode.NONPRIVATE else dp.noise_multiplier,
+        sample_rate=dp.sample_rate,
+        steps=train.steps,
+        privacy_unit=dp.privacy_unit,
+        relation=dp.relation,
+        sensitivity=dp.sensitivity,
+    )
 
 
 def make_optimizer(model: torch.nn.Module, dp: DpConfig, train: TrainConfig, *, expected_microbatches: float,
@@ -58,7 +72,8 @@ def make_optimizer(model: torch.nn.Module, dp: DpConfig, train: TrainConfig, *, 
     if dp.mode == Mode.NONPRIVATE:
         return optimizer
     return DPOptimizer(optimizer, noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.max_grad_norm,
-                       expected_batch_size=expected_microbatches, loss_reduction="mean", generator=noise_generator)
+                       expected_batch_size=expected_microbatches, loss_reduction="mean", generator=noise_generator,
+                       secure_mode=True)
 
 
 def train_local(
@@ -67,24 +82,26 @@ def train_local(
     *,
     dp: DpConfig,
     train: TrainConfig,
-    seed: int,
+    reproducible_seed: int | None = None,
     step_hook: Callable[[DPOptimizer], None] | None = None,
 ) -> LocalResult:
     """Run ``train.steps`` steps on ``data`` in place; return the event and per-step figures.
+
+    Sampling and noise come from OS entropy; ``reproducible_seed`` replaces it with a seed, for
+    experiments only (not private against anyone who knows the seed).
 
     ``step_hook`` is Opacus' observer: called after clipping, noise and scaling, before the
     update, with ``p.grad_sample`` (raw), ``p.summed_grad`` (clipped sum) and ``p.grad`` set.
     """
     pools = sampling_units(data, dp)
-    sampler_gen = torch.Generator().manual_seed(seed)
-    noise_gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed + 1)
+    device = next(model.parameters()).device
+    randomness = site_randomness(device=device, reproducible_seed=reproducible_seed)
     sampler = UniformWithReplacementSampler(num_samples=len(pools), sample_rate=dp.sample_rate,
-                                            generator=sampler_gen, steps=train.steps)
+                                            generator=randomness.sampler, steps=train.steps)
     expected = dp.sample_rate * len(pools) if dp.mode == Mode.MICROBATCH else 1.0
-    optimizer = make_optimizer(model, dp, train, expected_microbatches=expected, noise_generator=noise_gen)
+    optimizer = make_optimizer(model, dp, train, expected_microbatches=expected, noise_generator=randomness.noise)
     if step_hook is not None and isinstance(optimizer, DPOptimizer):
         optimizer.attach_step_hook(step_hook)
-    device = next(model.parameters()).device
     model.train()
     losses, counts, pairs = [], [], []
     for picked in sampler:
@@ -103,15 +120,7 @@ def train_local(
         losses.append(loss)
         counts.append(len(groups))
         pairs.append(int(sum(len(g) for g in groups)))
-    event = DpEvent(
-        noise_multiplier=0.0 if dp.mode == Mode.NONPRIVATE else dp.noise_multiplier,
-        sample_rate=dp.sample_rate,
-        steps=train.steps,
-        privacy_unit=dp.privacy_unit,
-        relation=dp.relation,
-        sensitivity=dp.sensitivity,
-    )
-    return LocalResult(event=event, losses=tuple(losses), microbatches_per_step=tuple(counts), pairs_per_step=tuple(pairs))
+    return LocalResult(event=training_event(dp, train), losses=tuple(losses), microbatches_per_step=tuple(counts), pairs_per_step=tuple(pairs))
 
 
 def _step_groups(chosen: list[np.ndarray], mode: Mode) -> list[np.ndarray]:

@@ -1,67 +1,83 @@
-"""The hospital's ClientApp: answer which site it is, and train locally under per-batch DP.
+"""The hospital's ClientApp: say which site it is, and train locally under its own policy.
 
-Every reply carries model parameters (the trainable ones), the example count and training loss
-(released in the clear: outside the DP guarantee, as site sizes usually are), and the privacy
-event. Nothing else: no images, captions, names or ids (``tests/simulations`` inspects replies).
+A train round, top to bottom: parse the plan the server sent; check it against this site's
+policy and its own durable ledger (refusing with the rule's name if it breaks one); charge the
+ledger before touching data; train with noise and sampling from OS entropy; settle the ledger;
+reply. The reply carries the trainable parameters, the privacy events, and the site's declared
+public weight: nothing computed from the data outside an accounted mechanism. The training loss
+and the unit count are released only when the run asks, noised and charged
+(``fedclip.privacy.release``).
 """
 
 from __future__ import annotations
 
-import math
-
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedclip.models.arrays import load_arrays, model_to_arrays
-from fedclip.training.config import DpConfig, TrainConfig
+from fedclip.privacy.events import events_to_wire
+from fedclip.privacy.ledger_store import Status
+from fedclip.privacy.randomness import site_randomness
+from fedclip.privacy.release import noisy_count, noisy_loss
 from fedclip.training.local import train_local
-from simulations.hospital_clip.task import fresh_model, pick_device, site_for_partition, site_training_data
+from simulations.hospital_clip.plan import RoundPlan
+from simulations.hospital_clip.site import SiteIdentity, site_identity, site_ledger, site_policy
+from simulations.hospital_clip.task import fresh_model, pick_device, site_training_data
 from strategies.privacy_budget import PRIVACY_RECORD
 
 app = ClientApp()
 
 
-def _site(context: Context, config: ConfigRecord) -> tuple[str, str]:
-    """(manifest, site) of this node: its node config in a deployment, else its partition."""
-    manifest = str(context.node_config.get("manifest", config["manifest"]))
-    if "site" in context.node_config:
-        return manifest, str(context.node_config["site"])
-    partition = int(context.node_config.get("partition-id", 0))
-    return manifest, site_for_partition(manifest, int(config["num-sites"]), int(config["seed"]), partition,
-                                        bool(config["pool-sites"]))
-
-
 @app.query()
 def query(msg: Message, context: Context) -> Message:
-    config = msg.content["config"]
-    _, site = _site(context, config)
-    return Message(RecordDict({"site": ConfigRecord({"site": site})}), reply_to=msg)
+    me = site_identity(context, msg.content["config"])
+    return Message(RecordDict({"site": ConfigRecord({"site": me.site})}), reply_to=msg)
+
+
+def _check_and_charge(me: SiteIdentity, plan: RoundPlan, config: ConfigRecord, context: Context, *,
+                      run: str, round_: int):
+    policy = site_policy(context, config, me)
+    ledger = site_ledger(context, config, me, delta=policy.delta)
+    unit = str(plan.dp.privacy_unit)
+    policy.check(site=me.site, mode=str(plan.dp.mode), events=plan.events(), reproducible=plan.reproducible_noise,
+                 total=ledger.ledger(me.site, unit=unit), this_run=ledger.ledger(me.site, run=run, unit=unit))
+    attempt = ledger.begin_round(round_)
+    ledger.charge(me.site, round_, plan.events(), attempt=attempt, run=run)  # durable before any data is touched
+    return ledger, attempt
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     config = msg.content["config"]
-    manifest, site = _site(context, config)
-    # the base weights: the server's path in a simulation, the node's own copy in a deployment
-    checkpoint = str(context.node_config.get("checkpoint", config["checkpoint"]))
-    data = site_training_data(manifest, site, int(config["num-sites"]), int(config["seed"]), str(config["arch"]),
-                              checkpoint, bool(config["pool-sites"]))
-    device = pick_device()
-    model = fresh_model(str(config["arch"]), checkpoint, str(config["trainable"]), device)
-    load_arrays(model, msg.content["arrays"])
-    dp = DpConfig(mode=str(config["dp-mode"]), privacy_unit=str(config["privacy-unit"]),
-                  noise_multiplier=float(config["noise-multiplier"]), max_grad_norm=float(config["max-grad-norm"]),
-                  sample_rate=float(config["sample-rate"]), num_microbatches=int(config["num-microbatches"]),
-                  delta=float(config["delta"]), accountant=str(config["accountant"]), hash_key=f"fedclip:{site}")
+    me = site_identity(context, config)
+    plan = RoundPlan.from_record(config, hash_key=f"fedclip:{me.site}")
     round_ = int(config["server-round"]) + int(config["round-offset"])
-    result = train_local(model, data, dp=dp, train=TrainConfig(steps=int(config["local-steps"]), lr=float(config["lr"])),
-                         seed=int(config["seed"]) * 100_003 + round_ * 1009 + sum(map(ord, site)))
-    losses = [v for v in result.losses if not math.isnan(v)]
+    ledger, attempt = _check_and_charge(me, plan, config, context, run=str(msg.metadata.run_id), round_=round_)
+    try:
+        data = site_training_data(me.manifest, me.site, int(config["num-sites"]), int(config["seed"]),
+                                  str(config["arch"]), me.checkpoint, bool(config["pool-sites"]))
+        model = fresh_model(str(config["arch"]), me.checkpoint, str(config["trainable"]), pick_device())
+        load_arrays(model, msg.content["arrays"])
+        seed = plan.reproducible_seed(round_=round_, site=me.site)
+        result = train_local(model, data, dp=plan.dp, train=plan.train, reproducible_seed=seed)
+        metrics: dict[str, float] = {"site-weight": me.weight}  # declared before training: public
+        release_gen = site_randomness(device=pick_device(), reproducible_seed=None if seed is None else seed + 7).sampler
+        if plan.release.loss_noise > 0:
+            metrics["train-loss"] = noisy_loss(model, data, config=plan.release, privacy_unit=plan.dp.privacy_unit,
+                                               num_blocks=plan.dp.num_microbatches, key=plan.dp.hash_key,
+                                               generator=release_gen)
+        if plan.release.count_noise > 0:
+            metrics["num-units"] = noisy_count(data, config=plan.release, privacy_unit=plan.dp.privacy_unit,
+                                               generator=release_gen)
+    except Exception as exc:
+        ledger.settle(me.site, round_, attempt=attempt, status=Status.FAILED, note=str(exc)[:500])
+        raise
+    reported = (result.event,) + plan.events()[1:]
+    ledger.settle(me.site, round_, attempt=attempt, status=Status.CONFIRMED, reported=reported)
+    ledger.close()
     content = RecordDict({
         "arrays": model_to_arrays(model, trainable_only=True),
-        # site-weight: equal weights, which client-level DP's accounting requires
-        "metrics": MetricRecord({"num-examples": len(data), "site-weight": 1.0,
-                                 "train-loss": sum(losses) / len(losses) if losses else 0.0}),
-        PRIVACY_RECORD: ConfigRecord(result.event.to_dict()),
+        "metrics": MetricRecord(metrics),
+        PRIVACY_RECORD: ConfigRecord({"events": events_to_wire(reported)}),
     })
     return Message(content, reply_to=msg)

@@ -16,7 +16,10 @@ from typing import Any
 from fedclip.attacks.idia import DEFAULT_TEMPLATES, IdiaConfig
 from fedclip.data.synthetic import SyntheticConfig
 from fedclip.models.factory import ModelConfig
+from fedclip.privacy.policy import load_policy_file
+from fedclip.privacy.release import ReleaseConfig
 from fedclip.training.config import DpConfig, TrainConfig
+from simulations.hospital_clip.plan import RoundPlan
 from strategies.registry import INNER_STRATEGIES
 
 DEFAULT_TOML = Path(__file__).with_name("default.toml")
@@ -61,6 +64,16 @@ class SimulationConfig:
     accountant: str = "prv"
     local_steps: int = 30
     lr: float = 2e-3
+    # what a site releases beside its update (0 = nothing; > 0: the noise multiplier, charged in the ledger)
+    release_loss_noise: float = 0.0
+    release_loss_bound: float = 10.0
+    release_count_noise: float = 0.0
+    # randomness: OS entropy at every site and round unless this is on (NOT private against the server)
+    reproducible_noise: bool = False
+    # simulated sites' own policies (a TOML file: [default] and one table per site); deployed sites use node config
+    site_policy_file: str = ""
+    # share of the selected sites that must train for a round to count; below it the run stops
+    failure_quorum: float = 1.0
     # client-level DP at the server (a site is the unit): Flower's fixed-clipping wrapper
     client_dp_epsilon: float = 0.0
     client_clip_norm: float = 1.0
@@ -95,8 +108,14 @@ class SimulationConfig:
         self.site_budget_map()
         if self.dp_mode != "nonprivate" and self.noise_multiplier <= 0 and self.target_epsilon <= 0:
             raise ValueError("noise-multiplier: expected > 0 (or set target-epsilon) with a private dp-mode")
+        if self.site_policy_file:
+            if not Path(self.site_policy_file).is_file():
+                raise ValueError(f"site-policy-file: file not found: {self.site_policy_file}")
+            load_policy_file(self.site_policy_file, delta=self.delta)
+        if not 0 < self.failure_quorum <= 1:
+            raise ValueError(f"failure-quorum: expected a share in (0, 1], got {self.failure_quorum}")
         # building the parts validates their own fields
-        self.synthetic(), self.model(), self.dp(), self.train(), self.idia()
+        self.synthetic(), self.model(), self.dp(), self.train(), self.idia(), self.release()
 
     def synthetic(self) -> SyntheticConfig:
         return SyntheticConfig(seed=self.seed, num_sites=self.num_sites, patients_per_site=self.patients_per_site,
@@ -116,6 +135,15 @@ class SimulationConfig:
 
     def train(self) -> TrainConfig:
         return TrainConfig(steps=self.local_steps, lr=self.lr)
+
+    def release(self) -> ReleaseConfig:
+        return ReleaseConfig(loss_noise=self.release_loss_noise, loss_bound=self.release_loss_bound,
+                             count_noise=self.release_count_noise)
+
+    def round_plan(self, noise_multiplier: float) -> RoundPlan:
+        """What every site is asked to run each round, with the resolved noise multiplier."""
+        return RoundPlan(dp=self.dp(noise_multiplier=noise_multiplier), train=self.train(), release=self.release(),
+                         reproducible_noise=self.reproducible_noise, seed=self.seed)
 
     def idia(self) -> IdiaConfig:
         return IdiaConfig(num_queries=self.idia_queries, tau=self.idia_tau,

@@ -14,6 +14,7 @@ import math
 import time
 import warnings
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,9 @@ from fedclip.data.tensors import load_pairs
 from fedclip.models.arrays import model_to_arrays
 from fedclip.models.factory import ModelConfig, create_model
 from fedclip.privacy.calibration import calibrate_noise_multiplier, warn_if_delta_is_large
-from fedclip.privacy.events import DpEvent
+from fedclip.privacy.ledger_store import LedgerStore
+from fedclip.privacy.randomness import NOT_PRIVATE_AGAINST_THE_SERVER
+from fedclip.privacy.release import release_events
 from fedclip.reporting.plots import plot_run
 from fedclip.reporting.run_files import RunFiles
 from fedclip.reporting.summary import write_summary
@@ -37,9 +40,8 @@ from fedclip.training.warmstart import WarmStartConfig, warm_start
 from simulations.hospital_clip.config import DEFAULT_TOML, SimulationConfig, load_toml
 from simulations.hospital_clip.evaluator import RoundEvaluator
 from simulations.hospital_clip.task import manifest_path, pick_device, site_frames
-from strategies.client_level import calibrate_site_noise, with_site_level_dp
-from strategies.ledger_store import LedgerStore
-from strategies.privacy_budget import PrivacyBudgetStrategy, SiteRound
+from strategies.client_level import calibrate_site_noise, site_level_epsilon, with_site_level_dp
+from strategies.privacy_budget import PrivacyBudgetStrategy, SiteFailure, SiteRound
 from strategies.registry import make_inner_strategy
 
 
@@ -111,43 +113,80 @@ def plan_noise(cfg: SimulationConfig) -> float:
     if cfg.target_epsilon <= 0:
         return cfg.noise_multiplier
     dp = cfg.dp()
+    releases = tuple(replace(e, steps=e.steps * cfg.num_rounds)
+                     for e in release_events(cfg.release(), privacy_unit=dp.privacy_unit))
     return calibrate_noise_multiplier(target_epsilon=cfg.target_epsilon, delta=cfg.delta, sample_rate=cfg.sample_rate,
                                       steps=cfg.num_rounds * cfg.local_steps, relation=dp.relation,
-                                      sensitivity=dp.sensitivity, accountant=cfg.accountant)
+                                      sensitivity=dp.sensitivity, accountant=cfg.accountant, alongside=releases)
 
 
 def train_config_record(cfg: SimulationConfig, *, noise_multiplier: float, manifest: str, checkpoint: str,
                         round_offset: int = 0) -> ConfigRecord:
-    """What every site is told each round: the run config plus the resolved paths and noise."""
+    """What every site is told each round: the round plan, the data description, and (for simulated
+    sites only) where the shared data, base weights, site ledgers and site policies are. A deployed
+    site ignores those paths and uses its own node config."""
     values = {k: v for k, v in cfg.to_run_config().items() if k not in ("budget", "site-budgets")}
-    return ConfigRecord({**values, "noise-multiplier": noise_multiplier, "manifest": manifest,
-                         "checkpoint": checkpoint, "round-offset": round_offset})
+    out = Path(cfg.output_dir).resolve()
+    policy = str(Path(cfg.site_policy_file).resolve()) if cfg.site_policy_file else ""
+    return ConfigRecord({**values, **cfg.round_plan(noise_multiplier).to_record(), "manifest": manifest,
+                         "checkpoint": checkpoint, "round-offset": round_offset,
+                         "site-state-root": str(out / "sites"), "site-policy-file": policy})
+
+
+def saved_round(cfg: SimulationConfig) -> int | None:
+    """The round of the saved model to resume from, or None for a fresh run; refuses a folder that
+    holds a run without ``resume``, and a resume without a ledger covering the saved model (it would
+    restart or under-count privacy spending). Called by the CLI before Ray starts, and by ``run``."""
+    state = Path(cfg.output_dir) / "state"
+    progress, ledger = state / "global.pt", state / "ledger.sqlite"
+    if progress.exists() and not cfg.resume:
+        raise ValueError(f"output-dir: {cfg.output_dir} already holds a run; pass resume=true to continue it or choose "
+                         "another folder")
+    if not cfg.resume:
+        return None
+    if not progress.exists():
+        raise ValueError(f"resume: {cfg.output_dir} has no saved state to resume from")
+    saved = int(torch.load(progress, map_location="cpu", weights_only=True)["round"])
+    if not ledger.is_file():
+        raise ValueError(f"resume: {ledger} is missing but the saved model is at round {saved}; "
+                         "resuming without it would restart privacy spending at zero")
+    store = LedgerStore(ledger, delta=cfg.delta, accountant=cfg.accountant, create=False)
+    recorded = store.last_round()
+    store.close()
+    if recorded < saved:
+        raise ValueError(f"resume: {ledger} records {recorded} rounds but the saved model is at round {saved}; "
+                         "the ledger does not cover the model")
+    return saved
 
 
 def run(grid: Grid, cfg: SimulationConfig) -> Path:
     out = Path(cfg.output_dir)
     state = out / "state"
-    progress = state / "global.pt"
-    if progress.exists() and not cfg.resume:
-        raise ValueError(f"output-dir: {out} already holds a run; pass resume=true to continue it or choose another folder")
-    if cfg.resume and not progress.exists():
-        raise ValueError(f"resume: {out} has no saved state to resume from")
+    resumed_from = saved_round(cfg)
+    saved = torch.load(state / "global.pt", map_location="cpu", weights_only=True) if resumed_from is not None else None
+    round_offset = resumed_from or 0
+    store = LedgerStore(state / "ledger.sqlite", delta=cfg.delta, accountant=cfg.accountant)
     files = RunFiles(out)
+    if saved:
+        files.truncate_after(round_offset)
+    if cfg.reproducible_noise:
+        print(f"WARNING: {NOT_PRIVATE_AGAINST_THE_SERVER}", flush=True)
     manifest = prepare_data(cfg, out)
     checkpoint = prepare_checkpoint(cfg, manifest)
     sigma = plan_noise(cfg)
     parts = site_frames(manifest, cfg.num_sites, cfg.seed, cfg.pool_sites)
     site_sigma = (calibrate_site_noise(target_epsilon=cfg.client_dp_epsilon, rounds=cfg.num_rounds,
-                                       num_sites=len(parts), delta=cfg.delta) if cfg.client_dp_epsilon > 0 else 0.0)
+                                       delta=cfg.delta) if cfg.client_dp_epsilon > 0 else 0.0)
     files.write_json("config.json", {**cfg.to_run_config(), "resolved-manifest": manifest,
                                      "resolved-checkpoint": checkpoint, "resolved-noise-multiplier": sigma,
-                                     "resolved-site-noise-multiplier": site_sigma})
+                                     "resolved-site-noise-multiplier": site_sigma,
+                                     "private-against-the-server": not cfg.reproducible_noise,
+                                     **({"privacy-warning": NOT_PRIVATE_AGAINST_THE_SERVER} if cfg.reproducible_noise else {})})
+    files.write_json("status.json", {"status": "running", "round": round_offset})
 
     train_config = train_config_record(cfg, noise_multiplier=sigma, manifest=manifest, checkpoint=checkpoint)
     sites = discover_sites(grid, train_config, expected=len(parts))
-    dp = cfg.dp(noise_multiplier=sigma)
-    event = DpEvent(noise_multiplier=sigma, sample_rate=cfg.sample_rate, steps=cfg.local_steps,
-                    privacy_unit=dp.privacy_unit, relation=dp.relation, sensitivity=dp.sensitivity)
+    plan = cfg.round_plan(sigma)
     for site, frame in parts.items():
         units = frame["patient_id"].nunique() if cfg.privacy_unit == "identity" else len(frame)
         with warnings.catch_warnings(record=True) as caught:
@@ -156,14 +195,10 @@ def run(grid: Grid, cfg: SimulationConfig) -> Path:
         for w in caught:
             print(f"warning ({site}): {w.message}", flush=True)
 
-    store = LedgerStore(state / "ledger.sqlite", delta=cfg.delta, accountant=cfg.accountant)
     device = pick_device()
     bundle = create_model(cfg.model(pretrained=checkpoint), device=device)
-    round_offset = 0
     initial = model_to_arrays(bundle.model, trainable_only=True)
-    if cfg.resume:
-        saved = torch.load(progress, map_location="cpu", weights_only=True)
-        round_offset = int(saved["round"])
+    if saved:
         initial = ArrayRecord(torch_state_dict=saved["state_dict"])
         print(f"resuming after round {round_offset}", flush=True)
     remaining = cfg.num_rounds - round_offset
@@ -176,30 +211,45 @@ def run(grid: Grid, cfg: SimulationConfig) -> Path:
         files.append("rounds", [r.as_dict() for r in rows])
 
     inner = (with_site_level_dp(noise_multiplier=site_sigma, clip_norm=cfg.client_clip_norm, num_sites=len(parts),
-                                delta=cfg.delta) if site_sigma > 0 else make_inner_strategy(cfg.strategy))
+                                delta=cfg.delta) if site_sigma > 0
+             else make_inner_strategy(cfg.strategy, fraction_train=cfg.fraction_train))
     strategy = PrivacyBudgetStrategy(
-        inner, store=store, sites=sites, budget=cfg.budget_of,
-        planned_event=lambda site: event, round_offset=round_offset, on_round=on_round,
+        inner, store=store, sites=sites, budget=cfg.budget_of, planned_events=lambda site: plan.events(),
+        round_offset=round_offset, on_round=on_round, failure_quorum=cfg.failure_quorum,
     )
     evaluator = RoundEvaluator(model=bundle.model, tokenizer=bundle.tokenizer, test=test, attacks=[idia], files=files,
                                epsilons=strategy.epsilons, delta=cfg.delta, state_dir=state, round_offset=round_offset,
                                total_rounds=cfg.num_rounds, trained_this_round=lambda: not strategy.exhausted)
+    failure = None
     if remaining > 0:
         train_config["round-offset"] = round_offset
-        strategy.start(grid, initial, num_rounds=remaining, train_config=train_config, evaluate_fn=evaluator)
+        try:
+            strategy.start(grid, initial, num_rounds=remaining, train_config=train_config, evaluate_fn=evaluator)
+        except SiteFailure as exc:
+            failure = str(exc)
     final_eps = strategy.epsilons()
-    store.close()
     site_level = None
     if site_sigma > 0:
         spent = inner.privacy_spent()
-        site_level = {"epsilon": spent.epsilon if spent else 0.0, "delta": cfg.delta, "noise_multiplier": site_sigma,
-                      "clip_norm": cfg.client_clip_norm, "rounds": spent.num_releases if spent else 0,
-                      "unit": "site", "relation": "add_or_remove", "accountant": "flwr RdpAccountant"}
+        released = spent.num_releases if spent else 0
+        site_level = {"epsilon": site_level_epsilon(noise_multiplier=site_sigma, rounds=released, delta=cfg.delta),
+                      "epsilon_replace_one": site_level_epsilon(noise_multiplier=site_sigma, rounds=released,
+                                                                delta=cfg.delta, relation="replace_one"),
+                      "epsilon_flower_rdp": spent.epsilon if spent else 0.0,
+                      "delta": cfg.delta, "noise_multiplier": site_sigma, "clip_norm": cfg.client_clip_norm,
+                      "rounds": released, "unit": "site", "relation": "zero_out",
+                      "accountant": "dp-accounting PLD (pessimistic)"}
         files.write_json("site_level.json", site_level)
+    store.close()
     rounds, attack, utility = files.read("rounds"), files.read("attack"), files.read("utility")
     plot_run(out, rounds, attack, utility)
     summary = write_summary(out / "summary.md", config=cfg.to_run_config(), rounds=rounds, attack=attack,
-                            utility=utility, noise_multiplier=sigma, site_level=site_level)
+                            utility=utility, noise_multiplier=sigma, site_level=site_level, failure=failure)
+    files.write_json("status.json", {"status": "failed" if failure else "finished", "reason": failure or "",
+                                     "rounds": int(utility["round"].max()) if len(utility) else 0})
+    if failure:
+        print(f"run stopped: {failure}", flush=True)
+        raise SiteFailure(failure)
     print(f"done: {summary}", flush=True)
     print(json.dumps({"final_site_epsilon": {k: v if math.isfinite(v) else "inf" for k, v in final_eps.items()}}))
     return out

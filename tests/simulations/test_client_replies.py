@@ -1,12 +1,16 @@
-"""No raw data, captions or names ever leave a site: every reply of the real ClientApp inspected."""
+"""What a site sends and what it refuses: every reply of the real ClientApp inspected."""
 
 import pandas as pd
 import pytest
+import torch
 from flwr.app import Context, Message, MessageType, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedclip.models.arrays import model_to_arrays
 from fedclip.models.factory import ModelConfig, create_model
+from fedclip.privacy.events import events_from_wire
+from fedclip.privacy.ledger_store import LedgerStore
+from fedclip.privacy.policy import PolicyRefusal
 from simulations.hospital_clip import client_app
 from simulations.hospital_clip.config import SimulationConfig
 from simulations.hospital_clip.server_app import train_config_record
@@ -34,31 +38,126 @@ def _secrets(manifest_path) -> set[str]:
     return {w for w in words if w}
 
 
-@pytest.mark.parametrize("dp_mode", ["microbatch", "nonprivate"])
-def test_every_reply_carries_only_updates_counts_loss_and_the_event(small_manifest_path, warm_checkpoint, dp_mode):
-    cfg = SimulationConfig(num_sites=3, dp_mode=dp_mode, local_steps=2, target_epsilon=0.0, trainable="last-1")
-    config = train_config_record(cfg, noise_multiplier=1.0, manifest=str(small_manifest_path),
-                                 checkpoint=str(warm_checkpoint))
+def _setup(tmp_path, manifest, checkpoint, **overrides):
+    cfg = SimulationConfig(num_sites=3, local_steps=2, target_epsilon=0.0, trainable="last-1",
+                           output_dir=str(tmp_path / "run"), **overrides)
+    config = train_config_record(cfg, noise_multiplier=1.0 if cfg.dp_mode != "nonprivate" else 0.0,
+                                 manifest=str(manifest), checkpoint=str(checkpoint))
     config["server-round"] = 1
-    model = create_model(ModelConfig(pretrained=str(warm_checkpoint), trainable="last-1")).model
+    model = create_model(ModelConfig(pretrained=str(checkpoint), trainable="last-1")).model
+    return cfg, config, model
+
+
+def _context(partition: int) -> Context:
+    return Context(run_id=1, node_id=partition + 1, node_config={"partition-id": partition}, state=RecordDict(),
+                   run_config={})
+
+
+def _train_message(model, config, partition: int) -> Message:
+    return Message(RecordDict({"arrays": model_to_arrays(model, trainable_only=True), "config": config}),
+                   dst_node_id=partition + 1, message_type=MessageType.TRAIN)
+
+
+@pytest.mark.parametrize("dp_mode", ["microbatch", "nonprivate"])
+def test_a_reply_carries_the_update_the_events_and_a_declared_weight_only(tmp_path, small_manifest_path, warm_checkpoint,
+                                                                         dp_mode):
+    _, config, model = _setup(tmp_path, small_manifest_path, warm_checkpoint, dp_mode=dp_mode)
     secrets = _secrets(small_manifest_path)
     for partition in range(3):
-        context = Context(run_id=1, node_id=partition + 1, node_config={"partition-id": partition}, state=RecordDict(),
-                          run_config={})
+        context = _context(partition)
         query = Message(RecordDict({"config": config}), dst_node_id=partition + 1, message_type=MessageType.QUERY)
-        train = Message(RecordDict({"arrays": model_to_arrays(model, trainable_only=True), "config": config}),
-                        dst_node_id=partition + 1, message_type=MessageType.TRAIN)
-        replies = [client_app(query, context), client_app(train, context)]
+        replies = [client_app(query, context), client_app(_train_message(model, config, partition), context)]
         assert not any(r.has_error() for r in replies), [r.error for r in replies if r.has_error()]
         site_reply, train_reply = (r.content for r in replies)
         assert set(site_reply.keys()) == {"site"} and dict(site_reply["site"]) == {"site": f"hospital_{partition}"}
         assert set(train_reply.keys()) == {"arrays", "metrics", "privacy"}
         trainable = {n for n, p in model.named_parameters() if p.requires_grad}
         assert set(train_reply["arrays"].keys()) == trainable
-        assert set(train_reply["metrics"].keys()) == {"num-examples", "site-weight", "train-loss"}
-        assert set(train_reply["privacy"].keys()) == EVENT_FIELDS
+        # no count, no loss: nothing computed from the data outside the accounted update
+        assert dict(train_reply["metrics"]) == {"site-weight": 1.0}
+        (event,) = events_from_wire(train_reply["privacy"]["events"])
+        assert set(event.to_dict()) == EVENT_FIELDS and event.steps == 2
         for record in (site_reply["site"], train_reply["metrics"], train_reply["privacy"]):
             for value in record.values():
                 for text in _strings(value):
                     assert text not in secrets and not any(s in text for s in secrets if len(s) > 3), text
-        assert train_reply["privacy"]["steps"] == 2
+
+
+def _update(reply: Message) -> torch.Tensor:
+    arrays = reply.content["arrays"].to_torch_state_dict()
+    return torch.cat([v.reshape(-1) for _, v in sorted(arrays.items())])
+
+
+def test_the_same_train_message_twice_gives_different_updates(tmp_path, small_manifest_path, warm_checkpoint):
+    """The noise and sampling are not a function of anything the server sends."""
+    _, config, model = _setup(tmp_path, small_manifest_path, warm_checkpoint)
+    context = _context(0)
+    first = client_app(_train_message(model, config, 0), context)
+    second = client_app(_train_message(model, config, 0), context)
+    assert not torch.equal(_update(first), _update(second))
+    # reproducible-noise (experiments only) repeats bit for bit
+    _, seeded, _ = _setup(tmp_path / "r", small_manifest_path, warm_checkpoint, reproducible_noise=True)
+    again = [_update(client_app(_train_message(model, seeded, 0), _context(0))) for _ in range(2)]
+    assert torch.equal(again[0], again[1])
+
+
+def test_released_loss_and_count_are_noised_and_charged(tmp_path, small_manifest_path, warm_checkpoint):
+    cfg, config, model = _setup(tmp_path, small_manifest_path, warm_checkpoint, release_loss_noise=2.0,
+                                release_count_noise=3.0)
+    reply = client_app(_train_message(model, config, 1), _context(1)).content
+    assert set(reply["metrics"].keys()) == {"site-weight", "train-loss", "num-units"}
+    train_event, loss_event, count_event = events_from_wire(reply["privacy"]["events"])
+    assert (loss_event.noise_multiplier, count_event.noise_multiplier) == (2.0, 3.0)
+    assert loss_event.sample_rate == 1.0 and loss_event.steps == 1
+    ledger = LedgerStore(tmp_path / "run" / "sites" / "hospital_1" / "ledger.sqlite", delta=cfg.delta)
+    assert ledger.events("hospital_1") == (train_event, loss_event, count_event)
+
+
+def _policy_file(tmp_path, text: str):
+    path = tmp_path / "policies.toml"
+    path.write_text(text)
+    return str(path)
+
+
+@pytest.mark.parametrize(("dp_mode", "policy", "rule"), [
+    ("nonprivate", '[hospital_0]\nallowed-dp-modes = ["microbatch"]\n', "allowed-dp-modes"),
+    ("microbatch", "[default]\nmin-noise-multiplier = 2.0\n", "min-noise-multiplier"),
+    ("microbatch", "[hospital_0]\nmax-epsilon-total = 0.01\n", "max-epsilon-total"),
+])
+def test_a_site_refuses_a_round_its_policy_forbids_and_spends_nothing(tmp_path, small_manifest_path, warm_checkpoint,
+                                                                      dp_mode, policy, rule):
+    _, config, model = _setup(tmp_path, small_manifest_path, warm_checkpoint, dp_mode=dp_mode,
+                              site_policy_file=_policy_file(tmp_path, policy))
+    with pytest.raises(PolicyRefusal, match=f"site policy refuses the round at hospital_0: {rule}"):
+        client_app(_train_message(model, config, 0), _context(0))
+    ledger = tmp_path / "run" / "sites" / "hospital_0" / "ledger.sqlite"
+    assert not ledger.exists() or LedgerStore(ledger, delta=1e-5).events("hospital_0") == ()
+
+
+def test_a_site_enforces_its_total_budget_across_rounds(tmp_path, small_manifest_path, warm_checkpoint):
+    policy = _policy_file(tmp_path, "[default]\nmax-epsilon-total = 1e9\n[hospital_2]\nmax-epsilon-total = 2.0\n")
+    _, config, model = _setup(tmp_path, small_manifest_path, warm_checkpoint, site_policy_file=policy,
+                              noise_multiplier=1.0)
+    config["noise-multiplier"] = 4.0  # about 1.35 for one round, 2.0 for two: the third is refused
+    trained = 0
+    with pytest.raises(PolicyRefusal, match="max-epsilon-total"):
+        for round_ in range(1, 50):
+            config["server-round"] = round_
+            client_app(_train_message(model, config, 2), _context(2))
+            trained += 1
+    ledger = LedgerStore(tmp_path / "run" / "sites" / "hospital_2" / "ledger.sqlite", delta=1e-5)
+    assert trained == 2 and len(ledger.events("hospital_2")) == trained
+    assert ledger.ledger("hospital_2").epsilon() <= 2.0
+
+
+def test_a_deployed_site_refuses_reproducible_noise_and_needs_its_own_paths(tmp_path, small_manifest_path,
+                                                                           warm_checkpoint):
+    _, config, model = _setup(tmp_path, small_manifest_path, warm_checkpoint, reproducible_noise=True)
+    node = {"site": "hospital_0", "manifest": str(small_manifest_path), "checkpoint": str(warm_checkpoint),
+            "state-dir": str(tmp_path / "node0")}
+    deployed = Context(run_id=1, node_id=1, node_config=node, state=RecordDict(), run_config={})
+    with pytest.raises(PolicyRefusal, match="reproducible-noise"):
+        client_app(_train_message(model, config, 0), deployed)
+    partial = Context(run_id=1, node_id=1, node_config={"site": "hospital_0"}, state=RecordDict(), run_config={})
+    with pytest.raises(ValueError, match=r"missing \['manifest', 'checkpoint', 'state-dir'\]"):
+        client_app(_train_message(model, config, 0), partial)

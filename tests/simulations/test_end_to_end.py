@@ -8,7 +8,7 @@ import sys
 import pandas as pd
 import pytest
 
-from strategies.ledger_store import LedgerStore
+from fedclip.privacy.ledger_store import LedgerStore
 
 TINY = ("num-sites=2 patients-per-site=6 public-patients=30 heldout-patients=8 images-per-patient=4 "
         "query-images-per-patient=3 idia-queries=3 idia-distractors=20 warm-start-epochs=3 local-steps=2 "
@@ -30,7 +30,7 @@ def run_dir(tmp_path_factory):
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     assert "round 1/1" in first.stdout
     with sqlite3.connect(out / "state" / "ledger.sqlite") as db:
-        after_first = db.execute("SELECT COUNT(*) FROM events").fetchone()[0]
+        after_first = db.execute("SELECT COUNT(*) FROM charges").fetchone()[0]
     second = _simulate(out, cache, "num-rounds=2 resume=true")
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert "resuming after round 1" in second.stdout and "round 2/2" in second.stdout
@@ -46,15 +46,19 @@ def test_run_folder_has_every_table_plot_and_the_summary(run_dir):
     assert config["num-rounds"] == 2 and config["resolved-noise-multiplier"] == 1.0
     summary = (out / "summary.md").read_text()
     assert "adding or removing one patient" in summary and "IDIA" in summary
+    assert "no count, loss or other value computed from its data" in summary and "NOT PRIVATE" not in summary
+    assert config["private-against-the-server"] is True
+    assert json.loads((out / "status.json").read_text())["status"] == "finished"
 
 
 def test_rounds_csv_composes_epsilon_per_site_across_rounds(run_dir):
     out, after_first = run_dir
     rounds = pd.read_csv(out / "rounds.csv")
-    assert list(rounds.columns[:11]) == ["round", "site", "epsilon", "delta", "noise_multiplier", "sample_rate", "steps",
-                                         "privacy_unit", "relation", "train_loss", "selected"]
+    assert list(rounds.columns[:12]) == ["round", "site", "status", "epsilon", "delta", "noise_multiplier", "sample_rate",
+                                         "steps", "privacy_unit", "relation", "train_loss", "selected"]
     assert sorted(rounds["round"].unique()) == [1, 2] and sorted(rounds["site"].unique()) == ["hospital_0", "hospital_1"]
     assert rounds["selected"].all() and (rounds["relation"] == "replace_one").all()
+    assert (rounds["status"] == "trained").all() and rounds["train_loss"].isna().all()  # no loss released by default
     for _, g in rounds.groupby("site"):
         eps = g.sort_values("round")["epsilon"].tolist()
         assert 0 < eps[0] < eps[1]
@@ -65,6 +69,10 @@ def test_rounds_csv_composes_epsilon_per_site_across_rounds(run_dir):
     final = rounds[rounds["round"] == 2].set_index("site")["epsilon"]
     for site in final.index:
         assert store.ledger(site).epsilon() == pytest.approx(final[site])
+        # every site kept its own ledger, and it agrees with the server's, event for event
+        own = LedgerStore(out / "sites" / site / "ledger.sqlite", delta=1e-5)
+        assert own.events(site) == store.events(site) and len(own.events(site)) == 2
+        assert {r["status"] for r in own.rows()} == {"confirmed"}
 
 
 def test_attack_and_utility_rows_per_round(run_dir):
@@ -85,3 +93,21 @@ def test_rerunning_into_a_finished_folder_without_resume_is_refused(run_dir, tmp
     done = _simulate(out, tmp_path / "cache", "num-rounds=2")
     assert done.returncode != 0
     assert "already holds a run; pass resume=true" in done.stdout + done.stderr
+
+
+def test_a_site_that_refuses_stops_the_run_naming_it(tmp_path):
+    policy = tmp_path / "policies.toml"
+    policy.write_text("[hospital_1]\nmin-noise-multiplier = 5.0\n")
+    out = tmp_path / "run"
+    result = _simulate(out, tmp_path / "cache", f"num-rounds=2 site-policy-file='{policy}'")
+    assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "hospital_1 refused" in result.stderr and "min-noise-multiplier" in result.stderr
+    rounds = pd.read_csv(out / "rounds.csv")
+    assert rounds.set_index("site")["status"].to_dict() == {"hospital_0": "trained", "hospital_1": "refused"}
+    assert json.loads((out / "status.json").read_text())["status"] == "failed"
+    assert "The run stopped" in (out / "summary.md").read_text()
+    # the refusal keeps the server's charge; the site itself spent nothing
+    store = LedgerStore(out / "state" / "ledger.sqlite", delta=1e-5)
+    assert store.ledger("hospital_1").epsilon() > 0
+    own = out / "sites" / "hospital_1" / "ledger.sqlite"
+    assert not own.exists() or LedgerStore(own, delta=1e-5).events("hospital_1") == ()

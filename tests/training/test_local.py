@@ -9,7 +9,7 @@ from fedclip.evaluation.zero_shot import zero_shot_accuracy
 from fedclip.models.factory import ModelConfig, create_model
 from fedclip.privacy.accountant import epsilon
 from fedclip.training.config import DpConfig, Mode, TrainConfig
-from fedclip.training.local import sampling_units, train_local
+from fedclip.training.local import sampling_units, train_local, training_event
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +41,7 @@ def test_every_microbatch_gradient_entering_the_sum_is_clipped(bundle_and_data, 
         seen.append((len(norms), float(norms.max()) if len(norms) else 0.0))
 
     dp = DpConfig(mode=Mode.MICROBATCH, noise_multiplier=1.0, max_grad_norm=C, sample_rate=0.6, num_microbatches=4)
-    train_local(_fresh(warm_checkpoint), train, dp=dp, train=TrainConfig(steps=3), seed=0, step_hook=check)
+    train_local(_fresh(warm_checkpoint), train, dp=dp, train=TrainConfig(steps=3), reproducible_seed=0, step_hook=check)
     assert len(seen) == 3 and max(n for _, n in seen) > C * 10
 
 
@@ -56,7 +56,7 @@ def test_noise_has_the_standard_deviation_the_accountant_assumes(bundle_and_data
         stds.append(float(noise.std()))
 
     dp = DpConfig(mode=Mode.MICROBATCH, noise_multiplier=sigma, max_grad_norm=C, sample_rate=q, num_microbatches=B)
-    result = train_local(_fresh(warm_checkpoint), train, dp=dp, train=TrainConfig(steps=2), seed=3, step_hook=measure)
+    result = train_local(_fresh(warm_checkpoint), train, dp=dp, train=TrainConfig(steps=2), step_hook=measure)
     # 3.4M noise draws per step: the standard error of the std is ~0.04%, so 1% cannot pass by accident
     for s in stds:
         assert s == pytest.approx(sigma * C, rel=0.01)
@@ -81,7 +81,7 @@ def test_sampling_units_follow_the_privacy_unit(bundle_and_data):
 def test_paper_mode_accounts_sensitivity_2c_under_add_or_remove(bundle_and_data, warm_checkpoint):
     _, train, _ = bundle_and_data
     dp = DpConfig(mode=Mode.PAPER, noise_multiplier=2.0, sample_rate=0.3)
-    result = train_local(_fresh(warm_checkpoint, "projections"), train, dp=dp, train=TrainConfig(steps=2), seed=0)
+    result = train_local(_fresh(warm_checkpoint, "projections"), train, dp=dp, train=TrainConfig(steps=2))
     assert result.microbatches_per_step == (1, 1)
     assert result.event.relation == "add_or_remove" and result.event.sensitivity == 2.0
 
@@ -100,12 +100,40 @@ def test_bad_dp_config_names_the_field(kwargs, field):
         DpConfig(**kwargs)
 
 
-def test_more_microbatches_than_units_is_refused(bundle_and_data, warm_checkpoint):
+def test_more_microbatches_than_units_trains_and_reveals_nothing(bundle_and_data, warm_checkpoint):
+    """Empty micro-batches add a zero gradient; refusing them would itself reveal the unit count."""
     _, train, _ = bundle_and_data
     n_patients = len(set(train.patient_ids))
-    dp = DpConfig(num_microbatches=n_patients + 1)
-    with pytest.raises(ValueError, match=f"num_microbatches: {n_patients + 1} micro-batches but only {n_patients}"):
-        train_local(_fresh(warm_checkpoint), train, dp=dp, train=TrainConfig(steps=1), seed=0)
+    dp = DpConfig(num_microbatches=3 * n_patients, sample_rate=0.5)
+    model = _fresh(warm_checkpoint, "projections")
+    before = [p.detach().clone() for p in model.parameters() if p.requires_grad]
+    result = train_local(model, train, dp=dp, train=TrainConfig(steps=2))
+    assert result.event.steps == 2 and max(result.microbatches_per_step) > n_patients // 2
+    after = [p for p in model.parameters() if p.requires_grad]
+    assert any(not torch.equal(a, b) for a, b in zip(before, after))
+
+
+def _update(warm_checkpoint, train, **kwargs) -> torch.Tensor:
+    model = _fresh(warm_checkpoint, "projections")
+    dp = DpConfig(mode=Mode.MICROBATCH, noise_multiplier=1.0, sample_rate=0.5, num_microbatches=4)
+    train_local(model, train, dp=dp, train=TrainConfig(steps=2), **kwargs)
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters() if p.requires_grad])
+
+
+def test_noise_and_sampling_are_secret_by_default_and_reproducible_only_on_request(bundle_and_data, warm_checkpoint):
+    _, train, _ = bundle_and_data
+    first, second = _update(warm_checkpoint, train), _update(warm_checkpoint, train)
+    assert not torch.equal(first, second)  # OS entropy: the same call never repeats its noise
+    seeded = [_update(warm_checkpoint, train, reproducible_seed=5) for _ in range(2)]
+    torch.testing.assert_close(seeded[0], seeded[1], rtol=0, atol=0)
+
+
+def test_training_event_is_known_before_training(bundle_and_data, warm_checkpoint):
+    _, train, _ = bundle_and_data
+    dp = DpConfig(mode=Mode.MICROBATCH, noise_multiplier=1.5, sample_rate=0.4, num_microbatches=3)
+    steps = TrainConfig(steps=2)
+    result = train_local(_fresh(warm_checkpoint, "projections"), train, dp=dp, train=steps)
+    assert result.event == training_event(dp, steps)
 
 
 def test_learning_directions(bundle_and_data, warm_checkpoint):
@@ -124,7 +152,7 @@ def test_learning_directions(bundle_and_data, warm_checkpoint):
         scores = []
         for seed in (1, 2):  # mean over two seeds: one run's noise should not decide the direction
             model = _fresh(warm_checkpoint, "last-1")  # fewer noisy dimensions: the usual DP lever
-            result = train_local(model, train, dp=dp, train=steps, seed=seed)
+            result = train_local(model, train, dp=dp, train=steps, reproducible_seed=seed)
             scores.append(zero_shot_accuracy(model, bundle.tokenizer, test))
         acc[label] = sum(scores) / len(scores)
         eps[label] = epsilon([result.event], delta=dp.delta)

@@ -1,0 +1,66 @@
+"""One round's plan for a site: what it is asked to run, and the privacy events that will cost.
+
+The server builds the plan from its configuration and charges its events *before* sending it;
+the site parses the same plan from the message, checks it against its own policy, charges its
+own ledger and trains. Both sides derive the events with the same functions
+(``training_event``, ``release_events``), so they agree unless something went wrong, and then
+the strategy charges what was reported in full.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from fedclip.privacy.events import DpEvent
+from fedclip.privacy.randomness import reproducible_site_seed
+from fedclip.privacy.release import ReleaseConfig, release_events
+from fedclip.training.config import DpConfig, TrainConfig
+from fedclip.training.local import training_event
+
+PLAN_KEYS = ("dp-mode", "privacy-unit", "noise-multiplier", "max-grad-norm", "sample-rate", "num-microbatches",
+             "delta", "accountant", "local-steps", "lr", "release-loss-noise", "release-loss-bound",
+             "release-count-noise", "reproducible-noise", "seed")
+
+
+@dataclass(frozen=True, kw_only=True)
+class RoundPlan:
+    dp: DpConfig
+    train: TrainConfig
+    release: ReleaseConfig
+    reproducible_noise: bool = False
+    seed: int = 0
+
+    def events(self) -> tuple[DpEvent, ...]:
+        return (training_event(self.dp, self.train),) + release_events(self.release, privacy_unit=self.dp.privacy_unit)
+
+    def reproducible_seed(self, *, round_: int, site: str) -> int | None:
+        """None (OS entropy) unless reproducible noise was asked for, which is not private."""
+        return reproducible_site_seed(seed=self.seed, round_=round_, site=site) if self.reproducible_noise else None
+
+    def to_record(self) -> dict[str, Any]:
+        return {
+            "dp-mode": str(self.dp.mode), "privacy-unit": str(self.dp.privacy_unit),
+            "noise-multiplier": self.dp.noise_multiplier, "max-grad-norm": self.dp.max_grad_norm,
+            "sample-rate": self.dp.sample_rate, "num-microbatches": self.dp.num_microbatches, "delta": self.dp.delta,
+            "accountant": self.dp.accountant, "local-steps": self.train.steps, "lr": self.train.lr,
+            "release-loss-noise": self.release.loss_noise, "release-loss-bound": self.release.loss_bound,
+            "release-count-noise": self.release.count_noise, "reproducible-noise": self.reproducible_noise,
+            "seed": self.seed,
+        }
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any], *, hash_key: str) -> "RoundPlan":
+        missing = [k for k in PLAN_KEYS if k not in record]
+        if missing:
+            raise ValueError(f"round plan: the train message lacks {missing}")
+        dp = DpConfig(mode=str(record["dp-mode"]), privacy_unit=str(record["privacy-unit"]),
+                      noise_multiplier=float(record["noise-multiplier"]), max_grad_norm=float(record["max-grad-norm"]),
+                      sample_rate=float(record["sample-rate"]), num_microbatches=int(record["num-microbatches"]),
+                      delta=float(record["delta"]), accountant=str(record["accountant"]), hash_key=hash_key)
+        return cls(dp=dp, train=TrainConfig(steps=int(record["local-steps"]), lr=float(record["lr"])),
+                   release=ReleaseConfig(loss_noise=float(record["release-loss-noise"]),
+                                         loss_bound=float(record["release-loss-bound"]),
+                                         count_noise=float(record["release-count-noise"])),
+                   reproducible_noise=bool(record["reproducible-noise"]), seed=int(record["seed"]))

@@ -1,0 +1,65 @@
+"""Who a SuperNode is, and what it holds: its site, data, base weights, policy and ledger.
+
+A *deployed* SuperNode declares its site in its node config, with its own manifest, base
+checkpoint and state folder; it never takes a path or a policy from the server. A *simulated*
+SuperNode (Flower gives it only ``partition-id``) plays the site of that partition, reads the
+shared manifest the server names, keeps its ledger under the run folder's ``sites/``, and reads
+its policy from ``site-policy-file`` if the run names one: in a simulation one person plays
+every party.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from flwr.app import ConfigRecord, Context
+
+from fedclip.privacy.ledger_store import LedgerStore
+from fedclip.privacy.policy import SitePolicy, load_policy_file
+from simulations.hospital_clip.task import site_for_partition
+
+DEPLOYED_KEYS = ("site", "manifest", "checkpoint", "state-dir")
+
+
+@dataclass(frozen=True)
+class SiteIdentity:
+    site: str
+    manifest: str
+    checkpoint: str
+    state_dir: Path
+    weight: float
+    deployed: bool
+
+
+def site_identity(context: Context, config: ConfigRecord) -> SiteIdentity:
+    node = context.node_config
+    if "site" in node:
+        missing = [k for k in DEPLOYED_KEYS if k not in node]
+        if missing:
+            raise ValueError(f"node config: a deployed site needs {list(DEPLOYED_KEYS)}; missing {missing}")
+        weight = float(node.get("site-weight", 1.0))
+        if not weight > 0:
+            raise ValueError(f"node config: site-weight: expected > 0, got {weight}")
+        return SiteIdentity(site=str(node["site"]), manifest=str(node["manifest"]), checkpoint=str(node["checkpoint"]),
+                            state_dir=Path(str(node["state-dir"])), weight=weight, deployed=True)
+    manifest = str(config["manifest"])
+    site = site_for_partition(manifest, int(config["num-sites"]), int(config["seed"]),
+                              int(node.get("partition-id", 0)), bool(config["pool-sites"]))
+    return SiteIdentity(site=site, manifest=manifest, checkpoint=str(config["checkpoint"]),
+                        state_dir=Path(str(config["site-state-root"])) / site, weight=1.0, deployed=False)
+
+
+def site_policy(context: Context, config: ConfigRecord, me: SiteIdentity) -> SitePolicy:
+    if me.deployed:
+        return SitePolicy.from_mapping(context.node_config, source="node config")
+    delta = float(config["delta"])
+    path = str(config.get("site-policy-file", ""))
+    if not path:
+        return SitePolicy.simulated(delta)
+    policies = load_policy_file(path, delta=delta)
+    return policies.get(me.site, policies["*"])
+
+
+def site_ledger(context: Context, config: ConfigRecord, me: SiteIdentity, *, delta: float) -> LedgerStore:
+    return LedgerStore(me.state_dir / "ledger.sqlite", delta=delta, accountant=str(config["accountant"]))

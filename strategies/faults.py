@@ -1,0 +1,34 @@
+"""Fault injection: die at a named phase of a round, as a killed server would.
+
+``FEDCLIP_CRASH_AT="charged:2"`` makes the process exit at once (``os._exit``: no cleanup, no
+flush, no ``finally``) when round 2 reaches the phase ``charged``. Inert unless that variable is
+set; the fault-injection tests use it to prove that a resume never under-counts spending. The
+phases of a round, in order:
+
+- ``charged``: the planned events of the selected sites are committed, nothing is sent;
+- ``sent``: the train messages are out, no reply was handled (sites may have trained);
+- ``replied``: every reply is in the server's memory, none is settled in the ledger;
+- ``settled``: every charge is settled, the inner strategy has not aggregated;
+- ``aggregated``: the new global model exists in memory only;
+- ``saved``: the global model and the round's tables are on disk.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+PHASES = ("charged", "sent", "replied", "settled", "aggregated", "saved")
+CRASH_EXIT_CODE = 86
+
+
+def crash_point(phase: str, round_: int) -> None:
+    target = os.environ.get("FEDCLIP_CRASH_AT", "")
+    if not target:
+        return
+    name, _, at = target.partition(":")
+    if name not in PHASES:
+        raise ValueError(f"FEDCLIP_CRASH_AT: unknown phase {name!r}; expected one of {PHASES}")
+    if name == phase and (not at or int(at) == round_):
+        print(f"fault injection: crashing at phase {phase!r} of round {round_}", file=sys.stderr, flush=True)
+        os._exit(CRASH_EXIT_CODE)

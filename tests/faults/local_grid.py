@@ -1,0 +1,74 @@
+"""A test transport: the real ServerApp's ``run`` drives the real ClientApp in this process.
+
+Ray is not needed to show what a crash does to the ledgers, and a killed Ray driver leaves
+workers behind; so fault-injection runs swap only the transport. Each message is delivered to
+the ClientApp as it is pushed (so at the ``sent`` phase the sites have trained and charged their
+own ledgers, the hardest case for the server), and replies are pulled afterwards.
+
+    python -m tests.faults.local_grid OUT CACHE "key=value ..."   (FEDCLIP_CRASH_AT=phase:round)
+"""
+
+from __future__ import annotations
+
+import sys
+import uuid
+from collections.abc import Iterable
+
+from flwr.app import Context, Message, RecordDict
+from flwr.serverapp import Grid
+from flwr.supercore.task_identity import TaskIdentity
+
+from simulations.cli import parse_run_config
+from simulations.hospital_clip import client_app
+from simulations.hospital_clip.server_app import default_run_config, resolve_config, run
+
+
+class LocalGrid(Grid):
+    def __init__(self, num_nodes: int) -> None:
+        self.contexts = {n + 1: Context(run_id=1, node_id=n + 1, node_config={"partition-id": n}, state=RecordDict(),
+                                        run_config={}) for n in range(num_nodes)}
+        self._replies: dict[str, Message] = {}
+
+    def set_run(self, run) -> None:  # pragma: no cover - not used by the ServerApp
+        raise NotImplementedError
+
+    @property
+    def run(self):  # pragma: no cover
+        raise NotImplementedError
+
+    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None) -> Message:
+        return Message(content, dst_node_id=dst_node_id, message_type=message_type, group_id=group_id)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self.contexts)
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        ids = []
+        for msg in messages:
+            msg_id = str(uuid.uuid4())
+            try:
+                self._replies[msg_id] = client_app(msg, self.contexts[msg.metadata.dst_node_id])
+            except Exception as exc:  # as Flower's runtime does: the site's exception becomes an error reply
+                from flwr.app import Error
+
+                self._replies[msg_id] = Message(Error(code=0, reason=f"{type(exc).__name__}: {exc}"), reply_to=msg)
+            ids.append(msg_id)
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return [self._replies.pop(i) for i in message_ids if i in self._replies]
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        return self.pull_messages(list(self.push_messages(messages)))
+
+
+def main(argv: list[str]) -> int:
+    out, cache, extra = argv
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+    cfg = resolve_config(default_run_config(), {**parse_run_config(extra), "output-dir": out, "cache-dir": cache})
+    run(LocalGrid(cfg.num_sites), cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
