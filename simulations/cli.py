@@ -44,6 +44,22 @@ def parse_run_config(text: str | None) -> dict[str, Any]:
     return out
 
 
+def _check_backend(config: dict[str, Any]) -> dict[str, Any]:
+    resources = config.get("client_resources")
+    if not isinstance(resources, dict):
+        raise ValueError("--backend-config: client_resources: expected a JSON object")
+    for key, value in resources.items():
+        if key not in ("num_cpus", "num_gpus"):
+            raise ValueError(f"--backend-config: client_resources.{key}: unknown; expected num_cpus and num_gpus")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0 or value != value:
+            raise ValueError(f"--backend-config: client_resources.{key}: expected a number >= 0, got {value!r}")
+    if not resources.get("num_cpus", 1) > 0:
+        raise ValueError("--backend-config: client_resources.num_cpus: expected a number > 0")
+    if not isinstance(config.get("init_args", {}), dict):
+        raise ValueError("--backend-config: init_args: expected a JSON object")
+    return config
+
+
 def parse_backend_config(text: str | None, *, use_gpu: bool) -> dict[str, Any]:
     config: dict[str, Any] = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": {"include_dashboard": False}}
     if use_gpu:
@@ -57,7 +73,7 @@ def parse_backend_config(text: str | None, *, use_gpu: bool) -> dict[str, Any]:
             raise ValueError("--backend-config: expected a JSON object")
         for key, value in user.items():
             config[key] = {**config.get(key, {}), **value} if isinstance(value, dict) else value
-    return config
+    return _check_backend(config)
 
 
 def _undo_opacus_root_logging() -> None:
@@ -91,15 +107,14 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--app: {args.app} has no make_server_app and client_app")
         from fedclip.privacy.randomness import NOT_PRIVATE_AGAINST_THE_SERVER
         from simulations.hospital_clip.server_app import default_run_config, resolve_config, saved_round
-        from simulations.hospital_clip.task import site_frames
+        from simulations.hospital_clip.preflight import preflight
 
         overrides = parse_run_config(args.run_config)
         if args.output:
             overrides["output-dir"] = args.output
         cfg = resolve_config(default_run_config(), overrides)  # fails here, before Ray, naming the key
         saved_round(cfg)  # a folder that holds a run, or a resume without its ledger, fails before Ray too
-        sites = len(site_frames(cfg.manifest, cfg.num_sites, cfg.seed)) if cfg.manifest else cfg.num_sites
-        sites = 1 if cfg.pool_sites else sites
+        sites = len(preflight(cfg).sites)  # site names, sizes, delta: before Ray too
         supernodes = args.num_supernodes or sites
         if supernodes != sites:
             raise ValueError(f"--num-supernodes: {supernodes}, but the data has {sites} sites (one SuperNode per site)")

@@ -83,6 +83,8 @@ def _read_table(path: Path, sep: str | None) -> pd.DataFrame:
 
 
 def _check_image(path: Path) -> str | None:
+    if path.is_dir():
+        return f"image path is a directory, not an image file: {path}"
     if not path.is_file():
         return f"image file not found: {path}"
     try:
@@ -93,7 +95,12 @@ def _check_image(path: Path) -> str | None:
     return None
 
 
-def _row_problems(frame: pd.DataFrame, root: Path, columns: ManifestColumns, verify_images: bool) -> list[BadRow]:
+def _outside(root: Path, image: str) -> bool:
+    return not (root / image).resolve().is_relative_to(root.resolve())
+
+
+def _row_problems(frame: pd.DataFrame, root: Path, columns: ManifestColumns, verify_images: bool,
+                  allow_outside_paths: bool) -> list[BadRow]:
     problems: list[BadRow] = []
     seen_paths: dict[str, int] = {}
     valid_splits = {str(s) for s in Split}
@@ -102,6 +109,9 @@ def _row_problems(frame: pd.DataFrame, root: Path, columns: ManifestColumns, ver
         image = row.filepath.strip()
         if not image:
             problems.append(BadRow(line, columns.image, "empty image path"))
+        elif not allow_outside_paths and _outside(root, image):
+            problems.append(BadRow(line, columns.image, f"image path {image!r} is outside the manifest's folder "
+                                   f"{root} (absolute paths and '..' need allow_outside_paths=True)"))
         elif image in seen_paths:
             problems.append(BadRow(line, columns.image, f"duplicate image {image!r} (first on line {seen_paths[image]})"))
         else:
@@ -146,12 +156,15 @@ def load_manifest(
     sep: str | None = None,
     skip_bad_rows: bool = False,
     verify_images: bool = True,
+    allow_outside_paths: bool = False,
 ) -> Manifest:
     """Read, validate and canonicalise a manifest.
 
     ``skip_bad_rows`` skips rows with row-level problems (missing or unreadable image, empty
     caption or id, unknown split, duplicate image) and lists them; conflicts between rows of one
-    patient (two names, two sites) always raise, since no row can be chosen over another.
+    patient (two names, two sites) always raise, since no row can be chosen over another. Image
+    paths must stay inside the manifest's folder unless ``allow_outside_paths`` (a manifest that
+    reaches elsewhere on a site's disk should be a deliberate choice).
     """
     source = Path(path).resolve()
     raw = _read_table(source, sep)
@@ -170,7 +183,7 @@ def load_manifest(
     frame = frame[list(MANIFEST_COLUMNS)].copy()
     frame["line"] = range(2, len(frame) + 2)
 
-    problems = _row_problems(frame, source.parent, columns, verify_images)
+    problems = _row_problems(frame, source.parent, columns, verify_images, allow_outside_paths)
     if problems and not skip_bad_rows:
         shown = "\n  ".join(p.describe(source) for p in problems[:20])
         more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""

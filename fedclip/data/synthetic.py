@@ -155,6 +155,11 @@ def _caption(name: str, condition: str, rng: np.random.Generator) -> str:
     return template.format(name=name, finding=phrases[rng.integers(len(phrases))])
 
 
+def site_sizes(config: SyntheticConfig) -> list[int]:
+    """Patients per site that ``generate`` will make (the same first draws of the same stream)."""
+    return _site_plan(config, np.random.default_rng(config.seed))[0]
+
+
 def generate(out_dir: str | Path, config: SyntheticConfig = SyntheticConfig()) -> Path:
     """Write images and ``manifest.csv`` under ``out_dir``; return the manifest's path.
 

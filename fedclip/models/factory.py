@@ -34,7 +34,14 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.arch not in open_clip.list_models():
             raise ValueError(f"arch: unknown open_clip architecture {self.arch!r}; see open_clip.list_models()")
-        TrainableSpec.parse(self.trainable)
+        spec = TrainableSpec.parse(self.trainable)
+        if spec.mode == "last":
+            cfg = open_clip.get_model_config(self.arch) or {}
+            for tower in ("vision_cfg", "text_cfg"):
+                layers = cfg.get(tower, {}).get("layers")
+                if isinstance(layers, int) and spec.last_k > layers:
+                    raise ValueError(f"trainable: last-{spec.last_k} but {self.arch}'s {tower.split('_')[0]} tower "
+                                     f"has {layers} blocks")
         if self.pretrained and not Path(self.pretrained).is_file():
             tags = open_clip.list_pretrained_tags_by_model(self.arch)
             if self.pretrained not in tags:

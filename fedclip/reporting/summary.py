@@ -43,6 +43,11 @@ def write_summary(path: str | Path, *, config: Mapping[str, Any], rounds: pd.Dat
     lines = ["# fedclip run summary", ""]
     if failure:
         lines += [f"**The run stopped: {failure}**", ""]
+    overrides = [k for k in ("allow-large-delta", "allow-outside-paths") if config.get(k)]
+    if overrides:
+        lines += ["**Overrides in force: " + ", ".join(f"{k} = true" for k in overrides)
+                  + (" (delta is above 1/(units at the smallest site): the epsilons below are not meaningful)"
+                     if "allow-large-delta" in overrides else "") + ".**", ""]
     if config.get("reproducible-noise"):
         lines += ["**WARNING: reproducible-noise was on. Noise and sampling were seeded from the run config, so "
                   "this run is NOT PRIVATE AGAINST THE SERVER: every epsilon below holds only against parties who do "

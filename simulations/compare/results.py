@@ -13,10 +13,29 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from fedclip.privacy.ledger import PrivacyLedger  # noqa: E402
+from fedclip.privacy.ledger_store import LedgerStore  # noqa: E402
 from simulations.compare.runner import RunSpec  # noqa: E402
+from simulations.hospital_clip.task import POOLED_SITE  # noqa: E402
 from simulations.compare.settings import SETTINGS  # noqa: E402
 
 METRICS = ("zero_shot_accuracy", "recall_at_1", "tpr", "fpr", "epsilon_lower_bound")
+
+
+def group_privacy(epsilon: float, delta: float, k: int) -> tuple[float, float]:
+    """(k eps, k e^((k-1) eps) delta): what a record-level (eps, delta) guarantee says about a patient
+    with k records (the generic group-privacy bound; delta above 1 means no guarantee at all)."""
+    if not math.isfinite(epsilon):
+        return math.inf, 1.0
+    exponent = (k - 1) * epsilon
+    return k * epsilon, (math.inf if exponent > 700 else k * math.exp(exponent) * delta)
+
+
+def largest_patient(run: RunSpec) -> int:
+    """Most training pairs of any one patient in the run's data (the group that record-level DP must cover)."""
+    config = json.loads((run.folder / "config.json").read_text())
+    frame = pd.read_csv(config["resolved-manifest"], dtype=str, keep_default_na=False)
+    return int(frame[frame["split"] == "train"].groupby("patient_id").size().max())
 
 
 def run_row(run: RunSpec) -> dict:
@@ -28,10 +47,14 @@ def run_row(run: RunSpec) -> dict:
     site_level = run.folder / "site_level.json"
     setting = SETTINGS[run.setting]
     local_eps = float(rounds.loc[rounds["round"] == rounds["round"].max(), "epsilon"].max())
+    k = largest_patient(run) if setting.unit == "record" else 1
+    group_eps, group_delta = group_privacy(local_eps, float(config["delta"]), k) if k > 1 else (math.nan, math.nan)
     return {
         "setting": run.setting, "target_epsilon": run.epsilon if run.epsilon is not None else math.inf,
         "seed": run.seed, "unit": setting.unit, "relation": setting.relation,
         "epsilon_local": local_eps,
+        "largest_patient_pairs": k if setting.unit == "record" else math.nan,
+        "patient_epsilon_group": group_eps, "patient_delta_group": group_delta,
         "epsilon_site": json.loads(site_level.read_text())["epsilon"] if site_level.is_file() else math.nan,
         "noise_multiplier": config["resolved-noise-multiplier"],
         "site_noise_multiplier": config.get("resolved-site-noise-multiplier", 0.0),
@@ -47,6 +70,7 @@ def collect(runs: Sequence[RunSpec]) -> tuple[pd.DataFrame, pd.DataFrame]:
     keys = ["setting", "target_epsilon", "unit", "relation"]
     agg = rows.groupby(keys, sort=False).agg(
         seeds=("seed", "count"), epsilon_local=("epsilon_local", "mean"), epsilon_site=("epsilon_site", "mean"),
+        patient_epsilon_group=("patient_epsilon_group", "max"), patient_delta_group=("patient_delta_group", "max"),
         noise_multiplier=("noise_multiplier", "mean"), site_noise_multiplier=("site_noise_multiplier", "mean"),
         sites=("sites", "first"),
         **{f"{m}_mean": (m, "mean") for m in METRICS}, **{f"{m}_std": (m, "std") for m in METRICS},
@@ -56,21 +80,39 @@ def collect(runs: Sequence[RunSpec]) -> tuple[pd.DataFrame, pd.DataFrame]:
     return rows, agg
 
 
+def publication_text(cost: pd.DataFrame) -> str:
+    lines = ["Publishing every run of this comparison costs the patients they share (identity level, composed over "
+             "every run of one seed; PLD):", ""]
+    for r in cost.itertuples():
+        lines.append(f"- seed {r.seed}: {_eps(r.epsilon_all_runs)} for all {r.runs} runs"
+                     + (f" ({r.runs_without_patient_bound} of them give a patient no bound: non-private, record-level "
+                        f"or site-level only); the identity-level runs alone compose to {_eps(r.epsilon_identity_runs)}"
+                        if r.runs_without_patient_bound else "") + f", at delta {r.delta:g}.")
+    return "\n".join(lines) + "\n"
+
+
+def _delta(value: float) -> str:
+    return "> 1 (void)" if value > 1 else f"{value:.1e}"
+
+
 def _eps(value: float) -> str:
     return "-" if math.isnan(value) else ("inf" if math.isinf(value) else f"{value:.2f}")
 
 
 def markdown_table(agg: pd.DataFrame) -> str:
     head = ("| setting | target epsilon | unit (what epsilon is about) | epsilon (local) | epsilon (site) | "
+            "per patient, record rows (group privacy, largest patient) | "
             "noise multiplier: local / site (site noise on the average, x S) | "
             "zero-shot acc | IDIA TPR | IDIA FPR | empirical eps lower bound | seeds |")
-    lines = [head, "|" + "---|" * 11]
+    lines = [head, "|" + "---|" * 12]
     for r in agg.itertuples():
         pm = lambda m: f"{getattr(r, m + '_mean'):.3f} ± {0.0 if math.isnan(getattr(r, m + '_std')) else getattr(r, m + '_std'):.3f}"  # noqa: E731
         site_noise = f"{r.site_noise_multiplier:.2f} ({r.site_noise_on_average:.2f})" if r.site_noise_multiplier else "-"
         local_noise = f"{r.noise_multiplier:.2f}" if r.noise_multiplier else "-"
+        group = ("-" if math.isnan(r.patient_epsilon_group) else
+                 f"eps {_eps(r.patient_epsilon_group)}, delta {_delta(r.patient_delta_group)}")
         lines.append(f"| {r.setting} | {_eps(r.target_epsilon)} | {r.unit} | {_eps(r.epsilon_local)} | "
-                     f"{_eps(r.epsilon_site)} | {local_noise} / {site_noise} | {pm('zero_shot_accuracy')} | {pm('tpr')} | {pm('fpr')} | "
+                     f"{_eps(r.epsilon_site)} | {group} | {local_noise} / {site_noise} | {pm('zero_shot_accuracy')} | {pm('tpr')} | {pm('fpr')} | "
                      f"{pm('epsilon_lower_bound')} | {r.seeds} |")
     return "\n".join(lines) + "\n"
 
@@ -98,13 +140,47 @@ def plot_against_epsilon(agg: pd.DataFrame, metric: str, ylabel: str, path: Path
     return path
 
 
+def publication_cost(runs: Sequence[RunSpec]) -> pd.DataFrame:
+    """What publishing every run of one seed costs the patients they share (identity level).
+
+    Runs of one seed train on the same patients: a patient of hospital h is in the pooled site of
+    pooled runs and in site h of federated runs, so their spending is every identity-level event of
+    those sites, composed. Record-level events do not bound a patient (see group privacy) and
+    non-private or site-level-only runs give no patient-level bound: with any of them the cost is
+    infinite, and the table says so beside the cost of the identity-level runs alone."""
+    out = []
+    for seed in sorted({r.seed for r in runs}):
+        mine = [r for r in runs if r.seed == seed]
+        delta = float(json.loads((mine[0].folder / "config.json").read_text())["delta"])
+        per_site: dict[str, list] = {}
+        pooled: list = []
+        unbounded = []
+        for run in mine:
+            if SETTINGS[run.setting].unit != "identity" and "identity" not in SETTINGS[run.setting].unit:
+                unbounded.append(run.label)
+                continue
+            store = LedgerStore(run.folder / "state" / "ledger.sqlite", delta=delta, create=False)
+            for site in store.sites():
+                (pooled if site == POOLED_SITE else per_site.setdefault(site, [])).extend(store.events(site))
+            store.close()
+        sites = per_site or {POOLED_SITE: []}
+        identity_only = max(PrivacyLedger(delta=delta, events=tuple(pooled + ev)).epsilon() for ev in sites.values())
+        out.append({"seed": seed, "runs": len(mine), "delta": delta, "epsilon_identity_runs": identity_only,
+                    "epsilon_all_runs": math.inf if unbounded else identity_only,
+                    "runs_without_patient_bound": len(unbounded)})
+    return pd.DataFrame(out)
+
+
 def write_outputs(out_dir: str | Path, runs: Sequence[RunSpec]) -> dict[str, Path]:
     out = Path(out_dir)
     rows, agg = collect(runs)
-    paths = {"runs": out / "runs.csv", "table": out / "table.csv", "markdown": out / "table.md"}
+    paths = {"runs": out / "runs.csv", "table": out / "table.csv", "markdown": out / "table.md",
+             "publication": out / "publication_cost.csv"}
     rows.to_csv(paths["runs"], index=False)
     agg.to_csv(paths["table"], index=False)
-    paths["markdown"].write_text(markdown_table(agg))
+    cost = publication_cost(runs)
+    cost.to_csv(paths["publication"], index=False)
+    paths["markdown"].write_text(markdown_table(agg) + "\n" + publication_text(cost))
     paths["utility_plot"] = plot_against_epsilon(agg, "zero_shot_accuracy", "zero-shot accuracy (held-out)",
                                                  out / "utility_vs_epsilon.png")
     paths["attack_plot"] = plot_against_epsilon(agg, "tpr", "IDIA TPR", out / "tpr_vs_epsilon.png")

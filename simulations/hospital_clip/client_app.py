@@ -55,7 +55,7 @@ def train(msg: Message, context: Context) -> Message:
     ledger, attempt = _check_and_charge(me, plan, config, context, run=str(msg.metadata.run_id), round_=round_)
     try:
         data = site_training_data(me.manifest, me.site, int(config["num-sites"]), int(config["seed"]),
-                                  str(config["arch"]), me.checkpoint, bool(config["pool-sites"]))
+                                  str(config["arch"]), me.checkpoint, bool(config["pool-sites"]), me.outside_paths)
         model = fresh_model(str(config["arch"]), me.checkpoint, str(config["trainable"]), pick_device())
         load_arrays(model, msg.content["arrays"])
         seed = plan.reproducible_seed(round_=round_, site=me.site)

@@ -16,7 +16,9 @@ from typing import Any
 from fedclip.attacks.idia import DEFAULT_TEMPLATES, IdiaConfig
 from fedclip.data.synthetic import SyntheticConfig
 from fedclip.models.factory import ModelConfig
-from fedclip.privacy.policy import load_policy_file
+from fedclip.privacy.accountant import OPACUS_ACCOUNTANTS
+from fedclip.privacy.events import PrivacyUnit
+from fedclip.privacy.policy import DP_MODES, load_policy_file
 from fedclip.privacy.release import ReleaseConfig
 from fedclip.training.config import DpConfig, TrainConfig
 from simulations.hospital_clip.plan import RoundPlan
@@ -74,6 +76,9 @@ class SimulationConfig:
     site_policy_file: str = ""
     # share of the selected sites that must train for a round to count; below it the run stops
     failure_quorum: float = 1.0
+    # overrides that must be deliberate (each is printed in summary.md)
+    allow_large_delta: bool = False  # delta above 1/(units at the smallest site) makes epsilon meaningless
+    allow_outside_paths: bool = False  # manifest image paths outside the manifest's folder
     # client-level DP at the server (a site is the unit): Flower's fixed-clipping wrapper
     client_dp_epsilon: float = 0.0
     client_clip_norm: float = 1.0
@@ -84,6 +89,17 @@ class SimulationConfig:
     idia_distractors: int = 200
 
     def __post_init__(self) -> None:
+        for key, allowed in (("dp_mode", DP_MODES), ("privacy_unit", tuple(PrivacyUnit)), ("accountant", OPACUS_ACCOUNTANTS)):
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"{key.replace('_', '-')}: expected one of {[str(a) for a in allowed]}, "
+                                 f"got {getattr(self, key)!r}")
+        for key in ("target_epsilon", "noise_multiplier", "client_dp_epsilon", "lr", "max_grad_norm", "sample_rate",
+                    "delta", "client_clip_norm", "release_loss_noise", "release_loss_bound", "release_count_noise",
+                    "site_skew"):
+            if not math.isfinite(getattr(self, key)):
+                raise ValueError(f"{key.replace('_', '-')}: expected a finite number, got {getattr(self, key)}")
+        if self.seed < 0:
+            raise ValueError(f"seed: expected an integer >= 0, got {self.seed}")
         if self.num_rounds < 1:
             raise ValueError(f"num-rounds: expected an integer >= 1, got {self.num_rounds}")
         if self.strategy not in INNER_STRATEGIES:

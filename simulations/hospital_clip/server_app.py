@@ -39,6 +39,7 @@ from fedclip.reporting.summary import write_summary
 from fedclip.training.warmstart import WarmStartConfig, warm_start
 from simulations.hospital_clip.config import DEFAULT_TOML, SimulationConfig, load_toml
 from simulations.hospital_clip.evaluator import RoundEvaluator
+from simulations.hospital_clip.preflight import preflight
 from simulations.hospital_clip.task import manifest_path, pick_device, site_frames
 from strategies.client_level import calibrate_site_noise, site_level_epsilon, with_site_level_dp
 from strategies.privacy_budget import PrivacyBudgetStrategy, SiteFailure, SiteRound
@@ -174,7 +175,8 @@ def run(grid: Grid, cfg: SimulationConfig) -> Path:
     manifest = prepare_data(cfg, out)
     checkpoint = prepare_checkpoint(cfg, manifest)
     sigma = plan_noise(cfg)
-    parts = site_frames(manifest, cfg.num_sites, cfg.seed, cfg.pool_sites)
+    parts = site_frames(manifest, cfg.num_sites, cfg.seed, cfg.pool_sites, cfg.allow_outside_paths)
+    preflight(cfg, manifest)  # the same checks the CLI ran, now on the data as generated
     site_sigma = (calibrate_site_noise(target_epsilon=cfg.client_dp_epsilon, rounds=cfg.num_rounds,
                                        delta=cfg.delta) if cfg.client_dp_epsilon > 0 else 0.0)
     files.write_json("config.json", {**cfg.to_run_config(), "resolved-manifest": manifest,
@@ -202,7 +204,7 @@ def run(grid: Grid, cfg: SimulationConfig) -> Path:
         initial = ArrayRecord(torch_state_dict=saved["state_dict"])
         print(f"resuming after round {round_offset}", flush=True)
     remaining = cfg.num_rounds - round_offset
-    frame = load_manifest(manifest).frame
+    frame = load_manifest(manifest, allow_outside_paths=cfg.allow_outside_paths).frame
     test = load_pairs(frame[frame["split"] == str(Split.HELDOUT)], preprocess=bundle.preprocess, tokenizer=bundle.tokenizer)
     idia = IdentityInferenceAttack(IdiaTargets.from_frame(frame, config=cfg.idia(), preprocess=bundle.preprocess),
                                    tokenizer=bundle.tokenizer, config=cfg.idia())

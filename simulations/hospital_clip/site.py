@@ -30,6 +30,7 @@ class SiteIdentity:
     state_dir: Path
     weight: float
     deployed: bool
+    outside_paths: bool = False
 
 
 def site_identity(context: Context, config: ConfigRecord) -> SiteIdentity:
@@ -42,12 +43,15 @@ def site_identity(context: Context, config: ConfigRecord) -> SiteIdentity:
         if not weight > 0:
             raise ValueError(f"node config: site-weight: expected > 0, got {weight}")
         return SiteIdentity(site=str(node["site"]), manifest=str(node["manifest"]), checkpoint=str(node["checkpoint"]),
-                            state_dir=Path(str(node["state-dir"])), weight=weight, deployed=True)
+                            state_dir=Path(str(node["state-dir"])), weight=weight, deployed=True,
+                            outside_paths=str(node.get("allow-outside-paths", "false")).lower() == "true")
     manifest = str(config["manifest"])
+    outside = bool(config["allow-outside-paths"])
     site = site_for_partition(manifest, int(config["num-sites"]), int(config["seed"]),
-                              int(node.get("partition-id", 0)), bool(config["pool-sites"]))
+                              int(node.get("partition-id", 0)), bool(config["pool-sites"]), outside)
     return SiteIdentity(site=site, manifest=manifest, checkpoint=str(config["checkpoint"]),
-                        state_dir=Path(str(config["site-state-root"])) / site, weight=1.0, deployed=False)
+                        state_dir=Path(str(config["site-state-root"])) / site, weight=1.0, deployed=False,
+                        outside_paths=outside)
 
 
 def site_policy(context: Context, config: ConfigRecord, me: SiteIdentity) -> SitePolicy:

@@ -30,10 +30,11 @@ POOLED_SITE = "pooled"
 
 
 @lru_cache(maxsize=4)
-def site_frames(manifest: str, num_sites: int, seed: int, pooled: bool = False) -> dict:
+def site_frames(manifest: str, num_sites: int, seed: int, pooled: bool = False, outside_paths: bool = False) -> dict:
     """Member rows per site: by the manifest's site column, or split by patient if it has none;
-    ``pooled``: one site holding every member (central training on pooled data)."""
-    frame = load_manifest(manifest).frame
+    ``pooled``: one site holding every member (central training on pooled data);
+    ``outside_paths``: image paths may leave the manifest's folder."""
+    frame = load_manifest(manifest, allow_outside_paths=outside_paths).frame
     members = frame[frame["split"] == str(Split.TRAIN)]
     if pooled:
         frame = assign_sites_by_patient(frame, num_sites=1, seed=seed)
@@ -56,9 +57,9 @@ def fresh_model(arch: str, checkpoint: str, trainable: str, device: torch.device
 
 @lru_cache(maxsize=8)
 def site_training_data(manifest: str, site: str, num_sites: int, seed: int, arch: str, checkpoint: str,
-                       pooled: bool = False) -> PairData:
+                       pooled: bool = False, outside_paths: bool = False) -> PairData:
     """A site's training pairs (``train`` rows only: query images are never trained on)."""
-    parts = site_frames(manifest, num_sites, seed, pooled)
+    parts = site_frames(manifest, num_sites, seed, pooled, outside_paths)
     if site not in parts:
         raise ValueError(f"site: {site!r} is not in {manifest} (sites: {sorted(parts)})")
     rows = parts[site]
@@ -67,8 +68,9 @@ def site_training_data(manifest: str, site: str, num_sites: int, seed: int, arch
     return load_pairs(rows, preprocess=bundle.preprocess, tokenizer=bundle.tokenizer)
 
 
-def site_for_partition(manifest: str, num_sites: int, seed: int, partition_id: int, pooled: bool = False) -> str:
-    sites = sorted(site_frames(manifest, num_sites, seed, pooled))
+def site_for_partition(manifest: str, num_sites: int, seed: int, partition_id: int, pooled: bool = False,
+                       outside_paths: bool = False) -> str:
+    sites = sorted(site_frames(manifest, num_sites, seed, pooled, outside_paths))
     if not 0 <= partition_id < len(sites):
         raise ValueError(f"partition-id: {partition_id} but the manifest has {len(sites)} sites {sites}; "
                          "run as many SuperNodes as sites")

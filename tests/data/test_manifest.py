@@ -108,3 +108,23 @@ def test_patient_in_two_populations_fails(copy):
     _edit(copy, lambda f: f.__setitem__("split", f["split"].where(f.index != first, "heldout")))
     with pytest.raises(ManifestError, match="several populations"):
         load_manifest(copy)
+
+
+def test_paths_outside_the_manifest_folder_are_refused_unless_allowed(copy):
+    frame = pd.read_csv(copy, dtype=str, keep_default_na=False)
+    outside = copy.parent.parent / "elsewhere.png"
+    shutil.copy(copy.parent / frame.loc[3, "filepath"], outside)
+    for path in ("../elsewhere.png", str(outside)):
+        _edit(copy, lambda f, p=path: f.__setitem__("filepath", f["filepath"].where(f.index != 3, p)))
+        with pytest.raises(ManifestError, match=r"line 5, column 'filepath': image path .* is outside the manifest's folder"):
+            load_manifest(copy)
+        loaded = load_manifest(copy, allow_outside_paths=True)
+        assert str(outside.resolve()) in {str(Path(p).resolve()) for p in loaded.frame["filepath"]}
+
+
+def test_a_directory_given_as_an_image_is_called_a_directory(copy):
+    frame = pd.read_csv(copy, dtype=str, keep_default_na=False)
+    (copy.parent / "adir").mkdir()
+    _edit(copy, lambda f: f.__setitem__("filepath", f["filepath"].where(f.index != 2, "adir")))
+    with pytest.raises(ManifestError, match="line 4, column 'filepath': image path is a directory"):
+        load_manifest(copy)

@@ -86,6 +86,22 @@ def test_nonprivate_settings_leak_at_least_as_much_as_private_ones(comparison):
     assert nonprivate["tpr"].max() >= private["tpr"].max()
 
 
+def test_record_rows_show_what_they_mean_for_a_patient_and_the_publication_cost_is_stated(comparison):
+    out, _, _ = comparison
+    runs = pd.read_csv(out / "runs.csv")
+    record = runs[runs["setting"] == "fed-local-record"].sort_values("target_epsilon")
+    assert (record["largest_patient_pairs"] == 8).all()  # images-per-patient in the base config
+    assert (record["patient_epsilon_group"] == 8 * record["epsilon_local"]).all()
+    assert record["patient_delta_group"].iloc[-1] > 1  # at epsilon 16 group privacy says nothing about a patient
+    assert runs.loc[runs["unit"] == "identity", "patient_epsilon_group"].isna().all()
+    assert "per patient, record rows" in (out / "table.md").read_text()
+    cost = pd.read_csv(out / "publication_cost.csv")
+    identity_max = runs.loc[runs["unit"].str.contains("identity"), "epsilon_local"].max()
+    assert math.isinf(cost["epsilon_all_runs"].iloc[0])  # non-private runs of the same patients are in it
+    assert identity_max < cost["epsilon_identity_runs"].iloc[0] < runs["epsilon_local"].replace(math.inf, 0).sum() + 1
+    assert "Publishing every run of this comparison" in (out / "table.md").read_text()
+
+
 def test_a_second_invocation_reuses_every_finished_run(comparison):
     out, config, _ = comparison
     before = (out / "table.csv").read_text()

@@ -1,0 +1,58 @@
+"""Checks that need the data's shape: done once before Ray starts, and again by the ServerApp.
+
+The sites and their sizes come from the manifest, or from the synthetic generator's plan (the
+same draws ``generate`` will make). With them: every site named in ``site-budgets`` must exist,
+and delta must not exceed 1/(units at the smallest site): a mechanism that publishes one random
+unit's data outright is (0, 1/n)-DP, so a larger delta makes every epsilon meaningless. Only an
+explicit ``allow-large-delta = true`` runs it anyway, and the summary says so.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fedclip.data.schema import Split
+from fedclip.data.synthetic import site_sizes
+from simulations.hospital_clip.config import SimulationConfig
+from simulations.hospital_clip.task import POOLED_SITE, site_frames
+
+
+@dataclass(frozen=True)
+class DataShape:
+    units: dict[str, int]  # privacy units per site
+
+    @property
+    def sites(self) -> list[str]:
+        return sorted(self.units)
+
+
+def data_shape(cfg: SimulationConfig, manifest: str | None = None) -> DataShape:
+    """Sites and their unit counts, from ``manifest`` (or ``cfg.manifest``) or the synthetic plan."""
+    manifest = manifest or cfg.manifest
+    if manifest:
+        parts = site_frames(manifest, cfg.num_sites, cfg.seed, cfg.pool_sites, cfg.allow_outside_paths)
+        units = {}
+        for site, frame in parts.items():
+            rows = frame[frame["split"] == str(Split.TRAIN)]
+            units[site] = rows["patient_id"].nunique() if cfg.privacy_unit == "identity" else len(rows)
+        return DataShape(units)
+    sizes = site_sizes(cfg.synthetic())
+    per = 1 if cfg.privacy_unit == "identity" else cfg.images_per_patient
+    if cfg.pool_sites:
+        return DataShape({POOLED_SITE: sum(sizes) * per})
+    return DataShape({f"hospital_{i}": n * per for i, n in enumerate(sizes)})
+
+
+def preflight(cfg: SimulationConfig, manifest: str | None = None) -> DataShape:
+    shape = data_shape(cfg, manifest)
+    unknown = sorted(set(cfg.site_budget_map()) - set(shape.units))
+    if unknown:
+        raise ValueError(f"site-budgets: no site named {unknown}; the data's sites are {shape.sites}")
+    smallest = min(shape.units.values())
+    if cfg.delta > 1 / smallest and not cfg.allow_large_delta:
+        site = min(shape.units, key=shape.units.get)
+        raise ValueError(f"delta: {cfg.delta:g} is above 1/(number of {cfg.privacy_unit} units at the smallest site, "
+                         f"{site}) = 1/{smallest}; at such a delta a mechanism may publish a unit's data outright, so "
+                         "epsilon would mean nothing. Choose delta << 1/n, or set allow-large-delta=true to run anyway "
+                         "(the summary will say so)")
+    return shape

@@ -1,0 +1,56 @@
+"""summary.md says what the run protects, what it released, and when it is not private at all."""
+
+import pandas as pd
+
+from fedclip.reporting.run_files import RunFiles
+from fedclip.reporting.summary import write_summary
+from simulations.hospital_clip.config import SimulationConfig
+
+
+def _frames():
+    rounds = pd.DataFrame([{"round": 1, "site": "h0", "status": "trained", "epsilon": 1.5, "budget": 4.0, "selected": True,
+                            "reason": ""},
+                           {"round": 1, "site": "h1", "status": "refused", "epsilon": 1.5, "budget": 4.0, "selected": True,
+                            "reason": "site policy refuses the round at h1: min-noise-multiplier: 1 < 2"}])
+    attack = pd.DataFrame([{"round": 1, "tpr": 0.1, "fpr": 0.0, "precision": 1.0, "accuracy": 0.5,
+                            "epsilon_lower_bound": 0.0, "max_site_epsilon": 1.5}])
+    utility = pd.DataFrame([{"round": 1, "zero_shot_accuracy": 0.5, "recall_at_1": 0.1, "recall_at_5": 0.2}])
+    return rounds, attack, utility
+
+
+def _summary(tmp_path, **overrides) -> str:
+    config = SimulationConfig(**overrides).to_run_config()
+    rounds, attack, utility = _frames()
+    return write_summary(tmp_path / "summary.md", config=config, rounds=rounds, attack=attack, utility=utility,
+                         noise_multiplier=2.0).read_text()
+
+
+def test_the_default_summary_states_the_threat_model_and_what_was_released(tmp_path):
+    text = _summary(tmp_path)
+    assert "the server is the adversary" in text and "OS entropy" in text
+    assert "no count, loss or other value computed from its data" in text
+    assert "NOT PRIVATE" not in text
+    assert "| 1 | h1 | refused | site policy refuses the round at h1" in text
+    assert "indicative, not a certificate" in text and "Bonferroni" in text
+
+
+def test_reproducible_noise_is_announced_as_not_private(tmp_path):
+    text = _summary(tmp_path, reproducible_noise=True)
+    assert "NOT PRIVATE AGAINST THE SERVER" in text.splitlines()[2]
+
+
+def test_released_statistics_are_named_with_their_noise(tmp_path):
+    text = _summary(tmp_path, release_loss_noise=3.0)
+    assert "the mean training loss" in text and "noise multiplier 3.0" in text
+
+
+def test_a_resumed_run_drops_rows_of_rounds_it_will_run_again(tmp_path):
+    files = RunFiles(tmp_path)
+    files.append("utility", [{"round": r, "zero_shot_accuracy": 0.1, "recall_at_1": 0, "recall_at_5": 0} for r in range(4)])
+    files.truncate_after(2)
+    assert files.read("utility")["round"].tolist() == [0, 1, 2]
+
+
+def test_deliberate_overrides_are_printed(tmp_path):
+    text = _summary(tmp_path, allow_large_delta=True)
+    assert "allow-large-delta = true" in text and "not meaningful" in text

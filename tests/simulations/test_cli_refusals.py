@@ -1,0 +1,99 @@
+"""Every bad setting is refused by ``flower-simulation`` before Ray starts, naming the key.
+
+Table-driven against the CLI's ``main`` (the console script), with Ray's entry point replaced by
+a sentinel that fails the test if it is ever reached; one case also runs as a real process.
+"""
+
+import shutil
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+
+import flwr.simulation
+from simulations import cli
+
+TINY = "num-sites=2 patients-per-site=6 images-per-patient=4"
+
+
+class RayStarted(Exception):
+    pass
+
+
+@pytest.fixture(autouse=True)
+def no_ray(monkeypatch):
+    def refuse(**kwargs):
+        raise RayStarted(kwargs)
+
+    monkeypatch.setattr(flwr.simulation, "run_simulation", refuse)
+
+
+@pytest.fixture()
+def escaping_manifest(small_manifest_path, tmp_path):
+    shutil.copytree(small_manifest_path.parent, tmp_path / "d")
+    path = tmp_path / "d" / "manifest.csv"
+    frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    image = frame.loc[0, "filepath"]
+    (tmp_path / image).parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(tmp_path / "d" / image, tmp_path / image)  # the same image, one folder up
+    frame.loc[0, "filepath"] = "../" + image
+    frame.to_csv(path, index=False)
+    return path
+
+
+CASES = [
+    ("dp-mode=microbach", None, "dp-mode: expected one of ['microbatch', 'paper', 'nonprivate'], got 'microbach'"),
+    ("privacy-unit=patient", None, "privacy-unit: expected one of ['record', 'identity'], got 'patient'"),
+    ("accountant=rdpp", None, "accountant: expected one of"),
+    ("target-epsilon=nan", None, "target-epsilon: expected a finite number, got nan"),
+    ("target-epsilon=inf", None, "target-epsilon: expected a finite number, got inf"),
+    ("noise-multiplier=nan target-epsilon=0.0", None, "noise-multiplier: expected a finite number"),
+    ("client-dp-epsilon=nan", None, "client-dp-epsilon: expected a finite number"),
+    ("trainable=last-99", None, "trainable: last-99 but fedclip-tiny's vision tower has 2 blocks"),
+    ("seed=-1", None, "seed: expected an integer >= 0, got -1"),
+    ("site-budgets='hospital_9=2.0'", None, "site-budgets: no site named ['hospital_9']; the data's sites are "
+                                            "['hospital_0', 'hospital_1']"),
+    ("delta=0.5", None, "delta: 0.5 is above 1/(number of identity units at the smallest site, hospital_0) = 1/6"),
+    ("delta=0.1 privacy-unit=record", None, "delta: 0.1 is above 1/(number of record units"),
+    ("failure-quorum=0.0", None, "failure-quorum: expected a share in (0, 1]"),
+    ("site-policy-file='/no/such/policy.toml'", None, "site-policy-file: file not found"),
+    ("release-loss-noise=-1.0", None, "loss-noise: expected 0 (not released) or a finite value > 0"),
+    ("", '{"client_resources": {"num_cpus": "two"}}', "client_resources.num_cpus: expected a number >= 0, got 'two'"),
+    ("", '{"client_resources": {"num_cpus": 0}}', "client_resources.num_cpus: expected a number > 0"),
+    ("", '{"client_resources": {"num_gpu": 1}}', "client_resources.num_gpu: unknown"),
+]
+
+
+@pytest.mark.parametrize(("run_config", "backend", "message"), CASES)
+def test_bad_settings_are_refused_before_ray_naming_the_key(tmp_path, capsys, run_config, backend, message):
+    argv = ["--app", "simulations.hospital_clip", "--output", str(tmp_path / "run"), "--run-config",
+            f"{TINY} {run_config}"] + (["--backend-config", backend] if backend else [])
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_manifest_path_outside_its_folder_is_refused_unless_allowed(tmp_path, capsys, escaping_manifest):
+    argv = ["--app", "simulations.hospital_clip", "--output", str(tmp_path / "run"),
+            "--run-config", f"manifest='{escaping_manifest}'"]
+    assert cli.main(argv) == 2
+    assert "is outside the manifest's folder" in capsys.readouterr().err
+    with pytest.raises(RayStarted):  # allowed: validation passes and the run would start
+        cli.main(argv[:-1] + [f"manifest='{escaping_manifest}' allow-outside-paths=true"])
+
+
+def test_an_explicit_override_lets_a_large_delta_through(tmp_path):
+    argv = ["--app", "simulations.hospital_clip", "--output", str(tmp_path / "run"),
+            "--run-config", f"{TINY} delta=0.5 allow-large-delta=true"]
+    with pytest.raises(RayStarted):
+        cli.main(argv)
+
+
+def test_a_real_process_exits_2_before_ray(tmp_path):
+    cmd = [sys.executable, "-m", "simulations.cli", "--app", "simulations.hospital_clip", "--output",
+           str(tmp_path / "run"), "--run-config", f"{TINY} privacy-unit=patient"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "privacy-unit: expected one of" in done.stderr
+    assert "SuperNodes" not in done.stdout and "ray" not in done.stderr.lower()
