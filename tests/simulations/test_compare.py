@@ -29,7 +29,7 @@ idia-queries = 3
 idia-distractors = 20
 warm-start-epochs = 5
 local-steps = 30
-num-microbatches = 4
+microbatch-size = 2
 num-rounds = 4
 sample-rate = 0.5
 """

@@ -12,7 +12,7 @@ from fedclip.privacy.ledger_store import LedgerStore
 
 TINY = ("num-sites=2 patients-per-site=6 public-patients=30 heldout-patients=8 images-per-patient=4 "
         "query-images-per-patient=3 idia-queries=3 idia-distractors=20 warm-start-epochs=3 local-steps=2 "
-        "num-microbatches=2 target-epsilon=0.0 noise-multiplier=1.0 budget=inf")
+        "microbatch-size=3 target-epsilon=0.0 noise-multiplier=1.0 budget=inf")
 
 
 def _simulate(out, cache, extra: str) -> subprocess.CompletedProcess:
