@@ -61,7 +61,7 @@ class SimulationConfig:
     site_budgets: str = ""
     max_grad_norm: float = 1.0
     sample_rate: float = 0.5
-    microbatch_size: int = 1  # units per micro-batch: 1 = every unit its own clipped term
+    microbatch_size: int = 5  # units per micro-batch: 1 = every unit its own clipped term
     declared_units: int = 0  # public units per site, the DP sum's divisor; 0 = the synthetic plan's site sizes
     negative_bank_size: int = 256  # public negatives per unit in dp-mode "unit"
     delta: float = 1e-5
