@@ -73,8 +73,10 @@ def write_summary(path: str | Path, *, config: Mapping[str, Any], rounds: pd.Dat
         f"{config['num-rounds']} rounds, delta = {config['delta']:g}",
         f"- strategy: {config['strategy']} wrapped by PrivacyBudgetStrategy (budget {config['budget']}"
         + (f", per site: {config['site-budgets']}" if config["site-budgets"] else "") + ")",
-        f"- a round stops the run unless at least {config.get('failure-quorum', 1.0):g} of its selected sites train"
-        + (" (a quorum below 1: failed sites were tolerated)" if config.get("failure-quorum", 1.0) < 1 else ""),
+        ("- a round stops the run if any selected site fails, refuses or does not reply (failure-quorum 1)"
+         if config.get("failure-quorum", 1.0) >= 1 else
+         f"- failure-quorum {config['failure-quorum']:g}: a round counts if at least that share of its selected sites "
+         "trained; failed sites were tolerated"),
         "",
         "## What the accountant promises",
         "",
