@@ -36,7 +36,7 @@ def _one(k: int, trainable: str, pairs: int, repeats: int, device: str) -> dict:
     tokens = torch.randint(1, 40000, (pairs, 32), device=device)
     tokens[:, 12], tokens[:, 13:] = 49407, 0
     groups = np.array_split(np.arange(pairs), k)
-    dp = DpConfig(noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=1.0, num_microbatches=k)
+    dp = DpConfig(noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=1.0, microbatch_size=max(1, pairs // k), declared_units=pairs)
     dp_opt = make_optimizer(model, dp, TrainConfig(), expected_microbatches=k, noise_generator=None)
     plain_opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 

@@ -9,8 +9,13 @@ that differ by *adding or removing one privacy unit* (one image-text pair for ``
 pairs of one patient for ``identity``). ``relation`` below is something else: the relation
 between the two *mechanism outputs* that this change induces, which decides the accountant.
 
-* ``replace_one`` (per-micro-batch mode): units are assigned to fixed micro-batches by a keyed
-  hash, and micro-batches are Poisson-sampled with rate q. Adding or removing one unit changes
+* ``add_or_remove`` with sensitivity 1 (``unit`` mode, and ``microbatch`` mode with one unit
+  per micro-batch): every unit is its own clipped term, Poisson-sampled with rate q; adding or
+  removing the unit adds or removes that term (norm <= C). The standard subsampled Gaussian:
+  Opacus' accountants apply. In ``unit`` mode the unit's loss is contrasted against public
+  negatives only, so its gradient depends on no other unit's data.
+* ``replace_one`` (per-micro-batch mode with several units per micro-batch): units are assigned
+  to fixed micro-batches by a keyed hash, and micro-batches are Poisson-sampled with rate q. Adding or removing one unit changes
   the content of exactly one micro-batch, so in the noisy sum one clipped term a (norm <= C) is
   replaced by another b (norm <= C), present with probability q in both worlds: the outputs are
   (1-q) N(0, s^2) + q N(a, s^2) against (1-q) N(0, s^2) + q N(b, s^2), s = sigma C. The worst

@@ -27,7 +27,7 @@ def unit_ids(*, privacy_unit: PrivacyUnit, patient_ids: Sequence[str], record_id
 def block_of(units: Sequence[str], *, num_blocks: int, key: str) -> np.ndarray:
     """Micro-batch index in [0, num_blocks) of each unit: HMAC-SHA256(key, unit id) mod B."""
     if num_blocks < 1:
-        raise ValueError(f"num_microbatches: expected an integer >= 1, got {num_blocks}")
+        raise ValueError(f"num_blocks: expected an integer >= 1, got {num_blocks}")
     k = key.encode()
     return np.array(
         [int.from_bytes(hmac.new(k, u.encode(), hashlib.sha256).digest()[:8], "big") % num_blocks for u in units],

@@ -25,7 +25,7 @@ from fedclip.privacy.accountant import check_delta
 from fedclip.privacy.events import DpEvent
 from fedclip.privacy.ledger import PrivacyLedger
 
-DP_MODES = ("microbatch", "paper", "nonprivate")
+DP_MODES = ("microbatch", "unit", "paper", "nonprivate")
 POLICY_KEYS = ("allowed-dp-modes", "min-noise-multiplier", "max-epsilon-run", "max-epsilon-total", "delta")
 REFUSAL = "site policy refuses the round"
 
@@ -40,7 +40,7 @@ class PolicyRefusal(ValueError):
 
 @dataclass(frozen=True, kw_only=True)
 class SitePolicy:
-    allowed_dp_modes: tuple[str, ...] = ("microbatch", "paper")
+    allowed_dp_modes: tuple[str, ...] = ("microbatch", "unit", "paper")
     min_noise_multiplier: float = 0.0
     max_epsilon_run: float = math.inf
     max_epsilon_total: float = math.inf

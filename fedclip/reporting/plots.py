@@ -32,7 +32,8 @@ def plot_run(out_dir: str | Path, rounds: pd.DataFrame, attack: pd.DataFrame, ut
     ax2 = ax.twinx()
     ax2.plot(attack["round"], attack["epsilon_lower_bound"], color="tab:red", linestyle=":", marker="^",
              label="empirical epsilon lower bound")
-    ax2.set_ylabel("epsilon lower bound (95%)")
+    ax2.set_ylabel("epsilon lower bound (jointly 95% over rounds)")
+    ax2.set_ylim(0, max(1.0, 1.1 * float(attack["epsilon_lower_bound"].fillna(0).max())) if len(attack) else 1.0)
     lines = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
     ax.legend(lines, [ln.get_label() for ln in lines], fontsize=8, loc="upper left")
     paths.append(_save(fig, out / "attack.png"))

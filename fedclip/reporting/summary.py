@@ -12,10 +12,24 @@ UNIT_TEXT = {
     "identity": "one patient (all of their image-report pairs)",
     "record": "one image-report pair; a patient with k pairs is protected only through group privacy (about k times epsilon)",
 }
-RELATION_TEXT = {
-    "replace_one": "per-micro-batch clipping: one unit changes one hashed micro-batch, a replace-one change of one clipped term (sensitivity C), accounted with a replace-one PLD",
-    "add_or_remove": "paper mode: one clipped batch, a unit moves it by up to 2C (sensitivity 2C), accounted with Opacus' add-or-remove accountant",
+MECHANISM_TEXT = {
+    "microbatch-1": "one unit per micro-batch: adding or removing a unit adds or removes one clipped term, present with "
+                    "probability q (sensitivity C), accounted with Opacus' add-or-remove accountant",
+    "microbatch": "per-micro-batch clipping: one unit changes one fixed hashed micro-batch, a replace-one change of one "
+                  "clipped term (sensitivity C), accounted with a replace-one PLD",
+    "unit": "per-unit clipping of each unit's own contrastive loss against public negatives: adding or removing a unit "
+            "adds or removes one clipped term (sensitivity C), accounted with Opacus' add-or-remove accountant",
+    "paper": "paper mode: one clipped batch, a unit moves it by up to 2C (sensitivity 2C), accounted with Opacus' "
+             "add-or-remove accountant",
 }
+
+
+def mechanism_text(config: Mapping[str, Any]) -> str:
+    mode = str(config["dp-mode"])
+    if mode == "microbatch" and int(config.get("microbatch-size", 1)) == 1:
+        mode = "microbatch-1"
+    return MECHANISM_TEXT[mode] + ("; the noisy sum is divided by a public number (q x declared units), never by a "
+                                   "count of the data" if mode != "paper" else "")
 
 
 def _fmt(value: Any) -> str:
@@ -59,8 +73,10 @@ def write_summary(path: str | Path, *, config: Mapping[str, Any], rounds: pd.Dat
         f"{config['num-rounds']} rounds, delta = {config['delta']:g}",
         f"- strategy: {config['strategy']} wrapped by PrivacyBudgetStrategy (budget {config['budget']}"
         + (f", per site: {config['site-budgets']}" if config["site-budgets"] else "") + ")",
-        f"- a round stops the run unless at least {config.get('failure-quorum', 1.0):g} of its selected sites train"
-        + (" (a quorum below 1: failed sites were tolerated)" if config.get("failure-quorum", 1.0) < 1 else ""),
+        ("- a round stops the run if any selected site fails, refuses or does not reply (failure-quorum 1)"
+         if config.get("failure-quorum", 1.0) >= 1 else
+         f"- failure-quorum {config['failure-quorum']:g}: a round counts if at least that share of its selected sites "
+         "trained; failed sites were tolerated"),
         "",
         "## What the accountant promises",
         "",
@@ -71,7 +87,7 @@ def write_summary(path: str | Path, *, config: Mapping[str, Any], rounds: pd.Dat
         lines += [
             f"Each epsilon is an upper bound for data sets that differ by adding or removing {UNIT_TEXT[config['privacy-unit']]}, "
             f"at delta = {config['delta']:g}, composed over every round the site trained. Mechanism: "
-            f"{RELATION_TEXT['replace_one' if config['dp-mode'] == 'microbatch' else 'add_or_remove']}.",
+            f"{mechanism_text(config)}.",
             "", "Threat model: local DP; the server is the adversary. Each site draws its noise and sampling from "
             "OS entropy" + (" (here: NOT, reproducible-noise was on)" if config.get("reproducible-noise") else "")
             + ", enforces its own policy and keeps its own ledger; the server's ledger is write-ahead (a round is "

@@ -11,11 +11,14 @@ from fedclip.privacy.events import PrivacyUnit, Relation
 
 
 class Mode(StrEnum):
-    """``microbatch``: fixed hashed micro-batches, Poisson-sampled, each clipped (replace-one);
-    ``paper``: the Poisson-sampled batch is one clipped micro-batch, as DP-CLIP describes
-    (add-or-remove, sensitivity 2C); ``nonprivate``: same sampling, no clipping, no noise."""
+    """``microbatch``: micro-batches of ``microbatch_size`` units, Poisson-sampled, each clipped
+    (one unit each: add-or-remove; several, by a fixed keyed hash: replace-one);
+    ``unit``: every unit's own loss against public negatives, Poisson-sampled units, each clipped
+    (add-or-remove); ``paper``: the Poisson-sampled batch is one clipped micro-batch, as DP-CLIP
+    describes (add-or-remove, sensitivity 2C); ``nonprivate``: same sampling, no clipping, no noise."""
 
     MICROBATCH = "microbatch"
+    UNIT = "unit"
     PAPER = "paper"
     NONPRIVATE = "nonprivate"
 
@@ -24,9 +27,13 @@ class Mode(StrEnum):
 class DpConfig:
     """Privacy-critical settings; keyword-only so that no argument lands in the wrong place.
 
-    ``sample_rate`` is the Poisson rate of micro-batches (``microbatch``) or of units (``paper``,
-    ``nonprivate``). ``num_microbatches`` is the number of fixed hashed micro-batches a site's
-    units are spread over (``microbatch`` only).
+    ``sample_rate`` is the Poisson rate of micro-batches (``microbatch``) or of units (``unit``,
+    ``paper``, ``nonprivate``). ``microbatch_size`` is the number of units per micro-batch: 1 makes
+    every unit its own micro-batch; more spreads units over ceil(declared_units / size) fixed
+    micro-batches by a keyed hash. ``declared_units`` is a *public* number the site declares (its
+    approximate size): the noisy sum is divided by ``sample_rate * declared_units`` (or by the
+    expected number of micro-batches), never by a count of the data, whose exact value would
+    otherwise show in the update's noise scale.
     """
 
     mode: Mode = Mode.MICROBATCH
@@ -34,7 +41,8 @@ class DpConfig:
     noise_multiplier: float = 1.0
     max_grad_norm: float = 1.0
     sample_rate: float = 0.5
-    num_microbatches: int = 6
+    microbatch_size: int = 1
+    declared_units: int = 0
     delta: float = 1e-5
     accountant: str = "prv"
     hash_key: str = "fedclip-microbatches"
@@ -46,8 +54,11 @@ class DpConfig:
             raise ValueError(f"max_grad_norm: expected a finite value > 0, got {self.max_grad_norm}")
         if not 0 < self.sample_rate <= 1:
             raise ValueError(f"sample_rate: expected a value in (0, 1], got {self.sample_rate}")
-        if self.num_microbatches < 1:
-            raise ValueError(f"num_microbatches: expected an integer >= 1, got {self.num_microbatches}")
+        if self.microbatch_size < 1:
+            raise ValueError(f"microbatch_size: expected an integer >= 1, got {self.microbatch_size}")
+        if self.mode in (Mode.MICROBATCH, Mode.UNIT) and self.declared_units < 1:
+            raise ValueError(f"declared_units: expected the public number of units (an integer >= 1) in mode "
+                             f"{self.mode}, got {self.declared_units}")
         if self.mode != Mode.NONPRIVATE and not (self.noise_multiplier > 0 and math.isfinite(self.noise_multiplier)):
             raise ValueError(
                 f"noise_multiplier: expected a finite value > 0 in mode {self.mode}, got {self.noise_multiplier} "
@@ -58,8 +69,28 @@ class DpConfig:
             raise ValueError(f"accountant: expected one of {OPACUS_ACCOUNTANTS}, got {self.accountant!r}")
 
     @property
+    def per_unit(self) -> bool:
+        """Every unit is its own clipped term (``unit``, or ``microbatch`` of size 1)."""
+        return self.mode == Mode.UNIT or (self.mode == Mode.MICROBATCH and self.microbatch_size == 1)
+
+    @property
+    def num_blocks(self) -> int:
+        """Fixed keyed-hash blocks: micro-batches of size > 1, and the blocks a released loss is
+        computed over (a public number either way)."""
+        return max(1, -(-max(self.declared_units, 1) // self.microbatch_size))
+
+    @property
+    def expected_terms(self) -> float:
+        """What the noisy sum is divided by: a public number, never a count of the data."""
+        if self.mode == Mode.PAPER or self.mode == Mode.NONPRIVATE:
+            return 1.0
+        return self.sample_rate * (self.declared_units if self.per_unit else self.num_blocks)
+
+    @property
     def relation(self) -> Relation:
-        return Relation.REPLACE_ONE if self.mode == Mode.MICROBATCH else Relation.ADD_OR_REMOVE
+        """Units in shared fixed micro-batches: one unit replaces a clipped term (replace-one); one
+        unit per term: it adds or removes the term (add-or-remove)."""
+        return Relation.REPLACE_ONE if self.mode == Mode.MICROBATCH and not self.per_unit else Relation.ADD_OR_REMOVE
 
     @property
     def sensitivity(self) -> float:
@@ -73,6 +104,7 @@ class TrainConfig:
     lr: float = 5e-4
     weight_decay: float = 0.0
     microbatch_chunk: int | None = None
+    negative_bank_size: int = 256
 
     def __post_init__(self) -> None:
         if self.steps < 1:
@@ -81,5 +113,7 @@ class TrainConfig:
             raise ValueError(f"lr: expected > 0, got {self.lr}")
         if self.weight_decay < 0:
             raise ValueError(f"weight_decay: expected >= 0, got {self.weight_decay}")
+        if self.negative_bank_size < 1:
+            raise ValueError(f"negative_bank_size: expected an integer >= 1, got {self.negative_bank_size}")
         if self.microbatch_chunk is not None and self.microbatch_chunk < 1:
             raise ValueError(f"microbatch_chunk: expected an integer >= 1 or None, got {self.microbatch_chunk}")

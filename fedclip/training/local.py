@@ -1,10 +1,11 @@
 """A site's local training under per-batch DP, top to bottom.
 
-One step: Poisson-sample micro-batches (Opacus' sampler); compute every sampled micro-batch's
-contrastive-loss gradient at once (``per_microbatch_grads``); hand them to Opacus'
-``DPOptimizer`` as ``p.grad_sample``, which clips each to norm C, sums, adds N(0, (sigma C)^2)
-and divides by the expected number of micro-batches; step. The non-private mode samples the
-same way and takes a plain step on the whole batch. The run returns one privacy event.
+One step: Poisson-sample micro-batches or units (Opacus' sampler); compute every sampled
+group's contrastive-loss gradient at once (``per_microbatch_grads``; in ``unit`` mode against a
+bank of public negatives built when the round starts); hand them to Opacus' ``DPOptimizer`` as
+``p.grad_sample``, which clips each to norm C, sums, adds N(0, (sigma C)^2) and divides by a
+public number (``DpConfig.expected_terms``); step. The non-private mode samples the same way and
+takes a plain step on the whole batch. The run returns one privacy event.
 
 Sampling and noise draw from OS entropy (``fedclip.privacy.randomness``) unless the caller asks
 for a reproducible seed, which is not private against whoever knows it.
@@ -27,6 +28,7 @@ from fedclip.privacy.randomness import site_randomness
 from fedclip.training.config import DpConfig, Mode, TrainConfig
 from fedclip.training.loss import clip_loss
 from fedclip.training.microbatch_grads import per_microbatch_grads
+from fedclip.training.negative_bank import build_negative_bank
 
 
 @dataclass(frozen=True)
@@ -38,13 +40,13 @@ class LocalResult:
 
 
 def sampling_units(data: PairData, dp: DpConfig) -> list[np.ndarray]:
-    """What the Poisson sampler draws from: fixed hashed micro-batches (``microbatch``) or the
-    units themselves (``paper``, ``nonprivate``); each entry lists record indices."""
+    """What the Poisson sampler draws from: fixed hashed micro-batches (``microbatch`` of size > 1)
+    or the units themselves (every other mode); each entry lists record indices."""
     units = unit_ids(privacy_unit=dp.privacy_unit, patient_ids=data.patient_ids, record_ids=data.record_ids)
-    if dp.mode == Mode.MICROBATCH:
+    if dp.mode == Mode.MICROBATCH and not dp.per_unit:
         # more micro-batches than units is allowed: an empty micro-batch contributes a zero
         # gradient, and refusing would itself reveal the unit count (it differs between neighbours)
-        return group_records(units, num_blocks=dp.num_microbatches, key=dp.hash_key)
+        return group_records(units, num_blocks=dp.num_blocks, key=dp.hash_key)
     order = {u: i for i, u in enumerate(dict.fromkeys(units))}
     per_unit: list[list[int]] = [[] for _ in order]
     for record, u in enumerate(units):
@@ -83,6 +85,7 @@ def train_local(
     dp: DpConfig,
     train: TrainConfig,
     reproducible_seed: int | None = None,
+    public: PairData | None = None,
     step_hook: Callable[[DPOptimizer], None] | None = None,
 ) -> LocalResult:
     """Run ``train.steps`` steps on ``data`` in place; return the event and per-step figures.
@@ -90,6 +93,7 @@ def train_local(
     Sampling and noise come from OS entropy; ``reproducible_seed`` replaces it with a seed, for
     experiments only (not private against anyone who knows the seed).
 
+    ``public`` (public pairs, never a site's rows) feeds the negative bank of ``unit`` mode.
     ``step_hook`` is Opacus' observer: called after clipping, noise and scaling, before the
     update, with ``p.grad_sample`` (raw), ``p.summed_grad`` (clipped sum) and ``p.grad`` set.
     """
@@ -98,8 +102,13 @@ def train_local(
     randomness = site_randomness(device=device, reproducible_seed=reproducible_seed)
     sampler = UniformWithReplacementSampler(num_samples=len(pools), sample_rate=dp.sample_rate,
                                             generator=randomness.sampler, steps=train.steps)
-    expected = dp.sample_rate * len(pools) if dp.mode == Mode.MICROBATCH else 1.0
-    optimizer = make_optimizer(model, dp, train, expected_microbatches=expected, noise_generator=randomness.noise)
+    optimizer = make_optimizer(model, dp, train, expected_microbatches=dp.expected_terms,
+                               noise_generator=randomness.noise)
+    bank = None
+    if dp.mode == Mode.UNIT:
+        if public is None:
+            raise ValueError("public: unit mode needs public pairs for its negative bank")
+        bank = build_negative_bank(model, public, size=train.negative_bank_size, generator=randomness.sampler)
     if step_hook is not None and isinstance(optimizer, DPOptimizer):
         optimizer.attach_step_hook(step_hook)
     model.train()
@@ -110,7 +119,7 @@ def train_local(
             loss = _plain_step(model, optimizer, groups, data, device)
         else:
             grads, group_losses = per_microbatch_grads(model, groups, data.images, data.tokens,
-                                                       chunk_size=train.microbatch_chunk)
+                                                       chunk_size=train.microbatch_chunk, bank=bank)
             for name, p in model.named_parameters():
                 if p.requires_grad:
                     p.grad_sample = grads[name]
@@ -124,10 +133,10 @@ def train_local(
 
 
 def _step_groups(chosen: list[np.ndarray], mode: Mode) -> list[np.ndarray]:
-    """What one step trains on: each sampled micro-batch (``microbatch``); the whole sample as one
-    micro-batch, present even when empty, since its noise is always added (``paper``); the whole
-    sample, or nothing (``nonprivate``)."""
-    if mode == Mode.MICROBATCH:
+    """What one step trains on: each sampled micro-batch or unit (``microbatch``, ``unit``); the
+    whole sample as one micro-batch, present even when empty, since its noise is always added
+    (``paper``); the whole sample, or nothing (``nonprivate``)."""
+    if mode in (Mode.MICROBATCH, Mode.UNIT):
         return chosen
     batch = np.concatenate(chosen) if chosen else np.zeros(0, dtype=np.int64)
     return [batch] if mode == Mode.PAPER or len(batch) else []

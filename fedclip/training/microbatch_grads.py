@@ -16,7 +16,8 @@ import numpy as np
 import torch
 from torch.func import functional_call, grad, vmap
 
-from fedclip.training.loss import clip_loss
+from fedclip.training.loss import clip_loss, clip_loss_with_bank
+from fedclip.training.negative_bank import NegativeBank
 
 
 def pad_groups(groups: Sequence[np.ndarray | Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -37,9 +38,11 @@ def per_microbatch_grads(
     tokens: torch.Tensor,
     *,
     chunk_size: int | None = None,
+    bank: NegativeBank | None = None,
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Per-micro-batch gradients of the trainable parameters, ``{name: [K, *shape]}``, and the
-    K micro-batch losses. ``chunk_size`` bounds how many micro-batches vmap holds at once."""
+    K micro-batch losses. ``chunk_size`` bounds how many micro-batches vmap holds at once.
+    With ``bank``, each group's loss is contrasted against the bank's public negatives too."""
     trainable = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
     if not trainable:
         raise ValueError("trainable: the model has no trainable parameters")
@@ -55,7 +58,10 @@ def per_microbatch_grads(
 
     def loss_of_one(params: dict[str, torch.Tensor], img: torch.Tensor, tok: torch.Tensor, ok: torch.Tensor):
         image_f, text_f, scale = functional_call(model, (params, fixed), (img, tok))
-        loss = clip_loss(image_f, text_f, scale, ok)
+        if bank is None:
+            loss = clip_loss(image_f, text_f, scale, ok)
+        else:
+            loss = clip_loss_with_bank(image_f, text_f, scale, ok, bank.images.to(device), bank.texts.to(device))
         return loss, loss.detach()
 
     grads, losses = vmap(grad(loss_of_one, has_aux=True), in_dims=(None, 0, 0, 0), chunk_size=chunk_size)(

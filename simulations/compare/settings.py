@@ -25,12 +25,13 @@ class Setting:
     overrides: Callable[[float, SimulationConfig], dict[str, Any]]
 
 
-def _local(unit: str, *, pooled: bool = False, client: bool = False) -> Callable[[float, SimulationConfig], dict[str, Any]]:
+def _local(unit: str, *, pooled: bool = False, client: bool = False,
+           mode: str = "microbatch") -> Callable[[float, SimulationConfig], dict[str, Any]]:
     def build(eps: float, base: SimulationConfig) -> dict[str, Any]:
-        out: dict[str, Any] = {"dp-mode": "microbatch", "privacy-unit": unit, "target-epsilon": eps, "budget": math.inf,
+        out: dict[str, Any] = {"dp-mode": mode, "privacy-unit": unit, "target-epsilon": eps, "budget": math.inf,
                                "pool-sites": pooled, "client-dp-epsilon": eps if client else 0.0}
-        if pooled:  # keep the micro-batch size: as many micro-batches as all sites together
-            out["num-microbatches"] = base.num_microbatches * base.num_sites
+        if pooled and base.declared_units:  # the pooled site declares every site's units
+            out["declared-units"] = base.declared_units * base.num_sites
         return out
 
     return build
@@ -46,15 +47,17 @@ def _nonprivate(*, pooled: bool = False, client: bool = False) -> Callable[[floa
 
 SETTINGS: dict[str, Setting] = {s.name: s for s in (
     Setting("pooled-nonprivate", "all sites' data pooled, no DP", "none", "-", False, _nonprivate(pooled=True)),
-    Setting("pooled-dp", "pooled data, central per-batch DP (identity units)", "identity", "replace_one", True,
+    Setting("pooled-dp", "pooled data, central per-batch DP (identity units)", "identity", "per micro-batch", True,
             _local("identity", pooled=True)),
     Setting("fed-nonprivate", "federated, no DP", "none", "-", False, _nonprivate()),
-    Setting("fed-local-record", "federated, local per-batch DP at every site, record units", "record", "replace_one",
-            True, _local("record")),
+    Setting("fed-local-record", "federated, local per-batch DP at every site, record units", "record",
+            "per micro-batch", True, _local("record")),
     Setting("fed-local-identity", "federated, local per-batch DP at every site, identity units", "identity",
-            "replace_one", True, _local("identity")),
-    Setting("fed-client", "federated, client-level DP at the server (a site is the unit)", "site", "add_or_remove",
+            "per micro-batch", True, _local("identity")),
+    Setting("fed-local-unit", "federated, local per-unit DP against public negatives, identity units", "identity",
+            "add_or_remove", True, _local("identity", mode="unit")),
+    Setting("fed-client", "federated, client-level DP at the server (a site is the unit)", "site", "zero-out",
             True, _nonprivate(client=True)),
     Setting("fed-local-client", "local identity-level DP plus client-level DP at the server", "identity + site",
-            "replace_one + add_or_remove", True, _local("identity", client=True)),
+            "per micro-batch + zero-out", True, _local("identity", client=True)),
 )}

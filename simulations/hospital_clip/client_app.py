@@ -22,7 +22,7 @@ from fedclip.privacy.release import noisy_count, noisy_loss
 from fedclip.training.local import train_local
 from simulations.hospital_clip.plan import RoundPlan
 from simulations.hospital_clip.site import SiteIdentity, site_identity, site_ledger, site_policy
-from simulations.hospital_clip.task import fresh_model, pick_device, site_training_data
+from simulations.hospital_clip.task import fresh_model, pick_device, site_public_data, site_training_data
 from strategies.privacy_budget import PRIVACY_RECORD
 
 app = ClientApp()
@@ -50,7 +50,7 @@ def _check_and_charge(me: SiteIdentity, plan: RoundPlan, config: ConfigRecord, c
 def train(msg: Message, context: Context) -> Message:
     config = msg.content["config"]
     me = site_identity(context, config)
-    plan = RoundPlan.from_record(config, hash_key=f"fedclip:{me.site}")
+    plan = RoundPlan.from_record(config, hash_key=f"fedclip:{me.site}", declared_units=me.declared_units)
     round_ = int(config["server-round"]) + int(config["round-offset"])
     ledger, attempt = _check_and_charge(me, plan, config, context, run=str(msg.metadata.run_id), round_=round_)
     try:
@@ -59,12 +59,14 @@ def train(msg: Message, context: Context) -> Message:
         model = fresh_model(str(config["arch"]), me.checkpoint, str(config["trainable"]), pick_device())
         load_arrays(model, msg.content["arrays"])
         seed = plan.reproducible_seed(round_=round_, site=me.site)
-        result = train_local(model, data, dp=plan.dp, train=plan.train, reproducible_seed=seed)
+        public = site_public_data(me.manifest, str(config["arch"]), me.checkpoint, me.outside_paths) \
+            if str(plan.dp.mode) == "unit" else None
+        result = train_local(model, data, dp=plan.dp, train=plan.train, reproducible_seed=seed, public=public)
         metrics: dict[str, float] = {"site-weight": me.weight}  # declared before training: public
         release_gen = site_randomness(device=pick_device(), reproducible_seed=None if seed is None else seed + 7).sampler
         if plan.release.loss_noise > 0:
             metrics["train-loss"] = noisy_loss(model, data, config=plan.release, privacy_unit=plan.dp.privacy_unit,
-                                               num_blocks=plan.dp.num_microbatches, key=plan.dp.hash_key,
+                                               num_blocks=plan.dp.num_blocks, key=plan.dp.hash_key,
                                                generator=release_gen)
         if plan.release.count_noise > 0:
             metrics["num-units"] = noisy_count(data, config=plan.release, privacy_unit=plan.dp.privacy_unit,

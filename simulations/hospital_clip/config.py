@@ -61,7 +61,9 @@ class SimulationConfig:
     site_budgets: str = ""
     max_grad_norm: float = 1.0
     sample_rate: float = 0.5
-    num_microbatches: int = 6
+    microbatch_size: int = 5  # units per micro-batch: 1 = every unit its own clipped term
+    declared_units: int = 0  # public units per site, the DP sum's divisor; 0 = the synthetic plan's site sizes
+    negative_bank_size: int = 256  # public negatives per unit in dp-mode "unit"
     delta: float = 1e-5
     accountant: str = "prv"
     local_steps: int = 30
@@ -143,14 +145,20 @@ class SimulationConfig:
         return ModelConfig(arch=self.arch, pretrained=self.pretrained if pretrained is None else pretrained,
                            trainable=self.trainable)
 
-    def dp(self, noise_multiplier: float | None = None) -> DpConfig:
+    def planned_units(self) -> int:
+        """Units per site as the synthetic plan sets them (before any skew)."""
+        return self.patients_per_site * (1 if self.privacy_unit == "identity" else self.images_per_patient)
+
+    def dp(self, noise_multiplier: float | None = None, declared_units: int | None = None) -> DpConfig:
         sigma = self.noise_multiplier if noise_multiplier is None else noise_multiplier
         return DpConfig(mode=self.dp_mode, privacy_unit=self.privacy_unit, noise_multiplier=sigma,
                         max_grad_norm=self.max_grad_norm, sample_rate=self.sample_rate,
-                        num_microbatches=self.num_microbatches, delta=self.delta, accountant=self.accountant)
+                        microbatch_size=self.microbatch_size,
+                        declared_units=declared_units or self.declared_units or self.planned_units(),
+                        delta=self.delta, accountant=self.accountant)
 
     def train(self) -> TrainConfig:
-        return TrainConfig(steps=self.local_steps, lr=self.lr)
+        return TrainConfig(steps=self.local_steps, lr=self.lr, negative_bank_size=self.negative_bank_size)
 
     def release(self) -> ReleaseConfig:
         return ReleaseConfig(loss_noise=self.release_loss_noise, loss_bound=self.release_loss_bound,

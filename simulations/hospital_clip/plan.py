@@ -19,9 +19,20 @@ from fedclip.privacy.release import ReleaseConfig, release_events
 from fedclip.training.config import DpConfig, TrainConfig
 from fedclip.training.local import training_event
 
-PLAN_KEYS = ("dp-mode", "privacy-unit", "noise-multiplier", "max-grad-norm", "sample-rate", "num-microbatches",
-             "delta", "accountant", "local-steps", "lr", "release-loss-noise", "release-loss-bound",
-             "release-count-noise", "reproducible-noise", "seed")
+PLAN_KEYS = ("dp-mode", "privacy-unit", "noise-multiplier", "max-grad-norm", "sample-rate", "microbatch-size",
+             "declared-units", "delta", "accountant", "local-steps", "lr", "negative-bank-size", "release-loss-noise",
+             "release-loss-bound", "release-count-noise", "reproducible-noise", "seed")
+
+
+def parse_site_numbers(text: str, *, key: str) -> dict[str, int]:
+    """``"hospital_0=300,hospital_1=250"`` -> {site: n}."""
+    out: dict[str, int] = {}
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        site, sep, value = item.partition("=")
+        if not sep or not site.strip() or not value.strip().isdigit() or int(value) < 1:
+            raise ValueError(f"{key}: expected 'site=n,...' with integers n >= 1, got {item!r}")
+        out[site.strip()] = int(value)
+    return out
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -43,23 +54,29 @@ class RoundPlan:
         return {
             "dp-mode": str(self.dp.mode), "privacy-unit": str(self.dp.privacy_unit),
             "noise-multiplier": self.dp.noise_multiplier, "max-grad-norm": self.dp.max_grad_norm,
-            "sample-rate": self.dp.sample_rate, "num-microbatches": self.dp.num_microbatches, "delta": self.dp.delta,
+            "sample-rate": self.dp.sample_rate, "microbatch-size": self.dp.microbatch_size,
+            "declared-units": self.dp.declared_units, "delta": self.dp.delta,
             "accountant": self.dp.accountant, "local-steps": self.train.steps, "lr": self.train.lr,
+            "negative-bank-size": self.train.negative_bank_size,
             "release-loss-noise": self.release.loss_noise, "release-loss-bound": self.release.loss_bound,
             "release-count-noise": self.release.count_noise, "reproducible-noise": self.reproducible_noise,
             "seed": self.seed,
         }
 
     @classmethod
-    def from_record(cls, record: Mapping[str, Any], *, hash_key: str) -> "RoundPlan":
+    def from_record(cls, record: Mapping[str, Any], *, hash_key: str, declared_units: int | None = None) -> "RoundPlan":
+        """The plan as a site reads it; ``declared_units`` is the site's own public size if it
+        declares one (a deployed site, in its node config), else the plan's value for this site."""
         missing = [k for k in PLAN_KEYS if k not in record]
         if missing:
             raise ValueError(f"round plan: the train message lacks {missing}")
         dp = DpConfig(mode=str(record["dp-mode"]), privacy_unit=str(record["privacy-unit"]),
                       noise_multiplier=float(record["noise-multiplier"]), max_grad_norm=float(record["max-grad-norm"]),
-                      sample_rate=float(record["sample-rate"]), num_microbatches=int(record["num-microbatches"]),
+                      sample_rate=float(record["sample-rate"]), microbatch_size=int(record["microbatch-size"]),
+                      declared_units=int(declared_units or record["declared-units"]),
                       delta=float(record["delta"]), accountant=str(record["accountant"]), hash_key=hash_key)
-        return cls(dp=dp, train=TrainConfig(steps=int(record["local-steps"]), lr=float(record["lr"])),
+        return cls(dp=dp, train=TrainConfig(steps=int(record["local-steps"]), lr=float(record["lr"]),
+                                            negative_bank_size=int(record["negative-bank-size"])),
                    release=ReleaseConfig(loss_noise=float(record["release-loss-noise"]),
                                          loss_bound=float(record["release-loss-bound"]),
                                          count_noise=float(record["release-count-noise"])),

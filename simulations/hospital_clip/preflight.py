@@ -2,7 +2,8 @@
 
 The sites and their sizes come from the manifest, or from the synthetic generator's plan (the
 same draws ``generate`` will make). With them: every site named in ``site-budgets`` must exist,
-and delta must not exceed 1/(units at the smallest site): a mechanism that publishes one random
+with a manifest, ``declared-units`` must be set (the public divisor of the DP sum), and delta
+must not exceed 1/(units at the smallest site): a mechanism that publishes one random
 unit's data outright is (0, 1/n)-DP, so a larger delta makes every epsilon meaningless. Only an
 explicit ``allow-large-delta = true`` runs it anyway, and the summary says so.
 """
@@ -44,6 +45,9 @@ def data_shape(cfg: SimulationConfig, manifest: str | None = None) -> DataShape:
 
 
 def preflight(cfg: SimulationConfig, manifest: str | None = None) -> DataShape:
+    if cfg.manifest and not cfg.declared_units and cfg.dp_mode in ("microbatch", "unit"):
+        raise ValueError("declared-units: with a manifest, declare the public number of units per site (the DP sum "
+                         "is divided by it; dividing by the data's own count would reveal it)")
     shape = data_shape(cfg, manifest)
     unknown = sorted(set(cfg.site_budget_map()) - set(shape.units))
     if unknown:

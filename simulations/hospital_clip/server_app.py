@@ -39,7 +39,7 @@ from fedclip.reporting.summary import write_summary
 from fedclip.training.warmstart import WarmStartConfig, warm_start
 from simulations.hospital_clip.config import DEFAULT_TOML, SimulationConfig, load_toml
 from simulations.hospital_clip.evaluator import RoundEvaluator
-from simulations.hospital_clip.preflight import preflight
+from simulations.hospital_clip.preflight import data_shape, preflight
 from simulations.hospital_clip.task import manifest_path, pick_device, site_frames
 from strategies.client_level import calibrate_site_noise, site_level_epsilon, with_site_level_dp
 from strategies.privacy_budget import PrivacyBudgetStrategy, SiteFailure, SiteRound
@@ -122,7 +122,7 @@ def plan_noise(cfg: SimulationConfig) -> float:
 
 
 def train_config_record(cfg: SimulationConfig, *, noise_multiplier: float, manifest: str, checkpoint: str,
-                        round_offset: int = 0) -> ConfigRecord:
+                        round_offset: int = 0, declared_units: str = "") -> ConfigRecord:
     """What every site is told each round: the round plan, the data description, and (for simulated
     sites only) where the shared data, base weights, site ledgers and site policies are. A deployed
     site ignores those paths and uses its own node config."""
@@ -131,7 +131,8 @@ def train_config_record(cfg: SimulationConfig, *, noise_multiplier: float, manif
     policy = str(Path(cfg.site_policy_file).resolve()) if cfg.site_policy_file else ""
     return ConfigRecord({**values, **cfg.round_plan(noise_multiplier).to_record(), "manifest": manifest,
                          "checkpoint": checkpoint, "round-offset": round_offset,
-                         "site-state-root": str(out / "sites"), "site-policy-file": policy})
+                         "site-state-root": str(out / "sites"), "site-policy-file": policy,
+                         "declared-units-map": declared_units})
 
 
 def saved_round(cfg: SimulationConfig) -> int | None:
@@ -186,7 +187,10 @@ def run(grid: Grid, cfg: SimulationConfig) -> Path:
                                      **({"privacy-warning": NOT_PRIVATE_AGAINST_THE_SERVER} if cfg.reproducible_noise else {})})
     files.write_json("status.json", {"status": "running", "round": round_offset})
 
-    train_config = train_config_record(cfg, noise_multiplier=sigma, manifest=manifest, checkpoint=checkpoint)
+    # each simulated site's public size: the synthetic plan's (fixed before the data exists), or the declared one
+    declared = "" if cfg.declared_units else ",".join(f"{s}={n}" for s, n in data_shape(cfg).units.items())
+    train_config = train_config_record(cfg, noise_multiplier=sigma, manifest=manifest, checkpoint=checkpoint,
+                                       declared_units=declared)
     sites = discover_sites(grid, train_config, expected=len(parts))
     plan = cfg.round_plan(sigma)
     for site, frame in parts.items():

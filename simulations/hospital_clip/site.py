@@ -17,6 +17,7 @@ from flwr.app import ConfigRecord, Context
 
 from fedclip.privacy.ledger_store import LedgerStore
 from fedclip.privacy.policy import SitePolicy, load_policy_file
+from simulations.hospital_clip.plan import parse_site_numbers
 from simulations.hospital_clip.task import site_for_partition
 
 DEPLOYED_KEYS = ("site", "manifest", "checkpoint", "state-dir")
@@ -31,6 +32,7 @@ class SiteIdentity:
     weight: float
     deployed: bool
     outside_paths: bool = False
+    declared_units: int | None = None  # the site's own public size, if it declares one
 
 
 def site_identity(context: Context, config: ConfigRecord) -> SiteIdentity:
@@ -44,14 +46,16 @@ def site_identity(context: Context, config: ConfigRecord) -> SiteIdentity:
             raise ValueError(f"node config: site-weight: expected > 0, got {weight}")
         return SiteIdentity(site=str(node["site"]), manifest=str(node["manifest"]), checkpoint=str(node["checkpoint"]),
                             state_dir=Path(str(node["state-dir"])), weight=weight, deployed=True,
-                            outside_paths=str(node.get("allow-outside-paths", "false")).lower() == "true")
+                            outside_paths=str(node.get("allow-outside-paths", "false")).lower() == "true",
+                            declared_units=int(node["declared-units"]) if "declared-units" in node else None)
     manifest = str(config["manifest"])
     outside = bool(config["allow-outside-paths"])
     site = site_for_partition(manifest, int(config["num-sites"]), int(config["seed"]),
                               int(node.get("partition-id", 0)), bool(config["pool-sites"]), outside)
+    declared = parse_site_numbers(str(config.get("declared-units-map", "")), key="declared-units-map").get(site)
     return SiteIdentity(site=site, manifest=manifest, checkpoint=str(config["checkpoint"]),
                         state_dir=Path(str(config["site-state-root"])) / site, weight=1.0, deployed=False,
-                        outside_paths=outside)
+                        outside_paths=outside, declared_units=declared)
 
 
 def site_policy(context: Context, config: ConfigRecord, me: SiteIdentity) -> SitePolicy:

@@ -68,6 +68,17 @@ def site_training_data(manifest: str, site: str, num_sites: int, seed: int, arch
     return load_pairs(rows, preprocess=bundle.preprocess, tokenizer=bundle.tokenizer)
 
 
+@lru_cache(maxsize=4)
+def site_public_data(manifest: str, arch: str, checkpoint: str, outside_paths: bool = False) -> PairData:
+    """The public population's pairs (the negative bank of unit mode): public by construction."""
+    frame = load_manifest(manifest, allow_outside_paths=outside_paths).frame
+    rows = frame[frame["split"] == str(Split.PUBLIC)]
+    if rows.empty:
+        raise ValueError(f"dp-mode 'unit': {manifest} has no public rows to draw negatives from")
+    bundle = base_bundle(arch, checkpoint, "all")
+    return load_pairs(rows, preprocess=bundle.preprocess, tokenizer=bundle.tokenizer)
+
+
 def site_for_partition(manifest: str, num_sites: int, seed: int, partition_id: int, pooled: bool = False,
                        outside_paths: bool = False) -> str:
     sites = sorted(site_frames(manifest, num_sites, seed, pooled, outside_paths))

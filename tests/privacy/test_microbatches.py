@@ -28,5 +28,5 @@ def test_assignment_is_stable_across_rounds_and_neighbouring_datasets():
 
 def test_record_units_are_records():
     assert unit_ids(privacy_unit="record", patient_ids=["p", "p"], record_ids=["a", "b"]) == ["a", "b"]
-    with pytest.raises(ValueError, match="num_microbatches"):
+    with pytest.raises(ValueError, match="num_blocks"):
         block_of(["a"], num_blocks=0, key="k")

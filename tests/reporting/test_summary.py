@@ -54,3 +54,8 @@ def test_a_resumed_run_drops_rows_of_rounds_it_will_run_again(tmp_path):
 def test_deliberate_overrides_are_printed(tmp_path):
     text = _summary(tmp_path, allow_large_delta=True)
     assert "allow-large-delta = true" in text and "not meaningful" in text
+
+
+def test_the_failure_rule_is_stated(tmp_path):
+    assert "stops the run if any selected site fails" in _summary(tmp_path)
+    assert "failure-quorum 0.75: a round counts if at least that share" in _summary(tmp_path, failure_quorum=0.75)

@@ -43,7 +43,7 @@ def escaping_manifest(small_manifest_path, tmp_path):
 
 
 CASES = [
-    ("dp-mode=microbach", None, "dp-mode: expected one of ['microbatch', 'paper', 'nonprivate'], got 'microbach'"),
+    ("dp-mode=microbach", None, "dp-mode: expected one of ['microbatch', 'unit', 'paper', 'nonprivate'], got 'microbach'"),
     ("privacy-unit=patient", None, "privacy-unit: expected one of ['record', 'identity'], got 'patient'"),
     ("accountant=rdpp", None, "accountant: expected one of"),
     ("target-epsilon=nan", None, "target-epsilon: expected a finite number, got nan"),
@@ -77,11 +77,11 @@ def test_bad_settings_are_refused_before_ray_naming_the_key(tmp_path, capsys, ru
 
 def test_a_manifest_path_outside_its_folder_is_refused_unless_allowed(tmp_path, capsys, escaping_manifest):
     argv = ["--app", "simulations.hospital_clip", "--output", str(tmp_path / "run"),
-            "--run-config", f"manifest='{escaping_manifest}'"]
+            "--run-config", f"manifest='{escaping_manifest}' declared-units=8"]
     assert cli.main(argv) == 2
     assert "is outside the manifest's folder" in capsys.readouterr().err
     with pytest.raises(RayStarted):  # allowed: validation passes and the run would start
-        cli.main(argv[:-1] + [f"manifest='{escaping_manifest}' allow-outside-paths=true"])
+        cli.main(argv[:-1] + [f"manifest='{escaping_manifest}' allow-outside-paths=true declared-units=8"])
 
 
 def test_an_explicit_override_lets_a_large_delta_through(tmp_path):
@@ -97,3 +97,12 @@ def test_a_real_process_exits_2_before_ray(tmp_path):
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "privacy-unit: expected one of" in done.stderr
     assert "SuperNodes" not in done.stdout and "ray" not in done.stderr.lower()
+
+
+def test_a_manifest_run_must_declare_its_public_site_size(tmp_path, capsys, small_manifest_path):
+    argv = ["--app", "simulations.hospital_clip", "--output", str(tmp_path / "run"),
+            "--run-config", f"manifest='{small_manifest_path}'"]
+    assert cli.main(argv) == 2
+    assert "declared-units: with a manifest, declare the public number of units per site" in capsys.readouterr().err
+    with pytest.raises(RayStarted):
+        cli.main(argv[:-1] + [f"manifest='{small_manifest_path}' declared-units=8"])

@@ -58,7 +58,7 @@ def _train_message(model, config, partition: int) -> Message:
                    dst_node_id=partition + 1, message_type=MessageType.TRAIN)
 
 
-@pytest.mark.parametrize("dp_mode", ["microbatch", "nonprivate"])
+@pytest.mark.parametrize("dp_mode", ["microbatch", "unit", "nonprivate"])
 def test_a_reply_carries_the_update_the_events_and_a_declared_weight_only(tmp_path, small_manifest_path, warm_checkpoint,
                                                                          dp_mode):
     _, config, model = _setup(tmp_path, small_manifest_path, warm_checkpoint, dp_mode=dp_mode)
@@ -161,3 +161,18 @@ def test_a_deployed_site_refuses_reproducible_noise_and_needs_its_own_paths(tmp_
     partial = Context(run_id=1, node_id=1, node_config={"site": "hospital_0"}, state=RecordDict(), run_config={})
     with pytest.raises(ValueError, match=r"missing \['manifest', 'checkpoint', 'state-dir'\]"):
         client_app(_train_message(model, config, 0), partial)
+
+
+def test_each_site_divides_by_its_own_declared_size(tmp_path, small_manifest_path, warm_checkpoint):
+    from simulations.hospital_clip.plan import RoundPlan
+    from simulations.hospital_clip.site import site_identity
+
+    _, config, _ = _setup(tmp_path, small_manifest_path, warm_checkpoint)
+    config["declared-units-map"] = "hospital_0=17,hospital_1=9,hospital_2=8"
+    me = site_identity(_context(0), config)
+    assert me.declared_units == 17
+    assert RoundPlan.from_record(config, hash_key="k", declared_units=me.declared_units).dp.declared_units == 17
+    node = {"site": "hospital_0", "manifest": str(small_manifest_path), "checkpoint": str(warm_checkpoint),
+            "state-dir": str(tmp_path / "n"), "declared-units": 40}
+    deployed = site_identity(Context(run_id=1, node_id=1, node_config=node, state=RecordDict(), run_config={}), config)
+    assert deployed.declared_units == 40  # a deployed site declares its own size; the server's map does not apply

@@ -29,7 +29,7 @@ idia-queries = 3
 idia-distractors = 20
 warm-start-epochs = 5
 local-steps = 30
-num-microbatches = 4
+microbatch-size = 2
 num-rounds = 4
 sample-rate = 0.5
 """
@@ -53,7 +53,7 @@ def comparison(tmp_path_factory):
 def test_every_setting_ran_and_wrote_tables_and_plots(comparison):
     out, _, stdout = comparison
     runs = pd.read_csv(out / "runs.csv")
-    assert len(runs) == 2 + 5 * 2  # two non-private settings, five private ones at two epsilons, one seed
+    assert len(runs) == 2 + 6 * 2  # two non-private settings, six private ones at two epsilons, one seed
     assert set(runs["setting"]) == set(SETTINGS)
     for name in ("table.csv", "table.md", "utility_vs_epsilon.png", "tpr_vs_epsilon.png"):
         assert (out / name).stat().st_size > 0
@@ -107,7 +107,7 @@ def test_a_second_invocation_reuses_every_finished_run(comparison):
     before = (out / "table.csv").read_text()
     again = _compare(config)
     assert again.returncode == 0, again.stderr[-2000:]
-    assert "12 already done, 0 to run" in again.stdout
+    assert "14 already done, 0 to run" in again.stdout
     assert (out / "table.csv").read_text() == before
 
 

@@ -12,7 +12,7 @@ from fedclip.privacy.ledger_store import LedgerStore
 
 TINY = ("num-sites=2 patients-per-site=6 public-patients=30 heldout-patients=8 images-per-patient=4 "
         "query-images-per-patient=3 idia-queries=3 idia-distractors=20 warm-start-epochs=3 local-steps=2 "
-        "num-microbatches=2 target-epsilon=0.0 noise-multiplier=1.0 budget=inf")
+        "microbatch-size=3 target-epsilon=0.0 noise-multiplier=1.0 budget=inf")
 
 
 def _simulate(out, cache, extra: str) -> subprocess.CompletedProcess:
@@ -111,3 +111,17 @@ def test_a_site_that_refuses_stops_the_run_naming_it(tmp_path):
     assert store.ledger("hospital_1").epsilon() > 0
     own = out / "sites" / "hospital_1" / "ledger.sqlite"
     assert not own.exists() or LedgerStore(own, delta=1e-5).events("hospital_1") == ()
+
+
+def test_a_site_that_fails_stops_the_run_naming_it_and_the_error(tmp_path):
+    out = tmp_path / "run"
+    (out / "sites").mkdir(parents=True)
+    (out / "sites" / "hospital_0").write_text("not a folder")  # hospital_0 cannot keep its ledger: a real fault
+    result = _simulate(out, tmp_path / "cache", "num-rounds=2")
+    assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "hospital_0 failed" in result.stderr and "Error" in result.stderr
+    rounds = pd.read_csv(out / "rounds.csv")
+    assert rounds.set_index("site")["status"].to_dict() == {"hospital_0": "failed", "hospital_1": "trained"}
+    assert rounds["round"].tolist() == [1, 1]  # the run stopped after the failed round
+    store = LedgerStore(out / "state" / "ledger.sqlite", delta=1e-5)
+    assert store.ledger("hospital_0").epsilon() > 0  # the failed site's planned round stays charged

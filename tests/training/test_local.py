@@ -22,6 +22,12 @@ def bundle_and_data(small_manifest, warm_checkpoint):
     return bundle, train, test
 
 
+@pytest.fixture(scope="module")
+def public(small_manifest, bundle_and_data):
+    bundle = bundle_and_data[0]
+    return load_pairs(small_manifest.rows(Split.PUBLIC), preprocess=bundle.preprocess, tokenizer=bundle.tokenizer)
+
+
 def _fresh(warm_checkpoint, trainable="all"):
     torch.manual_seed(0)
     return create_model(ModelConfig(pretrained=str(warm_checkpoint), trainable=trainable)).model
@@ -40,7 +46,7 @@ def test_every_microbatch_gradient_entering_the_sum_is_clipped(bundle_and_data, 
             torch.testing.assert_close(p.summed_grad, torch.einsum("i,i...", factors, g), rtol=1e-4, atol=1e-7)
         seen.append((len(norms), float(norms.max()) if len(norms) else 0.0))
 
-    dp = DpConfig(mode=Mode.MICROBATCH, noise_multiplier=1.0, max_grad_norm=C, sample_rate=0.6, num_microbatches=4)
+    dp = DpConfig(mode=Mode.MICROBATCH, noise_multiplier=1.0, max_grad_norm=C, sample_rate=0.6, microbatch_size=6, declared_units=24)
     train_local(_fresh(warm_checkpoint), train, dp=dp, train=TrainConfig(steps=3), reproducible_seed=0, step_hook=check)
     assert len(seen) == 3 and max(n for _, n in seen) > C * 10
 
@@ -55,7 +61,8 @@ def test_noise_has_the_standard_deviation_the_accountant_assumes(bundle_and_data
         noise = torch.cat([(p.grad * expected - p.summed_grad).reshape(-1) for p in opt.params])
         stds.append(float(noise.std()))
 
-    dp = DpConfig(mode=Mode.MICROBATCH, noise_multiplier=sigma, max_grad_norm=C, sample_rate=q, num_microbatches=B)
+    dp = DpConfig(mode=Mode.MICROBATCH, noise_multiplier=sigma, max_grad_norm=C, sample_rate=q, microbatch_size=24 // B,
+                  declared_units=24)
     result = train_local(_fresh(warm_checkpoint), train, dp=dp, train=TrainConfig(steps=2), step_hook=measure)
     # 3.4M noise draws per step: the standard error of the std is ~0.04%, so 1% cannot pass by accident
     for s in stds:
@@ -66,7 +73,8 @@ def test_noise_has_the_standard_deviation_the_accountant_assumes(bundle_and_data
 
 def test_sampling_units_follow_the_privacy_unit(bundle_and_data):
     _, train, _ = bundle_and_data
-    identity = sampling_units(train, DpConfig(mode=Mode.MICROBATCH, privacy_unit="identity", num_microbatches=5))
+    identity = sampling_units(train, DpConfig(mode=Mode.MICROBATCH, privacy_unit="identity", microbatch_size=5,
+                                                          declared_units=24))
     for records in identity:
         patients = {train.patient_ids[r] for r in records}
         for other in identity:
@@ -92,19 +100,20 @@ def test_paper_mode_accounts_sensitivity_2c_under_add_or_remove(bundle_and_data,
     (dict(sample_rate=0.0), "sample_rate"),
     (dict(delta=1.0), "delta"),
     (dict(noise_multiplier=0.0), "noise_multiplier"),
-    (dict(num_microbatches=0), "num_microbatches"),
+    (dict(microbatch_size=0), "microbatch_size"),
+    (dict(declared_units=0), "declared_units"),
     (dict(mode="ghost"), "ghost"),
 ])
 def test_bad_dp_config_names_the_field(kwargs, field):
     with pytest.raises(ValueError, match=field):
-        DpConfig(**kwargs)
+        DpConfig(**{"declared_units": 10, **kwargs})
 
 
 def test_more_microbatches_than_units_trains_and_reveals_nothing(bundle_and_data, warm_checkpoint):
     """Empty micro-batches add a zero gradient; refusing them would itself reveal the unit count."""
     _, train, _ = bundle_and_data
     n_patients = len(set(train.patient_ids))
-    dp = DpConfig(num_microbatches=3 * n_patients, sample_rate=0.5)
+    dp = DpConfig(microbatch_size=2, declared_units=6 * n_patients, sample_rate=0.5)
     model = _fresh(warm_checkpoint, "projections")
     before = [p.detach().clone() for p in model.parameters() if p.requires_grad]
     result = train_local(model, train, dp=dp, train=TrainConfig(steps=2))
@@ -115,7 +124,7 @@ def test_more_microbatches_than_units_trains_and_reveals_nothing(bundle_and_data
 
 def _update(warm_checkpoint, train, **kwargs) -> torch.Tensor:
     model = _fresh(warm_checkpoint, "projections")
-    dp = DpConfig(mode=Mode.MICROBATCH, noise_multiplier=1.0, sample_rate=0.5, num_microbatches=4)
+    dp = DpConfig(mode=Mode.MICROBATCH, noise_multiplier=1.0, sample_rate=0.5, microbatch_size=6, declared_units=24)
     train_local(model, train, dp=dp, train=TrainConfig(steps=2), **kwargs)
     return torch.cat([p.detach().reshape(-1) for p in model.parameters() if p.requires_grad])
 
@@ -130,21 +139,46 @@ def test_noise_and_sampling_are_secret_by_default_and_reproducible_only_on_reque
 
 def test_training_event_is_known_before_training(bundle_and_data, warm_checkpoint):
     _, train, _ = bundle_and_data
-    dp = DpConfig(mode=Mode.MICROBATCH, noise_multiplier=1.5, sample_rate=0.4, num_microbatches=3)
+    dp = DpConfig(mode=Mode.MICROBATCH, noise_multiplier=1.5, sample_rate=0.4, microbatch_size=8, declared_units=24)
     steps = TrainConfig(steps=2)
     result = train_local(_fresh(warm_checkpoint, "projections"), train, dp=dp, train=steps)
     assert result.event == training_event(dp, steps)
 
 
-def test_learning_directions(bundle_and_data, warm_checkpoint):
-    """Non-private and generous-epsilon DP fine-tuning improve on the warm start; a tiny epsilon
-    does not (its noise drowns the signal)."""
+def test_unit_mode_clips_each_unit_and_accounts_add_or_remove(bundle_and_data, warm_checkpoint, public):
+    _, train, _ = bundle_and_data
+    n_patients = len(set(train.patient_ids))
+    seen = []
+    dp = DpConfig(mode=Mode.UNIT, noise_multiplier=1.0, max_grad_norm=0.05, sample_rate=0.5, declared_units=n_patients)
+    result = train_local(_fresh(warm_checkpoint, "projections"), train, dp=dp, train=TrainConfig(steps=2), public=public,
+                         step_hook=lambda opt: seen.append(opt.expected_batch_size))
+    assert result.event.relation == "add_or_remove" and result.event.sensitivity == 1.0
+    assert seen == [0.5 * n_patients] * 2  # divided by the public q x declared units, not a count of the data
+    assert max(result.microbatches_per_step) <= n_patients
+    with pytest.raises(ValueError, match="unit mode needs public pairs"):
+        train_local(_fresh(warm_checkpoint, "projections"), train, dp=dp, train=TrainConfig(steps=1))
+
+
+def test_one_unit_per_microbatch_is_add_or_remove_and_several_is_replace_one():
+    one = DpConfig(microbatch_size=1, declared_units=100, sample_rate=0.1)
+    several = DpConfig(microbatch_size=4, declared_units=100, sample_rate=0.1)
+    assert (one.relation, one.per_unit, one.expected_terms) == ("add_or_remove", True, pytest.approx(10.0))
+    assert (several.relation, several.per_unit, several.num_blocks) == ("replace_one", False, 25)
+    assert several.expected_terms == pytest.approx(2.5)
+
+
+def test_learning_directions(bundle_and_data, warm_checkpoint, public):
+    """Non-private and generous-epsilon DP fine-tuning improve on the warm start, per micro-batch and
+    per unit against public negatives; a tiny epsilon does not (its noise drowns the signal)."""
     bundle, train, test = bundle_and_data
     steps = TrainConfig(steps=40, lr=2e-3)
     runs = {
         "nonprivate": DpConfig(mode=Mode.NONPRIVATE, sample_rate=0.5),
-        "generous": DpConfig(mode=Mode.MICROBATCH, noise_multiplier=0.15, sample_rate=0.5, num_microbatches=6),
-        "tiny": DpConfig(mode=Mode.MICROBATCH, noise_multiplier=60.0, sample_rate=0.5, num_microbatches=6),
+        "generous": DpConfig(mode=Mode.MICROBATCH, noise_multiplier=0.15, sample_rate=0.5, microbatch_size=4,
+                             declared_units=24),
+        "tiny": DpConfig(mode=Mode.MICROBATCH, noise_multiplier=60.0, sample_rate=0.5, microbatch_size=4,
+                         declared_units=24),
+        "unit": DpConfig(mode=Mode.UNIT, noise_multiplier=0.3, sample_rate=0.5, declared_units=24),
     }
     warm = zero_shot_accuracy(_fresh(warm_checkpoint), bundle.tokenizer, test)
     acc, eps = {}, {}
@@ -152,7 +186,7 @@ def test_learning_directions(bundle_and_data, warm_checkpoint):
         scores = []
         for seed in (1, 2):  # mean over two seeds: one run's noise should not decide the direction
             model = _fresh(warm_checkpoint, "last-1")  # fewer noisy dimensions: the usual DP lever
-            result = train_local(model, train, dp=dp, train=steps, reproducible_seed=seed)
+            result = train_local(model, train, dp=dp, train=steps, reproducible_seed=seed, public=public)
             scores.append(zero_shot_accuracy(model, bundle.tokenizer, test))
         acc[label] = sum(scores) / len(scores)
         eps[label] = epsilon([result.event], delta=dp.delta)
@@ -160,3 +194,4 @@ def test_learning_directions(bundle_and_data, warm_checkpoint):
     assert acc["nonprivate"] > warm + 0.02, (warm, acc)
     assert acc["generous"] > warm + 0.02, (warm, acc)
     assert acc["tiny"] < acc["generous"], (warm, acc)
+    assert acc["unit"] > warm + 0.02, (warm, acc)
