@@ -39,8 +39,12 @@ def _check_and_charge(me: SiteIdentity, plan: RoundPlan, config: ConfigRecord, c
     policy = site_policy(context, config, me)
     ledger = site_ledger(context, config, me, delta=policy.delta)
     unit = str(plan.dp.privacy_unit)
-    policy.check(site=me.site, mode=str(plan.dp.mode), events=plan.events(), reproducible=plan.reproducible_noise,
-                 total=ledger.ledger(me.site, unit=unit), this_run=ledger.ledger(me.site, run=run, unit=unit))
+    try:
+        policy.check(site=me.site, mode=str(plan.dp.mode), events=plan.events(), reproducible=plan.reproducible_noise,
+                     total=ledger.ledger(me.site, unit=unit), this_run=ledger.ledger(me.site, run=run, unit=unit))
+    except ValueError:
+        ledger.close()
+        raise
     attempt = ledger.begin_round(round_)
     ledger.charge(me.site, round_, plan.events(), attempt=attempt, run=run)  # durable before any data is touched
     return ledger, attempt
@@ -73,6 +77,7 @@ def train(msg: Message, context: Context) -> Message:
                                                generator=release_gen)
     except Exception as exc:
         ledger.settle(me.site, round_, attempt=attempt, status=Status.FAILED, note=str(exc)[:500])
+        ledger.close()
         raise
     reported = (result.event,) + plan.events()[1:]
     ledger.settle(me.site, round_, attempt=attempt, status=Status.CONFIRMED, reported=reported)

@@ -40,7 +40,7 @@ from fedclip.training.warmstart import WarmStartConfig, warm_start
 from simulations.hospital_clip.config import DEFAULT_TOML, SimulationConfig, load_toml
 from simulations.hospital_clip.evaluator import RoundEvaluator
 from simulations.hospital_clip.preflight import data_shape, preflight
-from simulations.hospital_clip.task import manifest_path, pick_device, site_frames
+from simulations.hospital_clip.task import manifest_path, pick_device
 from strategies.client_level import calibrate_site_noise, site_level_epsilon, with_site_level_dp
 from strategies.privacy_budget import PrivacyBudgetStrategy, SiteFailure, SiteRound
 from strategies.registry import make_inner_strategy
@@ -176,8 +176,7 @@ def run(grid: Grid, cfg: SimulationConfig) -> Path:
     manifest = prepare_data(cfg, out)
     checkpoint = prepare_checkpoint(cfg, manifest)
     sigma = plan_noise(cfg)
-    parts = site_frames(manifest, cfg.num_sites, cfg.seed, cfg.pool_sites, cfg.allow_outside_paths)
-    preflight(cfg, manifest)  # the same checks the CLI ran, now on the data as generated
+    shape = preflight(cfg, manifest)  # the same checks the CLI ran, now on the data as generated
     site_sigma = (calibrate_site_noise(target_epsilon=cfg.client_dp_epsilon, rounds=cfg.num_rounds,
                                        delta=cfg.delta) if cfg.client_dp_epsilon > 0 else 0.0)
     files.write_json("config.json", {**cfg.to_run_config(), "resolved-manifest": manifest,
@@ -191,10 +190,9 @@ def run(grid: Grid, cfg: SimulationConfig) -> Path:
     declared = "" if cfg.declared_units else ",".join(f"{s}={n}" for s, n in data_shape(cfg).units.items())
     train_config = train_config_record(cfg, noise_multiplier=sigma, manifest=manifest, checkpoint=checkpoint,
                                        declared_units=declared)
-    sites = discover_sites(grid, train_config, expected=len(parts))
+    sites = discover_sites(grid, train_config, expected=len(shape.units))
     plan = cfg.round_plan(sigma)
-    for site, frame in parts.items():
-        units = frame["patient_id"].nunique() if cfg.privacy_unit == "identity" else len(frame)
+    for site, units in shape.units.items():  # training units per site, as preflight counted them
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             warn_if_delta_is_large(cfg.delta, units)
@@ -216,7 +214,7 @@ def run(grid: Grid, cfg: SimulationConfig) -> Path:
     def on_round(rows: list[SiteRound]) -> None:
         files.append("rounds", [r.as_dict() for r in rows])
 
-    inner = (with_site_level_dp(noise_multiplier=site_sigma, clip_norm=cfg.client_clip_norm, num_sites=len(parts),
+    inner = (with_site_level_dp(noise_multiplier=site_sigma, clip_norm=cfg.client_clip_norm, num_sites=len(shape.units),
                                 delta=cfg.delta) if site_sigma > 0
              else make_inner_strategy(cfg.strategy, fraction_train=cfg.fraction_train))
     strategy = PrivacyBudgetStrategy(
