@@ -23,20 +23,22 @@ from typing import Any
 
 
 def parse_run_config(text: str | None) -> dict[str, Any]:
-    """``"a=1 b='x' c=true"`` (values in TOML syntax; bare words are strings) or a TOML file."""
+    """``"a=1 b='x' c=true"`` (values in TOML syntax; bare words are strings), TOML files
+    (``small.toml``), or both (``"small.toml num-rounds=2"``): later items override earlier ones."""
     if not text:
         return {}
-    if text.endswith(".toml") and "=" not in text:
-        from simulations.hospital_clip.config import load_toml
-
-        if not Path(text).is_file():
-            raise ValueError(f"--run-config: file not found: {text}")
-        return load_toml(text)
     out: dict[str, Any] = {}
     for item in shlex.split(text):
         key, sep, raw = item.partition("=")
+        if not sep and item.endswith(".toml"):
+            from simulations.hospital_clip.config import load_toml
+
+            if not Path(item).is_file():
+                raise ValueError(f"--run-config: file not found: {item}")
+            out.update(load_toml(item))
+            continue
         if not sep or not key:
-            raise ValueError(f"--run-config: expected key=value, got {item!r}")
+            raise ValueError(f"--run-config: expected key=value or a .toml file, got {item!r}")
         try:
             out[key] = tomllib.loads(f"v = {raw}")["v"]
         except tomllib.TOMLDecodeError:

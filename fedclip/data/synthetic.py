@@ -54,9 +54,11 @@ class SyntheticConfig:
 
     seed: int = 0
     num_sites: int = 4
-    patients_per_site: int = 30
-    public_patients: int = 120
-    heldout_patients: int = 60
+    # hospitals of hundreds of patients: identity-level DP adds noise that does not shrink with a
+    # site's size while the clipped signal grows with it, so tens of patients learn nothing
+    patients_per_site: int = 250
+    public_patients: int = 500
+    heldout_patients: int = 250
     images_per_patient: int = 10
     query_images_per_patient: int = 5
     image_size: int = 32

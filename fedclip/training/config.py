@@ -98,11 +98,19 @@ class DpConfig:
         return 2.0 if self.mode == Mode.PAPER else 1.0
 
 
+OPTIMIZERS = ("adamw", "sgd")
+
+
 @dataclass(frozen=True, kw_only=True)
 class TrainConfig:
+    """``optimizer``: ``adamw``, or ``sgd`` with Nesterov momentum 0.9. Under DP, Adam divides every
+    coordinate by its own running RMS, so a coordinate whose gradient is pure noise still moves by
+    about ``lr`` every step; SGD moves it by the noise itself, which averaging shrinks."""
+
     steps: int = 30
     lr: float = 5e-4
     weight_decay: float = 0.0
+    optimizer: str = "adamw"
     microbatch_chunk: int | None = None
     negative_bank_size: int = 256
 
@@ -113,6 +121,8 @@ class TrainConfig:
             raise ValueError(f"lr: expected > 0, got {self.lr}")
         if self.weight_decay < 0:
             raise ValueError(f"weight_decay: expected >= 0, got {self.weight_decay}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer: expected one of {OPTIMIZERS}, got {self.optimizer!r}")
         if self.negative_bank_size < 1:
             raise ValueError(f"negative_bank_size: expected an integer >= 1, got {self.negative_bank_size}")
         if self.microbatch_chunk is not None and self.microbatch_chunk < 1:

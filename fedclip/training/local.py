@@ -70,7 +70,10 @@ def training_event(dp: DpConfig, train: TrainConfig) -> DpEvent:
 def make_optimizer(model: torch.nn.Module, dp: DpConfig, train: TrainConfig, *, expected_microbatches: float,
                    noise_generator: torch.Generator | None) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
+    if train.optimizer == "sgd":
+        optimizer = torch.optim.SGD(params, lr=train.lr, momentum=0.9, nesterov=True, weight_decay=train.weight_decay)
+    else:
+        optimizer = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
     if dp.mode == Mode.NONPRIVATE:
         return optimizer
     return DPOptimizer(optimizer, noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.max_grad_norm,

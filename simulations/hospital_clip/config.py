@@ -60,14 +60,15 @@ class SimulationConfig:
     budget: float = 4.0
     site_budgets: str = ""
     max_grad_norm: float = 1.0
-    sample_rate: float = 0.5
-    microbatch_size: int = 5  # units per micro-batch: 1 = every unit its own clipped term
+    sample_rate: float = 0.1
+    microbatch_size: int = 1  # units per micro-batch: 1 = every unit its own clipped term
     declared_units: int = 0  # public units per site, the DP sum's divisor; 0 = the synthetic plan's site sizes
     negative_bank_size: int = 256  # public negatives per unit in dp-mode "unit"
     delta: float = 1e-5
     accountant: str = "prv"
-    local_steps: int = 30
-    lr: float = 2e-3
+    local_steps: int = 20
+    lr: float = 5e-3
+    optimizer: str = "adamw"  # adamw | sgd (Nesterov momentum 0.9)
     # what a site releases beside its update (0 = nothing; > 0: the noise multiplier, charged in the ledger)
     release_loss_noise: float = 0.0
     release_loss_bound: float = 10.0
@@ -158,7 +159,8 @@ class SimulationConfig:
                         delta=self.delta, accountant=self.accountant)
 
     def train(self) -> TrainConfig:
-        return TrainConfig(steps=self.local_steps, lr=self.lr, negative_bank_size=self.negative_bank_size)
+        return TrainConfig(steps=self.local_steps, lr=self.lr, optimizer=self.optimizer,
+                           negative_bank_size=self.negative_bank_size)
 
     def release(self) -> ReleaseConfig:
         return ReleaseConfig(loss_noise=self.release_loss_noise, loss_bound=self.release_loss_bound,

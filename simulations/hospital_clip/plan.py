@@ -20,7 +20,7 @@ from fedclip.training.config import DpConfig, TrainConfig
 from fedclip.training.local import training_event
 
 PLAN_KEYS = ("dp-mode", "privacy-unit", "noise-multiplier", "max-grad-norm", "sample-rate", "microbatch-size",
-             "declared-units", "delta", "accountant", "local-steps", "lr", "negative-bank-size", "release-loss-noise",
+             "declared-units", "delta", "accountant", "local-steps", "lr", "optimizer", "negative-bank-size", "release-loss-noise",
              "release-loss-bound", "release-count-noise", "reproducible-noise", "seed")
 
 
@@ -57,7 +57,7 @@ class RoundPlan:
             "sample-rate": self.dp.sample_rate, "microbatch-size": self.dp.microbatch_size,
             "declared-units": self.dp.declared_units, "delta": self.dp.delta,
             "accountant": self.dp.accountant, "local-steps": self.train.steps, "lr": self.train.lr,
-            "negative-bank-size": self.train.negative_bank_size,
+            "optimizer": self.train.optimizer, "negative-bank-size": self.train.negative_bank_size,
             "release-loss-noise": self.release.loss_noise, "release-loss-bound": self.release.loss_bound,
             "release-count-noise": self.release.count_noise, "reproducible-noise": self.reproducible_noise,
             "seed": self.seed,
@@ -76,6 +76,7 @@ class RoundPlan:
                       declared_units=int(declared_units or record["declared-units"]),
                       delta=float(record["delta"]), accountant=str(record["accountant"]), hash_key=hash_key)
         return cls(dp=dp, train=TrainConfig(steps=int(record["local-steps"]), lr=float(record["lr"]),
+                                            optimizer=str(record["optimizer"]),
                                             negative_bank_size=int(record["negative-bank-size"])),
                    release=ReleaseConfig(loss_noise=float(record["release-loss-noise"]),
                                          loss_bound=float(record["release-loss-bound"]),

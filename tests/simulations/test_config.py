@@ -7,6 +7,7 @@ import pytest
 
 from simulations.cli import parse_backend_config, parse_run_config
 from simulations.hospital_clip.config import DEFAULT_TOML, SimulationConfig, load_toml
+from simulations.hospital_clip.server_app import default_run_config
 
 APP_DIR = Path(DEFAULT_TOML).parent
 
@@ -50,6 +51,18 @@ def test_run_config_strings_and_files():
     assert parse_run_config(str(APP_DIR / "nonprivate.toml"))["dp-mode"] == "nonprivate"
     with pytest.raises(ValueError, match="expected key=value"):
         parse_run_config("num-rounds")
+    # a preset file, then overrides: later items win, the file's other keys stay
+    both = parse_run_config(f"{APP_DIR / 'small.toml'} num-rounds=1 output-dir=x")
+    small = parse_run_config(str(APP_DIR / "small.toml"))
+    assert both == {**small, "num-rounds": 1, "output-dir": "x"} and small["num-rounds"] != 1
+    with pytest.raises(ValueError, match="file not found: nope.toml"):
+        parse_run_config("nope.toml num-rounds=2")
+
+
+def test_small_preset_is_small_and_valid():
+    """The test preset stays a quick run: few patients, few rounds, and every key a real one."""
+    cfg = SimulationConfig.from_run_config({**default_run_config(), **parse_run_config(str(APP_DIR / "small.toml"))})
+    assert cfg.num_sites * cfg.patients_per_site <= 40 and cfg.num_rounds <= 3
 
 
 def test_backend_config_merges_client_resources():

@@ -195,3 +195,26 @@ def test_learning_directions(bundle_and_data, warm_checkpoint, public):
     assert acc["generous"] > warm + 0.02, (warm, acc)
     assert acc["tiny"] < acc["generous"], (warm, acc)
     assert acc["unit"] > warm + 0.02, (warm, acc)
+
+
+def test_more_units_at_the_same_epsilon_do_not_make_utility_worse(bundle_and_data, warm_checkpoint, public):
+    """Identity-level DP at one epsilon (same sigma, sample rate and steps): a site with three times
+    the patients has three times the clipped signal against the same noise, so its model is at
+    least as good. This is why the default hospitals have hundreds of patients."""
+    bundle, train, test = bundle_and_data
+    patients = list(dict.fromkeys(train.patient_ids))
+    few = set(patients[: len(patients) // 3])
+    small = train.subset([i for i, p in enumerate(train.patient_ids) if p in few])
+    acc = {}
+    for label, data in (("few", small), ("all", train)):
+        units = len(set(data.patient_ids))
+        dp = DpConfig(mode=Mode.UNIT, noise_multiplier=1.0, sample_rate=0.5, declared_units=units)
+        scores = []
+        for seed in (1, 2, 3):
+            model = _fresh(warm_checkpoint, "last-1")
+            result = train_local(model, data, dp=dp, train=TrainConfig(steps=30, lr=2e-3), reproducible_seed=seed,
+                                 public=public)
+            scores.append(zero_shot_accuracy(model, bundle.tokenizer, test))
+        acc[label] = sum(scores) / len(scores)
+        assert epsilon([result.event], delta=dp.delta) < 10  # the same finite epsilon for both sizes
+    assert acc["all"] >= acc["few"], acc

@@ -1,0 +1,59 @@
+"""The data, warm start and evaluation that the utility benchmarks share."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from fedclip.data.tensors import PairData
+
+
+@dataclass(frozen=True)
+class Bench:
+    checkpoint: Path
+    sites: dict[str, PairData]  # each site's training pairs
+    public: PairData
+    test: PairData
+    tokenizer: Callable
+    warm: float  # zero-shot accuracy of the warm start on the held-out patients
+
+    def accuracy(self, model: torch.nn.Module) -> float:
+        from fedclip.evaluation.zero_shot import zero_shot_accuracy
+
+        return zero_shot_accuracy(model, self.tokenizer, self.test)
+
+    def model(self, trainable: str) -> torch.nn.Module:
+        from fedclip.models.factory import ModelConfig, create_model
+
+        return create_model(ModelConfig(pretrained=str(self.checkpoint), trainable=trainable)).model
+
+
+def prepare(out: Path, *, num_sites: int, patients_per_site: int) -> Bench:
+    """Synthetic sites of the realistic size, 500 public and 250 held-out patients, cached warm start."""
+    from fedclip.data.manifest import load_manifest
+    from fedclip.data.partition import partition_by_site
+    from fedclip.data.schema import Split
+    from fedclip.data.synthetic import SyntheticConfig, generate
+    from fedclip.data.tensors import load_pairs
+    from fedclip.models.factory import ModelConfig, create_model
+    from fedclip.training.warmstart import WarmStartConfig, warm_start
+
+    data = SyntheticConfig(num_sites=num_sites, patients_per_site=patients_per_site, public_patients=500,
+                           heldout_patients=250)
+    manifest = generate(out / "data", data)
+    checkpoint = warm_start(manifest, cache_dir=out / "cache", config=WarmStartConfig())
+    frame = load_manifest(manifest)
+    bundle = create_model(ModelConfig(pretrained=str(checkpoint)))
+
+    def pairs(rows) -> PairData:
+        return load_pairs(rows, preprocess=bundle.preprocess, tokenizer=bundle.tokenizer)
+
+    train = frame.rows(Split.TRAIN)
+    sites = {site: pairs(rows) for site, rows in sorted(partition_by_site(train).items())}
+    test = pairs(frame.rows(Split.HELDOUT))
+    bench = Bench(checkpoint=checkpoint, sites=sites, public=pairs(frame.rows(Split.PUBLIC)), test=test,
+                  tokenizer=bundle.tokenizer, warm=0.0)
+    return Bench(**{**bench.__dict__, "warm": bench.accuracy(bundle.model)})
