@@ -125,3 +125,18 @@ def test_compare_config_is_validated_before_anything_runs(tmp_path):
     bad.write_text("[compare]\nepsilonz = [1.0]\n")
     with pytest.raises(ValueError, match="unknown key"):
         CompareConfig.from_toml(bad)
+
+
+def test_baselines_train_as_nonprivate_toml_and_private_settings_as_the_dp_defaults():
+    """The gap DP leaves is measured against a tuned non-private baseline: its training keys come
+    from nonprivate.toml; private settings (and client-level DP) keep the app's DP defaults."""
+    from simulations.compare.settings import nonprivate_training
+
+    base = CompareConfig(base={}).base_config()
+    trained = nonprivate_training()
+    assert trained and set(trained) <= {"trainable", "sample-rate", "lr", "optimizer"}
+    for name in ("pooled-nonprivate", "fed-nonprivate"):
+        assert SETTINGS[name].overrides(1.0, base).items() >= trained.items(), name
+    for name in ("pooled-dp", "fed-local-identity", "fed-local-unit", "fed-client"):
+        assert not set(SETTINGS[name].overrides(1.0, base)) & set(trained), name
+    assert SETTINGS["fed-local-unit"].overrides(4.0, base)["dp-mode"] == "unit"
