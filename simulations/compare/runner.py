@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from simulations.compare.config import CompareConfig
-from simulations.compare.settings import SETTINGS
+from simulations.compare.settings import NONPRIVATE_TRAINING_KEYS, SETTINGS
 
 
 @dataclass(frozen=True)
@@ -45,7 +45,9 @@ def plan_runs(config: CompareConfig) -> list[RunSpec]:
         for eps in (config.epsilons if setting.private else (None,)):
             for seed in config.seeds:
                 folder = out / name / f"eps={'none' if eps is None else f'{eps:g}'}" / f"seed={seed}"
-                overrides = {**config.base, **setting.overrides(eps or 0.0, base), "seed": seed,
+                # a training key set in [base] is shared by every run, the baselines too
+                explicit = {k: v for k, v in config.base.items() if k in NONPRIVATE_TRAINING_KEYS}
+                overrides = {**config.base, **setting.overrides(eps or 0.0, base), **explicit, "seed": seed,
                              "output-dir": str(folder), "cache-dir": str(out / "cache")}
                 runs.append(RunSpec(name, eps, seed, folder, overrides))
     return runs

@@ -18,12 +18,13 @@ from typing import Any
 from simulations.hospital_clip.config import DEFAULT_TOML, SimulationConfig, load_toml
 
 NONPRIVATE_TOML = DEFAULT_TOML.with_name("nonprivate.toml")
-# the training keys of the non-private baseline (its file also names an output folder and a budget)
-_NONPRIVATE_TRAINING = ("trainable", "sample-rate", "lr", "optimizer")
+# the training keys of the non-private baseline (its file also names an output folder and a budget);
+# a comparison's [base] that sets one of them sets it for every run
+NONPRIVATE_TRAINING_KEYS = ("trainable", "sample-rate", "lr", "optimizer")
 
 
 def nonprivate_training() -> dict[str, Any]:
-    return {k: v for k, v in load_toml(NONPRIVATE_TOML).items() if k in _NONPRIVATE_TRAINING}
+    return {k: v for k, v in load_toml(NONPRIVATE_TOML).items() if k in NONPRIVATE_TRAINING_KEYS}
 
 
 @dataclass(frozen=True)

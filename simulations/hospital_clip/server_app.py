@@ -91,8 +91,11 @@ def prepare_checkpoint(cfg: SimulationConfig, manifest: str) -> str:
     return str(path.resolve())
 
 
-def discover_sites(grid: Grid, config: ConfigRecord, *, expected: int, timeout: float = 120.0) -> dict[int, str]:
-    """Ask every SuperNode which site it is (a QUERY message; the reply names the site only)."""
+def discover_sites(grid: Grid, config: ConfigRecord, *, expected: int, timeout: float = 600.0) -> dict[int, str]:
+    """Ask every SuperNode which site it is (a QUERY message; the reply names the site only).
+
+    A node that does not answer within ``timeout`` stops the run: without its name the budget
+    strategy could select nobody, and the run would train nothing while claiming to be finished."""
     deadline = time.time() + timeout
     while len(nodes := list(grid.get_node_ids())) < expected:
         if time.time() > deadline:
@@ -104,6 +107,10 @@ def discover_sites(grid: Grid, config: ConfigRecord, *, expected: int, timeout: 
         if reply.has_error():
             raise RuntimeError(f"node {reply.metadata.src_node_id} failed to say which site it is: {reply.error.reason}")
         sites[reply.metadata.src_node_id] = str(reply.content["site"]["site"])
+    silent = sorted(set(nodes) - set(sites))
+    if silent:
+        raise RuntimeError(f"node(s) {silent} did not say which site they are within {timeout:.0f}s "
+                           f"({len(sites)} of {len(nodes)} answered); the run cannot select them")
     return sites
 
 

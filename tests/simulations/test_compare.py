@@ -112,7 +112,7 @@ def test_a_second_invocation_reuses_every_finished_run(comparison):
 
 
 def test_compare_config_is_validated_before_anything_runs(tmp_path):
-    assert len(plan_runs(CompareConfig.from_toml(DEFAULT_COMPARE_TOML))) == 2 * 2 + 5 * 2 * 2
+    assert len(plan_runs(CompareConfig.from_toml(DEFAULT_COMPARE_TOML))) == 2 * 3 + 3 * 3 * 3
     with pytest.raises(ValueError, match="compare.settings: unknown"):
         CompareConfig(settings=("fed-magic",))
     with pytest.raises(ValueError, match="compare.epsilons"):
@@ -140,3 +140,6 @@ def test_baselines_train_as_nonprivate_toml_and_private_settings_as_the_dp_defau
     for name in ("pooled-dp", "fed-local-identity", "fed-local-unit", "fed-client"):
         assert not set(SETTINGS[name].overrides(1.0, base)) & set(trained), name
     assert SETTINGS["fed-local-unit"].overrides(4.0, base)["dp-mode"] == "unit"
+    # a training key the comparison sets in [base] holds for every run, the baselines too
+    runs = plan_runs(CompareConfig(settings=("fed-nonprivate", "fed-local-identity"), base={"lr": 0.01}))
+    assert {r.overrides["lr"] for r in runs} == {0.01}
