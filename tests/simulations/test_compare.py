@@ -143,3 +143,17 @@ def test_baselines_train_as_nonprivate_toml_and_private_settings_as_the_dp_defau
     # a training key the comparison sets in [base] holds for every run, the baselines too
     runs = plan_runs(CompareConfig(settings=("fed-nonprivate", "fed-local-identity"), base={"lr": 0.01}))
     assert {r.overrides["lr"] for r in runs} == {0.01}
+
+
+def test_runs_go_seed_by_seed_and_share_the_cores(monkeypatch):
+    """A comparison stopped part-way has whole seeds; parallel runs split the cores' threads."""
+    from simulations.compare.runner import thread_env
+
+    runs = plan_runs(CompareConfig(settings=("fed-nonprivate", "fed-local-identity"), epsilons=(1.0, 8.0),
+                                   seeds=(0, 1)))
+    assert [r.seed for r in runs] == [0, 0, 0, 1, 1, 1]
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr("os.cpu_count", lambda: 4)
+    assert thread_env(2)["OMP_NUM_THREADS"] == "2" and thread_env(8)["OMP_NUM_THREADS"] == "1"
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert thread_env(2)["OMP_NUM_THREADS"] == "3"  # the user's own setting wins
