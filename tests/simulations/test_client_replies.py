@@ -138,7 +138,8 @@ def test_a_site_enforces_its_total_budget_across_rounds(tmp_path, small_manifest
     policy = _policy_file(tmp_path, "[default]\nmax-epsilon-total = 1e9\n[hospital_2]\nmax-epsilon-total = 2.0\n")
     _, config, model = _setup(tmp_path, small_manifest_path, warm_checkpoint, site_policy_file=policy,
                               noise_multiplier=1.0)
-    config["noise-multiplier"] = 4.0  # about 1.35 for one round, 2.0 for two: the third is refused
+    # about 1.35 for one round, 2.0 for two: the third is refused (6 micro-batches sampled at q = 0.5)
+    config.update({"noise-multiplier": 4.0, "sample-rate": 0.5, "microbatch-size": 5})
     trained = 0
     with pytest.raises(PolicyRefusal, match="max-epsilon-total"):
         for round_ in range(1, 50):
