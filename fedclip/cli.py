@@ -87,13 +87,13 @@ def cmd_compare(args: argparse.Namespace) -> int:
     # the comparison drives the Flower apps, so it lives with them in simulations/
     from simulations.compare.config import DEFAULT_COMPARE_TOML, CompareConfig
     from simulations.compare.results import write_outputs
-    from simulations.compare.runner import run_all
+    from simulations.compare.runner import finished_runs, run_all
 
     config = CompareConfig.from_toml(args.config or DEFAULT_COMPARE_TOML)
     if args.output:
         config = CompareConfig(**{**config.__dict__, "output_dir": args.output})
     try:
-        runs = run_all(config)
+        runs = finished_runs(config) if args.report else run_all(config)
     except RuntimeError as exc:
         print(f"fedclip: error: {exc}", file=sys.stderr)
         return 1
@@ -123,6 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compare", help="compare central and federated DP over a grid of epsilons and seeds")
     p.add_argument("--config", default=None, help="comparison TOML (default: simulations/compare/default.toml)")
     p.add_argument("--output", default=None, help="output folder (overrides compare.output-dir)")
+    p.add_argument("--report", action="store_true",
+                   help="run nothing: write the tables and plots from the runs finished so far")
     p.set_defaults(func=cmd_compare)
     return parser
 

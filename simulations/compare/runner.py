@@ -98,6 +98,18 @@ def execute(run: RunSpec, *, workers: int = 1) -> RunSpec:
     return run
 
 
+def finished_runs(config: CompareConfig, *, progress=print) -> list[RunSpec]:
+    """The runs of the plan that have finished, for an interim report while others still run."""
+    runs = plan_runs(config)
+    done = [r for r in runs if _is_done(r)]
+    if not done:
+        raise RuntimeError(f"no finished run under {config.output_dir} yet (0 of {len(runs)}); nothing to report")
+    missing = sorted({f"seed={r.seed}" for r in runs if not _is_done(r)})
+    progress(f"compare --report: {len(done)} of {len(runs)} runs finished"
+             + (f"; incomplete: {', '.join(missing)} (the table covers the finished runs only)" if missing else ""))
+    return done
+
+
 def run_all(config: CompareConfig, *, progress=print) -> list[RunSpec]:
     runs = plan_runs(config)
     todo = [r for r in runs if not _is_done(r)]

@@ -1,6 +1,7 @@
 """A small central-vs-federated comparison, run as the user runs it, and its invariants."""
 
 import math
+import shutil
 import subprocess
 import sys
 
@@ -109,6 +110,22 @@ def test_a_second_invocation_reuses_every_finished_run(comparison):
     assert again.returncode == 0, again.stderr[-2000:]
     assert "14 already done, 0 to run" in again.stdout
     assert (out / "table.csv").read_text() == before
+
+
+def test_report_writes_tables_from_the_finished_runs_only(comparison, tmp_path):
+    out, config, _ = comparison
+    partial = tmp_path / "partial"
+    shutil.copytree(out, partial)
+    (next(partial.glob("fed-client/eps=1/seed=0")) / "done.json").unlink()  # a run still going
+    done = subprocess.run([sys.executable, "-m", "fedclip.cli", "compare", "--config", str(config), "--output",
+                           str(partial), "--report"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "13 of 14 runs finished; incomplete: seed=0" in done.stdout
+    runs = pd.read_csv(partial / "runs.csv")
+    assert len(runs) == 13 and not ((runs["setting"] == "fed-client") & (runs["target_epsilon"] == 1.0)).any()
+    empty = subprocess.run([sys.executable, "-m", "fedclip.cli", "compare", "--config", str(config), "--output",
+                            str(tmp_path / "none"), "--report"], capture_output=True, text=True, timeout=300)
+    assert empty.returncode == 1 and "no finished run" in empty.stderr
 
 
 def test_compare_config_is_validated_before_anything_runs(tmp_path):

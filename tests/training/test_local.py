@@ -219,3 +219,17 @@ def test_more_units_at_the_same_epsilon_do_not_make_utility_worse(bundle_and_dat
         eps[label] = epsilon([result.event], delta=dp.delta)
     assert math.isfinite(eps["all"]) and eps["all"] == eps["few"]  # the same guarantee for both sizes
     assert acc["all"] >= acc["few"], acc
+
+
+def test_optimizer_is_chosen_by_name_and_checked(bundle_and_data, warm_checkpoint):
+    _, train, _ = bundle_and_data
+    with pytest.raises(ValueError, match="optimizer: expected one of"):
+        TrainConfig(optimizer="adam")
+    model = _fresh(warm_checkpoint, "projections")
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    dp = DpConfig(mode=Mode.MICROBATCH, noise_multiplier=1.0, sample_rate=1.0, declared_units=24)
+    train_local(model, train, dp=dp, train=TrainConfig(steps=2, lr=0.01, optimizer="sgd"), reproducible_seed=0)
+    assert any(not torch.equal(before[n], p) for n, p in model.named_parameters() if p.requires_grad)
+    from fedclip.training.local import make_optimizer
+    opt = make_optimizer(model, dp, TrainConfig(optimizer="sgd"), expected_microbatches=1.0, noise_generator=None)
+    assert isinstance(opt.original_optimizer, torch.optim.SGD) and opt.original_optimizer.defaults["nesterov"]
