@@ -99,6 +99,11 @@ def _eps(value: float) -> str:
     return "-" if math.isnan(value) else ("inf" if math.isinf(value) else f"{value:.2f}")
 
 
+def _mean_spread(mean: float, std: float) -> str:
+    """``mean ± std``; one seed has no spread, and printing ± 0.000 would claim one."""
+    return f"{mean:.3f}" + ("" if math.isnan(std) else f" ± {std:.3f}")
+
+
 def markdown_table(agg: pd.DataFrame) -> str:
     head = ("| setting | target epsilon | unit (what epsilon is about) | epsilon (local) | epsilon (site) | "
             "per patient, record rows (group privacy, largest patient) | "
@@ -106,7 +111,7 @@ def markdown_table(agg: pd.DataFrame) -> str:
             "zero-shot acc | IDIA TPR | IDIA FPR | empirical eps lower bound | seeds |")
     lines = [head, "|" + "---|" * 12]
     for r in agg.itertuples():
-        pm = lambda m: f"{getattr(r, m + '_mean'):.3f} ± {0.0 if math.isnan(getattr(r, m + '_std')) else getattr(r, m + '_std'):.3f}"  # noqa: E731
+        pm = lambda m: _mean_spread(getattr(r, m + "_mean"), getattr(r, m + "_std"))  # noqa: E731
         site_noise = f"{r.site_noise_multiplier:.2f} ({r.site_noise_on_average:.2f})" if r.site_noise_multiplier else "-"
         local_noise = f"{r.noise_multiplier:.2f}" if r.noise_multiplier else "-"
         group = ("-" if math.isnan(r.patient_epsilon_group) else

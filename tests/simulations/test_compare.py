@@ -174,3 +174,9 @@ def test_runs_go_seed_by_seed_and_share_the_cores(monkeypatch):
     assert thread_env(2)["OMP_NUM_THREADS"] == "2" and thread_env(8)["OMP_NUM_THREADS"] == "1"
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
     assert thread_env(2)["OMP_NUM_THREADS"] == "3"  # the user's own setting wins
+
+
+def test_one_seed_shows_no_spread():
+    from simulations.compare.results import _mean_spread
+
+    assert _mean_spread(0.5, math.nan) == "0.500" and _mean_spread(0.5, 0.01) == "0.500 ± 0.010"
