@@ -68,8 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="runs/bench_utility")
     args = p.parse_args(argv)
 
-    from benchmarks.setup import prepare
-    from fedclip.privacy.calibration import calibrate_noise_multiplier
+    from benchmarks.setup import calibrated, prepare
     from fedclip.training.config import DpConfig, TrainConfig
     from fedclip.training.local import train_local
 
@@ -80,14 +79,9 @@ def main(argv: list[str] | None = None) -> int:
 
     def run(c: Candidate, seed: int) -> tuple[float, float]:
         model = bench.model(c.trainable)
-        dp = DpConfig(mode=c.mode, noise_multiplier=1.0, sample_rate=c.sample_rate, microbatch_size=c.microbatch_size,
-                      declared_units=args.patients)
-        sigma = 0.0
-        if c.mode != "nonprivate":
-            sigma = calibrate_noise_multiplier(target_epsilon=args.epsilon, delta=dp.delta, sample_rate=c.sample_rate,
-                                               steps=args.steps, relation=dp.relation, sensitivity=dp.sensitivity)
-            dp = DpConfig(mode=c.mode, noise_multiplier=sigma, sample_rate=c.sample_rate,
-                          microbatch_size=c.microbatch_size, declared_units=args.patients)
+        dp = calibrated(DpConfig(mode=c.mode, sample_rate=c.sample_rate, microbatch_size=c.microbatch_size,
+                                 declared_units=args.patients), epsilon=args.epsilon, steps=args.steps)
+        sigma = dp.noise_multiplier if c.mode != "nonprivate" else 0.0
         train_local(model, train, dp=dp, train=TrainConfig(steps=args.steps, lr=c.lr, optimizer=c.optimizer),
                     reproducible_seed=seed, public=bench.public)
         return bench.accuracy(model), sigma

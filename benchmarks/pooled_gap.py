@@ -45,9 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="runs/bench_pooled_gap")
     args = p.parse_args(argv)
 
-    from benchmarks.setup import prepare
+    from benchmarks.setup import calibrated, prepare
     from fedclip.data.tensors import PairData
-    from fedclip.privacy.calibration import calibrate_noise_multiplier
     from fedclip.training.config import DpConfig, TrainConfig
     from fedclip.training.local import train_local
 
@@ -61,10 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     def dp(units: int, sigma: float) -> DpConfig:
         return DpConfig(mode=args.mode, noise_multiplier=sigma, sample_rate=args.sample_rate, declared_units=units)
 
-    probe = dp(args.patients_per_site, 1.0)
-    sigma = calibrate_noise_multiplier(target_epsilon=args.epsilon, delta=probe.delta, sample_rate=args.sample_rate,
-                                       steps=args.rounds * args.steps, relation=probe.relation,
-                                       sensitivity=probe.sensitivity)
+    # the same sigma for the pooled site and every site: same q, steps and relation, so the same epsilon
+    sigma = calibrated(dp(args.patients_per_site, 1.0), epsilon=args.epsilon,
+                       steps=args.rounds * args.steps).noise_multiplier
     rows = []
     for trainable, optimizer, lr in ARMS:
         train = TrainConfig(steps=args.steps, lr=lr, optimizer=optimizer)

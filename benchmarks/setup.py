@@ -31,6 +31,21 @@ class Bench:
         return create_model(ModelConfig(pretrained=str(self.checkpoint), trainable=trainable)).model
 
 
+def calibrated(dp, *, epsilon: float, steps: int):
+    """``dp`` with the noise multiplier that meets ``epsilon`` over ``steps`` steps (its own relation
+    and sensitivity); a non-private config is returned as it is."""
+    from dataclasses import replace
+
+    from fedclip.privacy.calibration import calibrate_noise_multiplier
+    from fedclip.training.config import Mode
+
+    if dp.mode == Mode.NONPRIVATE:
+        return dp
+    sigma = calibrate_noise_multiplier(target_epsilon=epsilon, delta=dp.delta, sample_rate=dp.sample_rate,
+                                       steps=steps, relation=dp.relation, sensitivity=dp.sensitivity)
+    return replace(dp, noise_multiplier=sigma)
+
+
 def prepare(out: Path, *, num_sites: int, patients_per_site: int) -> Bench:
     """Synthetic sites of the realistic size, 500 public and 250 held-out patients, cached warm start."""
     from fedclip.data.manifest import load_manifest

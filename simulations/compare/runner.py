@@ -41,14 +41,14 @@ def plan_runs(config: CompareConfig) -> list[RunSpec]:
     """Every run, seed by seed: a comparison stopped part-way has whole seeds of every setting."""
     base = config.base_config()
     out = Path(config.output_dir)
+    # a training key set in [base] is shared by every run, the baselines too
+    explicit = {k: v for k, v in config.base.items() if k in NONPRIVATE_TRAINING_KEYS}
     runs = []
     for seed in config.seeds:
         for name in config.settings:
             setting = SETTINGS[name]
             for eps in (config.epsilons if setting.private else (None,)):
                 folder = out / name / f"eps={'none' if eps is None else f'{eps:g}'}" / f"seed={seed}"
-                # a training key set in [base] is shared by every run, the baselines too
-                explicit = {k: v for k, v in config.base.items() if k in NONPRIVATE_TRAINING_KEYS}
                 overrides = {**config.base, **setting.overrides(eps or 0.0, base), **explicit, "seed": seed,
                              "output-dir": str(folder), "cache-dir": str(out / "cache")}
                 runs.append(RunSpec(name, eps, seed, folder, overrides))
