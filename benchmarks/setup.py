@@ -46,7 +46,7 @@ def calibrated(dp, *, epsilon: float, steps: int):
     return replace(dp, noise_multiplier=sigma)
 
 
-def prepare(out: Path, *, num_sites: int, patients_per_site: int) -> Bench:
+def prepare(out: Path, *, num_sites: int, patients_per_site: int, name_lists: str = "short") -> Bench:
     """Synthetic sites of the realistic size, 500 public and 250 held-out patients, cached warm start."""
     from fedclip.data.manifest import load_manifest
     from fedclip.data.partition import partition_by_site
@@ -57,7 +57,7 @@ def prepare(out: Path, *, num_sites: int, patients_per_site: int) -> Bench:
     from fedclip.training.warmstart import WarmStartConfig, warm_start
 
     data = SyntheticConfig(num_sites=num_sites, patients_per_site=patients_per_site, public_patients=500,
-                           heldout_patients=250)
+                           heldout_patients=250, name_lists=name_lists)
     manifest = generate(out / "data", data)
     checkpoint = warm_start(manifest, cache_dir=out / "cache", config=WarmStartConfig())
     frame = load_manifest(manifest)

@@ -18,7 +18,7 @@ import pandas as pd
 import torch
 
 from fedclip.attacks.base import AttackDecisions
-from fedclip.data.names import draw_unique_names
+from fedclip.data.names import check_name_lists, draw_unique_names
 from fedclip.data.schema import Split
 from fedclip.data.tensors import load_images
 from fedclip.evaluation.encode import encode_images, encode_texts
@@ -39,6 +39,7 @@ class IdiaConfig:
     templates: tuple[str, ...] = DEFAULT_TEMPLATES
     num_distractors: int = 200
     seed: int = 0
+    name_lists: str = "short"  # the lists distractor names are drawn from: those the data was named from
 
     def __post_init__(self) -> None:
         if self.num_queries < 1:
@@ -47,6 +48,7 @@ class IdiaConfig:
             raise ValueError(f"idia templates: every template must contain '{{name}}', got {list(self.templates)}")
         if not 1 <= self.tau <= len(self.templates):
             raise ValueError(f"idia tau: expected 1 <= tau <= {len(self.templates)} (the number of templates), got {self.tau}")
+        check_name_lists(self.name_lists, key="idia name_lists")
         if self.num_distractors < 0:
             raise ValueError(f"idia num_distractors: expected >= 0, got {self.num_distractors}")
 
@@ -103,7 +105,7 @@ class IdiaTargets:
         everyone = names + sorted(set(frame.loc[frame["split"] == str(Split.TRAIN), "name"]) - set(names))
         rng = np.random.default_rng(config.seed)
         candidates = tuple(dict.fromkeys(everyone)) + tuple(
-            draw_unique_names(rng, config.num_distractors, exclude=set(everyone)))
+            draw_unique_names(rng, config.num_distractors, exclude=set(everyone), lists=config.name_lists))
         images = load_images(picked, preprocess=preprocess)
         return cls(
             patient_ids=tuple(first.index),

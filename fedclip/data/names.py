@@ -2,14 +2,27 @@
 
 IDIA ranks a patient's true name among many candidate names, so the names must look like the
 names an attacker would try: common first names crossed with common surnames (as the IDIA
-authors did with US census lists). Every name drawn here is unique within one call.
+authors did with US census lists). Two sets of lists, chosen by ``name_lists``:
+
+- ``"short"`` (the default, which every published figure so far uses): 190 first names x 188
+  surnames typed in here. 1,450 people share 188 surnames, so each surname token stands for
+  about eight unrelated patients, and a model must learn names as token *combinations*.
+- ``"census"``: Faker's ``en_US`` lists (690 first names, the 1,000 most common US surnames; the
+  package is pinned so that one seed gives the same names on every machine). Most patients'
+  surnames are then their own, as in a real hospital, and names are far easier to bind to a face:
+  measured on one site of 1,000 patients, every parameter, 240 non-private steps, IDIA TPR 0.58
+  against 0.09 with the short lists; federated over 4 sites of 250 (``nonprivate.toml``), 0.135
+  against 0.023 (README, "The attack's signal").
+
+Every name drawn here is unique within one call.
 """
 
 from __future__ import annotations
 
 import numpy as np
+from faker.providers.person.en_US import Provider as _UsPeople
 
-FIRST_NAMES: tuple[str, ...] = (
+SHORT_FIRST_NAMES: tuple[str, ...] = (
     "James", "Mary", "Robert", "Patricia", "John", "Jennifer", "Michael", "Linda", "David",
     "Elizabeth", "William", "Barbara", "Richard", "Susan", "Joseph", "Jessica", "Thomas", "Sarah",
     "Charles", "Karen", "Christopher", "Lisa", "Daniel", "Nancy", "Matthew", "Betty", "Anthony",
@@ -33,7 +46,7 @@ FIRST_NAMES: tuple[str, ...] = (
     "Isabella", "Roy", "Theresa", "Vincent", "Diana", "Ralph", "Natalie", "Eugene", "Brittany",
 )
 
-SURNAMES: tuple[str, ...] = (
+SHORT_SURNAMES: tuple[str, ...] = (
     "Smith", "Johnson", "Williams", "Brown", "Jones", "Garcia", "Miller", "Davis", "Rodriguez",
     "Martinez", "Hernandez", "Lopez", "Gonzalez", "Wilson", "Anderson", "Thomas", "Taylor",
     "Moore", "Jackson", "Martin", "Lee", "Perez", "Thompson", "White", "Harris", "Sanchez",
@@ -58,15 +71,32 @@ SURNAMES: tuple[str, ...] = (
 )
 
 
-def draw_unique_names(rng: np.random.Generator, count: int, *, exclude: set[str] | None = None) -> list[str]:
-    """Draw ``count`` distinct "First Last" names, none of them in ``exclude``."""
+CENSUS_FIRST_NAMES: tuple[str, ...] = tuple(dict.fromkeys(_UsPeople.first_names))
+CENSUS_SURNAMES: tuple[str, ...] = tuple(dict.fromkeys(_UsPeople.last_names))
+
+NAME_LISTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "short": (SHORT_FIRST_NAMES, SHORT_SURNAMES),
+    "census": (CENSUS_FIRST_NAMES, CENSUS_SURNAMES),
+}
+
+
+def check_name_lists(name: str, *, key: str = "name_lists") -> str:
+    if name not in NAME_LISTS:
+        raise ValueError(f"{key}: expected one of {sorted(NAME_LISTS)}, got {name!r}")
+    return name
+
+
+def draw_unique_names(rng: np.random.Generator, count: int, *, exclude: set[str] | None = None,
+                      lists: str = "short") -> list[str]:
+    """Draw ``count`` distinct "First Last" names from ``lists``, none of them in ``exclude``."""
+    firsts, surnames = NAME_LISTS[check_name_lists(lists, key="lists")]
     taken = set(exclude or ())
-    capacity = len(FIRST_NAMES) * len(SURNAMES) - len(taken)
+    capacity = len(firsts) * len(surnames) - len(taken)
     if count > capacity:
         raise ValueError(f"count: asked for {count} unique names but only {capacity} are available")
     names: list[str] = []
     while len(names) < count:
-        name = f"{FIRST_NAMES[rng.integers(len(FIRST_NAMES))]} {SURNAMES[rng.integers(len(SURNAMES))]}"
+        name = f"{firsts[rng.integers(len(firsts))]} {surnames[rng.integers(len(surnames))]}"
         if name not in taken:
             taken.add(name)
             names.append(name)

@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from fedclip.data.names import draw_unique_names
+from fedclip.data.names import check_name_lists, draw_unique_names
 from fedclip.data.schema import CONDITIONS, MANIFEST_COLUMNS, Split
 
 FINDING_PHRASES: dict[str, tuple[str, ...]] = {
@@ -66,6 +66,8 @@ class SyntheticConfig:
     noise: float = 0.06
     identity_strength: float = 1.0
     identity_grid: int = 3
+    # "short" | "census": which name lists patients are named from (fedclip.data.names says why it matters)
+    name_lists: str = "short"
 
     def __post_init__(self) -> None:
         positive = ("num_sites", "patients_per_site", "images_per_patient", "query_images_per_patient")
@@ -85,6 +87,7 @@ class SyntheticConfig:
             raise ValueError(f"identity_strength: expected a weight in (0, 2], got {self.identity_strength}")
         if not 2 <= self.identity_grid <= self.image_size // 2:
             raise ValueError(f"identity_grid: expected 2 .. image_size/2 cells per side, got {self.identity_grid}")
+        check_name_lists(self.name_lists)
         if not 0 <= self.noise < 1:
             raise ValueError(f"noise: expected a pixel noise level in [0, 1), got {self.noise}")
 
@@ -172,7 +175,8 @@ def generate(out_dir: str | Path, config: SyntheticConfig = SyntheticConfig()) -
     rng = np.random.default_rng(config.seed)
     sizes, mixes = _site_plan(config, rng)
     n_members = sum(sizes)
-    names = draw_unique_names(rng, config.public_patients + n_members + config.heldout_patients)
+    names = draw_unique_names(rng, config.public_patients + n_members + config.heldout_patients,
+                              lists=config.name_lists)
     uniform = np.full(len(CONDITIONS), 1.0 / len(CONDITIONS))
 
     # (population split of the training images, site, condition mix, number of query images)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from fedclip.attacks.idia import DEFAULT_TEMPLATES, IdiaConfig
+from fedclip.data.names import NAME_LISTS
 from fedclip.data.synthetic import SyntheticConfig
 from fedclip.models.factory import ModelConfig
 from fedclip.privacy.accountant import OPACUS_ACCOUNTANTS
@@ -46,6 +47,7 @@ class SimulationConfig:
     images_per_patient: int = _DATA.images_per_patient
     query_images_per_patient: int = _DATA.query_images_per_patient
     site_skew: float = _DATA.site_skew
+    name_lists: str = _DATA.name_lists
     pool_sites: bool = False
     # model
     arch: str = "fedclip-tiny"
@@ -92,7 +94,8 @@ class SimulationConfig:
     idia_distractors: int = 200
 
     def __post_init__(self) -> None:
-        for key, allowed in (("dp_mode", DP_MODES), ("privacy_unit", tuple(PrivacyUnit)), ("accountant", OPACUS_ACCOUNTANTS)):
+        for key, allowed in (("dp_mode", DP_MODES), ("privacy_unit", tuple(PrivacyUnit)), ("accountant", OPACUS_ACCOUNTANTS),
+                             ("name_lists", tuple(NAME_LISTS))):
             if getattr(self, key) not in allowed:
                 raise ValueError(f"{key.replace('_', '-')}: expected one of {[str(a) for a in allowed]}, "
                                  f"got {getattr(self, key)!r}")
@@ -140,7 +143,8 @@ class SimulationConfig:
         return SyntheticConfig(seed=self.seed, num_sites=self.num_sites, patients_per_site=self.patients_per_site,
                                public_patients=self.public_patients, heldout_patients=self.heldout_patients,
                                images_per_patient=self.images_per_patient,
-                               query_images_per_patient=self.query_images_per_patient, site_skew=self.site_skew)
+                               query_images_per_patient=self.query_images_per_patient, site_skew=self.site_skew,
+                               name_lists=self.name_lists)
 
     def model(self, pretrained: str | None = None) -> ModelConfig:
         return ModelConfig(arch=self.arch, pretrained=self.pretrained if pretrained is None else pretrained,
@@ -174,7 +178,7 @@ class SimulationConfig:
     def idia(self) -> IdiaConfig:
         return IdiaConfig(num_queries=self.idia_queries, tau=self.idia_tau,
                           templates=tuple(t for t in self.idia_templates.split("|") if t),
-                          num_distractors=self.idia_distractors, seed=self.seed)
+                          num_distractors=self.idia_distractors, seed=self.seed, name_lists=self.name_lists)
 
     def site_budget_map(self) -> dict[str, float]:
         """``site-budgets = "hospital_0=2.0,hospital_1=8"``: per-site budgets over ``budget``."""

@@ -59,3 +59,14 @@ def test_too_few_query_images_is_named(small_manifest):
     bundle = create_model(ModelConfig())
     with pytest.raises(ValueError, match="num_queries: patient .* has 4 query images, fewer than num_queries=9"):
         IdiaTargets.from_frame(small_manifest.frame, config=IdiaConfig(num_queries=9), preprocess=bundle.preprocess)
+
+
+def test_distractors_come_from_the_name_lists_the_data_uses(small_manifest):
+    from fedclip.data.names import CENSUS_FIRST_NAMES, CENSUS_SURNAMES
+
+    config = IdiaConfig(num_queries=4, num_distractors=40, name_lists="census")
+    targets = IdiaTargets.from_frame(small_manifest.frame, config=config, preprocess=create_model(ModelConfig()).preprocess)
+    distractors = targets.candidates[-40:]
+    assert all(d.split(" ")[0] in CENSUS_FIRST_NAMES and d.split(" ")[1] in CENSUS_SURNAMES for d in distractors)
+    with pytest.raises(ValueError, match="idia name_lists"):
+        IdiaConfig(name_lists="klingon")

@@ -94,8 +94,26 @@ def test_site_skew_changes_site_sizes_but_keeps_the_total(tmp_path):
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("num_sites", 0), ("patients_per_site", 0), ("public_patients", -1), ("image_size", 8), ("site_skew", -1.0), ("noise", 1.5)],
+    [("num_sites", 0), ("patients_per_site", 0), ("public_patients", -1), ("image_size", 8), ("site_skew", -1.0), ("noise", 1.5),
+     ("name_lists", "klingon")],
 )
 def test_bad_config_names_the_field(field, value):
     with pytest.raises(ValueError, match=field):
         SyntheticConfig(**{field: value})
+
+
+def test_census_names_give_most_patients_their_own_surname(tmp_path):
+    """The point of the census lists: at hospital scale a surname mostly belongs to one patient
+    (the short lists put each surname on several patients), which is what lets names leak."""
+    from fedclip.data.names import CENSUS_SURNAMES, SHORT_SURNAMES
+
+    def surnames(lists: str) -> pd.Series:
+        cfg = SyntheticConfig(num_sites=1, patients_per_site=300, public_patients=0, heldout_patients=0,
+                              images_per_patient=1, query_images_per_patient=1, name_lists=lists)
+        frame = pd.read_csv(generate(tmp_path / lists, cfg), dtype=str, keep_default_na=False)
+        return frame.groupby("patient_id")["name"].first().str.split(" ").str[-1]
+
+    census, short = surnames("census"), surnames("short")
+    assert set(census) <= set(CENSUS_SURNAMES) and set(short) <= set(SHORT_SURNAMES)
+    assert census.nunique() > 0.7 * len(census)
+    assert short.nunique() < 0.6 * len(short)

@@ -34,6 +34,7 @@ def test_nonprivate_config_is_valid_and_nonprivate():
     ({"budget": -1.0}, "budget: expected an epsilon > 0"),
     ({"site-budgets": "hospital_0=abc"}, "site-budgets"),
     ({"strategy": "fedfoo"}, "strategy: expected one of"),
+    ({"name-lists": "klingon"}, "name-lists: expected one of"),
     ({"idia-tau": 9}, "idia tau"),
     ({"manifest": "/no/such/file.csv"}, "manifest: file not found"),
     ({"trainable": "last-0"}, "trainable"),
