@@ -15,6 +15,7 @@ from pathlib import Path
 import pandas as pd
 
 from fedclip.data.manifest import load_manifest
+from fedclip.data.names import NAME_LISTS
 from fedclip.data.schema import Split
 from fedclip.data.synthetic import SyntheticConfig, generate
 from fedclip.data.tensors import load_pairs
@@ -43,7 +44,7 @@ def evaluate_checkpoints(manifest: Path, checkpoints: dict[str, str]) -> pd.Data
 def _synthetic_config(args: argparse.Namespace) -> SyntheticConfig:
     return SyntheticConfig(seed=args.seed, num_sites=args.num_sites, patients_per_site=args.patients_per_site,
                            public_patients=args.public_patients, heldout_patients=args.heldout_patients,
-                           site_skew=args.site_skew)
+                           site_skew=args.site_skew, name_lists=args.name_lists)
 
 
 def _add_data_options(p: argparse.ArgumentParser) -> None:
@@ -54,6 +55,8 @@ def _add_data_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--public-patients", type=int, default=d.public_patients)
     p.add_argument("--heldout-patients", type=int, default=d.heldout_patients)
     p.add_argument("--site-skew", type=float, default=d.site_skew, help="Dirichlet concentration; 0 = balanced")
+    p.add_argument("--name-lists", choices=sorted(NAME_LISTS), default=d.name_lists,
+                   help="name lists of the patients: census gives most patients their own surname (names leak more)")
 
 
 def cmd_data(args: argparse.Namespace) -> int:

@@ -26,3 +26,16 @@ def test_bad_option_gives_a_clear_error(tmp_path):
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
     assert "num_sites: expected an integer >= 1" in done.stderr
+
+
+def test_data_command_names_patients_from_the_chosen_lists(tmp_path):
+    from fedclip.data.names import CENSUS_SURNAMES
+
+    cmd = [sys.executable, "-m", "fedclip.cli", "data", "--out", str(tmp_path), "--num-sites", "1",
+           "--patients-per-site", "4", "--public-patients", "2", "--heldout-patients", "2", "--name-lists", "census"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    frame = pd.read_csv(tmp_path / "manifest.csv", dtype=str, keep_default_na=False)
+    assert set(frame["name"].str.split(" ").str[-1]) <= set(CENSUS_SURNAMES)
+    bad = subprocess.run(cmd[:-1] + ["klingon"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "--name-lists" in bad.stderr
