@@ -48,10 +48,16 @@ def site_identity(context: Context, config: ConfigRecord) -> SiteIdentity:
                             state_dir=Path(str(node["state-dir"])), weight=weight, deployed=True,
                             outside_paths=str(node.get("allow-outside-paths", "false")).lower() == "true",
                             declared_units=int(node["declared-units"]) if "declared-units" in node else None)
+    if "partition-id" not in node:
+        # a deployed SuperNode started without --node-config used to play partition 0 with the
+        # server's manifest: it claimed another hospital's name and trained on data it does not hold
+        raise ValueError(f"node config: this SuperNode has neither 'site' (a deployed hospital, which also needs "
+                         f"{list(DEPLOYED_KEYS[1:])}) nor 'partition-id' (set by Flower's simulation runtime); start "
+                         f"it with --node-config \"site='hospital_a' manifest='...' checkpoint='...' state-dir='...'\"")
     manifest = str(config["manifest"])
     outside = bool(config["allow-outside-paths"])
     site = site_for_partition(manifest, int(config["num-sites"]), int(config["seed"]),
-                              int(node.get("partition-id", 0)), bool(config["pool-sites"]), outside)
+                              int(node["partition-id"]), bool(config["pool-sites"]), outside)
     declared = parse_site_numbers(str(config.get("declared-units-map", "")), key="declared-units-map").get(site)
     return SiteIdentity(site=site, manifest=manifest, checkpoint=str(config["checkpoint"]),
                         state_dir=Path(str(config["site-state-root"])) / site, weight=1.0, deployed=False,

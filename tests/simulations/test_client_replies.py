@@ -159,6 +159,9 @@ def test_a_deployed_site_refuses_reproducible_noise_and_needs_its_own_paths(tmp_
     deployed = Context(run_id=1, node_id=1, node_config=node, state=RecordDict(), run_config={})
     with pytest.raises(PolicyRefusal, match="reproducible-noise"):
         client_app(_train_message(model, config, 0), deployed)
+    bare = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+    with pytest.raises(ValueError, match="neither 'site'.*nor 'partition-id'"):
+        client_app(_train_message(model, config, 0), bare)  # no silent fallback to partition 0
     partial = Context(run_id=1, node_id=1, node_config={"site": "hospital_0"}, state=RecordDict(), run_config={})
     with pytest.raises(ValueError, match=r"missing \['manifest', 'checkpoint', 'state-dir'\]"):
         client_app(_train_message(model, config, 0), partial)
