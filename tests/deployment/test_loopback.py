@@ -1,0 +1,164 @@
+"""The app on Flower's deployment runtime, as a consortium starts it: a SuperLink and two SuperNodes
+(real processes on loopback, insecure), each hospital with its own node config, and ``flwr run``.
+
+Bounded in time; every process is stopped by the test. TLS, SuperNode authentication and a server
+without member data are issue 10's next steps.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from fedclip.data.synthetic import SyntheticConfig, generate
+from fedclip.training.warmstart import WarmStartConfig, warm_start
+
+REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+DATA = SyntheticConfig(seed=3, num_sites=2, patients_per_site=6, public_patients=12, heldout_patients=4,
+                       images_per_patient=4, query_images_per_patient=3)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(home: Path) -> dict[str, str]:
+    return {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "FLWR_HOME": str(home),
+            "OMP_NUM_THREADS": "1"}
+
+
+def _wait_for(log: Path, text: str, *, timeout: float) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if log.is_file() and text in log.read_text(errors="replace"):
+            return
+        time.sleep(0.5)
+    raise TimeoutError(f"{text!r} not in {log} after {timeout:.0f}s:\n{log.read_text(errors='replace')[-2000:]}")
+
+
+class Federation:
+    """A SuperLink and SuperNodes started as processes; ``stop`` kills every process group."""
+
+    def __init__(self, root: Path):
+        self.root, self.procs = root, []
+        self.home = root / "flwr-home"
+        self.home.mkdir(parents=True)
+        self.port = _free_port()
+        (self.home / "config.toml").write_text(
+            f'[superlink]\ndefault = "loopback"\n\n[superlink.loopback]\naddress = "127.0.0.1:{self.port}"\n'
+            "insecure = true\n")
+
+    def _start(self, name: str, args: list[str]) -> Path:
+        log = self.root / f"{name}.log"
+        cwd = self.root / name
+        cwd.mkdir(exist_ok=True)
+        with log.open("w") as out:
+            self.procs.append(subprocess.Popen(args, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, env=_env(self.home),
+                                               start_new_session=True))
+        return log
+
+    def superlink(self) -> None:
+        log = self._start("superlink", [str(BIN / "flower-superlink"), "--insecure", "--port", str(self.port),
+                                        "--disable-runtime-dependency-installation"])
+        _wait_for(log, "Uvicorn running", timeout=60)
+
+    def supernode(self, name: str, node_config: str | None) -> Path:
+        args = [str(BIN / "flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{self.port}",
+                "--port", str(_free_port())]
+        if node_config is not None:
+            args += ["--node-config", node_config]
+        log = self._start(name, args)
+        _wait_for(log, "SuperNode ID", timeout=60)
+        return log
+
+    def run(self, run_config: Path, *, timeout: float = 600) -> subprocess.CompletedProcess:
+        return subprocess.run([str(BIN / "flwr"), "run", ".", "loopback", "--run-config", str(run_config), "--stream"],
+                              cwd=REPO, env=_env(self.home), capture_output=True, text=True, timeout=timeout)
+
+    def stop(self) -> None:
+        for p in self.procs:
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            p.wait(timeout=30)
+
+
+@pytest.fixture
+def federation(tmp_path: Path) -> Iterator[Federation]:
+    fed = Federation(tmp_path / "federation")
+    try:
+        yield fed
+    finally:
+        fed.stop()
+
+
+@pytest.fixture(scope="module")
+def hospital_data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    manifest = generate(tmp_path_factory.mktemp("deployed_data"), DATA)
+    checkpoint = warm_start(manifest, cache_dir=tmp_path_factory.mktemp("deployed_cache"),
+                            config=WarmStartConfig(epochs=3, batch_size=32, seed=0))
+    return manifest, checkpoint
+
+
+def _run_config(path: Path, *, manifest: Path, checkpoint: Path, out: Path) -> Path:
+    small = (REPO / "simulations" / "hospital_clip" / "small.toml").read_text().splitlines()
+    kept = [line for line in small if not line.startswith(("output-dir", "cache-dir"))]
+    path.write_text("\n".join(kept) + f"\nmanifest = '{manifest}'\npretrained = '{checkpoint}'\n"
+                    f"output-dir = '{out}'\ncache-dir = '{out.parent / 'cache'}'\ndeclared-units = 6\n")
+    return path
+
+
+def _site(name: str, manifest: Path, checkpoint: Path, state: Path) -> str:
+    return f"site='{name}' manifest='{manifest}' checkpoint='{checkpoint}' state-dir='{state}' declared-units=6"
+
+
+def test_two_hospitals_train_two_rounds_on_the_deployment_runtime(federation, hospital_data, tmp_path):
+    manifest, checkpoint = hospital_data
+    federation.superlink()
+    for k in range(2):
+        federation.supernode(f"hospital_{k}", _site(f"hospital_{k}", manifest, checkpoint, tmp_path / f"state_{k}"))
+    out = tmp_path / "out"
+    done = federation.run(_run_config(tmp_path / "run.toml", manifest=manifest, checkpoint=checkpoint, out=out))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    status = json.loads((out / "status.json").read_text())
+    assert status["status"] == "finished", status
+    rounds = pd.read_csv(out / "rounds.csv")
+    trained = rounds[rounds["status"] == "trained"]
+    assert sorted(trained["site"].unique()) == ["hospital_0", "hospital_1"]
+    assert sorted(trained["round"].unique()) == [1, 2]
+    # each hospital keeps its own durable ledger where its node config says, with both rounds in it
+    for k in range(2):
+        ledger = tmp_path / f"state_{k}" / "ledger.sqlite"
+        assert ledger.is_file(), f"hospital_{k} kept no ledger"
+        with sqlite3.connect(ledger) as db:
+            charges = db.execute("SELECT site, round, status FROM charges ORDER BY round").fetchall()
+        assert [(site, r) for site, r, _ in charges] == [(f"hospital_{k}", 1), (f"hospital_{k}", 2)], charges
+        assert {status for *_, status in charges} == {"confirmed"}, charges
+    assert (out / "summary.md").is_file() and (out / "attack.csv").is_file()
+
+
+def test_a_supernode_without_node_config_is_refused(federation, hospital_data, tmp_path):
+    manifest, checkpoint = hospital_data
+    federation.superlink()
+    federation.supernode("hospital_0", _site("hospital_0", manifest, checkpoint, tmp_path / "state_0"))
+    federation.supernode("bare", None)
+    out = tmp_path / "out"
+    done = federation.run(_run_config(tmp_path / "run.toml", manifest=manifest, checkpoint=checkpoint, out=out))
+    text = done.stdout + done.stderr
+    assert "neither 'site'" in text and "partition-id" in text, text[-3000:]
+    assert not (out / "rounds.csv").is_file() or pd.read_csv(out / "rounds.csv").empty
