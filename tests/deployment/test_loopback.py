@@ -1,8 +1,10 @@
 """The app on Flower's deployment runtime, as a consortium starts it: a SuperLink and two SuperNodes
-(real processes on loopback, insecure), each hospital with its own node config, and ``flwr run``.
+(real processes on loopback), each hospital with its own node config, and ``flwr run``; insecure,
+and with TLS plus SuperNode authentication (certificate authority, server certificate and node
+keys made by the test; nodes registered with ``flwr supernode register``).
 
-Bounded in time; every process is stopped by the test. TLS, SuperNode authentication and a server
-without member data are issue 10's next steps.
+Bounded in time; every process is stopped by the test. A server without member data is issue
+10's next step.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import datetime
+import ipaddress
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -53,14 +57,28 @@ def _wait_for(log: Path, text: str, *, timeout: float) -> None:
 class Federation:
     """A SuperLink and SuperNodes started as processes; ``stop`` kills every process group."""
 
-    def __init__(self, root: Path):
-        self.root, self.procs = root, []
+    def __init__(self, root: Path, *, certs: Path | None = None):
+        self.root, self.procs, self.certs = root, [], certs
         self.home = root / "flwr-home"
         self.home.mkdir(parents=True)
         self.port = _free_port()
+        security = "insecure = true\n" if certs is None else f'root-certificates = "{certs / "ca.crt"}"\n'
         (self.home / "config.toml").write_text(
-            f'[superlink]\ndefault = "loopback"\n\n[superlink.loopback]\naddress = "127.0.0.1:{self.port}"\n'
-            "insecure = true\n")
+            f'[superlink]\ndefault = "loopback"\n\n[superlink.loopback]\naddress = "127.0.0.1:{self.port}"\n' + security)
+
+    def _security(self, *, node_key: str | None = None) -> list[str]:
+        if self.certs is None:
+            return ["--insecure"]
+        if node_key is None:  # the SuperLink: TLS, and only registered SuperNodes may connect
+            return ["--ssl-ca-certfile", str(self.certs / "ca.crt"), "--ssl-certfile", str(self.certs / "server.pem"),
+                    "--ssl-keyfile", str(self.certs / "server.key"), "--enable-supernode-auth"]
+        return ["--root-certificates", str(self.certs / "ca.crt"),
+                "--auth-supernode-private-key", str(self.certs / f"{node_key}.key")]
+
+    def register(self, node_key: str) -> None:
+        done = subprocess.run([str(BIN / "flwr"), "supernode", "register", str(self.certs / f"{node_key}.pub"), "loopback"],
+                              env=_env(self.home), capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0 and "registered" in done.stdout, done.stdout + done.stderr
 
     def _start(self, name: str, args: list[str]) -> Path:
         log = self.root / f"{name}.log"
@@ -72,17 +90,18 @@ class Federation:
         return log
 
     def superlink(self) -> None:
-        log = self._start("superlink", [str(BIN / "flower-superlink"), "--insecure", "--port", str(self.port),
+        log = self._start("superlink", [str(BIN / "flower-superlink"), *self._security(), "--port", str(self.port),
                                         "--disable-runtime-dependency-installation"])
         _wait_for(log, "Uvicorn running", timeout=60)
 
-    def supernode(self, name: str, node_config: str | None) -> Path:
-        args = [str(BIN / "flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{self.port}",
-                "--port", str(_free_port())]
+    def supernode(self, name: str, node_config: str | None, *, node_key: str | None = None,
+                  expect: str = "SuperNode ID") -> Path:
+        args = [str(BIN / "flower-supernode"), *self._security(node_key=node_key),
+                "--superlink", f"127.0.0.1:{self.port}", "--port", str(_free_port())]
         if node_config is not None:
             args += ["--node-config", node_config]
         log = self._start(name, args)
-        _wait_for(log, "SuperNode ID", timeout=60)
+        _wait_for(log, expect, timeout=60)
         return log
 
     def run(self, run_config: Path, *, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -96,6 +115,42 @@ class Federation:
             except ProcessLookupError:
                 pass
             p.wait(timeout=30)
+
+
+def make_certificates(folder: Path, nodes: tuple[str, ...]) -> Path:
+    """A certificate authority, a SuperLink certificate for 127.0.0.1/localhost, and an ECDSA key
+    pair per SuperNode (OpenSSH format, as ``flwr supernode register`` expects)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+    from cryptography.x509.oid import NameOID
+
+    folder.mkdir(parents=True)
+    now = datetime.datetime.now(datetime.timezone.utc)
+    validity = (now - datetime.timedelta(minutes=5), now + datetime.timedelta(days=1))
+
+    def certificate(subject: str, key, issuer: str, signer, *extensions):
+        b = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+             .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)])).public_key(key.public_key())
+             .serial_number(x509.random_serial_number()).not_valid_before(validity[0]).not_valid_after(validity[1]))
+        for ext, critical in extensions:
+            b = b.add_extension(ext, critical=critical)
+        return b.sign(signer, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
+
+    ca_key, server_key = (rsa.generate_private_key(public_exponent=65537, key_size=2048) for _ in range(2))
+    (folder / "ca.crt").write_bytes(certificate("fedclip test CA", ca_key, "fedclip test CA", ca_key,
+                                                (x509.BasicConstraints(ca=True, path_length=None), True)))
+    names = x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])
+    (folder / "server.pem").write_bytes(certificate("localhost", server_key, "fedclip test CA", ca_key, (names, False)))
+    (folder / "server.key").write_bytes(server_key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    for node in nodes:
+        key = ec.generate_private_key(ec.SECP384R1())
+        (folder / f"{node}.key").write_bytes(key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()))
+        (folder / f"{node}.pub").write_bytes(key.public_key().public_bytes(
+            serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH))
+    return folder
 
 
 @pytest.fixture
@@ -127,13 +182,13 @@ def _site(name: str, manifest: Path, checkpoint: Path, state: Path) -> str:
     return f"site='{name}' manifest='{manifest}' checkpoint='{checkpoint}' state-dir='{state}' declared-units=6"
 
 
-def test_two_hospitals_train_two_rounds_on_the_deployment_runtime(federation, hospital_data, tmp_path):
-    manifest, checkpoint = hospital_data
-    federation.superlink()
+def _two_rounds_at_two_hospitals(fed: Federation, manifest: Path, checkpoint: Path, tmp_path: Path, *,
+                                 keys: tuple[str | None, str | None] = (None, None)) -> None:
     for k in range(2):
-        federation.supernode(f"hospital_{k}", _site(f"hospital_{k}", manifest, checkpoint, tmp_path / f"state_{k}"))
+        fed.supernode(f"hospital_{k}", _site(f"hospital_{k}", manifest, checkpoint, tmp_path / f"state_{k}"),
+                      node_key=keys[k])
     out = tmp_path / "out"
-    done = federation.run(_run_config(tmp_path / "run.toml", manifest=manifest, checkpoint=checkpoint, out=out))
+    done = fed.run(_run_config(tmp_path / "run.toml", manifest=manifest, checkpoint=checkpoint, out=out))
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     status = json.loads((out / "status.json").read_text())
     assert status["status"] == "finished", status
@@ -150,6 +205,26 @@ def test_two_hospitals_train_two_rounds_on_the_deployment_runtime(federation, ho
         assert [(site, r) for site, r, _ in charges] == [(f"hospital_{k}", 1), (f"hospital_{k}", 2)], charges
         assert {status for *_, status in charges} == {"confirmed"}, charges
     assert (out / "summary.md").is_file() and (out / "attack.csv").is_file()
+
+
+def test_two_hospitals_train_two_rounds_on_the_deployment_runtime(federation, hospital_data, tmp_path):
+    federation.superlink()
+    _two_rounds_at_two_hospitals(federation, *hospital_data, tmp_path)
+
+
+def test_with_tls_and_supernode_authentication_an_unregistered_node_is_refused(hospital_data, tmp_path):
+    certs = make_certificates(tmp_path / "certs", ("hospital_0", "hospital_1", "intruder"))
+    fed = Federation(tmp_path / "federation", certs=certs)
+    try:
+        fed.superlink()
+        fed.register("hospital_0")
+        fed.register("hospital_1")
+        # a node whose key the SuperLink does not know is turned away before it can join any run
+        log = fed.supernode("intruder", None, node_key="intruder", expect="2004")
+        assert "Failed to activate SuperNode" in log.read_text(errors="replace")
+        _two_rounds_at_two_hospitals(fed, *hospital_data, tmp_path, keys=("hospital_0", "hospital_1"))
+    finally:
+        fed.stop()
 
 
 def test_a_supernode_without_node_config_is_refused(federation, hospital_data, tmp_path):
