@@ -18,6 +18,8 @@ import argparse
 import time
 from pathlib import Path
 
+from fedclip.data.names import DEFAULT_NAME_LISTS, NAME_LISTS
+
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.idia_leak", description=__doc__,
@@ -27,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--chunks", type=int, default=4)
     p.add_argument("--steps", type=int, default=120)
-    p.add_argument("--names", default="short", help="name lists: short | census")
+    p.add_argument("--names", choices=NAME_LISTS, default=DEFAULT_NAME_LISTS, help="name lists of the patients")
     p.add_argument("--out", default="runs/bench_leak")
     args = p.parse_args(argv)
 

@@ -8,6 +8,7 @@ from typing import Callable
 
 import torch
 
+from fedclip.data.names import DEFAULT_NAME_LISTS
 from fedclip.data.tensors import PairData
 
 
@@ -46,7 +47,7 @@ def calibrated(dp, *, epsilon: float, steps: int):
     return replace(dp, noise_multiplier=sigma)
 
 
-def prepare(out: Path, *, num_sites: int, patients_per_site: int, name_lists: str = "short") -> Bench:
+def prepare(out: Path, *, num_sites: int, patients_per_site: int, name_lists: str = DEFAULT_NAME_LISTS) -> Bench:
     """Synthetic sites of the realistic size, 500 public and 250 held-out patients, cached warm start."""
     from fedclip.data.manifest import load_manifest
     from fedclip.data.partition import partition_by_site

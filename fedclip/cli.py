@@ -55,7 +55,7 @@ def _add_data_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--public-patients", type=int, default=d.public_patients)
     p.add_argument("--heldout-patients", type=int, default=d.heldout_patients)
     p.add_argument("--site-skew", type=float, default=d.site_skew, help="Dirichlet concentration; 0 = balanced")
-    p.add_argument("--name-lists", choices=sorted(NAME_LISTS), default=d.name_lists,
+    p.add_argument("--name-lists", choices=NAME_LISTS, default=d.name_lists,
                    help="name lists of the patients: census gives most patients their own surname (names leak more)")
 
 

@@ -29,7 +29,9 @@ def test_bad_option_gives_a_clear_error(tmp_path):
 
 
 def test_data_command_names_patients_from_the_chosen_lists(tmp_path):
-    from fedclip.data.names import CENSUS_SURNAMES
+    from fedclip.data.names import first_and_surnames
+
+    _, CENSUS_SURNAMES = first_and_surnames("census")
 
     cmd = [sys.executable, "-m", "fedclip.cli", "data", "--out", str(tmp_path), "--num-sites", "1",
            "--patients-per-site", "4", "--public-patients", "2", "--heldout-patients", "2", "--name-lists", "census"]

@@ -18,7 +18,7 @@ import pandas as pd
 import torch
 
 from fedclip.attacks.base import AttackDecisions
-from fedclip.data.names import check_name_lists, draw_unique_names
+from fedclip.data.names import DEFAULT_NAME_LISTS, check_name_lists, draw_unique_names
 from fedclip.data.schema import Split
 from fedclip.data.tensors import load_images
 from fedclip.evaluation.encode import encode_images, encode_texts
@@ -39,7 +39,7 @@ class IdiaConfig:
     templates: tuple[str, ...] = DEFAULT_TEMPLATES
     num_distractors: int = 200
     seed: int = 0
-    name_lists: str = "short"  # the lists distractor names are drawn from: those the data was named from
+    name_lists: str = DEFAULT_NAME_LISTS  # the lists distractor names are drawn from: those the data was named from
 
     def __post_init__(self) -> None:
         if self.num_queries < 1:

@@ -19,8 +19,12 @@ Every name drawn here is unique within one call.
 
 from __future__ import annotations
 
+from functools import cache
+
 import numpy as np
-from faker.providers.person.en_US import Provider as _UsPeople
+
+DEFAULT_NAME_LISTS = "short"
+NAME_LISTS: tuple[str, ...] = ("short", "census")
 
 SHORT_FIRST_NAMES: tuple[str, ...] = (
     "James", "Mary", "Robert", "Patricia", "John", "Jennifer", "Michael", "Linda", "David",
@@ -71,25 +75,31 @@ SHORT_SURNAMES: tuple[str, ...] = (
 )
 
 
-CENSUS_FIRST_NAMES: tuple[str, ...] = tuple(dict.fromkeys(_UsPeople.first_names))
-CENSUS_SURNAMES: tuple[str, ...] = tuple(dict.fromkeys(_UsPeople.last_names))
-
-NAME_LISTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    "short": (SHORT_FIRST_NAMES, SHORT_SURNAMES),
-    "census": (CENSUS_FIRST_NAMES, CENSUS_SURNAMES),
-}
-
-
 def check_name_lists(name: str, *, key: str = "name_lists") -> str:
     if name not in NAME_LISTS:
-        raise ValueError(f"{key}: expected one of {sorted(NAME_LISTS)}, got {name!r}")
+        raise ValueError(f"{key}: expected one of {list(NAME_LISTS)}, got {name!r}")
     return name
 
 
+@cache
+def _census() -> tuple[tuple[str, ...], tuple[str, ...]]:
+    # imported on first use only (0.06-0.2 s), not by every process that imports this module
+    from faker.providers.person.en_US import Provider
+
+    return tuple(dict.fromkeys(Provider.first_names)), tuple(dict.fromkeys(Provider.last_names))
+
+
+def first_and_surnames(lists: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The first names and surnames of one set of lists."""
+    if check_name_lists(lists, key="lists") == "census":
+        return _census()
+    return SHORT_FIRST_NAMES, SHORT_SURNAMES
+
+
 def draw_unique_names(rng: np.random.Generator, count: int, *, exclude: set[str] | None = None,
-                      lists: str = "short") -> list[str]:
+                      lists: str = DEFAULT_NAME_LISTS) -> list[str]:
     """Draw ``count`` distinct "First Last" names from ``lists``, none of them in ``exclude``."""
-    firsts, surnames = NAME_LISTS[check_name_lists(lists, key="lists")]
+    firsts, surnames = first_and_surnames(lists)
     taken = set(exclude or ())
     capacity = len(firsts) * len(surnames) - len(taken)
     if count > capacity:

@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from fedclip.data.names import check_name_lists, draw_unique_names
+from fedclip.data.names import DEFAULT_NAME_LISTS, check_name_lists, draw_unique_names
 from fedclip.data.schema import CONDITIONS, MANIFEST_COLUMNS, Split
 
 FINDING_PHRASES: dict[str, tuple[str, ...]] = {
@@ -67,7 +67,7 @@ class SyntheticConfig:
     identity_strength: float = 1.0
     identity_grid: int = 3
     # "short" | "census": which name lists patients are named from (fedclip.data.names says why it matters)
-    name_lists: str = "short"
+    name_lists: str = DEFAULT_NAME_LISTS
 
     def __post_init__(self) -> None:
         positive = ("num_sites", "patients_per_site", "images_per_patient", "query_images_per_patient")

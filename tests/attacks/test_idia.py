@@ -62,7 +62,9 @@ def test_too_few_query_images_is_named(small_manifest):
 
 
 def test_distractors_come_from_the_name_lists_the_data_uses(small_manifest):
-    from fedclip.data.names import CENSUS_FIRST_NAMES, CENSUS_SURNAMES
+    from fedclip.data.names import first_and_surnames
+
+    CENSUS_FIRST_NAMES, CENSUS_SURNAMES = first_and_surnames("census")
 
     config = IdiaConfig(num_queries=4, num_distractors=40, name_lists="census")
     targets = IdiaTargets.from_frame(small_manifest.frame, config=config, preprocess=create_model(ModelConfig()).preprocess)

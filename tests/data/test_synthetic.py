@@ -105,7 +105,9 @@ def test_bad_config_names_the_field(field, value):
 def test_census_names_give_most_patients_their_own_surname(tmp_path):
     """The point of the census lists: at hospital scale a surname mostly belongs to one patient
     (the short lists put each surname on several patients), which is what lets names leak."""
-    from fedclip.data.names import CENSUS_SURNAMES, SHORT_SURNAMES
+    from fedclip.data.names import first_and_surnames
+
+    (_, CENSUS_SURNAMES), (_, SHORT_SURNAMES) = first_and_surnames("census"), first_and_surnames("short")
 
     def surnames(lists: str) -> pd.Series:
         cfg = SyntheticConfig(num_sites=1, patients_per_site=300, public_patients=0, heldout_patients=0,

@@ -9,6 +9,8 @@ Bounded in time; every process is stopped by the test. A server without member d
 
 from __future__ import annotations
 
+import datetime
+import ipaddress
 import json
 import os
 import signal
@@ -16,8 +18,6 @@ import socket
 import sqlite3
 import subprocess
 import sys
-import datetime
-import ipaddress
 import time
 from collections.abc import Iterator
 from pathlib import Path
