@@ -4,11 +4,15 @@
     fedclip data --out DIR [--seed N]      only generate the synthetic data set
     fedclip warmstart --manifest FILE      only pretrain (or find the cached checkpoint)
     fedclip compare [--config FILE]        central vs federated DP: a matrix of federation runs
+    fedclip audit RUN_DIR --targets FILE   the auditor: IDIA on every saved round model of a run
+    fedclip status RUN_DIR                 a run's status; exit 0 finished, 1 failed, 3 running or unknown
+    fedclip spending STATE_DIR             a site's own privacy spending, from its own ledger
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -106,6 +110,45 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_audit(args: argparse.Namespace) -> int:
+    from simulations.hospital_clip.audit import audit_run
+
+    out = audit_run(args.run_dir, targets=args.targets, checkpoint=args.checkpoint or "", out_dir=args.out,
+                    allow_outside_paths=args.allow_outside_paths)
+    print((out / "summary.md").read_text())
+    print(f"audit: {out}")
+    return 0
+
+
+STATUS_EXIT = {"finished": 0, "failed": 1}
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """Exit codes a script can branch on (``flwr run --stream`` exits 0 even when the ServerApp fails)."""
+    path = Path(args.run_dir) / "status.json"
+    if not path.is_file():
+        print(f"fedclip: {path}: no status (the run has not started here, or this is not a run folder)", file=sys.stderr)
+        return 3
+    status = json.loads(path.read_text())
+    print(json.dumps(status, indent=2, sort_keys=True))
+    return STATUS_EXIT.get(status.get("status"), 3)
+
+
+def cmd_spending(args: argparse.Namespace) -> int:
+    from fedclip.privacy.ledger_store import LedgerStore
+    from fedclip.reporting.spending import write_spending
+
+    ledger = Path(args.state_dir) / "ledger.sqlite"
+    if not ledger.is_file():
+        raise ValueError(f"state-dir: no ledger at {ledger}; pass the state-dir of the site's node config")
+    store = LedgerStore(ledger, delta=args.delta, accountant=args.accountant, create=False)
+    try:
+        print(write_spending(store, args.state_dir).read_text())
+    finally:
+        store.close()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedclip", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -129,6 +172,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", action="store_true",
                    help="run nothing: write the tables and plots from the runs finished so far")
     p.set_defaults(func=cmd_compare)
+    p = sub.add_parser("audit", help="the auditor: IDIA with your own targets on every round model a run saved")
+    p.add_argument("run_dir", help="the run's output folder (config.json, rounds.csv, models/)")
+    p.add_argument("--targets", required=True,
+                   help="manifest of the attack's targets: 'query' rows of members, 'heldout' rows of non-members")
+    p.add_argument("--checkpoint", default=None, help="base weights (default: the run's resolved-checkpoint)")
+    p.add_argument("--out", default=None, help="output folder (default RUN_DIR/audit)")
+    p.add_argument("--allow-outside-paths", action="store_true", help="target image paths may leave the manifest's folder")
+    p.set_defaults(func=cmd_audit)
+    p = sub.add_parser("status", help="a run's status.json; exit 0 finished, 1 failed, 3 running or unknown")
+    p.add_argument("run_dir")
+    p.set_defaults(func=cmd_status)
+    p = sub.add_parser("spending", help="a site's privacy spending from its own ledger (writes spending.csv/.md)")
+    p.add_argument("state_dir", help="the site's state-dir (node config), holding ledger.sqlite")
+    p.add_argument("--delta", type=float, default=1e-5)
+    p.add_argument("--accountant", default="prv")
+    p.set_defaults(func=cmd_spending)
     return parser
 
 

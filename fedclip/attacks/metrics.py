@@ -67,3 +67,13 @@ def per_site_rates(frame: pd.DataFrame) -> pd.DataFrame:
     rows = [{"site": site, "members": len(g), "tpr": float(g["predicted_member"].astype(bool).mean()), "fpr": float(fpr)}
             for site, g in members.groupby("site")]
     return pd.DataFrame(rows, columns=["site", "members", "tpr", "fpr"])
+
+
+def attack_tables(decisions: pd.DataFrame, *, attack: str, round_: int, max_site_epsilon: float, delta: float,
+                  confidence: float) -> tuple[dict, list[dict]]:
+    """One round's rows of ``attack.csv`` and ``attack_sites.csv``, the same for the server's
+    per-round hook and the auditor's later pass over saved models."""
+    m = membership_metrics(decisions, delta=delta, confidence=confidence)
+    row = {"round": round_, "attack": attack, "max_site_epsilon": max_site_epsilon, **m}
+    sites = [{"round": round_, "attack": attack, **r} for r in per_site_rates(decisions).to_dict("records")]
+    return row, sites

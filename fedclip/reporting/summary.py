@@ -48,6 +48,16 @@ def _released(config: Mapping[str, Any]) -> str:
     return text + (", and " + "; ".join(extra) if extra else "; no count, loss or other value computed from its data") + "."
 
 
+ATTACK_HEADER = ("| round | TPR | FPR | precision | accuracy | empirical epsilon lower bound | max site epsilon |",
+                 "|---|---|---|---|---|---|---|")
+
+
+def attack_rows(attack: pd.DataFrame) -> list[str]:
+    """The attack table's rows, one per round: in the run's summary and in the auditor's."""
+    return [f"| {row.round} | {row.tpr:.3f} | {row.fpr:.3f} | {_fmt(float(row.precision))} | {row.accuracy:.3f} | "
+            f"{row.epsilon_lower_bound:.3f} | {_fmt(float(row.max_site_epsilon))} |" for row in attack.itertuples()]
+
+
 def write_summary(path: str | Path, *, config: Mapping[str, Any], rounds: pd.DataFrame, attack: pd.DataFrame,
                   utility: pd.DataFrame, noise_multiplier: float, site_level: Mapping[str, Any] | None = None,
                   failure: str | None = None) -> Path:
@@ -111,12 +121,12 @@ def write_summary(path: str | Path, *, config: Mapping[str, Any], rounds: pd.Dat
     lines += [
         "", _released(config), "",
         "## What the attacker extracted (IDIA on the global model)", "",
-        "| round | TPR | FPR | precision | accuracy | empirical epsilon lower bound | max site epsilon |",
-        "|---|---|---|---|---|---|---|",
+        *ATTACK_HEADER,
     ]
-    for row in attack.itertuples():
-        lines.append(f"| {row.round} | {row.tpr:.3f} | {row.fpr:.3f} | {_fmt(float(row.precision))} | {row.accuracy:.3f} | "
-                     f"{row.epsilon_lower_bound:.3f} | {_fmt(float(row.max_site_epsilon))} |")
+    lines += attack_rows(attack)
+    if not len(attack):
+        lines += ["", "No attack ran during this run: in a deployment the server holds no targets. The auditor, who "
+                  "does, attacks every round's saved model (`models/`) with `fedclip audit RUN_DIR --targets FILE`."]
     lines += [
         "", "The lower bound uses one-sided Clopper-Pearson intervals on TPR and FPR, Bonferroni-corrected over the "
         f"{int(config['num-rounds']) + 1} rounds it is printed for (jointly 95%); it is about a *person*, so compare it "

@@ -14,15 +14,18 @@ from __future__ import annotations
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from fedclip.data.tensors import PairData
 from fedclip.models.arrays import load_arrays, model_to_arrays
 from fedclip.privacy.events import events_to_wire
 from fedclip.privacy.ledger_store import Status
 from fedclip.privacy.randomness import site_randomness
 from fedclip.privacy.release import noisy_count, noisy_loss
+from fedclip.reporting.spending import write_spending
 from fedclip.training.local import train_local
 from simulations.hospital_clip.plan import RoundPlan
 from simulations.hospital_clip.site import SiteIdentity, site_identity, site_ledger, site_policy
-from simulations.hospital_clip.task import fresh_model, pick_device, site_public_data, site_training_data
+from simulations.hospital_clip.task import (fresh_model, own_training_data, pick_device, site_public_data,
+                                            site_training_data)
 from strategies.privacy_budget import PRIVACY_RECORD
 
 app = ClientApp()
@@ -50,6 +53,14 @@ def _check_and_charge(me: SiteIdentity, plan: RoundPlan, config: ConfigRecord, c
     return ledger, attempt
 
 
+def _training_data(me: SiteIdentity, config: ConfigRecord) -> PairData:
+    if me.deployed:  # its own manifest, preprocessed once and kept in its state folder
+        return own_training_data(me.manifest, me.site, arch=str(config["arch"]), checkpoint=me.checkpoint,
+                                 cache_dir=me.cache_dir, outside_paths=me.outside_paths)
+    return site_training_data(me.manifest, me.site, int(config["num-sites"]), int(config["seed"]),
+                              str(config["arch"]), me.checkpoint, bool(config["pool-sites"]), me.outside_paths)
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     config = msg.content["config"]
@@ -58,13 +69,12 @@ def train(msg: Message, context: Context) -> Message:
     round_ = int(config["server-round"]) + int(config["round-offset"])
     ledger, attempt = _check_and_charge(me, plan, config, context, run=str(msg.metadata.run_id), round_=round_)
     try:
-        data = site_training_data(me.manifest, me.site, int(config["num-sites"]), int(config["seed"]),
-                                  str(config["arch"]), me.checkpoint, bool(config["pool-sites"]), me.outside_paths)
+        data = _training_data(me, config)
         model = fresh_model(str(config["arch"]), me.checkpoint, str(config["trainable"]), pick_device())
         load_arrays(model, msg.content["arrays"])
         seed = plan.reproducible_seed(round_=round_, site=me.site)
-        public = site_public_data(me.manifest, str(config["arch"]), me.checkpoint, me.outside_paths) \
-            if str(plan.dp.mode) == "unit" else None
+        public = site_public_data(me.manifest, str(config["arch"]), me.checkpoint, me.outside_paths,
+                                  me.cache_dir) if str(plan.dp.mode) == "unit" else None
         result = train_local(model, data, dp=plan.dp, train=plan.train, reproducible_seed=seed, public=public)
         metrics: dict[str, float] = {"site-weight": me.weight}  # declared before training: public
         release_gen = site_randomness(device=pick_device(), reproducible_seed=None if seed is None else seed + 7).sampler
@@ -77,10 +87,12 @@ def train(msg: Message, context: Context) -> Message:
                                                generator=release_gen)
     except Exception as exc:
         ledger.settle(me.site, round_, attempt=attempt, status=Status.FAILED, note=str(exc)[:500])
+        write_spending(ledger, me.state_dir)
         ledger.close()
         raise
     reported = (result.event,) + plan.events()[1:]
     ledger.settle(me.site, round_, attempt=attempt, status=Status.CONFIRMED, reported=reported)
+    write_spending(ledger, me.state_dir)  # the site's own account of its spending, never sent
     ledger.close()
     content = RecordDict({
         "arrays": model_to_arrays(model, trainable_only=True),

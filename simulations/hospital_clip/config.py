@@ -49,6 +49,12 @@ class SimulationConfig:
     site_skew: float = _DATA.site_skew
     name_lists: str = _DATA.name_lists
     pool_sites: bool = False
+    # deployment: the sites are declared, the server holds public and held-out rows only
+    sites: str = ""  # "hospital_a,hospital_b": a deployment; "" = simulated sites from the data
+    site_nodes: str = ""  # "hospital_a=<node id>,...": authenticated SuperNode ids (flwr supernode register)
+    # the auditor's data (names and query photos of consenting targets); "" = in a simulation the
+    # generated data, in a deployment no attack during the run (``fedclip audit`` later)
+    audit_manifest: str = ""
     # model
     arch: str = "fedclip-tiny"
     pretrained: str = ""
@@ -128,6 +134,7 @@ class SimulationConfig:
         if self.manifest and not Path(self.manifest).is_file():
             raise ValueError(f"manifest: file not found: {self.manifest}")
         self.site_budget_map()
+        self._check_deployment()
         if self.dp_mode != "nonprivate" and self.noise_multiplier <= 0 and self.target_epsilon <= 0:
             raise ValueError("noise-multiplier: expected > 0 (or set target-epsilon) with a private dp-mode")
         if self.site_policy_file:
@@ -138,6 +145,54 @@ class SimulationConfig:
             raise ValueError(f"failure-quorum: expected a share in (0, 1], got {self.failure_quorum}")
         # building the parts validates their own fields
         self.synthetic(), self.model(), self.dp(), self.train(), self.idia(), self.release()
+
+    @property
+    def deployment(self) -> bool:
+        """A deployment: sites are declared, not derived from data the server holds."""
+        return bool(self.sites.strip())
+
+    def declared_sites(self) -> tuple[str, ...]:
+        """``sites = "hospital_a,hospital_b"``. Names, not a count: with a count any node could
+        claim any name, and the server could not refuse a stranger."""
+        names = tuple(s.strip() for s in self.sites.split(",") if s.strip())
+        if any(n.isdigit() for n in names):
+            raise ValueError(f"sites: expected the sites' names ('hospital_a,hospital_b'), got {self.sites!r}; a count "
+                             "is not accepted: the server must know whom to expect, to refuse a node claiming another name")
+        if len(set(names)) != len(names):
+            raise ValueError(f"sites: a name appears twice in {self.sites!r}")
+        return names
+
+    def site_node_map(self) -> dict[str, int]:
+        """``site-nodes = "hospital_a=123,hospital_b=456"``: the SuperLink's node id of each site."""
+        out: dict[str, int] = {}
+        for item in filter(None, (s.strip() for s in self.site_nodes.split(","))):
+            site, sep, value = item.partition("=")
+            if not sep or not site.strip() or not value.strip().isdigit():
+                raise ValueError(f"site-nodes: expected 'site=<node id>,...' with integer node ids, got {item!r}")
+            out[site.strip()] = int(value)
+        if len(set(out.values())) != len(out):
+            raise ValueError(f"site-nodes: one node id is mapped to two sites in {self.site_nodes!r}")
+        return out
+
+    def _check_deployment(self) -> None:
+        nodes = self.site_node_map()
+        if self.audit_manifest and not Path(self.audit_manifest).is_file():
+            raise ValueError(f"audit-manifest: file not found: {self.audit_manifest}")
+        if not self.deployment:
+            if nodes:
+                raise ValueError("site-nodes: only meaningful in a deployment; declare the sites with 'sites' too")
+            return
+        sites = self.declared_sites()
+        if not self.manifest:
+            raise ValueError("manifest: a deployment (sites = ...) needs the server's own manifest of public and "
+                             "held-out rows (the warm start and the held-out evaluation use them)")
+        if self.pool_sites:
+            raise ValueError("pool-sites: pooling is a simulation of central training; a deployment declares its sites")
+        unknown, missing = sorted(set(nodes) - set(sites)), sorted(set(sites) - set(nodes))
+        if unknown:
+            raise ValueError(f"site-nodes: {unknown} not among the declared sites {list(sites)}")
+        if nodes and missing:
+            raise ValueError(f"site-nodes: no node id for {missing}; map every declared site, or none")
 
     def synthetic(self) -> SyntheticConfig:
         return SyntheticConfig(seed=self.seed, num_sites=self.num_sites, patients_per_site=self.patients_per_site,

@@ -1,7 +1,9 @@
 """The per-round hook: utility and IDIA against the global model, beside each site's epsilon.
 
 Passed to ``Strategy.start(..., evaluate_fn=...)``; called before the first round and after
-each. It also checkpoints the global model, so a resumed run continues from the last round.
+each. It also checkpoints the global model, so a resumed run continues from the last round, and
+keeps every round's global model under ``models/`` for an auditor who attacks them later
+(``fedclip audit``): the server publishes these models anyway, so keeping them costs no privacy.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import torch
 from flwr.app import ArrayRecord, MetricRecord
 
 from fedclip.attacks.base import Attack
-from fedclip.attacks.metrics import membership_metrics, per_site_rates
+from fedclip.attacks.metrics import attack_tables
 from fedclip.data.tensors import PairData
 from fedclip.evaluation.retrieval import retrieval_recall
 from fedclip.evaluation.zero_shot import zero_shot_accuracy
@@ -65,11 +67,10 @@ class RoundEvaluator:
         line = [f"round {round_}/{self.total_rounds}", f"zero-shot {utility['zero_shot_accuracy']:.3f}",
                 f"max site epsilon {max_eps:.2f}"]
         for attack in self.attacks:
-            decisions = attack(self.model)
-            m = membership_metrics(decisions.frame, delta=self.delta, confidence=self.confidence)
-            self.files.append("attack", [{"round": round_, "attack": attack.name, "max_site_epsilon": max_eps, **m}])
-            sites = per_site_rates(decisions.frame)
-            self.files.append("attack_sites", [{"round": round_, "attack": attack.name, **r} for r in sites.to_dict("records")])
+            m, sites = attack_tables(attack(self.model).frame, attack=attack.name, round_=round_,
+                                     max_site_epsilon=max_eps, delta=self.delta, confidence=self.confidence)
+            self.files.append("attack", [m])
+            self.files.append("attack_sites", sites)
             line.append(f"{attack.name} TPR {m['tpr']:.2f} FPR {m['fpr']:.2f} eps_lb {m['epsilon_lower_bound']:.2f}")
         self._checkpoint(round_, arrays)
         crash_point("saved", round_)
@@ -78,7 +79,13 @@ class RoundEvaluator:
                              "max-site-epsilon": max_eps if math.isfinite(max_eps) else -1.0})
 
     def _checkpoint(self, round_: int, arrays: ArrayRecord) -> None:
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.state_dir / "global.pt.tmp"
-        torch.save({"round": round_, "state_dict": arrays.to_torch_state_dict()}, tmp)
-        tmp.replace(self.state_dir / "global.pt")
+        saved = {"round": round_, "state_dict": arrays.to_torch_state_dict()}
+        _save_atomic(saved, self.files.dir / "models" / f"round_{round_:03d}.pt")
+        _save_atomic(saved, self.state_dir / "global.pt")  # last: the point a resumed run continues from
+
+
+def _save_atomic(payload: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(payload, tmp)
+    tmp.replace(path)

@@ -13,7 +13,7 @@ import json
 import math
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -46,6 +46,10 @@ from strategies.privacy_budget import PrivacyBudgetStrategy, SiteFailure, SiteRo
 from strategies.registry import make_inner_strategy
 
 
+# run-config keys that are paths on the server's machine: never sent to a site
+SERVER_PATHS = ("manifest", "pretrained", "output-dir", "cache-dir", "site-policy-file", "audit-manifest")
+
+
 def default_run_config() -> dict[str, Any]:
     return load_toml(DEFAULT_TOML)
 
@@ -63,7 +67,8 @@ def make_server_app(overrides: Mapping[str, Any] | None = None) -> ServerApp:
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        run(grid, resolve_config(default_run_config(), context.run_config, overrides or {}))
+        cfg = resolve_config(default_run_config(), context.run_config, overrides or {})
+        run(grid, replace(cfg, output_dir=cfg.output_dir.replace("{run-id}", str(context.run_id))))
 
     return app
 
@@ -91,26 +96,57 @@ def prepare_checkpoint(cfg: SimulationConfig, manifest: str) -> str:
     return str(path.resolve())
 
 
-def discover_sites(grid: Grid, config: ConfigRecord, *, expected: int, timeout: float = 600.0) -> dict[int, str]:
-    """Ask every SuperNode which site it is (a QUERY message; the reply names the site only).
+def discover_sites(grid: Grid, config: ConfigRecord, *, expected: Sequence[str], node_ids: Mapping[str, int] | None = None,
+                   timeout: float = 600.0) -> dict[int, str]:
+    """Which node is which site: {node id: site}.
 
-    A node that does not answer within ``timeout`` stops the run: without its name the budget
-    strategy could select nobody, and the run would train nothing while claiming to be finished."""
+    With ``node_ids`` (a deployment's ``site-nodes``: ids the SuperLink gave registered keys) the
+    mapping is the operator's, and each node's own answer must agree with it; other nodes are not
+    asked and never selected. Without it each node is asked (a QUERY whose reply names the site
+    only) and must name a distinct ``expected`` site. A node that does not answer within
+    ``timeout`` stops the run: without its name the budget strategy could select nobody, and the
+    run would train nothing while claiming to be finished."""
+    wanted = set((node_ids or {}).values())
     deadline = time.time() + timeout
-    while len(nodes := list(grid.get_node_ids())) < expected:
+
+    def ready(nodes: list[int]) -> bool:
+        return wanted <= set(nodes) if wanted else len(nodes) >= len(expected)
+
+    while not ready(nodes := list(grid.get_node_ids())):
         if time.time() > deadline:
-            raise RuntimeError(f"only {len(nodes)} of {expected} SuperNodes connected within {timeout:.0f}s")
+            waiting = f"node ids {sorted(wanted - set(nodes))}" if wanted else f"{len(expected)} SuperNodes"
+            raise RuntimeError(f"only {len(nodes)} SuperNodes connected within {timeout:.0f}s, waiting for {waiting}")
         time.sleep(0.5)
+    if wanted:
+        ignored = sorted(set(nodes) - wanted)
+        if ignored:
+            print(f"node(s) {ignored} are connected but not in site-nodes: not asked, never selected", flush=True)
+        nodes = sorted(wanted)
     messages = [Message(RecordDict({"config": config}), dst_node_id=n, message_type=MessageType.QUERY) for n in nodes]
-    sites = {}
+    sites: dict[int, str] = {}
     for reply in grid.send_and_receive(messages, timeout=timeout):
+        node = reply.metadata.src_node_id
         if reply.has_error():
-            raise RuntimeError(f"node {reply.metadata.src_node_id} failed to say which site it is: {reply.error.reason}")
-        sites[reply.metadata.src_node_id] = str(reply.content["site"]["site"])
+            raise RuntimeError(f"node {node} failed to say which site it is: {reply.error.reason}")
+        sites[node] = str(reply.content["site"]["site"])
     silent = sorted(set(nodes) - set(sites))
     if silent:
         raise RuntimeError(f"node(s) {silent} did not say which site they are within {timeout:.0f}s "
                            f"({len(sites)} of {len(nodes)} answered); the run cannot select them")
+    if node_ids:
+        site_of = {node: site for site, node in node_ids.items()}
+        wrong = [f"node {n} is registered as {site_of[n]!r} but says it is {s!r}" for n, s in sites.items()
+                 if s != site_of[n]]
+        if wrong:
+            raise RuntimeError("site-nodes: " + "; ".join(wrong))
+        return {n: site_of[n] for n in sites}
+    claimed = sorted(sites.values())
+    strangers = sorted(set(claimed) - set(expected))
+    if strangers:
+        raise RuntimeError(f"node(s) claim sites {strangers} that are not expected (sites: {sorted(expected)})")
+    if len(set(claimed)) != len(claimed):
+        twice = sorted({c for c in claimed if claimed.count(c) > 1})
+        raise RuntimeError(f"two nodes claim the same site {twice}; each site must run exactly one SuperNode")
     return sites
 
 
@@ -130,16 +166,35 @@ def plan_noise(cfg: SimulationConfig) -> float:
 
 def train_config_record(cfg: SimulationConfig, *, noise_multiplier: float, manifest: str, checkpoint: str,
                         round_offset: int = 0, declared_units: str = "") -> ConfigRecord:
-    """What every site is told each round: the round plan, the data description, and (for simulated
-    sites only) where the shared data, base weights, site ledgers and site policies are. A deployed
-    site ignores those paths and uses its own node config."""
-    values = {k: v for k, v in cfg.to_run_config().items() if k not in ("budget", "site-budgets")}
-    out = Path(cfg.output_dir).resolve()
-    policy = str(Path(cfg.site_policy_file).resolve()) if cfg.site_policy_file else ""
-    return ConfigRecord({**values, **cfg.round_plan(noise_multiplier).to_record(), "manifest": manifest,
-                         "checkpoint": checkpoint, "round-offset": round_offset,
-                         "site-state-root": str(out / "sites"), "site-policy-file": policy,
-                         "declared-units-map": declared_units})
+    """What every site is told each round: the round plan and the data description; simulated
+    sites are also told where the shared data, base weights, site ledgers and site policies are.
+    In a deployment the server sends no path of its own: a hospital reads its node config only."""
+    values = {k: v for k, v in cfg.to_run_config().items() if k not in ("budget", "site-budgets", *SERVER_PATHS)}
+    record = {**values, **cfg.round_plan(noise_multiplier).to_record(), "round-offset": round_offset,
+              "declared-units-map": declared_units}
+    if not cfg.deployment:
+        out = Path(cfg.output_dir).resolve()
+        policy = str(Path(cfg.site_policy_file).resolve()) if cfg.site_policy_file else ""
+        record.update({"manifest": manifest, "checkpoint": checkpoint, "site-state-root": str(out / "sites"),
+                       "site-policy-file": policy})
+    return ConfigRecord(record)
+
+
+def auditor_attacks(cfg: SimulationConfig, *, manifest: str, preprocess, tokenizer) -> list[IdentityInferenceAttack]:
+    """The auditor's attacks, run on the global model after every round.
+
+    The auditor holds the attack's data (names and query photos of targets, members and not). In
+    a simulation one person plays every party, so by default it is the generated data; in a
+    deployment only an ``audit-manifest`` given to the server makes the server the auditor, and
+    otherwise the auditor attacks the saved models later with ``fedclip audit``."""
+    targets = cfg.audit_manifest or ("" if cfg.deployment else manifest)
+    if not targets:
+        print("no attack during this deployment: the auditor runs `fedclip audit RUN_DIR --targets FILE` on the "
+              "models saved under models/", flush=True)
+        return []
+    frame = load_manifest(targets, allow_outside_paths=cfg.allow_outside_paths).frame
+    return [IdentityInferenceAttack(IdiaTargets.from_frame(frame, config=cfg.idia(), preprocess=preprocess),
+                                    tokenizer=tokenizer, config=cfg.idia())]
 
 
 def saved_round(cfg: SimulationConfig) -> int | None:
@@ -192,12 +247,17 @@ def run(grid: Grid, cfg: SimulationConfig) -> Path:
                                      "private-against-the-server": not cfg.reproducible_noise,
                                      **({"privacy-warning": NOT_PRIVATE_AGAINST_THE_SERVER} if cfg.reproducible_noise else {})})
     files.write_json("status.json", {"status": "running", "round": round_offset})
+    print(f"results: {out.resolve()} (status.json says when the run has finished or failed)", flush=True)
 
     # each simulated site's public size: the synthetic plan's (fixed before the data exists), or the declared one
-    declared = "" if cfg.declared_units else ",".join(f"{s}={n}" for s, n in data_shape(cfg).units.items())
+    declared = "" if cfg.declared_units or cfg.deployment else ",".join(
+        f"{s}={n}" for s, n in data_shape(cfg).units.items())
     train_config = train_config_record(cfg, noise_multiplier=sigma, manifest=manifest, checkpoint=checkpoint,
                                        declared_units=declared)
-    sites = discover_sites(grid, train_config, expected=len(shape.units))
+    if cfg.deployment and not cfg.site_nodes:
+        print("WARNING: sites are identified by the name each SuperNode reports; set site-nodes to the node ids "
+              "that `flwr supernode register` gave each hospital's key", flush=True)
+    sites = discover_sites(grid, train_config, expected=shape.sites, node_ids=cfg.site_node_map() or None)
     plan = cfg.round_plan(sigma)
     for site, units in shape.units.items():  # training units per site, as preflight counted them
         with warnings.catch_warnings(record=True) as caught:
@@ -215,8 +275,7 @@ def run(grid: Grid, cfg: SimulationConfig) -> Path:
     remaining = cfg.num_rounds - round_offset
     frame = load_manifest(manifest, allow_outside_paths=cfg.allow_outside_paths).frame
     test = load_pairs(frame[frame["split"] == str(Split.HELDOUT)], preprocess=bundle.preprocess, tokenizer=bundle.tokenizer)
-    idia = IdentityInferenceAttack(IdiaTargets.from_frame(frame, config=cfg.idia(), preprocess=bundle.preprocess),
-                                   tokenizer=bundle.tokenizer, config=cfg.idia())
+    attacks = auditor_attacks(cfg, manifest=manifest, preprocess=bundle.preprocess, tokenizer=bundle.tokenizer)
 
     def on_round(rows: list[SiteRound]) -> None:
         files.append("rounds", [r.as_dict() for r in rows])
@@ -228,7 +287,7 @@ def run(grid: Grid, cfg: SimulationConfig) -> Path:
         inner, store=store, sites=sites, budget=cfg.budget_of, planned_events=lambda site: plan.events(),
         round_offset=round_offset, on_round=on_round, failure_quorum=cfg.failure_quorum,
     )
-    evaluator = RoundEvaluator(model=bundle.model, tokenizer=bundle.tokenizer, test=test, attacks=[idia], files=files,
+    evaluator = RoundEvaluator(model=bundle.model, tokenizer=bundle.tokenizer, test=test, attacks=attacks, files=files,
                                epsilons=strategy.epsilons, delta=cfg.delta, state_dir=state, round_offset=round_offset,
                                total_rounds=cfg.num_rounds, trained_this_round=lambda: not strategy.exhausted)
     failure = None

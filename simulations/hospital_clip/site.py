@@ -34,6 +34,12 @@ class SiteIdentity:
     outside_paths: bool = False
     declared_units: int | None = None  # the site's own public size, if it declares one
 
+    @property
+    def cache_dir(self) -> Path | None:
+        """Where a deployed site keeps its preprocessed data between processes (None: simulated,
+        whose Ray actors live across rounds and cache in memory)."""
+        return self.state_dir / "cache" if self.deployed else None
+
 
 def site_identity(context: Context, config: ConfigRecord) -> SiteIdentity:
     node = context.node_config
@@ -54,6 +60,10 @@ def site_identity(context: Context, config: ConfigRecord) -> SiteIdentity:
         raise ValueError(f"node config: this SuperNode has neither 'site' (a deployed hospital, which also needs "
                          f"{list(DEPLOYED_KEYS[1:])}) nor 'partition-id' (set by Flower's simulation runtime); start "
                          f"it with --node-config \"site='hospital_a' manifest='...' checkpoint='...' state-dir='...'\"")
+    if "manifest" not in config:
+        raise ValueError("node config: this run is a deployment (run config 'sites'), whose server sends no data "
+                         "paths; start this SuperNode as a hospital with --node-config \"site='...' manifest='...' "
+                         "checkpoint='...' state-dir='...'\"")
     manifest = str(config["manifest"])
     outside = bool(config["allow-outside-paths"])
     site = site_for_partition(manifest, int(config["num-sites"]), int(config["seed"]),

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from fedclip.data.manifest import load_manifest
+from fedclip.data.pair_cache import cached_pairs
 from fedclip.data.partition import assign_sites_by_patient, partition_by_site
 from fedclip.data.schema import Split
 from fedclip.data.tensors import PairData, load_pairs
@@ -68,15 +69,42 @@ def site_training_data(manifest: str, site: str, num_sites: int, seed: int, arch
     return load_pairs(rows, preprocess=bundle.preprocess, tokenizer=bundle.tokenizer)
 
 
+def own_training_data(manifest: str, site: str, *, arch: str, checkpoint: str, cache_dir: Path,
+                      outside_paths: bool = False) -> PairData:
+    """A deployed site's training pairs, from its own manifest: the ``train`` rows of its site (or
+    every ``train`` row if the manifest has no site column: a hospital's manifest is its own).
+
+    Preprocessed once and cached on disk in the site's state folder: each message starts a fresh
+    ClientApp process on the deployment runtime, so an in-memory cache would never hit."""
+    frame = load_manifest(manifest, allow_outside_paths=outside_paths).frame
+    rows = frame[frame["split"] == str(Split.TRAIN)]
+    named = rows["site"].str.strip() != ""
+    if named.any():
+        rows = rows[rows["site"] == site]
+        if rows.empty:
+            raise ValueError(f"site: {manifest} has no 'train' rows for site {site!r} "
+                             f"(its sites: {sorted(set(frame.loc[frame['site'] != '', 'site']))})")
+    if rows.empty:
+        raise ValueError(f"manifest: {manifest} has no 'train' rows to train on")
+    bundle = base_bundle(arch, checkpoint, "all")
+    return cached_pairs(rows, cache_dir=cache_dir, model_key=f"{arch}|{bundle.preprocess!r}",
+                        preprocess=bundle.preprocess, tokenizer=bundle.tokenizer)
+
+
 @lru_cache(maxsize=4)
-def site_public_data(manifest: str, arch: str, checkpoint: str, outside_paths: bool = False) -> PairData:
-    """The public population's pairs (the negative bank of unit mode): public by construction."""
+def site_public_data(manifest: str, arch: str, checkpoint: str, outside_paths: bool = False,
+                     cache_dir: Path | None = None) -> PairData:
+    """The public population's pairs (the negative bank of unit mode): public by construction.
+    ``cache_dir``: keep them preprocessed on disk there (a deployed site's state folder)."""
     frame = load_manifest(manifest, allow_outside_paths=outside_paths).frame
     rows = frame[frame["split"] == str(Split.PUBLIC)]
     if rows.empty:
         raise ValueError(f"dp-mode 'unit': {manifest} has no public rows to draw negatives from")
     bundle = base_bundle(arch, checkpoint, "all")
-    return load_pairs(rows, preprocess=bundle.preprocess, tokenizer=bundle.tokenizer)
+    if cache_dir is None:
+        return load_pairs(rows, preprocess=bundle.preprocess, tokenizer=bundle.tokenizer)
+    return cached_pairs(rows, cache_dir=cache_dir, model_key=f"{arch}|{bundle.preprocess!r}",
+                        preprocess=bundle.preprocess, tokenizer=bundle.tokenizer)
 
 
 def site_for_partition(manifest: str, num_sites: int, seed: int, partition_id: int, pooled: bool = False,

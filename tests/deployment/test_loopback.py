@@ -3,8 +3,9 @@
 and with TLS plus SuperNode authentication (certificate authority, server certificate and node
 keys made by the test; nodes registered with ``flwr supernode register``).
 
-Bounded in time; every process is stopped by the test. A server without member data is issue
-10's next step.
+The server holds only public and held-out rows (``sites`` declared in the run config), each
+hospital only its own members, and the auditor the attack's targets: the split a consortium has.
+Bounded in time; every process is stopped by the test.
 """
 
 from __future__ import annotations
@@ -75,10 +76,12 @@ class Federation:
         return ["--root-certificates", str(self.certs / "ca.crt"),
                 "--auth-supernode-private-key", str(self.certs / f"{node_key}.key")]
 
-    def register(self, node_key: str) -> None:
-        done = subprocess.run([str(BIN / "flwr"), "supernode", "register", str(self.certs / f"{node_key}.pub"), "loopback"],
-                              env=_env(self.home), capture_output=True, text=True, timeout=120)
-        assert done.returncode == 0 and "registered" in done.stdout, done.stdout + done.stderr
+    def register(self, node_key: str) -> int:
+        """Register a node's public key; returns the node id the SuperLink gave it."""
+        done = subprocess.run([str(BIN / "flwr"), "supernode", "register", str(self.certs / f"{node_key}.pub"), "loopback",
+                               "--format", "json"], env=_env(self.home), capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stdout + done.stderr
+        return int(json.loads(done.stdout)["node-id"])
 
     def _start(self, name: str, args: list[str]) -> Path:
         log = self.root / f"{name}.log"
@@ -163,53 +166,89 @@ def federation(tmp_path: Path) -> Iterator[Federation]:
 
 
 @pytest.fixture(scope="module")
-def hospital_data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+def hospital_data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The data as a consortium holds it: the server's manifest (public and held-out rows), one per
+    hospital (its own members; hospital_1's without a site column, as a hospital's export would
+    be), the auditor's (members' query photos, non-members' photos), and the base checkpoint."""
     manifest = generate(tmp_path_factory.mktemp("deployed_data"), DATA)
-    checkpoint = warm_start(manifest, cache_dir=tmp_path_factory.mktemp("deployed_cache"),
-                            config=WarmStartConfig(epochs=3, batch_size=32, seed=0))
-    return manifest, checkpoint
+    frame = pd.read_csv(manifest, keep_default_na=False)
+    parts = {"server": frame[frame["split"].isin(["public", "heldout"])],
+             "auditor": frame[frame["split"].isin(["query", "heldout"])]}
+    for k in range(2):
+        own = frame[(frame["split"] == "train") & (frame["site"] == f"hospital_{k}")]
+        parts[f"hospital_{k}"] = own.assign(site="") if k == 1 else own
+    paths = {}
+    for role, rows in parts.items():
+        paths[role] = manifest.with_name(f"{role}.csv")
+        rows.to_csv(paths[role], index=False)
+    paths["checkpoint"] = warm_start(paths["server"], cache_dir=tmp_path_factory.mktemp("deployed_cache"),
+                                     config=WarmStartConfig(epochs=3, batch_size=32, seed=0))
+    return paths
 
 
-def _run_config(path: Path, *, manifest: Path, checkpoint: Path, out: Path) -> Path:
+def _run_config(path: Path, data: dict[str, Path], *, out: Path, site_nodes: str = "") -> Path:
     small = (REPO / "simulations" / "hospital_clip" / "small.toml").read_text().splitlines()
     kept = [line for line in small if not line.startswith(("output-dir", "cache-dir"))]
-    path.write_text("\n".join(kept) + f"\nmanifest = '{manifest}'\npretrained = '{checkpoint}'\n"
-                    f"output-dir = '{out}'\ncache-dir = '{out.parent / 'cache'}'\ndeclared-units = 6\n")
+    path.write_text("\n".join(kept) + f"\nmanifest = '{data['server']}'\npretrained = '{data['checkpoint']}'\n"
+                    f"output-dir = '{out}/{{run-id}}'\ncache-dir = '{out.parent / 'cache'}'\ndeclared-units = 6\n"
+                    f"sites = 'hospital_0,hospital_1'\nsite-nodes = '{site_nodes}'\n")
     return path
 
 
-def _site(name: str, manifest: Path, checkpoint: Path, state: Path) -> str:
-    return f"site='{name}' manifest='{manifest}' checkpoint='{checkpoint}' state-dir='{state}' declared-units=6"
+def _site(name: str, data: dict[str, Path], state: Path) -> str:
+    return f"site='{name}' manifest='{data[name]}' checkpoint='{data['checkpoint']}' state-dir='{state}' declared-units=6"
 
 
-def _two_rounds_at_two_hospitals(fed: Federation, manifest: Path, checkpoint: Path, tmp_path: Path, *,
-                                 keys: tuple[str | None, str | None] = (None, None)) -> None:
+def _fedclip(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / "fedclip"), *args], cwd=REPO, capture_output=True, text=True, timeout=300)
+
+
+def _two_rounds_at_two_hospitals(fed: Federation, data: dict[str, Path], tmp_path: Path, *,
+                                 keys: tuple[str | None, str | None] = (None, None), site_nodes: str = "") -> Path:
     for k in range(2):
-        fed.supernode(f"hospital_{k}", _site(f"hospital_{k}", manifest, checkpoint, tmp_path / f"state_{k}"),
-                      node_key=keys[k])
-    out = tmp_path / "out"
-    done = fed.run(_run_config(tmp_path / "run.toml", manifest=manifest, checkpoint=checkpoint, out=out))
+        fed.supernode(f"hospital_{k}", _site(f"hospital_{k}", data, tmp_path / f"state_{k}"), node_key=keys[k])
+    done = fed.run(_run_config(tmp_path / "run.toml", data, out=tmp_path / "out", site_nodes=site_nodes))
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    status = json.loads((out / "status.json").read_text())
-    assert status["status"] == "finished", status
+    (out,) = list((tmp_path / "out").iterdir())  # output-dir = '.../{run-id}': one folder per run
+    assert out.name.isdigit(), out
+    status = _fedclip("status", str(out))
+    assert status.returncode == 0 and json.loads(status.stdout)["status"] == "finished", status.stdout + status.stderr
     rounds = pd.read_csv(out / "rounds.csv")
     trained = rounds[rounds["status"] == "trained"]
     assert sorted(trained["site"].unique()) == ["hospital_0", "hospital_1"]
     assert sorted(trained["round"].unique()) == [1, 2]
-    # each hospital keeps its own durable ledger where its node config says, with both rounds in it
+    config = json.loads((out / "config.json").read_text())
+    assert config["sites"] == "hospital_0,hospital_1" and config["resolved-manifest"] == str(data["server"])
+    # each hospital keeps its own durable ledger where its node config says, with both rounds in it,
+    # its own readable account of its spending, and its preprocessed data cached for the next process
     for k in range(2):
-        ledger = tmp_path / f"state_{k}" / "ledger.sqlite"
+        state = tmp_path / f"state_{k}"
+        ledger = state / "ledger.sqlite"
         assert ledger.is_file(), f"hospital_{k} kept no ledger"
         with sqlite3.connect(ledger) as db:
             charges = db.execute("SELECT site, round, status FROM charges ORDER BY round").fetchall()
         assert [(site, r) for site, r, _ in charges] == [(f"hospital_{k}", 1), (f"hospital_{k}", 2)], charges
         assert {status for *_, status in charges} == {"confirmed"}, charges
-    assert (out / "summary.md").is_file() and (out / "attack.csv").is_file()
+        spending = pd.read_csv(state / "spending.csv")
+        assert list(spending["round"]) == [1, 2] and spending["epsilon_total"].is_monotonic_increasing
+        server_eps = rounds[(rounds["site"] == f"hospital_{k}") & (rounds["round"] == 2)]["epsilon"].iloc[0]
+        assert abs(spending["epsilon_total"].iloc[-1] - server_eps) < 1e-6 * max(1.0, server_eps)
+        assert len(list((state / "cache").glob("pairs-*.pt"))) == 1
+    # the server attacked nothing (it holds no targets) but kept every round's model for the auditor
+    assert not (out / "attack.csv").exists() and (out / "summary.md").is_file()
+    assert sorted(p.name for p in (out / "models").iterdir()) == ["round_000.pt", "round_001.pt", "round_002.pt"]
+    audit = _fedclip("audit", str(out), "--targets", str(data["auditor"]))
+    assert audit.returncode == 0, audit.stdout[-3000:] + audit.stderr[-3000:]
+    attack = pd.read_csv(out / "audit" / "attack.csv")
+    assert list(attack["round"]) == [0, 1, 2]
+    assert set(attack["members"]) == {12} and set(attack["non_members"]) == {4}
+    assert (out / "audit" / "attack.png").is_file() and (out / "audit" / "summary.md").is_file()
+    return out
 
 
 def test_two_hospitals_train_two_rounds_on_the_deployment_runtime(federation, hospital_data, tmp_path):
     federation.superlink()
-    _two_rounds_at_two_hospitals(federation, *hospital_data, tmp_path)
+    _two_rounds_at_two_hospitals(federation, hospital_data, tmp_path)
 
 
 def test_with_tls_and_supernode_authentication_an_unregistered_node_is_refused(hospital_data, tmp_path):
@@ -217,23 +256,24 @@ def test_with_tls_and_supernode_authentication_an_unregistered_node_is_refused(h
     fed = Federation(tmp_path / "federation", certs=certs)
     try:
         fed.superlink()
-        fed.register("hospital_0")
-        fed.register("hospital_1")
+        nodes = {f"hospital_{k}": fed.register(f"hospital_{k}") for k in range(2)}
         # a node whose key the SuperLink does not know is turned away before it can join any run
         log = fed.supernode("intruder", None, node_key="intruder", expect="2004")
         assert "Failed to activate SuperNode" in log.read_text(errors="replace")
-        _two_rounds_at_two_hospitals(fed, *hospital_data, tmp_path, keys=("hospital_0", "hospital_1"))
+        # the server knows each hospital by the node id its registered key was given, not by its word
+        out = _two_rounds_at_two_hospitals(fed, hospital_data, tmp_path, keys=("hospital_0", "hospital_1"),
+                                           site_nodes=",".join(f"{s}={n}" for s, n in nodes.items()))
+        assert json.loads((out / "config.json").read_text())["site-nodes"].count("=") == 2
     finally:
         fed.stop()
 
 
 def test_a_supernode_without_node_config_is_refused(federation, hospital_data, tmp_path):
-    manifest, checkpoint = hospital_data
     federation.superlink()
-    federation.supernode("hospital_0", _site("hospital_0", manifest, checkpoint, tmp_path / "state_0"))
+    federation.supernode("hospital_0", _site("hospital_0", hospital_data, tmp_path / "state_0"))
     federation.supernode("bare", None)
     out = tmp_path / "out"
-    done = federation.run(_run_config(tmp_path / "run.toml", manifest=manifest, checkpoint=checkpoint, out=out))
+    done = federation.run(_run_config(tmp_path / "run.toml", hospital_data, out=out))
     text = done.stdout + done.stderr
     assert "neither 'site'" in text and "partition-id" in text, text[-3000:]
-    assert not (out / "rounds.csv").is_file() or pd.read_csv(out / "rounds.csv").empty
+    assert not list(out.glob("*/rounds.csv")) or all(pd.read_csv(p).empty for p in out.glob("*/rounds.csv"))

@@ -1,0 +1,68 @@
+"""What a site has spent, read from its own ledger: ``spending.csv``, ``spending.md``, ``spending.json``.
+
+A hospital should not have to trust the server's tables to know its own privacy spending. Its
+ClientApp rewrites these files (the JSON holds the totals, for scripts) in its state folder after every round it settles, from the
+ledger it keeps itself; ``fedclip spending STATE_DIR`` prints them.
+
+Every charge counts, whatever its status (a failed or lost round may have touched the data), so
+the epsilon here is the same conservative total the site's policy checks against.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pandas as pd
+
+from fedclip.privacy.events import DpEvent
+from fedclip.privacy.ledger import PrivacyLedger
+from fedclip.privacy.ledger_store import LedgerStore
+
+COLUMNS = ("site", "run", "round", "attempt", "status", "privacy_unit", "noise_multiplier", "sample_rate", "steps",
+           "epsilon_total", "delta")
+
+
+def spending_table(store: LedgerStore) -> pd.DataFrame:
+    """One row per charged attempt, in order, with the site's total epsilon (for that privacy
+    unit, over every earlier charge too) after it."""
+    rows, spent = [], {}
+    attempts: dict[tuple, list[dict]] = {}
+    for charge in store.rows():
+        attempts.setdefault((charge["site"], charge["round"], charge["attempt"], charge["run"]), []).append(charge)
+    for (site, round_, attempt, run), charges in attempts.items():
+        events = [DpEvent.from_json(c["event"]) for c in charges]
+        training = events[0]
+        for e in events:
+            spent.setdefault((site, str(e.privacy_unit)), []).append(e)
+        unit = str(training.privacy_unit)
+        eps = PrivacyLedger(delta=store.delta, accountant=store.accountant,
+                            events=tuple(spent[(site, unit)])).epsilon()
+        rows.append({"site": site, "run": run, "round": round_, "attempt": attempt,
+                     "status": charges[0]["status"], "privacy_unit": unit,
+                     "noise_multiplier": training.noise_multiplier, "sample_rate": training.sample_rate,
+                     "steps": training.steps, "epsilon_total": eps, "delta": store.delta})
+    return pd.DataFrame(rows, columns=list(COLUMNS))
+
+
+def write_spending(store: LedgerStore, folder: str | Path) -> Path:
+    """Rewrite ``spending.csv`` and ``spending.md`` in ``folder`` from ``store``; returns the .md."""
+    folder = Path(folder)
+    table = spending_table(store)
+    table.to_csv(folder / "spending.csv", index=False)
+    lines = ["# Privacy spending of this site (from its own ledger)", "",
+             f"Ledger: `{store.path.resolve()}`; accountant {store.accountant}, delta {store.delta:g}. Every charge "
+             "counts, also of rounds that failed or whose reply was lost.", "",
+             "| site | run | round | attempt | status | unit | noise multiplier | sample rate | steps | epsilon so far |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in table.itertuples():
+        eps = f"{r.epsilon_total:.3f}" if math.isfinite(r.epsilon_total) else "inf"
+        lines.append(f"| {r.site} | {r.run} | {r.round} | {r.attempt} | {r.status} | {r.privacy_unit} | "
+                     f"{r.noise_multiplier:.4g} | {r.sample_rate:g} | {r.steps} | {eps} |")
+    path = folder / "spending.md"
+    path.write_text("\n".join(lines) + "\n")
+    (folder / "spending.json").write_text(json.dumps(
+        {site: {unit: float(g["epsilon_total"].iloc[-1]) if math.isfinite(g["epsilon_total"].iloc[-1]) else "inf"
+                for unit, g in t.groupby("privacy_unit")} for site, t in table.groupby("site")}, indent=2))
+    return path

@@ -1,0 +1,101 @@
+"""The auditor's role: attack a run's saved global models with the auditor's own targets.
+
+In a consortium the server holds no patient data, so it cannot run IDIA: the attack needs the
+names and other photos of target people, some of whom trained at a hospital (members) and some
+not. An auditor who holds them (consenting targets, or canaries the consortium planted) runs
+
+    fedclip audit RUN_DIR --targets targets.csv [--checkpoint base.pt]
+
+against every round's global model the server saved under ``RUN_DIR/models/`` (models the server
+publishes anyway). The run's own IDIA settings are used; the results land in ``RUN_DIR/audit/``
+as the same tables a simulation writes, beside the accountant's epsilon from ``rounds.csv``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import torch
+from flwr.app import ArrayRecord
+
+from fedclip.attacks.idia import IdentityInferenceAttack, IdiaConfig, IdiaTargets
+from fedclip.attacks.metrics import attack_tables
+from fedclip.data.manifest import load_manifest
+from fedclip.models.arrays import load_arrays
+from fedclip.models.factory import ModelConfig, create_model
+from fedclip.reporting.plots import plot_attack
+from fedclip.reporting.run_files import RunFiles
+from fedclip.reporting.summary import ATTACK_HEADER, attack_rows
+
+
+def _idia_config(config: dict) -> IdiaConfig:
+    return IdiaConfig(num_queries=int(config["idia-queries"]), tau=int(config["idia-tau"]),
+                      templates=tuple(t for t in str(config["idia-templates"]).split("|") if t),
+                      num_distractors=int(config["idia-distractors"]), seed=int(config["seed"]),
+                      name_lists=str(config["name-lists"]))
+
+
+def accounted_epsilons(run_dir: Path) -> dict[int, float]:
+    """The largest site epsilon after each round, from the server's ``rounds.csv`` (0 before round 1)."""
+    path = run_dir / "rounds.csv"
+    rounds = pd.read_csv(path) if path.is_file() else pd.DataFrame(columns=["round", "epsilon"])
+    out = {0: 0.0}
+    for r in sorted(rounds["round"].unique()):
+        out[int(r)] = float(rounds.loc[rounds["round"] <= r, "epsilon"].max())
+    return out
+
+
+def audit_run(run_dir: str | Path, *, targets: str | Path, checkpoint: str = "", out_dir: str | Path | None = None,
+              allow_outside_paths: bool = False) -> Path:
+    """Attack every saved round model of ``run_dir`` with ``targets``; write tables, plot and summary."""
+    run_dir = Path(run_dir)
+    config_path = run_dir / "config.json"
+    if not config_path.is_file():
+        raise ValueError(f"run: {run_dir} has no config.json; expected the output folder of a fedclip run")
+    config = json.loads(config_path.read_text())
+    models = sorted((run_dir / "models").glob("round_*.pt"))
+    if not models:
+        raise ValueError(f"run: {run_dir / 'models'} holds no saved round models (round_NNN.pt)")
+    base = checkpoint or str(config.get("resolved-checkpoint", ""))
+    if base and not Path(base).is_file():
+        raise ValueError(f"checkpoint: the run's base weights {base} are not on this machine; pass the copy you hold "
+                         "with --checkpoint (the hospitals' base checkpoint)")
+    bundle = create_model(ModelConfig(arch=str(config["arch"]), pretrained=base, trainable=str(config["trainable"])))
+    idia = _idia_config(config)
+    frame = load_manifest(targets, allow_outside_paths=allow_outside_paths).frame
+    attack = IdentityInferenceAttack(IdiaTargets.from_frame(frame, config=idia, preprocess=bundle.preprocess),
+                                     tokenizer=bundle.tokenizer, config=idia)
+    out = Path(out_dir) if out_dir else run_dir / "audit"
+    files = RunFiles(out)
+    for table in ("attack", "attack_sites"):  # derived files: an audit run again replaces them
+        files.path(table).unlink(missing_ok=True)
+    epsilons = accounted_epsilons(run_dir)
+    confidence = 1 - 0.05 / len(models)  # Bonferroni over the rounds audited: jointly 95%
+    delta = float(config["delta"])
+    for k, path in enumerate(models, 1):
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        round_ = int(saved["round"])
+        load_arrays(bundle.model, ArrayRecord(torch_state_dict=saved["state_dict"]))
+        row, sites = attack_tables(attack(bundle.model).frame, attack=attack.name, round_=round_,
+                                   max_site_epsilon=epsilons.get(round_, float("nan")), delta=delta,
+                                   confidence=confidence)
+        files.append("attack", [row])
+        files.append("attack_sites", sites)
+        print(f"[{k}/{len(models)}] round {round_}: {attack.name} TPR {row['tpr']:.3f} FPR {row['fpr']:.3f} "
+              f"eps_lb {row['epsilon_lower_bound']:.2f} | accountant's max site epsilon "
+              f"{row['max_site_epsilon']:.2f}", flush=True)
+    table = files.read("attack")
+    plot_attack(out, table)
+    lines = ["# fedclip audit", "", f"- run: `{run_dir.resolve()}`", f"- targets: `{Path(targets).resolve()}` "
+             f"({int(attack.targets.is_member.sum())} members, {int((~attack.targets.is_member).sum())} non-members)",
+             f"- attack: IDIA, {idia.num_queries} query images per person, tau {idia.tau}, "
+             f"{len(idia.templates)} templates, {idia.num_distractors} distractor names", "",
+             *ATTACK_HEADER, *attack_rows(table), "",
+             f"The lower bound is Clopper-Pearson, jointly 95% over the {len(models)} rounds audited; it is about a "
+             "person, so compare it with identity-level epsilon, and it is indicative, not a certificate "
+             "(membership fixed by design, one model's decisions dependent).", "",
+             "Tables: `attack.csv`, `attack_sites.csv`. Plot: `attack.png`.", ""]
+    (out / "summary.md").write_text("\n".join(lines))
+    return out
