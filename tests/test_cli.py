@@ -1,9 +1,13 @@
 """The user's first command, run as the user runs it."""
 
+import json
 import subprocess
 import sys
 
 import pandas as pd
+import pytest
+
+from fedclip.cli import main
 
 
 def test_prepare_writes_data_checkpoint_and_table(tmp_path):
@@ -41,3 +45,19 @@ def test_data_command_names_patients_from_the_chosen_lists(tmp_path):
     assert set(frame["name"].str.split(" ").str[-1]) <= set(CENSUS_SURNAMES)
     bad = subprocess.run(cmd[:-1] + ["klingon"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "--name-lists" in bad.stderr
+
+
+@pytest.mark.parametrize(("status", "code"), [("finished", 0), ("failed", 1), ("running", 3)])
+def test_status_exit_codes_a_script_can_check(tmp_path, capsys, status, code):
+    (tmp_path / "status.json").write_text(json.dumps({"status": status, "rounds": 2}))
+    assert main(["status", str(tmp_path)]) == code
+    assert json.loads(capsys.readouterr().out)["status"] == status
+    assert main(["status", str(tmp_path / "nowhere")]) == 3
+    assert "no status" in capsys.readouterr().err
+
+
+def test_audit_and_spending_name_what_is_missing(tmp_path, capsys):
+    assert main(["audit", str(tmp_path), "--targets", "t.csv"]) == 2
+    assert f"run: {tmp_path} has no config.json" in capsys.readouterr().err
+    assert main(["spending", str(tmp_path)]) == 2
+    assert f"no ledger at {tmp_path / 'ledger.sqlite'}" in capsys.readouterr().err
