@@ -63,7 +63,10 @@ def _check_backend(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def parse_backend_config(text: str | None, *, use_gpu: bool) -> dict[str, Any]:
-    config: dict[str, Any] = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": {"include_dashboard": False}}
+    # address "local": a fresh Ray instance for this run, never silently the last cluster `ray start`
+    # (or ray.cluster_utils) left on this machine; a cluster is joined only when its address is given
+    config: dict[str, Any] = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+                              "init_args": {"include_dashboard": False, "address": "local"}}
     if use_gpu:
         config["client_resources"]["num_gpus"] = 0.25  # four sites share one GPU unless told otherwise
     if text:
