@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
-import logging
 import os
 import shlex
 import sys
@@ -81,17 +80,6 @@ def parse_backend_config(text: str | None, *, use_gpu: bool) -> dict[str, Any]:
     return _check_backend(config)
 
 
-def _undo_opacus_root_logging() -> None:
-    """Opacus calls ``logging.basicConfig`` on import, which echoes every Flower log line a
-    second time through the root logger; Flower logs through its own handler."""
-    root = logging.getLogger()
-    for handler in list(root.handlers):
-        if isinstance(handler, logging.StreamHandler) and handler.formatter and "%(asctime)s:%(levelname)s" in (
-            handler.formatter._fmt or ""
-        ):
-            root.removeHandler(handler)
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="flower-simulation", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -107,7 +95,6 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         module = importlib.import_module(args.app)
-        _undo_opacus_root_logging()
         if not hasattr(module, "make_server_app") or not hasattr(module, "client_app"):
             raise ValueError(f"--app: {args.app} has no make_server_app and client_app")
         from fedclip.privacy.randomness import NOT_PRIVATE_AGAINST_THE_SERVER
