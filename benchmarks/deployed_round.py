@@ -14,6 +14,7 @@ both runtimes are timed the same way; the table prints their ratio, measured in 
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import subprocess
 import tempfile
@@ -89,7 +90,7 @@ def main() -> None:
     started = time.time()
     sim = subprocess.run([str(BIN / "flower-simulation"), "--app", "simulations.hospital_clip", "--run-config",
                           str(sim_toml), "--output", str(root / "simulated")], cwd=REPO, capture_output=True,
-                         text=True, timeout=3600)
+                         text=True, timeout=3600, env={**os.environ, "OMP_NUM_THREADS": "1"})  # as the SuperNodes run
     simulated_wall = time.time() - started
     if sim.returncode != 0:
         raise SystemExit(f"simulated run failed:\n{(sim.stdout + sim.stderr)[-3000:]}")

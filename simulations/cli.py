@@ -105,6 +105,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.output:
             overrides["output-dir"] = args.output
         cfg = resolve_config(default_run_config(), overrides)  # fails here, before Ray, naming the key
+        if cfg.deployment:
+            raise ValueError("sites: declared sites are a deployment (each hospital's SuperNode with its own node "
+                             "config, started by `flwr run`); flower-simulation simulates the sites of its data, so "
+                             "leave 'sites' and 'site-nodes' empty (README, 'Running as a consortium')")
+        if "{run-id}" in cfg.output_dir:
+            raise ValueError("output-dir: '{run-id}' is filled in on the deployment runtime; flower-simulation needs "
+                             "a folder it can check after the run: pass --output DIR")
         saved_round(cfg)  # a folder that holds a run, or a resume without its ledger, fails before Ray too
         sites = len(preflight(cfg).sites)  # site names, sizes, delta: before Ray too
         supernodes = args.num_supernodes or sites

@@ -205,7 +205,8 @@ def saved_round(cfg: SimulationConfig) -> int | None:
     progress, ledger = state / "global.pt", state / "ledger.sqlite"
     if progress.exists() and not cfg.resume:
         raise ValueError(f"output-dir: {cfg.output_dir} already holds a run; pass resume=true to continue it or choose "
-                         "another folder")
+                         "another folder (on the deployment runtime, output-dir = '/abs/path/{run-id}' gives every run "
+                         "its own)")
     if not cfg.resume:
         return None
     if not progress.exists():

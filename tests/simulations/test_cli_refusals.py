@@ -84,6 +84,16 @@ def test_a_manifest_path_outside_its_folder_is_refused_unless_allowed(tmp_path, 
         cli.main(argv[:-1] + [f"manifest='{escaping_manifest}' allow-outside-paths=true declared-units=8"])
 
 
+def test_deployment_settings_are_refused_by_the_simulation(tmp_path, capsys, small_manifest_path):
+    declared = ["--app", "simulations.hospital_clip", "--output", str(tmp_path / "run"), "--run-config",
+                f"manifest='{small_manifest_path}' declared-units=6 sites='hospital_0,hospital_1'"]
+    assert cli.main(declared) == 2
+    assert "sites: declared sites are a deployment" in capsys.readouterr().err
+    placeholder = ["--app", "simulations.hospital_clip", "--output", str(tmp_path / "{run-id}"), "--run-config", TINY]
+    assert cli.main(placeholder) == 2
+    assert "output-dir: '{run-id}' is filled in on the deployment runtime" in capsys.readouterr().err
+
+
 def test_an_explicit_override_lets_a_large_delta_through(tmp_path):
     argv = ["--app", "simulations.hospital_clip", "--output", str(tmp_path / "run"),
             "--run-config", f"{TINY} delta=0.5 allow-large-delta=true"]
