@@ -17,7 +17,7 @@ from fedclip.privacy.ledger import PrivacyLedger  # noqa: E402
 from fedclip.privacy.ledger_store import LedgerStore  # noqa: E402
 from simulations.compare.runner import RunSpec  # noqa: E402
 from simulations.hospital_clip.task import POOLED_SITE  # noqa: E402
-from simulations.compare.settings import SETTINGS  # noqa: E402
+from simulations.compare.settings import SETTINGS, Setting  # noqa: E402
 
 METRICS = ("zero_shot_accuracy", "recall_at_1", "tpr", "fpr", "epsilon_lower_bound")
 
@@ -38,6 +38,15 @@ def largest_patient(run: RunSpec) -> int:
     return int(frame[frame["split"] == "train"].groupby("patient_id").size().max())
 
 
+def relation_of(setting: Setting, rounds: pd.DataFrame) -> str:
+    """The neighbouring relation the sites' accountant used, read from the run's own rounds.csv
+    (a micro-batch setting is add-or-remove at one unit per micro-batch, replace-one above)."""
+    if not setting.private or setting.unit == "site":
+        return setting.relation
+    used = "/".join(sorted(set(rounds.loc[rounds["status"] == "trained", "relation"].astype(str))))
+    return used + (" + zero-out" if setting.relation.endswith("zero-out") else "")
+
+
 def run_row(run: RunSpec) -> dict:
     """The final round of one run."""
     attack = pd.read_csv(run.folder / "attack.csv").iloc[-1]
@@ -51,7 +60,7 @@ def run_row(run: RunSpec) -> dict:
     group_eps, group_delta = group_privacy(local_eps, float(config["delta"]), k) if k > 1 else (math.nan, math.nan)
     return {
         "setting": run.setting, "target_epsilon": run.epsilon if run.epsilon is not None else math.inf,
-        "seed": run.seed, "unit": setting.unit, "relation": setting.relation,
+        "seed": run.seed, "unit": setting.unit, "relation": relation_of(setting, rounds),
         "epsilon_local": local_eps,
         "largest_patient_pairs": k if setting.unit == "record" else math.nan,
         "patient_epsilon_group": group_eps, "patient_delta_group": group_delta,

@@ -5,7 +5,8 @@ the data is trained and how it is protected changes. Private settings train with
 defaults (trainable parameters, sample rate, learning rate); the non-private baselines train
 with their own (``nonprivate.toml``: what serves a non-private run), so the gap DP leaves is
 measured against a tuned baseline, not a handicapped one. ``unit`` says what the setting's
-epsilon is about; non-private settings have none.
+epsilon is about; non-private settings have none. ``relation`` is a label for the table: for local
+DP the results read the relation each run's accountant actually used from its ``rounds.csv``.
 """
 
 from __future__ import annotations

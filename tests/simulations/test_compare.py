@@ -180,3 +180,18 @@ def test_one_seed_shows_no_spread():
     from simulations.compare.results import _mean_spread
 
     assert _mean_spread(0.5, math.nan) == "0.500" and _mean_spread(0.5, 0.01) == "0.500 ± 0.010"
+
+
+def test_the_table_states_the_relation_each_run_was_accounted_under():
+    import pandas as pd
+
+    from simulations.compare.results import relation_of
+    from simulations.compare.settings import SETTINGS
+
+    size_one = pd.DataFrame({"status": ["trained", "trained"], "relation": ["add_or_remove", "add_or_remove"]})
+    hashed = pd.DataFrame({"status": ["trained", "refused"], "relation": ["replace_one", "add_or_remove"]})
+    assert relation_of(SETTINGS["fed-local-identity"], size_one) == "add_or_remove"
+    assert relation_of(SETTINGS["fed-local-identity"], hashed) == "replace_one"  # only rounds that trained
+    assert relation_of(SETTINGS["fed-local-client"], size_one) == "add_or_remove + zero-out"
+    assert relation_of(SETTINGS["fed-client"], size_one) == "zero-out"
+    assert relation_of(SETTINGS["fed-nonprivate"], size_one) == "-"
