@@ -22,7 +22,7 @@ from fedclip.privacy.events import PrivacyUnit
 from fedclip.privacy.policy import DP_MODES, load_policy_file
 from fedclip.privacy.release import ReleaseConfig
 from fedclip.training.config import DpConfig, TrainConfig
-from simulations.hospital_clip.plan import RoundPlan
+from simulations.hospital_clip.plan import RoundPlan, parse_site_numbers
 from strategies.registry import INNER_STRATEGIES
 
 DEFAULT_TOML = Path(__file__).with_name("default.toml")
@@ -164,12 +164,7 @@ class SimulationConfig:
 
     def site_node_map(self) -> dict[str, int]:
         """``site-nodes = "hospital_a=123,hospital_b=456"``: the SuperLink's node id of each site."""
-        out: dict[str, int] = {}
-        for item in filter(None, (s.strip() for s in self.site_nodes.split(","))):
-            site, sep, value = item.partition("=")
-            if not sep or not site.strip() or not value.strip().isdigit():
-                raise ValueError(f"site-nodes: expected 'site=<node id>,...' with integer node ids, got {item!r}")
-            out[site.strip()] = int(value)
+        out = parse_site_numbers(self.site_nodes, key="site-nodes")
         if len(set(out.values())) != len(out):
             raise ValueError(f"site-nodes: one node id is mapped to two sites in {self.site_nodes!r}")
         return out

@@ -86,7 +86,14 @@ def own_training_data(manifest: str, site: str, *, arch: str, checkpoint: str, c
                              f"(its sites: {sorted(set(frame.loc[frame['site'] != '', 'site']))})")
     if rows.empty:
         raise ValueError(f"manifest: {manifest} has no 'train' rows to train on")
+    return _pairs(rows, arch=arch, checkpoint=checkpoint, cache_dir=cache_dir)
+
+
+def _pairs(rows, *, arch: str, checkpoint: str, cache_dir: Path | None) -> PairData:
+    """Rows as tensors with the base model's preprocessing; kept on disk in ``cache_dir`` if given."""
     bundle = base_bundle(arch, checkpoint, "all")
+    if cache_dir is None:
+        return load_pairs(rows, preprocess=bundle.preprocess, tokenizer=bundle.tokenizer)
     return cached_pairs(rows, cache_dir=cache_dir, model_key=f"{arch}|{bundle.preprocess!r}",
                         preprocess=bundle.preprocess, tokenizer=bundle.tokenizer)
 
@@ -100,11 +107,7 @@ def site_public_data(manifest: str, arch: str, checkpoint: str, outside_paths: b
     rows = frame[frame["split"] == str(Split.PUBLIC)]
     if rows.empty:
         raise ValueError(f"dp-mode 'unit': {manifest} has no public rows to draw negatives from")
-    bundle = base_bundle(arch, checkpoint, "all")
-    if cache_dir is None:
-        return load_pairs(rows, preprocess=bundle.preprocess, tokenizer=bundle.tokenizer)
-    return cached_pairs(rows, cache_dir=cache_dir, model_key=f"{arch}|{bundle.preprocess!r}",
-                        preprocess=bundle.preprocess, tokenizer=bundle.tokenizer)
+    return _pairs(rows, arch=arch, checkpoint=checkpoint, cache_dir=cache_dir)
 
 
 def site_for_partition(manifest: str, num_sites: int, seed: int, partition_id: int, pooled: bool = False,

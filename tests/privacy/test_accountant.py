@@ -125,3 +125,19 @@ def test_prospective_check_does_not_spend():
     assert ledger.would_exceed(nxt, budget=(spent + after) / 2)
     assert not ledger.would_exceed(nxt, budget=after + 1e-6)
     assert np.isfinite(after)
+
+
+def test_rounds_of_one_mechanism_are_accounted_as_one_with_the_steps_summed():
+    """The merge is the same composition: it equals accounting every round's event separately."""
+    from dataclasses import replace
+
+    from fedclip.privacy import accountant as acc
+    from fedclip.privacy.events import DpEvent
+
+    e = DpEvent(noise_multiplier=1.2, sample_rate=0.1, steps=20, privacy_unit="identity", relation="add_or_remove",
+                sensitivity=1.0)
+    other = replace(e, noise_multiplier=2.0)
+    rounds = [e, other] * 4
+    assert acc._merged(rounds) == tuple(sorted((replace(e, steps=80), replace(other, steps=80)), key=repr))
+    separate = acc._opacus_epsilon(rounds, 1e-5, "prv")
+    assert acc.epsilon(rounds, delta=1e-5) == pytest.approx(separate, rel=1e-6)
