@@ -28,13 +28,16 @@ from fedclip.models.factory import ModelConfig, create_model
 from fedclip.reporting.plots import plot_attack
 from fedclip.reporting.run_files import RunFiles
 from fedclip.reporting.summary import ATTACK_HEADER, attack_rows
+from simulations.hospital_clip.config import SimulationConfig
+
+
+IDIA_KEYS = ("idia-queries", "idia-tau", "idia-templates", "idia-distractors", "seed", "name-lists")
 
 
 def _idia_config(config: dict) -> IdiaConfig:
-    return IdiaConfig(num_queries=int(config["idia-queries"]), tau=int(config["idia-tau"]),
-                      templates=tuple(t for t in str(config["idia-templates"]).split("|") if t),
-                      num_distractors=int(config["idia-distractors"]), seed=int(config["seed"]),
-                      name_lists=str(config["name-lists"]))
+    """The run's IDIA settings, parsed and validated as the run parsed them (no other key is read:
+    the run's data paths need not exist on the auditor's machine)."""
+    return SimulationConfig.from_run_config({k: config[k] for k in IDIA_KEYS if k in config}).idia()
 
 
 def accounted_epsilons(run_dir: Path) -> dict[int, float]:
