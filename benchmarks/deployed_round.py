@@ -3,10 +3,12 @@
     python -m benchmarks.deployed_round [--patients 250] [--rounds 3]
 
 Two hospitals of ``--patients`` patients (10 images each), the default private training plan.
-The same data and base weights run twice: as a consortium on loopback (SuperLink, two SuperNodes,
-``flwr run``; the server holding public and held-out rows only) and through ``flower-simulation``.
-Each message on the deployment runtime starts a fresh ClientApp process, so round 1 there pays
-for decoding every image (the cache miss) and later rounds read the site's on-disk cache.
+The same data and base weights run three times: as a consortium on loopback (SuperLink, two
+SuperNodes, ``flwr run``; the server holding public and held-out rows only), once with a fresh
+ClientApp process answering each message and once with each hospital's ``fedclip site-worker``
+answering (the ClientApp only hands the message over), and through ``flower-simulation``.
+Without a worker, round 1 pays for decoding every image (the cache miss) and later rounds read
+the site's on-disk cache; a worker keeps model and data in memory.
 Round times come from the ServerApp's own per-round line (time since the first evaluation), so
 both runtimes are timed the same way; the table prints their ratio, measured in one run.
 """
@@ -28,6 +30,7 @@ from fedclip.training.warmstart import WarmStartConfig, warm_start
 from simulations.loopback import BIN, REPO, Federation
 
 ROUND_LINE = re.compile(r"round (\d+)/\d+ \|.*\| (\d+)s")
+WORKER_LINE = re.compile(r"train: answered \(run \d+\) in ([0-9.]+) s")
 
 
 def round_seconds(log: str) -> dict[int, float]:
@@ -49,6 +52,39 @@ def split_roles(manifest: Path) -> dict[str, Path]:
     return out
 
 
+def deployed_run(folder: Path, roles: dict[str, Path], common: str, *, sites: list[str], checkpoint: Path,
+                 patients: int, workers: bool, step: str) -> tuple[dict[int, float], float, list[list[float]]]:
+    """One consortium run on loopback: its round times, wall time and (``workers``: each hospital hands
+    its messages to a site worker) each worker's seconds per train message, from the worker's log."""
+    print(f"{step} deployment: SuperLink and {len(sites)} SuperNodes on loopback"
+          + (", each with a site worker" if workers else ", a fresh ClientApp process per message"), flush=True)
+    fed = Federation(folder / "federation")
+    worker_logs: list[Path] = []
+    try:
+        fed.superlink()
+        for site in sites:
+            state = folder / "state" / site
+            node = (f"site='{site}' manifest='{roles[site]}' checkpoint='{checkpoint}' state-dir='{state}' "
+                    f"declared-units={patients}")
+            if workers:
+                node += f" site-worker='{fed.root / (site + '.sock')}'"
+                worker_logs.append(fed.site_worker(site, fed.root / f"{site}.sock"))
+            fed.supernode(site, node)
+        run_toml = folder / "deployed.toml"
+        # the auditor's targets on the server, so both runtimes do the same per-round evaluation
+        run_toml.write_text(common + f"manifest = '{roles['server']}'\nsites = '{','.join(sites)}'\n"
+                                     f"audit-manifest = '{roles['auditor']}'\noutput-dir = '{folder / 'out'}'\n")
+        started = time.time()
+        done = fed.run(run_toml, timeout=3600)
+        wall = time.time() - started
+    finally:
+        fed.stop()
+    if done.returncode != 0 or "Traceback" in done.stdout + done.stderr:
+        raise SystemExit(f"deployed run failed:\n{(done.stdout + done.stderr)[-3000:]}")
+    handling = [[float(t) for t in WORKER_LINE.findall(log.read_text())] for log in worker_logs]
+    return round_seconds(done.stdout + done.stderr), wall, handling
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--patients", type=int, default=250, help="patients per hospital")
@@ -64,27 +100,12 @@ def main() -> None:
               f"declared-units = {args.patients}\nidia-distractors = 50\n")
     sites = sorted(r for r in roles if r not in ("server", "auditor"))
 
-    print(f"[1/2] deployment: SuperLink and {len(sites)} SuperNodes on loopback", flush=True)
-    fed = Federation(root / "federation")
-    try:
-        fed.superlink()
-        for site in sites:
-            fed.supernode(site, f"site='{site}' manifest='{roles[site]}' checkpoint='{checkpoint}' "
-                                f"state-dir='{root / 'state' / site}' declared-units={args.patients}")
-        run_toml = root / "deployed.toml"
-        # the auditor's targets on the server, so both runtimes do the same per-round evaluation
-        run_toml.write_text(common + f"manifest = '{roles['server']}'\nsites = '{','.join(sites)}'\n"
-                                     f"audit-manifest = '{roles['auditor']}'\noutput-dir = '{root / 'deployed'}'\n")
-        started = time.time()
-        done = fed.run(run_toml, timeout=3600)
-        deployed_wall = time.time() - started
-    finally:
-        fed.stop()
-    if done.returncode != 0 or "Traceback" in done.stdout + done.stderr:
-        raise SystemExit(f"deployed run failed:\n{(done.stdout + done.stderr)[-3000:]}")
-    deployed = round_seconds(done.stdout + done.stderr)
+    deployed, deployed_wall, _ = deployed_run(root / "per-message", roles, common, sites=sites, checkpoint=checkpoint,
+                                           patients=args.patients, workers=False, step="[1/3]")
+    worker, worker_wall, handling = deployed_run(root / "worker", roles, common, sites=sites, checkpoint=checkpoint,
+                                       patients=args.patients, workers=True, step="[2/3]")
 
-    print("[2/2] simulation: the same data through flower-simulation (Ray)", flush=True)
+    print("[3/3] simulation: the same data through flower-simulation (Ray)", flush=True)
     sim_toml = root / "simulated.toml"
     sim_toml.write_text(common + f"manifest = '{manifest}'\n")
     started = time.time()
@@ -96,15 +117,22 @@ def main() -> None:
         raise SystemExit(f"simulated run failed:\n{(sim.stdout + sim.stderr)[-3000:]}")
     simulated = round_seconds(sim.stdout + sim.stderr)
 
-    rows = [{"round": r, "deployed (s)": deployed.get(r), "simulated (s)": simulated.get(r),
-             "deployed / simulated": deployed[r] / simulated[r] if simulated.get(r) and r in deployed else None}
-            for r in sorted(set(deployed) | set(simulated))]
+    def ratio(times: dict[int, float], r: int) -> float | None:
+        return times[r] / simulated[r] if simulated.get(r) and r in times else None
+
+    rows = [{"round": r, "deployed (s)": deployed.get(r), "with site worker (s)": worker.get(r),
+             "simulated (s)": simulated.get(r), "deployed / simulated": ratio(deployed, r),
+             "worker / simulated": ratio(worker, r)}
+            for r in sorted(set(deployed) | set(worker) | set(simulated))]
     table = pd.DataFrame(rows)
     print(f"\n{len(sites)} hospitals x {args.patients} patients x {data.images_per_patient} images, "
           f"{args.rounds} rounds (round 1 deployed: cache miss; later rounds: the site's disk cache)")
     print(table.to_string(index=False, float_format=lambda v: f"{v:.2f}"))
-    print(f"\nwhole run: deployed {deployed_wall:.0f} s, simulated {simulated_wall:.0f} s (each including its own "
+    print(f"\nwhole run: deployed {deployed_wall:.0f} s, with site workers {worker_wall:.0f} s, simulated {simulated_wall:.0f} s (each including its own "
           f"start-up, data check and warm-start lookup); folder {root}")
+    for site, times in zip(sites, handling):
+        print(f"{site}'s worker: seconds per train message (its own handling, rounds 1..): "
+              + ", ".join(f"{t:.1f}" for t in times))
 
 
 if __name__ == "__main__":

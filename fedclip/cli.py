@@ -7,6 +7,7 @@
     fedclip audit RUN_DIR --targets FILE   the auditor: IDIA on every saved round model of a run
     fedclip status RUN_DIR                 a run's status; exit 0 finished, 1 failed, 3 running or unknown
     fedclip spending STATE_DIR             a site's own privacy spending, from its own ledger
+    fedclip site-worker --site S --socket P a hospital's long-lived worker (node config site-worker=P)
 """
 
 from __future__ import annotations
@@ -149,6 +150,20 @@ def cmd_spending(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_site_worker(args: argparse.Namespace) -> int:
+    """Serve until stopped; SIGTERM (as from a service manager) removes the socket like Ctrl-C."""
+    import signal
+
+    from simulations.hospital_clip.site_worker import serve
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    try:
+        serve(args.socket, site=args.site, max_messages=args.max_messages, on_line=lambda line: print(line, flush=True))
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedclip", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -188,6 +203,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--delta", type=float, default=1e-5)
     p.add_argument("--accountant", default="prv")
     p.set_defaults(func=cmd_spending)
+    p = sub.add_parser("site-worker", help="a hospital's long-lived worker: keeps model and data in memory across "
+                                           "rounds; name its socket in the SuperNode's node config (site-worker)")
+    p.add_argument("--site", required=True, help="the site it serves (the node config's 'site')")
+    p.add_argument("--socket", required=True, help="Unix socket path (created with mode 0600)")
+    p.add_argument("--max-messages", type=int, default=None, help="stop after this many connections (tests)")
+    p.set_defaults(func=cmd_site_worker)
     return parser
 
 

@@ -95,6 +95,13 @@ class Federation:
         wait_for(log, expect, timeout=60)
         return log
 
+    def site_worker(self, site: str, socket_path: Path) -> Path:
+        """A hospital's long-lived worker (``fedclip site-worker``); its node config names the socket."""
+        log = self._start(f"{site}-worker", [str(BIN / "fedclip"), "site-worker", "--site", site,
+                                             "--socket", str(socket_path)])
+        wait_for(log, "listening on", timeout=120)
+        return log
+
     def run(self, run_config: Path, *, timeout: float = 600) -> subprocess.CompletedProcess:
         return subprocess.run([str(BIN / "flwr"), "run", ".", "loopback", "--run-config", str(run_config), "--stream"],
                               cwd=REPO, env=_env(self.home), capture_output=True, text=True, timeout=timeout)

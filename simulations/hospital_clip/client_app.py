@@ -1,102 +1,38 @@
-"""The hospital's ClientApp: say which site it is, and train locally under its own policy.
+"""The hospital's ClientApp: answer each message here, or hand it to the site's long-lived worker.
 
-A train round, top to bottom: parse the plan the server sent; check it against this site's
-policy and its own durable ledger (refusing with the rule's name if it breaks one); charge the
-ledger before touching data; train with noise and sampling from OS entropy; settle the ledger;
-reply. The reply carries the trainable parameters, the privacy events, and the site's declared
-public weight: nothing computed from the data outside an accounted mechanism. The training loss
-and the unit count are released only when the run asks, noised and charged
-(``fedclip.privacy.release``).
+What a site does with a message is in ``site_rounds.py`` (read it top to bottom). This module only
+dispatches, and imports nothing heavy: Flower's deployment runtime starts a fresh process for every
+message, and a node whose config names a ``site-worker`` socket (``fedclip site-worker``) pays for
+Flower's import and the hand-over, not for torch, open_clip and Opacus, the base model and the
+site's data, which the worker keeps in memory across rounds.
 """
 
 from __future__ import annotations
 
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from fedclip.data.tensors import PairData
-from fedclip.models.arrays import load_arrays, model_to_arrays
-from fedclip.privacy.events import events_to_wire
-from fedclip.privacy.ledger_store import Status
-from fedclip.privacy.randomness import site_randomness
-from fedclip.privacy.release import noisy_count, noisy_loss
-from fedclip.reporting.spending import write_spending
-from fedclip.training.local import train_local
-from simulations.hospital_clip.plan import RoundPlan
-from simulations.hospital_clip.site import SiteIdentity, site_identity, site_ledger, site_policy
-from simulations.hospital_clip.task import (fresh_model, own_training_data, pick_device, site_public_data,
-                                            site_training_data)
-from strategies.privacy_budget import PRIVACY_RECORD
+WORKER_KEY = "site-worker"  # node config: the Unix socket of this site's worker
 
 app = ClientApp()
 
 
+def _answer(msg: Message, context: Context) -> Message:
+    socket_path = context.node_config.get(WORKER_KEY)
+    if socket_path:
+        from simulations.hospital_clip.site_worker import forward
+
+        return forward(str(socket_path), msg, context)
+    from simulations.hospital_clip.site_rounds import handle
+
+    return handle(msg, context)
+
+
 @app.query()
 def query(msg: Message, context: Context) -> Message:
-    me = site_identity(context, msg.content["config"])
-    return Message(RecordDict({"site": ConfigRecord({"site": me.site})}), reply_to=msg)
-
-
-def _check_and_charge(me: SiteIdentity, plan: RoundPlan, config: ConfigRecord, context: Context, *,
-                      run: str, round_: int):
-    policy = site_policy(context, config, me)
-    ledger = site_ledger(context, config, me, delta=policy.delta)
-    unit = str(plan.dp.privacy_unit)
-    try:
-        policy.check(site=me.site, mode=str(plan.dp.mode), events=plan.events(), reproducible=plan.reproducible_noise,
-                     total=ledger.ledger(me.site, unit=unit), this_run=ledger.ledger(me.site, run=run, unit=unit))
-    except ValueError:
-        ledger.close()
-        raise
-    attempt = ledger.begin_round(round_)
-    ledger.charge(me.site, round_, plan.events(), attempt=attempt, run=run)  # durable before any data is touched
-    return ledger, attempt
-
-
-def _training_data(me: SiteIdentity, config: ConfigRecord) -> PairData:
-    if me.deployed:  # its own manifest, preprocessed once and kept in its state folder
-        return own_training_data(me.manifest, me.site, arch=str(config["arch"]), checkpoint=me.checkpoint,
-                                 cache_dir=me.cache_dir, outside_paths=me.outside_paths)
-    return site_training_data(me.manifest, me.site, int(config["num-sites"]), int(config["seed"]),
-                              str(config["arch"]), me.checkpoint, bool(config["pool-sites"]), me.outside_paths)
+    return _answer(msg, context)
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    config = msg.content["config"]
-    me = site_identity(context, config)
-    plan = RoundPlan.from_record(config, hash_key=f"fedclip:{me.site}", declared_units=me.declared_units)
-    round_ = int(config["server-round"]) + int(config["round-offset"])
-    ledger, attempt = _check_and_charge(me, plan, config, context, run=str(msg.metadata.run_id), round_=round_)
-    try:
-        data = _training_data(me, config)
-        model = fresh_model(str(config["arch"]), me.checkpoint, str(config["trainable"]), pick_device())
-        load_arrays(model, msg.content["arrays"])
-        seed = plan.reproducible_seed(round_=round_, site=me.site)
-        public = site_public_data(me.manifest, str(config["arch"]), me.checkpoint, me.outside_paths,
-                                  me.cache_dir) if str(plan.dp.mode) == "unit" else None
-        result = train_local(model, data, dp=plan.dp, train=plan.train, reproducible_seed=seed, public=public)
-        metrics: dict[str, float] = {"site-weight": me.weight}  # declared before training: public
-        release_gen = site_randomness(device=pick_device(), reproducible_seed=None if seed is None else seed + 7).sampler
-        if plan.release.loss_noise > 0:
-            metrics["train-loss"] = noisy_loss(model, data, config=plan.release, privacy_unit=plan.dp.privacy_unit,
-                                               num_blocks=plan.dp.num_blocks, key=plan.dp.hash_key,
-                                               generator=release_gen)
-        if plan.release.count_noise > 0:
-            metrics["num-units"] = noisy_count(data, config=plan.release, privacy_unit=plan.dp.privacy_unit,
-                                               generator=release_gen)
-    except Exception as exc:
-        ledger.settle(me.site, round_, attempt=attempt, status=Status.FAILED, note=str(exc)[:500])
-        write_spending(ledger, me.state_dir)
-        ledger.close()
-        raise
-    reported = (result.event,) + plan.events()[1:]
-    ledger.settle(me.site, round_, attempt=attempt, status=Status.CONFIRMED, reported=reported)
-    write_spending(ledger, me.state_dir)  # the site's own account of its spending, never sent
-    ledger.close()
-    content = RecordDict({
-        "arrays": model_to_arrays(model, trainable_only=True),
-        "metrics": MetricRecord(metrics),
-        PRIVACY_RECORD: ConfigRecord({"events": events_to_wire(reported)}),
-    })
-    return Message(content, reply_to=msg)
+    return _answer(msg, context)

@@ -9,6 +9,7 @@ the training loss and the privacy event do.
 from __future__ import annotations
 
 import copy
+import os
 from functools import lru_cache
 from pathlib import Path
 
@@ -45,9 +46,23 @@ def site_frames(manifest: str, num_sites: int, seed: int, pooled: bool = False, 
     return partition_by_site(frame)
 
 
+def file_stamp(path: str) -> tuple[int, int] | None:
+    """(mtime, size) of a file, None if it is not one: a process that lives for days (a site's
+    worker) must see a replaced checkpoint or manifest, not its cached copy."""
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    return stat.st_mtime_ns, stat.st_size
+
+
 @lru_cache(maxsize=4)
-def base_bundle(arch: str, checkpoint: str, trainable: str) -> ClipBundle:
+def _bundle(arch: str, checkpoint: str, trainable: str, _stamp: tuple[int, int] | None) -> ClipBundle:
     return create_model(ModelConfig(arch=arch, pretrained=checkpoint, trainable=trainable))
+
+
+def base_bundle(arch: str, checkpoint: str, trainable: str) -> ClipBundle:
+    return _bundle(arch, checkpoint, trainable, file_stamp(checkpoint))
 
 
 def fresh_model(arch: str, checkpoint: str, trainable: str, device: torch.device) -> torch.nn.Module:
@@ -98,11 +113,16 @@ def _pairs(rows, *, arch: str, checkpoint: str, cache_dir: Path | None) -> PairD
                         preprocess=bundle.preprocess, tokenizer=bundle.tokenizer)
 
 
-@lru_cache(maxsize=4)
 def site_public_data(manifest: str, arch: str, checkpoint: str, outside_paths: bool = False,
                      cache_dir: Path | None = None) -> PairData:
     """The public population's pairs (the negative bank of unit mode): public by construction.
     ``cache_dir``: keep them preprocessed on disk there (a deployed site's state folder)."""
+    return _public_pairs(manifest, arch, checkpoint, outside_paths, cache_dir, file_stamp(manifest))
+
+
+@lru_cache(maxsize=4)
+def _public_pairs(manifest: str, arch: str, checkpoint: str, outside_paths: bool, cache_dir: Path | None,
+                  _stamp: tuple[int, int] | None) -> PairData:
     frame = load_manifest(manifest, allow_outside_paths=outside_paths).frame
     rows = frame[frame["split"] == str(Split.PUBLIC)]
     if rows.empty:

@@ -66,8 +66,9 @@ def _run_config(path: Path, data: dict[str, Path], *, out: Path, site_nodes: str
     return path
 
 
-def _site(name: str, data: dict[str, Path], state: Path) -> str:
-    return f"site='{name}' manifest='{data[name]}' checkpoint='{data['checkpoint']}' state-dir='{state}' declared-units=6"
+def _site(name: str, data: dict[str, Path], state: Path, *, worker: Path | None = None) -> str:
+    config = f"site='{name}' manifest='{data[name]}' checkpoint='{data['checkpoint']}' state-dir='{state}' declared-units=6"
+    return config + (f" site-worker='{worker}'" if worker else "")
 
 
 def _fedclip(*args: str) -> subprocess.CompletedProcess:
@@ -75,9 +76,14 @@ def _fedclip(*args: str) -> subprocess.CompletedProcess:
 
 
 def _two_rounds_at_two_hospitals(fed: Federation, data: dict[str, Path], tmp_path: Path, *,
-                                 keys: tuple[str | None, str | None] = (None, None), site_nodes: str = "") -> Path:
+                                 keys: tuple[str | None, str | None] = (None, None), site_nodes: str = "",
+                                 worker_at: tuple[int, ...] = ()) -> Path:
+    """``worker_at``: the hospitals whose ClientApp hands each message to their ``fedclip site-worker``."""
+    workers = {k: fed.site_worker(f"hospital_{k}", tmp_path / f"state_{k}" / "worker.sock") for k in worker_at}
     for k in range(2):
-        fed.supernode(f"hospital_{k}", _site(f"hospital_{k}", data, tmp_path / f"state_{k}"), node_key=keys[k])
+        worker = tmp_path / f"state_{k}" / "worker.sock" if k in workers else None
+        fed.supernode(f"hospital_{k}", _site(f"hospital_{k}", data, tmp_path / f"state_{k}", worker=worker),
+                      node_key=keys[k])
     done = fed.run(_run_config(tmp_path / "run.toml", data, out=tmp_path / "out", site_nodes=site_nodes))
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     (out,) = list((tmp_path / "out").iterdir())  # output-dir = '.../{run-id}': one folder per run
@@ -105,6 +111,9 @@ def _two_rounds_at_two_hospitals(fed: Federation, data: dict[str, Path], tmp_pat
         server_eps = rounds[(rounds["site"] == f"hospital_{k}") & (rounds["round"] == 2)]["epsilon"].iloc[0]
         assert abs(spending["epsilon_total"].iloc[-1] - server_eps) < 1e-6 * max(1.0, server_eps)
         assert len(list((state / "cache").glob("pairs-*.pt"))) == 1
+    for k, log in workers.items():  # the worker, not a fresh ClientApp process, answered every message
+        lines = log.read_text()
+        assert lines.count("train: answered") == 2 and lines.count("query: answered") == 1, lines[-3000:]
     # the server attacked nothing (it holds no targets) but kept every round's model for the auditor
     assert not (out / "attack.csv").exists() and (out / "summary.md").is_file()
     assert sorted(p.name for p in (out / "models").iterdir()) == ["round_000.pt", "round_001.pt", "round_002.pt"]
@@ -118,8 +127,9 @@ def _two_rounds_at_two_hospitals(fed: Federation, data: dict[str, Path], tmp_pat
 
 
 def test_two_hospitals_train_two_rounds_on_the_deployment_runtime(federation, hospital_data, tmp_path):
+    """hospital_0 runs a site worker, hospital_1 answers in each message's own ClientApp process."""
     federation.superlink()
-    _two_rounds_at_two_hospitals(federation, hospital_data, tmp_path)
+    _two_rounds_at_two_hospitals(federation, hospital_data, tmp_path, worker_at=(0,))
 
 
 def test_with_tls_and_supernode_authentication_an_unregistered_node_is_refused(hospital_data, tmp_path):

@@ -1,0 +1,108 @@
+"""What a hospital does with each message: say which site it is, and train locally under its own policy.
+
+Run by the ClientApp (``client_app.py``) in its own process, or by the site's long-lived worker
+(``site_worker.py``) that the ClientApp hands messages to. A train round, top to bottom: parse the plan the server sent; check it against this site's
+policy and its own durable ledger (refusing with the rule's name if it breaks one); charge the
+ledger before touching data; train with noise and sampling from OS entropy; settle the ledger;
+reply. The reply carries the trainable parameters, the privacy events, and the site's declared
+public weight: nothing computed from the data outside an accounted mechanism. The training loss
+and the unit count are released only when the run asks, noised and charged
+(``fedclip.privacy.release``).
+"""
+
+from __future__ import annotations
+
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+
+from fedclip.data.tensors import PairData
+from fedclip.models.arrays import load_arrays, model_to_arrays
+from fedclip.privacy.events import events_to_wire
+from fedclip.privacy.ledger_store import Status
+from fedclip.privacy.randomness import site_randomness
+from fedclip.privacy.release import noisy_count, noisy_loss
+from fedclip.reporting.spending import write_spending
+from fedclip.training.local import train_local
+from simulations.hospital_clip.plan import RoundPlan
+from simulations.hospital_clip.site import SiteIdentity, site_identity, site_ledger, site_policy
+from simulations.hospital_clip.task import (fresh_model, own_training_data, pick_device, site_public_data,
+                                            site_training_data)
+from strategies.privacy_budget import PRIVACY_RECORD
+
+def query(msg: Message, context: Context) -> Message:
+    me = site_identity(context, msg.content["config"])
+    return Message(RecordDict({"site": ConfigRecord({"site": me.site})}), reply_to=msg)
+
+
+def _check_and_charge(me: SiteIdentity, plan: RoundPlan, config: ConfigRecord, context: Context, *,
+                      run: str, round_: int):
+    policy = site_policy(context, config, me)
+    ledger = site_ledger(context, config, me, delta=policy.delta)
+    unit = str(plan.dp.privacy_unit)
+    try:
+        policy.check(site=me.site, mode=str(plan.dp.mode), events=plan.events(), reproducible=plan.reproducible_noise,
+                     total=ledger.ledger(me.site, unit=unit), this_run=ledger.ledger(me.site, run=run, unit=unit))
+    except ValueError:
+        ledger.close()
+        raise
+    attempt = ledger.begin_round(round_)
+    ledger.charge(me.site, round_, plan.events(), attempt=attempt, run=run)  # durable before any data is touched
+    return ledger, attempt
+
+
+def _training_data(me: SiteIdentity, config: ConfigRecord) -> PairData:
+    if me.deployed:  # its own manifest, preprocessed once and kept in its state folder
+        return own_training_data(me.manifest, me.site, arch=str(config["arch"]), checkpoint=me.checkpoint,
+                                 cache_dir=me.cache_dir, outside_paths=me.outside_paths)
+    return site_training_data(me.manifest, me.site, int(config["num-sites"]), int(config["seed"]),
+                              str(config["arch"]), me.checkpoint, bool(config["pool-sites"]), me.outside_paths)
+
+
+def train(msg: Message, context: Context) -> Message:
+    config = msg.content["config"]
+    me = site_identity(context, config)
+    plan = RoundPlan.from_record(config, hash_key=f"fedclip:{me.site}", declared_units=me.declared_units)
+    round_ = int(config["server-round"]) + int(config["round-offset"])
+    ledger, attempt = _check_and_charge(me, plan, config, context, run=str(msg.metadata.run_id), round_=round_)
+    try:
+        data = _training_data(me, config)
+        model = fresh_model(str(config["arch"]), me.checkpoint, str(config["trainable"]), pick_device())
+        load_arrays(model, msg.content["arrays"])
+        seed = plan.reproducible_seed(round_=round_, site=me.site)
+        public = site_public_data(me.manifest, str(config["arch"]), me.checkpoint, me.outside_paths,
+                                  me.cache_dir) if str(plan.dp.mode) == "unit" else None
+        result = train_local(model, data, dp=plan.dp, train=plan.train, reproducible_seed=seed, public=public)
+        metrics: dict[str, float] = {"site-weight": me.weight}  # declared before training: public
+        release_gen = site_randomness(device=pick_device(), reproducible_seed=None if seed is None else seed + 7).sampler
+        if plan.release.loss_noise > 0:
+            metrics["train-loss"] = noisy_loss(model, data, config=plan.release, privacy_unit=plan.dp.privacy_unit,
+                                               num_blocks=plan.dp.num_blocks, key=plan.dp.hash_key,
+                                               generator=release_gen)
+        if plan.release.count_noise > 0:
+            metrics["num-units"] = noisy_count(data, config=plan.release, privacy_unit=plan.dp.privacy_unit,
+                                               generator=release_gen)
+    except Exception as exc:
+        ledger.settle(me.site, round_, attempt=attempt, status=Status.FAILED, note=str(exc)[:500])
+        write_spending(ledger, me.state_dir)
+        ledger.close()
+        raise
+    reported = (result.event,) + plan.events()[1:]
+    ledger.settle(me.site, round_, attempt=attempt, status=Status.CONFIRMED, reported=reported)
+    write_spending(ledger, me.state_dir)  # the site's own account of its spending, never sent
+    ledger.close()
+    content = RecordDict({
+        "arrays": model_to_arrays(model, trainable_only=True),
+        "metrics": MetricRecord(metrics),
+        PRIVACY_RECORD: ConfigRecord({"events": events_to_wire(reported)}),
+    })
+    return Message(content, reply_to=msg)
+
+
+HANDLERS = {"query": query, "train": train}
+
+
+def handle(msg: Message, context: Context) -> Message:
+    """The reply to ``msg``, by its message type (the ClientApp's decorators dispatch the same way)."""
+    kind = msg.metadata.message_type.split(".")[0]
+    if kind not in HANDLERS:
+        raise ValueError(f"message type: {msg.metadata.message_type!r}; a hospital answers {sorted(HANDLERS)}")
+    return HANDLERS[kind](msg, context)

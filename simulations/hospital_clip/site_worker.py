@@ -1,0 +1,192 @@
+"""A hospital's long-lived worker: the ClientApp of every message hands its work here.
+
+Flower's deployment runtime starts a fresh ``flwr-clientapp`` process for every message; importing
+torch, open_clip and Opacus, building the base model and loading the site's data then costs more
+than the training itself. A site may instead start one worker (``fedclip site-worker``) next to its
+SuperNode and name its socket in the node config (``site-worker``): each message's ClientApp sends
+the message and its context over the socket, the worker runs ``site_rounds.handle`` with the
+model and data kept in memory, and sends back the reply's content and the context's state.
+
+Nothing about privacy changes: the worker runs the same code on the same node config, charges
+the same ledger before touching data, and draws noise from the OS in its own process. The socket
+is a Unix socket created with mode 0600 under the site's control, and a connection from another
+user is refused (``SO_PEERCRED``); the worker serves only the site it was started for. Messages
+are served one at a time, in arrival order, like the ledger's rounds. If the worker dies, the
+message fails the way a crashed ClientApp does (the ledger records the charge as pending), and
+the ClientApp names the socket in its error.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import struct
+import time
+import traceback
+from collections.abc import Callable
+from importlib import metadata
+from pathlib import Path
+
+from flwr.app import Context, Message
+from flwr.common import serde
+from flwr.proto.message_pb2 import Context as ProtoContext
+from flwr.proto.message_pb2 import Message as ProtoMessage
+from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
+
+from simulations.hospital_clip.client_app import WORKER_KEY
+
+PROTOCOL = 1
+_LENGTH = struct.Struct(">Q")
+_MAX_PATH = 104  # sun_path is 108 bytes on Linux, 104 on macOS
+log = logging.getLogger("fedclip.site_worker")
+
+
+def _version() -> str:
+    try:
+        return metadata.version("fedclip")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def _send(conn: socket.socket, *frames: bytes) -> None:
+    for frame in frames:
+        conn.sendall(_LENGTH.pack(len(frame)) + frame)
+
+
+def _receive_exact(conn: socket.socket, size: int) -> bytes:
+    chunks, left = [], size
+    while left:
+        chunk = conn.recv(min(left, 1 << 20))
+        if not chunk:
+            raise ConnectionError("the connection closed mid-message")
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
+
+
+def _receive(conn: socket.socket, count: int) -> list[bytes]:
+    return [_receive_exact(conn, _LENGTH.unpack(_receive_exact(conn, _LENGTH.size))[0]) for _ in range(count)]
+
+
+def _check_path(socket_path: str) -> str:
+    if len(os.fsencode(socket_path)) >= _MAX_PATH:
+        raise ValueError(f"site-worker: socket path {socket_path!r} is {len(socket_path)} bytes; a Unix socket path "
+                         f"must be shorter than {_MAX_PATH}: choose a shorter folder")
+    return socket_path
+
+
+# ---- the ClientApp's side -------------------------------------------------------------------
+
+
+def forward(socket_path: str, msg: Message, context: Context) -> Message:
+    """Hand ``msg`` to the site's worker; its reply to ``msg``. ``context.state`` takes the worker's."""
+    header = json.dumps({"protocol": PROTOCOL, "fedclip": _version()}).encode()
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+            conn.connect(_check_path(socket_path))
+            _send(conn, header, serde.message_to_proto(msg).SerializeToString(),
+                  serde.context_to_proto(context).SerializeToString())
+            status = json.loads(_receive(conn, 1)[0])
+            if not status.get("ok"):
+                raise RuntimeError(f"site worker at {socket_path}: {status.get('error', 'failed')}")
+            content, state = _receive(conn, 2)
+    except (ConnectionError, FileNotFoundError, OSError) as exc:
+        raise RuntimeError(f"site worker at {socket_path} (node config {WORKER_KEY!r}): {exc}; is "
+                           "`fedclip site-worker` running for this site?") from exc
+    context.state = serde.recorddict_from_proto(ProtoRecordDict.FromString(state))
+    return Message(serde.recorddict_from_proto(ProtoRecordDict.FromString(content)), reply_to=msg)
+
+
+# ---- the worker's side ----------------------------------------------------------------------
+
+
+def _peer_uid(conn: socket.socket) -> int | None:
+    if not hasattr(socket, "SO_PEERCRED"):
+        return None  # not Linux: the socket's 0600 mode is the only guard
+    _pid, uid, _gid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+    return uid
+
+
+def _serve_one(conn: socket.socket, *, site: str, handle: Callable[[Message, Context], Message]) -> str:
+    """Answer one connection; a line for the worker's log."""
+    uid = _peer_uid(conn)
+    if uid is not None and uid != os.getuid():
+        _send(conn, json.dumps({"ok": False, "error": f"connection from user {uid} refused"}).encode())
+        return f"refused a connection from user {uid}"
+    header, msg_bytes, context_bytes = _receive(conn, 3)
+    request = json.loads(header)
+    if request.get("protocol") != PROTOCOL or request.get("fedclip") != _version():
+        error = (f"version mismatch: the ClientApp runs fedclip {request.get('fedclip')} (protocol "
+                 f"{request.get('protocol')}), this worker {_version()} (protocol {PROTOCOL}); restart the worker "
+                 "from the same installation as the SuperNode")
+        _send(conn, json.dumps({"ok": False, "error": error}).encode())
+        return error
+    msg = serde.message_from_proto(ProtoMessage.FromString(msg_bytes))
+    context = serde.context_from_proto(ProtoContext.FromString(context_bytes))
+    kind = msg.metadata.message_type
+    claimed = context.node_config.get("site")
+    if claimed != site:
+        error = f"this worker serves site {site!r}; the node config says site {claimed!r}"
+        _send(conn, json.dumps({"ok": False, "error": error}).encode())
+        return error
+    started = time.perf_counter()
+    try:
+        reply = handle(msg, context)
+    except Exception as exc:  # the round failed: the ClientApp reports it; the worker serves on
+        log.error("%s failed:\n%s", kind, traceback.format_exc())
+        _send(conn, json.dumps({"ok": False, "error": f"{type(exc).__name__}: {exc}"}).encode())
+        return f"{kind}: failed ({type(exc).__name__}: {exc})"
+    if reply.has_error():
+        _send(conn, json.dumps({"ok": False, "error": reply.error.reason}).encode())
+        return f"{kind}: error reply ({reply.error.reason})"
+    _send(conn, json.dumps({"ok": True}).encode(), serde.recorddict_to_proto(reply.content).SerializeToString(),
+          serde.recorddict_to_proto(context.state).SerializeToString())
+    return f"{kind}: answered (run {msg.metadata.run_id}) in {time.perf_counter() - started:.2f} s"
+
+
+def listen(socket_path: str) -> socket.socket:
+    """A listening socket at ``socket_path``, mode 0600; a stale socket file is replaced, a live one refused."""
+    path = Path(_check_path(socket_path))
+    if path.exists():
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            try:
+                probe.connect(str(path))
+            except OSError:
+                path.unlink()  # left by a worker that was killed
+            else:
+                raise ValueError(f"--socket: another worker is serving {path}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o177)
+    try:
+        server.bind(str(path))
+    finally:
+        os.umask(old)
+    server.listen(8)
+    return server
+
+
+def serve(socket_path: str, *, site: str, max_messages: int | None = None, on_line: Callable[[str], None] = print,
+          handle: Callable[[Message, Context], Message] | None = None) -> int:
+    """Serve ``site``'s messages at ``socket_path`` until stopped (or ``max_messages`` connections);
+    ``handle``: what answers a message (default ``site_rounds.handle``, imported once, here)."""
+    if handle is None:
+        from simulations.hospital_clip.site_rounds import handle
+    server = listen(socket_path)
+    served = 0
+    on_line(f"site worker for {site!r} listening on {socket_path}")
+    try:
+        while max_messages is None or served < max_messages:
+            conn, _ = server.accept()
+            with conn:
+                try:
+                    on_line(_serve_one(conn, site=site, handle=handle))
+                except Exception as exc:  # a malformed or broken connection ends itself, not the worker
+                    on_line(f"connection dropped: {type(exc).__name__}: {exc}")
+            served += 1
+    finally:
+        server.close()
+        Path(socket_path).unlink(missing_ok=True)
+    return served
