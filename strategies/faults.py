@@ -11,6 +11,12 @@ phases of a round, in order:
 - ``settled``: every charge is settled, the inner strategy has not aggregated;
 - ``aggregated``: the new global model exists in memory only;
 - ``saved``: the global model and the round's tables are on disk.
+
+And at a site (the process that trains: a ClientApp, or a site's worker):
+
+- ``site-charged``: the site's own ledger holds the round's charge, no data was read;
+- ``site-trained``: the update exists in memory, the charge is not settled;
+- ``site-settled``: the charge is settled and the spending files written, no reply was sent.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import os
 import sys
 
 PHASES = ("charged", "sent", "replied", "settled", "aggregated", "saved")
+SITE_PHASES = ("site-charged", "site-trained", "site-settled")
 CRASH_EXIT_CODE = 86
 
 
@@ -27,8 +34,8 @@ def crash_point(phase: str, round_: int) -> None:
     if not target:
         return
     name, _, at = target.partition(":")
-    if name not in PHASES:
-        raise ValueError(f"FEDCLIP_CRASH_AT: unknown phase {name!r}; expected one of {PHASES}")
+    if name not in PHASES + SITE_PHASES:
+        raise ValueError(f"FEDCLIP_CRASH_AT: unknown phase {name!r}; expected one of {PHASES + SITE_PHASES}")
     if name == phase and (not at or int(at) == round_):
         print(f"fault injection: crashing at phase {phase!r} of round {round_}", file=sys.stderr, flush=True)
         os._exit(CRASH_EXIT_CODE)

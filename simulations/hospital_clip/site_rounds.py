@@ -26,6 +26,7 @@ from simulations.hospital_clip.plan import RoundPlan
 from simulations.hospital_clip.site import SiteIdentity, site_identity, site_ledger, site_policy
 from simulations.hospital_clip.task import (fresh_model, own_training_data, pick_device, site_public_data,
                                             site_training_data)
+from strategies.faults import crash_point
 from strategies.privacy_budget import PRIVACY_RECORD
 
 def query(msg: Message, context: Context) -> Message:
@@ -63,6 +64,7 @@ def train(msg: Message, context: Context) -> Message:
     plan = RoundPlan.from_record(config, hash_key=f"fedclip:{me.site}", declared_units=me.declared_units)
     round_ = int(config["server-round"]) + int(config["round-offset"])
     ledger, attempt = _check_and_charge(me, plan, config, context, run=str(msg.metadata.run_id), round_=round_)
+    crash_point("site-charged", round_)
     try:
         data = _training_data(me, config)
         model = fresh_model(str(config["arch"]), me.checkpoint, str(config["trainable"]), pick_device())
@@ -85,10 +87,12 @@ def train(msg: Message, context: Context) -> Message:
         write_spending(ledger, me.state_dir)
         ledger.close()
         raise
+    crash_point("site-trained", round_)
     reported = (result.event,) + plan.events()[1:]
     ledger.settle(me.site, round_, attempt=attempt, status=Status.CONFIRMED, reported=reported)
     write_spending(ledger, me.state_dir)  # the site's own account of its spending, never sent
     ledger.close()
+    crash_point("site-settled", round_)
     content = RecordDict({
         "arrays": model_to_arrays(model, trainable_only=True),
         "metrics": MetricRecord(metrics),
