@@ -4,7 +4,7 @@
     fedclip data --out DIR [--seed N]      only generate the synthetic data set
     fedclip warmstart --manifest FILE      only pretrain (or find the cached checkpoint)
     fedclip compare [--config FILE]        central vs federated DP: a matrix of federation runs
-    fedclip audit RUN_DIR --targets FILE   the auditor: IDIA on every saved round model of a run
+    fedclip audit RUN_DIR --targets FILE   the auditor: IDIA (and --canaries FILE) on every saved round model
     fedclip status RUN_DIR                 a run's status; exit 0 finished, 1 failed, 3 running or unknown
     fedclip spending STATE_DIR             a site's own privacy spending, from its own ledger
     fedclip site-worker --site S --socket P a hospital's long-lived worker (node config site-worker=P)
@@ -115,7 +115,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
     from simulations.hospital_clip.audit import audit_run
 
     out = audit_run(args.run_dir, targets=args.targets, checkpoint=args.checkpoint or "", out_dir=args.out,
-                    allow_outside_paths=args.allow_outside_paths)
+                    allow_outside_paths=args.allow_outside_paths, canaries=args.canaries)
     print((out / "summary.md").read_text())
     print(f"audit: {out}")
     return 0
@@ -189,8 +189,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_compare)
     p = sub.add_parser("audit", help="the auditor: IDIA with your own targets on every round model a run saved")
     p.add_argument("run_dir", help="the run's output folder (config.json, rounds.csv, models/)")
-    p.add_argument("--targets", required=True,
-                   help="manifest of the attack's targets: 'query' rows of members, 'heldout' rows of non-members")
+    p.add_argument("--targets", default=None,
+                   help="IDIA: manifest of the attack's targets: 'query' rows of members, 'heldout' rows of non-members")
+    p.add_argument("--canaries", default=None,
+                   help="the one-run canary audit: the auditor's canary file (canaries.csv: rows and 'included')")
     p.add_argument("--checkpoint", default=None, help="base weights (default: the run's resolved-checkpoint)")
     p.add_argument("--out", default=None, help="output folder (default RUN_DIR/audit)")
     p.add_argument("--allow-outside-paths", action="store_true", help="target image paths may leave the manifest's folder")

@@ -17,10 +17,13 @@ import torch
 @dataclass(frozen=True)
 class AttackDecisions:
     """One row per target: ``target``, ``site`` ("" for non-members), ``is_member`` (truth),
-    ``predicted_member`` (the attack's call), plus attack-specific columns."""
+    ``predicted_member`` (the attack's call), optionally ``score`` (higher: more likely a member;
+    gives AUC and TPR at low FPR), plus attack-specific columns. ``randomised``: membership was a
+    fair coin per target (canaries), so the one-run epsilon lower bound applies."""
 
     attack: str
     frame: pd.DataFrame
+    randomised: bool = False
 
     def __post_init__(self) -> None:
         missing = {"target", "site", "is_member", "predicted_member"} - set(self.frame.columns)

@@ -138,5 +138,6 @@ class IdentityInferenceAttack:
             predicted[:, k, :] = (image_emb @ text_emb.T).argmax(dim=-1).cpu().numpy()
         correct, member = majority_decisions(predicted, t.truth, tau=self.config.tau)
         frame = pd.DataFrame({"target": t.patient_ids, "site": t.sites, "is_member": t.is_member,
-                              "predicted_member": member, "correct_templates": correct})
+                              "predicted_member": member, "correct_templates": correct,
+                              "score": correct})  # coarse (0..templates), for AUC and TPR at low FPR
         return AttackDecisions(attack=self.name, frame=frame)

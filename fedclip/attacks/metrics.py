@@ -13,8 +13,12 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pandas as pd
 from scipy import stats
+
+from fedclip.attacks.base import AttackDecisions
+from fedclip.attacks.one_run import audit_scores
 
 
 def clopper_pearson(successes: int, trials: int, *, confidence: float) -> tuple[float, float]:
@@ -69,11 +73,56 @@ def per_site_rates(frame: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["site", "members", "tpr", "fpr"])
 
 
-def attack_tables(decisions: pd.DataFrame, *, attack: str, round_: int, max_site_epsilon: float, delta: float,
+def roc_curve(scores: np.ndarray, is_member: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(FPR, TPR) at every threshold "member if score >= t", from (0, 0) to (1, 1); ties move together."""
+    scores, truth = np.asarray(scores, dtype=float), np.asarray(is_member, dtype=bool)
+    order = np.argsort(-scores, kind="stable")
+    s, t = scores[order], truth[order]
+    last = np.r_[np.diff(s) != 0, True]  # the last position of each distinct score
+    tp, fp = np.cumsum(t)[last], np.cumsum(~t)[last]
+    return np.r_[0.0, fp / max(1, (~truth).sum())], np.r_[0.0, tp / max(1, truth.sum())]
+
+
+def score_metrics(scores: np.ndarray, is_member: np.ndarray) -> dict[str, float]:
+    """AUC (ties count half) and the TPR at FPR <= 1% and <= 0.1%: the low-FPR regime that matters
+    (Carlini et al. 2022). With fewer than 1,000 non-members, "0.1% FPR" means no false positive."""
+    truth = np.asarray(is_member, dtype=bool)
+    if truth.all() or not truth.any():
+        return {"auc": float("nan"), "tpr_at_1pct_fpr": float("nan"), "tpr_at_0.1pct_fpr": float("nan")}
+    ranks = stats.rankdata(scores)
+    n1, n0 = truth.sum(), (~truth).sum()
+    auc = (ranks[truth].sum() - n1 * (n1 + 1) / 2) / (n1 * n0)
+    fpr, tpr = roc_curve(scores, truth)
+    return {"auc": float(auc), "tpr_at_1pct_fpr": float(tpr[fpr <= 0.01].max()),
+            "tpr_at_0.1pct_fpr": float(tpr[fpr <= 0.001].max())}
+
+
+def attack_tables(decisions: AttackDecisions, *, round_: int, max_site_epsilon: float, delta: float,
                   confidence: float) -> tuple[dict, list[dict]]:
     """One round's rows of ``attack.csv`` and ``attack_sites.csv``, the same for the server's
-    per-round hook and the auditor's later pass over saved models."""
-    m = membership_metrics(decisions, delta=delta, confidence=confidence)
+    per-round hook and the auditor's later pass over saved models. Score metrics need a ``score``
+    column; the one-run bound (``audited_epsilon``) needs randomised membership."""
+    frame, attack = decisions.frame, decisions.attack
+    m = membership_metrics(frame, delta=delta, confidence=confidence)
+    scored = "score" in frame.columns
+    m |= score_metrics(frame["score"].to_numpy(), frame["is_member"].to_numpy()) if scored else dict.fromkeys(
+        ("auc", "tpr_at_1pct_fpr", "tpr_at_0.1pct_fpr"), float("nan"))
+    if decisions.randomised and scored:
+        audit = audit_scores(frame["score"].to_numpy(), frame["is_member"].to_numpy(), delta=delta,
+                             confidence=confidence)
+        m |= {"audited_epsilon": audit.epsilon_lower_bound, "audit_guesses": audit.guesses,
+              "audit_correct": audit.correct}
+    else:
+        m |= {"audited_epsilon": float("nan"), "audit_guesses": float("nan"), "audit_correct": float("nan")}
     row = {"round": round_, "attack": attack, "max_site_epsilon": max_site_epsilon, **m}
-    sites = [{"round": round_, "attack": attack, **r} for r in per_site_rates(decisions).to_dict("records")]
+    sites = [{"round": round_, "attack": attack, **r} for r in per_site_rates(frame).to_dict("records")]
     return row, sites
+
+
+def score_rows(decisions: AttackDecisions, *, round_: int) -> list[dict]:
+    """One round's rows of ``attack_scores.csv`` (per target: truth and score), for ROC curves."""
+    frame = decisions.frame
+    if "score" not in frame.columns:
+        return []
+    return [{"round": round_, "attack": decisions.attack, "target": r.target, "site": r.site,
+             "is_member": bool(r.is_member), "score": float(r.score)} for r in frame.itertuples()]

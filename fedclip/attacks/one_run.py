@@ -82,3 +82,33 @@ def guesses_from_scores(scores: np.ndarray, included: np.ndarray, *, k_in: int, 
     order = np.argsort(-scores, kind="stable")
     top, bottom = order[:k_in], order[len(order) - k_out:] if k_out else order[:0]
     return Guesses(guesses=k_in + k_out, correct=int(included[top].sum() + (~included[bottom]).sum()))
+
+
+@dataclass(frozen=True)
+class OneRunAudit:
+    epsilon_lower_bound: float
+    guesses: int
+    correct: int
+
+
+GUESS_FRACTIONS = (1 / 16, 1 / 8, 1 / 4, 1 / 2)  # of the canaries, on each side: fixed before any score is seen
+
+
+def audit_scores(scores: np.ndarray, included: np.ndarray, *, delta: float, confidence: float = 0.95) -> OneRunAudit:
+    """The one-run audit of one score vector: for each fixed guess count k (``GUESS_FRACTIONS`` of
+    the m canaries, k guessed in and k guessed out), the bound at confidence 1 - (1 - confidence)/K
+    (Bonferroni over the K counts tried), and the largest of them: valid at ``confidence``,
+    because the counts are fixed in advance and never chosen by looking at the outcome alone."""
+    m = len(np.asarray(scores))
+    counts = sorted({max(1, int(m * f)) for f in GUESS_FRACTIONS if 2 * max(1, int(m * f)) <= m})
+    if not counts:
+        raise ValueError(f"one-run audit: needs at least 2 canaries, got {m}")
+    level = 1 - (1 - confidence) / len(counts)
+    best = OneRunAudit(0.0, 0, 0)
+    for k in counts:
+        g = guesses_from_scores(scores, included, k_in=k, k_out=k)
+        bound = audit_epsilon_lower_bound(canaries=m, guesses=g.guesses, correct=g.correct, delta=delta,
+                                          confidence=level)
+        if bound > best.epsilon_lower_bound or best.guesses == 0:
+            best = OneRunAudit(bound, g.guesses, g.correct)
+    return best

@@ -21,6 +21,7 @@ condition and split, so a user's own data in the same form drops in.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -68,13 +69,16 @@ class SyntheticConfig:
     identity_grid: int = 3
     # "short" | "census": which name lists patients are named from (fedclip.data.names says why it matters)
     name_lists: str = DEFAULT_NAME_LISTS
+    # canary patients for the one-run audit (fedclip.data.canaries): each trains at a site with
+    # probability 1/2, decided by a secret from the OS that only the auditor's file records
+    canaries: int = 0
 
     def __post_init__(self) -> None:
         positive = ("num_sites", "patients_per_site", "images_per_patient", "query_images_per_patient")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: expected an integer >= 1, got {getattr(self, name)}")
-        for name in ("public_patients", "heldout_patients"):
+        for name in ("public_patients", "heldout_patients", "canaries"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}: expected an integer >= 0, got {getattr(self, name)}")
         if self.image_size < 16:
@@ -165,10 +169,53 @@ def site_sizes(config: SyntheticConfig) -> list[int]:
     return _site_plan(config, np.random.default_rng(config.seed))[0]
 
 
-def generate(out_dir: str | Path, config: SyntheticConfig = SyntheticConfig()) -> Path:
+def _patient(out: Path, pid: str, name: str, site: str, mix: np.ndarray, splits: list, rng: np.random.Generator,
+             config: SyntheticConfig) -> list[dict[str, str]]:
+    """One patient's images (written under ``out/images``) and manifest rows."""
+    pattern = _identity_pattern(rng, config.image_size, config.identity_grid)
+    rows = []
+    for k, image_split in enumerate(splits):
+        condition = CONDITIONS[rng.choice(len(CONDITIONS), p=mix)]
+        pixels = render_image(pattern, condition, rng, noise=config.noise, identity_strength=config.identity_strength)
+        rel = f"images/{pid}_{k:02d}.png"
+        Image.fromarray((pixels * 255).round().astype(np.uint8)).save(out / rel, optimize=False)
+        rows.append({"filepath": rel, "title": _caption(name, condition, rng), "patient_id": pid, "name": name,
+                     "site": site, "condition": condition, "split": str(image_split)})
+    return rows
+
+
+def _with_canaries(out: Path, frame: pd.DataFrame, config: SyntheticConfig, *, secret: bytes | None) -> pd.DataFrame:
+    """Make ``config.canaries`` canary patients like members (training and query images, a site each),
+    from their own stream so the other patients stay as they are; write every canary's rows and its
+    inclusion to the auditor's ``canaries.csv``; return the manifest with the included canaries'
+    training rows. Inclusion comes from ``secret`` (default: 32 bytes from the OS)."""
+    from fedclip.data.canaries import CANARY_FILE, draw_inclusion
+
+    rng = np.random.default_rng([config.seed, 0xCA7A])
+    names = draw_unique_names(rng, config.canaries, exclude=set(frame["name"]), lists=config.name_lists)
+    uniform = np.full(len(CONDITIONS), 1.0 / len(CONDITIONS))
+    sites = sorted(set(frame.loc[frame["split"] == str(Split.TRAIN), "site"]))
+    splits = [Split.TRAIN] * config.images_per_patient + [Split.QUERY] * config.query_images_per_patient
+    rows: list[dict[str, str]] = []
+    for c, name in enumerate(names):
+        rows += _patient(out, f"C{c:05d}", name, sites[rng.integers(len(sites))], uniform, splits, rng, config)
+    canaries = pd.DataFrame(rows, columns=list(MANIFEST_COLUMNS))
+    secret = os.urandom(32) if secret is None else secret
+    included = dict(zip(sorted(set(canaries["patient_id"])), draw_inclusion(config.canaries, secret=secret)))
+    canaries["included"] = canaries["patient_id"].map(included).astype(int)
+    canaries.to_csv(out / CANARY_FILE, index=False)
+    (out / (CANARY_FILE + ".secret")).write_text(secret.hex() + "\n")
+    trained = canaries[(canaries["included"] == 1) & (canaries["split"] == str(Split.TRAIN))]
+    return pd.concat([frame, trained[list(MANIFEST_COLUMNS)]], ignore_index=True)
+
+
+def generate(out_dir: str | Path, config: SyntheticConfig = SyntheticConfig(), *,
+             canary_secret: bytes | None = None) -> Path:
     """Write images and ``manifest.csv`` under ``out_dir``; return the manifest's path.
 
-    The same config gives byte-identical files: every random draw comes from one seeded stream.
+    The same config gives byte-identical files: every random draw comes from one seeded stream;
+    except which canaries train (``config.canaries``), decided by ``canary_secret`` (default: the
+    OS), because a one-run audit is valid only if inclusion is random and unknown to training.
     """
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
@@ -188,28 +235,13 @@ def generate(out_dir: str | Path, config: SyntheticConfig = SyntheticConfig()) -
 
     rows: list[dict[str, str]] = []
     for idx, ((split, site, mix, n_query), name) in enumerate(zip(plan, names)):
-        pid = f"P{idx:05d}"
-        pattern = _identity_pattern(rng, config.image_size, config.identity_grid)
         n_main = config.query_images_per_patient if split == Split.HELDOUT else config.images_per_patient
-        splits = [split] * n_main + [Split.QUERY] * n_query
-        for k, image_split in enumerate(splits):
-            condition = CONDITIONS[rng.choice(len(CONDITIONS), p=mix)]
-            pixels = render_image(pattern, condition, rng, noise=config.noise, identity_strength=config.identity_strength)
-            rel = f"images/{pid}_{k:02d}.png"
-            Image.fromarray((pixels * 255).round().astype(np.uint8)).save(out / rel, optimize=False)
-            rows.append(
-                {
-                    "filepath": rel,
-                    "title": _caption(name, condition, rng),
-                    "patient_id": pid,
-                    "name": name,
-                    "site": site,
-                    "condition": condition,
-                    "split": str(image_split),
-                }
-            )
+        rows += _patient(out, f"P{idx:05d}", name, site, mix, [split] * n_main + [Split.QUERY] * n_query, rng, config)
+    frame = pd.DataFrame(rows, columns=list(MANIFEST_COLUMNS))
+    if config.canaries:
+        frame = _with_canaries(out, frame, config, secret=canary_secret)
     manifest = out / "manifest.csv"
-    pd.DataFrame(rows, columns=list(MANIFEST_COLUMNS)).to_csv(manifest, index=False)
+    frame.to_csv(manifest, index=False)
     (out / "synthetic_config.json").write_text(json.dumps(asdict(config), indent=2, sort_keys=True))
     return manifest
 

@@ -11,7 +11,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
 
-def plot_run(out_dir: str | Path, rounds: pd.DataFrame, attack: pd.DataFrame, utility: pd.DataFrame) -> list[Path]:
+def plot_run(out_dir: str | Path, rounds: pd.DataFrame, attack: pd.DataFrame, utility: pd.DataFrame,
+             scores: pd.DataFrame | None = None) -> list[Path]:
     out = Path(out_dir)
     paths = []
 
@@ -27,6 +28,8 @@ def plot_run(out_dir: str | Path, rounds: pd.DataFrame, attack: pd.DataFrame, ut
 
     if len(attack):  # a deployment without an auditor on the server attacks nothing during the run
         paths.append(plot_attack(out, attack))
+    if scores is not None and (roc := plot_roc(out, scores)) is not None:
+        paths.append(roc)
 
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(utility["round"], utility["zero_shot_accuracy"], marker="o", label="zero-shot accuracy")
@@ -38,19 +41,50 @@ def plot_run(out_dir: str | Path, rounds: pd.DataFrame, attack: pd.DataFrame, ut
 
 
 def plot_attack(out: Path, attack: pd.DataFrame) -> Path:
-    """``attack.png``: TPR and FPR against the round, with the empirical epsilon lower bound."""
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(attack["round"], attack["tpr"], marker="o", label="IDIA TPR")
-    ax.plot(attack["round"], attack["fpr"], marker="s", label="IDIA FPR")
-    ax.set(xlabel="round", ylabel="rate", ylim=(-0.02, 1.02), title="Identity inference attack on the global model")
-    ax2 = ax.twinx()
-    ax2.plot(attack["round"], attack["epsilon_lower_bound"], color="tab:red", linestyle=":", marker="^",
-             label="empirical epsilon lower bound")
-    ax2.set_ylabel("epsilon lower bound (jointly 95% over rounds)")
-    ax2.set_ylim(0, max(1.0, 1.1 * float(attack["epsilon_lower_bound"].fillna(0).max())) if len(attack) else 1.0)
-    lines = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
-    ax.legend(lines, [ln.get_label() for ln in lines], fontsize=8, loc="upper left")
+    """``attack.png``: each attack's TPR and FPR against the round (left); the accountant's epsilon
+    beside what each attack bounds from below (right: certified for randomised audits, dotted for
+    the indicative bound of the others)."""
+    attack = attack.assign(attack=attack["attack"] if "attack" in attack.columns else "idia")
+    audited = attack["audited_epsilon"] if "audited_epsilon" in attack.columns else pd.Series(float("nan"), attack.index)
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    for name, g in attack.groupby("attack", sort=False):
+        line = ax.plot(g["round"], g["tpr"], marker="o", label=f"{name} TPR")[0]
+        ax.plot(g["round"], g["fpr"], marker="s", linestyle="--", color=line.get_color(), label=f"{name} FPR")
+        certified = audited[g.index]
+        if certified.notna().any():
+            ax2.plot(g["round"], certified, marker="^", color=line.get_color(), label=f"{name}: audited (certified)")
+        else:
+            ax2.plot(g["round"], g["epsilon_lower_bound"], marker="^", linestyle=":", color=line.get_color(),
+                     label=f"{name}: indicative bound")
+    ax.set(xlabel="round", ylabel="rate", ylim=(-0.02, 1.02), title="Attacks on the global model")
+    ax.legend(fontsize=7)
+    accountant = attack.groupby("round")["max_site_epsilon"].first()
+    finite = accountant.replace(float("inf"), float("nan"))
+    ax2.plot(finite.index, finite.values, color="black", linewidth=2, label="accountant: max site epsilon")
+    top = pd.concat([finite, audited, attack["epsilon_lower_bound"]]).replace(float("inf"), float("nan")).max()
+    ax2.set(xlabel="round", ylabel="epsilon", ylim=(0, max(1.0, 1.1 * float(0 if pd.isna(top) else top))),
+            title="Accounted vs audited epsilon (jointly 95%)")
+    ax2.legend(fontsize=7)
     return _save(fig, out / "attack.png")
+
+
+def plot_roc(out: Path, scores: pd.DataFrame) -> Path | None:
+    """``roc.png``: each scored attack's ROC at the last round, on log axes (the low-FPR regime is
+    what matters: Carlini et al. 2022), with the chance diagonal."""
+    from fedclip.attacks.metrics import roc_curve
+
+    if not len(scores):
+        return None
+    last = scores[scores["round"] == scores["round"].max()]
+    fig, ax = plt.subplots(figsize=(5, 5))
+    for name, g in last.groupby("attack", sort=False):
+        fpr, tpr = roc_curve(g["score"].to_numpy(), g["is_member"].astype(bool).to_numpy())
+        ax.plot(fpr, tpr, label=f"{name} ({len(g)} targets)")
+    ax.plot([1e-3, 1], [1e-3, 1], color="grey", linestyle=":", label="chance")
+    ax.set(xscale="log", yscale="log", xlim=(1e-3, 1), ylim=(1e-3, 1.05), xlabel="false positive rate",
+           ylabel="true positive rate", title=f"ROC at round {int(last['round'].iloc[0])}")
+    ax.legend(fontsize=8)
+    return _save(fig, out / "roc.png")
 
 
 def _save(fig: plt.Figure, path: Path) -> Path:

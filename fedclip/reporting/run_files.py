@@ -14,8 +14,10 @@ TABLES: dict[str, tuple[str, ...]] = {
     "rounds": ("round", "site", "status", "epsilon", "delta", "noise_multiplier", "sample_rate", "steps",
                "privacy_unit", "relation", "train_loss", "selected", "budget", "reason"),
     "attack": ("round", "attack", "tpr", "fpr", "precision", "recall", "accuracy", "epsilon_lower_bound",
-               "max_site_epsilon", "members", "non_members"),
+               "max_site_epsilon", "members", "non_members", "auc", "tpr_at_1pct_fpr", "tpr_at_0.1pct_fpr",
+               "audited_epsilon", "audit_guesses", "audit_correct"),
     "attack_sites": ("round", "attack", "site", "members", "tpr", "fpr"),
+    "attack_scores": ("round", "attack", "target", "site", "is_member", "score"),  # for ROC curves
     "utility": ("round", "zero_shot_accuracy", "recall_at_1", "recall_at_5"),
 }
 

@@ -21,10 +21,12 @@ import torch
 from opacus.optimizers import DPOptimizer
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 
+from fedclip.attacks.gradient_canaries import DiracCanaries, canary_rows
 from fedclip.data.tensors import PairData
 from fedclip.privacy.events import DpEvent
 from fedclip.privacy.microbatches import group_records, unit_ids
 from fedclip.privacy.randomness import site_randomness
+from fedclip.privacy.sabotage import noise_divisor
 from fedclip.training.config import DpConfig, Mode, TrainConfig
 from fedclip.training.loss import clip_loss
 from fedclip.training.microbatch_grads import per_microbatch_grads
@@ -76,7 +78,7 @@ def make_optimizer(model: torch.nn.Module, dp: DpConfig, train: TrainConfig, *, 
         optimizer = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
     if dp.mode == Mode.NONPRIVATE:
         return optimizer
-    return DPOptimizer(optimizer, noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.max_grad_norm,
+    return DPOptimizer(optimizer, noise_multiplier=dp.noise_multiplier / noise_divisor(), max_grad_norm=dp.max_grad_norm,
                        expected_batch_size=expected_microbatches, loss_reduction="mean", generator=noise_generator,
                        secure_mode=True)
 
@@ -90,6 +92,7 @@ def train_local(
     reproducible_seed: int | None = None,
     public: PairData | None = None,
     step_hook: Callable[[DPOptimizer], None] | None = None,
+    canaries: DiracCanaries | None = None,
 ) -> LocalResult:
     """Run ``train.steps`` steps on ``data`` in place; return the event and per-step figures.
 
@@ -99,6 +102,8 @@ def train_local(
     ``public`` (public pairs, never a site's rows) feeds the negative bank of ``unit`` mode.
     ``step_hook`` is Opacus' observer: called after clipping, noise and scaling, before the
     update, with ``p.grad_sample`` (raw), ``p.summed_grad`` (clipped sum) and ``p.grad`` set.
+    ``canaries``: the auditor's gradient canaries (``fedclip.attacks.gradient_canaries``); each
+    included one is one more unit, sampled at the same rate, its gradient ``C e_j``.
     """
     pools = sampling_units(data, dp)
     device = next(model.parameters()).device
@@ -115,14 +120,21 @@ def train_local(
     if step_hook is not None and isinstance(optimizer, DPOptimizer):
         optimizer.attach_step_hook(step_hook)
     model.train()
+    inserted = list(canaries.inserted()) if canaries is not None else []
     losses, counts, pairs = [], [], []
     for picked in sampler:
         groups = _step_groups([pools[i] for i in picked], dp.mode)
+        sampled = _sample(inserted, dp.sample_rate, randomness.sampler) if inserted else []
         if dp.mode == Mode.NONPRIVATE:
-            loss = _plain_step(model, optimizer, groups, data, device)
+            loss = _plain_step(model, optimizer, groups, data, device,
+                               canaries=canary_rows(model, sampled, norm=dp.max_grad_norm / dp.expected_terms)
+                               if sampled else None)
         else:
             grads, group_losses = per_microbatch_grads(model, groups, data.images, data.tokens,
                                                        chunk_size=train.microbatch_chunk, bank=bank)
+            if sampled:  # one more per-unit row each, of norm C: clipping leaves it whole
+                rows = canary_rows(model, sampled, norm=dp.max_grad_norm)
+                grads = {name: torch.cat([g, rows[name].to(g.dtype)]) for name, g in grads.items()}
             for name, p in model.named_parameters():
                 if p.requires_grad:
                     p.grad_sample = grads[name]
@@ -133,6 +145,12 @@ def train_local(
         counts.append(len(groups))
         pairs.append(int(sum(len(g) for g in groups)))
     return LocalResult(event=training_event(dp, train), losses=tuple(losses), microbatches_per_step=tuple(counts), pairs_per_step=tuple(pairs))
+
+
+def _sample(canaries: list, rate: float, generator: torch.Generator) -> list:
+    """Each canary independently with probability ``rate`` (Poisson, like every unit)."""
+    drawn = torch.rand(len(canaries), generator=generator, device=generator.device).tolist()
+    return [c for c, u in zip(canaries, drawn) if u < rate]
 
 
 def _step_groups(chosen: list[np.ndarray], mode: Mode) -> list[np.ndarray]:
@@ -146,7 +164,7 @@ def _step_groups(chosen: list[np.ndarray], mode: Mode) -> list[np.ndarray]:
 
 
 def _plain_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, groups: list[np.ndarray],
-                data: PairData, device: torch.device) -> float:
+                data: PairData, device: torch.device, *, canaries: dict[str, torch.Tensor] | None = None) -> float:
     if not groups or len(groups[0]) < 2:
         return float("nan")  # nothing (or no negative) sampled: no step, as DP-SGD would only add noise
     idx = torch.as_tensor(groups[0])
@@ -154,5 +172,9 @@ def _plain_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, groups
     loss = clip_loss(image_f, text_f, scale)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
+    if canaries is not None:  # the sampled gradient canaries, scaled as the DP path's mean scales a unit
+        for name, p in model.named_parameters():
+            if name in canaries and p.grad is not None:
+                p.grad += canaries[name].sum(dim=0)
     optimizer.step()
     return loss.item()

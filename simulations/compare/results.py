@@ -19,7 +19,27 @@ from simulations.compare.runner import RunSpec  # noqa: E402
 from simulations.hospital_clip.task import POOLED_SITE  # noqa: E402
 from simulations.compare.settings import SETTINGS, Setting  # noqa: E402
 
-METRICS = ("zero_shot_accuracy", "recall_at_1", "tpr", "fpr", "epsilon_lower_bound")
+METRICS = ("zero_shot_accuracy", "recall_at_1", "tpr", "fpr", "epsilon_lower_bound", "idia_auc",
+           "idia_tpr_at_1pct_fpr", "canary_tpr_at_1pct_fpr", "canary_audited_epsilon",
+           "gradient_canary_audited_epsilon")
+
+
+def final_attacks(attack: pd.DataFrame) -> dict[str, float]:
+    """The last round's IDIA rates and each audit's certified epsilon (NaN when the run had none;
+    runs from before the audits have IDIA rows only, without an ``attack`` column)."""
+    if "attack" not in attack.columns:
+        attack = attack.assign(attack="idia")
+    last = attack[attack["round"] == attack["round"].max()].set_index("attack")
+
+    def value(name: str, column: str) -> float:
+        return float(last.loc[name, column]) if name in last.index and column in last.columns else math.nan
+
+    return {"tpr": value("idia", "tpr"), "fpr": value("idia", "fpr"),
+            "epsilon_lower_bound": value("idia", "epsilon_lower_bound"), "idia_auc": value("idia", "auc"),
+            "idia_tpr_at_1pct_fpr": value("idia", "tpr_at_1pct_fpr"),
+            "canary_tpr_at_1pct_fpr": value("canary", "tpr_at_1pct_fpr"),
+            "canary_audited_epsilon": value("canary", "audited_epsilon"),
+            "gradient_canary_audited_epsilon": value("gradient-canary", "audited_epsilon")}
 
 
 def group_privacy(epsilon: float, delta: float, k: int) -> tuple[float, float]:
@@ -49,7 +69,7 @@ def relation_of(setting: Setting, rounds: pd.DataFrame) -> str:
 
 def run_row(run: RunSpec) -> dict:
     """The final round of one run."""
-    attack = pd.read_csv(run.folder / "attack.csv").iloc[-1]
+    attack = final_attacks(pd.read_csv(run.folder / "attack.csv"))
     utility = pd.read_csv(run.folder / "utility.csv").iloc[-1]
     rounds = pd.read_csv(run.folder / "rounds.csv")
     config = json.loads((run.folder / "config.json").read_text())
@@ -69,7 +89,7 @@ def run_row(run: RunSpec) -> dict:
         "site_noise_multiplier": config.get("resolved-site-noise-multiplier", 0.0),
         "rounds": int(utility["round"]),
         "sites": int(rounds["site"].nunique()),
-        **{m: float(utility[m]) if m in utility else float(attack[m]) for m in METRICS},
+        **{m: float(utility[m]) if m in utility else attack[m] for m in METRICS},
     }
 
 
@@ -113,12 +133,40 @@ def _mean_spread(mean: float, std: float) -> str:
     return f"{mean:.3f}" + ("" if math.isnan(std) else f" ± {std:.3f}")
 
 
+def _pair(r, *metrics: str) -> str:
+    """Means over seeds, joined by " / " ("-" where a run had no such attack)."""
+    return " / ".join("-" if math.isnan(getattr(r, f"{m}_mean")) else f"{getattr(r, f'{m}_mean'):.2f}"
+                      for m in metrics)
+
+
+def plot_audited_vs_accounted(agg: pd.DataFrame, path: Path) -> Path:
+    """``audit_vs_epsilon.png``: each setting's certified bounds against the accountant's epsilon
+    (identity level, the largest site's) over the epsilon grid; above the diagonal is a contradiction."""
+    fig, ax = plt.subplots(figsize=(6, 5))
+    finite = agg[agg["epsilon_local"].apply(math.isfinite)]
+    for metric, marker in (("canary_audited_epsilon", "o"), ("gradient_canary_audited_epsilon", "^")):
+        for setting, g in finite.groupby("setting", sort=False):
+            if g[f"{metric}_mean"].notna().any():
+                ax.errorbar(g["epsilon_local"], g[f"{metric}_mean"], yerr=g[f"{metric}_std"].fillna(0), marker=marker,
+                            capsize=3, label=f"{setting}: {metric.replace('_audited_epsilon', '').replace('_', ' ')}")
+    top = max([1.0, *finite["epsilon_local"].tolist()])
+    ax.plot([0, top], [0, top], color="grey", linestyle=":", label="audited = accounted")
+    ax.set(xlabel="accountant's epsilon (largest site, final round)", ylabel="audited epsilon (one-run, certified)",
+           title="What the audits certify against what the accountant promises")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def markdown_table(agg: pd.DataFrame) -> str:
     head = ("| setting | target epsilon | unit (what epsilon is about) | epsilon (local) | epsilon (site) | "
             "per patient, record rows (group privacy, largest patient) | "
             "noise multiplier: local / site (site noise on the average, x S) | "
-            "zero-shot acc | IDIA TPR | IDIA FPR | empirical eps lower bound | seeds |")
-    lines = [head, "|" + "---|" * 12]
+            "zero-shot acc | IDIA TPR | IDIA FPR | IDIA indicative eps bound | TPR at 1% FPR: IDIA / canary | "
+            "audited eps: canary / gradient canary (certified) | seeds |")
+    lines = [head, "|" + "---|" * 14]
     for r in agg.itertuples():
         pm = lambda m: _mean_spread(getattr(r, m + "_mean"), getattr(r, m + "_std"))  # noqa: E731
         site_noise = f"{r.site_noise_multiplier:.2f} ({r.site_noise_on_average:.2f})" if r.site_noise_multiplier else "-"
@@ -127,7 +175,8 @@ def markdown_table(agg: pd.DataFrame) -> str:
                  f"eps {_eps(r.patient_epsilon_group)}, delta {_delta(r.patient_delta_group)}")
         lines.append(f"| {r.setting} | {_eps(r.target_epsilon)} | {r.unit} | {_eps(r.epsilon_local)} | "
                      f"{_eps(r.epsilon_site)} | {group} | {local_noise} / {site_noise} | {pm('zero_shot_accuracy')} | {pm('tpr')} | {pm('fpr')} | "
-                     f"{pm('epsilon_lower_bound')} | {r.seeds} |")
+                     f"{pm('epsilon_lower_bound')} | {_pair(r, 'idia_tpr_at_1pct_fpr', 'canary_tpr_at_1pct_fpr')} | "
+                     f"{_pair(r, 'canary_audited_epsilon', 'gradient_canary_audited_epsilon')} | {r.seeds} |")
     return "\n".join(lines) + "\n"
 
 
@@ -198,4 +247,5 @@ def write_outputs(out_dir: str | Path, runs: Sequence[RunSpec]) -> dict[str, Pat
     paths["utility_plot"] = plot_against_epsilon(agg, "zero_shot_accuracy", "zero-shot accuracy (held-out)",
                                                  out / "utility_vs_epsilon.png")
     paths["attack_plot"] = plot_against_epsilon(agg, "tpr", "IDIA TPR", out / "tpr_vs_epsilon.png")
+    paths["audit_plot"] = plot_audited_vs_accounted(agg, out / "audit_vs_epsilon.png")
     return paths

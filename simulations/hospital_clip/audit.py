@@ -21,13 +21,15 @@ import torch
 from flwr.app import ArrayRecord
 
 from fedclip.attacks.idia import IdentityInferenceAttack, IdiaConfig, IdiaTargets
-from fedclip.attacks.metrics import attack_tables
+from fedclip.attacks.canary import CanaryAudit
+from fedclip.attacks.metrics import attack_tables, score_rows
+from fedclip.data.canaries import load_canaries
 from fedclip.data.manifest import load_manifest
 from fedclip.models.arrays import load_arrays
 from fedclip.models.factory import ModelConfig, create_model
-from fedclip.reporting.plots import plot_attack
+from fedclip.reporting.plots import plot_attack, plot_roc
 from fedclip.reporting.run_files import RunFiles
-from fedclip.reporting.summary import ATTACK_HEADER, attack_rows
+from fedclip.reporting.summary import ATTACK_HEADER, AUDIT_TEXT, attack_rows, contradictions
 from simulations.hospital_clip.config import SimulationConfig
 
 
@@ -50,9 +52,13 @@ def accounted_epsilons(run_dir: Path) -> dict[int, float]:
     return out
 
 
-def audit_run(run_dir: str | Path, *, targets: str | Path, checkpoint: str = "", out_dir: str | Path | None = None,
-              allow_outside_paths: bool = False) -> Path:
-    """Attack every saved round model of ``run_dir`` with ``targets``; write tables, plot and summary."""
+def audit_run(run_dir: str | Path, *, targets: str | Path | None, checkpoint: str = "",
+              out_dir: str | Path | None = None, allow_outside_paths: bool = False,
+              canaries: str | Path | None = None) -> Path:
+    """Attack every saved round model of ``run_dir`` with IDIA on ``targets`` and/or the canary audit
+    on ``canaries`` (the auditor's canary file); write tables, plot and summary."""
+    if not targets and not canaries:
+        raise ValueError("audit: give --targets (IDIA) or --canaries (the one-run canary audit), or both")
     run_dir = Path(run_dir)
     config_path = run_dir / "config.json"
     if not config_path.is_file():
@@ -67,12 +73,17 @@ def audit_run(run_dir: str | Path, *, targets: str | Path, checkpoint: str = "",
                          "with --checkpoint (the hospitals' base checkpoint)")
     bundle = create_model(ModelConfig(arch=str(config["arch"]), pretrained=base, trainable=str(config["trainable"])))
     idia = _idia_config(config)
-    frame = load_manifest(targets, allow_outside_paths=allow_outside_paths).frame
-    attack = IdentityInferenceAttack(IdiaTargets.from_frame(frame, config=idia, preprocess=bundle.preprocess),
-                                     tokenizer=bundle.tokenizer, config=idia)
+    attacks: list = []
+    if targets:
+        frame = load_manifest(targets, allow_outside_paths=allow_outside_paths).frame
+        attacks.append(IdentityInferenceAttack(IdiaTargets.from_frame(frame, config=idia, preprocess=bundle.preprocess),
+                                               tokenizer=bundle.tokenizer, config=idia))
+    if canaries:  # its reference is the base model, before any round is loaded
+        attacks.append(CanaryAudit(load_canaries(canaries), reference=bundle.model, preprocess=bundle.preprocess,
+                                   tokenizer=bundle.tokenizer))
     out = Path(out_dir) if out_dir else run_dir / "audit"
     files = RunFiles(out)
-    for table in ("attack", "attack_sites"):  # derived files: an audit run again replaces them
+    for table in ("attack", "attack_sites", "attack_scores"):  # derived files: an audit run again replaces them
         files.path(table).unlink(missing_ok=True)
     epsilons = accounted_epsilons(run_dir)
     confidence = 1 - 0.05 / len(models)  # Bonferroni over the rounds audited: jointly 95%
@@ -81,24 +92,30 @@ def audit_run(run_dir: str | Path, *, targets: str | Path, checkpoint: str = "",
         saved = torch.load(path, map_location="cpu", weights_only=True)
         round_ = int(saved["round"])
         load_arrays(bundle.model, ArrayRecord(torch_state_dict=saved["state_dict"]))
-        row, sites = attack_tables(attack(bundle.model).frame, attack=attack.name, round_=round_,
-                                   max_site_epsilon=epsilons.get(round_, float("nan")), delta=delta,
-                                   confidence=confidence)
-        files.append("attack", [row])
-        files.append("attack_sites", sites)
-        print(f"[{k}/{len(models)}] round {round_}: {attack.name} TPR {row['tpr']:.3f} FPR {row['fpr']:.3f} "
-              f"eps_lb {row['epsilon_lower_bound']:.2f} | accountant's max site epsilon "
-              f"{row['max_site_epsilon']:.2f}", flush=True)
+        for attack in attacks:
+            decisions = attack(bundle.model)
+            row, sites = attack_tables(decisions, round_=round_, max_site_epsilon=epsilons.get(round_, float("nan")),
+                                       delta=delta, confidence=confidence)
+            files.append("attack", [row])
+            files.append("attack_sites", sites)
+            files.append("attack_scores", score_rows(decisions, round_=round_))
+            print(f"[{k}/{len(models)}] round {round_}: {attack.name} TPR {row['tpr']:.3f} FPR {row['fpr']:.3f} "
+                  f"AUC {row['auc']:.2f} eps_lb {row['epsilon_lower_bound']:.2f} audited {row['audited_epsilon']:.2f} "
+                  f"| accountant's max site epsilon {row['max_site_epsilon']:.2f}", flush=True)
     table = files.read("attack")
     plot_attack(out, table)
-    lines = ["# fedclip audit", "", f"- run: `{run_dir.resolve()}`", f"- targets: `{Path(targets).resolve()}` "
-             f"({int(attack.targets.is_member.sum())} members, {int((~attack.targets.is_member).sum())} non-members)",
-             f"- attack: IDIA, {idia.num_queries} query images per person, tau {idia.tau}, "
-             f"{len(idia.templates)} templates, {idia.num_distractors} distractor names", "",
-             *ATTACK_HEADER, *attack_rows(table), "",
-             f"The lower bound is Clopper-Pearson, jointly 95% over the {len(models)} rounds audited; it is about a "
-             "person, so compare it with identity-level epsilon, and it is indicative, not a certificate "
-             "(membership fixed by design, one model's decisions dependent).", "",
-             "Tables: `attack.csv`, `attack_sites.csv`. Plot: `attack.png`.", ""]
+    plot_roc(out, files.read("attack_scores"))
+    lines = ["# fedclip audit", "", f"- run: `{run_dir.resolve()}`"]
+    if targets:
+        idia_targets = attacks[0].targets
+        lines += [f"- IDIA targets: `{Path(targets).resolve()}` ({int(idia_targets.is_member.sum())} members, "
+                  f"{int((~idia_targets.is_member).sum())} non-members); {idia.num_queries} query images per person, "
+                  f"tau {idia.tau}, {len(idia.templates)} templates, {idia.num_distractors} distractor names"]
+    if canaries:
+        lines += [f"- canaries: `{Path(canaries).resolve()}` ({len(attacks[-1].ids)} canary patients, each "
+                  "trained with probability 1/2)"]
+    lines += ["", *ATTACK_HEADER, *attack_rows(table), *contradictions(table), "",
+              f"Bounds are jointly 95% over the {len(models)} rounds audited. {AUDIT_TEXT}", "",
+              "Tables: `attack.csv`, `attack_sites.csv`, `attack_scores.csv`. Plots: `attack.png`, `roc.png`.", ""]
     (out / "summary.md").write_text("\n".join(lines))
     return out

@@ -48,6 +48,7 @@ class SimulationConfig:
     query_images_per_patient: int = _DATA.query_images_per_patient
     site_skew: float = _DATA.site_skew
     name_lists: str = _DATA.name_lists
+    canaries: int = _DATA.canaries  # canary patients for the one-run audit (each trains with probability 1/2)
     pool_sites: bool = False
     # deployment: the sites are declared, the server holds public and held-out rows only
     sites: str = ""  # "hospital_a,hospital_b": a deployment; "" = simulated sites from the data
@@ -55,6 +56,11 @@ class SimulationConfig:
     # the auditor's data (names and query photos of consenting targets); "" = in a simulation the
     # generated data, in a deployment no attack during the run (``fedclip audit`` later)
     audit_manifest: str = ""
+    # the auditor's canary file (fedclip.data.canaries); "" = the generated data's, if it has canaries
+    canary_file: str = ""
+    # Dirac gradient canaries per site (fedclip.attacks.gradient_canaries): a white-box audit of the
+    # mechanism; simulation only
+    gradient_canaries: int = 0
     # model
     arch: str = "fedclip-tiny"
     pretrained: str = ""
@@ -173,6 +179,13 @@ class SimulationConfig:
         nodes = self.site_node_map()
         if self.audit_manifest and not Path(self.audit_manifest).is_file():
             raise ValueError(f"audit-manifest: file not found: {self.audit_manifest}")
+        if self.canary_file and not Path(self.canary_file).is_file():
+            raise ValueError(f"canary-file: file not found: {self.canary_file}")
+        if self.gradient_canaries < 0:
+            raise ValueError(f"gradient-canaries: expected an integer >= 0 per site, got {self.gradient_canaries}")
+        if self.gradient_canaries and self.deployment:
+            raise ValueError("gradient-canaries: simulation only (a hospital would have to run the auditor's canaries "
+                             "in its own training); audit a deployment with data canaries (canary-file)")
         if not self.deployment:
             if nodes:
                 raise ValueError("site-nodes: only meaningful in a deployment; declare the sites with 'sites' too")
@@ -194,7 +207,7 @@ class SimulationConfig:
                                public_patients=self.public_patients, heldout_patients=self.heldout_patients,
                                images_per_patient=self.images_per_patient,
                                query_images_per_patient=self.query_images_per_patient, site_skew=self.site_skew,
-                               name_lists=self.name_lists)
+                               name_lists=self.name_lists, canaries=self.canaries)
 
     def model(self, pretrained: str | None = None) -> ModelConfig:
         return ModelConfig(arch=self.arch, pretrained=self.pretrained if pretrained is None else pretrained,

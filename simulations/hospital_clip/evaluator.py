@@ -17,7 +17,7 @@ import torch
 from flwr.app import ArrayRecord, MetricRecord
 
 from fedclip.attacks.base import Attack
-from fedclip.attacks.metrics import attack_tables
+from fedclip.attacks.metrics import attack_tables, score_rows
 from fedclip.data.tensors import PairData
 from fedclip.evaluation.retrieval import retrieval_recall
 from fedclip.evaluation.zero_shot import zero_shot_accuracy
@@ -67,11 +67,18 @@ class RoundEvaluator:
         line = [f"round {round_}/{self.total_rounds}", f"zero-shot {utility['zero_shot_accuracy']:.3f}",
                 f"max site epsilon {max_eps:.2f}"]
         for attack in self.attacks:
-            m, sites = attack_tables(attack(self.model).frame, attack=attack.name, round_=round_,
+            decisions = attack(self.model)
+            m, sites = attack_tables(decisions, round_=round_,
                                      max_site_epsilon=max_eps, delta=self.delta, confidence=self.confidence)
             self.files.append("attack", [m])
             self.files.append("attack_sites", sites)
-            line.append(f"{attack.name} TPR {m['tpr']:.2f} FPR {m['fpr']:.2f} eps_lb {m['epsilon_lower_bound']:.2f}")
+            self.files.append("attack_scores", score_rows(decisions, round_=round_))
+            if m["audited_epsilon"] == m["audited_epsilon"]:  # a one-run audit (canaries): its bound is the valid one
+                line.append(f"{attack.name} AUC {m['auc']:.2f} audited eps >= {m['audited_epsilon']:.2f} "
+                            f"({m['audit_correct']}/{m['audit_guesses']} guesses right)"
+                            + (" ABOVE THE ACCOUNTANT'S" if m["audited_epsilon"] > max_eps else ""))
+            else:
+                line.append(f"{attack.name} TPR {m['tpr']:.2f} FPR {m['fpr']:.2f} eps_lb {m['epsilon_lower_bound']:.2f}")
         self._checkpoint(round_, arrays)
         crash_point("saved", round_)
         print(" | ".join(line) + f" | {time.time() - self.started:.0f}s", flush=True)

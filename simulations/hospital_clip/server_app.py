@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 import warnings
 from collections.abc import Mapping, Sequence
@@ -22,7 +23,11 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
+from fedclip.attacks.base import Attack
+from fedclip.attacks.canary import CanaryAudit
+from fedclip.attacks.gradient_canaries import GradientCanaryAudit, canaries_to_wire, draw_dirac_canaries
 from fedclip.attacks.idia import IdentityInferenceAttack, IdiaTargets
+from fedclip.data.canaries import CANARY_FILE, load_canaries
 from fedclip.data.manifest import load_manifest
 from fedclip.data.schema import Split
 from fedclip.data.synthetic import generate
@@ -180,21 +185,50 @@ def train_config_record(cfg: SimulationConfig, *, noise_multiplier: float, manif
     return ConfigRecord(record)
 
 
-def auditor_attacks(cfg: SimulationConfig, *, manifest: str, preprocess, tokenizer) -> list[IdentityInferenceAttack]:
+def canary_file(cfg: SimulationConfig, manifest: str) -> str:
+    """The auditor's canary file: the configured one, or the one generated beside the data ("" if none)."""
+    if cfg.canary_file:
+        return cfg.canary_file
+    generated = Path(manifest).with_name(CANARY_FILE)
+    return str(generated) if not cfg.manifest and cfg.canaries and generated.is_file() else ""
+
+
+def gradient_canary_audit(cfg: SimulationConfig, *, model, sites: tuple[str, ...],
+                          state: Path) -> tuple[GradientCanaryAudit, str] | None:
+    """The auditor's Dirac canaries for every site, and their plan for the train config; the secret
+    (OS entropy) is kept in the server's state folder so a resumed run keeps its canaries."""
+    if not cfg.gradient_canaries:
+        return None
+    secret_file = state / "gradient_canaries.secret"
+    if not secret_file.is_file():
+        state.mkdir(parents=True, exist_ok=True)
+        secret_file.write_text(os.urandom(32).hex() + "\n")
+    canaries = draw_dirac_canaries(model, per_site=cfg.gradient_canaries, sites=sites,
+                                   secret=bytes.fromhex(secret_file.read_text().strip()))
+    return GradientCanaryAudit(canaries, reference=model), canaries_to_wire(canaries)
+
+
+def auditor_attacks(cfg: SimulationConfig, *, manifest: str, model, preprocess, tokenizer) -> list[Attack]:
     """The auditor's attacks, run on the global model after every round.
 
     The auditor holds the attack's data (names and query photos of targets, members and not). In
     a simulation one person plays every party, so by default it is the generated data; in a
     deployment only an ``audit-manifest`` given to the server makes the server the auditor, and
-    otherwise the auditor attacks the saved models later with ``fedclip audit``."""
+    otherwise the auditor attacks the saved models later with ``fedclip audit``. With canaries the
+    auditor also runs the canary audit (its reference: ``model`` as it is now, the base model)."""
     targets = cfg.audit_manifest or ("" if cfg.deployment else manifest)
-    if not targets:
+    attacks: list[Attack] = []
+    if targets:
+        frame = load_manifest(targets, allow_outside_paths=cfg.allow_outside_paths).frame
+        attacks.append(IdentityInferenceAttack(IdiaTargets.from_frame(frame, config=cfg.idia(), preprocess=preprocess),
+                                               tokenizer=tokenizer, config=cfg.idia()))
+    canaries = canary_file(cfg, manifest)
+    if canaries:
+        attacks.append(CanaryAudit(load_canaries(canaries), reference=model, preprocess=preprocess, tokenizer=tokenizer))
+    if not attacks:
         print("no attack during this deployment: the auditor runs `fedclip audit RUN_DIR --targets FILE` on the "
               "models saved under models/", flush=True)
-        return []
-    frame = load_manifest(targets, allow_outside_paths=cfg.allow_outside_paths).frame
-    return [IdentityInferenceAttack(IdiaTargets.from_frame(frame, config=cfg.idia(), preprocess=preprocess),
-                                    tokenizer=tokenizer, config=cfg.idia())]
+    return attacks
 
 
 def saved_round(cfg: SimulationConfig) -> int | None:
@@ -276,7 +310,12 @@ def run(grid: Grid, cfg: SimulationConfig) -> Path:
     remaining = cfg.num_rounds - round_offset
     frame = load_manifest(manifest, allow_outside_paths=cfg.allow_outside_paths).frame
     test = load_pairs(frame[frame["split"] == str(Split.HELDOUT)], preprocess=bundle.preprocess, tokenizer=bundle.tokenizer)
-    attacks = auditor_attacks(cfg, manifest=manifest, preprocess=bundle.preprocess, tokenizer=bundle.tokenizer)
+    attacks = auditor_attacks(cfg, manifest=manifest, model=bundle.model, preprocess=bundle.preprocess,
+                              tokenizer=bundle.tokenizer)
+    gradient = gradient_canary_audit(cfg, model=bundle.model, sites=tuple(shape.units), state=state)
+    if gradient is not None:
+        attacks.append(gradient[0])
+        train_config["gradient-canary-plan"] = gradient[1]
 
     def on_round(rows: list[SiteRound]) -> None:
         files.append("rounds", [r.as_dict() for r in rows])
@@ -313,7 +352,7 @@ def run(grid: Grid, cfg: SimulationConfig) -> Path:
         files.write_json("site_level.json", site_level)
     store.close()
     rounds, attack, utility = files.read("rounds"), files.read("attack"), files.read("utility")
-    plot_run(out, rounds, attack, utility)
+    plot_run(out, rounds, attack, utility, files.read("attack_scores"))
     summary = write_summary(out / "summary.md", config=cfg.to_run_config(), rounds=rounds, attack=attack,
                             utility=utility, noise_multiplier=sigma, site_level=site_level, failure=failure)
     files.write_json("status.json", {"status": "failed" if failure else "finished", "reason": failure or "",

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
+from fedclip.attacks.gradient_canaries import canaries_from_wire
 from fedclip.data.tensors import PairData
 from fedclip.models.arrays import load_arrays, model_to_arrays
 from fedclip.privacy.events import events_to_wire
@@ -72,7 +73,9 @@ def train(msg: Message, context: Context) -> Message:
         seed = plan.reproducible_seed(round_=round_, site=me.site)
         public = site_public_data(me.manifest, str(config["arch"]), me.checkpoint, me.outside_paths,
                                   me.cache_dir) if str(plan.dp.mode) == "unit" else None
-        result = train_local(model, data, dp=plan.dp, train=plan.train, reproducible_seed=seed, public=public)
+        canaries = canaries_from_wire(str(config.get("gradient-canary-plan", "")), me.site)  # the auditor's, if any
+        result = train_local(model, data, dp=plan.dp, train=plan.train, reproducible_seed=seed, public=public,
+                             canaries=canaries)
         metrics: dict[str, float] = {"site-weight": me.weight}  # declared before training: public
         release_gen = site_randomness(device=pick_device(), reproducible_seed=None if seed is None else seed + 7).sampler
         if plan.release.loss_noise > 0:
