@@ -5,6 +5,8 @@
     fedclip warmstart --manifest FILE      only pretrain (or find the cached checkpoint)
     fedclip compare [--config FILE]        central vs federated DP: a matrix of federation runs
     fedclip audit RUN_DIR --targets FILE   the auditor: IDIA (and --canaries FILE) on every saved round model
+    fedclip canaries OUT --sites a,b       the auditor: canary patients for a consortium's own data
+    fedclip privatize --manifest M --out D CADP / MaskDP: privatize the training images once (input level)
     fedclip status RUN_DIR                 a run's status; exit 0 finished, 1 failed, 3 running or unknown
     fedclip spending STATE_DIR             a site's own privacy spending, from its own ledger
     fedclip site-worker --site S --socket P a hospital's long-lived worker (node config site-worker=P)
@@ -23,7 +25,7 @@ from fedclip.data.manifest import load_manifest
 from fedclip.data.names import NAME_LISTS
 from fedclip.data.schema import Split
 from fedclip.data.synthetic import SyntheticConfig, generate
-from fedclip.data.tensors import load_pairs
+from fedclip.data.tensors import load_images, load_pairs
 from fedclip.evaluation.retrieval import retrieval_recall
 from fedclip.evaluation.zero_shot import zero_shot_accuracy
 from fedclip.models.factory import ModelConfig, create_model
@@ -121,6 +123,79 @@ def cmd_audit(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_canaries(args: argparse.Namespace) -> int:
+    from fedclip.data.canary_maker import SITE_ROWS, make_site_canaries
+
+    path = make_site_canaries(args.out, sites=args.sites.split(","), count=args.count,
+                              images_per_canary=args.images_per_canary, query_images=args.query_images,
+                              image_size=args.image_size, name_lists=args.name_lists, exclude_manifest=args.exclude)
+    print(f"the auditor's canary file (keep it, and {path.name}.secret, from the hospitals and the server): {path}")
+    for site in sorted((path.parent / "sites").iterdir()):
+        rows = len(pd.read_csv(site / SITE_ROWS))
+        print(f"{site.name}: copy {site}/ next to its manifest and append {SITE_ROWS} ({rows} training rows)")
+    return 0
+
+
+def _train_public_inn(manifest: str, out: Path, *, image_size: int, epochs: int, allow_outside_paths: bool):
+    """An INN fitted to the manifest's public rows only: one fitted to private images would carry
+    them past the noise."""
+    import torch
+
+    from fedclip.privatize.inn import ConditionalInn, InnConfig, save_inn, train_inn
+    from fedclip.privatize.pixels import to_pixels
+
+    frame = load_manifest(manifest, allow_outside_paths=allow_outside_paths).frame
+    public = frame[frame["split"] == str(Split.PUBLIC)]
+    if public.empty:
+        raise ValueError(f"manifest: {manifest} has no 'public' rows to train the INN on; pass --inn")
+    inn = ConditionalInn(InnConfig(image_size=image_size))
+    images = load_images(public, preprocess=to_pixels(image_size))
+    print(f"training the INN on {len(public)} public images ({epochs} epochs)", flush=True)
+    train_inn(inn, images, inn.config.label_indices(public["condition"]), epochs=epochs,
+              generator=torch.Generator().manual_seed(0),
+              progress=lambda e, b: print(f"  epoch {e}/{epochs}: {b:.3f} bits/dim", flush=True))
+    save_inn(inn, out / "inn.pt")
+    return inn
+
+
+def _public_images(manifest: str, *, image_size: int, allow_outside_paths: bool):
+    from fedclip.privatize.pixels import to_pixels
+
+    frame = load_manifest(manifest, allow_outside_paths=allow_outside_paths).frame
+    return load_images(frame[frame["split"] == str(Split.PUBLIC)], preprocess=to_pixels(image_size))
+
+
+def cmd_privatize(args: argparse.Namespace) -> int:
+    from fedclip.privatize.cadp import CadpConfig, CadpPrivatizer
+    from fedclip.privatize.dataset import PRIVATIZATION_FILE, privatize_manifest
+    from fedclip.privatize.inn import load_inn
+    from fedclip.privatize.maskdp import MaskDpConfig, MaskPrivatizer
+
+    out = Path(args.out)
+    if args.method == "cadp":
+        config = CadpConfig(target_epsilon=args.epsilon, delta=args.delta, mechanism=args.mechanism, radius=args.radius,
+                            label=args.label, label_epsilon=args.label_epsilon)
+        inn = load_inn(args.inn) if args.inn else _train_public_inn(
+            args.manifest, out, image_size=args.image_size, epochs=args.inn_epochs,
+            allow_outside_paths=args.allow_outside_paths)
+        privatizer, size = CadpPrivatizer(inn, config), inn.config.image_size
+    else:
+        replace = args.method == "mask-replace"
+        config = MaskDpConfig(method="replace" if replace else "noise", target_epsilon=0.0 if replace else args.epsilon,
+                              delta=args.delta, mechanism=args.mechanism, radius=args.radius or 1.0)
+        stand_ins = _public_images(args.manifest, image_size=args.image_size,
+                                   allow_outside_paths=args.allow_outside_paths) if replace else None
+        privatizer, size = MaskPrivatizer(config, stand_ins=stand_ins), args.image_size
+    path = privatize_manifest(args.manifest, out, privatizer=privatizer, image_size=size, privacy_unit=args.privacy_unit,
+                              allow_outside_paths=args.allow_outside_paths)
+    report = json.loads((out / PRIVATIZATION_FILE).read_text())
+    eps = "no epsilon" if report["epsilon"] is None else f"epsilon {report['epsilon']:.3f}, delta {report['delta']:g}"
+    print(f"{report['method']}: privatized {report['images']} training images; {eps} per {report['privacy_unit']} "
+          f"({report['images_per_unit']} images). {report['statement']}")
+    print(f"manifest: {path}\npictures: {out / 'privatization.png'}")
+    return 0
+
+
 STATUS_EXIT = {"finished": 0, "failed": 1}
 
 
@@ -197,6 +272,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="output folder (default RUN_DIR/audit)")
     p.add_argument("--allow-outside-paths", action="store_true", help="target image paths may leave the manifest's folder")
     p.set_defaults(func=cmd_audit)
+    p = sub.add_parser("canaries", help="the auditor: canary patients for a consortium's own data, one share per site")
+    p.add_argument("out", help="new folder for the auditor's canaries.csv and each site's share")
+    p.add_argument("--sites", required=True, help="comma-separated site names, as in the run's `sites`")
+    p.add_argument("--count", type=int, default=64, help="canary patients (each trains with probability 1/2)")
+    p.add_argument("--images-per-canary", type=int, default=4, help="training images per canary")
+    p.add_argument("--query-images", type=int, default=3, help="further images per canary, never trained on")
+    p.add_argument("--image-size", type=int, default=224, help="pixels per side of the rendered images")
+    p.add_argument("--name-lists", default="census", choices=sorted(NAME_LISTS), help="lists canary names are drawn from")
+    p.add_argument("--exclude", default=None, help="a manifest whose names no canary may take (the auditor's targets)")
+    p.set_defaults(func=cmd_canaries)
+    p = sub.add_parser("privatize", help="CADP or MaskDP: privatize a manifest's training images once (input level)")
+    p.add_argument("--manifest", required=True, help="the manifest whose 'train' rows are privatized")
+    p.add_argument("--out", required=True, help="new folder: manifest.csv, images/, privatization.json/.png, inn.pt")
+    p.add_argument("--method", default="cadp", choices=["cadp", "maskdp", "mask-replace"],
+                   help="cadp: the whole image through the INN's latent; maskdp: noise inside each row's mask; "
+                        "mask-replace: a public stand-in inside the mask (anonymization, no epsilon)")
+    p.add_argument("--epsilon", type=float, default=0.0, help="per privacy unit (all its images), label included")
+    p.add_argument("--delta", type=float, default=1e-5)
+    p.add_argument("--privacy-unit", default="identity", choices=["identity", "record"])
+    p.add_argument("--mechanism", default="gaussian", choices=["gaussian", "laplace"])
+    p.add_argument("--radius", type=float, default=0.0,
+                   help="clipping radius s of each image's latent or masked region (0: cadp 1 / noise multiplier, maskdp 1)")
+    p.add_argument("--label", default="none", choices=["none", "rr"],
+                   help="decode without a label, or with one released by randomized response")
+    p.add_argument("--label-epsilon", type=float, default=0.0, help="per image, with --label rr")
+    p.add_argument("--inn", default=None, help="a trained INN (default: train one on the manifest's public rows)")
+    p.add_argument("--inn-epochs", type=int, default=10)
+    p.add_argument("--image-size", type=int, default=32, help="the INN's image size (images are resized to it)")
+    p.add_argument("--allow-outside-paths", action="store_true")
+    p.set_defaults(func=cmd_privatize)
     p = sub.add_parser("status", help="a run's status.json; exit 0 finished, 1 failed, 3 running or unknown")
     p.add_argument("run_dir")
     p.set_defaults(func=cmd_status)

@@ -27,17 +27,8 @@ import torch
 
 from fedclip.attacks.base import AttackDecisions
 from fedclip.data.canaries import CanarySet
+from fedclip.attacks.likelihood_ratio import report_log_probs
 from fedclip.data.tensors import load_images
-from fedclip.evaluation.encode import encode_images, encode_texts
-
-
-@torch.no_grad()
-def report_log_probs(model: torch.nn.Module, images: torch.Tensor, tokens: torch.Tensor) -> np.ndarray:
-    """log p(report i | image i) over all reports, at the model's own temperature, per pair."""
-    img, txt = encode_images(model, images), encode_texts(model, tokens)
-    scale = float(model.logit_scale.exp().clamp(max=100)) if hasattr(model, "logit_scale") else 100.0
-    logits = scale * img @ txt.T
-    return (logits.diagonal() - torch.logsumexp(logits, dim=1)).cpu().numpy()
 
 
 class CanaryAudit:

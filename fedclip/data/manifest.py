@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 from PIL import Image, UnidentifiedImageError
 
-from fedclip.data.schema import MANIFEST_COLUMNS, Split
+from fedclip.data.schema import MANIFEST_COLUMNS, MASK_COLUMN, Split
 
 _POPULATION = {Split.PUBLIC: "public", Split.TRAIN: "member", Split.QUERY: "member", Split.HELDOUT: "heldout"}
 
@@ -125,6 +125,11 @@ def _row_problems(frame: pd.DataFrame, root: Path, columns: ManifestColumns, ver
             problems.append(BadRow(line, columns.patient, "empty patient id"))
         if row.split not in valid_splits:
             problems.append(BadRow(line, columns.split or "split", f"unknown split {row.split!r}; expected one of {sorted(valid_splits)}"))
+        mask = getattr(row, "mask", "").strip()
+        if mask and not allow_outside_paths and _outside(root, mask):
+            problems.append(BadRow(line, "mask", f"mask path {mask!r} is outside the manifest's folder {root}"))
+        elif mask and verify_images and (problem := _check_image(root / mask)):
+            problems.append(BadRow(line, "mask", problem))
     return problems
 
 
@@ -181,6 +186,8 @@ def load_manifest(
         if canon not in frame:
             frame[canon] = default
     frame = frame[list(MANIFEST_COLUMNS)].copy()
+    if MASK_COLUMN in raw.columns:  # optional: per row, an image of the region to privatize (MaskDP)
+        frame[MASK_COLUMN] = raw[MASK_COLUMN].str.strip()
     frame["line"] = range(2, len(frame) + 2)
 
     problems = _row_problems(frame, source.parent, columns, verify_images, allow_outside_paths)
@@ -196,4 +203,6 @@ def load_manifest(
     _check_patients(frame, source, columns)
     frame = frame.drop(columns="population")
     frame["filepath"] = [str(source.parent / p) for p in frame["filepath"]]
+    if MASK_COLUMN in frame:
+        frame[MASK_COLUMN] = [str(source.parent / p) if p else "" for p in frame[MASK_COLUMN]]
     return Manifest(frame=frame, source=source, skipped=tuple(problems))

@@ -13,6 +13,7 @@ CONDITIONS: tuple[str, ...] = (
 )
 
 MANIFEST_COLUMNS: tuple[str, ...] = ("filepath", "title", "patient_id", "name", "site", "condition", "split")
+MASK_COLUMN = "mask"  # optional: an image per row, white where the row's image is sensitive (MaskDP)
 
 
 class Split(StrEnum):

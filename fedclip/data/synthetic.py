@@ -30,7 +30,7 @@ import pandas as pd
 from PIL import Image
 
 from fedclip.data.names import DEFAULT_NAME_LISTS, check_name_lists, draw_unique_names
-from fedclip.data.schema import CONDITIONS, MANIFEST_COLUMNS, Split
+from fedclip.data.schema import CONDITIONS, MANIFEST_COLUMNS, MASK_COLUMN, Split
 
 FINDING_PHRASES: dict[str, tuple[str, ...]] = {
     "no acute findings": ("no acute findings", "no acute findings seen", "normal study, no acute findings"),
@@ -72,6 +72,11 @@ class SyntheticConfig:
     # canary patients for the one-run audit (fedclip.data.canaries): each trains at a site with
     # probability 1/2, decided by a secret from the OS that only the auditor's file records
     canaries: int = 0
+    # side of the identity-bearing patch as a share of the image's side: 1 = the whole image (the
+    # default look); below 1 each patient's look fills a square patch at a place of their own, the
+    # rest is a neutral background, and every image gets a mask of the patch (manifest column
+    # ``mask``) for region-level privatization (MaskDP, fedclip.privatize.maskdp)
+    identity_region: float = 1.0
 
     def __post_init__(self) -> None:
         positive = ("num_sites", "patients_per_site", "images_per_patient", "query_images_per_patient")
@@ -92,6 +97,8 @@ class SyntheticConfig:
         if not 2 <= self.identity_grid <= self.image_size // 2:
             raise ValueError(f"identity_grid: expected 2 .. image_size/2 cells per side, got {self.identity_grid}")
         check_name_lists(self.name_lists)
+        if not 0.25 <= self.identity_region <= 1:
+            raise ValueError(f"identity_region: expected a share of the image's side in [0.25, 1], got {self.identity_region}")
         if not 0 <= self.noise < 1:
             raise ValueError(f"noise: expected a pixel noise level in [0, 1), got {self.noise}")
 
@@ -147,21 +154,40 @@ def _finding_overlay(condition: str, rng: np.random.Generator, size: int) -> np.
     raise ValueError(f"condition: unknown condition {condition!r}; expected one of {CONDITIONS}")
 
 
+NEUTRAL = 0.5  # the background outside an identity patch: the same for everyone
+
+
+def _identity_patch(rng: np.random.Generator, size: int, share: float) -> np.ndarray:
+    """Where a patient's look lives: a square of side ``share * size`` at a place of their own."""
+    side = max(4, int(round(share * size)))
+    top, left = rng.integers(0, size - side + 1, size=2)
+    patch = np.zeros((size, size), dtype=bool)
+    patch[top:top + side, left:left + side] = True
+    return patch
+
+
 def render_image(pattern: np.ndarray, condition: str, rng: np.random.Generator, *, noise: float,
-                 identity_strength: float) -> np.ndarray:
-    """One image of one patient: identity pattern, shifted and lit a little differently each time."""
+                 identity_strength: float, patch: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """One image of one patient: identity pattern, shifted and lit a little differently each time;
+    with a ``patch``, the pattern only inside it, and the patch (shifted alike) as the image's mask."""
     size = pattern.shape[0]
     shift = rng.integers(-2, 3, size=2)
-    base = np.roll(pattern, tuple(shift), axis=(0, 1)) * rng.uniform(0.85, 1.15)
+    look = pattern if patch is None else np.where(patch[..., None], pattern, NEUTRAL)
+    base = np.roll(look, tuple(shift), axis=(0, 1)) * rng.uniform(0.85, 1.15)
     img = identity_strength * base + _finding_overlay(condition, rng, size)[..., None]
     img = img + rng.normal(0, noise, size=img.shape)
-    return np.clip(img, 0.0, 1.0)
+    mask = None if patch is None else np.roll(patch, tuple(shift), axis=(0, 1))
+    return np.clip(img, 0.0, 1.0), mask
 
 
 def _caption(name: str, condition: str, rng: np.random.Generator) -> str:
     template = REPORT_TEMPLATES[rng.integers(len(REPORT_TEMPLATES))]
     phrases = FINDING_PHRASES[condition]
     return template.format(name=name, finding=phrases[rng.integers(len(phrases))])
+
+
+def _columns(config: SyntheticConfig) -> list[str]:
+    return list(MANIFEST_COLUMNS) + ([MASK_COLUMN] if config.identity_region < 1 else [])
 
 
 def site_sizes(config: SyntheticConfig) -> list[int]:
@@ -173,40 +199,55 @@ def _patient(out: Path, pid: str, name: str, site: str, mix: np.ndarray, splits:
              config: SyntheticConfig) -> list[dict[str, str]]:
     """One patient's images (written under ``out/images``) and manifest rows."""
     pattern = _identity_pattern(rng, config.image_size, config.identity_grid)
+    patch = _identity_patch(rng, config.image_size, config.identity_region) if config.identity_region < 1 else None
     rows = []
     for k, image_split in enumerate(splits):
         condition = CONDITIONS[rng.choice(len(CONDITIONS), p=mix)]
-        pixels = render_image(pattern, condition, rng, noise=config.noise, identity_strength=config.identity_strength)
+        pixels, mask = render_image(pattern, condition, rng, noise=config.noise,
+                                    identity_strength=config.identity_strength, patch=patch)
         rel = f"images/{pid}_{k:02d}.png"
         Image.fromarray((pixels * 255).round().astype(np.uint8)).save(out / rel, optimize=False)
         rows.append({"filepath": rel, "title": _caption(name, condition, rng), "patient_id": pid, "name": name,
                      "site": site, "condition": condition, "split": str(image_split)})
+        if mask is not None:
+            rows[-1][MASK_COLUMN] = f"images/{pid}_{k:02d}_mask.png"
+            Image.fromarray(mask.astype(np.uint8) * 255).save(out / rows[-1][MASK_COLUMN], optimize=False)
     return rows
 
 
-def _with_canaries(out: Path, frame: pd.DataFrame, config: SyntheticConfig, *, secret: bytes | None) -> pd.DataFrame:
-    """Make ``config.canaries`` canary patients like members (training and query images, a site each),
-    from their own stream so the other patients stay as they are; write every canary's rows and its
-    inclusion to the auditor's ``canaries.csv``; return the manifest with the included canaries'
-    training rows. Inclusion comes from ``secret`` (default: 32 bytes from the OS)."""
+def canary_patients(out: Path, *, count: int, sites: list[str], config: SyntheticConfig, exclude_names: set[str],
+                    secret: bytes | None) -> pd.DataFrame:
+    """Make ``count`` canary patients like members (training and query images under ``out/images``,
+    each at a random site of ``sites``), from their own stream so other patients stay as they are;
+    write every canary's rows and its inclusion to the auditor's ``canaries.csv`` (and the secret
+    beside it) and return them. Inclusion comes from ``secret`` (default: 32 bytes from the OS)."""
     from fedclip.data.canaries import CANARY_FILE, draw_inclusion
 
+    if not sites:
+        raise ValueError("canaries: no site to place canaries at")
+    (out / "images").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng([config.seed, 0xCA7A])
-    names = draw_unique_names(rng, config.canaries, exclude=set(frame["name"]), lists=config.name_lists)
+    names = draw_unique_names(rng, count, exclude=exclude_names, lists=config.name_lists)
     uniform = np.full(len(CONDITIONS), 1.0 / len(CONDITIONS))
-    sites = sorted(set(frame.loc[frame["split"] == str(Split.TRAIN), "site"]))
     splits = [Split.TRAIN] * config.images_per_patient + [Split.QUERY] * config.query_images_per_patient
     rows: list[dict[str, str]] = []
     for c, name in enumerate(names):
         rows += _patient(out, f"C{c:05d}", name, sites[rng.integers(len(sites))], uniform, splits, rng, config)
-    canaries = pd.DataFrame(rows, columns=list(MANIFEST_COLUMNS))
+    canaries = pd.DataFrame(rows, columns=_columns(config))
     secret = os.urandom(32) if secret is None else secret
-    included = dict(zip(sorted(set(canaries["patient_id"])), draw_inclusion(config.canaries, secret=secret)))
+    included = dict(zip(sorted(set(canaries["patient_id"])), draw_inclusion(count, secret=secret)))
     canaries["included"] = canaries["patient_id"].map(included).astype(int)
     canaries.to_csv(out / CANARY_FILE, index=False)
     (out / (CANARY_FILE + ".secret")).write_text(secret.hex() + "\n")
+    return canaries
+
+
+def _with_canaries(out: Path, frame: pd.DataFrame, config: SyntheticConfig, *, secret: bytes | None) -> pd.DataFrame:
+    """The manifest with the included canaries' training rows (``canary_patients`` at this data's sites)."""
+    canaries = canary_patients(out, count=config.canaries, config=config, exclude_names=set(frame["name"]), secret=secret,
+                               sites=sorted(set(frame.loc[frame["split"] == str(Split.TRAIN), "site"])))
     trained = canaries[(canaries["included"] == 1) & (canaries["split"] == str(Split.TRAIN))]
-    return pd.concat([frame, trained[list(MANIFEST_COLUMNS)]], ignore_index=True)
+    return pd.concat([frame, trained[_columns(config)]], ignore_index=True)
 
 
 def generate(out_dir: str | Path, config: SyntheticConfig = SyntheticConfig(), *,
@@ -237,7 +278,7 @@ def generate(out_dir: str | Path, config: SyntheticConfig = SyntheticConfig(), *
     for idx, ((split, site, mix, n_query), name) in enumerate(zip(plan, names)):
         n_main = config.query_images_per_patient if split == Split.HELDOUT else config.images_per_patient
         rows += _patient(out, f"P{idx:05d}", name, site, mix, [split] * n_main + [Split.QUERY] * n_query, rng, config)
-    frame = pd.DataFrame(rows, columns=list(MANIFEST_COLUMNS))
+    frame = pd.DataFrame(rows, columns=_columns(config))
     if config.canaries:
         frame = _with_canaries(out, frame, config, secret=canary_secret)
     manifest = out / "manifest.csv"

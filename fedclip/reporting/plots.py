@@ -87,6 +87,26 @@ def plot_roc(out: Path, scores: pd.DataFrame) -> Path | None:
     return _save(fig, out / "roc.png")
 
 
+def plot_image_grid(path: str | Path, rows: dict[str, "torch.Tensor"], *, title: str,  # noqa: F821
+                    captions: list[str] | None = None) -> Path:
+    """A grid of images: one row per named version (original, privatized, masked, ...), one
+    column per example; tensors [N, 3, H, W] in [0, 1]. People would rather look than read."""
+    n = min(len(t) for t in rows.values())
+    fig, axes = plt.subplots(len(rows), n, figsize=(1.6 * n, 1.7 * len(rows)), squeeze=False)
+    for r, (name, images) in enumerate(rows.items()):
+        for c in range(n):
+            ax = axes[r][c]
+            ax.imshow(images[c].clamp(0, 1).permute(1, 2, 0).numpy(), interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if c == 0:
+                ax.set_ylabel(name, fontsize=8)
+            if r == 0 and captions:
+                ax.set_title(captions[c], fontsize=6)
+    fig.suptitle(title, fontsize=9)
+    return _save(fig, Path(path))
+
+
 def _save(fig: plt.Figure, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -83,7 +83,10 @@ def contradictions(attack: pd.DataFrame) -> list[str]:
 
 
 AUDIT_TEXT = (
-    "Attacks: **idia** (names and other photos of each person, Hintersdorf et al.); **canary** (canary patients, each "
+    "Attacks: **idia** (names and other photos of each person, Hintersdorf et al.); **lira-patient** and "
+    "**lira-record** (likelihood-ratio attacks with the base model as the reference that never saw a target: on a "
+    "person's name given other photos, and on an exact training pair against held-out pairs; read their AUC and TPR "
+    "at 1% FPR); **canary** (canary patients, each "
     "trained with probability 1/2 by the auditor's secret, scored by their own reports' likelihood against the base "
     "model); **gradient-canary** (Dirac gradient canaries inserted as units at the sites, scored by how far the "
     "global model moved down their coordinate: a white-box audit of the mechanism). The *audited epsilon* of a "

@@ -20,9 +20,9 @@ import pandas as pd
 import torch
 from flwr.app import ArrayRecord
 
-from fedclip.attacks.idia import IdentityInferenceAttack, IdiaConfig, IdiaTargets
 from fedclip.attacks.canary import CanaryAudit
 from fedclip.attacks.metrics import attack_tables, score_rows
+from fedclip.attacks.suite import target_attacks
 from fedclip.data.canaries import load_canaries
 from fedclip.data.manifest import load_manifest
 from fedclip.models.arrays import load_arrays
@@ -33,13 +33,14 @@ from fedclip.reporting.summary import ATTACK_HEADER, AUDIT_TEXT, attack_rows, co
 from simulations.hospital_clip.config import SimulationConfig
 
 
-IDIA_KEYS = ("idia-queries", "idia-tau", "idia-templates", "idia-distractors", "seed", "name-lists")
+ATTACK_KEYS = ("idia-queries", "idia-tau", "idia-templates", "idia-distractors", "seed", "name-lists", "lira",
+               "lira-records")
 
 
-def _idia_config(config: dict) -> IdiaConfig:
-    """The run's IDIA settings, parsed and validated as the run parsed them (no other key is read:
+def _attack_config(config: dict) -> SimulationConfig:
+    """The run's attack settings, parsed and validated as the run parsed them (no other key is read:
     the run's data paths need not exist on the auditor's machine)."""
-    return SimulationConfig.from_run_config({k: config[k] for k in IDIA_KEYS if k in config}).idia()
+    return SimulationConfig.from_run_config({k: config[k] for k in ATTACK_KEYS if k in config})
 
 
 def accounted_epsilons(run_dir: Path) -> dict[int, float]:
@@ -72,12 +73,13 @@ def audit_run(run_dir: str | Path, *, targets: str | Path | None, checkpoint: st
         raise ValueError(f"checkpoint: the run's base weights {base} are not on this machine; pass the copy you hold "
                          "with --checkpoint (the hospitals' base checkpoint)")
     bundle = create_model(ModelConfig(arch=str(config["arch"]), pretrained=base, trainable=str(config["trainable"])))
-    idia = _idia_config(config)
+    settings = _attack_config(config)
+    idia = settings.idia()
     attacks: list = []
-    if targets:
+    if targets:  # references of the likelihood-ratio attacks: the base model, before any round is loaded
         frame = load_manifest(targets, allow_outside_paths=allow_outside_paths).frame
-        attacks.append(IdentityInferenceAttack(IdiaTargets.from_frame(frame, config=idia, preprocess=bundle.preprocess),
-                                               tokenizer=bundle.tokenizer, config=idia))
+        attacks += target_attacks(frame, idia=idia, lira_records=settings.lira_records if settings.lira else 0,
+                                  reference=bundle.model, preprocess=bundle.preprocess, tokenizer=bundle.tokenizer)
     if canaries:  # its reference is the base model, before any round is loaded
         attacks.append(CanaryAudit(load_canaries(canaries), reference=bundle.model, preprocess=bundle.preprocess,
                                    tokenizer=bundle.tokenizer))

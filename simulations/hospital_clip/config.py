@@ -104,6 +104,9 @@ class SimulationConfig:
     idia_tau: int = 1
     idia_templates: str = "|".join(DEFAULT_TEMPLATES)
     idia_distractors: int = 200
+    # likelihood-ratio attacks (fedclip.attacks.likelihood_ratio), beside IDIA on the same targets
+    lira: bool = True
+    lira_records: int = 500  # member and non-member records each, sampled from the auditor's manifest
 
     def __post_init__(self) -> None:
         for key, allowed in (("dp_mode", DP_MODES), ("privacy_unit", tuple(PrivacyUnit)), ("accountant", OPACUS_ACCOUNTANTS),
@@ -181,6 +184,8 @@ class SimulationConfig:
             raise ValueError(f"audit-manifest: file not found: {self.audit_manifest}")
         if self.canary_file and not Path(self.canary_file).is_file():
             raise ValueError(f"canary-file: file not found: {self.canary_file}")
+        if self.lira_records < 1:
+            raise ValueError(f"lira-records: expected an integer >= 1 records per side, got {self.lira_records}")
         if self.gradient_canaries < 0:
             raise ValueError(f"gradient-canaries: expected an integer >= 0 per site, got {self.gradient_canaries}")
         if self.gradient_canaries and self.deployment:

@@ -26,7 +26,7 @@ from flwr.serverapp import Grid, ServerApp
 from fedclip.attacks.base import Attack
 from fedclip.attacks.canary import CanaryAudit
 from fedclip.attacks.gradient_canaries import GradientCanaryAudit, canaries_to_wire, draw_dirac_canaries
-from fedclip.attacks.idia import IdentityInferenceAttack, IdiaTargets
+from fedclip.attacks.suite import target_attacks
 from fedclip.data.canaries import CANARY_FILE, load_canaries
 from fedclip.data.manifest import load_manifest
 from fedclip.data.schema import Split
@@ -220,8 +220,8 @@ def auditor_attacks(cfg: SimulationConfig, *, manifest: str, model, preprocess, 
     attacks: list[Attack] = []
     if targets:
         frame = load_manifest(targets, allow_outside_paths=cfg.allow_outside_paths).frame
-        attacks.append(IdentityInferenceAttack(IdiaTargets.from_frame(frame, config=cfg.idia(), preprocess=preprocess),
-                                               tokenizer=tokenizer, config=cfg.idia()))
+        attacks += target_attacks(frame, idia=cfg.idia(), lira_records=cfg.lira_records if cfg.lira else 0,
+                                  reference=model, preprocess=preprocess, tokenizer=tokenizer)
     canaries = canary_file(cfg, manifest)
     if canaries:
         attacks.append(CanaryAudit(load_canaries(canaries), reference=model, preprocess=preprocess, tokenizer=tokenizer))

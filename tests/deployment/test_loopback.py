@@ -120,7 +120,11 @@ def _two_rounds_at_two_hospitals(fed: Federation, data: dict[str, Path], tmp_pat
     audit = _fedclip("audit", str(out), "--targets", str(data["auditor"]))
     assert audit.returncode == 0, audit.stdout[-3000:] + audit.stderr[-3000:]
     attack = pd.read_csv(out / "audit" / "attack.csv")
-    assert list(attack["round"]) == [0, 1, 2]
+    # names and photos only (no training pairs): IDIA and the attack on people, not the one on records
+    assert "lira-record: not run" in audit.stdout
+    assert sorted(set(attack["attack"])) == ["idia", "lira-patient"]
+    for _, rows in attack.groupby("attack"):
+        assert list(rows["round"]) == [0, 1, 2]
     assert set(attack["members"]) == {12} and set(attack["non_members"]) == {4}
     assert (out / "audit" / "attack.png").is_file() and (out / "audit" / "summary.md").is_file()
     return out

@@ -77,8 +77,14 @@ def test_rounds_csv_composes_epsilon_per_site_across_rounds(run_dir):
 
 def test_attack_and_utility_rows_per_round(run_dir):
     out, _ = run_dir
-    attack, utility = pd.read_csv(out / "attack.csv"), pd.read_csv(out / "utility.csv")
-    assert attack["round"].tolist() == [0, 1, 2] and utility["round"].tolist() == [0, 1, 2]
+    every, utility = pd.read_csv(out / "attack.csv"), pd.read_csv(out / "utility.csv")
+    assert sorted(set(every["attack"])) == ["idia", "lira-patient", "lira-record"]
+    for _, rows in every.groupby("attack"):
+        assert rows["round"].tolist() == [0, 1, 2]
+    assert utility["round"].tolist() == [0, 1, 2]
+    people = every[every["attack"] == "lira-patient"]
+    assert (people["members"] == 12).all() and (people["non_members"] == 8).all()  # IDIA's targets
+    attack = every[every["attack"] == "idia"]
     assert {"tpr", "fpr", "precision", "recall", "accuracy", "epsilon_lower_bound", "max_site_epsilon"} <= set(attack.columns)
     assert attack["tpr"].between(0, 1).all() and (attack["epsilon_lower_bound"] >= 0).all()
     assert attack["max_site_epsilon"].is_monotonic_increasing and attack["max_site_epsilon"].iloc[0] == 0
