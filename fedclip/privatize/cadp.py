@@ -120,13 +120,14 @@ class CadpPrivatizer:
 
     name = "cadp"
 
-    def __init__(self, inn: ConditionalInn, config: CadpConfig):
-        self.inn, self.config = inn, config
+    def __init__(self, inn: ConditionalInn, config: CadpConfig, *, noise: LatentNoise | None = None):
+        """``noise``: as planned by the server (calibrated the same way), else calibrated here."""
+        self.inn, self.config, self.noise = inn, config, noise
 
     def __call__(self, images: torch.Tensor, rows, *, images_per_unit: int,
                  generator: torch.Generator) -> tuple[torch.Tensor, dict]:
         c = self.config
-        noise = c.noise_for(images_per_unit)
+        noise = self.noise or c.noise_for(images_per_unit)
         labels = self.inn.config.label_indices(rows["condition"])
         private, _ = privatize_images(self.inn, images, labels, config=c, noise=noise, generator=generator)
         return private, {"epsilon": c.unit_epsilon(noise, images_per_unit),

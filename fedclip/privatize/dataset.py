@@ -47,6 +47,22 @@ def _copy(src: str, dst: Path) -> None:
         shutil.copyfile(src, dst)
 
 
+def privatize_rows(train: pd.DataFrame, out_dir: Path, *, privatizer: Privatizer, image_size: int, images_per_unit: int,
+                   generator: torch.Generator) -> tuple[pd.DataFrame, dict, torch.Tensor, torch.Tensor]:
+    """Privatize ``train``'s images into ``out_dir/images``; return the rows pointing at them
+    (relative paths), the privatizer's report, and the original and privatized pixels."""
+    if images_per_unit < 1:
+        raise ValueError(f"images per unit: expected >= 1, got {images_per_unit}")
+    images = load_images(train, preprocess=to_pixels(image_size))
+    private, report = privatizer(images, train, images_per_unit=images_per_unit, generator=generator)
+    (out_dir / "images").mkdir(parents=True, exist_ok=True)
+    rows = train.copy()
+    for i, index in enumerate(train.index):
+        rows.loc[index, "filepath"] = rel = f"images/private_{i:06d}.png"
+        save_png(private[i], out_dir / rel)
+    return rows, report, images, private
+
+
 def privatize_manifest(manifest: str | Path, out_dir: str | Path, *, privatizer: Privatizer, image_size: int,
                        privacy_unit: PrivacyUnit | str = PrivacyUnit.IDENTITY, allow_outside_paths: bool = False,
                        reproducible_seed: int | None = None) -> Path:
@@ -63,15 +79,12 @@ def privatize_manifest(manifest: str | Path, out_dir: str | Path, *, privatizer:
     if reproducible_seed is not None:
         print(f"WARNING: {NOT_PRIVATE_AGAINST_THE_SERVER}", flush=True)
     k = images_per_unit(train, unit)
-    images = load_images(train, preprocess=to_pixels(image_size))
     generator = torch.Generator().manual_seed(os_seed() if reproducible_seed is None else reproducible_seed)
-    private, report = privatizer(images, train, images_per_unit=k, generator=generator)
-    (out / "images").mkdir(parents=True, exist_ok=True)
     columns = list(MANIFEST_COLUMNS) + ([MASK_COLUMN] if MASK_COLUMN in frame else [])
     rows = frame[columns].copy()
-    for i, index in enumerate(train.index):
-        rows.loc[index, "filepath"] = rel = f"images/private_{i:06d}.png"
-        save_png(private[i], out / rel)
+    private_rows, report, images, private = privatize_rows(train, out, privatizer=privatizer, image_size=image_size,
+                                                           images_per_unit=k, generator=generator)
+    rows.loc[train.index, "filepath"] = private_rows["filepath"]
     for index in frame.index.difference(train.index):
         rows.loc[index, "filepath"] = rel = f"images/{index:06d}{Path(frame.loc[index, 'filepath']).suffix}"
         _copy(frame.loc[index, "filepath"], out / rel)

@@ -109,8 +109,9 @@ class MaskDpConfig:
 class MaskPrivatizer:
     """``privatizer(images, rows, images_per_unit=k, generator=g) -> (images, report)``."""
 
-    def __init__(self, config: MaskDpConfig, *, stand_ins: torch.Tensor | None = None):
-        self.config, self.stand_ins = config, stand_ins
+    def __init__(self, config: MaskDpConfig, *, stand_ins: torch.Tensor | None = None, noise: LatentNoise | None = None):
+        """``noise``: as planned by the server (calibrated the same way), else calibrated here."""
+        self.config, self.stand_ins, self.noise = config, stand_ins, noise
         self.name = f"maskdp-{config.method}"
 
     def __call__(self, images: torch.Tensor, rows: pd.DataFrame, *, images_per_unit: int,
@@ -121,8 +122,8 @@ class MaskPrivatizer:
             out = replace_masked(images, masks, stand_ins=self.stand_ins if self.stand_ins is not None else images[:0],
                                  generator=generator)
             return out, {"epsilon": None, "delta": None, "statement": STATEMENTS[c.method]}
-        noise = calibrate_latent_noise(c.mechanism, target_epsilon=c.target_epsilon, delta=c.delta,
-                                       images=images_per_unit, radius=c.radius)
+        noise = self.noise or calibrate_latent_noise(c.mechanism, target_epsilon=c.target_epsilon, delta=c.delta,
+                                                     images=images_per_unit, radius=c.radius)
         out = noise_masked(images, masks, noise=noise, generator=generator)
         return out, {"epsilon": latent_epsilon(noise, images=images_per_unit, delta=c.delta),
                      "delta": c.delta if c.mechanism == Mechanism.GAUSSIAN else 0.0, "noise": str(c.mechanism),

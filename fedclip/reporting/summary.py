@@ -21,13 +21,30 @@ MECHANISM_TEXT = {
             "adds or removes one clipped term (sensitivity C), accounted with Opacus' add-or-remove accountant",
     "paper": "paper mode: one clipped batch, a unit moves it by up to 2C (sensitivity 2C), accounted with Opacus' "
              "add-or-remove accountant",
+    "cadp": "CADP: each training image encoded by an INN fitted to the public population, its latent clipped on its "
+            "own to radius s (replace-one sensitivity 2s), Gaussian noise added, decoded without a label; the images "
+            "of a unit composed in a replace-one PLD",
+    "maskdp": "MaskDP: each training image's masked region clipped on its own to radius s (replace-one sensitivity "
+              "2s within the mask) and noised; the images of a unit composed in a replace-one PLD",
+    "mask-replace": "mask-replace: each training image's masked region replaced by a public stand-in's pixels "
+                    "(anonymization, no epsilon)",
 }
+INPUT_TEXT = (
+    "Each site privatized its own training images once, before its first round, with OS randomness ({mechanism}). "
+    "Epsilon is an upper bound under a *local, replace-one* relation: any patient's training images replaced by any "
+    "other images of the same number (at most {k} per unit), at delta = {delta:g}; training on the privatized images "
+    "is post-processing and adds nothing. **Not covered**: the reports paired with the images (names included), the "
+    "number of images, {mask}and that a patient is in the data at all: this epsilon is not about membership, which "
+    "the attacks below measure."
+)
 
 
 def mechanism_text(config: Mapping[str, Any]) -> str:
     mode = str(config["dp-mode"])
     if mode == "microbatch" and int(config.get("microbatch-size", 1)) == 1:
         mode = "microbatch-1"
+    if mode in ("cadp", "maskdp", "mask-replace"):
+        return MECHANISM_TEXT[mode]
     return MECHANISM_TEXT[mode] + ("; the noisy sum is divided by a public number (q x declared units), never by a "
                                    "count of the data" if mode != "paper" else "")
 
@@ -121,8 +138,13 @@ def write_summary(path: str | Path, *, config: Mapping[str, Any], rounds: pd.Dat
                   "not know the config.**", ""]
     lines += [
         f"- dp mode: **{config['dp-mode']}**, privacy unit: **{config['privacy-unit']}**, "
-        f"noise multiplier {noise_multiplier:.4g}, clipping norm C = {config['max-grad-norm']}, "
-        f"sample rate {config['sample-rate']}, {config['local-steps']} local steps per round, "
+        + (f"input-level: noise multiplier {float(config['input-noise-multiplier']):.4g} over radius "
+           f"{float(config['input-radius-resolved']):.4g}, {config['input-images-per-unit']} images per unit, released "
+           "once per site; training adds no noise, "
+           if "input-noise-multiplier" in config else
+           f"noise multiplier {noise_multiplier:.4g}, clipping norm C = {config['max-grad-norm']}, "
+           f"sample rate {config['sample-rate']}, ")
+        + f"{config['local-steps']} local steps per round, "
         f"{config['num-rounds']} rounds, delta = {config['delta']:g}",
         f"- strategy: {config['strategy']} wrapped by PrivacyBudgetStrategy (budget {config['budget']}"
         + (f", per site: {config['site-budgets']}" if config["site-budgets"] else "") + ")",
@@ -136,6 +158,14 @@ def write_summary(path: str | Path, *, config: Mapping[str, Any], rounds: pd.Dat
     ]
     if config["dp-mode"] == "nonprivate":
         lines.append("Locally nothing: sites add no noise, so the per-site epsilon below is infinite.")
+    elif config["dp-mode"] == "mask-replace":
+        lines.append(f"No epsilon: {mechanism_text(config)}; what lies outside each mask is trained on as it is, so "
+                     "the per-site epsilon below is infinite.")
+    elif config["dp-mode"] in ("cadp", "maskdp"):
+        lines.append(INPUT_TEXT.format(mechanism=mechanism_text(config), delta=float(config["delta"]),
+                                       k=config["input-images-per-unit"],
+                                       mask="pixels outside each mask and the mask itself, "
+                                       if config["dp-mode"] == "maskdp" else ""))
     else:
         lines += [
             f"Each epsilon is an upper bound for data sets that differ by adding or removing {UNIT_TEXT[config['privacy-unit']]}, "

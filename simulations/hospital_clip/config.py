@@ -20,6 +20,8 @@ from fedclip.models.factory import ModelConfig
 from fedclip.privacy.accountant import OPACUS_ACCOUNTANTS
 from fedclip.privacy.events import PrivacyUnit
 from fedclip.privacy.policy import DP_MODES, load_policy_file
+from fedclip.privatize.modes import INPUT_MODES
+from fedclip.privatize.plan import InputPlan
 from fedclip.privacy.release import ReleaseConfig
 from fedclip.training.config import DpConfig, TrainConfig
 from simulations.hospital_clip.plan import RoundPlan, parse_site_numbers
@@ -78,6 +80,12 @@ class SimulationConfig:
     microbatch_size: int = 1  # units per micro-batch: 1 = every unit its own clipped term
     declared_units: int = 0  # public units per site, the DP sum's divisor; 0 = the synthetic plan's site sizes
     negative_bank_size: int = 256  # public negatives per unit in dp-mode "unit"
+    # input-level privatization (dp-mode cadp | maskdp | mask-replace; fedclip.privatize)
+    input_radius: float = 0.0  # clipping radius; 0 = cadp 1 / noise multiplier, maskdp 1
+    input_images_per_unit: int = 0  # declared images per unit; 0 = the synthetic images-per-patient
+    inn_epochs: int = 20  # cadp: epochs of the public INN's training
+    input_image_size: int = 32  # pixels per side the privatizers work at (images are resized to it)
+    identity_region: float = 1.0  # synthetic data: < 1 confines each look to a patch and writes masks
     delta: float = 1e-5
     accountant: str = "prv"
     local_steps: int = 20
@@ -144,7 +152,9 @@ class SimulationConfig:
             raise ValueError(f"manifest: file not found: {self.manifest}")
         self.site_budget_map()
         self._check_deployment()
-        if self.dp_mode != "nonprivate" and self.noise_multiplier <= 0 and self.target_epsilon <= 0:
+        if self.dp_mode in INPUT_MODES:
+            self._check_input_mode()
+        elif self.dp_mode != "nonprivate" and self.noise_multiplier <= 0 and self.target_epsilon <= 0:
             raise ValueError("noise-multiplier: expected > 0 (or set target-epsilon) with a private dp-mode")
         if self.site_policy_file:
             if not Path(self.site_policy_file).is_file():
@@ -154,6 +164,32 @@ class SimulationConfig:
             raise ValueError(f"failure-quorum: expected a share in (0, 1], got {self.failure_quorum}")
         # building the parts validates their own fields
         self.synthetic(), self.model(), self.dp(), self.train(), self.idia(), self.release()
+
+    def _check_input_mode(self) -> None:
+        if self.dp_mode != "mask-replace" and self.target_epsilon <= 0:
+            raise ValueError(f"target-epsilon: dp-mode {self.dp_mode!r} privatizes the images once to this epsilon "
+                             "per unit; expected a value > 0")
+        if self.input_radius < 0 or not math.isfinite(self.input_radius):
+            raise ValueError(f"input-radius: expected 0 (automatic) or a finite radius > 0, got {self.input_radius}")
+        if self.input_images_per_unit < 0:
+            raise ValueError(f"input-images-per-unit: expected 0 (the synthetic images-per-patient) or >= 1, "
+                             f"got {self.input_images_per_unit}")
+        if self.manifest and self.privacy_unit == "identity" and not self.input_images_per_unit:
+            raise ValueError("input-images-per-unit: with your own manifest, declare the most training images one "
+                             "patient may have (the guarantee is stated for it; counting them would use the data)")
+        if self.deployment:
+            raise ValueError(f"dp-mode {self.dp_mode!r}: simulation only for now (each hospital would need the public "
+                             "INN and its own privatize step on its SuperNode)")
+        if self.input_image_size < 8 or self.input_image_size % 4:
+            raise ValueError(f"input-image-size: expected a multiple of 4, >= 8, got {self.input_image_size}")
+        if self.inn_epochs < 1:
+            raise ValueError(f"inn-epochs: expected an integer >= 1, got {self.inn_epochs}")
+
+    def images_per_unit(self) -> int:
+        """What an input privatization's epsilon is stated for: a record is one image."""
+        if self.privacy_unit == "record":
+            return 1
+        return self.input_images_per_unit or self.images_per_patient
 
     @property
     def deployment(self) -> bool:
@@ -212,7 +248,7 @@ class SimulationConfig:
                                public_patients=self.public_patients, heldout_patients=self.heldout_patients,
                                images_per_patient=self.images_per_patient,
                                query_images_per_patient=self.query_images_per_patient, site_skew=self.site_skew,
-                               name_lists=self.name_lists, canaries=self.canaries)
+                               name_lists=self.name_lists, canaries=self.canaries, identity_region=self.identity_region)
 
     def model(self, pretrained: str | None = None) -> ModelConfig:
         return ModelConfig(arch=self.arch, pretrained=self.pretrained if pretrained is None else pretrained,
@@ -224,7 +260,8 @@ class SimulationConfig:
 
     def dp(self, noise_multiplier: float | None = None, declared_units: int | None = None) -> DpConfig:
         sigma = self.noise_multiplier if noise_multiplier is None else noise_multiplier
-        return DpConfig(mode=self.dp_mode, privacy_unit=self.privacy_unit, noise_multiplier=sigma,
+        mode = "nonprivate" if self.dp_mode in INPUT_MODES else self.dp_mode  # training on privatized inputs
+        return DpConfig(mode=mode, privacy_unit=self.privacy_unit, noise_multiplier=sigma,
                         max_grad_norm=self.max_grad_norm, sample_rate=self.sample_rate,
                         microbatch_size=self.microbatch_size,
                         declared_units=declared_units or self.declared_units or self.planned_units(),
@@ -238,10 +275,10 @@ class SimulationConfig:
         return ReleaseConfig(loss_noise=self.release_loss_noise, loss_bound=self.release_loss_bound,
                              count_noise=self.release_count_noise)
 
-    def round_plan(self, noise_multiplier: float) -> RoundPlan:
+    def round_plan(self, noise_multiplier: float, input_plan: InputPlan | None = None) -> RoundPlan:
         """What every site is asked to run each round, with the resolved noise multiplier."""
         return RoundPlan(dp=self.dp(noise_multiplier=noise_multiplier), train=self.train(), release=self.release(),
-                         reproducible_noise=self.reproducible_noise, seed=self.seed)
+                         reproducible_noise=self.reproducible_noise, seed=self.seed, input=input_plan)
 
     def idia(self) -> IdiaConfig:
         return IdiaConfig(num_queries=self.idia_queries, tau=self.idia_tau,

@@ -10,12 +10,13 @@ the strategy charges what was reported in full.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from fedclip.privacy.events import DpEvent
 from fedclip.privacy.randomness import reproducible_site_seed
 from fedclip.privacy.release import ReleaseConfig, release_events
+from fedclip.privatize.plan import InputPlan
 from fedclip.training.config import DpConfig, TrainConfig
 from fedclip.training.local import training_event
 
@@ -42,9 +43,24 @@ class RoundPlan:
     release: ReleaseConfig
     reproducible_noise: bool = False
     seed: int = 0
+    input: InputPlan | None = None  # input-level privatization (CADP, MaskDP): once per site, before training
 
     def events(self) -> tuple[DpEvent, ...]:
-        return (training_event(self.dp, self.train),) + release_events(self.release, privacy_unit=self.dp.privacy_unit)
+        """Every round's events. Training on privatized inputs is post-processing (no steps),
+        unless the privatization claims no epsilon (mask-replace): then it is non-private training."""
+        training = training_event(self.dp, self.train)
+        if self.input is not None and self.input.claims_epsilon:
+            training = replace(training, steps=0)
+        return (training,) + release_events(self.release, privacy_unit=self.dp.privacy_unit)
+
+    def input_release(self) -> DpEvent | None:
+        """The one-time event of a site's input privatization, charged in the round it happens."""
+        return self.input.release_event(self.dp.privacy_unit) if self.input is not None else None
+
+    @property
+    def mode(self) -> str:
+        """What a site's policy sees: the input privatization, else the training mode."""
+        return self.input.method if self.input is not None else str(self.dp.mode)
 
     def reproducible_seed(self, *, round_: int, site: str) -> int | None:
         """None (OS entropy) unless reproducible noise was asked for, which is not private."""
@@ -60,7 +76,7 @@ class RoundPlan:
             "optimizer": self.train.optimizer, "negative-bank-size": self.train.negative_bank_size,
             "release-loss-noise": self.release.loss_noise, "release-loss-bound": self.release.loss_bound,
             "release-count-noise": self.release.count_noise, "reproducible-noise": self.reproducible_noise,
-            "seed": self.seed,
+            "seed": self.seed, **(self.input.to_record() if self.input is not None else {"input-privacy": ""}),
         }
 
     @classmethod
@@ -81,4 +97,5 @@ class RoundPlan:
                    release=ReleaseConfig(loss_noise=float(record["release-loss-noise"]),
                                          loss_bound=float(record["release-loss-bound"]),
                                          count_noise=float(record["release-count-noise"])),
-                   reproducible_noise=bool(record["reproducible-noise"]), seed=int(record["seed"]))
+                   reproducible_noise=bool(record["reproducible-noise"]), seed=int(record["seed"]),
+                   input=InputPlan.from_record(record))

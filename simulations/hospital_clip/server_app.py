@@ -38,12 +38,15 @@ from fedclip.privacy.calibration import calibrate_noise_multiplier, warn_if_delt
 from fedclip.privacy.ledger_store import LedgerStore
 from fedclip.privacy.randomness import NOT_PRIVATE_AGAINST_THE_SERVER
 from fedclip.privacy.release import release_events
+from fedclip.privatize.modes import INPUT_MODES
+from fedclip.privatize.plan import InputPlan
 from fedclip.reporting.plots import plot_run
 from fedclip.reporting.run_files import RunFiles
 from fedclip.reporting.summary import write_summary
 from fedclip.training.warmstart import WarmStartConfig, warm_start
 from simulations.hospital_clip.config import DEFAULT_TOML, SimulationConfig, load_toml
 from simulations.hospital_clip.evaluator import RoundEvaluator
+from simulations.hospital_clip.input_privacy import input_plan
 from simulations.hospital_clip.preflight import data_shape, preflight
 from simulations.hospital_clip.task import manifest_path, pick_device
 from strategies.client_level import calibrate_site_noise, site_level_epsilon, with_site_level_dp
@@ -157,7 +160,7 @@ def discover_sites(grid: Grid, config: ConfigRecord, *, expected: Sequence[str],
 
 def plan_noise(cfg: SimulationConfig) -> float:
     """The noise multiplier: given, or calibrated so that all planned rounds meet target-epsilon."""
-    if cfg.dp_mode == "nonprivate":
+    if cfg.dp_mode == "nonprivate" or cfg.dp_mode in INPUT_MODES:  # input modes: training adds no noise
         return 0.0
     if cfg.target_epsilon <= 0:
         return cfg.noise_multiplier
@@ -170,12 +173,12 @@ def plan_noise(cfg: SimulationConfig) -> float:
 
 
 def train_config_record(cfg: SimulationConfig, *, noise_multiplier: float, manifest: str, checkpoint: str,
-                        round_offset: int = 0, declared_units: str = "") -> ConfigRecord:
+                        round_offset: int = 0, declared_units: str = "", input_plan: InputPlan | None = None) -> ConfigRecord:
     """What every site is told each round: the round plan and the data description; simulated
     sites are also told where the shared data, base weights, site ledgers and site policies are.
     In a deployment the server sends no path of its own: a hospital reads its node config only."""
     values = {k: v for k, v in cfg.to_run_config().items() if k not in ("budget", "site-budgets", *SERVER_PATHS)}
-    record = {**values, **cfg.round_plan(noise_multiplier).to_record(), "round-offset": round_offset,
+    record = {**values, **cfg.round_plan(noise_multiplier, input_plan).to_record(), "round-offset": round_offset,
               "declared-units-map": declared_units}
     if not cfg.deployment:
         out = Path(cfg.output_dir).resolve()
@@ -273,12 +276,14 @@ def run(grid: Grid, cfg: SimulationConfig) -> Path:
     manifest = prepare_data(cfg, out)
     checkpoint = prepare_checkpoint(cfg, manifest)
     sigma = plan_noise(cfg)
+    inputs = input_plan(cfg, manifest)  # dp-mode cadp | maskdp | mask-replace: the sites' one-time release
     shape = preflight(cfg, manifest)  # the same checks the CLI ran, now on the data as generated
     site_sigma = (calibrate_site_noise(target_epsilon=cfg.client_dp_epsilon, rounds=cfg.num_rounds,
                                        delta=cfg.delta) if cfg.client_dp_epsilon > 0 else 0.0)
     files.write_json("config.json", {**cfg.to_run_config(), "resolved-manifest": manifest,
                                      "resolved-checkpoint": checkpoint, "resolved-noise-multiplier": sigma,
                                      "resolved-site-noise-multiplier": site_sigma,
+                                     **(inputs.to_record() if inputs is not None else {}),
                                      "private-against-the-server": not cfg.reproducible_noise,
                                      **({"privacy-warning": NOT_PRIVATE_AGAINST_THE_SERVER} if cfg.reproducible_noise else {})})
     files.write_json("status.json", {"status": "running", "round": round_offset})
@@ -288,12 +293,18 @@ def run(grid: Grid, cfg: SimulationConfig) -> Path:
     declared = "" if cfg.declared_units or cfg.deployment else ",".join(
         f"{s}={n}" for s, n in data_shape(cfg).units.items())
     train_config = train_config_record(cfg, noise_multiplier=sigma, manifest=manifest, checkpoint=checkpoint,
-                                       declared_units=declared)
+                                       declared_units=declared, input_plan=inputs)
     if cfg.deployment and not cfg.site_nodes:
         print("WARNING: sites are identified by the name each SuperNode reports; set site-nodes to the node ids "
               "that `flwr supernode register` gave each hospital's key", flush=True)
     sites = discover_sites(grid, train_config, expected=shape.sites, node_ids=cfg.site_node_map() or None)
-    plan = cfg.round_plan(sigma)
+    plan = cfg.round_plan(sigma, inputs)
+    release = plan.input_release()
+
+    def planned_events(site: str):
+        """The round's events, and the one-time input release until the site's ledger holds it
+        (a site that released and lost its copy releases again and reports it: charged as reported)."""
+        return plan.events() + ((release,) if release is not None and release not in store.events(site) else ())
     for site, units in shape.units.items():  # training units per site, as preflight counted them
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -324,7 +335,7 @@ def run(grid: Grid, cfg: SimulationConfig) -> Path:
                                 delta=cfg.delta) if site_sigma > 0
              else make_inner_strategy(cfg.strategy, fraction_train=cfg.fraction_train))
     strategy = PrivacyBudgetStrategy(
-        inner, store=store, sites=sites, budget=cfg.budget_of, planned_events=lambda site: plan.events(),
+        inner, store=store, sites=sites, budget=cfg.budget_of, planned_events=planned_events,
         round_offset=round_offset, on_round=on_round, failure_quorum=cfg.failure_quorum,
     )
     evaluator = RoundEvaluator(model=bundle.model, tokenizer=bundle.tokenizer, test=test, attacks=attacks, files=files,
@@ -353,7 +364,8 @@ def run(grid: Grid, cfg: SimulationConfig) -> Path:
     store.close()
     rounds, attack, utility = files.read("rounds"), files.read("attack"), files.read("utility")
     plot_run(out, rounds, attack, utility, files.read("attack_scores"))
-    summary = write_summary(out / "summary.md", config=cfg.to_run_config(), rounds=rounds, attack=attack,
+    summary = write_summary(out / "summary.md", config={**cfg.to_run_config(), **(inputs.to_record() if inputs else {})},
+                            rounds=rounds, attack=attack,
                             utility=utility, noise_multiplier=sigma, site_level=site_level, failure=failure)
     files.write_json("status.json", {"status": "failed" if failure else "finished", "reason": failure or "",
                                      "rounds": int(utility["round"].max()) if len(utility) else 0})

@@ -23,10 +23,11 @@ from fedclip.privacy.randomness import site_randomness
 from fedclip.privacy.release import noisy_count, noisy_loss
 from fedclip.reporting.spending import write_spending
 from fedclip.training.local import train_local
+from simulations.hospital_clip.input_privacy import kept_private_rows, privatize_site_rows
 from simulations.hospital_clip.plan import RoundPlan
 from simulations.hospital_clip.site import SiteIdentity, site_identity, site_ledger, site_policy
-from simulations.hospital_clip.task import (fresh_model, own_training_data, pick_device, site_public_data,
-                                            site_training_data)
+from simulations.hospital_clip.task import (fresh_model, own_training_data, pick_device, rows_training_data,
+                                            site_public_data, site_training_data, site_training_rows)
 from strategies.faults import crash_point
 from strategies.privacy_budget import PRIVACY_RECORD
 
@@ -36,22 +37,31 @@ def query(msg: Message, context: Context) -> Message:
 
 
 def _check_and_charge(me: SiteIdentity, plan: RoundPlan, config: ConfigRecord, context: Context, *,
-                      run: str, round_: int):
+                      events: tuple, run: str, round_: int):
     policy = site_policy(context, config, me)
     ledger = site_ledger(context, config, me, delta=policy.delta)
     unit = str(plan.dp.privacy_unit)
     try:
-        policy.check(site=me.site, mode=str(plan.dp.mode), events=plan.events(), reproducible=plan.reproducible_noise,
+        policy.check(site=me.site, mode=plan.mode, events=events, reproducible=plan.reproducible_noise,
                      total=ledger.ledger(me.site, unit=unit), this_run=ledger.ledger(me.site, run=run, unit=unit))
     except ValueError:
         ledger.close()
         raise
     attempt = ledger.begin_round(round_)
-    ledger.charge(me.site, round_, plan.events(), attempt=attempt, run=run)  # durable before any data is touched
+    ledger.charge(me.site, round_, events, attempt=attempt, run=run)  # durable before any data is touched
     return ledger, attempt
 
 
-def _training_data(me: SiteIdentity, config: ConfigRecord) -> PairData:
+def _training_data(me: SiteIdentity, config: ConfigRecord, plan: RoundPlan) -> PairData:
+    if plan.input is not None:  # this site's privatized images: released now if not kept from an earlier round
+        rows = kept_private_rows(me.state_dir, plan.input)
+        if rows is None:
+            rows = privatize_site_rows(site_training_rows(me.manifest, me.site, int(config["num-sites"]),
+                                                          int(config["seed"]), bool(config["pool-sites"]),
+                                                          me.outside_paths),
+                                       plan=plan.input, unit=str(plan.dp.privacy_unit), state_dir=me.state_dir,
+                                       manifest=me.manifest, outside_paths=me.outside_paths)
+        return rows_training_data(rows, arch=str(config["arch"]), checkpoint=me.checkpoint)
     if me.deployed:  # its own manifest, preprocessed once and kept in its state folder
         return own_training_data(me.manifest, me.site, arch=str(config["arch"]), checkpoint=me.checkpoint,
                                  cache_dir=me.cache_dir, outside_paths=me.outside_paths)
@@ -64,10 +74,14 @@ def train(msg: Message, context: Context) -> Message:
     me = site_identity(context, config)
     plan = RoundPlan.from_record(config, hash_key=f"fedclip:{me.site}", declared_units=me.declared_units)
     round_ = int(config["server-round"]) + int(config["round-offset"])
-    ledger, attempt = _check_and_charge(me, plan, config, context, run=str(msg.metadata.run_id), round_=round_)
+    # an input privatization is released once, in the round the site first trains (or again if its copy is lost)
+    releases = () if plan.input is None or kept_private_rows(me.state_dir, plan.input) is not None else \
+        tuple(e for e in (plan.input_release(),) if e is not None)
+    ledger, attempt = _check_and_charge(me, plan, config, context, events=plan.events() + releases,
+                                        run=str(msg.metadata.run_id), round_=round_)
     crash_point("site-charged", round_)
     try:
-        data = _training_data(me, config)
+        data = _training_data(me, config, plan)
         model = fresh_model(str(config["arch"]), me.checkpoint, str(config["trainable"]), pick_device())
         load_arrays(model, msg.content["arrays"])
         seed = plan.reproducible_seed(round_=round_, site=me.site)
@@ -91,7 +105,8 @@ def train(msg: Message, context: Context) -> Message:
         ledger.close()
         raise
     crash_point("site-trained", round_)
-    reported = (result.event,) + plan.events()[1:]
+    # on privatized inputs training is post-processing: the plan's event (no steps), not train_local's
+    reported = (plan.events()[0] if plan.input is not None else result.event,) + plan.events()[1:] + releases
     ledger.settle(me.site, round_, attempt=attempt, status=Status.CONFIRMED, reported=reported)
     write_spending(ledger, me.state_dir)  # the site's own account of its spending, never sent
     ledger.close()

@@ -71,15 +71,38 @@ def fresh_model(arch: str, checkpoint: str, trainable: str, device: torch.device
     return copy.deepcopy(base_bundle(arch, checkpoint, trainable).model).to(device)
 
 
-@lru_cache(maxsize=8)
-def site_training_data(manifest: str, site: str, num_sites: int, seed: int, arch: str, checkpoint: str,
-                       pooled: bool = False, outside_paths: bool = False) -> PairData:
-    """A site's training pairs (``train`` rows only: query images are never trained on)."""
+def site_training_rows(manifest: str, site: str, num_sites: int, seed: int, pooled: bool = False,
+                       outside_paths: bool = False):
+    """A site's ``train`` rows (query images are never trained on)."""
     parts = site_frames(manifest, num_sites, seed, pooled, outside_paths)
     if site not in parts:
         raise ValueError(f"site: {site!r} is not in {manifest} (sites: {sorted(parts)})")
     rows = parts[site]
-    rows = rows[rows["split"] == str(Split.TRAIN)]
+    return rows[rows["split"] == str(Split.TRAIN)]
+
+
+@lru_cache(maxsize=8)
+def site_training_data(manifest: str, site: str, num_sites: int, seed: int, arch: str, checkpoint: str,
+                       pooled: bool = False, outside_paths: bool = False) -> PairData:
+    """A site's training pairs."""
+    rows = site_training_rows(manifest, site, num_sites, seed, pooled, outside_paths)
+    bundle = base_bundle(arch, checkpoint, "all")
+    return load_pairs(rows, preprocess=bundle.preprocess, tokenizer=bundle.tokenizer)
+
+
+def rows_training_data(rows, *, arch: str, checkpoint: str) -> PairData:
+    """Training pairs from rows of any origin (a site's privatized images), kept in memory by their files."""
+    return _rows_pairs(tuple(rows["filepath"]), tuple(rows["title"]), tuple(rows["patient_id"]), tuple(rows["name"]),
+                       tuple(rows["condition"]), arch, checkpoint)
+
+
+@lru_cache(maxsize=4)
+def _rows_pairs(paths: tuple, titles: tuple, patients: tuple, names: tuple, conditions: tuple, arch: str,
+                checkpoint: str) -> PairData:
+    import pandas as pd
+
+    rows = pd.DataFrame({"filepath": paths, "title": titles, "patient_id": patients, "name": names,
+                         "condition": conditions})
     bundle = base_bundle(arch, checkpoint, "all")
     return load_pairs(rows, preprocess=bundle.preprocess, tokenizer=bundle.tokenizer)
 
