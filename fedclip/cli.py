@@ -7,6 +7,7 @@
     fedclip audit RUN_DIR --targets FILE   the auditor: IDIA (and --canaries FILE) on every saved round model
     fedclip canaries OUT --sites a,b       the auditor: canary patients for a consortium's own data
     fedclip privatize --manifest M --out D CADP / MaskDP: privatize the training images once (input level)
+    fedclip gallery --manifest M --out P  a picture of CADP / MaskDP / mask-replace on public images
     fedclip status RUN_DIR                 a run's status; exit 0 finished, 1 failed, 3 running or unknown
     fedclip spending STATE_DIR             a site's own privacy spending, from its own ledger
     fedclip site-worker --site S --socket P a hospital's long-lived worker (node config site-worker=P)
@@ -51,7 +52,7 @@ def evaluate_checkpoints(manifest: Path, checkpoints: dict[str, str]) -> pd.Data
 def _synthetic_config(args: argparse.Namespace) -> SyntheticConfig:
     return SyntheticConfig(seed=args.seed, num_sites=args.num_sites, patients_per_site=args.patients_per_site,
                            public_patients=args.public_patients, heldout_patients=args.heldout_patients,
-                           site_skew=args.site_skew, name_lists=args.name_lists)
+                           site_skew=args.site_skew, name_lists=args.name_lists, identity_region=args.identity_region)
 
 
 def _add_data_options(p: argparse.ArgumentParser) -> None:
@@ -62,6 +63,8 @@ def _add_data_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--public-patients", type=int, default=d.public_patients)
     p.add_argument("--heldout-patients", type=int, default=d.heldout_patients)
     p.add_argument("--site-skew", type=float, default=d.site_skew, help="Dirichlet concentration; 0 = balanced")
+    p.add_argument("--identity-region", type=float, default=d.identity_region,
+                   help="< 1: each look fills a patch of this share of the side, and every image gets a mask (MaskDP)")
     p.add_argument("--name-lists", choices=NAME_LISTS, default=d.name_lists,
                    help="name lists of the patients: census gives most patients their own surname (names leak more)")
 
@@ -196,6 +199,20 @@ def cmd_privatize(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_gallery(args: argparse.Namespace) -> int:
+    from fedclip.privatize.gallery import render_gallery
+    from fedclip.privatize.inn import load_inn
+
+    out = Path(args.out)
+    inn = load_inn(args.inn) if args.inn else _train_public_inn(
+        args.manifest, out.parent, image_size=args.image_size, epochs=args.inn_epochs,
+        allow_outside_paths=args.allow_outside_paths)
+    path = render_gallery(args.manifest, out, inn=inn, epsilon=args.epsilon, images_per_unit=args.images_per_unit,
+                          delta=args.delta, allow_outside_paths=args.allow_outside_paths)
+    print(f"gallery: {path}")
+    return 0
+
+
 STATUS_EXIT = {"finished": 0, "failed": 1}
 
 
@@ -302,6 +319,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=int, default=32, help="the INN's image size (images are resized to it)")
     p.add_argument("--allow-outside-paths", action="store_true")
     p.set_defaults(func=cmd_privatize)
+    p = sub.add_parser("gallery", help="a picture of CADP, MaskDP and mask-replace on a manifest's public images")
+    p.add_argument("--manifest", required=True)
+    p.add_argument("--out", required=True, help="the PNG to write")
+    p.add_argument("--epsilon", type=float, default=8.0, help="per patient of --images-per-unit images")
+    p.add_argument("--images-per-unit", type=int, default=10)
+    p.add_argument("--delta", type=float, default=1e-5)
+    p.add_argument("--inn", default=None, help="a trained INN (default: train one on the public rows)")
+    p.add_argument("--inn-epochs", type=int, default=10)
+    p.add_argument("--image-size", type=int, default=32)
+    p.add_argument("--allow-outside-paths", action="store_true")
+    p.set_defaults(func=cmd_gallery)
     p = sub.add_parser("status", help="a run's status.json; exit 0 finished, 1 failed, 3 running or unknown")
     p.add_argument("run_dir")
     p.set_defaults(func=cmd_status)

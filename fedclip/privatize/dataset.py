@@ -98,8 +98,20 @@ def privatize_manifest(manifest: str | Path, out_dir: str | Path, *, privatizer:
               "relation": "replace_one (local)", "images": len(train), "reproducible_seed": reproducible_seed,
               "statement": report["statement"].format(unit=names[0], units=names[1])}
     (out / PRIVATIZATION_FILE).write_text(json.dumps(report, indent=2) + "\n")
-    shown = min(8, len(train))
     eps = "no epsilon (anonymization)" if report["epsilon"] is None else f"epsilon {report['epsilon']:.2f} per {names[0]}"
-    plot_image_grid(out / "privatization.png", {"original": images[:shown], privatizer.name: private[:shown]},
-                    captions=list(train["condition"][:shown]), title=f"{privatizer.name}: {eps} ({k} images)")
+    plot_release(out / "privatization.png", train, images, {privatizer.name: private},
+                 title=f"{privatizer.name}: {eps} ({k} images)")
     return out / "manifest.csv"
+
+
+def plot_release(path: Path, rows: pd.DataFrame, images: torch.Tensor, versions: dict[str, torch.Tensor], *,
+                 title: str, shown: int = 8) -> Path:
+    """Originals, their masks (if the rows have them) and each privatized version, side by side."""
+    from fedclip.privatize.maskdp import load_masks
+
+    shown = min(shown, len(rows))
+    grid = {"original": images[:shown]}
+    if MASK_COLUMN in rows and (rows[MASK_COLUMN][:shown] != "").all():
+        grid["mask"] = load_masks(rows[:shown], size=images.shape[-1]).float()[:, None].expand(-1, 3, -1, -1)
+    grid.update({name: v[:shown] for name, v in versions.items()})
+    return plot_image_grid(path, grid, captions=list(rows["condition"][:shown]), title=title)

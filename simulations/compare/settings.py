@@ -62,6 +62,16 @@ def _nonprivate(*, pooled: bool = False, client: bool = False) -> Callable[[floa
     return build
 
 
+def _input(mode: str) -> Callable[[float, SimulationConfig], dict[str, Any]]:
+    """Each site privatizes its images once (``mode``), then trains on them as the non-private
+    baseline trains: the privatized images are all it has, and training them is post-processing."""
+    def build(eps: float, base: SimulationConfig) -> dict[str, Any]:
+        return {"dp-mode": mode, "privacy-unit": "identity", "target-epsilon": eps, "budget": math.inf,
+                "pool-sites": False, "client-dp-epsilon": 0.0, **nonprivate_training()}
+
+    return build
+
+
 SETTINGS: dict[str, Setting] = {s.name: s for s in (
     Setting("pooled-nonprivate", "all sites' data pooled, no DP", "none", "-", False, _nonprivate(pooled=True)),
     Setting("pooled-dp", "pooled data, central per-micro-batch DP (identity units)", "identity", "per micro-batch",
@@ -77,4 +87,11 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in (
             True, _nonprivate(client=True)),
     Setting("fed-local-client", "local identity-level DP plus client-level DP at the server", "identity + site",
             "per micro-batch + zero-out", True, _local("identity", client=True)),
+    # input-level privatization (needs masks for the mask settings: [base] identity-region < 1)
+    Setting("fed-cadp", "federated, every site's images privatized once by CADP (images only, not reports)",
+            "identity (images)", "replace-one (local)", True, _input("cadp")),
+    Setting("fed-maskdp", "federated, every site's images noised inside the identity mask once (MaskDP)",
+            "identity (masked region)", "replace-one (local)", True, _input("maskdp")),
+    Setting("fed-mask-replace", "federated, a public stand-in inside every identity mask (anonymization, no epsilon)",
+            "none", "-", False, _input("mask-replace")),
 )}

@@ -95,7 +95,7 @@ def kept_private_rows(state_dir: Path, plan: InputPlan) -> pd.DataFrame | None:
 def privatize_site_rows(rows: pd.DataFrame, *, plan: InputPlan, unit: str, state_dir: Path, manifest: str,
                         outside_paths: bool) -> pd.DataFrame:
     """Release the site's training images once (call only after the release is charged)."""
-    from fedclip.privatize.dataset import privatize_rows
+    from fedclip.privatize.dataset import plot_release, privatize_rows
 
     largest = 1 if unit == "record" else int(rows.groupby("patient_id").size().max())
     if largest > plan.images_per_unit:
@@ -106,9 +106,15 @@ def privatize_site_rows(rows: pd.DataFrame, *, plan: InputPlan, unit: str, state
     partial = folder.with_name(folder.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
-    out, _, _, _ = privatize_rows(rows, partial, privatizer=_privatizer(plan, frame), image_size=plan.image_size,
-                                  images_per_unit=plan.images_per_unit, generator=torch.Generator().manual_seed(os_seed()))
+    privatizer = _privatizer(plan, frame)
+    out, _, images, private = privatize_rows(rows, partial, privatizer=privatizer, image_size=plan.image_size,
+                                             images_per_unit=plan.images_per_unit,
+                                             generator=torch.Generator().manual_seed(os_seed()))
     out.to_csv(partial / PRIVATE_ROWS, index=False)
+    # the site's own picture of its release (in a simulation, inside the run folder)
+    plot_release(partial / "privatization.png", rows, images, {privatizer.name: private},
+                 title=f"{privatizer.name} at this site: {plan.images_per_unit} images per unit, noise multiplier "
+                       f"{plan.noise_multiplier:.3g}")
     shutil.rmtree(folder, ignore_errors=True)
     partial.rename(folder)  # atomic: a later round finds the whole copy or none
     return kept_private_rows(state_dir, plan)

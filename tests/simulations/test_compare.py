@@ -195,3 +195,21 @@ def test_the_table_states_the_relation_each_run_was_accounted_under():
     assert relation_of(SETTINGS["fed-local-client"], size_one) == "add_or_remove + zero-out"
     assert relation_of(SETTINGS["fed-client"], size_one) == "zero-out"
     assert relation_of(SETTINGS["fed-nonprivate"], size_one) == "-"
+
+
+def test_every_shipped_comparison_config_plans_valid_runs():
+    """Each TOML under simulations/compare/ parses, and every run it plans is a valid hospital_clip
+    config (the input-level settings included: their [base] makes the masks MaskDP needs)."""
+    from pathlib import Path
+
+    from simulations.hospital_clip.config import SimulationConfig
+
+    files = sorted(Path("simulations/compare").glob("*.toml"))
+    assert {f.name for f in files} >= {"default.toml", "audits.toml", "input_level.toml"}
+    for path in files:
+        for run in plan_runs(CompareConfig.from_toml(path)):
+            cfg = SimulationConfig.from_run_config(run.overrides)
+            if cfg.dp_mode in ("maskdp", "mask-replace"):
+                assert cfg.identity_region < 1, path
+    private = {r.setting: r.overrides for r in plan_runs(CompareConfig.from_toml("simulations/compare/input_level.toml"))}
+    assert private["fed-cadp"]["dp-mode"] == "cadp" and private["fed-mask-replace"]["target-epsilon"] == 0.0

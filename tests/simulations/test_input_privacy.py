@@ -62,6 +62,7 @@ def test_a_federation_on_privatized_images_spends_once(tmp_path, mode):
         server = LedgerStore(out / "state" / "ledger.sqlite", delta=1e-5)
         private = pd.read_csv(out / "sites" / site / f"privatized-{mode}" / "rows.csv")
         assert len(private) > 0 and private["filepath"].str.startswith("images/private_").all()
+        assert (out / "sites" / site / f"privatized-{mode}" / "privatization.png").is_file()  # the site's picture
         if mode == "mask-replace":
             assert all(math.isinf(e) for e in eps) and "No epsilon" in summary
             assert not _releases(own.events(site))
