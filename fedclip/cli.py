@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from fedclip.console import quiet_known_noise
 from fedclip.data.manifest import load_manifest
 from fedclip.data.names import NAME_LISTS
 from fedclip.data.schema import Split
@@ -349,6 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    quiet_known_noise()
     try:
         return args.func(args)
     except ValueError as exc:

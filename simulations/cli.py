@@ -20,6 +20,8 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+from fedclip.console import quiet_known_noise
+
 
 def parse_run_config(text: str | None) -> dict[str, Any]:
     """``"a=1 b='x' c=true"`` (values in TOML syntax; bare words are strings), TOML files
@@ -124,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"flower-simulation: error: {exc}", file=sys.stderr)
         return 2
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    quiet_known_noise()  # known third-party warnings, by exact text, here and in Ray's actors
     from flwr.simulation import run_simulation
 
     print(f"flower-simulation: {args.app}, {supernodes} SuperNodes, output {cfg.output_dir}", flush=True)

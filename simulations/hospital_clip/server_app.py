@@ -40,6 +40,7 @@ from fedclip.privacy.randomness import NOT_PRIVATE_AGAINST_THE_SERVER
 from fedclip.privacy.release import release_events
 from fedclip.privatize.modes import INPUT_MODES
 from fedclip.privatize.plan import InputPlan
+from fedclip.reporting.console_table import run_table
 from fedclip.reporting.plots import plot_run
 from fedclip.reporting.run_files import RunFiles
 from fedclip.reporting.summary import write_summary
@@ -369,6 +370,8 @@ def run(grid: Grid, cfg: SimulationConfig) -> Path:
                             utility=utility, noise_multiplier=sigma, site_level=site_level, failure=failure)
     files.write_json("status.json", {"status": "failed" if failure else "finished", "reason": failure or "",
                                      "rounds": int(utility["round"].max()) if len(utility) else 0})
+    if len(utility):
+        print("\n" + run_table(utility, attack, rounds) + "\n", flush=True)
     if failure:
         print(f"run stopped: {failure}", flush=True)
         raise SiteFailure(failure)
