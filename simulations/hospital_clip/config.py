@@ -169,6 +169,11 @@ class SimulationConfig:
         if self.dp_mode != "mask-replace" and self.target_epsilon <= 0:
             raise ValueError(f"target-epsilon: dp-mode {self.dp_mode!r} privatizes the images once to this epsilon "
                              "per unit; expected a value > 0")
+        smallest = min([self.budget, *self.site_budget_map().values()])
+        if self.dp_mode != "mask-replace" and self.target_epsilon > smallest:
+            raise ValueError(f"budget: dp-mode {self.dp_mode!r} spends target-epsilon {self.target_epsilon:g} at once, "
+                             f"above the budget {smallest:g}: no site could ever train; raise budget (or site-budgets) "
+                             "or lower target-epsilon")
         if self.input_radius < 0 or not math.isfinite(self.input_radius):
             raise ValueError(f"input-radius: expected 0 (automatic) or a finite radius > 0, got {self.input_radius}")
         if self.input_images_per_unit < 0:

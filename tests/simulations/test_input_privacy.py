@@ -43,6 +43,8 @@ def test_the_plan_charges_the_release_once_and_training_as_post_processing():
         SimulationConfig(dp_mode="cadp", manifest=SMALL, target_epsilon=4.0)  # a manifest must declare it
     with pytest.raises(ValueError, match="target-epsilon"):
         SimulationConfig(dp_mode="maskdp", target_epsilon=0.0)
+    with pytest.raises(ValueError, match="no site could ever train"):  # the release costs its epsilon at once
+        SimulationConfig(dp_mode="cadp", target_epsilon=8.0, budget=4.0)
 
 
 @pytest.mark.parametrize("mode", list(MODES))
