@@ -43,7 +43,7 @@ def escaping_manifest(small_manifest_path, tmp_path):
 
 
 CASES = [
-    ("dp-mode=microbach", None, "dp-mode: expected one of ['microbatch', 'unit', 'paper', 'nonprivate'], got 'microbach'"),
+    ("dp-mode=microbach", None, "dp-mode: expected one of ['microbatch', 'unit', 'paper', 'nonprivate', 'cadp', 'maskdp', 'mask-replace'], got 'microbach'"),
     ("privacy-unit=patient", None, "privacy-unit: expected one of ['record', 'identity'], got 'patient'"),
     ("accountant=rdpp", None, "accountant: expected one of"),
     ("target-epsilon=nan", None, "target-epsilon: expected a finite number, got nan"),
