@@ -34,9 +34,9 @@ def _public_inn(cfg: SimulationConfig, manifest: str) -> str:
     from fedclip.privatize.pixels import to_pixels
 
     config = InnConfig(image_size=cfg.input_image_size)
-    stat = Path(manifest).stat()
-    key = hashlib.sha256(json.dumps([str(Path(manifest).resolve()), stat.st_mtime_ns, stat.st_size, cfg.inn_epochs,
-                                     cfg.seed, repr(config)]).encode()).hexdigest()[:16]
+    digest = hashlib.sha256(Path(manifest).read_bytes())  # by content, as the warm start: runs on equal data share it
+    digest.update(json.dumps([cfg.inn_epochs, cfg.seed, repr(config)]).encode())
+    key = digest.hexdigest()[:16]
     path = Path(cfg.cache_dir) / f"inn-{key}.pt"
     if path.is_file():
         return str(path.resolve())
