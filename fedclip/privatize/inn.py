@@ -18,6 +18,7 @@ release that memory outside any accounting (one of the published code's faults).
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -187,7 +188,7 @@ def train_inn(model: ConditionalInn, images: torch.Tensor, labels: torch.Tensor,
 def save_inn(model: ConditionalInn, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # two runs may write the same cached network
     torch.save({"config": asdict(model.config), "state_dict": model.state_dict()}, tmp)
     tmp.replace(path)
     return path
