@@ -190,7 +190,8 @@ class PrivacyBudgetStrategy(Strategy):
             ledger = self.store.ledger(site)
             o = outcomes.get(site)
             trained = o is not None and o.status == Status.CONFIRMED
-            plan = o.reported[0] if trained else self.planned_events(site)[0]
+            events = o.reported if trained else self.planned_events(site)
+            plan = next((e for e in events if e.steps > 0), events[0])  # what spent: an input release, not its zero-step training
             status = "not-selected" if o is None else ("trained" if trained else str(o.status))
             rows.append(SiteRound(
                 round=round_, site=site, status=status, epsilon=ledger.epsilon(), delta=ledger.delta,

@@ -70,6 +70,9 @@ def test_a_federation_on_privatized_images_spends_once(tmp_path, mode):
             assert not _releases(own.events(site))
             continue
         assert 0 < eps[0] == eps[1] <= 8.0  # one release, nothing more in round 2
+        first, second = g.sort_values("round").itertuples()
+        assert (first.relation, first.sample_rate, first.steps) == ("replace_one", 1.0, 4)  # the release, 4 images
+        assert second.steps == 0  # training on the privatized images
         assert len(_releases(own.events(site))) == 1 and len(_releases(server.events(site))) == 1
         assert own.ledger(site).epsilon() == pytest.approx(server.ledger(site).epsilon())
     if mode != "mask-replace":
