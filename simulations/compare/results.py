@@ -194,9 +194,10 @@ def plot_against_epsilon(agg: pd.DataFrame, metric: str, ylabel: str, path: Path
         g = g.sort_values("target_epsilon")
         ax.errorbar(g["target_epsilon"], g[f"{metric}_mean"], yerr=g[f"{metric}_std"].fillna(0), marker="o",
                     capsize=3, label=f"{name} ({SETTINGS[name].unit})")
-    for name, g in agg[~agg["target_epsilon"].apply(math.isfinite)].groupby("setting", sort=False):
-        ax.axhline(g[f"{metric}_mean"].iloc[0], linestyle="--", color="grey" if "pooled" in name else "black",
-                   label=f"{name} (no DP)")
+    baselines = agg[~agg["target_epsilon"].apply(math.isfinite)].groupby("setting", sort=False)
+    for k, (name, g) in enumerate(baselines):  # one line style per baseline, so two never look alike
+        ax.axhline(g[f"{metric}_mean"].iloc[0], linestyle=("--", ":", "-.")[k % 3],
+                   color="grey" if "pooled" in name else "black", label=f"{name} (no DP)")
     ax.set_xscale("log")
     ticks = sorted(set(private["target_epsilon"]))
     if ticks:
