@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from simulations.compare.settings import SETTINGS
+from simulations.compare.settings import DEFAULT_SETTINGS, MASK_SETTINGS, SETTINGS
 from simulations.hospital_clip.config import SimulationConfig
 
 DEFAULT_COMPARE_TOML = Path(__file__).with_name("default.toml")
@@ -18,7 +18,7 @@ DEFAULT_COMPARE_TOML = Path(__file__).with_name("default.toml")
 @dataclass(frozen=True, kw_only=True)
 class CompareConfig:
     output_dir: str = "runs/compare"
-    settings: tuple[str, ...] = tuple(SETTINGS)
+    settings: tuple[str, ...] = DEFAULT_SETTINGS
     epsilons: tuple[float, ...] = (1.0, 8.0)
     seeds: tuple[int, ...] = (0, 1)
     parallel: int = 0  # 0: as many as the cores allow
@@ -37,7 +37,11 @@ class CompareConfig:
         for key in ("output-dir", "seed", "resume"):
             if key in self.base:
                 raise ValueError(f"base.{key}: set by the comparison itself; remove it from [base]")
-        self.base_config()  # validates every base key now, before anything runs
+        base = self.base_config()  # validates every base key now, before anything runs
+        masked = [s for s in self.settings if s in MASK_SETTINGS]
+        if masked and base.identity_region >= 1 and not base.manifest:
+            raise ValueError(f"compare.settings: {masked} need a mask per image; set [base] identity-region below 1 "
+                             "(the generator then confines each look to a patch and writes its mask)")
 
     def base_config(self) -> SimulationConfig:
         from simulations.hospital_clip.server_app import default_run_config

@@ -95,3 +95,8 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in (
     Setting("fed-mask-replace", "federated, a public stand-in inside every identity mask (anonymization, no epsilon)",
             "none", "-", False, _input("mask-replace")),
 )}
+# the input-level settings are opt-in: they need their own data ([base] identity-region < 1 for the
+# masks) and a fitted INN, so a grid that names no settings runs the gradient-DP ones
+INPUT_SETTINGS = ("fed-cadp", "fed-maskdp", "fed-mask-replace")
+MASK_SETTINGS = ("fed-maskdp", "fed-mask-replace")
+DEFAULT_SETTINGS = tuple(name for name in SETTINGS if name not in INPUT_SETTINGS)

@@ -211,5 +211,8 @@ def test_every_shipped_comparison_config_plans_valid_runs():
             cfg = SimulationConfig.from_run_config(run.overrides)
             if cfg.dp_mode in ("maskdp", "mask-replace"):
                 assert cfg.identity_region < 1, path
+    assert not set(CompareConfig().settings) & {"fed-cadp", "fed-maskdp", "fed-mask-replace"}  # opt-in
+    with pytest.raises(ValueError, match="need a mask per image"):
+        CompareConfig(settings=("fed-maskdp",))
     private = {r.setting: r.overrides for r in plan_runs(CompareConfig.from_toml("simulations/compare/input_level.toml"))}
     assert private["fed-cadp"]["dp-mode"] == "cadp" and private["fed-mask-replace"]["target-epsilon"] == 0.0

@@ -28,6 +28,8 @@ def run_dir(tmp_path_factory):
     out, cache = base / "run", base / "cache"
     first = _simulate(out, cache, "num-rounds=1")
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    (base / "first.stdout").write_text(first.stdout)  # the console, for test_the_console_*
+    (base / "first.stderr").write_text(first.stderr)
     assert "round 1/1" in first.stdout
     with sqlite3.connect(out / "state" / "ledger.sqlite") as db:
         after_first = db.execute("SELECT COUNT(*) FROM charges").fetchone()[0]
@@ -131,3 +133,19 @@ def test_a_site_that_fails_stops_the_run_naming_it_and_the_error(tmp_path):
     assert rounds["round"].tolist() == [1, 1]  # the run stopped after the failed round
     store = LedgerStore(out / "state" / "ledger.sqlite", delta=1e-5)
     assert store.ledger("hospital_0").epsilon() > 0  # the failed site's planned round stays charged
+
+
+NOISE = ("There is a performance drop", "DEPRECATED FEATURE", "Optimal order is the largest alpha",
+         "Tip: In future versions of Ray", "No pretrained weights loaded", "fraction_evaluate is set to 0.0")
+
+
+def test_the_console_prints_each_line_once_without_known_noise_and_ends_with_a_table(run_dir):
+    out, _ = run_dir
+    stdout, stderr = (out.parent / "first.stdout").read_text(), (out.parent / "first.stderr").read_text()
+    for text in NOISE:  # fedclip/console.py silences these by their text, in every process of the run
+        assert text not in stdout + stderr, text
+    lines = [line for line in stdout.splitlines() if line.strip()]
+    assert len(lines) == len(set(lines)), [line for line in lines if lines.count(line) > 1]
+    header = next(line for line in lines if "zero-shot" in line and "recall@1" in line and "max eps" in line)
+    assert "idia AUC" in header and "lira-record AUC" in header
+    assert lines.index(header) < lines.index(next(line for line in lines if line.startswith("done:")))
