@@ -51,7 +51,7 @@ def test_a_killed_worker_never_releases_uncharged(phase, small_manifest_path, wa
                                                  tmp_path_factory):
     root = tmp_path_factory.mktemp("release", numbered=True)
     sock, state = root / "w.sock", root / "state"
-    cfg = SimulationConfig(manifest=str(small_manifest_path), dp_mode="cadp", target_epsilon=8.0,
+    cfg = SimulationConfig(manifest=str(small_manifest_path), dp_mode="cadp", target_epsilon=8.0, budget=8.0,
                            input_images_per_unit=6, local_steps=2, trainable="last-1")
     plan = InputPlan.calibrated("cadp", target_epsilon=8.0, delta=cfg.delta, images_per_unit=6, radius=0.0,
                                 image_size=32, inn_checkpoint=str(inn_checkpoint))
