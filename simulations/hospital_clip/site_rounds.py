@@ -52,9 +52,9 @@ def _check_and_charge(me: SiteIdentity, plan: RoundPlan, config: ConfigRecord, c
     return ledger, attempt
 
 
-def _training_data(me: SiteIdentity, config: ConfigRecord, plan: RoundPlan) -> PairData:
-    if plan.input is not None:  # this site's privatized images: released now if not kept from an earlier round
-        rows = kept_private_rows(me.state_dir, plan.input)
+def _training_data(me: SiteIdentity, config: ConfigRecord, plan: RoundPlan, kept=None) -> PairData:
+    if plan.input is not None:  # this site's privatized images: ``kept`` from an earlier round, else released now
+        rows = kept
         if rows is None:
             rows = privatize_site_rows(site_training_rows(me.manifest, me.site, int(config["num-sites"]),
                                                           int(config["seed"]), bool(config["pool-sites"]),
@@ -75,13 +75,14 @@ def train(msg: Message, context: Context) -> Message:
     plan = RoundPlan.from_record(config, hash_key=f"fedclip:{me.site}", declared_units=me.declared_units)
     round_ = int(config["server-round"]) + int(config["round-offset"])
     # an input privatization is released once, in the round the site first trains (or again if its copy is lost)
-    releases = () if plan.input is None or kept_private_rows(me.state_dir, plan.input) is not None else \
+    kept = kept_private_rows(me.state_dir, plan.input) if plan.input is not None else None
+    releases = () if plan.input is None or kept is not None else \
         tuple(e for e in (plan.input_release(),) if e is not None)
     ledger, attempt = _check_and_charge(me, plan, config, context, events=plan.events() + releases,
                                         run=str(msg.metadata.run_id), round_=round_)
     crash_point("site-charged", round_)
     try:
-        data = _training_data(me, config, plan)
+        data = _training_data(me, config, plan, kept)
         model = fresh_model(str(config["arch"]), me.checkpoint, str(config["trainable"]), pick_device())
         load_arrays(model, msg.content["arrays"])
         seed = plan.reproducible_seed(round_=round_, site=me.site)

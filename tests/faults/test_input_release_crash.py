@@ -7,24 +7,22 @@ import sqlite3
 
 import pytest
 import torch
-from flwr.app import Context, Message, MessageType, RecordDict
+from flwr.app import Message
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedclip.data.manifest import load_manifest
 from fedclip.data.schema import Split
 from fedclip.data.tensors import load_images
-from fedclip.models.arrays import model_to_arrays
 from fedclip.models.factory import ModelConfig, create_model
 from fedclip.privacy.events import Relation
 from fedclip.privacy.ledger_store import LedgerStore
 from fedclip.privatize.inn import ConditionalInn, InnConfig, save_inn, train_inn
 from fedclip.privatize.pixels import to_pixels
 from fedclip.privatize.plan import InputPlan
-from simulations.hospital_clip import client_app
 from simulations.hospital_clip.config import SimulationConfig
 from simulations.hospital_clip.server_app import train_config_record
 from strategies.faults import CRASH_EXIT_CODE
-from tests.faults.test_site_worker_crash import _worker
+from tests.faults.test_site_worker_crash import _worker, send_train
 
 # the privatized copy is written before training: a crash before it loses the copy, after it keeps it
 # (site-settled behaves as site-trained for the copy: covered for spending by test_site_worker_crash)
@@ -63,10 +61,7 @@ def test_a_killed_worker_never_releases_uncharged(phase, small_manifest_path, wa
             "allowed-dp-modes": "cadp"}  # a hospital must allow an input mode by name
 
     def train(round_: int) -> Message:
-        config["server-round"] = round_
-        msg = Message(RecordDict({"arrays": model_to_arrays(model, trainable_only=True), "config": config}),
-                      dst_node_id=1, message_type=MessageType.TRAIN)
-        return client_app(msg, Context(run_id=1, node_id=1, node_config=node, state=RecordDict(), run_config={}))
+        return send_train(round_, config=config, model=model, node=node)
 
     killed = _worker(sock, root / "killed.log", crash=f"{phase}:1")
     with pytest.raises(RuntimeError, match="closed mid-message"):

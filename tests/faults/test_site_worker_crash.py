@@ -34,6 +34,14 @@ def task_identity():
     TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
 
 
+def send_train(round_: int, *, config, model, node: dict) -> Message:
+    """Round ``round_``'s train message, handed to the real ClientApp as a SuperNode would."""
+    config["server-round"] = round_
+    msg = Message(RecordDict({"arrays": model_to_arrays(model, trainable_only=True), "config": config}),
+                  dst_node_id=1, message_type=MessageType.TRAIN)
+    return client_app(msg, Context(run_id=1, node_id=1, node_config=node, state=RecordDict(), run_config={}))
+
+
 def _worker(sock: Path, log: Path, crash: str | None = None) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     if crash:
@@ -60,10 +68,7 @@ def test_a_killed_worker_loses_no_spending(phase, small_manifest_path, warm_chec
             "state-dir": str(state), "declared-units": 6, "site-worker": str(sock)}
 
     def train(round_: int) -> Message:
-        config["server-round"] = round_
-        msg = Message(RecordDict({"arrays": model_to_arrays(model, trainable_only=True), "config": config}),
-                      dst_node_id=1, message_type=MessageType.TRAIN)
-        return client_app(msg, Context(run_id=1, node_id=1, node_config=node, state=RecordDict(), run_config={}))
+        return send_train(round_, config=config, model=model, node=node)
 
     killed = _worker(sock, root / "killed.log", crash=f"{phase}:1")
     with pytest.raises(RuntimeError, match="site worker at .*closed mid-message"):
