@@ -1,10 +1,15 @@
-"""DP step against a non-private step: same model, same 128 pairs, several micro-batch counts.
+"""DP step against a non-private step: same model, same 128 pairs, K groups, two gradient engines.
 
-    python -m benchmarks.dp_step [--pairs 128] [--repeats 5] [--device cpu]
+    python -m benchmarks.dp_step [--pairs 128] [--repeats 5] [--device cpu] [--ks 1,4,16,64,128]
+                                 [--trainable all,last-1,projections] [--engines hooks,vmap]
 
-Each configuration runs in its own process so that its peak memory (ru_maxrss, CPU; CUDA peak
-allocation on a GPU) is its own. Prints a table of seconds per step and the ratio DP / plain,
-both measured in the same process.
+A DP step = per-group gradients (``hooks``: one backward with Opacus' grad-sample hooks,
+``group_grads``; ``vmap``: the reference, ``microbatch_grads``) + Opacus' ``DPOptimizer`` (clip each
+group's gradient, sum, noise, scale, step). The plain step is one forward and backward of the same
+pairs with the full-batch contrastive loss. ``microbatch`` rows split the pairs into K groups;
+``unit`` rows are per-unit DP: K units of pairs/K pairs, each against a bank of 256 public
+negatives. Each configuration runs in its own process so that its peak memory (ru_maxrss, CPU;
+CUDA peak allocation on a GPU) is its own; the ratio DP / plain is measured in that one process.
 """
 
 from __future__ import annotations
@@ -20,15 +25,18 @@ import numpy as np
 import torch
 
 
-def _one(k: int, trainable: str, pairs: int, repeats: int, device: str) -> dict:
+def _one(k: int, trainable: str, engine: str, mode: str, pairs: int, repeats: int, device: str) -> dict:
     import warnings
 
     warnings.filterwarnings("ignore")
+    import torch.nn.functional as F
+
     from fedclip.models.factory import ModelConfig, create_model
     from fedclip.training.config import DpConfig, TrainConfig
+    from fedclip.training.group_grads import make_grad_engine
     from fedclip.training.local import make_optimizer
     from fedclip.training.loss import clip_loss
-    from fedclip.training.microbatch_grads import per_microbatch_grads
+    from fedclip.training.negative_bank import NegativeBank
 
     torch.manual_seed(0)
     model = create_model(ModelConfig(trainable=trainable), device=device).model
@@ -36,12 +44,18 @@ def _one(k: int, trainable: str, pairs: int, repeats: int, device: str) -> dict:
     tokens = torch.randint(1, 40000, (pairs, 32), device=device)
     tokens[:, 12], tokens[:, 13:] = 49407, 0
     groups = np.array_split(np.arange(pairs), k)
+    bank = None
+    if mode == "unit":
+        dim = model.text_projection.shape[1]
+        bank = NegativeBank(images=F.normalize(torch.randn(256, dim, device=device), dim=-1),
+                            texts=F.normalize(torch.randn(256, dim, device=device), dim=-1))
     dp = DpConfig(noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=1.0, microbatch_size=max(1, pairs // k), declared_units=pairs)
     dp_opt = make_optimizer(model, dp, TrainConfig(), expected_microbatches=k, noise_generator=None)
     plain_opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    grads_of = make_grad_engine(model, engine)
 
     def dp_step() -> None:
-        grads, _ = per_microbatch_grads(model, groups, images, tokens)
+        grads, _ = grads_of(groups, images, tokens, bank=bank)
         for name, p in model.named_parameters():
             if p.requires_grad:
                 p.grad_sample = grads[name]
@@ -72,9 +86,9 @@ def _one(k: int, trainable: str, pairs: int, repeats: int, device: str) -> dict:
     dp_time = timed(dp_step)
     trainable_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     peak = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"microbatches": k, "trainable": trainable, "trainable_params": trainable_params, "plain_s": plain,
-            "dp_s": dp_time, "ratio": dp_time / plain, "grad_sample_MiB": k * trainable_params * 4 / 2**20,
-            "peak_MiB": peak}
+    return {"mode": mode, "groups": k, "trainable": trainable, "engine": engine, "trainable_params": trainable_params,
+            "plain_ms": plain * 1e3, "dp_ms": dp_time * 1e3, "ratio": dp_time / plain,
+            "group_grads_MiB": k * trainable_params * 4 / 2**20, "peak_MiB": peak}
 
 
 def main() -> int:
@@ -82,26 +96,39 @@ def main() -> int:
     parser.add_argument("--pairs", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--one", nargs=2, metavar=("K", "TRAINABLE"), help=argparse.SUPPRESS)
+    parser.add_argument("--ks", default="1,4,16,64,128", help="group counts K (micro-batches)")
+    parser.add_argument("--trainable", default="all,last-1,projections")
+    parser.add_argument("--engines", default="hooks,vmap")
+    parser.add_argument("--vmap-max-k", type=int, default=16, help="largest K run with the vmap reference (it is slow)")
+    parser.add_argument("--units", type=int, default=32, help="units in the per-unit rows (pairs/units pairs each)")
+    parser.add_argument("--csv", default="", help="also write the table here")
+    parser.add_argument("--one", nargs=4, metavar=("K", "TRAINABLE", "ENGINE", "MODE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(_one(int(args.one[0]), args.one[1], args.pairs, args.repeats, args.device)))
+        print(json.dumps(_one(int(args.one[0]), args.one[1], args.one[2], args.one[3], args.pairs, args.repeats, args.device)))
         return 0
+    plan = []
+    for trainable in args.trainable.split(","):
+        for engine in args.engines.split(","):
+            plan += [(k, trainable, engine, "microbatch") for k in map(int, args.ks.split(","))
+                     if engine != "vmap" or k <= args.vmap_max_k]
+            plan.append((args.units, trainable, engine, "unit"))
     rows = []
-    for trainable in ("all", "last-1"):
-        for k in (1, 4, 16):
-            cmd = [sys.executable, "-m", "benchmarks.dp_step", "--one", str(k), trainable, "--pairs", str(args.pairs),
-                   "--repeats", str(args.repeats), "--device", args.device]
-            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
-            rows.append(json.loads(out))
-            r = rows[-1]
-            print(f"  K={k:>2} trainable={trainable:<7} plain {r['plain_s']*1e3:7.1f} ms  dp {r['dp_s']*1e3:7.1f} ms  "
-                  f"ratio {r['ratio']:.2f}x  peak {r['peak_MiB']:.0f} MiB", flush=True)
+    for i, (k, trainable, engine, mode) in enumerate(plan, 1):
+        cmd = [sys.executable, "-m", "benchmarks.dp_step", "--one", str(k), trainable, engine, mode,
+               "--pairs", str(args.pairs), "--repeats", str(args.repeats), "--device", args.device]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+        r = json.loads(out)
+        rows.append(r)
+        print(f"[{i}/{len(plan)}] {mode:<10} K={k:>3} {trainable:<11} {engine:<5} plain {r['plain_ms']:7.1f} ms  "
+              f"dp {r['dp_ms']:7.1f} ms  ratio {r['ratio']:.2f}x  peak {r['peak_MiB']:.0f} MiB", flush=True)
     import pandas as pd
 
     table = pd.DataFrame(rows)
+    if args.csv:
+        table.to_csv(args.csv, index=False)
     print(f"\n{args.pairs} pairs per step, device {args.device}, torch {torch.__version__}, median of {args.repeats}")
-    print(table.to_markdown(index=False, floatfmt=".3f") if _has_tabulate() else table.to_string(index=False))
+    print(table.to_markdown(index=False, floatfmt=".2f") if _has_tabulate() else table.to_string(index=False))
     return 0
 
 

@@ -99,6 +99,10 @@ class DpConfig:
 
 
 OPTIMIZERS = ("adamw", "sgd")
+# How per-group gradients are computed (same numbers, different cost): ``hooks`` = one backward
+# with Opacus' grad-sample hooks (``group_grads``), ``vmap`` = the reference, one vectorised
+# backward per group (``microbatch_grads``), ``auto`` = hooks where the model supports them.
+GRAD_ENGINES = ("auto", "hooks", "vmap")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -113,6 +117,7 @@ class TrainConfig:
     optimizer: str = "adamw"
     microbatch_chunk: int | None = None
     negative_bank_size: int = 256
+    grad_engine: str = "auto"
 
     def __post_init__(self) -> None:
         if self.steps < 1:
@@ -125,5 +130,7 @@ class TrainConfig:
             raise ValueError(f"optimizer: expected one of {OPTIMIZERS}, got {self.optimizer!r}")
         if self.negative_bank_size < 1:
             raise ValueError(f"negative_bank_size: expected an integer >= 1, got {self.negative_bank_size}")
+        if self.grad_engine not in GRAD_ENGINES:
+            raise ValueError(f"grad_engine: expected one of {GRAD_ENGINES}, got {self.grad_engine!r}")
         if self.microbatch_chunk is not None and self.microbatch_chunk < 1:
             raise ValueError(f"microbatch_chunk: expected an integer >= 1 or None, got {self.microbatch_chunk}")

@@ -1,8 +1,9 @@
 """A site's local training under per-batch DP, top to bottom.
 
 One step: Poisson-sample micro-batches or units (Opacus' sampler); compute every sampled
-group's contrastive-loss gradient at once (``per_microbatch_grads``; in ``unit`` mode against a
-bank of public negatives built when the round starts); hand them to Opacus' ``DPOptimizer`` as
+group's contrastive-loss gradient at once (one backward with Opacus' hooks, ``group_grads``, or
+the vmap reference; in ``unit`` mode against a bank of public negatives built when the round
+starts); hand them to Opacus' ``DPOptimizer`` as
 ``p.grad_sample``, which clips each to norm C, sums, adds N(0, (sigma C)^2) and divides by a
 public number (``DpConfig.expected_terms``); step. The non-private mode samples the same way and
 takes a plain step on the whole batch. The run returns one privacy event.
@@ -29,8 +30,9 @@ from fedclip.privacy.randomness import site_randomness
 from fedclip.privacy.sabotage import noise_divisor
 from fedclip.training.config import DpConfig, Mode, TrainConfig
 from fedclip.training.loss import clip_loss
-from fedclip.training.microbatch_grads import per_microbatch_grads
+from fedclip.training.group_grads import dense_grads, make_grad_engine
 from fedclip.training.negative_bank import build_negative_bank
+from fedclip.training.row_sparse_optimizer import RowSparseDPOptimizer
 
 
 @dataclass(frozen=True)
@@ -78,7 +80,7 @@ def make_optimizer(model: torch.nn.Module, dp: DpConfig, train: TrainConfig, *, 
         optimizer = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
     if dp.mode == Mode.NONPRIVATE:
         return optimizer
-    return DPOptimizer(optimizer, noise_multiplier=dp.noise_multiplier / noise_divisor(), max_grad_norm=dp.max_grad_norm,
+    return RowSparseDPOptimizer(optimizer, noise_multiplier=dp.noise_multiplier / noise_divisor(), max_grad_norm=dp.max_grad_norm,
                        expected_batch_size=expected_microbatches, loss_reduction="mean", generator=noise_generator,
                        secure_mode=True)
 
@@ -117,6 +119,8 @@ def train_local(
         if public is None:
             raise ValueError("public: unit mode needs public pairs for its negative bank")
         bank = build_negative_bank(model, public, size=train.negative_bank_size, generator=randomness.sampler)
+    grads_of = None if dp.mode == Mode.NONPRIVATE else make_grad_engine(model, train.grad_engine,
+                                                                          chunk_size=train.microbatch_chunk)
     if step_hook is not None and isinstance(optimizer, DPOptimizer):
         optimizer.attach_step_hook(step_hook)
     model.train()
@@ -130,14 +134,14 @@ def train_local(
                                canaries=canary_rows(model, sampled, norm=dp.max_grad_norm / dp.expected_terms)
                                if sampled else None)
         else:
-            grads, group_losses = per_microbatch_grads(model, groups, data.images, data.tokens,
-                                                       chunk_size=train.microbatch_chunk, bank=bank)
+            grads, group_losses, rows = grads_of(groups, data.images, data.tokens, bank=bank)
             if sampled:  # one more per-unit row each, of norm C: clipping leaves it whole
-                rows = canary_rows(model, sampled, norm=dp.max_grad_norm)
-                grads = {name: torch.cat([g, rows[name].to(g.dtype)]) for name, g in grads.items()}
+                grads, rows = dense_grads(model, grads, rows), {}
+                extra = canary_rows(model, sampled, norm=dp.max_grad_norm)
+                grads = {name: torch.cat([g, extra[name].to(g.dtype)]) for name, g in grads.items()}
             for name, p in model.named_parameters():
                 if p.requires_grad:
-                    p.grad_sample = grads[name]
+                    p.grad_sample, p.grad_sample_rows = grads[name], rows.get(name)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             loss = float(group_losses.mean()) if len(group_losses) else float("nan")

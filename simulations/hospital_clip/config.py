@@ -91,6 +91,7 @@ class SimulationConfig:
     local_steps: int = 20
     lr: float = 5e-3
     optimizer: str = "adamw"  # adamw | sgd (Nesterov momentum 0.9)
+    grad_engine: str = "auto"  # per-group gradients: hooks (one backward) | vmap (reference) | auto
     # what a site releases beside its update (0 = nothing; > 0: the noise multiplier, charged in the ledger)
     release_loss_noise: float = 0.0
     release_loss_bound: float = 10.0
@@ -274,7 +275,7 @@ class SimulationConfig:
 
     def train(self) -> TrainConfig:
         return TrainConfig(steps=self.local_steps, lr=self.lr, optimizer=self.optimizer,
-                           negative_bank_size=self.negative_bank_size)
+                           negative_bank_size=self.negative_bank_size, grad_engine=self.grad_engine)
 
     def release(self) -> ReleaseConfig:
         return ReleaseConfig(loss_noise=self.release_loss_noise, loss_bound=self.release_loss_bound,

@@ -74,6 +74,7 @@ class RoundPlan:
             "declared-units": self.dp.declared_units, "delta": self.dp.delta,
             "accountant": self.dp.accountant, "local-steps": self.train.steps, "lr": self.train.lr,
             "optimizer": self.train.optimizer, "negative-bank-size": self.train.negative_bank_size,
+            "grad-engine": self.train.grad_engine,
             "release-loss-noise": self.release.loss_noise, "release-loss-bound": self.release.loss_bound,
             "release-count-noise": self.release.count_noise, "reproducible-noise": self.reproducible_noise,
             "seed": self.seed, **(self.input.to_record() if self.input is not None else {"input-privacy": ""}),
@@ -93,7 +94,9 @@ class RoundPlan:
                       delta=float(record["delta"]), accountant=str(record["accountant"]), hash_key=hash_key)
         return cls(dp=dp, train=TrainConfig(steps=int(record["local-steps"]), lr=float(record["lr"]),
                                             optimizer=str(record["optimizer"]),
-                                            negative_bank_size=int(record["negative-bank-size"])),
+                                            negative_bank_size=int(record["negative-bank-size"]),
+                                            # speed only (same gradients): optional for older servers
+                                            grad_engine=str(record.get("grad-engine", "auto"))),
                    release=ReleaseConfig(loss_noise=float(record["release-loss-noise"]),
                                          loss_bound=float(record["release-loss-bound"]),
                                          count_noise=float(record["release-count-noise"])),

@@ -1,0 +1,142 @@
+"""Every micro-batch's (or unit's) gradient from one forward and one backward pass.
+
+Why this is exact. The encoders treat each pair on its own (no batch norm, no cross-sample
+attention), and the loss of group k, ``L_k``, depends only on the features of group k's pairs
+(and on constants: ``logit_scale``, a public negative bank). So for the summed loss
+``L = sum_k L_k``, the gradient reaching pair i's features is ``dL_k/df_i`` for the group k
+holding i, and the gradient of ``L_k`` is the sum over i in k of pair i's per-sample
+contribution. Opacus' grad-sample hooks give those contributions (on the twin of
+``grad_sample_twin``); summing them per group gives each ``grad L_k``. ``logit_scale`` enters
+every group's loss directly, so each group gets its own copy of it and its gradient is read off
+that copy. The result has the layout the vmap reference (``microbatch_grads``) returns and Opacus'
+``DPOptimizer`` clips: one row per group.
+
+Cost: one forward and one backward over the step's pairs, plus per-sample gradients of the
+trainable parameters ([pairs, *shape] each, summed to [groups, *shape]); vmap instead runs the
+model once per group (padded) and cannot batch CPU flash attention.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+from opacus.grad_sample import GradSampleModule
+from torch.func import vmap
+
+from fedclip.training.grad_sample_twin import GradSampleTwin, unsupported_reason
+from fedclip.training.loss import clip_loss, clip_loss_with_bank
+from fedclip.training.microbatch_grads import pad_groups, per_microbatch_grads
+from fedclip.training.negative_bank import NegativeBank
+
+
+class GroupGradients:
+    """``__call__(groups, images, tokens, bank=None) -> (grads, losses [K], rows)``: ``grads[name]``
+    is [K, *shape], except the token embedding's, [K, U, width] for the U rows in ``rows[name]``
+    (the only rows any group's gradient touches; see ``RowSparseDPOptimizer``).
+
+    Built once per local training run: the twin shares the model's parameters, so steps taken on
+    the model are seen without copying. Which parameters are trainable is fixed at construction.
+    """
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+        self.trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        if not self.trainable:
+            raise ValueError("trainable: the model has no trainable parameters")
+        self.twin = GradSampleTwin(model)
+        self.names = {id(p): n for n, p in model.named_parameters()}
+        self.hooked = GradSampleModule(self.twin, batch_first=True, loss_reduction="sum", strict=True)
+        self.fused: dict[str, list[tuple[torch.nn.Parameter, int, int]]] = {}
+        for view, (name, lo, hi) in self.twin.attention_views.items():
+            if view.requires_grad:
+                self.fused.setdefault(name, []).append((view, lo, hi))
+
+    def __call__(self, groups: Sequence[np.ndarray | Sequence[int]], images: torch.Tensor, tokens: torch.Tensor, *,
+                 bank: NegativeBank | None = None) -> tuple[dict[str, torch.Tensor], torch.Tensor, dict[str, torch.Tensor]]:
+        device = next(iter(self.trainable.values())).device
+        k, sizes = len(groups), [len(g) for g in groups]
+        if sum(sizes) == 0:  # no group, or only empty ones: zero gradients (the noise is added anyway)
+            return ({n: torch.zeros((k, *p.shape), dtype=p.dtype, device=device) for n, p in self.trainable.items()},
+                    torch.zeros(k), {})
+        records = torch.as_tensor(np.concatenate([np.asarray(g, dtype=np.int64) for g in groups]), dtype=torch.long)
+        offsets = np.cumsum([0, *sizes])
+        position, valid = pad_groups([np.arange(offsets[i], offsets[i + 1]) for i in range(k)])
+        position, valid = position.to(device), valid.to(device)
+        owner = torch.repeat_interleave(torch.arange(k, device=device), torch.as_tensor(sizes, device=device))
+
+        self._clear()
+        image_f, text_f = self.hooked(images[records].to(device), tokens[records].to(device))
+        log_scale = self.model.logit_scale.detach().expand(k).clone().requires_grad_(self.model.logit_scale.requires_grad)
+        if bank is None:
+            losses = vmap(clip_loss)(image_f[position], text_f[position], log_scale.exp(), valid)
+        else:
+            bank_images, bank_texts = bank.images.to(device), bank.texts.to(device)
+            losses = vmap(clip_loss_with_bank, in_dims=(0, 0, 0, 0, None, None))(
+                image_f[position], text_f[position], log_scale.exp(), valid, bank_images, bank_texts)
+        with warnings.catch_warnings():  # the first hooked layers' inputs (pixels, token ids) need no gradient
+            warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed with "
+                                    "respect to module outputs since no inputs require gradients")
+            losses.sum().backward()
+
+        grads = {}
+        for name, param in self.trainable.items():
+            if name == "logit_scale":  # its own copy per group: already one row per group
+                grads[name] = log_scale.grad.reshape(k, *param.shape)
+            elif max(sizes) == 1 and min(sizes) == 1:  # one pair per group, in order
+                grads[name] = self._per_sample(name, param)
+            else:
+                per_sample = self._per_sample(name, param)
+                grads[name] = per_sample.new_zeros(k, *per_sample.shape[1:]).index_add_(0, owner, per_sample)
+        rows = {}
+        embedding = self.twin.token_embedding
+        if embedding.weight.requires_grad:
+            rows[self.names[id(embedding.weight)]] = embedding.rows
+        self._clear()
+        return grads, losses.detach(), rows
+
+    def _per_sample(self, name: str, param: torch.nn.Parameter) -> torch.Tensor:
+        if name in self.fused:  # q, k and v rows of a fused in_proj, put back in order
+            out = param.new_zeros(self.fused[name][0][0].grad_sample.shape[0], *param.shape)
+            for view, lo, hi in self.fused[name]:
+                out[:, lo:hi] = view.grad_sample
+            return out
+        if getattr(param, "grad_sample", None) is None:
+            raise RuntimeError(f"{name}: no per-sample gradient was computed (the twin does not use it)")
+        return param.grad_sample
+
+    def _clear(self) -> None:
+        for p in list(self.twin.parameters()) + list(self.trainable.values()):
+            p.grad_sample = None
+            p.grad = None
+
+
+GradEngine = Callable[..., tuple[dict[str, torch.Tensor], torch.Tensor, dict[str, torch.Tensor]]]
+
+
+def make_grad_engine(model: torch.nn.Module, engine: str, *, chunk_size: int | None = None) -> GradEngine:
+    """``engine(groups, images, tokens, bank=...) -> (grads, losses, rows)`` for
+    ``TrainConfig.grad_engine`` (``rows`` empty when every gradient is dense): ``hooks``
+    (refused, with the reason, for a model the twin does not cover), ``vmap``, or ``auto``."""
+    reason = unsupported_reason(model)
+    if engine == "hooks" and reason is not None:
+        raise ValueError(f"grad-engine: 'hooks' does not support this model: {reason}; use 'vmap' or 'auto'")
+    if engine == "vmap" or reason is not None:
+        def dense(*args, **kwargs):
+            return (*per_microbatch_grads(model, *args, chunk_size=chunk_size, **kwargs), {})
+
+        return dense
+    return GroupGradients(model)
+
+
+def dense_grads(model: torch.nn.Module, grads: dict[str, torch.Tensor], rows: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Row gradients scattered to full size [K, *shape] (for the auditor's gradient canaries,
+    which may touch any row, and for comparisons)."""
+    params = dict(model.named_parameters())
+    out = dict(grads)
+    for name, r in rows.items():
+        g = grads[name]
+        out[name] = g.new_zeros(g.shape[0], *params[name].shape).index_add_(1, r.to(g.device), g)
+    return out

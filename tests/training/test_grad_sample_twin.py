@@ -1,0 +1,37 @@
+import pytest
+import torch
+from torch import nn
+
+from fedclip.models.factory import ModelConfig, create_model
+from fedclip.training.grad_sample_twin import GradSampleTwin, unsupported_reason
+from tests.training.test_microbatch_grads import _batch
+
+
+def test_twin_computes_the_models_features_and_sees_its_updates():
+    """Same outputs as open_clip's own forward, before and after an in-place update of the model
+    (the twin shares storage, including the q/k/v views of the fused attention weights)."""
+    torch.manual_seed(0)
+    model = create_model(ModelConfig(trainable="all")).model
+    twin = GradSampleTwin(model)
+    images, tokens = _batch(5, 32, model.context_length)
+    for _ in range(2):
+        with torch.no_grad():
+            image_f, text_f, _ = model(images, tokens)
+            twin_image, twin_text = twin(images, tokens)
+        torch.testing.assert_close(twin_image, image_f, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(twin_text, text_f, rtol=1e-5, atol=1e-6)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+    shared = {id(p) for p in model.parameters()}
+    assert all(id(p) in shared or p in twin.attention_views for p in twin.parameters())
+
+
+def test_models_the_twin_does_not_cover_are_named():
+    assert "not open_clip's CLIP" in unsupported_reason(nn.Linear(2, 2))
+    model = create_model(ModelConfig(trainable="all")).model
+    assert unsupported_reason(model) is None
+    model.logit_bias = nn.Parameter(torch.zeros([]))
+    assert "logit bias" in unsupported_reason(model)
+    with pytest.raises(ValueError, match="grad-sample twin: .*logit bias"):
+        GradSampleTwin(model)

@@ -1,0 +1,83 @@
+import numpy as np
+import pytest
+import torch
+
+from fedclip.data.tensors import PairData
+from fedclip.models.factory import ModelConfig, create_model
+from fedclip.training.config import DpConfig, TrainConfig
+from fedclip.training.group_grads import GroupGradients, dense_grads, make_grad_engine
+from fedclip.training.local import train_local
+from fedclip.training.microbatch_grads import per_microbatch_grads
+from tests.training.test_microbatch_grads import _bank, _batch
+
+
+def _assert_same(hooks, vmap):
+    assert set(hooks) == set(vmap)
+    for name, ref in vmap.items():
+        torch.testing.assert_close(hooks[name], ref, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize(("arch", "trainable", "size", "groups"), [
+    ("fedclip-tiny", "all", 32, [np.arange(0, 5), np.array([], dtype=np.int64), np.arange(5, 7), np.arange(7, 12)]),
+    ("fedclip-tiny", "projections", 32, [np.array([3]), np.array([0]), np.array([7])]),
+    ("ViT-B-32", "last-1", 224, [np.arange(0, 3), np.arange(3, 5)]),
+])
+def test_one_backward_equals_the_vmap_reference(arch, trainable, size, groups):
+    """Unequal groups, an empty group, one pair per group out of order, and a real open_clip
+    architecture (random init): every trainable parameter's per-group gradient and each loss."""
+    torch.manual_seed(0)
+    model = create_model(ModelConfig(arch=arch, trainable=trainable)).model
+    images, tokens = _batch(12, size, model.context_length)
+    hooks, hook_losses, rows = GroupGradients(model)(groups, images, tokens)
+    vmap, vmap_losses = per_microbatch_grads(model, groups, images, tokens)
+    if trainable == "all":  # the token embedding comes as the rows of the tokens seen, and only those
+        assert set(rows) == {"token_embedding.weight"}
+        assert torch.equal(rows["token_embedding.weight"], torch.unique(tokens[np.concatenate(groups)]))
+        assert hooks["token_embedding.weight"].shape[1] < 5000 < model.token_embedding.weight.shape[0]
+    _assert_same(dense_grads(model, hooks, rows), vmap)
+    torch.testing.assert_close(hook_losses, vmap_losses, rtol=1e-5, atol=1e-6)
+    assert all(p.grad is None for p in model.parameters()), "the one backward must not leave gradients behind"
+
+
+def test_one_backward_with_a_negative_bank_and_after_model_updates():
+    torch.manual_seed(1)
+    model = create_model(ModelConfig(trainable="last-1")).model
+    engine = GroupGradients(model)
+    bank = _bank(model)
+    images, tokens = _batch(9, 32, model.context_length)
+    groups = [np.arange(0, 4), np.arange(4, 9)]
+    for _ in range(2):  # the engine is built once per run: a changed model must be seen
+        hooks, _, rows = engine(groups, images, tokens, bank=bank)
+        assert rows == {}  # last-1: no embedding
+        _assert_same(hooks, per_microbatch_grads(model, groups, images, tokens, bank=bank)[0])
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+
+
+def test_engine_choice():
+    model = create_model(ModelConfig(trainable="projections")).model
+    assert isinstance(make_grad_engine(model, "auto"), GroupGradients)
+    assert not isinstance(make_grad_engine(model, "vmap"), GroupGradients)
+    model.logit_bias = torch.nn.Parameter(torch.zeros([]))
+    assert not isinstance(make_grad_engine(model, "auto"), GroupGradients)  # falls back to the reference
+    with pytest.raises(ValueError, match="grad-engine: 'hooks' does not support this model"):
+        make_grad_engine(model, "hooks")
+    with pytest.raises(ValueError, match="grad_engine"):
+        TrainConfig(grad_engine="fast")
+
+
+def test_training_is_the_same_with_either_engine():
+    """Same reproducible seed (same sampling and noise), same steps: the two engines end at the
+    same parameters, so switching engines changes cost, not the mechanism."""
+    images, tokens = _batch(24, 32)
+    data = PairData(images=images, tokens=tokens, patient_ids=tuple(f"p{i // 3}" for i in range(24)),
+                    names=("n",) * 24, conditions=("c",) * 24, record_ids=tuple(f"r{i}" for i in range(24)))
+    dp = DpConfig(noise_multiplier=1.0, max_grad_norm=0.5, sample_rate=0.5, microbatch_size=1, declared_units=8)
+    ends = []
+    for engine in ("hooks", "vmap"):
+        torch.manual_seed(0)
+        model = create_model(ModelConfig(trainable="all")).model  # incl. the row-sparse embedding
+        train_local(model, data, dp=dp, train=TrainConfig(steps=3, lr=1e-3, grad_engine=engine), reproducible_seed=7)
+        ends.append({n: p.detach().clone() for n, p in model.named_parameters()})
+    _assert_same(*ends)
