@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 # Parameters that map each tower's output into the shared embedding space, and the temperature.
-_PROJECTIONS = ("visual.proj", "text_projection", "text.text_projection", "logit_scale", "logit_bias")
+PROJECTIONS = ("visual.proj", "text_projection", "text.text_projection", "logit_scale", "logit_bias")
 # Final layer norms follow the last block and are trained with it.
 _FINAL_NORMS = ("visual.ln_post.", "ln_final.", "text.ln_final.")
 _TOWERS = {"vision": re.compile(r"^visual\.transformer\.resblocks\.(\d+)\."),
@@ -39,7 +39,7 @@ class TrainableSpec:
 def _selected(names: list[str], spec: TrainableSpec) -> set[str]:
     if spec.mode == "all":
         return set(names)
-    chosen = {n for n in names if n in _PROJECTIONS}
+    chosen = {n for n in names if n in PROJECTIONS}
     if not chosen:
         raise ValueError("trainable: this architecture has no visual.proj / text_projection to train")
     if spec.mode == "projections":

@@ -26,6 +26,7 @@ import torch
 from opacus.grad_sample import GradSampleModule
 from torch.func import vmap
 
+from fedclip.models.trainable import PROJECTIONS
 from fedclip.training.grad_sample_twin import GradSampleTwin, unsupported_reason
 from fedclip.training.loss import clip_loss, clip_loss_with_bank
 from fedclip.training.microbatch_grads import pad_groups, per_microbatch_grads
@@ -116,19 +117,52 @@ class GroupGradients:
 GradEngine = Callable[..., tuple[dict[str, torch.Tensor], torch.Tensor, dict[str, torch.Tensor]]]
 
 
+# ``auto``'s rule, from ``python -m benchmarks.dp_step`` (BENCHMARKS.md, 2-core CPU, fedclip-tiny,
+# 128 pairs): per-sample hooks cost about the same at any K, vmap grows with K. Hooks won with only
+# the projections trainable (every K) and with the token embedding trainable from K = 16 (vmap
+# writes a dense [K, 49408, D] gradient: 692 vs 173 ms at K = 128); vmap won for last-1 at every
+# K up to 128 (43 vs 67 ms at K = 16, equal at 128) and for `all` at K <= 4.
+AUTO_HOOKS_FROM_K = 8
+
+
+class AutoGradEngine:
+    """Per step, the engine measured faster for this trainable set and this many groups."""
+
+    def __init__(self, model: torch.nn.Module, *, chunk_size: int | None = None) -> None:
+        names = {n for n, p in model.named_parameters() if p.requires_grad}
+        self.embedding_trainable = "token_embedding.weight" in names
+        self.projections_only = names <= set(PROJECTIONS)
+        self.hooks = GroupGradients(model)
+        self.vmap = _vmap_engine(model, chunk_size)
+
+    def choose(self, k: int) -> str:
+        if self.projections_only or (self.embedding_trainable and k >= AUTO_HOOKS_FROM_K):
+            return "hooks"
+        return "vmap"
+
+    def __call__(self, groups, images, tokens, *, bank=None):
+        engine = self.hooks if self.choose(len(groups)) == "hooks" else self.vmap
+        return engine(groups, images, tokens, bank=bank)
+
+
+def _vmap_engine(model: torch.nn.Module, chunk_size: int | None) -> GradEngine:
+    def dense(*args, **kwargs):
+        return (*per_microbatch_grads(model, *args, chunk_size=chunk_size, **kwargs), {})
+
+    return dense
+
+
 def make_grad_engine(model: torch.nn.Module, engine: str, *, chunk_size: int | None = None) -> GradEngine:
     """``engine(groups, images, tokens, bank=...) -> (grads, losses, rows)`` for
     ``TrainConfig.grad_engine`` (``rows`` empty when every gradient is dense): ``hooks``
-    (refused, with the reason, for a model the twin does not cover), ``vmap``, or ``auto``."""
+    (refused, with the reason, for a model the twin does not cover), ``vmap``, or ``auto``
+    (``AutoGradEngine``; vmap for a model the twin does not cover). All give the same gradients."""
     reason = unsupported_reason(model)
     if engine == "hooks" and reason is not None:
         raise ValueError(f"grad-engine: 'hooks' does not support this model: {reason}; use 'vmap' or 'auto'")
     if engine == "vmap" or reason is not None:
-        def dense(*args, **kwargs):
-            return (*per_microbatch_grads(model, *args, chunk_size=chunk_size, **kwargs), {})
-
-        return dense
-    return GroupGradients(model)
+        return _vmap_engine(model, chunk_size)
+    return GroupGradients(model) if engine == "hooks" else AutoGradEngine(model, chunk_size=chunk_size)
 
 
 def dense_grads(model: torch.nn.Module, grads: dict[str, torch.Tensor], rows: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -5,7 +5,7 @@ import torch
 from fedclip.data.tensors import PairData
 from fedclip.models.factory import ModelConfig, create_model
 from fedclip.training.config import DpConfig, TrainConfig
-from fedclip.training.group_grads import GroupGradients, dense_grads, make_grad_engine
+from fedclip.training.group_grads import AutoGradEngine, GroupGradients, dense_grads, make_grad_engine
 from fedclip.training.local import train_local
 from fedclip.training.microbatch_grads import per_microbatch_grads
 from tests.training.test_microbatch_grads import _bank, _batch
@@ -57,10 +57,16 @@ def test_one_backward_with_a_negative_bank_and_after_model_updates():
 
 def test_engine_choice():
     model = create_model(ModelConfig(trainable="projections")).model
-    assert isinstance(make_grad_engine(model, "auto"), GroupGradients)
-    assert not isinstance(make_grad_engine(model, "vmap"), GroupGradients)
+    assert isinstance(make_grad_engine(model, "hooks"), GroupGradients)
+    assert not isinstance(make_grad_engine(model, "vmap"), (GroupGradients, AutoGradEngine))
+    auto = make_grad_engine(model, "auto")
+    assert [auto.choose(k) for k in (1, 128)] == ["hooks", "hooks"]
+    auto = make_grad_engine(create_model(ModelConfig(trainable="all")).model, "auto")
+    assert [auto.choose(k) for k in (1, 4, 8, 128)] == ["vmap", "vmap", "hooks", "hooks"]
+    auto = make_grad_engine(create_model(ModelConfig(trainable="last-1")).model, "auto")
+    assert [auto.choose(k) for k in (1, 128)] == ["vmap", "vmap"]
     model.logit_bias = torch.nn.Parameter(torch.zeros([]))
-    assert not isinstance(make_grad_engine(model, "auto"), GroupGradients)  # falls back to the reference
+    assert not isinstance(make_grad_engine(model, "auto"), (GroupGradients, AutoGradEngine))  # the reference
     with pytest.raises(ValueError, match="grad-engine: 'hooks' does not support this model"):
         make_grad_engine(model, "hooks")
     with pytest.raises(ValueError, match="grad_engine"):
