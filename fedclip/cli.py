@@ -23,6 +23,7 @@ from pathlib import Path
 import pandas as pd
 
 from fedclip.console import quiet_known_noise
+from fedclip.progress import decide_progress
 from fedclip.data.manifest import load_manifest
 from fedclip.data.names import NAME_LISTS
 from fedclip.data.schema import Split
@@ -352,6 +353,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     quiet_known_noise()
     try:
+        decide_progress()
         return args.func(args)
     except ValueError as exc:
         print(f"fedclip: error: {exc}", file=sys.stderr)

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from fedclip.console import quiet_known_noise
+from fedclip.progress import decide_progress
 
 
 def parse_run_config(text: str | None) -> dict[str, Any]:
@@ -122,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         backend = parse_backend_config(args.backend_config, use_gpu=torch.cuda.is_available())
+        decide_progress()  # bars if this terminal is watched; Ray's actors follow it
     except (ValueError, ImportError) as exc:
         print(f"flower-simulation: error: {exc}", file=sys.stderr)
         return 2

@@ -25,6 +25,7 @@ from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from fedclip.attacks.gradient_canaries import DiracCanaries, canary_rows
 from fedclip.data.tensors import PairData
 from fedclip.privacy.events import DpEvent
+from fedclip.progress import progress_bar
 from fedclip.privacy.microbatches import group_records, unit_ids
 from fedclip.privacy.randomness import site_randomness
 from fedclip.privacy.sabotage import noise_divisor
@@ -95,6 +96,7 @@ def train_local(
     public: PairData | None = None,
     step_hook: Callable[[DPOptimizer], None] | None = None,
     canaries: DiracCanaries | None = None,
+    progress: str | None = None,
 ) -> LocalResult:
     """Run ``train.steps`` steps on ``data`` in place; return the event and per-step figures.
 
@@ -106,6 +108,7 @@ def train_local(
     update, with ``p.grad_sample`` (raw), ``p.summed_grad`` (clipped sum) and ``p.grad`` set.
     ``canaries``: the auditor's gradient canaries (``fedclip.attacks.gradient_canaries``); each
     included one is one more unit, sampled at the same rate, its gradient ``C e_j``.
+    ``progress``: a bar's label, shown where someone watches (``fedclip.progress``).
     """
     pools = sampling_units(data, dp)
     device = next(model.parameters()).device
@@ -126,6 +129,7 @@ def train_local(
     model.train()
     inserted = list(canaries.inserted()) if canaries is not None else []
     losses, counts, pairs = [], [], []
+    bar = progress_bar(total=train.steps, desc=progress or "local steps")
     for picked in sampler:
         groups = _step_groups([pools[i] for i in picked], dp.mode)
         sampled = _sample(inserted, dp.sample_rate, randomness.sampler) if inserted else []
@@ -148,6 +152,8 @@ def train_local(
         losses.append(loss)
         counts.append(len(groups))
         pairs.append(int(sum(len(g) for g in groups)))
+        bar.update(1)
+    bar.close()
     return LocalResult(event=training_event(dp, train), losses=tuple(losses), microbatches_per_step=tuple(counts), pairs_per_step=tuple(pairs))
 
 

@@ -22,6 +22,7 @@ from fedclip.data.tensors import PairData
 from fedclip.evaluation.retrieval import retrieval_recall
 from fedclip.evaluation.zero_shot import zero_shot_accuracy
 from fedclip.models.arrays import load_arrays
+from fedclip.progress import progress_bar, say
 from fedclip.reporting.run_files import RunFiles
 from strategies.faults import crash_point
 
@@ -50,6 +51,7 @@ class RoundEvaluator:
         # the bound is printed after every round: a Bonferroni correction over all of them keeps the
         # printed bounds jointly valid at 95% (each round's at 1 - 0.05 / (rounds + 1))
         self.confidence = 1 - 0.05 / (total_rounds + 1)
+        self.bar = progress_bar(total=total_rounds - round_offset, desc="rounds", unit="round", leave=True)
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         round_ = self.round_offset + server_round
@@ -81,9 +83,14 @@ class RoundEvaluator:
                 line.append(f"{attack.name} TPR {m['tpr']:.2f} FPR {m['fpr']:.2f} eps_lb {m['epsilon_lower_bound']:.2f}")
         self._checkpoint(round_, arrays)
         crash_point("saved", round_)
-        print(" | ".join(line) + f" | {time.time() - self.started:.0f}s", flush=True)
+        say(" | ".join(line) + f" | {time.time() - self.started:.0f}s")
+        if server_round > 0:
+            self.bar.update(1)
         return MetricRecord({"zero-shot-accuracy": utility["zero_shot_accuracy"],
                              "max-site-epsilon": max_eps if math.isfinite(max_eps) else -1.0})
+
+    def close(self) -> None:
+        self.bar.close()
 
     def _checkpoint(self, round_: int, arrays: ArrayRecord) -> None:
         saved = {"round": round_, "state_dict": arrays.to_torch_state_dict()}

@@ -349,6 +349,7 @@ def run(grid: Grid, cfg: SimulationConfig) -> Path:
             strategy.start(grid, initial, num_rounds=remaining, train_config=train_config, evaluate_fn=evaluator)
         except SiteFailure as exc:
             failure = str(exc)
+    evaluator.close()
     final_eps = strategy.epsilons()
     site_level = None
     if site_sigma > 0:

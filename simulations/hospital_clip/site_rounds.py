@@ -90,7 +90,7 @@ def train(msg: Message, context: Context) -> Message:
                                   me.cache_dir) if str(plan.dp.mode) == "unit" else None
         canaries = canaries_from_wire(str(config.get("gradient-canary-plan", "")), me.site)  # the auditor's, if any
         result = train_local(model, data, dp=plan.dp, train=plan.train, reproducible_seed=seed, public=public,
-                             canaries=canaries)
+                             canaries=canaries, progress=f"{me.site} round {round_}")
         metrics: dict[str, float] = {"site-weight": me.weight}  # declared before training: public
         release_gen = site_randomness(device=pick_device(), reproducible_seed=None if seed is None else seed + 7).sampler
         if plan.release.loss_noise > 0:

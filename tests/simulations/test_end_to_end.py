@@ -1,6 +1,7 @@
 """A real simulation, as a user runs it: flower-simulation, Ray, 2 sites, then a resume."""
 
 import json
+import os
 import sqlite3
 import subprocess
 import sys
@@ -15,11 +16,11 @@ TINY = ("num-sites=2 patients-per-site=6 public-patients=30 heldout-patients=8 i
         "microbatch-size=3 target-epsilon=0.0 noise-multiplier=1.0 budget=inf")
 
 
-def _simulate(out, cache, extra: str) -> subprocess.CompletedProcess:
+def _simulate(out, cache, extra: str, env: dict | None = None) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "simulations.cli", "--app", "simulations.hospital_clip", "--output", str(out),
            "--run-config", f"{TINY} cache-dir='{cache}' {extra}",
            "--backend-config", '{"client_resources": {"num_cpus": 1, "num_gpus": 0.0}}']
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=420)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=420, env={**os.environ, **(env or {})})
 
 
 @pytest.fixture(scope="module")
@@ -33,8 +34,10 @@ def run_dir(tmp_path_factory):
     assert "round 1/1" in first.stdout
     with sqlite3.connect(out / "state" / "ledger.sqlite") as db:
         after_first = db.execute("SELECT COUNT(*) FROM charges").fetchone()[0]
-    second = _simulate(out, cache, "num-rounds=2 resume=true")
+    # the resumed run as if on a terminal: a bar of rounds, and each site's local steps drawn by Ray
+    second = _simulate(out, cache, "num-rounds=2 resume=true", env={"FEDCLIP_PROGRESS": "1"})
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    (base / "second.stderr").write_text(second.stderr)
     assert "resuming after round 1" in second.stdout and "round 2/2" in second.stdout
     return out, after_first
 
@@ -149,3 +152,14 @@ def test_the_console_prints_each_line_once_without_known_noise_and_ends_with_a_t
     header = next(line for line in lines if "zero-shot" in line and "recall@1" in line and "max eps" in line)
     assert "idia AUC" in header and "lira-record AUC" in header
     assert lines.index(header) < lines.index(next(line for line in lines if line.startswith("done:")))
+
+
+def test_progress_bars_only_where_someone_watches(run_dir):
+    """The first run's stderr is a pipe: no bars. The resumed run said FEDCLIP_PROGRESS=1: a bar of
+    rounds (resumed at round 1 of 2) and each site's local steps, drawn through Ray's tqdm_ray."""
+    out, _ = run_dir
+    first, second = (out.parent / "first.stderr").read_text(), (out.parent / "second.stderr").read_text()
+    assert "rounds: " not in first.replace("Number of rounds: ", "") and "%|" not in first
+    assert "rounds: 100%" in second
+    for site in ("hospital_0", "hospital_1"):
+        assert f"{site} round 2: 100%" in second, second[-2000:]
