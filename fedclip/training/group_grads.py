@@ -108,6 +108,11 @@ class GroupGradients:
             raise RuntimeError(f"{name}: no per-sample gradient was computed (the twin does not use it)")
         return param.grad_sample
 
+    def close(self) -> None:
+        """Remove Opacus' hooks (they hold the twin's modules); call when the run ends."""
+        self.hooked.remove_hooks()
+        self._clear()
+
     def _clear(self) -> None:
         for p in list(self.twin.parameters()) + list(self.trainable.values()):
             p.grad_sample = None
@@ -139,6 +144,9 @@ class AutoGradEngine:
         if self.projections_only or (self.embedding_trainable and k >= AUTO_HOOKS_FROM_K):
             return "hooks"
         return "vmap"
+
+    def close(self) -> None:
+        self.hooks.close()
 
     def __call__(self, groups, images, tokens, *, bank=None):
         engine = self.hooks if self.choose(len(groups)) == "hooks" else self.vmap

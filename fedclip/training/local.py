@@ -154,6 +154,8 @@ def train_local(
         pairs.append(int(sum(len(g) for g in groups)))
         bar.update(1)
     bar.close()
+    if hasattr(grads_of, "close"):
+        grads_of.close()
     return LocalResult(event=training_event(dp, train), losses=tuple(losses), microbatches_per_step=tuple(counts), pairs_per_step=tuple(pairs))
 
 

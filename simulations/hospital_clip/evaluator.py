@@ -51,9 +51,11 @@ class RoundEvaluator:
         # the bound is printed after every round: a Bonferroni correction over all of them keeps the
         # printed bounds jointly valid at 95% (each round's at 1 - 0.05 / (rounds + 1))
         self.confidence = 1 - 0.05 / (total_rounds + 1)
+        self.last_end = time.time()  # end of the previous evaluation: the train phase runs between
         self.bar = progress_bar(total=total_rounds - round_offset, desc="rounds", unit="round", leave=True)
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        called = time.time()
         round_ = self.round_offset + server_round
         if server_round == 0 and self.round_offset > 0:
             return None  # resumed: round `round_offset` was evaluated before the interruption
@@ -84,6 +86,9 @@ class RoundEvaluator:
         self._checkpoint(round_, arrays)
         crash_point("saved", round_)
         say(" | ".join(line) + f" | {time.time() - self.started:.0f}s")
+        self.files.append("timings", [{"round": round_, "evaluate_seconds": time.time() - called,
+                                       "train_phase_seconds": called - self.last_end if server_round > 0 else 0.0}])
+        self.last_end = time.time()
         if server_round > 0:
             self.bar.update(1)
         return MetricRecord({"zero-shot-accuracy": utility["zero_shot_accuracy"],

@@ -12,6 +12,8 @@ and the unit count are released only when the run asks, noised and charged
 
 from __future__ import annotations
 
+import time
+
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from fedclip.attacks.gradient_canaries import canaries_from_wire
@@ -21,6 +23,7 @@ from fedclip.privacy.events import events_to_wire
 from fedclip.privacy.ledger_store import Status
 from fedclip.privacy.randomness import site_randomness
 from fedclip.privacy.release import noisy_count, noisy_loss
+from fedclip.reporting.run_files import RunFiles
 from fedclip.reporting.spending import write_spending
 from fedclip.training.local import train_local
 from simulations.hospital_clip.input_privacy import kept_private_rows, privatize_site_rows
@@ -70,6 +73,7 @@ def _training_data(me: SiteIdentity, config: ConfigRecord, plan: RoundPlan, kept
 
 
 def train(msg: Message, context: Context) -> Message:
+    started = time.time()
     config = msg.content["config"]
     me = site_identity(context, config)
     plan = RoundPlan.from_record(config, hash_key=f"fedclip:{me.site}", declared_units=me.declared_units)
@@ -89,8 +93,10 @@ def train(msg: Message, context: Context) -> Message:
         public = site_public_data(me.manifest, str(config["arch"]), me.checkpoint, me.outside_paths,
                                   me.cache_dir) if str(plan.dp.mode) == "unit" else None
         canaries = canaries_from_wire(str(config.get("gradient-canary-plan", "")), me.site)  # the auditor's, if any
+        training = time.time()
         result = train_local(model, data, dp=plan.dp, train=plan.train, reproducible_seed=seed, public=public,
                              canaries=canaries, progress=f"{me.site} round {round_}")
+        train_seconds = time.time() - training
         metrics: dict[str, float] = {"site-weight": me.weight}  # declared before training: public
         release_gen = site_randomness(device=pick_device(), reproducible_seed=None if seed is None else seed + 7).sampler
         if plan.release.loss_noise > 0:
@@ -112,6 +118,8 @@ def train(msg: Message, context: Context) -> Message:
     write_spending(ledger, me.state_dir)  # the site's own account of its spending, never sent
     ledger.close()
     crash_point("site-settled", round_)
+    RunFiles(me.state_dir).append("site_timings", [{"round": round_, "handle_seconds": time.time() - started,
+                                                    "train_seconds": train_seconds}])  # the site's own; never sent
     content = RecordDict({
         "arrays": model_to_arrays(model, trainable_only=True),
         "metrics": MetricRecord(metrics),
