@@ -6,11 +6,13 @@ of a round that is Flower + Ray orchestration rather than the sites' own work.
 Each size runs ``flower-simulation`` (the command users run) in its own process tree with 2 Ray
 actors (one CPU each). Peak memory: the largest sum of RSS over the process and all its
 descendants (Ray's GCS, raylet and workers included), sampled every 0.2 s from /proc.
-Orchestration share of a round: 1 - (sum of the sites' own handling time / actors) / the server's
-train phase, from the run's ``timings.csv`` (server) and each site's ``site_timings.csv`` (written
-by the site in its own folder). The sites' handling includes their ledger, data loading, model
-set-up, local DP steps and spending report; orchestration is everything else: Flower's messages,
-Ray's scheduling, (de)serialisation, and idle actors at the end of a round.
+Orchestration share of a round: 1 - (sum of the sites' own handling time / actors + the strategy's
+own time) / the server's train phase, from the run's ``timings.csv`` (server) and each site's
+``site_timings.csv`` (written by the site in its own folder). The sites' handling includes their
+ledger, data loading, model set-up, local DP steps and spending report; the strategy's time its
+budget checks, charges, settlements, aggregation and report (fedclip's work, shown as its own
+column); orchestration is everything else: Flower's messages, Ray's scheduling, (de)serialisation,
+and actors left idle at the end of a round.
 """
 
 from __future__ import annotations
@@ -81,9 +83,11 @@ def run_one(sites: int, *, rounds: int, patients: int, steps: int, workdir: Path
     trained = server[server["round"] > 0]
     per_round = site_rows.groupby("round")[["handle_seconds", "train_seconds"]].sum()
     train_phase = trained.set_index("round")["train_phase_seconds"]
-    share = 1 - (per_round["handle_seconds"] / ACTORS) / train_phase
+    strategy = trained.set_index("round")["strategy_seconds"]
+    share = 1 - (per_round["handle_seconds"] / ACTORS + strategy) / train_phase
     return {"sites": sites, "wall_s": wall, "peak_tree_MiB": peak,
-            "round_s": float(train_phase.mean()), "evaluate_s": float(trained["evaluate_seconds"].mean()),
+            "round_s": float(train_phase.mean()), "strategy_s": float(strategy.mean()),
+            "evaluate_s": float(trained["evaluate_seconds"].mean()),
             "site_handle_s": float(site_rows["handle_seconds"].mean()),
             "site_train_s": float(site_rows["train_seconds"].mean()),
             "orchestration_share": float(share.mean()), "orchestration_share_last_round": float(share.iloc[-1]),
@@ -108,8 +112,9 @@ def main() -> int:
         print(f"{n} sites: running ({workdir})", flush=True)
         rows.append(run_one(n, rounds=args.rounds, patients=args.patients, steps=args.steps, workdir=workdir))
         r = rows[-1]
-        print(f"{n} sites: wall {r['wall_s']:.0f} s, round {r['round_s']:.1f} s, peak {r['peak_tree_MiB']:.0f} MiB, "
-              f"orchestration {100 * r['orchestration_share']:.1f}% of a round", flush=True)
+        print(f"{n} sites: wall {r['wall_s']:.0f} s, round {r['round_s']:.1f} s (strategy {r['strategy_s']:.1f} s), "
+              f"peak {r['peak_tree_MiB']:.0f} MiB, orchestration {100 * r['orchestration_share']:.1f}% of a round",
+              flush=True)
     table = pd.DataFrame(rows)
     if args.csv:
         table.to_csv(args.csv, index=False)

@@ -14,6 +14,7 @@ the successful share of the selected sites reaches ``failure_quorum``.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass
 from logging import INFO, WARNING
@@ -108,6 +109,7 @@ class PrivacyBudgetStrategy(Strategy):
         self.exhausted = False
         self._selected: dict[str, int] = {}
         self._attempt = 0
+        self.strategy_seconds = 0.0  # this round: budget checks, charges, settlements, aggregation, report
 
     def epsilons(self) -> dict[str, float]:
         return {site: self.store.ledger(site).epsilon() for site in sorted(self.sites.values())}
@@ -121,6 +123,13 @@ class PrivacyBudgetStrategy(Strategy):
         return out
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        started = time.perf_counter()
+        try:
+            return self._configure_train(server_round, arrays, config, grid)
+        finally:
+            self.strategy_seconds = time.perf_counter() - started
+
+    def _configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         round_ = self.round_offset + server_round
         self._attempt = self.store.begin_round(round_)
         eligible = self.eligible_nodes()
@@ -159,6 +168,13 @@ class PrivacyBudgetStrategy(Strategy):
         return _Outcome(Status.CONFIRMED, reported=reported, loss=float(metrics.get("train-loss", math.nan)))
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        started = time.perf_counter()
+        try:
+            return self._aggregate_train(server_round, replies)
+        finally:
+            self.strategy_seconds += time.perf_counter() - started
+
+    def _aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
         round_ = self.round_offset + server_round
         crash_point("replied", round_)

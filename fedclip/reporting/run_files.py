@@ -19,8 +19,9 @@ TABLES: dict[str, tuple[str, ...]] = {
     "attack_sites": ("round", "attack", "site", "members", "tpr", "fpr"),
     "attack_scores": ("round", "attack", "target", "site", "is_member", "score"),  # for ROC curves
     "utility": ("round", "zero_shot_accuracy", "recall_at_1", "recall_at_5"),
-    # where a round's time goes: the server's (fan-out, every site, aggregation) and its evaluation
-    "timings": ("round", "train_phase_seconds", "evaluate_seconds"),
+    # where a round's time goes: the train phase (from sending to aggregating: every site, Flower and
+    # Ray, and the strategy's own work, also given alone) and the server's evaluation
+    "timings": ("round", "train_phase_seconds", "strategy_seconds", "evaluate_seconds"),
     # a site's own, in its state folder (never sent): handling one train message, and its local steps
     "site_timings": ("round", "handle_seconds", "train_seconds"),
 }

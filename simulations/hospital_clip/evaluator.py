@@ -42,11 +42,12 @@ class RoundEvaluator:
         round_offset: int,
         total_rounds: int,
         trained_this_round: Callable[[], bool],
+        strategy_seconds: Callable[[], float] = lambda: 0.0,
     ) -> None:
         self.model, self.tokenizer, self.test, self.attacks = model, tokenizer, test, attacks
         self.files, self.epsilons, self.delta = files, epsilons, delta
         self.state_dir, self.round_offset, self.total_rounds = state_dir, round_offset, total_rounds
-        self.trained_this_round = trained_this_round
+        self.trained_this_round, self.strategy_seconds = trained_this_round, strategy_seconds
         self.started = time.time()
         # the bound is printed after every round: a Bonferroni correction over all of them keeps the
         # printed bounds jointly valid at 95% (each round's at 1 - 0.05 / (rounds + 1))
@@ -87,7 +88,8 @@ class RoundEvaluator:
         crash_point("saved", round_)
         say(" | ".join(line) + f" | {time.time() - self.started:.0f}s")
         self.files.append("timings", [{"round": round_, "evaluate_seconds": time.time() - called,
-                                       "train_phase_seconds": called - self.last_end if server_round > 0 else 0.0}])
+                                       "train_phase_seconds": called - self.last_end if server_round > 0 else 0.0,
+                                       "strategy_seconds": self.strategy_seconds() if server_round > 0 else 0.0}])
         self.last_end = time.time()
         if server_round > 0:
             self.bar.update(1)

@@ -341,7 +341,8 @@ def run(grid: Grid, cfg: SimulationConfig) -> Path:
     )
     evaluator = RoundEvaluator(model=bundle.model, tokenizer=bundle.tokenizer, test=test, attacks=attacks, files=files,
                                epsilons=strategy.epsilons, delta=cfg.delta, state_dir=state, round_offset=round_offset,
-                               total_rounds=cfg.num_rounds, trained_this_round=lambda: not strategy.exhausted)
+                               total_rounds=cfg.num_rounds, trained_this_round=lambda: not strategy.exhausted,
+                               strategy_seconds=lambda: strategy.strategy_seconds)
     failure = None
     if remaining > 0:
         train_config["round-offset"] = round_offset

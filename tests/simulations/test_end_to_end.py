@@ -56,6 +56,19 @@ def test_run_folder_has_every_table_plot_and_the_summary(run_dir):
     assert json.loads((out / "status.json").read_text())["status"] == "finished"
 
 
+def test_where_the_time_goes_server_and_each_site_own(run_dir):
+    """timings.csv: each round once (a resume does not repeat round 1), a train phase for every
+    trained round; each site's own site_timings.csv in its folder, its local steps inside its handling."""
+    out, _ = run_dir
+    server = pd.read_csv(out / "timings.csv")
+    assert list(server["round"]) == [0, 1, 2]
+    assert (server.loc[server["round"] > 0, "train_phase_seconds"] > 0).all()
+    for site in ("hospital_0", "hospital_1"):
+        own = pd.read_csv(out / "sites" / site / "site_timings.csv")
+        assert list(own["round"]) == [1, 2]
+        assert ((own["train_seconds"] > 0) & (own["handle_seconds"] >= own["train_seconds"])).all()
+
+
 def test_rounds_csv_composes_epsilon_per_site_across_rounds(run_dir):
     out, after_first = run_dir
     rounds = pd.read_csv(out / "rounds.csv")
