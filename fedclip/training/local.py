@@ -130,33 +130,43 @@ def train_local(
     inserted = list(canaries.inserted()) if canaries is not None else []
     losses, counts, pairs = [], [], []
     bar = progress_bar(total=train.steps, desc=progress or "local steps")
-    for picked in sampler:
-        groups = _step_groups([pools[i] for i in picked], dp.mode)
-        sampled = _sample(inserted, dp.sample_rate, randomness.sampler) if inserted else []
-        if dp.mode == Mode.NONPRIVATE:
-            loss = _plain_step(model, optimizer, groups, data, device,
-                               canaries=canary_rows(model, sampled, norm=dp.max_grad_norm / dp.expected_terms)
-                               if sampled else None)
-        else:
-            grads, group_losses, rows = grads_of(groups, data.images, data.tokens, bank=bank)
-            if sampled:  # one more per-unit row each, of norm C: clipping leaves it whole
-                grads, rows = dense_grads(model, grads, rows), {}
-                extra = canary_rows(model, sampled, norm=dp.max_grad_norm)
-                grads = {name: torch.cat([g, extra[name].to(g.dtype)]) for name, g in grads.items()}
-            for name, p in model.named_parameters():
-                if p.requires_grad:
-                    p.grad_sample, p.grad_sample_rows = grads[name], rows.get(name)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            loss = float(group_losses.mean()) if len(group_losses) else float("nan")
-        losses.append(loss)
-        counts.append(len(groups))
-        pairs.append(int(sum(len(g) for g in groups)))
-        bar.update(1)
-    bar.close()
-    if hasattr(grads_of, "close"):
-        grads_of.close()
+    try:
+        for picked in sampler:
+            groups = _step_groups([pools[i] for i in picked], dp.mode)
+            sampled = _sample(inserted, dp.sample_rate, randomness.sampler) if inserted else []
+            if dp.mode == Mode.NONPRIVATE:
+                loss = _plain_step(model, optimizer, groups, data, device,
+                                   canaries=canary_rows(model, sampled, norm=dp.max_grad_norm / dp.expected_terms)
+                                   if sampled else None)
+            else:
+                loss = _dp_step(model, optimizer, grads_of(groups, data.images, data.tokens, bank=bank),
+                                canaries=canary_rows(model, sampled, norm=dp.max_grad_norm) if sampled else None)
+            losses.append(loss)
+            counts.append(len(groups))
+            pairs.append(int(sum(len(g) for g in groups)))
+            bar.update(1)
+    finally:  # also when a step fails: the bar ends, and Opacus' hooks let go of the model
+        bar.close()
+        if hasattr(grads_of, "close"):
+            grads_of.close()
     return LocalResult(event=training_event(dp, train), losses=tuple(losses), microbatches_per_step=tuple(counts), pairs_per_step=tuple(pairs))
+
+
+def _dp_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, computed: tuple, *,
+             canaries: dict[str, torch.Tensor] | None) -> float:
+    """Hand every group's gradient to Opacus as ``p.grad_sample`` (the token embedding's as rows,
+    ``p.grad_sample_rows``), plus the sampled canaries' rows (one per canary, norm C: clipping
+    leaves them whole), and let it clip, sum, noise and step."""
+    grads, group_losses, rows = computed
+    if canaries is not None:  # a canary may touch any row: full-size gradients
+        grads, rows = dense_grads(model, grads, rows), {}
+        grads = {name: torch.cat([g, canaries[name].to(g.dtype)]) for name, g in grads.items()}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            p.grad_sample, p.grad_sample_rows = grads[name], rows.get(name)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(group_losses.mean()) if len(group_losses) else float("nan")
 
 
 def _sample(canaries: list, rate: float, generator: torch.Generator) -> list:
