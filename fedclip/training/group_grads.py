@@ -137,7 +137,8 @@ class AutoGradEngine:
         names = {n for n, p in model.named_parameters() if p.requires_grad}
         self.embedding_trainable = "token_embedding.weight" in names
         self.projections_only = names <= set(PROJECTIONS)
-        self.hooks = GroupGradients(model)
+        self.model = model
+        self.hooks: GroupGradients | None = None  # built on first use (17-22 ms: a twin and Opacus' hooks)
         self.vmap = _vmap_engine(model, chunk_size)
 
     def choose(self, k: int) -> str:
@@ -146,11 +147,15 @@ class AutoGradEngine:
         return "vmap"
 
     def close(self) -> None:
-        self.hooks.close()
+        if self.hooks is not None:
+            self.hooks.close()
 
     def __call__(self, groups, images, tokens, *, bank=None):
-        engine = self.hooks if self.choose(len(groups)) == "hooks" else self.vmap
-        return engine(groups, images, tokens, bank=bank)
+        if self.choose(len(groups)) == "vmap":
+            return self.vmap(groups, images, tokens, bank=bank)
+        if self.hooks is None:
+            self.hooks = GroupGradients(self.model)
+        return self.hooks(groups, images, tokens, bank=bank)
 
 
 def _vmap_engine(model: torch.nn.Module, chunk_size: int | None) -> GradEngine:

@@ -63,8 +63,12 @@ def test_engine_choice():
     assert [auto.choose(k) for k in (1, 128)] == ["hooks", "hooks"]
     auto = make_grad_engine(create_model(ModelConfig(trainable="all")).model, "auto")
     assert [auto.choose(k) for k in (1, 4, 8, 128)] == ["vmap", "vmap", "hooks", "hooks"]
-    auto = make_grad_engine(create_model(ModelConfig(trainable="last-1")).model, "auto")
+    model = create_model(ModelConfig(trainable="last-1")).model
+    auto = make_grad_engine(model, "auto")
     assert [auto.choose(k) for k in (1, 128)] == ["vmap", "vmap"]
+    images, tokens = _batch(4, 32, model.context_length)
+    auto([np.arange(2), np.arange(2, 4)], images, tokens)
+    assert auto.hooks is None  # never chosen, never built (a twin and hooks cost ~20 ms per site and round)
     model.logit_bias = torch.nn.Parameter(torch.zeros([]))
     assert not isinstance(make_grad_engine(model, "auto"), (GroupGradients, AutoGradEngine))  # the reference
     with pytest.raises(ValueError, match="grad-engine: 'hooks' does not support this model"):
