@@ -126,7 +126,8 @@ GradEngine = Callable[..., tuple[dict[str, torch.Tensor], torch.Tensor, dict[str
 # 128 pairs): per-sample hooks cost about the same at any K, vmap grows with K. Hooks won with only
 # the projections trainable (every K) and with the token embedding trainable from K = 16 (vmap
 # writes a dense [K, 49408, D] gradient: 692 vs 173 ms at K = 128); vmap won for last-1 at every
-# K up to 128 (43 vs 67 ms at K = 16, equal at 128) and for `all` at K <= 4.
+# K up to 128 (43 vs 67 ms at K = 16, equal at 128) and for `all` at K <= 4. One group needs neither:
+# its gradient is a plain backward of its loss.
 AUTO_HOOKS_FROM_K = 8
 
 
@@ -142,6 +143,8 @@ class AutoGradEngine:
         self.vmap = _vmap_engine(model, chunk_size)
 
     def choose(self, k: int) -> str:
+        if k == 1:
+            return "single"
         if self.projections_only or (self.embedding_trainable and k >= AUTO_HOOKS_FROM_K):
             return "hooks"
         return "vmap"
@@ -151,11 +154,33 @@ class AutoGradEngine:
             self.hooks.close()
 
     def __call__(self, groups, images, tokens, *, bank=None):
-        if self.choose(len(groups)) == "vmap":
+        choice = self.choose(len(groups))
+        if choice == "single":
+            return single_group_grads(self.model, groups[0], images, tokens, bank=bank)
+        if choice == "vmap":
             return self.vmap(groups, images, tokens, bank=bank)
         if self.hooks is None:
             self.hooks = GroupGradients(self.model)
         return self.hooks(groups, images, tokens, bank=bank)
+
+
+def single_group_grads(model: torch.nn.Module, group: np.ndarray | Sequence[int], images: torch.Tensor,
+                       tokens: torch.Tensor, *, bank: NegativeBank | None = None):
+    """One group (``paper`` mode, or a step that sampled one micro-batch): its gradient is the
+    ordinary gradient of its loss, one plain backward, as [1, *shape] rows."""
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    device = next(iter(trainable.values())).device
+    if len(group) == 0:
+        return {n: torch.zeros((1, *p.shape), dtype=p.dtype, device=device) for n, p in trainable.items()}, torch.zeros(1), {}
+    idx = torch.as_tensor(np.asarray(group), dtype=torch.long)
+    image_f, text_f, scale = model(images[idx].to(device), tokens[idx].to(device))
+    if bank is None:
+        loss = clip_loss(image_f, text_f, scale)
+    else:
+        valid = torch.ones(len(idx), dtype=torch.bool, device=device)
+        loss = clip_loss_with_bank(image_f, text_f, scale, valid, bank.images.to(device), bank.texts.to(device))
+    grads = torch.autograd.grad(loss, list(trainable.values()))
+    return {n: g.unsqueeze(0) for n, g in zip(trainable, grads)}, loss.detach().reshape(1), {}
 
 
 def _vmap_engine(model: torch.nn.Module, chunk_size: int | None) -> GradEngine:

@@ -60,12 +60,12 @@ def test_engine_choice():
     assert isinstance(make_grad_engine(model, "hooks"), GroupGradients)
     assert not isinstance(make_grad_engine(model, "vmap"), (GroupGradients, AutoGradEngine))
     auto = make_grad_engine(model, "auto")
-    assert [auto.choose(k) for k in (1, 128)] == ["hooks", "hooks"]
+    assert [auto.choose(k) for k in (1, 2, 128)] == ["single", "hooks", "hooks"]
     auto = make_grad_engine(create_model(ModelConfig(trainable="all")).model, "auto")
-    assert [auto.choose(k) for k in (1, 4, 8, 128)] == ["vmap", "vmap", "hooks", "hooks"]
+    assert [auto.choose(k) for k in (1, 4, 8, 128)] == ["single", "vmap", "hooks", "hooks"]
     model = create_model(ModelConfig(trainable="last-1")).model
     auto = make_grad_engine(model, "auto")
-    assert [auto.choose(k) for k in (1, 128)] == ["vmap", "vmap"]
+    assert [auto.choose(k) for k in (2, 128)] == ["vmap", "vmap"]
     images, tokens = _batch(4, 32, model.context_length)
     auto([np.arange(2), np.arange(2, 4)], images, tokens)
     assert auto.hooks is None  # never chosen, never built (a twin and hooks cost ~20 ms per site and round)
@@ -91,3 +91,17 @@ def test_training_is_the_same_with_either_engine():
         train_local(model, data, dp=dp, train=TrainConfig(steps=3, lr=1e-3, grad_engine=engine), reproducible_seed=7)
         ends.append({n: p.detach().clone() for n, p in model.named_parameters()})
     _assert_same(*ends)
+
+
+@pytest.mark.parametrize("bank", [False, True])
+def test_a_single_group_is_a_plain_backward(bank):
+    torch.manual_seed(2)
+    model = create_model(ModelConfig(trainable="last-1")).model
+    negatives = _bank(model) if bank else None
+    images, tokens = _batch(6, 32, model.context_length)
+    for group in (np.array([4, 0, 2]), np.array([], dtype=np.int64)):
+        grads, losses, rows = make_grad_engine(model, "auto")([group], images, tokens, bank=negatives)
+        ref, ref_losses = per_microbatch_grads(model, [group], images, tokens, bank=negatives)
+        assert rows == {}
+        _assert_same(grads, ref)
+        torch.testing.assert_close(losses, ref_losses, rtol=1e-5, atol=1e-6)
