@@ -149,6 +149,10 @@ def unsupported_reason(model: nn.Module) -> str | None:
         return "patch dropout or a logit bias (SigLIP) is used"
     if isinstance(model.text_projection, nn.Linear) or model.text_pool_type != "argmax":
         return "the text tower projects with a Linear layer or pools other than at end-of-text"
+    if visual.proj is None or model.text_projection is None:
+        return "a tower has no projection"
+    if visual.transformer.grad_checkpointing or model.transformer.grad_checkpointing:
+        return "gradient checkpointing is on (the hooks would see each block twice)"
     if any(p.dtype != torch.float32 for p in model.parameters()):
         return "parameters are not float32"
     for module in model.modules():

@@ -31,6 +31,9 @@ def test_models_the_twin_does_not_cover_are_named():
     assert "not open_clip's CLIP" in unsupported_reason(nn.Linear(2, 2))
     model = create_model(ModelConfig(trainable="all")).model
     assert unsupported_reason(model) is None
+    model.transformer.grad_checkpointing = True
+    assert "checkpointing" in unsupported_reason(model)
+    model.transformer.grad_checkpointing = False
     model.logit_bias = nn.Parameter(torch.zeros([]))
     assert "logit bias" in unsupported_reason(model)
     with pytest.raises(ValueError, match="grad-sample twin: .*logit bias"):
