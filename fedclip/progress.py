@@ -24,12 +24,13 @@ def decide_progress() -> bool:
     value = os.environ.get(ENV, "").strip()
     if value not in ("", "0", "1"):
         raise ValueError(f"{ENV}: expected 0, 1 or unset, got {value!r}")
-    show = value == "1" or (value == "" and sys.stderr.isatty())
+    show = progress_enabled()
     os.environ[ENV] = "1" if show else "0"
     return show
 
 
 def progress_enabled() -> bool:
+    """Bars on: ``FEDCLIP_PROGRESS=1``, or unset and stderr a terminal."""
     value = os.environ.get(ENV, "").strip()
     return value == "1" or (value == "" and sys.stderr.isatty())
 

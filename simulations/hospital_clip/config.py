@@ -23,7 +23,7 @@ from fedclip.privacy.policy import DP_MODES, load_policy_file
 from fedclip.privatize.modes import INPUT_MODES
 from fedclip.privatize.plan import InputPlan
 from fedclip.privacy.release import ReleaseConfig
-from fedclip.training.config import DpConfig, TrainConfig
+from fedclip.training.config import GRAD_ENGINES, DpConfig, TrainConfig
 from simulations.hospital_clip.plan import RoundPlan, parse_site_numbers
 from strategies.registry import INNER_STRATEGIES
 
@@ -119,7 +119,7 @@ class SimulationConfig:
 
     def __post_init__(self) -> None:
         for key, allowed in (("dp_mode", DP_MODES), ("privacy_unit", tuple(PrivacyUnit)), ("accountant", OPACUS_ACCOUNTANTS),
-                             ("name_lists", tuple(NAME_LISTS))):
+                             ("name_lists", tuple(NAME_LISTS)), ("grad_engine", GRAD_ENGINES)):
             if getattr(self, key) not in allowed:
                 raise ValueError(f"{key.replace('_', '-')}: expected one of {[str(a) for a in allowed]}, "
                                  f"got {getattr(self, key)!r}")

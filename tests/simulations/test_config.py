@@ -35,6 +35,7 @@ def test_nonprivate_config_is_valid_and_nonprivate():
     ({"site-budgets": "hospital_0=abc"}, "site-budgets"),
     ({"strategy": "fedfoo"}, "strategy: expected one of"),
     ({"name-lists": "klingon"}, "name-lists: expected one of"),
+    ({"grad-engine": "fast"}, "grad-engine: expected one of"),
     ({"idia-tau": 9}, "idia tau"),
     ({"manifest": "/no/such/file.csv"}, "manifest: file not found"),
     ({"trainable": "last-0"}, "trainable"),
