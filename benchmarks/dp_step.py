@@ -1,15 +1,20 @@
-"""DP step against a non-private step: same model, same 128 pairs, K groups, two gradient engines.
+"""DP step against a non-private step: same model, same 128 pairs, K groups, three gradient engines.
 
     python -m benchmarks.dp_step [--pairs 128] [--repeats 5] [--device cpu] [--ks 1,4,16,64,128]
-                                 [--trainable all,last-1,projections] [--engines hooks,vmap]
+                                 [--trainable all,last-1,projections] [--engines hooks,vmap,ghost]
+                                 [--allocators retain] [--model fedclip-tiny]
 
 A DP step = per-group gradients (``hooks``: one backward with Opacus' grad-sample hooks,
-``group_grads``; ``vmap``: the reference, ``microbatch_grads``) + Opacus' ``DPOptimizer`` (clip each
-group's gradient, sum, noise, scale, step). The plain step is one forward and backward of the same
+``group_grads``; ``vmap``: the reference, ``microbatch_grads``; ``ghost``: per-group norms from Gram
+matrices and the clipped sum as one matmul, ``ghost_clipping``, no per-group gradient; ``auto``:
+what training picks) + Opacus' ``DPOptimizer`` (clip each group's gradient, sum, noise, scale,
+step), through the training loop's own ``dp_step``. The plain step is one forward and backward of the same
 pairs with the full-batch contrastive loss. ``microbatch`` rows split the pairs into K groups;
 ``unit`` rows are per-unit DP: K units of pairs/K pairs, each against a bank of 256 public
 negatives. ``noise_ms`` is the Gaussian noise alone (Opacus' secure mode, as fedclip runs it:
-four draws per coordinate), a cost a plain step never pays. Each configuration runs in its own process so that its peak memory (ru_maxrss, CPU;
+four draws per coordinate), a cost a plain step never pays. ``--allocators retain,system`` runs each
+configuration with glibc keeping freed memory (``fedclip.training.allocator``, what training does)
+and with the C library's defaults. Each configuration runs in its own process so that its peak memory (ru_maxrss, CPU;
 CUDA peak allocation on a GPU) is its own; the ratio DP / plain is measured in that one process.
 """
 
@@ -17,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -26,7 +32,8 @@ import numpy as np
 import torch
 
 
-def _one(k: int, trainable: str, engine: str, mode: str, pairs: int, repeats: int, device: str) -> dict:
+def _one(k: int, trainable: str, engine: str, mode: str, pairs: int, repeats: int, device: str, model_name: str) -> dict:
+    import os
     import warnings
 
     warnings.filterwarnings("ignore")
@@ -35,14 +42,19 @@ def _one(k: int, trainable: str, engine: str, mode: str, pairs: int, repeats: in
     from fedclip.models.factory import ModelConfig, create_model
     from fedclip.training.config import DpConfig, TrainConfig
     from fedclip.training.group_grads import make_grad_engine
-    from fedclip.training.local import make_optimizer
+    from fedclip.training.local import dp_step, make_optimizer
     from fedclip.training.loss import clip_loss
+    from fedclip.training.allocator import retain_freed_memory
     from fedclip.training.negative_bank import NegativeBank
 
+    from fedclip.training.allocator import allocator_choice
+
+    allocator = "retain" if retain_freed_memory() else f"{allocator_choice()} (glibc defaults)"
     torch.manual_seed(0)
-    model = create_model(ModelConfig(trainable=trainable), device=device).model
-    images = torch.randn(pairs, 3, 32, 32, device=device)
-    tokens = torch.randint(1, 40000, (pairs, 32), device=device)
+    model = create_model(ModelConfig(arch=model_name, trainable=trainable), device=device).model
+    size = model.visual.image_size
+    images = torch.randn(pairs, 3, *(size if isinstance(size, tuple) else (size, size)), device=device)
+    tokens = torch.randint(1, 40000, (pairs, model.context_length), device=device)
     tokens[:, 12], tokens[:, 13:] = 49407, 0
     groups = np.array_split(np.arange(pairs), k)
     bank = None
@@ -55,13 +67,8 @@ def _one(k: int, trainable: str, engine: str, mode: str, pairs: int, repeats: in
     plain_opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     grads_of = make_grad_engine(model, engine)
 
-    def dp_step() -> None:
-        grads, _, rows = grads_of(groups, images, tokens, bank=bank)
-        for name, p in model.named_parameters():
-            if p.requires_grad:
-                p.grad_sample, p.grad_sample_rows = grads[name], rows.get(name)
-        dp_opt.step()
-        dp_opt.zero_grad(set_to_none=True)
+    def one_dp_step() -> None:
+        dp_step(model, dp_opt, grads_of(groups, images, tokens, bank=bank), canaries=None)
 
     def plain_step() -> None:
         image_f, text_f, scale = model(images, tokens)
@@ -91,11 +98,12 @@ def _one(k: int, trainable: str, engine: str, mode: str, pairs: int, repeats: in
                 _generate_noise(std=1.0, reference=p, generator=None, secure_mode=True)
 
     plain = timed(plain_step)
-    dp_time = timed(dp_step)
+    dp_time = timed(one_dp_step)
     noise = timed(noise_only)
     trainable_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     peak = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"mode": mode, "groups": k, "trainable": trainable, "engine": engine, "trainable_params": trainable_params,
+    return {"model": model_name, "allocator": allocator, "mode": mode, "groups": k, "trainable": trainable, "engine": engine,
+            "trainable_params": trainable_params,
             "plain_ms": plain * 1e3, "dp_ms": dp_time * 1e3, "ratio": dp_time / plain,
             "noise_ms": noise * 1e3, "ratio_without_noise": (dp_time - noise) / plain,
             "group_grads_MiB": k * trainable_params * 4 / 2**20, "peak_MiB": peak}
@@ -108,29 +116,35 @@ def main() -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--ks", default="1,4,16,64,128", help="group counts K (micro-batches)")
     parser.add_argument("--trainable", default="all,last-1,projections")
-    parser.add_argument("--engines", default="hooks,vmap")
+    parser.add_argument("--engines", default="hooks,vmap,ghost")
     parser.add_argument("--vmap-max-k", type=int, default=16, help="largest K run with the vmap reference (it is slow)")
-    parser.add_argument("--units", type=int, default=32, help="units in the per-unit rows (pairs/units pairs each)")
+    parser.add_argument("--units", type=int, default=32, help="units in the per-unit rows (pairs/units pairs each; 0: none)")
+    parser.add_argument("--allocators", default="retain", help="retain (glibc keeps freed memory, as training runs) and/or system")
+    parser.add_argument("--model", default="fedclip-tiny", help="open_clip architecture (random weights), e.g. ViT-B-32")
     parser.add_argument("--csv", default="", help="also write the table here")
     parser.add_argument("--one", nargs=4, metavar=("K", "TRAINABLE", "ENGINE", "MODE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(_one(int(args.one[0]), args.one[1], args.one[2], args.one[3], args.pairs, args.repeats, args.device)))
+        print(json.dumps(_one(int(args.one[0]), args.one[1], args.one[2], args.one[3], args.pairs, args.repeats,
+                              args.device, args.model)))
         return 0
     plan = []
-    for trainable in args.trainable.split(","):
-        for engine in args.engines.split(","):
-            plan += [(k, trainable, engine, "microbatch") for k in map(int, args.ks.split(","))
-                     if engine != "vmap" or k <= args.vmap_max_k]
-            plan.append((args.units, trainable, engine, "unit"))
+    for allocator in args.allocators.split(","):
+        for trainable in args.trainable.split(","):
+            for engine in args.engines.split(","):
+                plan += [(allocator, k, trainable, engine, "microbatch") for k in map(int, args.ks.split(","))
+                         if engine != "vmap" or k <= args.vmap_max_k]
+                if args.units:
+                    plan.append((allocator, args.units, trainable, engine, "unit"))
     rows = []
-    for i, (k, trainable, engine, mode) in enumerate(plan, 1):
-        cmd = [sys.executable, "-m", "benchmarks.dp_step", "--one", str(k), trainable, engine, mode,
+    for i, (allocator, k, trainable, engine, mode) in enumerate(plan, 1):
+        cmd = [sys.executable, "-m", "benchmarks.dp_step", "--one", str(k), trainable, engine, mode, "--model", args.model,
                "--pairs", str(args.pairs), "--repeats", str(args.repeats), "--device", args.device]
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+        env = {**os.environ, "FEDCLIP_MALLOC": allocator}
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env).stdout.strip().splitlines()[-1]
         r = json.loads(out)
         rows.append(r)
-        print(f"[{i}/{len(plan)}] {mode:<10} K={k:>3} {trainable:<11} {engine:<5} plain {r['plain_ms']:7.1f} ms  "
+        print(f"[{i}/{len(plan)}] {allocator:<6} {mode:<10} K={k:>3} {trainable:<11} {engine:<5} plain {r['plain_ms']:7.1f} ms  "
               f"dp {r['dp_ms']:7.1f} ms  ratio {r['ratio']:.2f}x (noise {r['noise_ms']:.0f} ms)  peak {r['peak_MiB']:.0f} MiB", flush=True)
     import pandas as pd
 

@@ -102,7 +102,7 @@ OPTIMIZERS = ("adamw", "sgd")
 # How per-group gradients are computed (same numbers, different cost): ``hooks`` = one backward
 # with Opacus' grad-sample hooks (``group_grads``), ``vmap`` = the reference, one vectorised
 # backward per group (``microbatch_grads``), ``auto`` = hooks where the model supports them.
-GRAD_ENGINES = ("auto", "hooks", "vmap")
+GRAD_ENGINES = ("auto", "hooks", "vmap", "ghost")
 
 
 @dataclass(frozen=True, kw_only=True)

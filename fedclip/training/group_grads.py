@@ -18,6 +18,7 @@ model once per group (padded) and cannot batch CPU flash attention.
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Callable, Sequence
 
@@ -27,8 +28,10 @@ from opacus.grad_sample import GradSampleModule
 from torch.func import vmap
 
 from fedclip.models.trainable import PROJECTIONS
+from fedclip.training.ghost_clipping import GhostClipping
+from fedclip.training.ghost_clipping import unsupported as ghost_unsupported
 from fedclip.training.grad_sample_twin import GradSampleTwin, unsupported_reason
-from fedclip.training.loss import clip_loss, clip_loss_with_bank
+from fedclip.training.loss import group_loss
 from fedclip.training.microbatch_grads import pad_groups, per_microbatch_grads
 from fedclip.training.negative_bank import NegativeBank
 
@@ -71,12 +74,7 @@ class GroupGradients:
         self._clear()
         image_f, text_f = self.hooked(images[records].to(device), tokens[records].to(device))
         log_scale = self.model.logit_scale.detach().expand(k).clone().requires_grad_(self.model.logit_scale.requires_grad)
-        if bank is None:
-            losses = vmap(clip_loss)(image_f[position], text_f[position], log_scale.exp(), valid)
-        else:
-            bank_images, bank_texts = bank.images.to(device), bank.texts.to(device)
-            losses = vmap(clip_loss_with_bank, in_dims=(0, 0, 0, 0, None, None))(
-                image_f[position], text_f[position], log_scale.exp(), valid, bank_images, bank_texts)
+        losses = vmap(functools.partial(group_loss, bank=bank))(image_f[position], text_f[position], log_scale.exp(), valid)
         with warnings.catch_warnings():  # the first hooked layers' inputs (pixels, token ids) need no gradient
             warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed with "
                                     "respect to module outputs since no inputs require gradients")
@@ -134,12 +132,14 @@ AUTO_HOOKS_FROM_K = 8
 class AutoGradEngine:
     """Per step, the engine measured faster for this trainable set and this many groups."""
 
-    def __init__(self, model: torch.nn.Module, *, chunk_size: int | None = None) -> None:
+    def __init__(self, model: torch.nn.Module, *, chunk_size: int | None = None, ghost_allowed: bool = True) -> None:
         names = {n for n, p in model.named_parameters() if p.requires_grad}
         self.embedding_trainable = "token_embedding.weight" in names
         self.projections_only = names <= set(PROJECTIONS)
+        self.ghost_covered = ghost_allowed and ghost_unsupported(model) is None
         self.model = model
         self.hooks: GroupGradients | None = None  # built on first use (17-22 ms: a twin and Opacus' hooks)
+        self.ghost: GhostClipping | None = None  # likewise
         self.vmap = _vmap_engine(model, chunk_size)
 
     def choose(self, k: int) -> str:
@@ -150,8 +150,9 @@ class AutoGradEngine:
         return "vmap"
 
     def close(self) -> None:
-        if self.hooks is not None:
-            self.hooks.close()
+        for engine in (self.hooks, self.ghost):
+            if engine is not None:
+                engine.close()
 
     def __call__(self, groups, images, tokens, *, bank=None):
         choice = self.choose(len(groups))
@@ -159,6 +160,10 @@ class AutoGradEngine:
             return single_group_grads(self.model, groups[0], images, tokens, bank=bank)
         if choice == "vmap":
             return self.vmap(groups, images, tokens, bank=bank)
+        if choice == "ghost":
+            if self.ghost is None:
+                self.ghost = GhostClipping(self.model)
+            return self.ghost(groups, images, tokens, bank=bank)
         if self.hooks is None:
             self.hooks = GroupGradients(self.model)
         return self.hooks(groups, images, tokens, bank=bank)
@@ -174,11 +179,7 @@ def single_group_grads(model: torch.nn.Module, group: np.ndarray | Sequence[int]
         return {n: torch.zeros((1, *p.shape), dtype=p.dtype, device=device) for n, p in trainable.items()}, torch.zeros(1), {}
     idx = torch.as_tensor(np.asarray(group), dtype=torch.long)
     image_f, text_f, scale = model(images[idx].to(device), tokens[idx].to(device))
-    if bank is None:
-        loss = clip_loss(image_f, text_f, scale)
-    else:
-        valid = torch.ones(len(idx), dtype=torch.bool, device=device)
-        loss = clip_loss_with_bank(image_f, text_f, scale, valid, bank.images.to(device), bank.texts.to(device))
+    loss = group_loss(image_f, text_f, scale, bank=bank)
     grads = torch.autograd.grad(loss, list(trainable.values()))
     return {n: g.unsqueeze(0) for n, g in zip(trainable, grads)}, loss.detach().reshape(1), {}
 
@@ -190,17 +191,28 @@ def _vmap_engine(model: torch.nn.Module, chunk_size: int | None) -> GradEngine:
     return dense
 
 
-def make_grad_engine(model: torch.nn.Module, engine: str, *, chunk_size: int | None = None) -> GradEngine:
+def make_grad_engine(model: torch.nn.Module, engine: str, *, chunk_size: int | None = None,
+                     group_gradients_needed: bool = False) -> GradEngine:
     """``engine(groups, images, tokens, bank=...) -> (grads, losses, rows)`` for
     ``TrainConfig.grad_engine`` (``rows`` empty when every gradient is dense): ``hooks``
-    (refused, with the reason, for a model the twin does not cover), ``vmap``, or ``auto``
-    (``AutoGradEngine``; vmap for a model the twin does not cover). All give the same gradients."""
+    (refused, with the reason, for a model the twin does not cover), ``vmap``, ``ghost``
+    (``GhostClipping``: ``grads`` is a ``GhostGroups``, norms and a clipped sum, no per-group
+    gradient; refused for what it does not cover, and when ``group_gradients_needed``: an
+    auditor's canaries or step hook), or ``auto`` (``AutoGradEngine``; vmap for a model the twin
+    does not cover). All clip the same gradients."""
     reason = unsupported_reason(model)
-    if engine == "hooks" and reason is not None:
-        raise ValueError(f"grad-engine: 'hooks' does not support this model: {reason}; use 'vmap' or 'auto'")
+    if engine in ("hooks", "ghost") and reason is not None:
+        raise ValueError(f"grad-engine: '{engine}' does not support this model: {reason}; use 'vmap' or 'auto'")
+    if engine == "ghost":
+        if group_gradients_needed:
+            raise ValueError("grad-engine: 'ghost' gives no per-group gradients, which gradient canaries and step "
+                             "hooks need; use 'auto'")
+        return GhostClipping(model)
     if engine == "vmap" or reason is not None:
         return _vmap_engine(model, chunk_size)
-    return GroupGradients(model) if engine == "hooks" else AutoGradEngine(model, chunk_size=chunk_size)
+    if engine == "hooks":
+        return GroupGradients(model)
+    return AutoGradEngine(model, chunk_size=chunk_size, ghost_allowed=not group_gradients_needed)
 
 
 def dense_grads(model: torch.nn.Module, grads: dict[str, torch.Tensor], rows: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -29,11 +29,12 @@ from fedclip.progress import progress_bar
 from fedclip.privacy.microbatches import group_records, unit_ids
 from fedclip.privacy.randomness import site_randomness
 from fedclip.privacy.sabotage import noise_divisor
+from fedclip.training.allocator import retain_freed_memory
 from fedclip.training.config import DpConfig, Mode, TrainConfig
 from fedclip.training.loss import clip_loss
 from fedclip.training.group_grads import dense_grads, make_grad_engine
 from fedclip.training.negative_bank import build_negative_bank
-from fedclip.training.row_sparse_optimizer import RowSparseDPOptimizer
+from fedclip.training.ghost_clipping import GhostDPOptimizer, GhostGroups
 
 
 @dataclass(frozen=True)
@@ -81,7 +82,7 @@ def make_optimizer(model: torch.nn.Module, dp: DpConfig, train: TrainConfig, *, 
         optimizer = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
     if dp.mode == Mode.NONPRIVATE:
         return optimizer
-    return RowSparseDPOptimizer(optimizer, noise_multiplier=dp.noise_multiplier / noise_divisor(), max_grad_norm=dp.max_grad_norm,
+    return GhostDPOptimizer(optimizer, noise_multiplier=dp.noise_multiplier / noise_divisor(), max_grad_norm=dp.max_grad_norm,
                        expected_batch_size=expected_microbatches, loss_reduction="mean", generator=noise_generator,
                        secure_mode=True)
 
@@ -110,6 +111,7 @@ def train_local(
     included one is one more unit, sampled at the same rate, its gradient ``C e_j``.
     ``progress``: a bar's label, shown where someone watches (``fedclip.progress``).
     """
+    retain_freed_memory()  # once per process: the step's buffers are reused, not faulted in again
     pools = sampling_units(data, dp)
     device = next(model.parameters()).device
     randomness = site_randomness(device=device, reproducible_seed=reproducible_seed)
@@ -122,8 +124,9 @@ def train_local(
         if public is None:
             raise ValueError("public: unit mode needs public pairs for its negative bank")
         bank = build_negative_bank(model, public, size=train.negative_bank_size, generator=randomness.sampler)
-    grads_of = None if dp.mode == Mode.NONPRIVATE else make_grad_engine(model, train.grad_engine,
-                                                                          chunk_size=train.microbatch_chunk)
+    grads_of = None if dp.mode == Mode.NONPRIVATE else make_grad_engine(
+        model, train.grad_engine, chunk_size=train.microbatch_chunk,
+        group_gradients_needed=canaries is not None or step_hook is not None)
     if step_hook is not None and isinstance(optimizer, DPOptimizer):
         optimizer.attach_step_hook(step_hook)
     model.train()
@@ -139,7 +142,7 @@ def train_local(
                                    canaries=canary_rows(model, sampled, norm=dp.max_grad_norm / dp.expected_terms)
                                    if sampled else None)
             else:
-                loss = _dp_step(model, optimizer, grads_of(groups, data.images, data.tokens, bank=bank),
+                loss = dp_step(model, optimizer, grads_of(groups, data.images, data.tokens, bank=bank),
                                 canaries=canary_rows(model, sampled, norm=dp.max_grad_norm) if sampled else None)
             losses.append(loss)
             counts.append(len(groups))
@@ -152,17 +155,20 @@ def train_local(
     return LocalResult(event=training_event(dp, train), losses=tuple(losses), microbatches_per_step=tuple(counts), pairs_per_step=tuple(pairs))
 
 
-def _dp_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, computed: tuple, *,
+def dp_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, computed: tuple, *,
              canaries: dict[str, torch.Tensor] | None) -> float:
     """Hand every group's gradient to Opacus as ``p.grad_sample`` (the token embedding's as rows,
     ``p.grad_sample_rows``), plus the sampled canaries' rows (one per canary, norm C: clipping
     leaves them whole), and let it clip, sum, noise and step."""
     grads, group_losses, rows = computed
+    if isinstance(grads, GhostGroups):  # norms and a clipped sum (never with canaries: make_grad_engine)
+        optimizer.ghost_groups = grads
+        grads = {}
     if canaries is not None:  # a canary may touch any row: full-size gradients
         grads, rows = dense_grads(model, grads, rows), {}
         grads = {name: torch.cat([g, canaries[name].to(g.dtype)]) for name, g in grads.items()}
     for name, p in model.named_parameters():
-        if p.requires_grad:
+        if p.requires_grad and name in grads:
             p.grad_sample, p.grad_sample_rows = grads[name], rows.get(name)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from fedclip.training.negative_bank import NegativeBank
 
 
 def clip_loss(
@@ -54,3 +59,22 @@ def clip_loss_with_bank(
     per_row = F.cross_entropy(logits_it, target, reduction="none") + F.cross_entropy(logits_ti, target, reduction="none")
     weight = valid.to(per_row.dtype)
     return 0.5 * (per_row * weight).sum() / weight.sum().clamp_min(1.0)
+
+
+def group_loss(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    logit_scale: torch.Tensor,
+    valid: torch.Tensor | None = None,
+    *,
+    bank: "NegativeBank | None" = None,
+) -> torch.Tensor:
+    """One group's (micro-batch's or unit's) loss, the one place that chooses: its own pairs only
+    (``clip_loss``), or also against a public negative bank (``clip_loss_with_bank``, unit mode).
+    Every gradient engine calls this, so they differentiate the same function."""
+    if bank is None:
+        return clip_loss(image_features, text_features, logit_scale, valid)
+    if valid is None:
+        valid = torch.ones(image_features.shape[0], dtype=torch.bool, device=image_features.device)
+    device = image_features.device
+    return clip_loss_with_bank(image_features, text_features, logit_scale, valid, bank.images.to(device), bank.texts.to(device))

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch.func import functional_call, grad, vmap
 
-from fedclip.training.loss import clip_loss, clip_loss_with_bank
+from fedclip.training.loss import group_loss
 from fedclip.training.negative_bank import NegativeBank
 
 
@@ -58,10 +58,7 @@ def per_microbatch_grads(
 
     def loss_of_one(params: dict[str, torch.Tensor], img: torch.Tensor, tok: torch.Tensor, ok: torch.Tensor):
         image_f, text_f, scale = functional_call(model, (params, fixed), (img, tok))
-        if bank is None:
-            loss = clip_loss(image_f, text_f, scale, ok)
-        else:
-            loss = clip_loss_with_bank(image_f, text_f, scale, ok, bank.images.to(device), bank.texts.to(device))
+        loss = group_loss(image_f, text_f, scale, ok, bank=bank)
         return loss, loss.detach()
 
     grads, losses = vmap(grad(loss_of_one, has_aux=True), in_dims=(None, 0, 0, 0), chunk_size=chunk_size)(

@@ -1,0 +1,274 @@
+"""Every group's gradient norm, and the clipped sum, without writing a per-sample or per-group
+gradient of the large layers ("ghost" norms, extended from one sample to a group of samples).
+
+For a ``Linear`` layer, group k's weight gradient is ``W_k = G_k^T A_k``, where ``A_k`` stacks the
+layer's inputs at every token of the group's pairs and ``G_k`` the loss gradients at its outputs
+([m_k T, i] and [m_k T, j]). Its squared norm needs only two Gram matrices over those tokens:
+
+    ||W_k||_F^2 = sum_{s,t} (A_k A_k^T)_{st} (G_k G_k^T)_{st}
+
+(Li et al. 2022, "ghost clipping", for one sample; over a group the Gram matrices simply span all
+its tokens). With clip factors ``c_k = min(1, C / (||g_k|| + 1e-6))``, Opacus' formula applied by
+the optimizer, the clipped sum ``sum_k c_k W_k = (c * G)^T A`` is one matmul, the size of a plain
+step's weight gradient. Per layer, the Gram route is taken when it is cheaper than writing the
+group gradients, ``(m T)^2 (i + j) < m T i j``; otherwise the [K, j, i] group gradients are written
+(one batched matmul) and their norms taken. The small parameters (biases, layer norms, class and
+positional embeddings, the projections, ``logit_scale``) get their [K, *shape] group gradients
+written: they are small.
+
+Flow: one forward on the parameter-sharing twin (``grad_sample_twin``), whose trainable modules'
+inputs and outputs are recorded by forward hooks; one ``torch.autograd.grad`` of the summed group
+losses with respect to those outputs (and the per-group ``logit_scale`` copies), which passes
+through the trainable layers once and computes no weight gradient; then ``GhostGroups`` (norms,
+and the clipped sum for any clip factors). Exact for the reason ``group_grads`` gives (each group's
+loss depends on its own pairs' features only); the tests compare the norms and the clipped sum
+with Opacus clipping the vmap reference's group gradients. The sensitivity argument is therefore
+the one of the mode: the optimizer still clips each group to C (from these norms) and adds the
+noise to the sum.
+
+Covered: ``Linear`` (also q/k/v views of a fused ``in_proj``), layer norms, the class and positional
+embeddings, the projections and ``logit_scale``, i.e. ``last-K`` and ``projections``. The patch
+convolution and the token embedding (``all``) are not: ``unsupported`` names them, and the caller
+uses another engine. Nor are per-group gradients available to an auditor's step hook.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from open_clip.transformer import LayerNorm as OpenClipLayerNorm
+from torch import nn
+from torch.func import vmap
+
+from fedclip.training.grad_sample_twin import ClassToken, GradSampleTwin, MatrixProjection, PositionEmbedding, unsupported_reason
+from fedclip.training.loss import group_loss
+from fedclip.training.microbatch_grads import pad_groups
+from fedclip.training.negative_bank import NegativeBank
+from fedclip.training.row_sparse_optimizer import RowSparseDPOptimizer
+
+_COVERED = (nn.Linear, nn.LayerNorm, OpenClipLayerNorm, MatrixProjection, ClassToken, PositionEmbedding)
+
+
+def unsupported(model: nn.Module) -> str | None:
+    """Why the ghost engine cannot serve this model and trainable set (None when it can)."""
+    reason = unsupported_reason(model)
+    if reason is not None:
+        return reason
+    twin = GradSampleTwin(model)
+    for name, module in twin.named_modules():
+        if any(p.requires_grad for p in module.parameters(recurse=False)) and not isinstance(module, _COVERED):
+            return f"{name} ({type(module).__name__}) is trainable; ghost norms cover linear layers, layer norms and embeddings of positions and the class token"
+    return None
+
+
+@dataclass(frozen=True)
+class GhostGroups:
+    """One step's groups: ``norms`` [K] (each group's gradient norm over every trainable
+    parameter) and ``clipped_sum(factors)`` -> {id(model parameter): sum_k factors[k] g_k}."""
+
+    norms: torch.Tensor
+    clipped_sum: Callable[[torch.Tensor], dict[int, torch.Tensor]]
+
+
+# One parameter's share of a step: its squared norm per group [K], and its clipped sum given the
+# clip factor of every pair ([n], the factor of the pair's group) and of every group ([K]).
+_Share = tuple[nn.Parameter, torch.Tensor, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """Where each pair sits: ``position`` [K, m] pair indices (padding points at 0), ``valid`` [K, m]
+    and ``owner`` [n] (each pair's group)."""
+
+    position: torch.Tensor
+    valid: torch.Tensor
+    owner: torch.Tensor
+
+    @property
+    def k(self) -> int:
+        return self.position.shape[0]
+
+    def grouped(self, x: torch.Tensor) -> torch.Tensor:
+        """[n, T, d] -> [K, m T, d], padding rows zero."""
+        k, m = self.position.shape
+        g = x[self.position] * self.valid[:, :, None, None].to(x.dtype)
+        return g.reshape(k, m * x.shape[1], x.shape[2])
+
+    def per_group(self, per_pair: torch.Tensor) -> torch.Tensor:
+        """[n, *shape] -> [K, *shape] (sum over each group's pairs)."""
+        return per_pair.new_zeros(self.k, *per_pair.shape[1:]).index_add_(0, self.owner, per_pair)
+
+
+def _written(param: nn.Parameter, per_group: torch.Tensor) -> _Share:
+    """A small parameter: its [K, *shape] group gradients written out."""
+    return (param, per_group.reshape(per_group.shape[0], -1).pow(2).sum(1),
+            lambda pair_f, group_f: torch.einsum("k,k...->...", group_f, per_group))
+
+
+def _matmul_weight(param: nn.Parameter, a: torch.Tensor, g: torch.Tensor, layout: _Layout, *, transposed: bool) -> _Share:
+    """``y = a W^T`` (``Linear``, W [j, i]) or ``y = a W`` (``transposed``, W [i, j]); a [n, T, i], g [n, T, j]."""
+    i, j = a.shape[-1], g.shape[-1]
+    ag, gg = layout.grouped(a), layout.grouped(g)
+    tokens = ag.shape[1]
+    if tokens * (i + j) < i * j:  # Gram route: no group gradient is written
+        sq = ((ag @ ag.transpose(1, 2)) * (gg @ gg.transpose(1, 2))).sum((1, 2))
+    else:
+        sq = (gg.transpose(1, 2) @ ag).pow(2).sum((1, 2))
+
+    def clipped(pair_f: torch.Tensor, group_f: torch.Tensor) -> torch.Tensor:
+        w = (g * pair_f[:, None, None]).reshape(-1, j).T @ a.reshape(-1, i)  # [j, i]
+        return w.T if transposed else w
+
+    return param, sq, clipped
+
+
+def _shares(module: nn.Module, a: torch.Tensor, g: torch.Tensor, layout: _Layout) -> list[_Share]:
+    """Every trainable parameter of one recorded module application."""
+    out: list[_Share] = []
+    if isinstance(module, (nn.Linear, MatrixProjection)):
+        a3, g3 = (a, g) if a.dim() == 3 else (a[:, None], g[:, None])
+        if module.weight.requires_grad:
+            out.append(_matmul_weight(module.weight, a3, g3, layout, transposed=isinstance(module, MatrixProjection)))
+        bias = getattr(module, "bias", None)
+        if bias is not None and bias.requires_grad:
+            out.append(_written(bias, layout.per_group(g3.sum(1))))
+    elif isinstance(module, nn.LayerNorm):
+        dims = tuple(range(1, a.dim() - len(module.normalized_shape)))  # the token dimensions
+        if module.weight is not None and module.weight.requires_grad:
+            normed = F.layer_norm(a, module.normalized_shape, eps=module.eps)
+            out.append(_written(module.weight, layout.per_group((g * normed).sum(dims) if dims else g * normed)))
+        if module.bias is not None and module.bias.requires_grad:
+            out.append(_written(module.bias, layout.per_group(g.sum(dims) if dims else g)))
+    elif isinstance(module, ClassToken):
+        out.append(_written(module.weight, layout.per_group(g[:, 0])))
+    elif isinstance(module, PositionEmbedding):
+        full = g.new_zeros(g.shape[0], *module.weight.shape)
+        full[:, : g.shape[1]] = g
+        out.append(_written(module.weight, layout.per_group(full)))
+    return out
+
+
+class GhostClipping:
+    """``__call__(groups, images, tokens, bank=None) -> (GhostGroups, losses [K], {})``.
+
+    Built once per local training run, like ``GroupGradients``; which parameters are trainable
+    is fixed at construction.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        reason = unsupported(model)
+        if reason is not None:
+            raise ValueError(f"grad-engine: 'ghost' does not support this model: {reason}")
+        self.model = model
+        self.twin = GradSampleTwin(model)
+        names = {id(p): n for n, p in model.named_parameters()}
+        self.params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        # twin parameter -> (model parameter, row range or None): q/k/v views map into a fused in_proj
+        self.target: dict[int, tuple[nn.Parameter, tuple[int, int] | None]] = {}
+        for p in self.twin.parameters():
+            if id(p) in names:
+                self.target[id(p)] = (p, None)
+        every = dict(model.named_parameters())
+        for view, (name, lo, hi) in self.twin.attention_views.items():
+            self.target[id(view)] = (every[name], (lo, hi))
+        self._records: list[tuple[nn.Module, torch.Tensor, torch.Tensor]] = []
+        self._handles = [m.register_forward_hook(self._record) for m in self.twin.modules()
+                         if any(p.requires_grad for p in m.parameters(recurse=False))]
+
+    def _record(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        self._records.append((module, inputs[0].detach(), output))
+
+    def close(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles, self._records = [], []
+
+    def __call__(self, groups: Sequence[np.ndarray | Sequence[int]], images: torch.Tensor, tokens: torch.Tensor, *,
+                 bank: NegativeBank | None = None) -> tuple[GhostGroups, torch.Tensor, dict]:
+        device = next(iter(self.params.values())).device
+        k, sizes = len(groups), [len(g) for g in groups]
+        if sum(sizes) == 0:  # nothing sampled: zero norms, a zero sum (the noise is added anyway)
+            zeros = {id(p): torch.zeros_like(p) for p in self.params.values()}
+            return GhostGroups(norms=torch.zeros(k, device=device), clipped_sum=lambda f: dict(zeros)), torch.zeros(k), {}
+        records = torch.as_tensor(np.concatenate([np.asarray(g, dtype=np.int64) for g in groups]), dtype=torch.long)
+        offsets = np.cumsum([0, *sizes])
+        position, valid = pad_groups([np.arange(offsets[i], offsets[i + 1]) for i in range(k)])
+        owner = torch.repeat_interleave(torch.arange(k), torch.as_tensor(sizes))
+        layout = _Layout(position=position.to(device), valid=valid.to(device), owner=owner.to(device))
+
+        self._records = []
+        try:
+            image_f, text_f = self.twin(images[records].to(device), tokens[records].to(device))
+            log_scale = self.model.logit_scale.detach().expand(k).clone().requires_grad_(self.model.logit_scale.requires_grad)
+            losses = vmap(functools.partial(group_loss, bank=bank))(image_f[layout.position], text_f[layout.position],
+                                                                     log_scale.exp(), layout.valid)
+            outputs = [out for _, _, out in self._records]
+            wrt = outputs + ([log_scale] if log_scale.requires_grad else [])
+            grads = torch.autograd.grad(losses.sum(), wrt, allow_unused=True)
+            shares: list[_Share] = []
+            for (module, a, out), g in zip(self._records, grads):
+                if g is not None:
+                    shares += _shares(module, a, g.detach(), layout)
+            if log_scale.requires_grad:
+                shares.append(_written(self.model.logit_scale, grads[-1].reshape(k, *self.model.logit_scale.shape)))
+        finally:
+            self._records = []
+        return self._groups(shares, layout), losses.detach(), {}
+
+    def _groups(self, shares: list[_Share], layout: _Layout) -> GhostGroups:
+        norms = torch.stack([sq for _, sq, _ in shares]).sum(0).sqrt()
+
+        def clipped_sum(factors: torch.Tensor) -> dict[int, torch.Tensor]:
+            factors = factors.to(norms.device, norms.dtype)
+            pair_f = factors[layout.owner]
+            out = {id(p): torch.zeros_like(p) for p in self.params.values()}
+            for param, _, total in shares:
+                target, rows = self.target.get(id(param), (param, None))
+                value = total(pair_f, factors)
+                if rows is None:
+                    out[id(target)] += value
+                else:
+                    out[id(target)][rows[0]:rows[1]] += value
+            return out
+
+        return GhostGroups(norms=norms, clipped_sum=clipped_sum)
+
+
+class GhostDPOptimizer(RowSparseDPOptimizer):
+    """``RowSparseDPOptimizer`` that also takes a step's groups as ``GhostGroups``
+    (``ghost_groups``, set before ``step``): it computes Opacus' clip factors from their norms,
+    ``min(1, C / (norm + 1e-6))`` with its own C, and takes their clipped sum; noise, scaling and
+    the step are Opacus' own, as for per-group gradients."""
+
+    ghost_groups: GhostGroups | None = None
+
+    def clip_and_accumulate(self) -> None:
+        groups = self.ghost_groups
+        if groups is None:
+            super().clip_and_accumulate()
+            return
+        if any(p.summed_grad is not None for p in self.params):
+            raise ValueError("GhostDPOptimizer: ghost groups cannot be accumulated over several batches")
+        factors = (self.max_grad_norm / (groups.norms + 1e-6)).clamp(max=1.0)
+        sums = groups.clipped_sum(factors)
+        for p in self.params:
+            p.summed_grad = sums[id(p)]
+
+    @property
+    def grad_samples(self):  # Opacus only checks, before clipping, that there is something to clip
+        if self.ghost_groups is not None:
+            return [self.ghost_groups.norms for _ in self.params]
+        return super().grad_samples
+
+    @property
+    def accumulated_iterations(self) -> int:  # one batch per step (accumulation is refused above)
+        return 1 if self.ghost_groups is not None else super().accumulated_iterations
+
+    def zero_grad(self, set_to_none: bool = False) -> None:
+        super().zero_grad(set_to_none)
+        self.ghost_groups = None

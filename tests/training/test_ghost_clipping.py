@@ -1,0 +1,87 @@
+import numpy as np
+import pytest
+import torch
+
+from fedclip.models.factory import ModelConfig, create_model
+from fedclip.training.config import DpConfig, TrainConfig
+from fedclip.training.ghost_clipping import GhostClipping, GhostDPOptimizer, unsupported
+from fedclip.training.local import make_optimizer
+from fedclip.training.microbatch_grads import per_microbatch_grads
+from tests.training.test_microbatch_grads import _bank, _batch
+
+
+def _reference(model, groups, images, tokens, *, bank=None, clip=1.0):
+    """The vmap reference's group gradients, their norms, and Opacus' clipped sum of them."""
+    grads, losses = per_microbatch_grads(model, groups, images, tokens, bank=bank)
+    norms = torch.stack([g.reshape(len(g), -1).norm(dim=1) for g in grads.values()], dim=1).norm(dim=1)
+    factors = (clip / (norms + 1e-6)).clamp(max=1.0)
+    return norms, {n: torch.einsum("k,k...->...", factors, g) for n, g in grads.items()}, losses
+
+
+@pytest.mark.parametrize(("arch", "trainable", "size", "groups", "with_bank"), [
+    ("fedclip-tiny", "last-1", 32, [np.arange(0, 5), np.array([], dtype=np.int64), np.arange(5, 7), np.arange(7, 12)], False),
+    ("fedclip-tiny", "last-1", 32, [np.array([i]) for i in (3, 0, 7, 11, 5)], True),
+    ("fedclip-tiny", "projections", 32, [np.arange(0, 6), np.arange(6, 12)], False),
+    ("ViT-B-32", "last-1", 224, [np.array([0]), np.arange(1, 5)], False),
+])
+def test_norms_and_clipped_sum_equal_opacus_clipping_the_reference(arch, trainable, size, groups, with_bank):
+    """Unequal groups, an empty group, one pair per group out of order (the Gram route), a
+    negative bank, a real open_clip architecture: the norms, the clipped sum of every
+    parameter (fused q/k/v rows included) and the losses."""
+    torch.manual_seed(0)
+    model = create_model(ModelConfig(arch=arch, trainable=trainable)).model
+    images, tokens = _batch(12, size, model.context_length)
+    bank = _bank(model) if with_bank else None
+    ghost, losses, rows = GhostClipping(model)(groups, images, tokens, bank=bank)
+    norms, clipped, ref_losses = _reference(model, groups, images, tokens, bank=bank, clip=0.5)
+    assert rows == {}
+    torch.testing.assert_close(ghost.norms, norms, rtol=1e-4, atol=1e-6)
+    factors = (0.5 / (ghost.norms + 1e-6)).clamp(max=1.0)
+    assert (factors < 1).any(), "the test must clip something"
+    sums = ghost.clipped_sum(factors)
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(sums[id(p)], clipped[name], rtol=1e-4, atol=1e-6, msg=name)
+    torch.testing.assert_close(losses, ref_losses, rtol=1e-5, atol=1e-6)
+    assert all(p.grad is None for p in model.parameters()), "no plain gradient is left behind"
+
+
+def test_optimizer_takes_ghost_groups_and_steps_as_with_group_gradients():
+    """Same noise seed, same model: a step from ghost groups equals a step from the reference's
+    group gradients (clipping, noise, scaling and the update are Opacus' in both)."""
+    torch.manual_seed(2)
+    model = create_model(ModelConfig(trainable="last-1")).model
+    images, tokens = _batch(8, 32, model.context_length)
+    groups = [np.arange(0, 3), np.arange(3, 8)]
+    dp = DpConfig(noise_multiplier=0.7, max_grad_norm=0.3, sample_rate=1.0, microbatch_size=4, declared_units=8)
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    after = []
+    for use_ghost in (True, False):
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                p.copy_(start[n])
+        opt = make_optimizer(model, dp, TrainConfig(lr=1e-2), expected_microbatches=2,
+                             noise_generator=torch.Generator().manual_seed(5))
+        assert isinstance(opt, GhostDPOptimizer)
+        if use_ghost:
+            opt.ghost_groups = GhostClipping(model)(groups, images, tokens)[0]
+        else:
+            grads, _ = per_microbatch_grads(model, groups, images, tokens)
+            for n, p in model.named_parameters():
+                if p.requires_grad:
+                    p.grad_sample = grads[n]
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        assert opt.ghost_groups is None
+        after.append({n: p.detach().clone() for n, p in model.named_parameters()})
+    for name in after[0]:
+        torch.testing.assert_close(after[0][name], after[1][name], rtol=1e-4, atol=1e-6, msg=name)
+    assert any(not torch.equal(after[0][n], start[n]) for n in start)
+
+
+def test_models_it_does_not_cover_are_named():
+    assert unsupported(create_model(ModelConfig(trainable="last-1")).model) is None
+    reason = unsupported(create_model(ModelConfig(trainable="all")).model)
+    assert reason is not None and ("conv1" in reason or "token_embedding" in reason)
+    with pytest.raises(ValueError, match="grad-engine: 'ghost' does not support this model"):
+        GhostClipping(create_model(ModelConfig(trainable="all")).model)
