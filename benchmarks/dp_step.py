@@ -65,7 +65,11 @@ def _one(k: int, trainable: str, engine: str, mode: str, pairs: int, repeats: in
     dp = DpConfig(noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=1.0, microbatch_size=max(1, pairs // k), declared_units=pairs)
     dp_opt = make_optimizer(model, dp, TrainConfig(), expected_microbatches=k, noise_generator=None)
     plain_opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    grads_of = make_grad_engine(model, engine)
+    try:
+        grads_of = make_grad_engine(model, engine)
+    except ValueError as refused:  # e.g. ghost with the token embedding trainable: a row that says so
+        return {"model": model_name, "allocator": allocator, "mode": mode, "groups": k, "trainable": trainable,
+                "engine": engine, "refused": str(refused)}
 
     def one_dp_step() -> None:
         dp_step(model, dp_opt, grads_of(groups, images, tokens, bank=bank), canaries=None)
@@ -144,6 +148,9 @@ def main() -> int:
         out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env).stdout.strip().splitlines()[-1]
         r = json.loads(out)
         rows.append(r)
+        if "refused" in r:
+            print(f"[{i}/{len(plan)}] {allocator:<6} {mode:<10} K={k:>3} {trainable:<11} {engine:<5} refused: {r['refused']}")
+            continue
         print(f"[{i}/{len(plan)}] {allocator:<6} {mode:<10} K={k:>3} {trainable:<11} {engine:<5} plain {r['plain_ms']:7.1f} ms  "
               f"dp {r['dp_ms']:7.1f} ms  ratio {r['ratio']:.2f}x (noise {r['noise_ms']:.0f} ms)  peak {r['peak_MiB']:.0f} MiB", flush=True)
     import pandas as pd

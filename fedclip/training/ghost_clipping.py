@@ -26,10 +26,12 @@ with Opacus clipping the vmap reference's group gradients. The sensitivity argum
 the one of the mode: the optimizer still clips each group to C (from these norms) and adds the
 noise to the sum.
 
-Covered: ``Linear`` (also q/k/v views of a fused ``in_proj``), layer norms, the class and positional
-embeddings, the projections and ``logit_scale``, i.e. ``last-K`` and ``projections``. The patch
-convolution and the token embedding (``all``) are not: ``unsupported`` names them, and the caller
-uses another engine. Nor are per-group gradients available to an auditor's step hook.
+Covered: ``Linear`` (also q/k/v views of a fused ``in_proj``), the patch convolution (a matmul over
+unfolded patches), the token embedding (each group's distinct tokens: its norm from those rows, the
+clipped sum scattered to full size before the optimizer's noise), layer norms, the class and
+positional embeddings, the projections and ``logit_scale``: every open_clip CLIP the twin covers.
+What is not covered is named by ``unsupported``, and the caller uses another engine. No per-group
+gradients exist here, so an auditor's canaries and step hooks need another engine.
 """
 
 from __future__ import annotations
@@ -51,7 +53,8 @@ from fedclip.training.microbatch_grads import pad_groups
 from fedclip.training.negative_bank import NegativeBank
 from fedclip.training.row_sparse_optimizer import RowSparseDPOptimizer
 
-_COVERED = (nn.Linear, nn.LayerNorm, OpenClipLayerNorm, MatrixProjection, ClassToken, PositionEmbedding)
+_COVERED = (nn.Linear, nn.LayerNorm, OpenClipLayerNorm, MatrixProjection, ClassToken, PositionEmbedding, nn.Conv2d,
+            nn.Embedding)
 
 
 def unsupported(model: nn.Module) -> str | None:
@@ -61,8 +64,11 @@ def unsupported(model: nn.Module) -> str | None:
         return reason
     twin = GradSampleTwin(model)
     for name, module in twin.named_modules():
-        if any(p.requires_grad for p in module.parameters(recurse=False)) and not isinstance(module, _COVERED):
-            return f"{name} ({type(module).__name__}) is trainable; ghost norms cover linear layers, layer norms and embeddings of positions and the class token"
+        if not any(p.requires_grad for p in module.parameters(recurse=False)):
+            continue
+        if not isinstance(module, _COVERED) or (isinstance(module, nn.Conv2d) and module.groups != 1):
+            return (f"{name} ({type(module).__name__}) is trainable; ghost norms cover linear layers, ungrouped "
+                    "convolutions, layer norms and embeddings")
     return None
 
 
@@ -80,7 +86,7 @@ class GhostGroups:
 _Share = tuple[nn.Parameter, torch.Tensor, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class _Layout:
     """Where each pair sits: ``position`` [K, m] pair indices (padding points at 0), ``valid`` [K, m]
     and ``owner`` [n] (each pair's group)."""
@@ -93,14 +99,23 @@ class _Layout:
     def k(self) -> int:
         return self.position.shape[0]
 
+    @functools.cached_property
+    def contiguous(self) -> bool:
+        """Equal groups, no padding: pairs come in group order, so grouping is a reshape."""
+        return bool(self.valid.all()) and self.position.numel() == len(self.owner)
+
     def grouped(self, x: torch.Tensor) -> torch.Tensor:
         """[n, T, d] -> [K, m T, d], padding rows zero."""
         k, m = self.position.shape
+        if self.contiguous:
+            return x.reshape(k, m * x.shape[1], x.shape[2])
         g = x[self.position] * self.valid[:, :, None, None].to(x.dtype)
         return g.reshape(k, m * x.shape[1], x.shape[2])
 
     def per_group(self, per_pair: torch.Tensor) -> torch.Tensor:
         """[n, *shape] -> [K, *shape] (sum over each group's pairs)."""
+        if self.contiguous:
+            return per_pair.reshape(self.k, -1, *per_pair.shape[1:]).sum(1)
         return per_pair.new_zeros(self.k, *per_pair.shape[1:]).index_add_(0, self.owner, per_pair)
 
 
@@ -122,7 +137,24 @@ def _matmul_weight(param: nn.Parameter, a: torch.Tensor, g: torch.Tensor, layout
 
     def clipped(pair_f: torch.Tensor, group_f: torch.Tensor) -> torch.Tensor:
         w = (g * pair_f[:, None, None]).reshape(-1, j).T @ a.reshape(-1, i)  # [j, i]
-        return w.T if transposed else w
+        return (w.T if transposed else w).reshape(param.shape)
+
+    return param, sq, clipped
+
+
+def _embedding_weight(param: nn.Parameter, ids: torch.Tensor, g: torch.Tensor, layout: _Layout) -> _Share:
+    """A token embedding: group k's gradient has a row per distinct token of its captions (the
+    sum of the output gradients where that token sits); its norm comes from those rows alone, and
+    the clipped sum is scattered to full size, so the optimizer's noise covers every row."""
+    vocab, width = param.shape
+    ids, rows = ids.reshape(-1), g.reshape(-1, width)
+    group_of = layout.owner.repeat_interleave(g.shape[1])
+    keys, inverse = torch.unique(group_of * vocab + ids, return_inverse=True)
+    per_key = rows.new_zeros(keys.numel(), width).index_add_(0, inverse, rows)
+    sq = rows.new_zeros(layout.k).index_add_(0, keys // vocab, per_key.pow(2).sum(1))
+
+    def clipped(pair_f: torch.Tensor, group_f: torch.Tensor) -> torch.Tensor:
+        return rows.new_zeros(vocab, width).index_add_(0, ids, rows * pair_f.repeat_interleave(g.shape[1])[:, None])
 
     return param, sq, clipped
 
@@ -144,6 +176,14 @@ def _shares(module: nn.Module, a: torch.Tensor, g: torch.Tensor, layout: _Layout
             out.append(_written(module.weight, layout.per_group((g * normed).sum(dims) if dims else g * normed)))
         if module.bias is not None and module.bias.requires_grad:
             out.append(_written(module.bias, layout.per_group(g.sum(dims) if dims else g)))
+    elif isinstance(module, nn.Conv2d):  # a matmul over the unfolded patches
+        patches = F.unfold(a, module.kernel_size, module.dilation, module.padding, module.stride).transpose(1, 2)
+        if module.weight.requires_grad:
+            out.append(_matmul_weight(module.weight, patches, g.flatten(2).transpose(1, 2), layout, transposed=False))
+        if module.bias is not None and module.bias.requires_grad:
+            out.append(_written(module.bias, layout.per_group(g.sum((2, 3)))))
+    elif isinstance(module, nn.Embedding):
+        out.append(_embedding_weight(module.weight, a, g, layout))
     elif isinstance(module, ClassToken):
         out.append(_written(module.weight, layout.per_group(g[:, 0])))
     elif isinstance(module, PositionEmbedding):
@@ -226,14 +266,18 @@ class GhostClipping:
         def clipped_sum(factors: torch.Tensor) -> dict[int, torch.Tensor]:
             factors = factors.to(norms.device, norms.dtype)
             pair_f = factors[layout.owner]
-            out = {id(p): torch.zeros_like(p) for p in self.params.values()}
+            out: dict[int, torch.Tensor] = {}
             for param, _, total in shares:
                 target, rows = self.target.get(id(param), (param, None))
                 value = total(pair_f, factors)
-                if rows is None:
-                    out[id(target)] += value
+                if rows is not None:  # a q/k/v view: its rows of the fused parameter
+                    out.setdefault(id(target), torch.zeros_like(target))[rows[0]:rows[1]] += value
+                elif id(target) in out:
+                    out[id(target)] = out[id(target)] + value
                 else:
-                    out[id(target)][rows[0]:rows[1]] += value
+                    out[id(target)] = value
+            for p in self.params.values():  # a parameter no group's loss reached: a zero sum (noised)
+                out.setdefault(id(p), torch.zeros_like(p))
             return out
 
         return GhostGroups(norms=norms, clipped_sum=clipped_sum)

@@ -145,6 +145,8 @@ class AutoGradEngine:
     def choose(self, k: int) -> str:
         if k == 1:
             return "single"
+        if self.ghost_covered:
+            return "ghost"
         if self.projections_only or (self.embedding_trainable and k >= AUTO_HOOKS_FROM_K):
             return "hooks"
         return "vmap"

@@ -5,6 +5,7 @@ import torch
 from fedclip.data.tensors import PairData
 from fedclip.models.factory import ModelConfig, create_model
 from fedclip.training.config import DpConfig, TrainConfig
+from fedclip.training.ghost_clipping import GhostClipping
 from fedclip.training.group_grads import AutoGradEngine, GroupGradients, dense_grads, make_grad_engine
 from fedclip.training.local import train_local
 from fedclip.training.microbatch_grads import per_microbatch_grads
@@ -58,17 +59,22 @@ def test_one_backward_with_a_negative_bank_and_after_model_updates():
 def test_engine_choice():
     model = create_model(ModelConfig(trainable="projections")).model
     assert isinstance(make_grad_engine(model, "hooks"), GroupGradients)
-    assert not isinstance(make_grad_engine(model, "vmap"), (GroupGradients, AutoGradEngine))
-    auto = make_grad_engine(model, "auto")
+    assert isinstance(make_grad_engine(model, "ghost"), GhostClipping)
+    assert not isinstance(make_grad_engine(model, "vmap"), (GroupGradients, AutoGradEngine, GhostClipping))
+    for trainable in ("projections", "last-1", "all"):  # ghost norms cover every trainable set of CLIP
+        auto = make_grad_engine(create_model(ModelConfig(trainable=trainable)).model, "auto")
+        assert [auto.choose(k) for k in (1, 2, 128)] == ["single", "ghost", "ghost"], trainable
+    # with an auditor's canaries (per-group gradients needed): hooks or vmap, as measured
+    auto = make_grad_engine(model, "auto", group_gradients_needed=True)
     assert [auto.choose(k) for k in (1, 2, 128)] == ["single", "hooks", "hooks"]
-    auto = make_grad_engine(create_model(ModelConfig(trainable="all")).model, "auto")
+    auto = make_grad_engine(create_model(ModelConfig(trainable="all")).model, "auto", group_gradients_needed=True)
     assert [auto.choose(k) for k in (1, 4, 8, 128)] == ["single", "vmap", "hooks", "hooks"]
     model = create_model(ModelConfig(trainable="last-1")).model
-    auto = make_grad_engine(model, "auto")
+    auto = make_grad_engine(model, "auto", group_gradients_needed=True)
     assert [auto.choose(k) for k in (2, 128)] == ["vmap", "vmap"]
     images, tokens = _batch(4, 32, model.context_length)
     auto([np.arange(2), np.arange(2, 4)], images, tokens)
-    assert auto.hooks is None  # never chosen, never built (a twin and hooks cost ~20 ms per site and round)
+    assert auto.hooks is None and auto.ghost is None  # never chosen, never built (~20 ms per site and round)
     model.logit_bias = torch.nn.Parameter(torch.zeros([]))
     assert not isinstance(make_grad_engine(model, "auto"), (GroupGradients, AutoGradEngine))  # the reference
     with pytest.raises(ValueError, match="grad-engine: 'hooks' does not support this model"):
