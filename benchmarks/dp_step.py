@@ -81,18 +81,19 @@ def _one(k: int, trainable: str, engine: str, mode: str, pairs: int, repeats: in
         loss.backward()
         plain_opt.step()
 
-    def timed(fn) -> float:
-        fn()  # warm-up
+    def once(fn) -> float:
+        t = time.perf_counter()
+        fn()
         if device == "cuda":
             torch.cuda.synchronize()
-        best = []
-        for _ in range(repeats):
-            t = time.perf_counter()
-            fn()
-            if device == "cuda":
-                torch.cuda.synchronize()
-            best.append(time.perf_counter() - t)
-        return float(np.median(best))
+        return time.perf_counter() - t
+
+    def interleaved(*fns) -> list[np.ndarray]:
+        """Each repeat runs every fn once, back to back, so a slow spell of a shared machine
+        slows all of them alike; ratios are taken per repeat."""
+        for fn in fns:
+            once(fn)  # warm-up
+        return [np.array(t) for t in zip(*[[once(fn) for fn in fns] for _ in range(repeats)])]
 
     from opacus.optimizers.optimizer import _generate_noise
 
@@ -101,15 +102,15 @@ def _one(k: int, trainable: str, engine: str, mode: str, pairs: int, repeats: in
             if p.requires_grad:
                 _generate_noise(std=1.0, reference=p, generator=None, secure_mode=True)
 
-    plain = timed(plain_step)
-    dp_time = timed(one_dp_step)
-    noise = timed(noise_only)
+    plain_t, dp_t, noise_t = interleaved(plain_step, one_dp_step, noise_only)
+    plain, dp_time, noise = float(np.median(plain_t)), float(np.median(dp_t)), float(np.median(noise_t))
+    ratio = float(np.median(dp_t / plain_t))
     trainable_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     peak = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {"model": model_name, "allocator": allocator, "mode": mode, "groups": k, "trainable": trainable, "engine": engine,
             "trainable_params": trainable_params,
-            "plain_ms": plain * 1e3, "dp_ms": dp_time * 1e3, "ratio": dp_time / plain,
-            "noise_ms": noise * 1e3, "ratio_without_noise": (dp_time - noise) / plain,
+            "plain_ms": plain * 1e3, "dp_ms": dp_time * 1e3, "ratio": ratio,
+            "noise_ms": noise * 1e3, "ratio_without_noise": float(np.median((dp_t - noise_t) / plain_t)),
             "group_grads_MiB": k * trainable_params * 4 / 2**20, "peak_MiB": peak}
 
 
@@ -158,7 +159,7 @@ def main() -> int:
     table = pd.DataFrame(rows)
     if args.csv:
         table.to_csv(args.csv, index=False)
-    print(f"\n{args.pairs} pairs per step, device {args.device}, torch {torch.__version__}, median of {args.repeats}")
+    print(f"\n{args.pairs} pairs per step, device {args.device}, torch {torch.__version__}, median of {args.repeats} interleaved repeats (ratios per repeat)")
     print(table.to_markdown(index=False, floatfmt=".2f") if _has_tabulate() else table.to_string(index=False))
     return 0
 

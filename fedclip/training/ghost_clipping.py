@@ -193,6 +193,18 @@ def _shares(module: nn.Module, a: torch.Tensor, g: torch.Tensor, layout: _Layout
     return out
 
 
+def _each_once(shares: list[_Share]) -> None:
+    """Squared norms add over parameters only if each parameter's group gradient is counted once:
+    a module applied twice in one forward (or a weight shared by two modules) would have two
+    shares whose sum, not each, is the gradient. CLIP applies each once; refuse anything else."""
+    seen: set[int] = set()
+    for param, _, _ in shares:
+        if id(param) in seen:
+            raise RuntimeError("ghost norms: a trainable parameter is used twice in one forward (a shared "
+                               "weight or a module applied twice); use grad-engine 'hooks' or 'vmap'")
+        seen.add(id(param))
+
+
 class GhostClipping:
     """``__call__(groups, images, tokens, bank=None) -> (GhostGroups, losses [K], {})``.
 
@@ -261,6 +273,7 @@ class GhostClipping:
         return self._groups(shares, layout), losses.detach(), {}
 
     def _groups(self, shares: list[_Share], layout: _Layout) -> GhostGroups:
+        _each_once(shares)
         norms = torch.stack([sq for _, sq, _ in shares]).sum(0).sqrt()
 
         def clipped_sum(factors: torch.Tensor) -> dict[int, torch.Tensor]:

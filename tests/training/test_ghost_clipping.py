@@ -97,3 +97,15 @@ def test_ghost_is_refused_where_per_group_gradients_are_needed():
         make_grad_engine(model, "ghost", group_gradients_needed=True)
     auto = make_grad_engine(model, "auto", group_gradients_needed=True)
     assert not auto.ghost_covered and "ghost" not in {auto.choose(k) for k in (2, 16, 128)}
+
+
+def test_a_parameter_counted_twice_is_refused():
+    """Two shares of one parameter (a module applied twice) would make the summed squares a wrong
+    norm: refused, not computed."""
+    from fedclip.training.ghost_clipping import _each_once
+
+    weight = torch.nn.Parameter(torch.zeros(2))
+    share = (weight, torch.zeros(3), lambda pair_f, group_f: torch.zeros(2))
+    _each_once([share])
+    with pytest.raises(RuntimeError, match="used twice in one forward"):
+        _each_once([share, share])
