@@ -8,7 +8,8 @@ layer's inputs at every token of the group's pairs and ``G_k`` the loss gradient
     ||W_k||_F^2 = sum_{s,t} (A_k A_k^T)_{st} (G_k G_k^T)_{st}
 
 (Li et al. 2022, "ghost clipping", for one sample; over a group the Gram matrices simply span all
-its tokens). With clip factors ``c_k = min(1, C / (||g_k|| + 1e-6))``, Opacus' formula applied by
+its tokens). In float32 the Gram sum can lose precision when its terms cancel, so a bound on its
+rounding error is added (``_gram_rounding``): the norm clipped with is never below the true one. With clip factors ``c_k = min(1, C / (||g_k|| + 1e-6))``, Opacus' formula applied by
 the optimizer, the clipped sum ``sum_k c_k W_k = (c * G)^T A`` is one matmul, the size of a plain
 step's weight gradient. Per layer, the Gram route is taken when it is cheaper than writing the
 group gradients, ``(m T)^2 (i + j) < m T i j``; otherwise the [K, j, i] group gradients are written
@@ -41,9 +42,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import open_clip
 import torch
 import torch.nn.functional as F
 from open_clip.transformer import LayerNorm as OpenClipLayerNorm
+from open_clip.transformer import VisionTransformer
 from torch import nn
 from torch.func import vmap
 
@@ -57,19 +60,29 @@ _COVERED = (nn.Linear, nn.LayerNorm, OpenClipLayerNorm, MatrixProjection, ClassT
             nn.Embedding)
 
 
+# What holds trainable parameters in open_clip's CLIP and becomes a covered module in the twin:
+# attention (q/k/v views and a Linear), CLIP and its image tower (the loose class and positional
+# embeddings, projections and logit_scale); everything else is used as it is.
+_MODEL_COVERED = (nn.Linear, nn.LayerNorm, nn.Conv2d, nn.Embedding, nn.MultiheadAttention, open_clip.CLIP, VisionTransformer)
+
+
 def unsupported(model: nn.Module) -> str | None:
-    """Why the ghost engine cannot serve this model and trainable set (None when it can)."""
+    """Why the ghost engine cannot serve this model and trainable set (None when it can). Read off
+    the model, without building a twin (which costs as much as copying the model); the engine
+    checks its twin again when it is built."""
     reason = unsupported_reason(model)
     if reason is not None:
         return reason
-    twin = GradSampleTwin(model)
-    for name, module in twin.named_modules():
-        if not any(p.requires_grad for p in module.parameters(recurse=False)):
-            continue
-        if not isinstance(module, _COVERED) or (isinstance(module, nn.Conv2d) and module.groups != 1):
-            return (f"{name} ({type(module).__name__}) is trainable; ghost norms cover linear layers, ungrouped "
-                    "convolutions, layer norms and embeddings")
+    for name, module in model.named_modules():
+        if any(p.requires_grad for p in module.parameters(recurse=False)):
+            if not isinstance(module, _MODEL_COVERED) or (isinstance(module, nn.Conv2d) and module.groups != 1):
+                return _not_covered(name, module)
     return None
+
+
+def _not_covered(name: str, module: nn.Module) -> str:
+    return (f"{name} ({type(module).__name__}) is trainable; ghost norms cover linear layers, ungrouped "
+            "convolutions, layer norms and embeddings")
 
 
 @dataclass(frozen=True)
@@ -131,7 +144,8 @@ def _matmul_weight(param: nn.Parameter, a: torch.Tensor, g: torch.Tensor, layout
     ag, gg = layout.grouped(a), layout.grouped(g)
     tokens = ag.shape[1]
     if tokens * (i + j) < i * j:  # Gram route: no group gradient is written
-        sq = ((ag @ ag.transpose(1, 2)) * (gg @ gg.transpose(1, 2))).sum((1, 2))
+        terms = (ag @ ag.transpose(1, 2)).double() * (gg @ gg.transpose(1, 2)).double()  # exact products
+        sq = terms.sum((1, 2)).clamp_min(0) + _gram_rounding(ag, gg)
     else:
         sq = (gg.transpose(1, 2) @ ag).pow(2).sum((1, 2))
 
@@ -140,6 +154,26 @@ def _matmul_weight(param: nn.Parameter, a: torch.Tensor, g: torch.Tensor, layout
         return (w.T if transposed else w).reshape(param.shape)
 
     return param, sq, clipped
+
+
+def _gram_rounding(ag: torch.Tensor, gg: torch.Tensor) -> torch.Tensor:
+    """An upper bound on the float32 rounding error of the Gram route's squared norm, added to it
+    so that the norm the optimizer clips with is never below the true one (sensitivity stays C).
+
+    Why it is needed: the Gram sum adds signed terms, and when they cancel its relative error can
+    be far larger than that of a written gradient; an underestimated norm would let a group
+    contribute more than C. The Gram entries are float32 dot products of length i and j, each
+    off by at most n u |a_s||a_t| (resp. |g_s||g_t|), u = 2^-24, the standard bound for any
+    summation order; their products and the sum over the T^2 token pairs are taken in float64
+    (the products exactly, the sum off by at most T^2 2^-53 of the absolute terms). Every term is
+    at most |a_s||a_t||g_s||g_t|, so the error is at most
+    ((i + j) 2u + T^2 2^-52) (sum_s |a_s||g_s|)^2, with 2u covering the second-order terms. It costs
+    one norm per token row and makes clipping slightly stronger, never weaker. (A written
+    gradient's norm has the rounding of Opacus' own per-sample path, relative n u with no
+    cancellation, which neither Opacus nor this project bounds.)"""
+    tokens, i, j = ag.shape[1], ag.shape[2], gg.shape[2]
+    spread = (ag.norm(dim=2).double() * gg.norm(dim=2).double()).sum(1)
+    return spread.pow(2) * ((i + j) * 2.0**-23 + tokens * tokens * 2.0**-52)
 
 
 def _embedding_weight(param: nn.Parameter, ids: torch.Tensor, g: torch.Tensor, layout: _Layout) -> _Share:
@@ -218,6 +252,9 @@ class GhostClipping:
             raise ValueError(f"grad-engine: 'ghost' does not support this model: {reason}")
         self.model = model
         self.twin = GradSampleTwin(model)
+        for name, module in self.twin.named_modules():
+            if any(p.requires_grad for p in module.parameters(recurse=False)) and not isinstance(module, _COVERED):
+                raise ValueError(f"grad-engine: 'ghost' does not support this model: {_not_covered(name, module)}")
         names = {id(p): n for n, p in model.named_parameters()}
         self.params = {n: p for n, p in model.named_parameters() if p.requires_grad}
         # twin parameter -> (model parameter, row range or None): q/k/v views map into a fused in_proj
@@ -274,10 +311,11 @@ class GhostClipping:
 
     def _groups(self, shares: list[_Share], layout: _Layout) -> GhostGroups:
         _each_once(shares)
-        norms = torch.stack([sq for _, sq, _ in shares]).sum(0).sqrt()
+        norms = torch.stack([sq.double() for _, sq, _ in shares]).sum(0).sqrt()  # float64, never rounded down
+        dtype = next(iter(self.params.values())).dtype
 
         def clipped_sum(factors: torch.Tensor) -> dict[int, torch.Tensor]:
-            factors = factors.to(norms.device, norms.dtype)
+            factors = _rounded_down(factors.to(norms.device), dtype)
             pair_f = factors[layout.owner]
             out: dict[int, torch.Tensor] = {}
             for param, _, total in shares:
@@ -294,6 +332,12 @@ class GhostClipping:
             return out
 
         return GhostGroups(norms=norms, clipped_sum=clipped_sum)
+
+
+def _rounded_down(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``values`` in ``dtype``, each rounded towards zero (a clip factor must not grow)."""
+    cast = values.to(dtype)
+    return torch.where(cast.double() > values.double(), torch.nextafter(cast, torch.zeros_like(cast)), cast)
 
 
 class GhostDPOptimizer(RowSparseDPOptimizer):

@@ -121,11 +121,14 @@ GradEngine = Callable[..., tuple[dict[str, torch.Tensor], torch.Tensor, dict[str
 
 
 # ``auto``'s rule, from ``python -m benchmarks.dp_step`` (BENCHMARKS.md, 2-core CPU, fedclip-tiny,
-# 128 pairs): per-sample hooks cost about the same at any K, vmap grows with K. Hooks won with only
-# the projections trainable (every K) and with the token embedding trainable from K = 16 (vmap
-# writes a dense [K, 49408, D] gradient: 692 vs 173 ms at K = 128); vmap won for last-1 at every
-# K up to 128 (43 vs 67 ms at K = 16, equal at 128) and for `all` at K <= 4. One group needs neither:
-# its gradient is a plain backward of its loss.
+# 128 pairs, and ViT-B-32): one group needs no engine (its gradient is a plain backward of its
+# loss). From two groups on, ghost norms (``ghost_clipping``) were fastest for every trainable set
+# and K, since they write no per-sample or per-group gradient of the large layers; they are used
+# unless an auditor needs the per-group gradients themselves (canaries, a step hook). Then the
+# earlier measurements decide: per-sample hooks cost about the same at any K, vmap grows with K;
+# hooks won with only the projections trainable (every K) and with the token embedding trainable
+# from K = 16 (vmap writes a dense [K, 49408, D] gradient: 692 vs 173 ms at K = 128); vmap won for
+# last-1 at every K up to 128 and for `all` at K <= 4.
 AUTO_HOOKS_FROM_K = 8
 
 

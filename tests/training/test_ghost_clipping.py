@@ -10,12 +10,11 @@ from fedclip.training.microbatch_grads import per_microbatch_grads
 from tests.training.test_microbatch_grads import _bank, _batch
 
 
-def _reference(model, groups, images, tokens, *, bank=None, clip=1.0):
-    """The vmap reference's group gradients, their norms, and Opacus' clipped sum of them."""
+def _reference(model, groups, images, tokens, *, bank=None):
+    """The vmap reference's group gradients' norms, their sum for given clip factors, the losses."""
     grads, losses = per_microbatch_grads(model, groups, images, tokens, bank=bank)
     norms = torch.stack([g.reshape(len(g), -1).norm(dim=1) for g in grads.values()], dim=1).norm(dim=1)
-    factors = (clip / (norms + 1e-6)).clamp(max=1.0)
-    return norms, {n: torch.einsum("k,k...->...", factors, g) for n, g in grads.items()}, losses
+    return norms, lambda factors: {n: torch.einsum("k,k...->...", factors, g) for n, g in grads.items()}, losses
 
 
 @pytest.mark.parametrize(("arch", "trainable", "size", "groups", "with_bank"), [
@@ -35,15 +34,18 @@ def test_norms_and_clipped_sum_equal_opacus_clipping_the_reference(arch, trainab
     images, tokens = _batch(12, size, model.context_length)
     bank = _bank(model) if with_bank else None
     ghost, losses, rows = GhostClipping(model)(groups, images, tokens, bank=bank)
-    norms, clipped, ref_losses = _reference(model, groups, images, tokens, bank=bank, clip=0.5)
+    norms, clipped, ref_losses = _reference(model, groups, images, tokens, bank=bank)
     assert rows == {}
-    torch.testing.assert_close(ghost.norms, norms, rtol=1e-4, atol=1e-6)
-    factors = (0.5 / (ghost.norms + 1e-6)).clamp(max=1.0)
+    # never below the true norm (the Gram route adds a bound on its rounding), and barely above it
+    # (the bound is worst-case: 0.3% for ViT-B-32's 3,072-wide layers over a group of 4 x 50 tokens)
+    assert (ghost.norms >= norms * (1 - 1e-6)).all(), (ghost.norms, norms)
+    torch.testing.assert_close(ghost.norms.float(), norms, rtol=1e-2, atol=1e-6)
+    factors = (0.5 / (ghost.norms + 1e-6)).clamp(max=1.0).float()
     assert (factors < 1).any(), "the test must clip something"
     sums = ghost.clipped_sum(factors)
     for name, p in model.named_parameters():
         if p.requires_grad:
-            torch.testing.assert_close(sums[id(p)], clipped[name], rtol=1e-4, atol=1e-6, msg=name)
+            torch.testing.assert_close(sums[id(p)], clipped(factors)[name], rtol=1e-4, atol=1e-6, msg=name)
     torch.testing.assert_close(losses, ref_losses, rtol=1e-5, atol=1e-6)
     assert all(p.grad is None for p in model.parameters()), "no plain gradient is left behind"
 
@@ -109,3 +111,21 @@ def test_a_parameter_counted_twice_is_refused():
     _each_once([share])
     with pytest.raises(RuntimeError, match="used twice in one forward"):
         _each_once([share, share])
+
+
+def test_gram_norm_is_never_below_the_true_norm_when_terms_cancel():
+    """Near-cancelling tokens (W = sum_t g_t a_t^T tiny against each term): float32 Gram sums lose
+    most of their digits here; the rounding bound keeps the norm at or above the float64 truth."""
+    from fedclip.training.ghost_clipping import _Layout, _matmul_weight
+
+    g = torch.Generator().manual_seed(3)
+    a = torch.randn(1, 1, 48, generator=g).repeat(1, 16, 1) + 1e-4 * torch.randn(1, 16, 48, generator=g)
+    signs = torch.tensor([1.0, -1.0]).repeat(8)[None, :, None]
+    grad = signs * torch.randn(1, 1, 64, generator=g)  # pairs of tokens cancel up to the 1e-4 noise
+    layout = _Layout(position=torch.zeros(1, 1, dtype=torch.long), valid=torch.ones(1, 1, dtype=torch.bool),
+                     owner=torch.zeros(1, dtype=torch.long))
+    weight = torch.nn.Parameter(torch.zeros(64, 48))
+    _, sq, _ = _matmul_weight(weight, a, grad, layout, transposed=False)
+    true = (grad[0].double().T @ a[0].double()).norm()
+    assert 16 * (48 + 64) < 48 * 64  # the Gram route is the one taken
+    assert sq.sqrt().item() >= true.item()
