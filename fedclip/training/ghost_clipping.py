@@ -150,7 +150,9 @@ def _matmul_weight(param: nn.Parameter, a: torch.Tensor, g: torch.Tensor, layout
         sq = (gg.transpose(1, 2) @ ag).pow(2).sum((1, 2))
 
     def clipped(pair_f: torch.Tensor, group_f: torch.Tensor) -> torch.Tensor:
-        w = (g * pair_f[:, None, None]).reshape(-1, j).T @ a.reshape(-1, i)  # [j, i]
+        scale = pair_f[:, None, None]  # on the narrower side: (c g)^T a = g^T (c a)
+        ga, aa = (g * scale, a) if j <= i else (g, a * scale)
+        w = ga.reshape(-1, j).T @ aa.reshape(-1, i)  # [j, i]
         return (w.T if transposed else w).reshape(param.shape)
 
     return param, sq, clipped
