@@ -9,8 +9,9 @@ layer's inputs at every token of the group's pairs and ``G_k`` the loss gradient
 
 (Li et al. 2022, "ghost clipping", for one sample; over a group the Gram matrices simply span all
 its tokens). In float32 the Gram sum can lose precision when its terms cancel, so a bound on its
-rounding error is added (``_gram_rounding``): the norm clipped with is never below the true one. With clip factors ``c_k = min(1, C / (||g_k|| + 1e-6))``, Opacus' formula applied by
-the optimizer, the clipped sum ``sum_k c_k W_k = (c * G)^T A`` is one matmul, the size of a plain
+rounding error is added (``_gram_rounding``): the norm clipped with is never below the true one.
+With clip factors ``c_k = min(1, C / (||g_k|| + 1e-6))``, Opacus' formula applied by the
+optimizer, the clipped sum ``sum_k c_k W_k = (c * G)^T A`` is one matmul, the size of a plain
 step's weight gradient. Per layer, the Gram route is taken when it is cheaper than writing the
 group gradients, ``(m T)^2 (i + j) < m T i j``; otherwise the [K, j, i] group gradients are written
 (one batched matmul) and their norms taken. The small parameters (biases, layer norms, class and
