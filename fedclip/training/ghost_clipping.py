@@ -53,7 +53,7 @@ from torch.func import vmap
 
 from fedclip.training.grad_sample_twin import ClassToken, GradSampleTwin, MatrixProjection, PositionEmbedding, unsupported_reason
 from fedclip.training.loss import group_loss
-from fedclip.training.microbatch_grads import pad_groups
+from fedclip.training.microbatch_grads import stacked_groups
 from fedclip.training.negative_bank import NegativeBank
 from fedclip.training.row_sparse_optimizer import RowSparseDPOptimizer
 
@@ -287,11 +287,8 @@ class GhostClipping:
         if sum(sizes) == 0:  # nothing sampled: zero norms, a zero sum (the noise is added anyway)
             zeros = {id(p): torch.zeros_like(p) for p in self.params.values()}
             return GhostGroups(norms=torch.zeros(k, device=device), clipped_sum=lambda f: dict(zeros)), torch.zeros(k), {}
-        records = torch.as_tensor(np.concatenate([np.asarray(g, dtype=np.int64) for g in groups]), dtype=torch.long)
-        offsets = np.cumsum([0, *sizes])
-        position, valid = pad_groups([np.arange(offsets[i], offsets[i + 1]) for i in range(k)])
-        owner = torch.repeat_interleave(torch.arange(k), torch.as_tensor(sizes))
-        layout = _Layout(position=position.to(device), valid=valid.to(device), owner=owner.to(device))
+        records, position, valid, owner = stacked_groups(groups, device)
+        layout = _Layout(position=position, valid=valid, owner=owner)
 
         self._records = []
         try:

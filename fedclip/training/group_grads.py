@@ -32,7 +32,7 @@ from fedclip.training.ghost_clipping import GhostClipping
 from fedclip.training.ghost_clipping import unsupported as ghost_unsupported
 from fedclip.training.grad_sample_twin import GradSampleTwin, unsupported_reason
 from fedclip.training.loss import group_loss
-from fedclip.training.microbatch_grads import pad_groups, per_microbatch_grads
+from fedclip.training.microbatch_grads import per_microbatch_grads, stacked_groups
 from fedclip.training.negative_bank import NegativeBank
 
 
@@ -65,11 +65,7 @@ class GroupGradients:
         if sum(sizes) == 0:  # no group, or only empty ones: zero gradients (the noise is added anyway)
             return ({n: torch.zeros((k, *p.shape), dtype=p.dtype, device=device) for n, p in self.trainable.items()},
                     torch.zeros(k), {})
-        records = torch.as_tensor(np.concatenate([np.asarray(g, dtype=np.int64) for g in groups]), dtype=torch.long)
-        offsets = np.cumsum([0, *sizes])
-        position, valid = pad_groups([np.arange(offsets[i], offsets[i + 1]) for i in range(k)])
-        position, valid = position.to(device), valid.to(device)
-        owner = torch.repeat_interleave(torch.arange(k, device=device), torch.as_tensor(sizes, device=device))
+        records, position, valid, owner = stacked_groups(groups, device)
 
         self._clear()
         image_f, text_f = self.hooked(images[records].to(device), tokens[records].to(device))

@@ -31,6 +31,19 @@ def pad_groups(groups: Sequence[np.ndarray | Sequence[int]]) -> tuple[torch.Tens
     return index, valid
 
 
+def stacked_groups(groups: Sequence[np.ndarray | Sequence[int]], device: torch.device | str
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One step's groups as one batch, for the engines that run every pair at once: ``records``
+    [n] (the pairs' data indices, group after group), ``position`` and ``valid`` [K, m] (each
+    group's places in that batch, padded; ``pad_groups``) and ``owner`` [n] (each pair's group)."""
+    sizes = [len(g) for g in groups]
+    records = torch.as_tensor(np.concatenate([np.asarray(g, dtype=np.int64) for g in groups]), dtype=torch.long)
+    offsets = np.cumsum([0, *sizes])
+    position, valid = pad_groups([np.arange(offsets[i], offsets[i + 1]) for i in range(len(groups))])
+    owner = torch.repeat_interleave(torch.arange(len(groups)), torch.as_tensor(sizes))
+    return records, position.to(device), valid.to(device), owner.to(device)
+
+
 def per_microbatch_grads(
     model: torch.nn.Module,
     groups: Sequence[np.ndarray | Sequence[int]],
