@@ -161,15 +161,17 @@ def dp_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, computed: 
     ``p.grad_sample_rows``), plus the sampled canaries' rows (one per canary, norm C: clipping
     leaves them whole), and let it clip, sum, noise and step."""
     grads, group_losses, rows = computed
-    if isinstance(grads, GhostGroups):  # norms and a clipped sum (never with canaries: make_grad_engine)
+    if isinstance(grads, GhostGroups):  # norms and a clipped sum: no per-group rows to hand over
+        if canaries is not None:  # they would be lost, not added (make_grad_engine never pairs them)
+            raise ValueError("canaries: ghost norms give no per-group gradients to add canaries to; use grad-engine 'auto'")
         optimizer.ghost_groups = grads
-        grads = {}
-    if canaries is not None:  # a canary may touch any row: full-size gradients
-        grads, rows = dense_grads(model, grads, rows), {}
-        grads = {name: torch.cat([g, canaries[name].to(g.dtype)]) for name, g in grads.items()}
-    for name, p in model.named_parameters():
-        if p.requires_grad and name in grads:
-            p.grad_sample, p.grad_sample_rows = grads[name], rows.get(name)
+    else:
+        if canaries is not None:  # a canary may touch any row: full-size gradients
+            grads, rows = dense_grads(model, grads, rows), {}
+            grads = {name: torch.cat([g, canaries[name].to(g.dtype)]) for name, g in grads.items()}
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                p.grad_sample, p.grad_sample_rows = grads[name], rows.get(name)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return float(group_losses.mean()) if len(group_losses) else float("nan")

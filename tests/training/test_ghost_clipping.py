@@ -129,3 +129,17 @@ def test_gram_norm_is_never_below_the_true_norm_when_terms_cancel():
     true = (grad[0].double().T @ a[0].double()).norm()
     assert 16 * (48 + 64) < 48 * 64  # the Gram route is the one taken
     assert sq.sqrt().item() >= true.item()
+
+
+def test_canaries_with_ghost_groups_are_refused_not_dropped():
+    from fedclip.training.local import dp_step
+
+    torch.manual_seed(4)
+    model = create_model(ModelConfig(trainable="projections")).model
+    images, tokens = _batch(4, 32, model.context_length)
+    computed = GhostClipping(model)([np.arange(2), np.arange(2, 4)], images, tokens)
+    dp = DpConfig(noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=1.0, microbatch_size=2, declared_units=4)
+    opt = make_optimizer(model, dp, TrainConfig(), expected_microbatches=2, noise_generator=None)
+    canaries = {n: torch.zeros(1, *p.shape) for n, p in model.named_parameters() if p.requires_grad}
+    with pytest.raises(ValueError, match="canaries: ghost norms give no per-group gradients"):
+        dp_step(model, opt, computed, canaries=canaries)
