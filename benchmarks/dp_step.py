@@ -9,7 +9,8 @@ A DP step = per-group gradients (``hooks``: one backward with Opacus' grad-sampl
 matrices and the clipped sum as one matmul, ``ghost_clipping``, no per-group gradient; ``auto``:
 what training picks) + Opacus' ``DPOptimizer`` (clip each group's gradient, sum, noise, scale,
 step), through the training loop's own ``dp_step``. The plain step is one forward and backward of the same
-pairs with the full-batch contrastive loss. ``microbatch`` rows split the pairs into K groups;
+pairs with the full-batch contrastive loss. Captions are worded as the synthetic reports (end of
+text at token 10-20 of the tiny model's 32), random images. ``microbatch`` rows split the pairs into K groups;
 ``unit`` rows are per-unit DP: K units of pairs/K pairs, each against a bank of 256 public
 negatives. ``noise_ms`` is the Gaussian noise alone (Opacus' secure mode, as fedclip runs it:
 four draws per coordinate), a cost a plain step never pays. ``--allocators retain,system`` runs each
@@ -32,6 +33,18 @@ import numpy as np
 import torch
 
 
+def report_captions(count: int) -> list[str]:
+    """``count`` reports worded as the synthetic hospitals' (names, findings, templates), so the
+    text tower sees the data's caption lengths: a ghost step skips the token positions after the
+    longest caption's end, a plain step does not."""
+    from fedclip.data.names import draw_unique_names
+    from fedclip.data.schema import CONDITIONS
+    from fedclip.data.synthetic import caption
+
+    rng = np.random.default_rng(0)
+    return [caption(name, CONDITIONS[i % len(CONDITIONS)], rng) for i, name in enumerate(draw_unique_names(rng, count))]
+
+
 def _one(k: int, trainable: str, engine: str, mode: str, pairs: int, repeats: int, device: str, model_name: str) -> dict:
     import os
     import warnings
@@ -51,11 +64,11 @@ def _one(k: int, trainable: str, engine: str, mode: str, pairs: int, repeats: in
 
     allocator = "retain" if retain_freed_memory() else f"{allocator_choice()} (glibc defaults)"
     torch.manual_seed(0)
-    model = create_model(ModelConfig(arch=model_name, trainable=trainable), device=device).model
+    bundle = create_model(ModelConfig(arch=model_name, trainable=trainable), device=device)
+    model = bundle.model
     size = model.visual.image_size
     images = torch.randn(pairs, 3, *(size if isinstance(size, tuple) else (size, size)), device=device)
-    tokens = torch.randint(1, 40000, (pairs, model.context_length), device=device)
-    tokens[:, 12], tokens[:, 13:] = 49407, 0
+    tokens = bundle.tokenizer(report_captions(pairs)).to(device)
     groups = np.array_split(np.arange(pairs), k)
     bank = None
     if mode == "unit":

@@ -180,7 +180,8 @@ def render_image(pattern: np.ndarray, condition: str, rng: np.random.Generator, 
     return np.clip(img, 0.0, 1.0), mask
 
 
-def _caption(name: str, condition: str, rng: np.random.Generator) -> str:
+def caption(name: str, condition: str, rng: np.random.Generator) -> str:
+    """One report in the synthetic data's wording (also the benchmarks' caption lengths)."""
     template = REPORT_TEMPLATES[rng.integers(len(REPORT_TEMPLATES))]
     phrases = FINDING_PHRASES[condition]
     return template.format(name=name, finding=phrases[rng.integers(len(phrases))])
@@ -207,7 +208,7 @@ def _patient(out: Path, pid: str, name: str, site: str, mix: np.ndarray, splits:
                                     identity_strength=config.identity_strength, patch=patch)
         rel = f"images/{pid}_{k:02d}.png"
         Image.fromarray((pixels * 255).round().astype(np.uint8)).save(out / rel, optimize=False)
-        rows.append({"filepath": rel, "title": _caption(name, condition, rng), "patient_id": pid, "name": name,
+        rows.append({"filepath": rel, "title": caption(name, condition, rng), "patient_id": pid, "name": name,
                      "site": site, "condition": condition, "split": str(image_split)})
         if mask is not None:
             rows[-1][MASK_COLUMN] = f"images/{pid}_{k:02d}_mask.png"

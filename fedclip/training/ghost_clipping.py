@@ -14,7 +14,8 @@ With clip factors ``c_k = min(1, C / (||g_k|| + 1e-6))``, Opacus' formula applie
 optimizer, the clipped sum ``sum_k c_k W_k = (c * G)^T A`` is one matmul, the size of a plain
 step's weight gradient. Per layer, the Gram route is taken when it is cheaper than writing the
 group gradients, ``(m T)^2 (i + j) < m T i j``; otherwise the [K, j, i] group gradients are written
-(one batched matmul) and their norms taken. The small parameters (biases, layer norms, class and
+(one batched matmul, no larger than the layer's inputs and output gradients), their norms taken and
+the clipped sum taken as their weighted sum. The small parameters (biases, layer norms, class and
 positional embeddings, the projections, ``logit_scale``) get their [K, *shape] group gradients
 written: they are small.
 
@@ -134,8 +135,9 @@ class _Layout:
 
 
 def _written(param: nn.Parameter, per_group: torch.Tensor) -> _Share:
-    """A small parameter: its [K, *shape] group gradients written out."""
-    return (param, per_group.reshape(per_group.shape[0], -1).pow(2).sum(1),
+    """Group gradients written out, [K, *shape]: the norms from them, the clipped sum as their
+    weighted sum (the factors of the groups; K * numel, not a matmul over every token)."""
+    return (param, torch.linalg.vector_norm(per_group.reshape(per_group.shape[0], -1), dim=1).square(),  # as Opacus
             lambda pair_f, group_f: torch.einsum("k,k...->...", group_f, per_group))
 
 
@@ -144,11 +146,11 @@ def _matmul_weight(param: nn.Parameter, a: torch.Tensor, g: torch.Tensor, layout
     i, j = a.shape[-1], g.shape[-1]
     ag, gg = layout.grouped(a), layout.grouped(g)
     tokens = ag.shape[1]
-    if tokens * (i + j) < i * j:  # Gram route: no group gradient is written
-        terms = (ag @ ag.transpose(1, 2)).double() * (gg @ gg.transpose(1, 2)).double()  # exact products
-        sq = terms.sum((1, 2)).clamp_min(0) + _gram_rounding(ag, gg)
-    else:
-        sq = (gg.transpose(1, 2) @ ag).pow(2).sum((1, 2))
+    if tokens * (i + j) >= i * j:  # written route: [K, j, i], no larger than the layer's a and g
+        per_group = gg.transpose(1, 2) @ ag
+        return _written(param, (per_group.transpose(1, 2) if transposed else per_group).reshape(-1, *param.shape))
+    terms = (ag @ ag.transpose(1, 2)).double() * (gg @ gg.transpose(1, 2)).double()  # Gram route: exact products
+    sq = terms.sum((1, 2)).clamp_min(0) + _gram_rounding(ag, gg)
 
     def clipped(pair_f: torch.Tensor, group_f: torch.Tensor) -> torch.Tensor:
         scale = pair_f[:, None, None]  # on the narrower side: (c g)^T a = g^T (c a)
@@ -188,7 +190,7 @@ def _embedding_weight(param: nn.Parameter, ids: torch.Tensor, g: torch.Tensor, l
     group_of = layout.owner.repeat_interleave(g.shape[1])
     keys, inverse = torch.unique(group_of * vocab + ids, return_inverse=True)
     per_key = rows.new_zeros(keys.numel(), width).index_add_(0, inverse, rows)
-    sq = rows.new_zeros(layout.k).index_add_(0, keys // vocab, per_key.pow(2).sum(1))
+    sq = rows.new_zeros(layout.k).index_add_(0, keys // vocab, torch.linalg.vector_norm(per_key, dim=1).square())
 
     def clipped(pair_f: torch.Tensor, group_f: torch.Tensor) -> torch.Tensor:
         return rows.new_zeros(vocab, width).index_add_(0, ids, rows * pair_f.repeat_interleave(g.shape[1])[:, None])
@@ -196,9 +198,22 @@ def _embedding_weight(param: nn.Parameter, ids: torch.Tensor, g: torch.Tensor, l
     return param, sq, clipped
 
 
-def _shares(module: nn.Module, a: torch.Tensor, g: torch.Tensor, layout: _Layout) -> list[_Share]:
-    """Every trainable parameter of one recorded module application."""
+def _live_tokens(a: torch.Tensor, g: torch.Tensor, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``a`` and ``g`` cut to the first ``end`` token positions when ``g`` is exactly zero after
+    them for every pair: in a causal text tower, the positions after the longest caption's end
+    (nothing pooled depends on them; ``end`` is that caption's end of text + 1). A zero
+    output-gradient row adds zero to every weight gradient, Gram entry and rounding bound, so
+    dropping it is exact. ``end`` is only a guess: the zeros are checked on ``g`` itself (NaN
+    counts as non-zero), and anything non-zero keeps every position, so no norm can shrink."""
+    if g.dim() != 3 or a.shape[:2] != g.shape[:2] or not 0 < end < g.shape[1] or g[:, end:].any():
+        return a, g
+    return a[:, :end], g[:, :end]
+
+
+def _shares(module: nn.Module, a: torch.Tensor, g: torch.Tensor, layout: _Layout, *, text_end: int = 0) -> list[_Share]:
+    """Every trainable parameter of one recorded module application (``text_end``: see ``_live_tokens``)."""
     out: list[_Share] = []
+    a, g = _live_tokens(a, g, text_end)
     if isinstance(module, (nn.Linear, MatrixProjection)):
         a3, g3 = (a, g) if a.dim() == 3 else (a[:, None], g[:, None])
         if module.weight.requires_grad:
@@ -292,7 +307,9 @@ class GhostClipping:
 
         self._records = []
         try:
-            image_f, text_f = self.twin(images[records].to(device), tokens[records].to(device))
+            step_tokens = tokens[records].to(device)
+            image_f, text_f = self.twin(images[records].to(device), step_tokens)
+            text_end = int(step_tokens.argmax(dim=-1).max()) + 1  # the twin pools at the end-of-text token
             log_scale = self.model.logit_scale.detach().expand(k).clone().requires_grad_(self.model.logit_scale.requires_grad)
             losses = vmap(functools.partial(group_loss, bank=bank))(image_f[layout.position], text_f[layout.position],
                                                                      log_scale.exp(), layout.valid)
@@ -302,7 +319,7 @@ class GhostClipping:
             shares: list[_Share] = []
             for (module, a, out), g in zip(self._records, grads):
                 if g is not None:
-                    shares += _shares(module, a, g.detach(), layout)
+                    shares += _shares(module, a, g.detach(), layout, text_end=text_end)
             if log_scale.requires_grad:
                 shares.append(_written(self.model.logit_scale, grads[-1].reshape(k, *self.model.logit_scale.shape)))
         finally:
