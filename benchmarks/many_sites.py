@@ -12,7 +12,11 @@ own time) / the server's train phase, from the run's ``timings.csv`` (server) an
 ledger, data loading, model set-up, local DP steps and spending report; the strategy's time its
 budget checks, charges, settlements, aggregation and report (fedclip's work, shown as its own
 column); orchestration is everything else: Flower's messages, Ray's scheduling, (de)serialisation,
-and actors left idle at the end of a round.
+and actors left idle at the end of a round. CPU time per process name (user + system, from /proc,
+the last sample of each process): with 2 cores and 2 actors, CPU the driver and Ray's daemons use
+while sites train is taken from the sites, so it shows up as slower sites rather than as
+orchestration in the share above; ``cpu_share_outside_sites`` is the share of the whole tree's CPU
+time not spent in the actors (it also counts the driver's data preparation, warm start and attacks).
 """
 
 from __future__ import annotations
@@ -28,13 +32,16 @@ from pathlib import Path
 import pandas as pd
 
 ACTORS = 2
+SITE_WORKER = "ray::ClientAppA"  # the Ray actors' process name (truncated by the kernel), where sites run
 
 
-def _tree_rss_mib(root: int) -> tuple[float, dict[str, float]]:
-    """Total RSS of ``root`` and its descendants, and the RSS per process name."""
+def _tree_sample(root: int) -> tuple[float, dict[str, float], dict[int, tuple[str, int]]]:
+    """Total RSS (MiB) of ``root`` and its descendants, the RSS per process name, and each
+    process's CPU time so far ({pid: (name, clock ticks of user + system time)})."""
     children: dict[int, list[int]] = {}
     rss: dict[int, int] = {}
     names: dict[int, str] = {}
+    ticks: dict[int, int] = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -43,34 +50,48 @@ def _tree_rss_mib(root: int) -> tuple[float, dict[str, float]]:
             status = Path(f"/proc/{entry}/status").read_text()
         except OSError:
             continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        fields = stat.rsplit(")", 1)[1].split()  # fields[0] is the state, field 3 of the stat line
+        ppid = int(fields[1])
         names[int(entry)] = stat.split("(", 1)[1].rsplit(")", 1)[0]
+        ticks[int(entry)] = int(fields[11]) + int(fields[12])  # utime + stime (stat fields 14 and 15)
         children.setdefault(ppid, []).append(int(entry))
         rss[int(entry)] = next((int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:")), 0)
-    total, stack, by_name = 0, [root], {}
+    total, stack, by_name, cpu = 0, [root], {}, {}
     while stack:
         pid = stack.pop()
         total += rss.get(pid, 0)
         by_name[names.get(pid, "?")] = by_name.get(names.get(pid, "?"), 0) + rss.get(pid, 0) / 1024
+        if pid in ticks:
+            cpu[pid] = (names[pid], ticks[pid])
         stack.extend(children.get(pid, []))
-    return total / 1024, by_name
+    return total / 1024, by_name, cpu
 
 
-def run_one(sites: int, *, rounds: int, patients: int, steps: int, workdir: Path) -> dict:
+def _cpu_by_name(seen: dict[int, tuple[str, int]]) -> dict[str, float]:
+    """CPU seconds per process name, from the last sample of every process seen."""
+    out: dict[str, float] = {}
+    for name, ticks in seen.values():
+        out[name] = out.get(name, 0.0) + ticks / os.sysconf("SC_CLK_TCK")
+    return out
+
+
+def run_one(sites: int, *, rounds: int, patients: int, steps: int, workdir: Path, in_flight: int = 8) -> dict:
     out = workdir / f"sites_{sites}"
     config = (f"num-sites={sites} patients-per-site={patients} public-patients=40 heldout-patients=12 "
               f"images-per-patient=2 query-images-per-patient=1 idia-queries=1 idia-distractors=20 lira=false "
               f"warm-start-epochs=3 local-steps={steps} negative-bank-size=32 num-rounds={rounds} "
-              f"microbatch-size=1 target-epsilon=0.0 noise-multiplier=1.0 budget=inf cache-dir='{workdir / 'cache'}'")
+              f"microbatch-size=1 target-epsilon=0.0 noise-multiplier=1.0 budget=inf cache-dir='{workdir / 'cache'}' "
+              f"messages-in-flight={in_flight}")
     cmd = [sys.executable, "-m", "simulations.cli", "--app", "simulations.hospital_clip", "--output", str(out),
            "--run-config", config, "--backend-config", '{"client_resources": {"num_cpus": 1, "num_gpus": 0.0}}']
     env = {**os.environ, "OMP_NUM_THREADS": "1", "FEDCLIP_PROGRESS": "0"}
     started = time.time()
     log = (workdir / f"sites_{sites}.log").open("w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-    peak, at_peak, timeline = 0.0, {}, []
+    peak, at_peak, timeline, cpu_seen = 0.0, {}, [], {}
     while proc.poll() is None:
-        total, by_name = _tree_rss_mib(proc.pid)
+        total, by_name, cpu = _tree_sample(proc.pid)
+        cpu_seen.update(cpu)
         timeline.append((time.time() - started, total))
         if total > peak:
             peak, at_peak = total, by_name
@@ -78,6 +99,7 @@ def run_one(sites: int, *, rounds: int, patients: int, steps: int, workdir: Path
     wall = time.time() - started
     if proc.returncode != 0:
         raise RuntimeError(f"{sites} sites: flower-simulation exited {proc.returncode}; see {log.name}")
+    cpu_s = _cpu_by_name(cpu_seen)
     server = pd.read_csv(out / "timings.csv")
     site_rows = pd.concat([pd.read_csv(p) for p in (out / "sites").glob("*/site_timings.csv")])
     trained = server[server["round"] > 0]
@@ -85,7 +107,7 @@ def run_one(sites: int, *, rounds: int, patients: int, steps: int, workdir: Path
     train_phase = trained.set_index("round")["train_phase_seconds"]
     strategy = trained.set_index("round")["strategy_seconds"]
     share = 1 - (per_round["handle_seconds"] / ACTORS + strategy) / train_phase
-    return {"sites": sites, "wall_s": wall, "peak_tree_MiB": peak,
+    return {"sites": sites, "in_flight": in_flight, "wall_s": wall, "peak_tree_MiB": peak,
             "round_s": float(train_phase.mean()), "strategy_s": float(strategy.mean()),
             "evaluate_s": float(trained["evaluate_seconds"].mean()),
             "site_handle_s": float(site_rows["handle_seconds"].mean()),
@@ -93,7 +115,9 @@ def run_one(sites: int, *, rounds: int, patients: int, steps: int, workdir: Path
             "orchestration_share": float(share.mean()), "orchestration_share_last_round": float(share.iloc[-1]),
             "site_messages": len(site_rows),
             "peak_by_process": ", ".join(f"{k} {v:.0f}" for k, v in sorted(at_peak.items(), key=lambda kv: -kv[1])[:4]),
-            "peak_at_s": max(timeline, key=lambda tv: tv[1])[0] if timeline else 0.0}
+            "peak_at_s": max(timeline, key=lambda tv: tv[1])[0] if timeline else 0.0,
+            "cpu_s_by_process": ", ".join(f"{k} {v:.0f}" for k, v in sorted(cpu_s.items(), key=lambda kv: -kv[1])[:5]),
+            "cpu_share_outside_sites": 1 - cpu_s.get(SITE_WORKER, 0.0) / max(sum(cpu_s.values()), 1e-9)}
 
 
 def main() -> int:
@@ -102,6 +126,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--patients", type=int, default=4, help="patients per site")
     parser.add_argument("--steps", type=int, default=5, help="local DP steps per site and round")
+    parser.add_argument("--in-flight", type=int, default=8, help="messages-in-flight (0: all of a round at once)")
     parser.add_argument("--workdir", default="", help="keep the runs here (default: a temporary folder)")
     parser.add_argument("--csv", default="", help="also write the table here")
     args = parser.parse_args()
@@ -110,7 +135,8 @@ def main() -> int:
     rows = []
     for n in (int(s) for s in args.sites.split(",")):
         print(f"{n} sites: running ({workdir})", flush=True)
-        rows.append(run_one(n, rounds=args.rounds, patients=args.patients, steps=args.steps, workdir=workdir))
+        rows.append(run_one(n, rounds=args.rounds, patients=args.patients, steps=args.steps, workdir=workdir,
+                            in_flight=args.in_flight))
         r = rows[-1]
         print(f"{n} sites: wall {r['wall_s']:.0f} s, round {r['round_s']:.1f} s (strategy {r['strategy_s']:.1f} s), "
               f"peak {r['peak_tree_MiB']:.0f} MiB, orchestration {100 * r['orchestration_share']:.1f}% of a round",

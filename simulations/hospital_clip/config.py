@@ -102,6 +102,8 @@ class SimulationConfig:
     site_policy_file: str = ""
     # share of the selected sites that must train for a round to count; below it the run stops
     failure_quorum: float = 1.0
+    # simulation: messages pushed ahead of their replies (0 = all at once; a deployment always sends all)
+    messages_in_flight: int = 8
     # overrides that must be deliberate (each is printed in summary.md)
     allow_large_delta: bool = False  # delta above 1/(units at the smallest site) makes epsilon meaningless
     allow_outside_paths: bool = False  # manifest image paths outside the manifest's folder
@@ -163,6 +165,8 @@ class SimulationConfig:
             load_policy_file(self.site_policy_file, delta=self.delta)
         if not 0 < self.failure_quorum <= 1:
             raise ValueError(f"failure-quorum: expected a share in (0, 1], got {self.failure_quorum}")
+        if self.messages_in_flight < 0:
+            raise ValueError(f"messages-in-flight: expected an integer >= 0 (0 = all at once), got {self.messages_in_flight}")
         # building the parts validates their own fields
         self.synthetic(), self.model(), self.dp(), self.train(), self.idia(), self.release()
 

@@ -53,6 +53,7 @@ from simulations.hospital_clip.task import manifest_path, pick_device
 from strategies.client_level import calibrate_site_noise, site_level_epsilon, with_site_level_dp
 from strategies.privacy_budget import PrivacyBudgetStrategy, SiteFailure, SiteRound
 from strategies.registry import make_inner_strategy
+from strategies.windowed_grid import WindowedGrid
 
 
 # run-config keys that are paths on the server's machine: never sent to a site
@@ -263,6 +264,8 @@ def saved_round(cfg: SimulationConfig) -> int | None:
 
 
 def run(grid: Grid, cfg: SimulationConfig) -> Path:
+    if not cfg.deployment:  # simulated sites: keep Flower's in-memory engine's per-node polling small
+        grid = WindowedGrid(grid, window=cfg.messages_in_flight)
     out = Path(cfg.output_dir)
     state = out / "state"
     resumed_from = saved_round(cfg)
