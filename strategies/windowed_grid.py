@@ -48,8 +48,12 @@ class WindowedGrid:
                 in_flight.update(self._grid.push_messages([waiting.pop()]))
             self.most_in_flight = max(self.most_in_flight, len(in_flight))
             got = list(self._grid.pull_messages(in_flight)) if in_flight else []
+            answered = {m.metadata.reply_to_message_id for m in got}
+            if not answered <= in_flight:  # else the window would wait for replies that came back unnamed
+                raise RuntimeError(f"grid: replies to message ids it was not asked about {sorted(answered - in_flight)[:3]}; "
+                                   "a reply must name the id push_messages returned (reply_to_message_id)")
             replies.extend(got)
-            in_flight.difference_update(m.metadata.reply_to_message_id for m in got)
+            in_flight -= answered
             if deadline is not None and time.time() >= deadline:
                 break
             if not got and in_flight:

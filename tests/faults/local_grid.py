@@ -46,6 +46,7 @@ class LocalGrid(Grid):
         ids = []
         for msg in messages:
             msg_id = str(uuid.uuid4())
+            msg.metadata.__dict__["_message_id"] = msg_id  # as Flower's grids do: the reply names it
             try:
                 self._replies[msg_id] = client_app(msg, self.contexts[msg.metadata.dst_node_id])
             except Exception as exc:  # as Flower's runtime does: the site's exception becomes an error reply

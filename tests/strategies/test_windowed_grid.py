@@ -70,3 +70,12 @@ def test_window_zero_is_flowers_own_send_and_receive_and_a_negative_window_is_re
     assert calls == [(["a", "b"], 5.0)]
     with pytest.raises(ValueError, match="messages-in-flight"):
         WindowedGrid(inner, window=-1)
+
+
+def test_a_reply_naming_no_message_in_flight_is_an_error_not_a_hang():
+    class _Unnamed(_SlowGrid):
+        def pull_messages(self, ids):
+            return [SimpleNamespace(metadata=SimpleNamespace(reply_to_message_id=""), content="?") for _ in ids]
+
+    with pytest.raises(RuntimeError, match="reply_to_message_id"):
+        WindowedGrid(_Unnamed(), window=2, pull_interval=0.0).send_and_receive(["m0"], timeout=None)
