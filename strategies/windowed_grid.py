@@ -28,13 +28,11 @@ class WindowedGrid:
     """``grid`` with ``send_and_receive`` pushing at most ``window`` messages ahead of their
     replies (``window=0``: all at once, Flower's own behaviour); everything else is ``grid``'s."""
 
-    def __init__(self, grid: Grid, *, window: int, pull_interval: float = 0.1) -> None:
+    def __init__(self, grid: Grid, *, window: int) -> None:
         if window < 0:
             raise ValueError(f"messages-in-flight: expected an integer >= 0 (0 = all at once), got {window}")
         self._grid = grid
         self.window = window
-        self.pull_interval = pull_interval
-        self.most_in_flight = 0  # the most messages awaiting replies at once (tests read it)
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
         if self.window == 0:
@@ -46,7 +44,6 @@ class WindowedGrid:
         while waiting or in_flight:
             while waiting and len(in_flight) < self.window:
                 in_flight.update(self._grid.push_messages([waiting.pop()]))
-            self.most_in_flight = max(self.most_in_flight, len(in_flight))
             got = list(self._grid.pull_messages(in_flight)) if in_flight else []
             answered = {m.metadata.reply_to_message_id for m in got}
             if not answered <= in_flight:  # else the window would wait for replies that came back unnamed
@@ -57,7 +54,7 @@ class WindowedGrid:
             if deadline is not None and time.time() >= deadline:
                 break
             if not got and in_flight:
-                time.sleep(self.pull_interval)
+                time.sleep(getattr(self._grid, "pull_interval", 0.1))  # the grid's own pace (Flower's: 0.1 s)
         return replies
 
     def __getattr__(self, name: str):

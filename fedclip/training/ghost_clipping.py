@@ -283,6 +283,9 @@ class GhostClipping:
         every = dict(model.named_parameters())
         for view, (name, lo, hi) in self.twin.attention_views.items():
             self.target[id(view)] = (every[name], (lo, hi))
+        # the causal text tower's modules: the only ones whose trailing token positions may be cut
+        self._text = {id(m) for part in (self.twin.token_embedding, self.twin.text_position, self.twin.text_transformer,
+                                         self.twin.ln_final) for m in part.modules()}
         self._records: list[tuple[nn.Module, torch.Tensor, torch.Tensor]] = []
         self._handles = [m.register_forward_hook(self._record) for m in self.twin.modules()
                          if any(p.requires_grad for p in m.parameters(recurse=False))]
@@ -319,7 +322,7 @@ class GhostClipping:
             shares: list[_Share] = []
             for (module, a, out), g in zip(self._records, grads):
                 if g is not None:
-                    shares += _shares(module, a, g.detach(), layout, text_end=text_end)
+                    shares += _shares(module, a, g.detach(), layout, text_end=text_end if id(module) in self._text else 0)
             if log_scale.requires_grad:
                 shares.append(_written(self.model.logit_scale, grads[-1].reshape(k, *self.model.logit_scale.shape)))
         finally:

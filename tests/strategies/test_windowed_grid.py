@@ -15,6 +15,7 @@ class _SlowGrid:
         self.delay, self.refuse = delay, refuse
         self.pushed: list[str] = []
         self.age: dict[str, int] = {}
+        self.most_in_flight = 0
         self.pull_interval = 0.0
 
     def push_messages(self, messages):
@@ -24,6 +25,7 @@ class _SlowGrid:
             if m not in self.refuse:  # a message the link does not store gets no id (Flower's behaviour)
                 self.age[m] = 0
                 ids.append(m)
+        self.most_in_flight = max(self.most_in_flight, len(self.age))
         return ids
 
     def pull_messages(self, ids):
@@ -42,24 +44,25 @@ class _SlowGrid:
 
 def test_at_most_window_messages_are_in_flight_and_every_reply_comes_back():
     inner = _SlowGrid(delay=3)
-    grid = WindowedGrid(inner, window=4, pull_interval=0.0)
+    grid = WindowedGrid(inner, window=4)
     replies = grid.send_and_receive([f"m{i}" for i in range(25)], timeout=None)
     assert sorted(r.metadata.reply_to_message_id for r in replies) == sorted(f"m{i}" for i in range(25))
-    assert grid.most_in_flight == 4
+    assert inner.most_in_flight == 4
     assert inner.pushed == [f"m{i}" for i in range(25)], "sent once each, in the given order"
     assert grid.get_node_ids() == [1, 2, 3], "everything else is the grid's"
 
 
 def test_a_timeout_leaves_unsent_messages_unsent_and_returns_what_came_back():
     inner = _SlowGrid(delay=10**9)  # never replies
-    grid = WindowedGrid(inner, window=2, pull_interval=0.01)
+    inner.pull_interval = 0.01
+    grid = WindowedGrid(inner, window=2)
     assert grid.send_and_receive([f"m{i}" for i in range(10)], timeout=0.05) == []
     assert inner.pushed == ["m0", "m1"], "only the first window was sent; the rest never left"
 
 
 def test_a_message_the_link_refuses_does_not_stall_the_window():
     inner = _SlowGrid(delay=1, refuse=frozenset({"m1"}))
-    replies = WindowedGrid(inner, window=2, pull_interval=0.0).send_and_receive(["m0", "m1", "m2"], timeout=None)
+    replies = WindowedGrid(inner, window=2).send_and_receive(["m0", "m1", "m2"], timeout=None)
     assert sorted(r.metadata.reply_to_message_id for r in replies) == ["m0", "m2"]
 
 
@@ -78,4 +81,4 @@ def test_a_reply_naming_no_message_in_flight_is_an_error_not_a_hang():
             return [SimpleNamespace(metadata=SimpleNamespace(reply_to_message_id=""), content="?") for _ in ids]
 
     with pytest.raises(RuntimeError, match="reply_to_message_id"):
-        WindowedGrid(_Unnamed(), window=2, pull_interval=0.0).send_and_receive(["m0"], timeout=None)
+        WindowedGrid(_Unnamed(), window=2).send_and_receive(["m0"], timeout=None)
