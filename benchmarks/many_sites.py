@@ -67,6 +67,15 @@ def _tree_sample(root: int) -> tuple[float, dict[str, float], dict[int, tuple[st
     return total / 1024, by_name, cpu
 
 
+def _rss_mib(pid: int) -> float:
+    """One process's resident memory (MiB), 0 once it is gone."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return 0.0
+    return next((int(line.split()[1]) / 1024 for line in status.splitlines() if line.startswith("VmRSS:")), 0.0)
+
+
 def _cpu_by_name(seen: dict[int, tuple[str, int]]) -> dict[str, float]:
     """CPU seconds per process name, from the last sample of every process seen."""
     out: dict[str, float] = {}
@@ -88,8 +97,9 @@ def run_one(sites: int, *, rounds: int, patients: int, steps: int, workdir: Path
     started = time.time()
     log = (workdir / f"sites_{sites}.log").open("w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-    peak, at_peak, timeline, cpu_seen = 0.0, {}, [], {}
+    peak, at_peak, timeline, cpu_seen, driver_peak = 0.0, {}, [], {}, 0.0
     while proc.poll() is None:
+        driver_peak = max(driver_peak, _rss_mib(proc.pid))  # the driver: ServerApp, Flower's engine, the attacks
         total, by_name, cpu = _tree_sample(proc.pid)
         cpu_seen.update(cpu)
         timeline.append((time.time() - started, total))
@@ -107,7 +117,7 @@ def run_one(sites: int, *, rounds: int, patients: int, steps: int, workdir: Path
     train_phase = trained.set_index("round")["train_phase_seconds"]
     strategy = trained.set_index("round")["strategy_seconds"]
     share = 1 - (per_round["handle_seconds"] / ACTORS + strategy) / train_phase
-    return {"sites": sites, "in_flight": in_flight, "wall_s": wall, "peak_tree_MiB": peak,
+    return {"sites": sites, "in_flight": in_flight, "wall_s": wall, "peak_tree_MiB": peak, "driver_peak_MiB": driver_peak,
             "round_s": float(train_phase.mean()), "strategy_s": float(strategy.mean()),
             "evaluate_s": float(trained["evaluate_seconds"].mean()),
             "site_handle_s": float(site_rows["handle_seconds"].mean()),
@@ -139,7 +149,7 @@ def main() -> int:
                             in_flight=args.in_flight))
         r = rows[-1]
         print(f"{n} sites: wall {r['wall_s']:.0f} s, round {r['round_s']:.1f} s (strategy {r['strategy_s']:.1f} s), "
-              f"peak {r['peak_tree_MiB']:.0f} MiB, orchestration {100 * r['orchestration_share']:.1f}% of a round",
+              f"peak {r['peak_tree_MiB']:.0f} MiB (driver {r['driver_peak_MiB']:.0f}), orchestration {100 * r['orchestration_share']:.1f}% of a round",
               flush=True)
     table = pd.DataFrame(rows)
     if args.csv:

@@ -9,13 +9,18 @@ before the train messages leave, and each charge is settled when the replies are
 reply, a refusal or a missing reply keeps its charge; a reported event above the plan is
 charged in full. A round in which a selected site failed stops the run (``SiteFailure``) unless
 the successful share of the selected sites reaches ``failure_quorum``.
+
+Replies are folded into the aggregate as they arrive and then dropped (``strategies.reducers``:
+a running mean for FedAvg, the kept list for other inner strategies), so with a grid that yields
+replies one by one the server holds one update at a time, not a round of them. The aggregate is
+tentative until every charge is settled and the quorum is met; a failed quorum discards it.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from logging import INFO, WARNING
 
@@ -28,6 +33,7 @@ from fedclip.privacy.events import DpEvent, events_from_wire
 from fedclip.privacy.ledger_store import LedgerStore, Status
 from fedclip.privacy.policy import REFUSAL
 from strategies.faults import crash_point
+from strategies.reducers import reducer_for
 
 PRIVACY_RECORD = "privacy"  # the ConfigRecord in a train reply that carries the site's DpEvents
 
@@ -109,6 +115,7 @@ class PrivacyBudgetStrategy(Strategy):
         self.exhausted = False
         self._selected: dict[str, int] = {}
         self._attempt = 0
+        self._waited = 0.0
         self.strategy_seconds = 0.0  # this round: budget checks, charges, settlements, aggregation, report
 
     def epsilons(self) -> dict[str, float]:
@@ -169,22 +176,44 @@ class PrivacyBudgetStrategy(Strategy):
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         started = time.perf_counter()
+        self._waited = 0.0
         try:
             return self._aggregate_train(server_round, replies)
-        finally:
-            self.strategy_seconds += time.perf_counter() - started
+        finally:  # the strategy's own time: not the time spent waiting for replies to arrive
+            self.strategy_seconds += time.perf_counter() - started - self._waited
+
+    def _arrivals(self, replies: Iterable[Message]) -> Iterator[Message]:
+        """The replies as they arrive (a windowed grid yields them one by one), timing the waits."""
+        it = iter(replies)
+        while True:
+            started = time.perf_counter()
+            reply = next(it, None)
+            self._waited += time.perf_counter() - started
+            if reply is None:
+                return
+            yield reply
 
     def _aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        replies = list(replies)
         round_ = self.round_offset + server_round
+        reducer = reducer_for(self.strategy, server_round)  # tentative: used only if the round keeps its quorum
+        seen: dict[str, _Outcome] = {}
+        for reply in self._arrivals(replies):  # each reply is folded in and dropped, not kept
+            site = self.sites.get(reply.metadata.src_node_id)
+            if site not in self._selected:
+                continue
+            if site in seen:
+                log(WARNING, "site %s replied twice in round %s; the second reply is ignored", site, round_)
+                continue
+            seen[site] = self._outcome(site, reply)
+            if seen[site].status == Status.CONFIRMED:
+                reducer.add(reply)
         crash_point("replied", round_)
-        by_site = {self.sites[r.metadata.src_node_id]: r for r in replies if r.metadata.src_node_id in self.sites}
-        outcomes = {site: self._outcome(site, by_site.get(site)) for site in sorted(self._selected)}
+        outcomes = {site: seen.get(site) or self._outcome(site, None) for site in sorted(self._selected)}
         for site, o in outcomes.items():
             self.store.settle(site, round_, attempt=self._attempt, status=o.status, note=o.reason[:500],
                               reported=o.reported or None)
         crash_point("settled", round_)
-        good = [by_site[s] for s, o in outcomes.items() if o.status == Status.CONFIRMED]
+        good = [s for s, o in outcomes.items() if o.status == Status.CONFIRMED]
         failed = {s: o for s, o in outcomes.items() if o.status != Status.CONFIRMED}
         for site, o in failed.items():
             log(WARNING, "site %s %s in round %s: %s (its planned spending stays charged)", site, o.status, round_, o.reason)
@@ -193,7 +222,7 @@ class PrivacyBudgetStrategy(Strategy):
             detail = "; ".join(f"{s} {o.status}: {o.reason}" for s, o in failed.items())
             raise SiteFailure(f"round {round_}: {len(failed)} of {len(outcomes)} selected sites did not train "
                               f"(failure-quorum {self.failure_quorum:g}): {detail}")
-        aggregated = self.strategy.aggregate_train(server_round, good)
+        aggregated = reducer.result()
         crash_point("aggregated", round_)
         self._report(round_, outcomes)
         return aggregated

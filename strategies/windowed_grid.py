@@ -13,12 +13,16 @@ It uses the Grid's own ``push_messages`` and ``pull_messages`` and is handed to
 before ``timeout`` are never sent: the budget strategy sees no reply for them, keeps their
 write-ahead charge (nothing is under-counted) and applies its failure quorum. A deployment pushes
 everything at once (``window=0``): there each SuperNode fetches its own messages.
+
+With a window, replies are *yielded* as they come back rather than returned as a list, so that
+``PrivacyBudgetStrategy`` can fold each into a running aggregate and drop it
+(``strategies.reducers``): the server then holds a window of messages, not a round of updates.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 from flwr.app import Message
 from flwr.serverapp import Grid
@@ -34,13 +38,17 @@ class WindowedGrid:
         self._grid = grid
         self.window = window
 
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        """The replies; with a window, yielded as they arrive (nothing is sent before the first is asked
+        for), so a strategy can fold each into its aggregate and drop it."""
         if self.window == 0:
             return list(self._grid.send_and_receive(messages, timeout=timeout))
+        return self._windowed(messages, timeout)
+
+    def _windowed(self, messages: Iterable[Message], timeout: float | None) -> Iterator[Message]:
         deadline = None if timeout is None else time.time() + timeout
         waiting = list(messages)[::-1]  # pop() from the end sends them in the given order
         in_flight: set[str] = set()
-        replies: list[Message] = []
         while waiting or in_flight:
             while waiting and len(in_flight) < self.window:
                 in_flight.update(self._grid.push_messages([waiting.pop()]))
@@ -49,13 +57,12 @@ class WindowedGrid:
             if not answered <= in_flight:  # else the window would wait for replies that came back unnamed
                 raise RuntimeError(f"grid: replies to message ids it was not asked about {sorted(answered - in_flight)[:3]}; "
                                    "a reply must name the id push_messages returned (reply_to_message_id)")
-            replies.extend(got)
             in_flight -= answered
+            yield from got
             if deadline is not None and time.time() >= deadline:
                 break
             if not got and in_flight:
                 time.sleep(getattr(self._grid, "pull_interval", 0.1))  # the grid's own pace (Flower's: 0.1 s)
-        return replies
 
     def __getattr__(self, name: str):
         return getattr(self._grid, name)

@@ -45,7 +45,7 @@ class _SlowGrid:
 def test_at_most_window_messages_are_in_flight_and_every_reply_comes_back():
     inner = _SlowGrid(delay=3)
     grid = WindowedGrid(inner, window=4)
-    replies = grid.send_and_receive([f"m{i}" for i in range(25)], timeout=None)
+    replies = list(grid.send_and_receive([f"m{i}" for i in range(25)], timeout=None))
     assert sorted(r.metadata.reply_to_message_id for r in replies) == sorted(f"m{i}" for i in range(25))
     assert inner.most_in_flight == 4
     assert inner.pushed == [f"m{i}" for i in range(25)], "sent once each, in the given order"
@@ -56,13 +56,13 @@ def test_a_timeout_leaves_unsent_messages_unsent_and_returns_what_came_back():
     inner = _SlowGrid(delay=10**9)  # never replies
     inner.pull_interval = 0.01
     grid = WindowedGrid(inner, window=2)
-    assert grid.send_and_receive([f"m{i}" for i in range(10)], timeout=0.05) == []
+    assert list(grid.send_and_receive([f"m{i}" for i in range(10)], timeout=0.05)) == []
     assert inner.pushed == ["m0", "m1"], "only the first window was sent; the rest never left"
 
 
 def test_a_message_the_link_refuses_does_not_stall_the_window():
     inner = _SlowGrid(delay=1, refuse=frozenset({"m1"}))
-    replies = WindowedGrid(inner, window=2).send_and_receive(["m0", "m1", "m2"], timeout=None)
+    replies = list(WindowedGrid(inner, window=2).send_and_receive(["m0", "m1", "m2"], timeout=None))
     assert sorted(r.metadata.reply_to_message_id for r in replies) == ["m0", "m2"]
 
 
@@ -81,4 +81,13 @@ def test_a_reply_naming_no_message_in_flight_is_an_error_not_a_hang():
             return [SimpleNamespace(metadata=SimpleNamespace(reply_to_message_id=""), content="?") for _ in ids]
 
     with pytest.raises(RuntimeError, match="reply_to_message_id"):
-        WindowedGrid(_Unnamed(), window=2).send_and_receive(["m0"], timeout=None)
+        list(WindowedGrid(_Unnamed(), window=2).send_and_receive(["m0"], timeout=None))
+
+
+def test_replies_are_yielded_as_they_arrive_and_nothing_is_sent_before_the_first_is_asked_for():
+    inner = _SlowGrid(delay=1)
+    replies = WindowedGrid(inner, window=2).send_and_receive([f"m{i}" for i in range(6)], timeout=None)
+    assert inner.pushed == [], "lazy: the round is sent as its replies are read"
+    first = next(iter(replies))
+    assert first.metadata.reply_to_message_id in {"m0", "m1"}, "a reply to the first window"
+    assert len(inner.pushed) < 6, "the first reply is handed over before the whole round has been sent"
