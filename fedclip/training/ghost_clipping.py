@@ -19,7 +19,8 @@ the clipped sum taken as their weighted sum. The small parameters (biases, layer
 positional embeddings, the projections, ``logit_scale``) get their [K, *shape] group gradients
 written: they are small.
 
-Flow: one forward on the parameter-sharing twin (``grad_sample_twin``), whose trainable modules'
+Flow: one forward on the parameter-sharing twin (``grad_sample_twin``; its causal text tower runs on
+the live token positions only, exactly), whose trainable modules'
 inputs and outputs are recorded by forward hooks; one ``torch.autograd.grad`` of the summed group
 losses with respect to those outputs (and the per-group ``logit_scale`` copies), which passes
 through the trainable layers once and computes no weight gradient; then ``GhostGroups`` (norms,
@@ -198,22 +199,9 @@ def _embedding_weight(param: nn.Parameter, ids: torch.Tensor, g: torch.Tensor, l
     return param, sq, clipped
 
 
-def _live_tokens(a: torch.Tensor, g: torch.Tensor, end: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``a`` and ``g`` cut to the first ``end`` token positions when ``g`` is exactly zero after
-    them for every pair: in a causal text tower, the positions after the longest caption's end
-    (nothing pooled depends on them; ``end`` is that caption's end of text + 1). A zero
-    output-gradient row adds zero to every weight gradient, Gram entry and rounding bound, so
-    dropping it is exact. ``end`` is only a guess: the zeros are checked on ``g`` itself (NaN
-    counts as non-zero), and anything non-zero keeps every position, so no norm can shrink."""
-    if g.dim() != 3 or a.shape[:2] != g.shape[:2] or not 0 < end < g.shape[1] or g[:, end:].any():
-        return a, g
-    return a[:, :end], g[:, :end]
-
-
-def _shares(module: nn.Module, a: torch.Tensor, g: torch.Tensor, layout: _Layout, *, text_end: int = 0) -> list[_Share]:
-    """Every trainable parameter of one recorded module application (``text_end``: see ``_live_tokens``)."""
+def _shares(module: nn.Module, a: torch.Tensor, g: torch.Tensor, layout: _Layout) -> list[_Share]:
+    """Every trainable parameter of one recorded module application."""
     out: list[_Share] = []
-    a, g = _live_tokens(a, g, text_end)
     if isinstance(module, (nn.Linear, MatrixProjection)):
         a3, g3 = (a, g) if a.dim() == 3 else (a[:, None], g[:, None])
         if module.weight.requires_grad:
@@ -283,9 +271,6 @@ class GhostClipping:
         every = dict(model.named_parameters())
         for view, (name, lo, hi) in self.twin.attention_views.items():
             self.target[id(view)] = (every[name], (lo, hi))
-        # the causal text tower's modules: the only ones whose trailing token positions may be cut
-        self._text = {id(m) for part in (self.twin.token_embedding, self.twin.text_position, self.twin.text_transformer,
-                                         self.twin.ln_final) for m in part.modules()}
         self._records: list[tuple[nn.Module, torch.Tensor, torch.Tensor]] = []
         self._handles = [m.register_forward_hook(self._record) for m in self.twin.modules()
                          if any(p.requires_grad for p in m.parameters(recurse=False))]
@@ -310,9 +295,7 @@ class GhostClipping:
 
         self._records = []
         try:
-            step_tokens = tokens[records].to(device)
-            image_f, text_f = self.twin(images[records].to(device), step_tokens)
-            text_end = int(step_tokens.argmax(dim=-1).max()) + 1  # the twin pools at the end-of-text token
+            image_f, text_f = self.twin(images[records].to(device), tokens[records].to(device))
             log_scale = self.model.logit_scale.detach().expand(k).clone().requires_grad_(self.model.logit_scale.requires_grad)
             losses = vmap(functools.partial(group_loss, bank=bank))(image_f[layout.position], text_f[layout.position],
                                                                      log_scale.exp(), layout.valid)
@@ -322,7 +305,7 @@ class GhostClipping:
             shares: list[_Share] = []
             for (module, a, out), g in zip(self._records, grads):
                 if g is not None:
-                    shares += _shares(module, a, g.detach(), layout, text_end=text_end if id(module) in self._text else 0)
+                    shares += _shares(module, a, g.detach(), layout)
             if log_scale.requires_grad:
                 shares.append(_written(self.model.logit_scale, grads[-1].reshape(k, *self.model.logit_scale.shape)))
         finally:

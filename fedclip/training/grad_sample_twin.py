@@ -195,6 +195,8 @@ class GradSampleTwin(nn.Module):
         self.text_position = PositionEmbedding(twin.positional_embedding)
         self.text_proj = MatrixProjection(twin.text_projection)
         self.register_buffer("attn_mask", twin.attn_mask, persistent=False)
+        mask = twin.attn_mask
+        self.causal = mask is not None and mask.dim() == 2 and torch.equal(mask, torch.full_like(mask, float("-inf")).triu(1))
 
     @staticmethod
     def _row_embedding(embedding: nn.Embedding) -> RowEmbedding:
@@ -233,10 +235,21 @@ class GradSampleTwin(nn.Module):
         return self.visual_proj(pooled)
 
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
-        x = self.text_position(self.token_embedding(tokens))
-        x = self.ln_final(self.text_transformer(x, attn_mask=self.attn_mask))
-        pooled = x[torch.arange(x.shape[0], device=x.device), tokens.argmax(dim=-1)]
-        return self.text_proj(pooled)
+        """The model's text features, computed on the live token positions only.
+
+        In a causal text tower (the mask checked at construction to be open_clip's causal mask),
+        position p attends to positions <= p, layer norms and MLPs act per position, and the
+        features are pooled at each caption's end of text (``argmax``). So the positions after the
+        batch's last end of text feed nothing that is pooled: dropping them before the forward
+        gives the same features and the same gradients (every parameter's gradient from those
+        positions is exactly zero), at the cost of the live positions only, forward and backward.
+        Without a causal mask every position is kept."""
+        pool = tokens.argmax(dim=-1)
+        end = int(pool.max()) + 1 if self.causal and tokens.shape[0] else tokens.shape[1]
+        mask = self.attn_mask if end == tokens.shape[1] else self.attn_mask[:end, :end]
+        x = self.text_position(self.token_embedding(tokens[:, :end]))
+        x = self.ln_final(self.text_transformer(x, attn_mask=mask))
+        return self.text_proj(x[torch.arange(x.shape[0], device=x.device), pool])
 
     def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return F.normalize(self.encode_image(images), dim=-1), F.normalize(self.encode_text(tokens), dim=-1)
