@@ -43,11 +43,12 @@ class WindowedGrid:
         for), so a strategy can fold each into its aggregate and drop it."""
         if self.window == 0:
             return list(self._grid.send_and_receive(messages, timeout=timeout))
-        return self._windowed(messages, timeout)
+        waiting = list(messages)
+        return self._windowed(waiting[::-1], timeout) if waiting else []  # an empty list reads as "no replies"
 
-    def _windowed(self, messages: Iterable[Message], timeout: float | None) -> Iterator[Message]:
+    def _windowed(self, waiting: list[Message], timeout: float | None) -> Iterator[Message]:
+        """``waiting``: the messages in reverse order (``pop()`` sends them in the given order)."""
         deadline = None if timeout is None else time.time() + timeout
-        waiting = list(messages)[::-1]  # pop() from the end sends them in the given order
         in_flight: set[str] = set()
         while waiting or in_flight:
             while waiting and len(in_flight) < self.window:

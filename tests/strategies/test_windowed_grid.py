@@ -91,3 +91,8 @@ def test_replies_are_yielded_as_they_arrive_and_nothing_is_sent_before_the_first
     first = next(iter(replies))
     assert first.metadata.reply_to_message_id in {"m0", "m1"}, "a reply to the first window"
     assert len(inner.pushed) < 6, "the first reply is handed over before the whole round has been sent"
+
+
+def test_a_round_with_nothing_to_send_returns_an_empty_list():
+    """Flower's strategies test ``if not replies``: a lazy iterator would read as replies to log."""
+    assert WindowedGrid(_SlowGrid(), window=2).send_and_receive([], timeout=None) == []
