@@ -48,7 +48,8 @@ class RunningMean:
     """FedAvg's weighted mean of the replies' arrays, summed as they arrive (float64, cast back to
     each array's dtype at the end), and FedAvg's own metric aggregation over their metric records.
     Replies are checked as FedAvg checks them: one ArrayRecord and one MetricRecord each, the same
-    keys in all, the weight key present."""
+    keys in all, the weight key present. A reply that fails is raised from ``result()``, where
+    FedAvg raises it, so that the budget strategy has settled every charge first."""
 
     def __init__(self, strategy: FedAvg) -> None:
         self._key = strategy.weighted_by_key
@@ -59,8 +60,16 @@ class RunningMean:
         self._metrics: list[RecordDict] = []  # one small MetricRecord per reply, for the metrics function
         self._array_keys: tuple[str, set[str]] | None = None
         self._metric_keys: set[str] | None = None
+        self._error: InconsistentMessageReplies | None = None
 
     def add(self, reply: Message) -> None:
+        if self._error is None:
+            try:
+                self._add(reply)
+            except InconsistentMessageReplies as exc:
+                self._error = exc
+
+    def _add(self, reply: Message) -> None:
         content = reply.content
         if len(content.array_records) != 1 or len(content.metric_records) != 1:
             raise InconsistentMessageReplies(reason="Expected exactly one ArrayRecord and one MetricRecord in every reply "
@@ -88,6 +97,8 @@ class RunningMean:
                                                     "than the first reply. Skipping aggregation.")
 
     def result(self) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        if self._error is not None:
+            raise self._error
         if not self._metrics:
             return None, None
         arrays = ArrayRecord({k: Array(np.asarray(s / self._total, dtype=self._dtypes[k])) for k, s in self._sums.items()})

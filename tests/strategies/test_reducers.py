@@ -59,12 +59,27 @@ def test_replies_fedavg_would_refuse_are_refused():
     reducer = RunningMean(_fedavg())
     reducer.add(good)
     other.content["arrays"] = ArrayRecord({"w": Array(np.zeros((4, 3), dtype=np.float32))})  # "b" missing
+    reducer.add(other)  # raised where FedAvg raises, at aggregation: the caller settles its charges first
     with pytest.raises(InconsistentMessageReplies):
-        reducer.add(other)
+        reducer.result()
     unweighted = Message(RecordDict({"arrays": ArrayRecord({"w": Array(np.zeros(2, dtype=np.float32))}),
                                      "metrics": MetricRecord({"train-loss": 1.0})}), dst_node_id=3, message_type="train")
+    reducer = RunningMean(_fedavg())
+    reducer.add(unweighted)
     with pytest.raises(InconsistentMessageReplies, match="site-weight"):
-        RunningMean(_fedavg()).add(unweighted)
+        reducer.result()
+
+
+def test_an_inconsistent_reply_stops_the_round_after_every_charge_is_settled(tmp_path):
+    strategy = _strategy(tmp_path)
+    messages = list(strategy.configure_train(1, ArrayRecord(numpy_ndarrays=[np.zeros(3, dtype=np.float32)]),
+                                             ConfigRecord(), StubGrid(SITES)))
+    replies = [_reply(m, 1.0) for m in messages]
+    replies[1].content["arrays"] = ArrayRecord({"other": Array(np.zeros(3, dtype=np.float32))})
+    with pytest.raises(InconsistentMessageReplies):
+        strategy.aggregate_train(1, iter(replies))
+    statuses = {row["site"]: row["status"] for row in strategy.store.rows()}
+    assert statuses == {site: "confirmed" for site in SITES.values()}, "settled before the aggregation raised"
 
 
 def test_other_strategies_aggregate_the_kept_replies_their_own_way():
