@@ -18,3 +18,4 @@ def test_dp_step_benchmark_runs_and_writes_its_table(tmp_path):
                                                            ("hooks", "microbatch"), ("hooks", "unit")]
     assert (table["allocator"] == "retain").all() and (table["model"] == "fedclip-tiny").all()
     assert (table["dp_ms"] > 0).all() and (table["ratio"] > 0).all() and (table["trainable_params"] == 8193).all()
+    assert (table["plain_live_ms"] > 0).all() and (table["ratio_vs_plain_live"] > 0).all()
