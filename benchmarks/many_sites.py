@@ -55,7 +55,7 @@ def _tree_sample(root: int) -> tuple[float, dict[str, float], dict[int, tuple[st
         names[int(entry)] = stat.split("(", 1)[1].rsplit(")", 1)[0]
         ticks[int(entry)] = int(fields[11]) + int(fields[12])  # utime + stime (stat fields 14 and 15)
         children.setdefault(ppid, []).append(int(entry))
-        rss[int(entry)] = next((int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:")), 0)
+        rss[int(entry)] = _vmrss_kib(status)
     total, stack, by_name, cpu = 0, [root], {}, {}
     while stack:
         pid = stack.pop()
@@ -67,13 +67,18 @@ def _tree_sample(root: int) -> tuple[float, dict[str, float], dict[int, tuple[st
     return total / 1024, by_name, cpu
 
 
+def _vmrss_kib(status: str) -> int:
+    """Resident memory (KiB) from a /proc/<pid>/status text (0 for a kernel thread, which has none)."""
+    return next((int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:")), 0)
+
+
 def _rss_mib(pid: int) -> float:
     """One process's resident memory (MiB), 0 once it is gone."""
     try:
         status = Path(f"/proc/{pid}/status").read_text()
     except OSError:
         return 0.0
-    return next((int(line.split()[1]) / 1024 for line in status.splitlines() if line.startswith("VmRSS:")), 0.0)
+    return _vmrss_kib(status) / 1024
 
 
 def _cpu_by_name(seen: dict[int, tuple[str, int]]) -> dict[str, float]:
