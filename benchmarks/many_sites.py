@@ -92,7 +92,7 @@ def _cpu_by_name(seen: dict[int, tuple[str, int]]) -> dict[str, float]:
 def run_one(sites: int, *, rounds: int, patients: int, steps: int, workdir: Path, in_flight: int = 8) -> dict:
     out = workdir / f"sites_{sites}"
     config = (f"num-sites={sites} patients-per-site={patients} public-patients=40 heldout-patients=12 "
-              f"images-per-patient=2 query-images-per-patient=1 idia-queries=1 idia-distractors=20 lira=false "
+              f"images-per-patient=2 query-images-per-patient=1 idia-queries=1 idia-distractors=20 lira=false attack-replies=off "
               f"warm-start-epochs=3 local-steps={steps} negative-bank-size=32 num-rounds={rounds} "
               f"microbatch-size=1 target-epsilon=0.0 noise-multiplier=1.0 budget=inf cache-dir='{workdir / 'cache'}' "
               f"messages-in-flight={in_flight}")

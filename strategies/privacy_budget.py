@@ -99,7 +99,11 @@ class PrivacyBudgetStrategy(Strategy):
         round_offset: int = 0,
         on_round: Callable[[list[SiteRound]], None] | None = None,
         failure_quorum: float = 1.0,
+        on_reply: Callable[[int, str, ArrayRecord], None] | None = None,
     ) -> None:
+        """``on_reply(round, site, arrays)``: sees each confirmed reply's arrays as it arrives, before
+        it is folded in (the server-as-adversary attack, ``fedclip.attacks.replies``); its time is not
+        the strategy's."""
         if len(set(sites.values())) != len(sites):
             raise ValueError(f"sites: two nodes claim the same site: {sorted(sites.values())}")
         if not 0 < failure_quorum <= 1:
@@ -112,6 +116,7 @@ class PrivacyBudgetStrategy(Strategy):
         self.round_offset = round_offset
         self.on_round = on_round
         self.failure_quorum = failure_quorum
+        self.on_reply = on_reply
         self.exhausted = False
         self._selected: dict[str, int] = {}
         self._attempt = 0
@@ -179,7 +184,7 @@ class PrivacyBudgetStrategy(Strategy):
         self._waited = 0.0
         try:
             return self._aggregate_train(server_round, replies)
-        finally:  # the strategy's own time: not the time spent waiting for replies to arrive
+        finally:  # the strategy's own time: not the time spent waiting for replies or attacking them
             self.strategy_seconds += time.perf_counter() - started - self._waited
 
     def _arrivals(self, replies: Iterable[Message]) -> Iterator[Message]:
@@ -206,6 +211,7 @@ class PrivacyBudgetStrategy(Strategy):
                 continue
             seen[site] = self._outcome(site, reply)
             if seen[site].status == Status.CONFIRMED:
+                self._observe(round_, site, reply)
                 reducer.add(reply)
         crash_point("replied", round_)
         outcomes = {site: seen.get(site) or self._outcome(site, None) for site in sorted(self._selected)}
@@ -226,6 +232,14 @@ class PrivacyBudgetStrategy(Strategy):
         crash_point("aggregated", round_)
         self._report(round_, outcomes)
         return aggregated
+
+    def _observe(self, round_: int, site: str, reply: Message) -> None:
+        if self.on_reply is None:
+            return
+        started = time.perf_counter()
+        for arrays in reply.content.array_records.values():
+            self.on_reply(round_, site, arrays)
+        self._waited += time.perf_counter() - started
 
     def _report(self, round_: int, outcomes: Mapping[str, _Outcome]) -> None:
         if self.on_round is None:

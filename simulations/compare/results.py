@@ -19,15 +19,16 @@ from simulations.compare.runner import RunSpec  # noqa: E402
 from simulations.hospital_clip.task import POOLED_SITE  # noqa: E402
 from simulations.compare.settings import SETTINGS, Setting  # noqa: E402
 
-METRICS = ("zero_shot_accuracy", "recall_at_1", "tpr", "fpr", "epsilon_lower_bound", "idia_auc",
+METRICS = ("zero_shot_accuracy", "recall_at_1", "tpr", "fpr", "epsilon_lower_bound", "replies_tpr", "replies_fpr", "idia_auc",
            "idia_tpr_at_1pct_fpr", "lira_patient_tpr_at_1pct_fpr", "lira_record_tpr_at_1pct_fpr",
            "lira_record_auc", "canary_tpr_at_1pct_fpr", "canary_audited_epsilon",
            "gradient_canary_audited_epsilon")
 
 
 def final_attacks(attack: pd.DataFrame) -> dict[str, float]:
-    """The last round's IDIA rates and each audit's certified epsilon (NaN when the run had none;
-    runs from before the audits have IDIA rows only, without an ``attack`` column)."""
+    """The last round's IDIA rates (on the global model, and on the sites' replies: the server as the
+    adversary) and each audit's certified epsilon (NaN when the run had none; runs from before the
+    audits have IDIA rows only, without an ``attack`` column)."""
     if "attack" not in attack.columns:
         attack = attack.assign(attack="idia")
     last = attack[attack["round"] == attack["round"].max()].set_index("attack")
@@ -37,6 +38,7 @@ def final_attacks(attack: pd.DataFrame) -> dict[str, float]:
 
     return {"tpr": value("idia", "tpr"), "fpr": value("idia", "fpr"),
             "epsilon_lower_bound": value("idia", "epsilon_lower_bound"), "idia_auc": value("idia", "auc"),
+            "replies_tpr": value("idia-replies", "tpr"), "replies_fpr": value("idia-replies", "fpr"),
             "idia_tpr_at_1pct_fpr": value("idia", "tpr_at_1pct_fpr"),
             "lira_patient_tpr_at_1pct_fpr": value("lira-patient", "tpr_at_1pct_fpr"),
             "lira_record_tpr_at_1pct_fpr": value("lira-record", "tpr_at_1pct_fpr"),
@@ -168,10 +170,10 @@ def markdown_table(agg: pd.DataFrame) -> str:
     head = ("| setting | target epsilon | unit (what epsilon is about) | epsilon (local) | epsilon (site) | "
             "per patient, record rows (group privacy, largest patient) | "
             "noise multiplier: local / site (site noise on the average, x S) | "
-            "zero-shot acc | IDIA TPR | IDIA FPR | IDIA indicative eps bound | "
+            "zero-shot acc | IDIA TPR | IDIA FPR | IDIA indicative eps bound | IDIA on the sites' replies: TPR / FPR | "
             "TPR at 1% FPR: IDIA / LiRA patient / LiRA record / canary | LiRA record AUC | "
             "audited eps: canary / gradient canary (certified) | seeds |")
-    lines = [head, "|" + "---|" * 15]
+    lines = [head, "|" + "---|" * 16]
     for r in agg.itertuples():
         pm = lambda m: _mean_spread(getattr(r, m + "_mean"), getattr(r, m + "_std"))  # noqa: E731
         site_noise = f"{r.site_noise_multiplier:.2f} ({r.site_noise_on_average:.2f})" if r.site_noise_multiplier else "-"
@@ -180,7 +182,7 @@ def markdown_table(agg: pd.DataFrame) -> str:
                  f"eps {_eps(r.patient_epsilon_group)}, delta {_delta(r.patient_delta_group)}")
         lines.append(f"| {r.setting} | {_eps(r.target_epsilon)} | {r.unit} | {_eps(r.epsilon_local)} | "
                      f"{_eps(r.epsilon_site)} | {group} | {local_noise} / {site_noise} | {pm('zero_shot_accuracy')} | {pm('tpr')} | {pm('fpr')} | "
-                     f"{pm('epsilon_lower_bound')} | "
+                     f"{pm('epsilon_lower_bound')} | {_pair(r, 'replies_tpr', 'replies_fpr')} | "
                      f"{_pair(r, 'idia_tpr_at_1pct_fpr', 'lira_patient_tpr_at_1pct_fpr', 'lira_record_tpr_at_1pct_fpr', 'canary_tpr_at_1pct_fpr')} | "
                      f"{_pair(r, 'lira_record_auc')} | "
                      f"{_pair(r, 'canary_audited_epsilon', 'gradient_canary_audited_epsilon')} | {r.seeds} |")

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from fedclip.attacks.idia import DEFAULT_TEMPLATES, IdiaConfig
+from fedclip.attacks.replies import REPLY_ROUNDS
 from fedclip.data.names import NAME_LISTS
 from fedclip.data.synthetic import SyntheticConfig
 from fedclip.models.factory import ModelConfig
@@ -115,13 +116,17 @@ class SimulationConfig:
     idia_tau: int = 1
     idia_templates: str = "|".join(DEFAULT_TEMPLATES)
     idia_distractors: int = 200
+    # the server as the adversary: IDIA on each site's own reply (final | every | off), beside the
+    # attack on the global model; "every" costs one attack per site and round
+    attack_replies: str = "final"
     # likelihood-ratio attacks (fedclip.attacks.likelihood_ratio), beside IDIA on the same targets
     lira: bool = True
     lira_records: int = 500  # member and non-member records each, sampled from the auditor's manifest
 
     def __post_init__(self) -> None:
         for key, allowed in (("dp_mode", DP_MODES), ("privacy_unit", tuple(PrivacyUnit)), ("accountant", OPACUS_ACCOUNTANTS),
-                             ("name_lists", tuple(NAME_LISTS)), ("grad_engine", GRAD_ENGINES)):
+                             ("name_lists", tuple(NAME_LISTS)), ("grad_engine", GRAD_ENGINES),
+                             ("attack_replies", REPLY_ROUNDS)):
             if getattr(self, key) not in allowed:
                 raise ValueError(f"{key.replace('_', '-')}: expected one of {[str(a) for a in allowed]}, "
                                  f"got {getattr(self, key)!r}")

@@ -1,5 +1,8 @@
 """The per-round hook: utility and IDIA against the global model, beside each site's epsilon.
 
+With a ``ReplyAttack`` it also writes the attack on the round's site replies (the server as the
+adversary), which the strategy ran as the replies arrived, beside the attacks on the average.
+
 Passed to ``Strategy.start(..., evaluate_fn=...)``; called before the first round and after
 each. It also checkpoints the global model, so a resumed run continues from the last round, and
 keeps every round's global model under ``models/`` for an auditor who attacks them later
@@ -16,7 +19,8 @@ from pathlib import Path
 import torch
 from flwr.app import ArrayRecord, MetricRecord
 
-from fedclip.attacks.base import Attack
+from fedclip.attacks.base import Attack, AttackDecisions
+from fedclip.attacks.replies import ReplyAttack
 from fedclip.attacks.metrics import attack_tables, score_rows
 from fedclip.data.tensors import PairData
 from fedclip.evaluation.retrieval import retrieval_recall
@@ -43,11 +47,13 @@ class RoundEvaluator:
         total_rounds: int,
         trained_this_round: Callable[[], bool],
         strategy_seconds: Callable[[], float] = lambda: 0.0,
+        reply_attack: ReplyAttack | None = None,
     ) -> None:
         self.model, self.tokenizer, self.test, self.attacks = model, tokenizer, test, attacks
         self.files, self.epsilons, self.delta = files, epsilons, delta
         self.state_dir, self.round_offset, self.total_rounds = state_dir, round_offset, total_rounds
         self.trained_this_round, self.strategy_seconds = trained_this_round, strategy_seconds
+        self.reply_attack = reply_attack
         self.started = time.time()
         # the bound is printed after every round: a Bonferroni correction over all of them keeps the
         # printed bounds jointly valid at 95% (each round's at 1 - 0.05 / (rounds + 1))
@@ -72,18 +78,10 @@ class RoundEvaluator:
         line = [f"round {round_}/{self.total_rounds}", f"zero-shot {utility['zero_shot_accuracy']:.3f}",
                 f"max site epsilon {max_eps:.2f}"]
         for attack in self.attacks:
-            decisions = attack(self.model)
-            m, sites = attack_tables(decisions, round_=round_,
-                                     max_site_epsilon=max_eps, delta=self.delta, confidence=self.confidence)
-            self.files.append("attack", [m])
-            self.files.append("attack_sites", sites)
-            self.files.append("attack_scores", score_rows(decisions, round_=round_))
-            if m["audited_epsilon"] == m["audited_epsilon"]:  # a one-run audit (canaries): its bound is the valid one
-                line.append(f"{attack.name} AUC {m['auc']:.2f} audited eps >= {m['audited_epsilon']:.2f} "
-                            f"({m['audit_correct']}/{m['audit_guesses']} guesses right)"
-                            + (" ABOVE THE ACCOUNTANT'S" if m["audited_epsilon"] > max_eps else ""))
-            else:
-                line.append(f"{attack.name} TPR {m['tpr']:.2f} FPR {m['fpr']:.2f} eps_lb {m['epsilon_lower_bound']:.2f}")
+            line.append(self._record(attack(self.model), round_=round_, max_eps=max_eps))
+        on_replies = self.reply_attack.decisions(round_) if self.reply_attack else None
+        if on_replies is not None:
+            line.append(self._record(on_replies, round_=round_, max_eps=max_eps))
         self._checkpoint(round_, arrays)
         crash_point("saved", round_)
         say(" | ".join(line) + f" | {time.time() - self.started:.0f}s")
@@ -95,6 +93,19 @@ class RoundEvaluator:
             self.bar.update(1)
         return MetricRecord({"zero-shot-accuracy": utility["zero_shot_accuracy"],
                              "max-site-epsilon": max_eps if math.isfinite(max_eps) else -1.0})
+
+    def _record(self, decisions: AttackDecisions, *, round_: int, max_eps: float) -> str:
+        """Write one attack's round to the run's tables; return its part of the console line."""
+        m, sites = attack_tables(decisions, round_=round_, max_site_epsilon=max_eps, delta=self.delta,
+                                 confidence=self.confidence)
+        self.files.append("attack", [m])
+        self.files.append("attack_sites", sites)
+        self.files.append("attack_scores", score_rows(decisions, round_=round_))
+        if m["audited_epsilon"] == m["audited_epsilon"]:  # a one-run audit (canaries): its bound is the valid one
+            return (f"{decisions.attack} AUC {m['auc']:.2f} audited eps >= {m['audited_epsilon']:.2f} "
+                    f"({m['audit_correct']}/{m['audit_guesses']} guesses right)"
+                    + (" ABOVE THE ACCOUNTANT'S" if m["audited_epsilon"] > max_eps else ""))
+        return f"{decisions.attack} TPR {m['tpr']:.2f} FPR {m['fpr']:.2f} eps_lb {m['epsilon_lower_bound']:.2f}"
 
     def close(self) -> None:
         self.bar.close()

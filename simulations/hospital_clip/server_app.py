@@ -26,6 +26,7 @@ from flwr.serverapp import Grid, ServerApp
 from fedclip.attacks.base import Attack
 from fedclip.attacks.canary import CanaryAudit
 from fedclip.attacks.gradient_canaries import GradientCanaryAudit, canaries_to_wire, draw_dirac_canaries
+from fedclip.attacks.replies import ReplyAttack, reply_rounds
 from fedclip.attacks.suite import target_attacks
 from fedclip.data.canaries import CANARY_FILE, load_canaries
 from fedclip.data.manifest import load_manifest
@@ -332,6 +333,10 @@ def run(grid: Grid, cfg: SimulationConfig) -> Path:
         attacks.append(gradient[0])
         train_config["gradient-canary-plan"] = gradient[1]
 
+    idia = next((a for a in attacks if a.name == "idia"), None)
+    replies = (ReplyAttack(idia, model=bundle.model, when=reply_rounds(cfg.attack_replies, total_rounds=cfg.num_rounds))
+               if idia is not None and cfg.attack_replies != "off" else None)
+
     def on_round(rows: list[SiteRound]) -> None:
         files.append("rounds", [r.as_dict() for r in rows])
 
@@ -341,11 +346,12 @@ def run(grid: Grid, cfg: SimulationConfig) -> Path:
     strategy = PrivacyBudgetStrategy(
         inner, store=store, sites=sites, budget=cfg.budget_of, planned_events=planned_events,
         round_offset=round_offset, on_round=on_round, failure_quorum=cfg.failure_quorum,
+        on_reply=replies.observe if replies else None,
     )
     evaluator = RoundEvaluator(model=bundle.model, tokenizer=bundle.tokenizer, test=test, attacks=attacks, files=files,
                                epsilons=strategy.epsilons, delta=cfg.delta, state_dir=state, round_offset=round_offset,
                                total_rounds=cfg.num_rounds, trained_this_round=lambda: not strategy.exhausted,
-                               strategy_seconds=lambda: strategy.strategy_seconds)
+                               strategy_seconds=lambda: strategy.strategy_seconds, reply_attack=replies)
     failure = None
     if remaining > 0:
         train_config["round-offset"] = round_offset

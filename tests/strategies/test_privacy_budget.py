@@ -191,3 +191,18 @@ def test_duplicate_sites_are_refused(tmp_path):
 def test_unknown_inner_strategy_is_named():
     with pytest.raises(ValueError, match="strategy: unknown inner strategy 'fedfoo'"):
         make_inner_strategy("fedfoo")
+
+
+def test_the_reply_observer_sees_each_confirmed_reply_once_before_it_is_folded(tmp_path):
+    seen = []
+    store = LedgerStore(tmp_path / "ledger.sqlite", delta=1e-5)
+    strategy = PrivacyBudgetStrategy(make_inner_strategy("fedavg"), store=store, sites=SITES, budget=lambda s: math.inf,
+                                     planned_events=lambda site: (EVENT,), failure_quorum=0.5,
+                                     on_reply=lambda r, site, arrays: seen.append((r, site, arrays.to_numpy_ndarrays()[0][0])))
+    messages = list(strategy.configure_train(1, _arrays(0.0), ConfigRecord(), StubGrid(SITES)))
+    by_site = {SITES[m.metadata.dst_node_id]: m for m in messages}
+    replies = [_reply(by_site["hospital_a"], 1.0), _reply(by_site["hospital_a"], 9.0),  # a duplicate: ignored
+               _reply(by_site["hospital_b"], 2.0), _error(by_site["hospital_c"], "ValueError: disk full")]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    assert seen == [(1, "hospital_a", 1.0), (1, "hospital_b", 2.0)], "confirmed replies only, each once"
+    np.testing.assert_allclose(arrays.to_numpy_ndarrays()[0], np.full(3, 1.5))
