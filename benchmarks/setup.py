@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -47,8 +47,10 @@ def calibrated(dp, *, epsilon: float, steps: int):
     return replace(dp, noise_multiplier=sigma)
 
 
-def prepare(out: Path, *, num_sites: int, patients_per_site: int, name_lists: str = DEFAULT_NAME_LISTS) -> Bench:
-    """Synthetic sites of the realistic size, 500 public and 250 held-out patients, cached warm start."""
+def prepare(out: Path, *, num_sites: int, patients_per_site: int, name_lists: str = DEFAULT_NAME_LISTS,
+            **data: Any) -> Bench:
+    """Synthetic sites of the realistic size, 500 public and 250 held-out patients, cached warm start;
+    ``data``: other ``SyntheticConfig`` fields."""
     from fedclip.data.manifest import load_manifest
     from fedclip.data.partition import partition_by_site
     from fedclip.data.schema import Split
@@ -57,9 +59,9 @@ def prepare(out: Path, *, num_sites: int, patients_per_site: int, name_lists: st
     from fedclip.models.factory import ModelConfig, create_model
     from fedclip.training.warmstart import WarmStartConfig, warm_start
 
-    data = SyntheticConfig(num_sites=num_sites, patients_per_site=patients_per_site, public_patients=500,
-                           heldout_patients=250, name_lists=name_lists)
-    manifest = generate(out / "data", data)
+    config = SyntheticConfig(num_sites=num_sites, patients_per_site=patients_per_site, public_patients=500,
+                             heldout_patients=250, name_lists=name_lists, **data)
+    manifest = generate(out / "data", config)
     checkpoint = warm_start(manifest, cache_dir=out / "cache", config=WarmStartConfig())
     frame = load_manifest(manifest)
     bundle = create_model(ModelConfig(pretrained=str(checkpoint)))

@@ -54,7 +54,8 @@ def evaluate_checkpoints(manifest: Path, checkpoints: dict[str, str]) -> pd.Data
 def _synthetic_config(args: argparse.Namespace) -> SyntheticConfig:
     return SyntheticConfig(seed=args.seed, num_sites=args.num_sites, patients_per_site=args.patients_per_site,
                            public_patients=args.public_patients, heldout_patients=args.heldout_patients,
-                           site_skew=args.site_skew, name_lists=args.name_lists, identity_region=args.identity_region)
+                           site_skew=args.site_skew, name_lists=args.name_lists, identity_region=args.identity_region,
+                           identity_strength=args.identity_strength)
 
 
 def _add_data_options(p: argparse.ArgumentParser) -> None:
@@ -69,6 +70,8 @@ def _add_data_options(p: argparse.ArgumentParser) -> None:
                    help="< 1: each look fills a patch of this share of the side, and every image gets a mask (MaskDP)")
     p.add_argument("--name-lists", choices=NAME_LISTS, default=d.name_lists,
                    help="name lists of the patients: census gives most patients their own surname (names leak more)")
+    p.add_argument("--identity-strength", type=float, default=d.identity_strength,
+                   help="weight of a patient's look in their images, in (0, 2]: higher, faces easier to tell apart")
 
 
 def cmd_data(args: argparse.Namespace) -> int:

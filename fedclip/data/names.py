@@ -4,10 +4,9 @@ IDIA ranks a patient's true name among many candidate names, so the names must l
 names an attacker would try: common first names crossed with common surnames (as the IDIA
 authors did with US census lists). Two sets of lists, chosen by ``name_lists``:
 
-- ``"short"`` (the default, which every published figure so far uses): 190 first names x 188
-  surnames typed in here. 1,450 people share 188 surnames, so each surname token stands for
+- ``"short"`` (the default until 2026-12-02): 190 first names x 188 surnames typed in here. 1,450 people share 188 surnames, so each surname token stands for
   about eight unrelated patients, and a model must learn names as token *combinations*.
-- ``"census"``: Faker's ``en_US`` lists (690 first names, the 1,000 most common US surnames; the
+- ``"census"`` (the default): Faker's ``en_US`` lists (690 first names, the 1,000 most common US surnames; the
   package is pinned so that one seed gives the same names on every machine). Most patients'
   surnames are then their own, as in a real hospital, and names are far easier to bind to a face:
   measured on one site of 1,000 patients, every parameter, 240 non-private steps, IDIA TPR 0.58
@@ -23,7 +22,7 @@ from functools import cache
 
 import numpy as np
 
-DEFAULT_NAME_LISTS = "short"
+DEFAULT_NAME_LISTS = "census"
 NAME_LISTS: tuple[str, ...] = ("short", "census")
 
 SHORT_FIRST_NAMES: tuple[str, ...] = (

@@ -51,6 +51,7 @@ class SimulationConfig:
     query_images_per_patient: int = _DATA.query_images_per_patient
     site_skew: float = _DATA.site_skew
     name_lists: str = _DATA.name_lists
+    identity_strength: float = _DATA.identity_strength  # how strongly a patient's look marks their images
     canaries: int = _DATA.canaries  # canary patients for the one-run audit (each trains with probability 1/2)
     pool_sites: bool = False
     # deployment: the sites are declared, the server holds public and held-out rows only
@@ -263,7 +264,8 @@ class SimulationConfig:
                                public_patients=self.public_patients, heldout_patients=self.heldout_patients,
                                images_per_patient=self.images_per_patient,
                                query_images_per_patient=self.query_images_per_patient, site_skew=self.site_skew,
-                               name_lists=self.name_lists, canaries=self.canaries, identity_region=self.identity_region)
+                               name_lists=self.name_lists, canaries=self.canaries, identity_region=self.identity_region,
+                               identity_strength=self.identity_strength)
 
     def model(self, pretrained: str | None = None) -> ModelConfig:
         return ModelConfig(arch=self.arch, pretrained=self.pretrained if pretrained is None else pretrained,
