@@ -1,8 +1,8 @@
 """How fast non-private fine-tuning teaches the model its patients' names: one site, or FedAvg.
 
     python -m benchmarks.idia_leak [--patients 250] [--trainable all] [--lr 5e-4] [--chunks 4]
-                                   [--steps 120] [--names short] [--sites 1] [--rows-by-site]
-                                   [--out runs/bench_leak]
+                                   [--steps 120] [--names census] [--identity-strength 1.5] [--sites 1]
+                                   [--rows-by-site] [--replies] [--out runs/bench_leak]
 
 One synthetic site (plus public and held-out populations), the cached warm start, then
 non-private ``train_local`` (record sampling, q 0.1) in chunks of ``--steps`` steps; after each
@@ -16,7 +16,9 @@ quick way to try an aggregation); each chunk is a round in which every site trai
 steps from the global model and the server takes the mean of the sites' models (equal sizes,
 equal weights). ``--rows-by-site`` averages each token-embedding row only over the sites whose
 captions hold that token (a row only one site trains keeps that site's full update; FedAvg
-divides it by N), everything else as FedAvg.
+divides it by N), everything else as FedAvg. ``--replies`` also attacks each site's own model
+after its local steps, as the server sees it (``fedclip.attacks.replies``: a person is a member if
+any site's model names them).
 """
 
 from __future__ import annotations
@@ -48,6 +50,11 @@ def average(base: dict[str, torch.Tensor], models: list[dict[str, torch.Tensor]]
     return out
 
 
+def rates(frame) -> tuple[float, float]:
+    """TPR and FPR of one attack's decisions."""
+    return frame[frame.is_member].predicted_member.mean(), frame[~frame.is_member].predicted_member.mean()
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.idia_leak", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -59,28 +66,34 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--names", choices=NAME_LISTS, default=DEFAULT_NAME_LISTS, help="name lists of the patients")
     p.add_argument("--sites", type=int, default=1, help="N > 1: FedAvg over N sites, in process")
     p.add_argument("--rows-by-site", action="store_true", help="average token-embedding rows over the sites that hold the token")
+    p.add_argument("--replies", action="store_true", help="also attack each site's model before averaging (the server's view)")
+    p.add_argument("--identity-strength", type=float, default=None, help="weight of a patient's look (data default if unset)")
     p.add_argument("--out", default="runs/bench_leak")
     args = p.parse_args(argv)
-    if args.sites < 1 or (args.rows_by_site and args.sites == 1):
-        p.error("--sites: expected >= 1; --rows-by-site needs --sites > 1")
+    if args.sites < 1 or ((args.rows_by_site or args.replies) and args.sites == 1):
+        p.error("--sites: expected >= 1; --rows-by-site and --replies need --sites > 1")
 
     import copy
 
     from benchmarks.setup import prepare
     from fedclip.attacks.idia import IdentityInferenceAttack, IdiaConfig, IdiaTargets
+    from fedclip.attacks.replies import ReplyAttack
+    from fedclip.models.arrays import model_to_arrays
     from fedclip.data.manifest import load_manifest
     from fedclip.models.factory import ModelConfig, create_model
     from fedclip.training.config import DpConfig, TrainConfig
     from fedclip.training.local import train_local
 
     out = Path(args.out)
-    bench = prepare(out, num_sites=args.sites, patients_per_site=args.patients, name_lists=args.names)
+    data = {} if args.identity_strength is None else {"identity_strength": args.identity_strength}
+    bench = prepare(out, num_sites=args.sites, patients_per_site=args.patients, name_lists=args.names, **data)
     frame = load_manifest(out / "data" / "manifest.csv").frame
     bundle = create_model(ModelConfig(pretrained=str(bench.checkpoint)))
     idia = IdiaConfig(name_lists=args.names)
     attack = IdentityInferenceAttack(IdiaTargets.from_frame(frame, config=idia, preprocess=bundle.preprocess),
                                      tokenizer=bundle.tokenizer, config=idia)
     model = bench.model(args.trainable)
+    replies = ReplyAttack(attack, model=model, when=lambda r: True) if args.replies else None
     sites = [bench.sites[s] for s in sorted(bench.sites)]
     vocab = model.token_embedding.weight.shape[0]
     held = [torch.zeros(vocab, dtype=torch.bool).index_fill_(0, data.tokens.unique(), True) for data in sites]
@@ -96,13 +109,18 @@ def main(argv: list[str] | None = None) -> int:
             dp = DpConfig(mode="nonprivate", privacy_unit="record", sample_rate=0.1, declared_units=len(data))
             train_local(local, data, dp=dp, train=TrainConfig(steps=args.steps, lr=args.lr), reproducible_seed=chunk * 100 + i)
             trained.append({k: v.detach() for k, v in local.state_dict().items()})
+            if replies is not None:
+                replies.observe(chunk, f"site_{i}", model_to_arrays(local))
         if args.sites > 1:
             model.load_state_dict(average(base, trained, rows=rows))
-        f = attack(model).frame
-        tpr, fpr = f[f.is_member].predicted_member.mean(), f[~f.is_member].predicted_member.mean()
+        tpr, fpr = rates(attack(model).frame)
+        on_replies = ""
+        if replies is not None:
+            r_tpr, r_fpr = rates(replies.decisions(chunk).frame)
+            on_replies = f", on the sites' models TPR {r_tpr:.3f} FPR {r_fpr:.3f}"
         done = f"{chunk * args.steps} steps" if args.sites == 1 else f"round {chunk} ({args.steps} local steps)"
         print(f"{args.names} names, {args.trainable} lr {args.lr:g}, {done}: zero-shot {bench.accuracy(model):.3f}, "
-              f"IDIA TPR {tpr:.3f} FPR {fpr:.3f} ({time.time() - started:.0f}s)", flush=True)
+              f"IDIA TPR {tpr:.3f} FPR {fpr:.3f}{on_replies} ({time.time() - started:.0f}s)", flush=True)
     return 0
 
 

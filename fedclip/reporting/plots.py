@@ -56,7 +56,9 @@ def plot_attack(out: Path, attack: pd.DataFrame) -> Path:
         else:
             ax2.plot(g["round"], g["epsilon_lower_bound"], marker="^", linestyle=":", color=line.get_color(),
                      label=f"{name}: indicative bound")
-    ax.set(xlabel="round", ylabel="rate", ylim=(-0.02, 1.02), title="Attacks on the global model")
+    on_replies = attack["attack"].astype(str).str.endswith("-replies").any()
+    ax.set(xlabel="round", ylabel="rate", ylim=(-0.02, 1.02),
+           title="Attacks on the global model" + (" and on each site's reply (*-replies)" if on_replies else ""))
     ax.legend(fontsize=7)
     accountant = attack.groupby("round")["max_site_epsilon"].first()
     finite = accountant.replace(float("inf"), float("nan"))
