@@ -100,7 +100,9 @@ def contradictions(attack: pd.DataFrame) -> list[str]:
 
 
 AUDIT_TEXT = (
-    "Attacks: **idia** (names and other photos of each person, Hintersdorf et al.); **lira-patient** and "
+    "Attacks: **idia** (names and other photos of each person, Hintersdorf et al.); **idia-replies** (the same "
+    "attack on each site's reply before averaging, the server's view: a person is a member if any site's reply names "
+    "them); **lira-patient** and "
     "**lira-record** (likelihood-ratio attacks with the base model as the reference that never saw a target: on a "
     "person's name given other photos, and on an exact training pair against held-out pairs; read their AUC and TPR "
     "at 1% FPR); **canary** (canary patients, each "
