@@ -177,9 +177,11 @@ def render_image(pattern: np.ndarray, condition: str, rng: np.random.Generator, 
     shift = rng.integers(-2, 3, size=2)
     look = pattern if patch is None else np.where(patch[..., None], pattern, NEUTRAL)
     base = np.roll(look, tuple(shift), axis=(0, 1)) * rng.uniform(0.85, 1.15)
-    img = identity_strength * base + _finding_overlay(condition, rng, size)[..., None]
-    img = img + rng.normal(0, noise, size=img.shape)
     mask = None if patch is None else np.roll(patch, tuple(shift), axis=(0, 1))
+    # the strength weighs the patient's look, not the neutral background around a patch
+    weighted = identity_strength * base if mask is None else np.where(mask[..., None], identity_strength * base, base)
+    img = weighted + _finding_overlay(condition, rng, size)[..., None]
+    img = img + rng.normal(0, noise, size=img.shape)
     return np.clip(img, 0.0, 1.0), mask
 
 
