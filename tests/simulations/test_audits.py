@@ -79,7 +79,7 @@ def test_a_nonprivate_run_is_audited_clearly_above_zero(tmp_path, cache):
     attack = pd.read_csv(tmp_path / "nonprivate" / "attack.csv")
     record = attack[(attack["attack"] == "lira-record") & (attack["round"] == 3)].iloc[0]
     assert record["auc"] > 0.7 and record["tpr_at_1pct_fpr"] > 0.1, record.to_dict()
-    assert set(attack["attack"]) == {"idia", "lira-patient", "lira-record", "canary", "gradient-canary"}
+    assert set(attack["attack"]) == {"idia", "idia-replies", "lira-patient", "lira-record", "canary", "gradient-canary"}
     scores = pd.read_csv(tmp_path / "nonprivate" / "attack_scores.csv")
     last = scores[(scores["round"] == 3) & (scores["attack"] == "canary")]
     assert len(last) == 64 and set(last["is_member"]) == {True, False}
