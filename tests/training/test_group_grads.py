@@ -13,9 +13,13 @@ from tests.training.test_microbatch_grads import _bank, _batch
 
 
 def _assert_same(hooks, vmap):
+    """Equal up to float32 rounding: the two engines sum in different orders (the twin over the live
+    positions, vmap over the full context), so an entry near zero may differ by ~1e-6 of the tensor's
+    largest entry (measured 1.3e-6 on one machine's CPU); a wrong or missing term is orders larger."""
     assert set(hooks) == set(vmap)
     for name, ref in vmap.items():
-        torch.testing.assert_close(hooks[name], ref, rtol=1e-4, atol=1e-6, msg=name)
+        scale = float(ref.abs().max())
+        torch.testing.assert_close(hooks[name], ref, rtol=1e-4, atol=max(1e-6, 1e-5 * scale), msg=name)
 
 
 @pytest.mark.parametrize(("arch", "trainable", "size", "groups"), [
