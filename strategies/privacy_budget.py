@@ -237,8 +237,13 @@ class PrivacyBudgetStrategy(Strategy):
         if self.on_reply is None:
             return
         started = time.perf_counter()
-        for arrays in reply.content.array_records.values():
-            self.on_reply(round_, site, arrays)
+        try:
+            for arrays in reply.content.array_records.values():
+                self.on_reply(round_, site, arrays)
+        except Exception as exc:  # noqa: BLE001 - an observer must not stop charges from being settled
+            # a reply the observer cannot read (say, arrays of the wrong shape) is refused by the
+            # aggregation after settlement, where every malformed reply is refused
+            log(WARNING, "round %s: the reply observer failed on %s's reply: %s", round_, site, exc)
         self._waited += time.perf_counter() - started
 
     def _report(self, round_: int, outcomes: Mapping[str, _Outcome]) -> None:

@@ -206,3 +206,16 @@ def test_the_reply_observer_sees_each_confirmed_reply_once_before_it_is_folded(t
     arrays, _ = strategy.aggregate_train(1, replies)
     assert seen == [(1, "hospital_a", 1.0), (1, "hospital_b", 2.0)], "confirmed replies only, each once"
     np.testing.assert_allclose(arrays.to_numpy_ndarrays()[0], np.full(3, 1.5))
+
+
+def test_an_observer_that_fails_on_a_reply_does_not_keep_the_round_from_settling(tmp_path):
+    def fails(round_, site, arrays):
+        raise ValueError("arrays: weight has shape (2, 2), the model expects (1, 4)")
+
+    store = LedgerStore(tmp_path / "ledger.sqlite", delta=1e-5)
+    strategy = PrivacyBudgetStrategy(make_inner_strategy("fedavg"), store=store, sites=SITES, budget=lambda s: math.inf,
+                                     planned_events=lambda site: (EVENT,), on_reply=fails)
+    messages = list(strategy.configure_train(1, _arrays(0.0), ConfigRecord(), StubGrid(SITES)))
+    arrays, _ = strategy.aggregate_train(1, [_reply(m, 3.0) for m in messages])
+    np.testing.assert_allclose(arrays.to_numpy_ndarrays()[0], np.full(3, 3.0))
+    assert {row["status"] for row in store.rows()} == {"confirmed"}
