@@ -36,6 +36,8 @@ def test_nonprivate_config_is_valid_and_nonprivate():
     ({"strategy": "fedfoo"}, "strategy: expected one of"),
     ({"name-lists": "klingon"}, "name-lists: expected one of"),
     ({"grad-engine": "fast"}, "grad-engine: expected one of"),
+    ({"attack-replies": "last"}, "attack-replies: expected one of"),
+    ({"identity-strength": 3.0}, "identity_strength: expected a weight in \\(0, 2\\]"),
     ({"idia-tau": 9}, "idia tau"),
     ({"manifest": "/no/such/file.csv"}, "manifest: file not found"),
     ({"trainable": "last-0"}, "trainable"),
