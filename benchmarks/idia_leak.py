@@ -50,11 +50,6 @@ def average(base: dict[str, torch.Tensor], models: list[dict[str, torch.Tensor]]
     return out
 
 
-def rates(frame) -> tuple[float, float]:
-    """TPR and FPR of one attack's decisions."""
-    return frame[frame.is_member].predicted_member.mean(), frame[~frame.is_member].predicted_member.mean()
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.idia_leak", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -77,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from benchmarks.setup import prepare
     from fedclip.attacks.idia import IdentityInferenceAttack, IdiaConfig, IdiaTargets
+    from fedclip.attacks.metrics import membership_metrics
     from fedclip.attacks.replies import ReplyAttack
     from fedclip.models.arrays import model_to_arrays
     from fedclip.data.manifest import load_manifest
@@ -113,11 +109,12 @@ def main(argv: list[str] | None = None) -> int:
                 replies.observe(chunk, f"site_{i}", model_to_arrays(local))
         if args.sites > 1:
             model.load_state_dict(average(base, trained, rows=rows))
-        tpr, fpr = rates(attack(model).frame)
+        m = membership_metrics(attack(model).frame, delta=1e-5)
+        tpr, fpr = m["tpr"], m["fpr"]
         on_replies = ""
         if replies is not None:
-            r_tpr, r_fpr = rates(replies.decisions(chunk).frame)
-            on_replies = f", on the sites' models TPR {r_tpr:.3f} FPR {r_fpr:.3f}"
+            r = membership_metrics(replies.decisions(chunk).frame, delta=1e-5)
+            on_replies = f", on the sites' models TPR {r['tpr']:.3f} FPR {r['fpr']:.3f}"
         done = f"{chunk * args.steps} steps" if args.sites == 1 else f"round {chunk} ({args.steps} local steps)"
         print(f"{args.names} names, {args.trainable} lr {args.lr:g}, {done}: zero-shot {bench.accuracy(model):.3f}, "
               f"IDIA TPR {tpr:.3f} FPR {fpr:.3f}{on_replies} ({time.time() - started:.0f}s)", flush=True)
