@@ -205,7 +205,7 @@ def test_every_shipped_comparison_config_plans_valid_runs():
     from simulations.hospital_clip.config import SimulationConfig
 
     files = sorted(Path("simulations/compare").glob("*.toml"))
-    assert {f.name for f in files} >= {"default.toml", "audits.toml", "input_level.toml"}
+    assert {f.name for f in files} >= {"default.toml", "audits.toml", "input_level.toml", "nonprivate_like_dp.toml"}
     for path in files:
         for run in plan_runs(CompareConfig.from_toml(path)):
             cfg = SimulationConfig.from_run_config(run.overrides)
@@ -216,3 +216,9 @@ def test_every_shipped_comparison_config_plans_valid_runs():
         CompareConfig(settings=("fed-maskdp",))
     private = {r.setting: r.overrides for r in plan_runs(CompareConfig.from_toml("simulations/compare/input_level.toml"))}
     assert private["fed-cadp"]["dp-mode"] == "cadp" and private["fed-mask-replace"]["target-epsilon"] == 0.0
+    like_dp = plan_runs(CompareConfig.from_toml("simulations/compare/nonprivate_like_dp.toml"))
+    dp_default = SimulationConfig.from_run_config({})
+    assert [r.overrides["seed"] for r in like_dp] == [0, 1, 2]
+    for run in like_dp:  # the stronger reference: no DP, but what the DP settings train, at their rate
+        cfg = SimulationConfig.from_run_config(run.overrides)
+        assert cfg.dp_mode == "nonprivate" and (cfg.trainable, cfg.lr) == (dp_default.trainable, dp_default.lr)
