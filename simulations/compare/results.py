@@ -189,8 +189,22 @@ def markdown_table(agg: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_against_epsilon(agg: pd.DataFrame, metric: str, ylabel: str, path: Path) -> Path:
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+def plot_against_epsilon(agg: pd.DataFrame, panels: dict[str, str], ylabel: str, path: Path) -> Path:
+    """One panel per metric (``panels``: metric -> panel title), each with a line per private setting
+    over the epsilon grid and the non-private settings as horizontal lines; a metric no run measured
+    (e.g. the replies' attack switched off) gets no panel."""
+    measured = {m: t for m, t in panels.items() if agg[f"{m}_mean"].notna().any()} or dict(list(panels.items())[:1])
+    fig, axes = plt.subplots(1, len(measured), figsize=(7 * len(measured), 4.5), squeeze=False)
+    for ax, (metric, title) in zip(axes[0], measured.items()):
+        _epsilon_panel(ax, agg, metric)
+        ax.set(ylabel=ylabel, title=title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _epsilon_panel(ax, agg: pd.DataFrame, metric: str) -> None:
     private = agg[agg["target_epsilon"].apply(math.isfinite)]
     for name, g in private.groupby("setting", sort=False):
         g = g.sort_values("target_epsilon")
@@ -205,12 +219,8 @@ def plot_against_epsilon(agg: pd.DataFrame, metric: str, ylabel: str, path: Path
     if ticks:
         ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
         ax.minorticks_off()
-    ax.set(xlabel="target epsilon (per the setting's unit; log scale)", ylabel=ylabel, ylim=(-0.02, 1.02))
+    ax.set(xlabel="target epsilon (per the setting's unit; log scale)", ylim=(-0.02, 1.02))
     ax.legend(fontsize=7, loc="best")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
 
 
 def publication_cost(runs: Sequence[RunSpec]) -> pd.DataFrame:
@@ -254,8 +264,11 @@ def write_outputs(out_dir: str | Path, runs: Sequence[RunSpec]) -> dict[str, Pat
     cost = publication_cost(runs)
     cost.to_csv(paths["publication"], index=False)
     paths["markdown"].write_text(markdown_table(agg) + "\n" + publication_text(cost))
-    paths["utility_plot"] = plot_against_epsilon(agg, "zero_shot_accuracy", "zero-shot accuracy (held-out)",
-                                                 out / "utility_vs_epsilon.png")
-    paths["attack_plot"] = plot_against_epsilon(agg, "tpr", "IDIA TPR", out / "tpr_vs_epsilon.png")
+    paths["utility_plot"] = plot_against_epsilon(agg, {"zero_shot_accuracy": "Utility"},
+                                                 "zero-shot accuracy (held-out)", out / "utility_vs_epsilon.png")
+    paths["attack_plot"] = plot_against_epsilon(
+        agg, {"tpr": "IDIA on the global model (anyone given the model)",
+              "replies_tpr": "IDIA on each site's reply (the server's view)"},
+        "IDIA TPR (final round)", out / "tpr_vs_epsilon.png")
     paths["audit_plot"] = plot_audited_vs_accounted(agg, out / "audit_vs_epsilon.png")
     return paths

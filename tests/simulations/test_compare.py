@@ -58,6 +58,10 @@ def test_every_setting_ran_and_wrote_tables_and_plots(comparison):
     assert set(runs["setting"]) == set(DEFAULT_SETTINGS)  # the input-level settings are opt-in
     for name in ("table.csv", "table.md", "utility_vs_epsilon.png", "tpr_vs_epsilon.png"):
         assert (out / name).stat().st_size > 0
+    from matplotlib.image import imread  # the attack plot has two panels: the global model, and the replies
+
+    assert imread(out / "tpr_vs_epsilon.png").shape[1] > 1.8 * imread(out / "utility_vs_epsilon.png").shape[1]
+    assert runs["replies_tpr"].notna().all()
     table = pd.read_csv(out / "table.csv")
     units = dict(zip(table["setting"], table["unit"]))
     assert units["fed-local-record"] == "record" and units["fed-local-identity"] == "identity"
