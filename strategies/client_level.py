@@ -18,7 +18,8 @@ figure is kept too, as a cross-check).
 from __future__ import annotations
 
 from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, FedAvg
-from flwr.supercore.privacy_accounting import NeighboringRelation, PrivacyConfig, SamplingMethod
+from flwr.supercore.privacy_accounting import (GaussianPrivacyEvent, NeighboringRelation, PrivacyConfig,
+                                               SamplingMethod)
 from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
 
 from fedclip.privacy.accountant import check_delta, gaussian_pld
@@ -64,6 +65,27 @@ def calibrate_site_noise(*, target_epsilon: float, rounds: int, delta: float, to
         else:
             low = mid
     return high
+
+
+def site_level_report(*, noise_multiplier: float, clip_norm: float, releases: int, num_sites: int,
+                      delta: float) -> dict[str, object]:
+    """``site_level.json``: the site-level epsilons over ``releases`` noised aggregates.
+
+    ``releases`` must come from the durable record (``LedgerStore.aggregates()``: every attempt at
+    which the server computed an aggregate, written before it), never from the wrapper's own
+    accountant, which a resumed process rebuilds at zero. Flower's RDP figure is recomputed from
+    the same count with a fresh accountant, as a cross-check."""
+    flower = site_level_accountant(num_sites=num_sites, delta=delta)
+    if releases:
+        flower.compose(GaussianPrivacyEvent(noise_multiplier=noise_multiplier, sample_size=num_sites,
+                                            population_size=num_sites), count=releases)
+    return {"epsilon": site_level_epsilon(noise_multiplier=noise_multiplier, rounds=releases, delta=delta),
+            "epsilon_replace_one": site_level_epsilon(noise_multiplier=noise_multiplier, rounds=releases, delta=delta,
+                                                      relation="replace_one"),
+            "epsilon_flower_rdp": flower.get_epsilon(delta) if releases else 0.0,
+            "delta": delta, "noise_multiplier": noise_multiplier, "clip_norm": clip_norm, "rounds": releases,
+            "unit": "site", "relation": "zero_out", "accountant": "dp-accounting PLD (pessimistic)",
+            "counted_from": "the server's ledger: every attempt that computed an aggregate, resumes included"}
 
 
 def with_site_level_dp(*, noise_multiplier: float, clip_norm: float, num_sites: int,

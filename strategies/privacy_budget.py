@@ -228,6 +228,8 @@ class PrivacyBudgetStrategy(Strategy):
             detail = "; ".join(f"{s} {o.status}: {o.reason}" for s, o in failed.items())
             raise SiteFailure(f"round {round_}: {len(failed)} of {len(outcomes)} selected sites did not train "
                               f"(failure-quorum {self.failure_quorum:g}): {detail}")
+        if good:  # write-ahead: a mechanism the server applies to the aggregate is composed over these
+            self.store.record_aggregate(round_, attempt=self._attempt)
         aggregated = reducer.result()
         crash_point("aggregated", round_)
         self._report(round_, outcomes)

@@ -14,6 +14,16 @@ can make a ledger under-count:
 
 Each write is one transaction with ``synchronous=FULL``. A round that crashed after charging and
 is re-run after a resume is charged again (attempt 2): over-counting, never under-counting.
+
+The server also records, write-ahead, every attempt at which it is about to compute an aggregate
+(``record_aggregate``): a mechanism applied *at the server* (client-level DP noise on the average)
+is released once per such attempt, so its epsilon is composed over ``aggregates()``, which
+survives a resume (an in-memory count restarts at zero in the resumed process).
+
+One ledger holds one privacy unit per site: record-level and identity-level events cannot be
+composed into one epsilon (a patient with k images is protected by a record-level guarantee only
+through group privacy, which is not an event an accountant composes), so ``charge`` refuses to
+mix them (``MixedUnits``) before anything is written.
 """
 
 from __future__ import annotations
@@ -48,6 +58,10 @@ def plan_covers(plan: Sequence[DpEvent], reported: Sequence[DpEvent]) -> bool:
     return len(plan) == len(reported) and all(dominates(p, r) for p, r in zip(plan, reported))
 
 
+class MixedUnits(ValueError):
+    """A charge whose privacy unit differs from the unit the site's ledger already holds."""
+
+
 class LedgerStore:
     def __init__(self, path: str | Path, *, delta: float, accountant: str = "prv", create: bool = True) -> None:
         self.path = Path(path)
@@ -66,6 +80,8 @@ class LedgerStore:
         )
         self._db.execute("CREATE TABLE IF NOT EXISTS rounds (round INTEGER NOT NULL, attempt INTEGER NOT NULL, "
                          "at REAL NOT NULL, PRIMARY KEY (round, attempt))")
+        self._db.execute("CREATE TABLE IF NOT EXISTS aggregates (round INTEGER NOT NULL, attempt INTEGER NOT NULL, "
+                         "at REAL NOT NULL, PRIMARY KEY (round, attempt))")
 
     def _write(self, sql: str, rows: Sequence[tuple]) -> None:
         with self._db:
@@ -82,8 +98,32 @@ class LedgerStore:
         (last,) = self._db.execute("SELECT COALESCE(MAX(round), 0) FROM rounds").fetchone()
         return int(last)
 
+    def record_aggregate(self, round_: int, *, attempt: int) -> None:
+        """Record, before it is computed, that the server aggregates (and may noise) this attempt."""
+        self._write("INSERT OR IGNORE INTO aggregates (round, attempt, at) VALUES (?, ?, ?)", [(round_, attempt, time.time())])
+
+    def aggregates(self) -> int:
+        """How many aggregates the server computed (or was about to), every attempt and run counted."""
+        (n,) = self._db.execute("SELECT COUNT(*) FROM aggregates").fetchone()
+        return int(n)
+
+    def units(self, site: str) -> set[str]:
+        """The privacy units of ``site``'s charged events."""
+        return {str(e.privacy_unit) for e in self.events(site)}
+
+    def check_unit(self, site: str, events: Sequence[DpEvent]) -> None:
+        """Refuse ``events`` whose unit differs from the one this ledger holds for ``site`` (see module doc)."""
+        held, new = self.units(site), {str(e.privacy_unit) for e in events}
+        if held and new - held or len(new) > 1:
+            raise MixedUnits(
+                f"the ledger holds {'/'.join(sorted(held))}-level spending for {site}, and this round is "
+                f"{'/'.join(sorted(new))}-level; one ledger composes one unit (a patient's identity-level total cannot "
+                "be computed from record-level events except by group privacy). Keep the unit the ledger holds, or, "
+                "for patients never spent on in this ledger, use another state folder")
+
     def charge(self, site: str, round_: int, events: Sequence[DpEvent], *, attempt: int = 1, run: str = "") -> None:
-        """Commit ``events`` as spent by ``site`` (pending until settled)."""
+        """Commit ``events`` as spent by ``site`` (pending until settled); refuses a second privacy unit."""
+        self.check_unit(site, events)
         now = time.time()
         self._write("INSERT INTO charges (site, round, attempt, run, event, kind, status, at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                     [(site, round_, attempt, run, e.to_json(), "planned", str(Status.PENDING), now) for e in events])
@@ -92,14 +132,18 @@ class LedgerStore:
                reported: Sequence[DpEvent] | None = None) -> None:
         """Mark the charge of (site, round, attempt); charge ``reported`` in full if the plan does not cover it."""
         plan = self.charged(site, round_, attempt=attempt)
+        row = self._db.execute("SELECT run FROM charges WHERE site = ? AND round = ? AND attempt = ? AND kind = 'planned' "
+                               "LIMIT 1", (site, round_, attempt)).fetchone()
+        run = row[0] if row else ""
         with self._db:
             self._db.execute("BEGIN IMMEDIATE")
             self._db.execute("UPDATE charges SET status = ?, note = ? WHERE site = ? AND round = ? AND attempt = ? "
                              "AND kind = 'planned'", (str(Status(status)), note, site, round_, attempt))
             if reported is not None and not plan_covers(plan, reported):
                 self._db.executemany(
-                    "INSERT INTO charges (site, round, attempt, event, kind, status, note, at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    [(site, round_, attempt, e.to_json(), "reported", str(Status.CONFIRMED),
+                    "INSERT INTO charges (site, round, attempt, run, event, kind, status, note, at) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    [(site, round_, attempt, run, e.to_json(), "reported", str(Status.CONFIRMED),
                       "reported above the plan: charged in full", time.time()) for e in reported])
 
     def charged(self, site: str, round_: int, *, attempt: int = 1) -> tuple[DpEvent, ...]:

@@ -51,7 +51,7 @@ from simulations.hospital_clip.evaluator import RoundEvaluator
 from simulations.hospital_clip.input_privacy import input_plan
 from simulations.hospital_clip.preflight import data_shape, preflight
 from simulations.hospital_clip.task import manifest_path, pick_device
-from strategies.client_level import calibrate_site_noise, site_level_epsilon, with_site_level_dp
+from strategies.client_level import calibrate_site_noise, site_level_report, with_site_level_dp
 from strategies.privacy_budget import PrivacyBudgetStrategy, SiteFailure, SiteRound
 from strategies.registry import make_inner_strategy
 from strategies.windowed_grid import WindowedGrid
@@ -257,11 +257,25 @@ def saved_round(cfg: SimulationConfig) -> int | None:
                          "resuming without it would restart privacy spending at zero")
     store = LedgerStore(ledger, delta=cfg.delta, accountant=cfg.accountant, create=False)
     recorded = store.last_round()
+    held = sorted({u for site in store.sites() for u in store.units(site)} - {cfg.privacy_unit})
     store.close()
+    if held:
+        raise ValueError(f"privacy-unit: {ledger} holds {'/'.join(held)}-level spending and this run is "
+                         f"{cfg.privacy_unit}-level; a resumed run keeps its privacy unit (one ledger composes one unit)")
     if recorded < saved:
         raise ValueError(f"resume: {ledger} records {recorded} rounds but the saved model is at round {saved}; "
                          "the ledger does not cover the model")
     return saved
+
+
+def durable_run_name(state: Path) -> str:
+    """This run's name for the sites' ``max-epsilon-run``: drawn once, kept in the server's state
+    folder, so a resumed run is the same run to a site (Flower gives each process a new run id)."""
+    path = state / "run_name"
+    if not path.is_file():
+        state.mkdir(parents=True, exist_ok=True)
+        path.write_text(os.urandom(8).hex() + "\n")
+    return path.read_text().strip()
 
 
 def run(grid: Grid, cfg: SimulationConfig) -> Path:
@@ -299,6 +313,7 @@ def run(grid: Grid, cfg: SimulationConfig) -> Path:
         f"{s}={n}" for s, n in data_shape(cfg).units.items())
     train_config = train_config_record(cfg, noise_multiplier=sigma, manifest=manifest, checkpoint=checkpoint,
                                        declared_units=declared, input_plan=inputs)
+    train_config["run-name"] = durable_run_name(state)
     if cfg.deployment and not cfg.site_nodes:
         print("WARNING: sites are identified by the name each SuperNode reports; set site-nodes to the node ids "
               "that `flwr supernode register` gave each hospital's key", flush=True)
@@ -363,15 +378,8 @@ def run(grid: Grid, cfg: SimulationConfig) -> Path:
     final_eps = strategy.epsilons()
     site_level = None
     if site_sigma > 0:
-        spent = inner.privacy_spent()
-        released = spent.num_releases if spent else 0
-        site_level = {"epsilon": site_level_epsilon(noise_multiplier=site_sigma, rounds=released, delta=cfg.delta),
-                      "epsilon_replace_one": site_level_epsilon(noise_multiplier=site_sigma, rounds=released,
-                                                                delta=cfg.delta, relation="replace_one"),
-                      "epsilon_flower_rdp": spent.epsilon if spent else 0.0,
-                      "delta": cfg.delta, "noise_multiplier": site_sigma, "clip_norm": cfg.client_clip_norm,
-                      "rounds": released, "unit": "site", "relation": "zero_out",
-                      "accountant": "dp-accounting PLD (pessimistic)"}
+        site_level = site_level_report(noise_multiplier=site_sigma, clip_norm=cfg.client_clip_norm,
+                                       releases=store.aggregates(), num_sites=len(shape.units), delta=cfg.delta)
         files.write_json("site_level.json", site_level)
     store.close()
     rounds, attack, utility = files.read("rounds"), files.read("attack"), files.read("utility")

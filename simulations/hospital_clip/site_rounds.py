@@ -20,7 +20,8 @@ from fedclip.attacks.gradient_canaries import canaries_from_wire
 from fedclip.data.tensors import PairData
 from fedclip.models.arrays import load_arrays, model_to_arrays
 from fedclip.privacy.events import events_to_wire
-from fedclip.privacy.ledger_store import Status
+from fedclip.privacy.ledger_store import MixedUnits, Status
+from fedclip.privacy.policy import PolicyRefusal
 from fedclip.privacy.randomness import site_randomness
 from fedclip.privacy.release import noisy_count, noisy_loss
 from fedclip.reporting.run_files import RunFiles
@@ -43,10 +44,13 @@ def _check_and_charge(me: SiteIdentity, plan: RoundPlan, config: ConfigRecord, c
                       events: tuple, run: str, round_: int):
     policy = site_policy(context, config, me)
     ledger = site_ledger(context, config, me, delta=policy.delta)
-    unit = str(plan.dp.privacy_unit)
-    try:
+    try:  # the caps see everything this ledger holds; a second privacy unit is refused, not set apart
+        try:
+            ledger.check_unit(me.site, events)
+        except MixedUnits as exc:
+            raise PolicyRefusal(me.site, "privacy-unit", str(exc)) from None
         policy.check(site=me.site, mode=plan.mode, events=events, reproducible=plan.reproducible_noise,
-                     total=ledger.ledger(me.site, unit=unit), this_run=ledger.ledger(me.site, run=run, unit=unit))
+                     total=ledger.ledger(me.site), this_run=ledger.ledger(me.site, run=run))
     except ValueError:
         ledger.close()
         raise
@@ -72,6 +76,13 @@ def _training_data(me: SiteIdentity, config: ConfigRecord, plan: RoundPlan, kept
                               str(config["arch"]), me.checkpoint, bool(config["pool-sites"]), me.outside_paths)
 
 
+def run_name(config: ConfigRecord, msg: Message) -> str:
+    """The run a charge belongs to (``max-epsilon-run``): the server's durable run name, which a
+    resumed run keeps, else Flower's run id. A server can always name a new run, so only
+    ``max-epsilon-total`` binds a dishonest one."""
+    return str(config.get("run-name", "") or msg.metadata.run_id)
+
+
 def train(msg: Message, context: Context) -> Message:
     started = time.time()
     config = msg.content["config"]
@@ -83,7 +94,7 @@ def train(msg: Message, context: Context) -> Message:
     releases = () if plan.input is None or kept is not None else \
         tuple(e for e in (plan.input_release(),) if e is not None)
     ledger, attempt = _check_and_charge(me, plan, config, context, events=plan.events() + releases,
-                                        run=str(msg.metadata.run_id), round_=round_)
+                                        run=run_name(config, msg), round_=round_)
     crash_point("site-charged", round_)
     try:
         data = _training_data(me, config, plan, kept)

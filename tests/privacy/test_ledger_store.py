@@ -5,7 +5,7 @@ import math
 import pytest
 
 from fedclip.privacy.events import DpEvent
-from fedclip.privacy.ledger_store import LedgerStore, Status, dominates
+from fedclip.privacy.ledger_store import LedgerStore, MixedUnits, Status, dominates
 
 E = DpEvent(noise_multiplier=2.0, sample_rate=0.5, steps=10, privacy_unit="identity", relation="replace_one",
             sensitivity=1.0)
@@ -55,11 +55,32 @@ def test_a_missing_ledger_is_not_silently_created_when_one_is_expected(tmp_path)
     assert not (tmp_path / "none.sqlite").exists()
 
 
-def test_per_run_and_per_unit_views(tmp_path):
+def test_per_run_views_and_one_unit_per_site(tmp_path):
     store = LedgerStore(tmp_path / "l.sqlite", delta=1e-5)
     store.charge("a", 1, (E,), run="r1")
     store.charge("a", 1, (E,), run="r2")
-    store.charge("a", 2, (_event(privacy_unit="record"),), run="r2")
-    assert len(store.events("a")) == 3 and len(store.events("a", run="r1")) == 1
-    assert len(store.events("a", unit="identity")) == 2
-    assert math.isfinite(store.ledger("a", run="r2", unit="record").epsilon())
+    store.charge("b", 1, (_event(privacy_unit="record"),), run="r2")  # another site may hold another unit
+    assert len(store.events("a")) == 2 and len(store.events("a", run="r1")) == 1
+    with pytest.raises(MixedUnits, match="holds identity-level spending for a, and this round is record-level"):
+        store.charge("a", 2, (_event(privacy_unit="record"),), run="r2")
+    assert len(store.events("a")) == 2  # nothing written
+    with pytest.raises(MixedUnits):
+        store.check_unit("c", (E, _event(privacy_unit="record")))
+
+
+def test_a_charge_above_the_plan_keeps_the_run(tmp_path):
+    store = LedgerStore(tmp_path / "l.sqlite", delta=1e-5)
+    store.charge("a", 1, (E,), run="r7")
+    store.settle("a", 1, status=Status.CONFIRMED, reported=(_event(noise_multiplier=1.0),))
+    assert [r["run"] for r in store.rows()] == ["r7", "r7"]
+    assert len(store.events("a", run="r7")) == 2
+
+
+def test_aggregates_are_counted_durably_once_per_attempt(tmp_path):
+    store = LedgerStore(tmp_path / "l.sqlite", delta=1e-5)
+    store.record_aggregate(1, attempt=1)
+    store.record_aggregate(1, attempt=1)  # the same attempt: once
+    store.record_aggregate(2, attempt=1)
+    store.record_aggregate(2, attempt=2)
+    store.close()
+    assert LedgerStore(tmp_path / "l.sqlite", delta=1e-5).aggregates() == 3

@@ -180,3 +180,35 @@ def test_each_site_divides_by_its_own_declared_size(tmp_path, small_manifest_pat
             "state-dir": str(tmp_path / "n"), "declared-units": 40}
     deployed = site_identity(Context(run_id=1, node_id=1, node_config=node, state=RecordDict(), run_config={}), config)
     assert deployed.declared_units == 40  # a deployed site declares its own size; the server's map does not apply
+
+
+def test_a_site_that_spent_at_record_level_refuses_an_identity_level_round(tmp_path, small_manifest_path,
+                                                                            warm_checkpoint):
+    """The identity-level cap would otherwise start at zero for patients already spent on."""
+    policy = _policy_file(tmp_path, "[default]\nmax-epsilon-total = 1e9\n")
+    _, config, model = _setup(tmp_path, small_manifest_path, warm_checkpoint, site_policy_file=policy,
+                              privacy_unit="record")
+    reply = client_app(_train_message(model, config, 0), _context(0))
+    assert not reply.has_error()
+    config["privacy-unit"], config["server-round"] = "identity", 2
+    with pytest.raises(PolicyRefusal, match="hospital_0: privacy-unit: the ledger holds record-level spending"):
+        client_app(_train_message(model, config, 0), _context(0))
+    ledger = LedgerStore(tmp_path / "run" / "sites" / "hospital_0" / "ledger.sqlite", delta=1e-5)
+    assert {str(e.privacy_unit) for e in ledger.events("hospital_0")} == {"record"}
+
+
+def test_max_epsilon_run_holds_across_a_resume_that_gets_a_new_flower_run_id(tmp_path, small_manifest_path,
+                                                                            warm_checkpoint):
+    policy = _policy_file(tmp_path, "[hospital_1]\nmax-epsilon-run = 1.5\n")
+    _, config, model = _setup(tmp_path, small_manifest_path, warm_checkpoint, site_policy_file=policy)
+    config.update({"noise-multiplier": 4.0, "sample-rate": 0.5, "microbatch-size": 5, "run-name": "study-1"})
+    message = _train_message(model, config, 1)
+    assert not client_app(message, _context(1)).has_error()  # about 1.35
+    config["server-round"] = 2
+    TaskIdentity.run_id = 99  # a resumed run: Flower's new run id, the server's same run name
+    resumed = _train_message(model, config, 1)
+    assert resumed.metadata.run_id == 99
+    with pytest.raises(PolicyRefusal, match="max-epsilon-run"):
+        client_app(resumed, _context(1))
+    ledger = LedgerStore(tmp_path / "run" / "sites" / "hospital_1" / "ledger.sqlite", delta=1e-5)
+    assert [r["run"] for r in ledger.rows()] == ["study-1"]
