@@ -7,6 +7,10 @@ and refuses a round that breaks it, with an error that names the rule. In a simu
 person plays every site, so the sites read their policies from a TOML file the run names
 (``site-policy-file``: a ``[default]`` table and one table per site), or allow every mode.
 
+``min-noise-multiplier`` is compared with sigma / sensitivity of every event that runs: paper mode
+(sensitivity 2C) at sigma 4 has the effective noise of sigma 2 in the other modes, and is held to
+the floor as such.
+
 Epsilon limits are checked against the site's own durable ledger, at the policy's ``delta``
 (not the server's), *before* the site trains: "would this round, as planned, take me past my
 limit?".
@@ -90,11 +94,12 @@ class SitePolicy:
             raise PolicyRefusal(site, "reproducible-noise", "seeded noise is not private against the server; "
                                 "a deployed site always draws its noise from the operating system")
         trained = [e for e in events if e.steps > 0]
-        if mode != "nonprivate":
-            low = min((e.noise_multiplier for e in trained), default=math.inf)
+        if mode != "nonprivate":  # the floor is on the noise per unit of sensitivity: paper mode's sigma counts half
+            low = min((e.noise_multiplier / e.sensitivity for e in trained), default=math.inf)
             if low < self.min_noise_multiplier:
                 raise PolicyRefusal(site, "min-noise-multiplier",
-                                    f"noise multiplier {low:.4g} is below this site's floor {self.min_noise_multiplier:.4g}")
+                                    f"noise multiplier {low:.4g} (sigma / sensitivity) is below this site's floor "
+                                    f"{self.min_noise_multiplier:.4g}")
         for rule, ledger, limit in (("max-epsilon-run", this_run, self.max_epsilon_run),
                                     ("max-epsilon-total", total, self.max_epsilon_total)):
             if math.isinf(limit):

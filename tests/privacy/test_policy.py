@@ -32,13 +32,23 @@ def test_node_config_sets_each_rule():
                                       "max-epsilon-run": 5.0, "max-epsilon-total": 8.0, "delta": 1e-6},
                                      source="node config")
     assert policy.allowed_dp_modes == ("microbatch",) and policy.delta == 1e-6
-    with pytest.raises(PolicyRefusal, match="min-noise-multiplier: noise multiplier 2 is below this site's floor 3"):
+    with pytest.raises(PolicyRefusal, match="min-noise-multiplier: noise multiplier 2 .* is below this site's floor 3"):
         _check(policy)
     spent = PrivacyLedger(delta=1e-6, events=(DpEvent(**{**E.to_dict(), "noise_multiplier": 3.0}),) * 3)
     strong = (DpEvent(**{**E.to_dict(), "noise_multiplier": 3.0}),)
     _check(policy, events=strong, total=PrivacyLedger(delta=1e-6))
     with pytest.raises(PolicyRefusal, match="max-epsilon-run"):
         _check(policy, events=strong, run=spent, total=spent)
+
+
+def test_paper_mode_meets_the_floor_with_its_effective_noise():
+    """Paper mode's sensitivity is 2C: sigma 5 is the noise of sigma 2.5 per unit of sensitivity."""
+    policy = SitePolicy.from_mapping({"min-noise-multiplier": 3.0}, source="node config")
+    paper = DpEvent(noise_multiplier=5.0, sample_rate=0.5, steps=10, privacy_unit="identity",
+                    relation="add_or_remove", sensitivity=2.0)
+    with pytest.raises(PolicyRefusal, match=r"noise multiplier 2\.5 \(sigma / sensitivity\) is below this site's floor 3"):
+        _check(policy, mode="paper", events=(paper,))
+    _check(policy, mode="paper", events=(DpEvent(**{**paper.to_dict(), "noise_multiplier": 6.0}),))
 
 
 @pytest.mark.parametrize(("values", "message"), [
