@@ -10,6 +10,12 @@ layer's inputs at every token of the group's pairs and ``G_k`` the loss gradient
 (Li et al. 2022, "ghost clipping", for one sample; over a group the Gram matrices simply span all
 its tokens). In float32 the Gram sum can lose precision when its terms cancel, so a bound on its
 rounding error is added (``_gram_rounding``): the norm clipped with is never below the true one.
+That bound assumes IEEE float32 (or float64) matmuls: under TF32 (Ampere GPUs, ``allow_tf32``) or
+``torch.set_float32_matmul_precision("high" | "medium")`` a matmul rounds to 10 or 7 mantissa bits
+and the bound no longer holds, so a group could contribute more than C. Every ghost computation
+therefore runs under ``full_precision_matmuls`` (TF32 off, precision "highest", restored after;
+a warning says so once when it had to change a setting), and parameters that are not float32
+are refused (``unsupported``).
 With clip factors ``c_k = min(1, C / (||g_k|| + 1e-6))``, Opacus' formula applied by the
 optimizer, the clipped sum ``sum_k c_k W_k = (c * G)^T A`` is one matmul, the size of a plain
 step's weight gradient. Per layer, the Gram route is taken when it is cheaper than writing the
@@ -40,7 +46,9 @@ gradients exist here, so an auditor's canaries and step hooks need another engin
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -58,6 +66,44 @@ from fedclip.training.loss import group_loss
 from fedclip.training.microbatch_grads import stacked_groups
 from fedclip.training.negative_bank import NegativeBank
 from fedclip.training.row_sparse_optimizer import RowSparseDPOptimizer
+
+_warned_precision = False
+
+
+# the matmuls of the norms and the clipped sum (the twin's convolution only makes activations,
+# which the bound takes as given: it bounds the rounding of what is computed from them)
+_PRECISION_SETTINGS = (torch.backends.cuda.matmul, torch.backends.mkldnn.matmul)
+
+
+def _effective(setting) -> str:
+    """A backend's float32 precision: its own, else the global one ("none" inherits; default IEEE)."""
+    value = setting.fp32_precision
+    if value == "none":
+        value = torch.backends.fp32_precision
+    return "ieee" if value == "none" else value
+
+
+@contextlib.contextmanager
+def full_precision_matmuls():
+    """IEEE float32 matmuls inside (TF32 / bf16 reduced precision switched off,
+    through torch's ``fp32_precision`` settings), the user's settings restored after: the ghost
+    norms' rounding bound assumes them."""
+    global _warned_precision
+    saved = [s.fp32_precision for s in _PRECISION_SETTINGS]
+    reduced = sorted({_effective(s) for s in _PRECISION_SETTINGS} - {"ieee"})
+    if reduced and not _warned_precision:
+        _warned_precision = True
+        warnings.warn(f"grad-engine 'ghost': TF32 / reduced-precision float32 matmuls ({', '.join(reduced)}) are "
+                      "switched off during DP steps; the bound on the ghost norms' rounding, which keeps the "
+                      "sensitivity at C, assumes IEEE float32 matmuls", stacklevel=3)
+    for setting in _PRECISION_SETTINGS:
+        setting.fp32_precision = "ieee"
+    try:
+        yield
+    finally:
+        for setting, value in zip(_PRECISION_SETTINGS, saved):
+            setting.fp32_precision = value
+
 
 _COVERED = (nn.Linear, nn.LayerNorm, OpenClipLayerNorm, MatrixProjection, ClassToken, PositionEmbedding, nn.Conv2d,
             nn.Embedding)
@@ -294,22 +340,23 @@ class GhostClipping:
         layout = _Layout(position=position, valid=valid, owner=owner)
 
         self._records = []
-        try:
-            image_f, text_f = self.twin(images[records].to(device), tokens[records].to(device))
-            log_scale = self.model.logit_scale.detach().expand(k).clone().requires_grad_(self.model.logit_scale.requires_grad)
-            losses = vmap(functools.partial(group_loss, bank=bank))(image_f[layout.position], text_f[layout.position],
-                                                                     log_scale.exp(), layout.valid)
-            outputs = [out for _, _, out in self._records]
-            wrt = outputs + ([log_scale] if log_scale.requires_grad else [])
-            grads = torch.autograd.grad(losses.sum(), wrt, allow_unused=True)
-            shares: list[_Share] = []
-            for (module, a, out), g in zip(self._records, grads):
-                if g is not None:
-                    shares += _shares(module, a, g.detach(), layout)
-            if log_scale.requires_grad:
-                shares.append(_written(self.model.logit_scale, grads[-1].reshape(k, *self.model.logit_scale.shape)))
-        finally:
-            self._records = []
+        with full_precision_matmuls():
+            try:
+                image_f, text_f = self.twin(images[records].to(device), tokens[records].to(device))
+                log_scale = self.model.logit_scale.detach().expand(k).clone().requires_grad_(self.model.logit_scale.requires_grad)
+                losses = vmap(functools.partial(group_loss, bank=bank))(image_f[layout.position], text_f[layout.position],
+                                                                         log_scale.exp(), layout.valid)
+                outputs = [out for _, _, out in self._records]
+                wrt = outputs + ([log_scale] if log_scale.requires_grad else [])
+                grads = torch.autograd.grad(losses.sum(), wrt, allow_unused=True)
+                shares: list[_Share] = []
+                for (module, a, out), g in zip(self._records, grads):
+                    if g is not None:
+                        shares += _shares(module, a, g.detach(), layout)
+                if log_scale.requires_grad:
+                    shares.append(_written(self.model.logit_scale, grads[-1].reshape(k, *self.model.logit_scale.shape)))
+            finally:
+                self._records = []
         return self._groups(shares, layout), losses.detach(), {}
 
     def _groups(self, shares: list[_Share], layout: _Layout) -> GhostGroups:
@@ -318,6 +365,10 @@ class GhostClipping:
         dtype = next(iter(self.params.values())).dtype
 
         def clipped_sum(factors: torch.Tensor) -> dict[int, torch.Tensor]:
+            with full_precision_matmuls():
+                return _clipped_sum(factors)
+
+        def _clipped_sum(factors: torch.Tensor) -> dict[int, torch.Tensor]:
             factors = _rounded_down(factors.to(norms.device), dtype)
             pair_f = factors[layout.owner]
             out: dict[int, torch.Tensor] = {}

@@ -166,3 +166,38 @@ def test_captions_of_different_lengths_match_the_reference():
             if p.requires_grad:
                 torch.testing.assert_close(sums[id(p)], clipped(factors)[name], rtol=1e-4, atol=1e-6, msg=name)
 
+
+
+def test_reduced_precision_matmuls_are_switched_off_for_ghost_steps_and_restored(monkeypatch):
+    """The rounding bound assumes IEEE float32 matmuls: under TF32 (a GPU) or bf16 (oneDNN on a
+    CPU) the norms and the clipped sum are computed at full precision, and the user's settings
+    come back afterwards."""
+    import fedclip.training.ghost_clipping as ghost_module
+
+    seen = []
+    real = ghost_module._gram_rounding
+    settings = (torch.backends.cuda.matmul, torch.backends.mkldnn.matmul)
+    monkeypatch.setattr(ghost_module, "_gram_rounding", lambda ag, gg: (seen.append(
+        tuple(s.fp32_precision for s in settings)), real(ag, gg))[1])
+    monkeypatch.setattr(ghost_module, "_warned_precision", False)
+    torch.manual_seed(0)
+    model = create_model(ModelConfig(arch="fedclip-tiny", trainable="last-1")).model
+    images, tokens = _batch(8, 32, model.context_length)
+    previous = tuple(s.fp32_precision for s in settings)
+    try:
+        torch.backends.cuda.matmul.fp32_precision, torch.backends.mkldnn.matmul.fp32_precision = "tf32", "bf16"
+        with pytest.warns(UserWarning, match=r"reduced-precision float32 matmuls \(bf16, tf32\) are switched off"):
+            ghost, _, _ = GhostClipping(model)([np.array([i]) for i in range(8)], images, tokens)
+        ghost.clipped_sum(torch.full((8,), 0.5))
+        assert seen and set(seen) == {("ieee", "ieee")}  # the Gram route ran at full precision
+        assert tuple(s.fp32_precision for s in settings) == ("tf32", "bf16")
+    finally:
+        for setting, value in zip(settings, previous):
+            setting.fp32_precision = value
+
+
+def test_half_precision_parameters_are_refused_by_the_ghost_engine():
+    model = create_model(ModelConfig(arch="fedclip-tiny", trainable="last-1")).model.to(torch.bfloat16)
+    assert any(p.requires_grad and p.dtype == torch.bfloat16 for p in model.parameters())
+    with pytest.raises(ValueError, match="'ghost' does not support this model: parameters are not float32"):
+        GhostClipping(model)
