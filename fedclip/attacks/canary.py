@@ -35,6 +35,7 @@ class CanaryAudit:
     """Callable attack: ``audit(model)`` returns one decision and one score per canary patient."""
 
     name = "canary"
+    randomised = True  # membership is a fair coin per canary: the one-run bound applies
 
     def __init__(self, canaries: CanarySet, *, reference: torch.nn.Module, preprocess: Callable,
                  tokenizer: Callable[[list[str]], torch.Tensor]):

@@ -102,6 +102,7 @@ class GradientCanaryAudit:
     """Callable attack: ``audit(model)`` scores every site's Dirac canaries against the start."""
 
     name = "gradient-canary"
+    randomised = True  # inclusion is a fair coin per canary: the one-run bound applies
 
     def __init__(self, canaries: dict[str, DiracCanaries], *, reference: torch.nn.Module):
         self.sites = tuple(site for site, c in canaries.items() for _ in c.coordinates)

@@ -25,6 +25,15 @@ import numpy as np
 from scipy import stats
 
 
+def joint_confidence(*, rounds: int, audits: int, level: float = 0.95) -> float:
+    """Each test's confidence so that ``audits`` randomised audits over ``rounds`` evaluations hold
+    jointly at ``level`` (Bonferroni over every audit and round: two audits at 95% each would hold
+    jointly at only about 90%)."""
+    if rounds < 1 or audits < 0:
+        raise ValueError(f"joint confidence: expected rounds >= 1 and audits >= 0, got {rounds}, {audits}")
+    return 1 - (1 - level) / (rounds * max(1, audits))
+
+
 def audit_p_value(*, canaries: int, guesses: int, correct: int, epsilon: float, delta: float) -> float:
     """The probability of at least ``correct`` right guesses out of ``guesses`` if training were
     (epsilon, delta)-DP per canary, with ``canaries`` randomised canaries (the paper's p-value)."""

@@ -31,6 +31,15 @@ NOT_PRIVATE_AGAINST_THE_SERVER = (
 )
 
 
+def gaussian_noise(shape: torch.Size | tuple[int, ...], *, std: float, generator: torch.Generator,
+                   device: torch.device | str = "cpu") -> torch.Tensor:
+    """N(0, std^2) drawn as DP training draws it, with Opacus' ``secure_mode`` (four Gaussians summed
+    and halved, the first draw thrown away): for every noised release, not only the optimizer's."""
+    from opacus.optimizers.optimizer import _generate_noise  # the optimizer's own draw, not a copy of it
+
+    return _generate_noise(std, torch.zeros(shape, device=device), generator=generator, secure_mode=True)
+
+
 def os_seed() -> int:
     """A fresh 63-bit seed from the operating system's entropy pool."""
     return int.from_bytes(os.urandom(8), "big") >> 1

@@ -26,6 +26,7 @@ import torch
 from fedclip.data.tensors import PairData
 from fedclip.privacy.events import DpEvent, PrivacyUnit, Relation
 from fedclip.privacy.microbatches import group_records, unit_ids
+from fedclip.privacy.randomness import gaussian_noise
 from fedclip.training.loss import clip_loss
 
 
@@ -84,10 +85,10 @@ def noisy_loss(model: torch.nn.Module, data: PairData, *, config: ReleaseConfig,
     """Mean clipped block loss plus Gaussian noise of std ``loss_noise * loss_bound / num_blocks``."""
     losses = clipped_block_losses(model, data, privacy_unit=privacy_unit, num_blocks=num_blocks, key=key,
                                   bound=config.loss_bound)
-    noise = torch.normal(0.0, config.loss_noise * config.loss_bound, (1,), generator=generator).item()
+    noise = gaussian_noise((1,), std=config.loss_noise * config.loss_bound, generator=generator).item()
     return (float(losses.sum()) + noise) / num_blocks
 
 
 def noisy_count(data: PairData, *, config: ReleaseConfig, privacy_unit: PrivacyUnit, generator: torch.Generator) -> float:
     units = set(unit_ids(privacy_unit=privacy_unit, patient_ids=data.patient_ids, record_ids=data.record_ids))
-    return len(units) + torch.normal(0.0, config.count_noise, (1,), generator=generator).item()
+    return len(units) + gaussian_noise((1,), std=config.count_noise, generator=generator).item()

@@ -24,6 +24,7 @@ import torch
 
 from fedclip.privacy.accountant import epsilon
 from fedclip.privacy.events import DpEvent, PrivacyUnit, Relation
+from fedclip.privacy.randomness import gaussian_noise
 
 
 class Mechanism(StrEnum):
@@ -68,7 +69,7 @@ def privatize_latents(latents: torch.Tensor, *, noise: LatentNoise, generator: t
     clipped = clip_latents(latents, radius=noise.radius, norm_order=noise.norm_order)
     scale = noise.noise_multiplier * noise.radius
     if noise.mechanism == Mechanism.GAUSSIAN:
-        return clipped + scale * torch.randn(clipped.shape, generator=generator)
+        return clipped + gaussian_noise(clipped.shape, std=scale, generator=generator, device=clipped.device)
     return clipped + _laplace(clipped.shape, scale, generator)
 
 

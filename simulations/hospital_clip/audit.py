@@ -22,6 +22,7 @@ from flwr.app import ArrayRecord
 
 from fedclip.attacks.canary import CanaryAudit
 from fedclip.attacks.metrics import attack_tables, score_rows
+from fedclip.attacks.one_run import joint_confidence
 from fedclip.attacks.suite import target_attacks
 from fedclip.data.canaries import load_canaries
 from fedclip.data.manifest import load_manifest
@@ -88,7 +89,10 @@ def audit_run(run_dir: str | Path, *, targets: str | Path | None, checkpoint: st
     for table in ("attack", "attack_sites", "attack_scores"):  # derived files: an audit run again replaces them
         files.path(table).unlink(missing_ok=True)
     epsilons = accounted_epsilons(run_dir)
-    confidence = 1 - 0.05 / len(models)  # Bonferroni over the rounds audited: jointly 95%
+    # Bonferroni over the rounds audited (and, for certified bounds, over the randomised audits): jointly 95%
+    confidence = joint_confidence(rounds=len(models), audits=1)
+    audit_confidence = joint_confidence(rounds=len(models), audits=sum(bool(getattr(a, "randomised", False))
+                                                                       for a in attacks))
     delta = float(config["delta"])
     for k, path in enumerate(models, 1):
         saved = torch.load(path, map_location="cpu", weights_only=True)
@@ -97,7 +101,7 @@ def audit_run(run_dir: str | Path, *, targets: str | Path | None, checkpoint: st
         for attack in attacks:
             decisions = attack(bundle.model)
             row, sites = attack_tables(decisions, round_=round_, max_site_epsilon=epsilons.get(round_, float("nan")),
-                                       delta=delta, confidence=confidence)
+                                       delta=delta, confidence=audit_confidence if decisions.randomised else confidence)
             files.append("attack", [row])
             files.append("attack_sites", sites)
             files.append("attack_scores", score_rows(decisions, round_=round_))

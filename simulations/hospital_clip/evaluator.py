@@ -22,6 +22,7 @@ from flwr.app import ArrayRecord, MetricRecord
 from fedclip.attacks.base import Attack, AttackDecisions
 from fedclip.attacks.replies import ReplyAttack
 from fedclip.attacks.metrics import attack_tables, score_rows
+from fedclip.attacks.one_run import joint_confidence
 from fedclip.data.tensors import PairData
 from fedclip.evaluation.retrieval import retrieval_recall
 from fedclip.evaluation.zero_shot import zero_shot_accuracy
@@ -56,8 +57,11 @@ class RoundEvaluator:
         self.reply_attack = reply_attack
         self.started = time.time()
         # the bound is printed after every round: a Bonferroni correction over all of them keeps the
-        # printed bounds jointly valid at 95% (each round's at 1 - 0.05 / (rounds + 1))
-        self.confidence = 1 - 0.05 / (total_rounds + 1)
+        # printed bounds jointly valid at 95% (each round's at 1 - 0.05 / (rounds + 1)); the randomised
+        # audits' certified bounds hold jointly over every audit too
+        self.confidence = joint_confidence(rounds=total_rounds + 1, audits=1)
+        self.audit_confidence = joint_confidence(rounds=total_rounds + 1,
+                                                 audits=sum(bool(getattr(a, "randomised", False)) for a in attacks))
         self.last_end = time.time()  # end of the previous evaluation: the train phase runs between
         self.bar = progress_bar(total=total_rounds - round_offset, desc="rounds", unit="round", leave=True)
 
@@ -97,7 +101,7 @@ class RoundEvaluator:
     def _record(self, decisions: AttackDecisions, *, round_: int, max_eps: float) -> str:
         """Write one attack's round to the run's tables; return its part of the console line."""
         m, sites = attack_tables(decisions, round_=round_, max_site_epsilon=max_eps, delta=self.delta,
-                                 confidence=self.confidence)
+                                 confidence=self.audit_confidence if decisions.randomised else self.confidence)
         self.files.append("attack", [m])
         self.files.append("attack_sites", sites)
         self.files.append("attack_scores", score_rows(decisions, round_=round_))

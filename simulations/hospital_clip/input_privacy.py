@@ -21,9 +21,11 @@ import torch
 from fedclip.data.manifest import load_manifest
 from fedclip.data.schema import Split
 from fedclip.data.tensors import load_images
+from fedclip.privacy.policy import PolicyRefusal
 from fedclip.privacy.randomness import os_seed
 from fedclip.privatize.plan import InputPlan
 from simulations.hospital_clip.config import SimulationConfig
+from simulations.hospital_clip.site_errors import note_locally
 
 PRIVATE_ROWS = "rows.csv"
 
@@ -92,15 +94,22 @@ def kept_private_rows(state_dir: Path, plan: InputPlan) -> pd.DataFrame | None:
     return kept
 
 
-def privatize_site_rows(rows: pd.DataFrame, *, plan: InputPlan, unit: str, state_dir: Path, manifest: str,
+def privatize_site_rows(rows: pd.DataFrame, *, site: str, plan: InputPlan, unit: str, state_dir: Path, manifest: str,
                         outside_paths: bool) -> pd.DataFrame:
-    """Release the site's training images once (call only after the release is charged)."""
+    """Release the site's training images once (call only after the release is charged).
+
+    A patient with more images than the plan's ``input-images-per-unit`` is refused by the rule's
+    name; the count itself (data) is noted in the site's own errors.log, never sent."""
     from fedclip.privatize.dataset import plot_release, privatize_rows
 
     largest = 1 if unit == "record" else int(rows.groupby("patient_id").size().max())
     if largest > plan.images_per_unit:
-        raise ValueError(f"input-images-per-unit: a patient here has {largest} training images, more than the "
-                         f"{plan.images_per_unit} the plan's epsilon is stated for; refusing to privatize")
+        note_locally(state_dir, f"input-images-per-unit: the largest patient here has {largest} training images, "
+                                f"more than the plan's {plan.images_per_unit}")
+        raise PolicyRefusal(site, "input-images-per-unit",
+                            f"a patient at this site has more training images than the plan's "
+                            f"input-images-per-unit = {plan.images_per_unit}, the number its epsilon is stated for; "
+                            "refusing to privatize")
     frame = load_manifest(manifest, allow_outside_paths=outside_paths).frame if plan.method == "mask-replace" else None
     folder = _folder(state_dir, plan)
     partial = folder.with_name(folder.name + ".partial")

@@ -17,6 +17,7 @@ from flwr.app import ConfigRecord, Context
 
 from fedclip.privacy.ledger_store import LedgerStore
 from fedclip.privacy.policy import SitePolicy, load_policy_file
+from simulations.hospital_clip.site_errors import SiteConfigError
 from simulations.hospital_clip.plan import parse_site_numbers
 from simulations.hospital_clip.task import site_for_partition
 
@@ -46,10 +47,10 @@ def site_identity(context: Context, config: ConfigRecord) -> SiteIdentity:
     if "site" in node:
         missing = [k for k in DEPLOYED_KEYS if k not in node]
         if missing:
-            raise ValueError(f"node config: a deployed site needs {list(DEPLOYED_KEYS)}; missing {missing}")
+            raise SiteConfigError(f"node config: a deployed site needs {list(DEPLOYED_KEYS)}; missing {missing}")
         weight = float(node.get("site-weight", 1.0))
         if not weight > 0:
-            raise ValueError(f"node config: site-weight: expected > 0, got {weight}")
+            raise SiteConfigError(f"node config: site-weight: expected > 0, got {weight}")
         return SiteIdentity(site=str(node["site"]), manifest=str(node["manifest"]), checkpoint=str(node["checkpoint"]),
                             state_dir=Path(str(node["state-dir"])), weight=weight, deployed=True,
                             outside_paths=str(node.get("allow-outside-paths", "false")).lower() == "true",
@@ -57,11 +58,11 @@ def site_identity(context: Context, config: ConfigRecord) -> SiteIdentity:
     if "partition-id" not in node:
         # a deployed SuperNode started without --node-config used to play partition 0 with the
         # server's manifest: it claimed another hospital's name and trained on data it does not hold
-        raise ValueError(f"node config: this SuperNode has neither 'site' (a deployed hospital, which also needs "
+        raise SiteConfigError(f"node config: this SuperNode has neither 'site' (a deployed hospital, which also needs "
                          f"{list(DEPLOYED_KEYS[1:])}) nor 'partition-id' (set by Flower's simulation runtime); start "
                          f"it with --node-config \"site='hospital_a' manifest='...' checkpoint='...' state-dir='...'\"")
     if "manifest" not in config:
-        raise ValueError("node config: this run is a deployment (run config 'sites'), whose server sends no data "
+        raise SiteConfigError("node config: this run is a deployment (run config 'sites'), whose server sends no data "
                          "paths; start this SuperNode as a hospital with --node-config \"site='...' manifest='...' "
                          "checkpoint='...' state-dir='...'\"")
     manifest = str(config["manifest"])

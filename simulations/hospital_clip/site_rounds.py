@@ -29,6 +29,7 @@ from fedclip.reporting.spending import write_spending
 from fedclip.training.local import train_local
 from simulations.hospital_clip.input_privacy import kept_private_rows, privatize_site_rows
 from simulations.hospital_clip.plan import RoundPlan
+from simulations.hospital_clip.site_errors import is_public, redacted
 from simulations.hospital_clip.site import SiteIdentity, site_identity, site_ledger, site_policy
 from simulations.hospital_clip.task import (fresh_model, own_training_data, pick_device, rows_training_data,
                                             site_public_data, site_training_data, site_training_rows)
@@ -66,7 +67,8 @@ def _training_data(me: SiteIdentity, config: ConfigRecord, plan: RoundPlan, kept
             rows = privatize_site_rows(site_training_rows(me.manifest, me.site, int(config["num-sites"]),
                                                           int(config["seed"]), bool(config["pool-sites"]),
                                                           me.outside_paths),
-                                       plan=plan.input, unit=str(plan.dp.privacy_unit), state_dir=me.state_dir,
+                                       site=me.site, plan=plan.input, unit=str(plan.dp.privacy_unit),
+                                       state_dir=me.state_dir,
                                        manifest=me.manifest, outside_paths=me.outside_paths)
         return rows_training_data(rows, arch=str(config["arch"]), checkpoint=me.checkpoint)
     if me.deployed:  # its own manifest, preprocessed once and kept in its state folder
@@ -143,8 +145,22 @@ HANDLERS = {"query": query, "train": train}
 
 
 def handle(msg: Message, context: Context) -> Message:
-    """The reply to ``msg``, by its message type (the ClientApp's decorators dispatch the same way)."""
+    """The reply to ``msg``, by its message type (the ClientApp's decorators dispatch the same way).
+
+    The site's boundary: what an exception says reaches the server, so anything but a policy
+    refusal or a node-config error is sent as the phase and an error id only, its detail kept in
+    the site's own errors.log (``site_errors``)."""
     kind = msg.metadata.message_type.split(".")[0]
     if kind not in HANDLERS:
         raise ValueError(f"message type: {msg.metadata.message_type!r}; a hospital answers {sorted(HANDLERS)}")
-    return HANDLERS[kind](msg, context)
+    try:
+        return HANDLERS[kind](msg, context)
+    except Exception as exc:
+        if is_public(exc):
+            raise
+        try:
+            me = site_identity(context, msg.content["config"])
+            site, state_dir = me.site, me.state_dir
+        except Exception:  # noqa: BLE001 - the site cannot even name itself: log in this process
+            site, state_dir = "a site", None
+        raise redacted(exc, site=site, phase=f"handling a {kind} message", state_dir=state_dir) from None

@@ -90,7 +90,7 @@ def forward(socket_path: str, msg: Message, context: Context) -> Message:
                   serde.context_to_proto(context).SerializeToString())
             status = json.loads(_receive(conn, 1)[0])
             if not status.get("ok"):
-                raise RuntimeError(f"site worker at {socket_path}: {status.get('error', 'failed')}")
+                raise RuntimeError(f"site worker: {status.get('error', 'failed')}")
             content, state = _receive(conn, 2)
     except (ConnectionError, FileNotFoundError, OSError) as exc:
         raise RuntimeError(f"site worker at {socket_path} (node config {WORKER_KEY!r}): {exc}; is "

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from fedclip.attacks.one_run import audit_epsilon_lower_bound, audit_p_value, guesses_from_scores
+from fedclip.attacks.one_run import audit_epsilon_lower_bound, audit_p_value, guesses_from_scores, joint_confidence
 
 
 def test_all_guesses_right_with_delta_zero_has_a_closed_form():
@@ -52,3 +52,34 @@ def test_guesses_take_the_top_and_bottom_scores_and_abstain_in_between():
         guesses_from_scores(scores, included, k_in=3, k_out=3)
     with pytest.raises(ValueError, match="correct <= guesses <= canaries"):
         audit_p_value(canaries=3, guesses=4, correct=1, epsilon=1.0, delta=0.0)
+
+
+def test_two_audits_over_a_run_hold_jointly_at_95_percent():
+    """Each of two audits over 5 evaluations at 1 - 0.05/5 holds jointly only at about 90%: the
+    per-test level must split 0.05 over both audits and every evaluation."""
+    assert joint_confidence(rounds=5, audits=2) == pytest.approx(1 - 0.05 / 10)
+    assert joint_confidence(rounds=5, audits=0) == joint_confidence(rounds=5, audits=1) == pytest.approx(0.99)
+    failure = 2 * 5 * (1 - joint_confidence(rounds=5, audits=2))  # union bound over the ten tests
+    assert failure == pytest.approx(0.05)
+    with pytest.raises(ValueError, match="rounds >= 1"):
+        joint_confidence(rounds=0, audits=1)
+
+
+def test_the_evaluator_splits_confidence_over_its_randomised_audits(tmp_path):
+    from fedclip.attacks.canary import CanaryAudit
+    from fedclip.attacks.gradient_canaries import GradientCanaryAudit
+    from fedclip.reporting.run_files import RunFiles
+    from simulations.hospital_clip.evaluator import RoundEvaluator
+
+    class Idia:
+        name = "idia"
+
+    attacks = [Idia(), CanaryAudit.__new__(CanaryAudit), GradientCanaryAudit.__new__(GradientCanaryAudit)]
+    evaluator = RoundEvaluator(model=None, tokenizer=None, test=None, attacks=attacks, files=RunFiles(tmp_path),
+                               epsilons=dict, delta=1e-5, state_dir=tmp_path, round_offset=0, total_rounds=4,
+                               trained_this_round=lambda: True)
+    try:
+        assert evaluator.confidence == pytest.approx(1 - 0.05 / 5)
+        assert evaluator.audit_confidence == pytest.approx(1 - 0.05 / 10)
+    finally:
+        evaluator.close()

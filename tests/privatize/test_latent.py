@@ -69,3 +69,19 @@ def test_bad_noise_names_the_field():
         LatentNoise(mechanism="gaussian", radius=1.0, noise_multiplier=float("inf"))
     with pytest.raises(ValueError):
         LatentNoise(mechanism="uniform", radius=1.0, noise_multiplier=1.0)
+
+
+def test_gaussian_latent_noise_is_drawn_in_secure_mode_from_the_given_generator():
+    """The same draw as DP training's optimizer (Opacus' secure mode: floating-point attacks on the
+    noise), from the site's own generator: rebuilt here from Opacus with the same seed."""
+    from opacus.optimizers.optimizer import _generate_noise
+
+    latents = torch.randn(5, 12)
+    noise = LatentNoise(mechanism=Mechanism.GAUSSIAN, radius=1.5, noise_multiplier=2.0)
+    out = privatize_latents(latents, noise=noise, generator=torch.Generator().manual_seed(11))
+    clipped = clip_latents(latents, radius=1.5, norm_order=2)
+    expected = clipped + _generate_noise(3.0, torch.zeros(5, 12), generator=torch.Generator().manual_seed(11),
+                                         secure_mode=True)
+    torch.testing.assert_close(out, expected)
+    plain = clipped + 3.0 * torch.randn(5, 12, generator=torch.Generator().manual_seed(11))
+    assert not torch.allclose(out, plain)

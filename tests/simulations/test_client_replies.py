@@ -212,3 +212,56 @@ def test_max_epsilon_run_holds_across_a_resume_that_gets_a_new_flower_run_id(tmp
         client_app(resumed, _context(1))
     ledger = LedgerStore(tmp_path / "run" / "sites" / "hospital_1" / "ledger.sqlite", delta=1e-5)
     assert [r["run"] for r in ledger.rows()] == ["study-1"]
+
+
+def _numbers(text: str) -> set[str]:
+    import re
+
+    return set(re.findall(r"\d+(?:\.\d+)?", text))
+
+
+def test_an_input_refusal_names_the_rule_not_the_largest_patient(tmp_path, small_manifest_path, warm_checkpoint):
+    """Each small-preset patient has 6 training images; the plan states its epsilon for 2."""
+    from fedclip.privatize.plan import InputPlan
+
+    cfg = SimulationConfig(num_sites=3, local_steps=1, dp_mode="maskdp", target_epsilon=4.0,
+                           output_dir=str(tmp_path / "run"))
+    plan = InputPlan.calibrated("maskdp", target_epsilon=4.0, delta=1e-5, images_per_unit=2, radius=0.0, image_size=32)
+    config = train_config_record(cfg, noise_multiplier=0.0, manifest=str(small_manifest_path),
+                                 checkpoint=str(warm_checkpoint), input_plan=plan)
+    config["server-round"] = 1
+    model = create_model(ModelConfig(pretrained=str(warm_checkpoint), trainable="last-1")).model
+    with pytest.raises(PolicyRefusal, match="hospital_0: input-images-per-unit: a patient at this site has more") as info:
+        client_app(_train_message(model, config, 0), _context(0))
+    sent = str(info.value)
+    assert "6" not in _numbers(sent), sent  # the count is data
+    assert _numbers(sent) <= _numbers(" ".join(str(v) for v in config.values()) + " 0"), sent  # plan values only
+    kept = (tmp_path / "run" / "sites" / "hospital_0" / "errors.log").read_text()
+    assert "the largest patient here has 6 training images" in kept
+
+
+def test_any_other_failure_at_a_site_sends_the_phase_and_an_id_only(tmp_path, small_manifest_path, warm_checkpoint):
+    """A broken image: the exception names its file and row; the server is told neither."""
+    import re
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(small_manifest_path.parent, data)
+    frame = pd.read_csv(data / small_manifest_path.name, dtype=str, keep_default_na=False)
+    broken = frame[(frame["site"] == "hospital_1") & (frame["split"] == "train")]["filepath"].iloc[3]
+    (data / broken).write_bytes(b"not an image")
+    _, config, model = _setup(tmp_path, small_manifest_path, warm_checkpoint)
+    node = {"site": "hospital_1", "manifest": str(data / small_manifest_path.name), "checkpoint": str(warm_checkpoint),
+            "state-dir": str(tmp_path / "run" / "sites" / "hospital_1")}  # a hospital reads its own files
+    hospital = Context(run_id=1, node_id=2, node_config=node, state=RecordDict(), run_config={})
+    with pytest.raises(Exception) as info:
+        client_app(_train_message(model, config, 1), hospital)
+    sent = str(info.value)
+    assert re.fullmatch(r"hospital_1 failed while handling a train message \(\w+, error ([0-9a-f]{8})\); "
+                        r"the detail is in its state folder's errors\.log at the site, never sent", sent), sent
+    assert not any(secret in sent for secret in _secrets(data / small_manifest_path.name) if len(secret) > 3)
+    error_id = re.search(r"error ([0-9a-f]{8})", sent).group(1)
+    kept = (tmp_path / "run" / "sites" / "hospital_1" / "errors.log").read_text()
+    assert f"error {error_id}" in kept and broken in kept
+    ledger = LedgerStore(tmp_path / "run" / "sites" / "hospital_1" / "ledger.sqlite", delta=1e-5)
+    assert [r["status"] for r in ledger.rows()] == ["failed"]  # charged before the data was read, kept
