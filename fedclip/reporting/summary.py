@@ -82,17 +82,27 @@ def attack_rows(attack: pd.DataFrame) -> list[str]:
         certified = (f"**{row.audited_epsilon:.3f}** ({int(row.audit_correct)}/{int(row.audit_guesses)} guesses right)"
                      if audited else "")
         indicative = "" if audited else f"{row.epsilon_lower_bound:.3f}"
+        apart = "" if _comparable(row) else " (about images: not comparable)"
         rows.append(f"| {row.round} | {row.attack} | {row.tpr:.3f} | {row.fpr:.3f} | {_fmt(float(row.auc))} | "
                     f"{_fmt(float(row.tpr_at_1pct_fpr))} | {indicative} | {certified} | "
-                    f"{_fmt(float(row.max_site_epsilon))} |")
+                    f"{_fmt(float(row.max_site_epsilon))}{apart} |")
     return rows
 
 
+def _comparable(row) -> bool:
+    """An attack's bound is held against the epsilon unless the run said its epsilon is not about
+    membership (input-level privatization; older runs have no column and are comparable)."""
+    value = getattr(row, "comparable_to_epsilon", True)
+    return value is True or str(value).lower() == "true" or value != value
+
+
 def contradictions(attack: pd.DataFrame) -> list[str]:
-    """A loud line for every round where a certified bound exceeds the accountant's epsilon."""
+    """A loud line for every round where a certified bound exceeds the accountant's epsilon (when
+    that epsilon is about membership at all)."""
     if "audited_epsilon" not in attack.columns:
         return []
-    bad = attack[attack["audited_epsilon"] > attack["max_site_epsilon"]]
+    comparable = [_comparable(r) for r in attack.itertuples()]
+    bad = attack[(attack["audited_epsilon"] > attack["max_site_epsilon"]) & pd.Series(comparable, index=attack.index)]
     return ["", *(f"**WARNING: round {r.round}: the {r.attack} audit certifies epsilon >= {r.audited_epsilon:.3f}, above "
                   f"the accountant's {r.max_site_epsilon:.3f}: the mechanism is less private than the ledger says "
                   "(or, with 5% probability over the whole run, the audit is wrong).**" for r in bad.itertuples())] \
@@ -117,7 +127,9 @@ AUDIT_TEXT = (
     "bound of a non-randomised attack is *indicative, not a certificate*: it uses one-sided Clopper-Pearson "
     "intervals on TPR and FPR (Bonferroni over rounds) and assumes away that membership is fixed by design and that one model's decisions "
     "about different people are dependent. All bounds are about one unit (a person for IDIA and canaries): compare "
-    "them with identity-level epsilon."
+    "them with identity-level epsilon. An input-level epsilon (CADP, MaskDP) is about a unit's images, not its "
+    "membership: the attacks measure what remains, and their bounds are not held against it (marked "
+    "'not comparable')."
 )
 
 
@@ -179,6 +191,10 @@ def write_summary(path: str | Path, *, config: Mapping[str, Any], rounds: pd.Dat
             + ", enforces its own policy and keeps its own ledger; the server's ledger is write-ahead (a round is "
             "charged before it is sent; failed, refused or lost replies keep their charge).",
         ]
+    if "neighbours" in rounds.columns and len(rounds):
+        first = rounds.iloc[0]
+        lines += ["", f"Every site epsilon in this summary and in `rounds.csv`: **neighbouring data sets: "
+                  f"{first['neighbours']}**; covered: {first['covers']}."]
     if site_level:
         lines += ["", f"Client-level DP at the server: each site's update clipped to {site_level['clip_norm']}, "
                   f"noise multiplier {site_level['noise_multiplier']:.4g} on the average, over {site_level['rounds']} rounds: "

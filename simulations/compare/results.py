@@ -65,11 +65,12 @@ def largest_patient(run: RunSpec) -> int:
 
 
 def relation_of(setting: Setting, rounds: pd.DataFrame) -> str:
-    """The neighbouring relation the sites' accountant used, read from the run's own rounds.csv
-    (a micro-batch setting is add-or-remove at one unit per micro-batch, replace-one above)."""
+    """The neighbouring data sets of the run's epsilon, read from its own rounds.csv (its
+    ``neighbours`` column; older runs: the relation the sites' accountant used)."""
     if not setting.private or setting.unit == "site":
         return setting.relation
-    used = "/".join(sorted(set(rounds.loc[rounds["status"] == "trained", "relation"].astype(str))))
+    column = "neighbours" if "neighbours" in rounds.columns else "relation"
+    used = "/".join(sorted(set(rounds.loc[rounds["status"] == "trained", column].astype(str))))
     return used + (" + zero-out" if setting.relation.endswith("zero-out") else "")
 
 
@@ -167,7 +168,8 @@ def plot_audited_vs_accounted(agg: pd.DataFrame, path: Path) -> Path:
 
 
 def markdown_table(agg: pd.DataFrame) -> str:
-    head = ("| setting | target epsilon | unit (what epsilon is about) | epsilon (local) | epsilon (site) | "
+    head = ("| setting | target epsilon | unit and neighbouring data sets (what epsilon is about) | epsilon (local) | "
+            "epsilon (site) | "
             "per patient, record rows (group privacy, largest patient) | "
             "noise multiplier: local / site (site noise on the average, x S) | "
             "zero-shot acc | IDIA TPR | IDIA FPR | IDIA indicative eps bound | IDIA on the sites' replies: TPR / FPR | "
@@ -180,7 +182,7 @@ def markdown_table(agg: pd.DataFrame) -> str:
         local_noise = f"{r.noise_multiplier:.2f}" if r.noise_multiplier else "-"
         group = ("-" if math.isnan(r.patient_epsilon_group) else
                  f"eps {_eps(r.patient_epsilon_group)}, delta {_delta(r.patient_delta_group)}")
-        lines.append(f"| {r.setting} | {_eps(r.target_epsilon)} | {r.unit} | {_eps(r.epsilon_local)} | "
+        lines.append(f"| {r.setting} | {_eps(r.target_epsilon)} | {r.unit}: {r.relation} | {_eps(r.epsilon_local)} | "
                      f"{_eps(r.epsilon_site)} | {group} | {local_noise} / {site_noise} | {pm('zero_shot_accuracy')} | {pm('tpr')} | {pm('fpr')} | "
                      f"{pm('epsilon_lower_bound')} | {_pair(r, 'replies_tpr', 'replies_fpr')} | "
                      f"{_pair(r, 'idia_tpr_at_1pct_fpr', 'lira_patient_tpr_at_1pct_fpr', 'lira_record_tpr_at_1pct_fpr', 'canary_tpr_at_1pct_fpr')} | "

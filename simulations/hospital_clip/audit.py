@@ -24,6 +24,7 @@ from fedclip.attacks.canary import CanaryAudit
 from fedclip.attacks.metrics import attack_tables, score_rows
 from fedclip.attacks.one_run import joint_confidence
 from fedclip.attacks.suite import target_attacks
+from fedclip.privacy.guarantee import guarantee_of
 from fedclip.data.canaries import load_canaries
 from fedclip.data.manifest import load_manifest
 from fedclip.models.arrays import load_arrays
@@ -94,6 +95,8 @@ def audit_run(run_dir: str | Path, *, targets: str | Path | None, checkpoint: st
     audit_confidence = joint_confidence(rounds=len(models), audits=sum(bool(getattr(a, "randomised", False))
                                                                        for a in attacks))
     delta = float(config["delta"])
+    comparable = guarantee_of(mode=str(config["dp-mode"]), privacy_unit=str(config["privacy-unit"]),
+                              microbatch_size=int(config.get("microbatch-size", 1))).membership
     for k, path in enumerate(models, 1):
         saved = torch.load(path, map_location="cpu", weights_only=True)
         round_ = int(saved["round"])
@@ -102,6 +105,7 @@ def audit_run(run_dir: str | Path, *, targets: str | Path | None, checkpoint: st
             decisions = attack(bundle.model)
             row, sites = attack_tables(decisions, round_=round_, max_site_epsilon=epsilons.get(round_, float("nan")),
                                        delta=delta, confidence=audit_confidence if decisions.randomised else confidence)
+            row["comparable_to_epsilon"] = comparable
             files.append("attack", [row])
             files.append("attack_sites", sites)
             files.append("attack_scores", score_rows(decisions, round_=round_))

@@ -49,12 +49,15 @@ class RoundEvaluator:
         trained_this_round: Callable[[], bool],
         strategy_seconds: Callable[[], float] = lambda: 0.0,
         reply_attack: ReplyAttack | None = None,
+        comparable: bool = True,
     ) -> None:
+        """``comparable``: the sites' epsilon bounds membership of a unit (False for input-level
+        privatization, whose epsilon is about images): only then is an attack's bound held against it."""
         self.model, self.tokenizer, self.test, self.attacks = model, tokenizer, test, attacks
         self.files, self.epsilons, self.delta = files, epsilons, delta
         self.state_dir, self.round_offset, self.total_rounds = state_dir, round_offset, total_rounds
         self.trained_this_round, self.strategy_seconds = trained_this_round, strategy_seconds
-        self.reply_attack = reply_attack
+        self.reply_attack, self.comparable = reply_attack, comparable
         self.started = time.time()
         # the bound is printed after every round: a Bonferroni correction over all of them keeps the
         # printed bounds jointly valid at 95% (each round's at 1 - 0.05 / (rounds + 1)); the randomised
@@ -102,13 +105,15 @@ class RoundEvaluator:
         """Write one attack's round to the run's tables; return its part of the console line."""
         m, sites = attack_tables(decisions, round_=round_, max_site_epsilon=max_eps, delta=self.delta,
                                  confidence=self.audit_confidence if decisions.randomised else self.confidence)
+        m["comparable_to_epsilon"] = self.comparable
         self.files.append("attack", [m])
         self.files.append("attack_sites", sites)
         self.files.append("attack_scores", score_rows(decisions, round_=round_))
         if m["audited_epsilon"] == m["audited_epsilon"]:  # a one-run audit (canaries): its bound is the valid one
             return (f"{decisions.attack} AUC {m['auc']:.2f} audited eps >= {m['audited_epsilon']:.2f} "
                     f"({m['audit_correct']}/{m['audit_guesses']} guesses right)"
-                    + (" ABOVE THE ACCOUNTANT'S" if m["audited_epsilon"] > max_eps else ""))
+                    + ((" ABOVE THE ACCOUNTANT'S" if m["audited_epsilon"] > max_eps else "") if self.comparable
+                       else " (not comparable: the sites' epsilon is about images, not membership)"))
         return f"{decisions.attack} TPR {m['tpr']:.2f} FPR {m['fpr']:.2f} eps_lb {m['epsilon_lower_bound']:.2f}"
 
     def close(self) -> None:

@@ -36,6 +36,7 @@ from fedclip.data.tensors import load_pairs
 from fedclip.models.arrays import model_to_arrays
 from fedclip.models.factory import ModelConfig, create_model
 from fedclip.privacy.calibration import calibrate_noise_multiplier, warn_if_delta_is_large
+from fedclip.privacy.guarantee import guarantee_of
 from fedclip.privacy.ledger_store import LedgerStore
 from fedclip.privacy.randomness import NOT_PRIVATE_AGAINST_THE_SERVER
 from fedclip.privacy.release import release_events
@@ -352,8 +353,10 @@ def run(grid: Grid, cfg: SimulationConfig) -> Path:
     replies = (ReplyAttack(idia, model=bundle.model, when=reply_rounds(cfg.attack_replies, total_rounds=cfg.num_rounds))
                if idia is not None and cfg.attack_replies != "off" else None)
 
-    def on_round(rows: list[SiteRound]) -> None:
-        files.append("rounds", [r.as_dict() for r in rows])
+    guarantee = guarantee_of(mode=plan.mode, privacy_unit=cfg.privacy_unit, microbatch_size=cfg.microbatch_size)
+
+    def on_round(rows: list[SiteRound]) -> None:  # every row with an epsilon says what it is about
+        files.append("rounds", [{**r.as_dict(), **guarantee.as_columns()} for r in rows])
 
     inner = (with_site_level_dp(noise_multiplier=site_sigma, clip_norm=cfg.client_clip_norm, num_sites=len(shape.units),
                                 delta=cfg.delta) if site_sigma > 0
@@ -366,7 +369,8 @@ def run(grid: Grid, cfg: SimulationConfig) -> Path:
     evaluator = RoundEvaluator(model=bundle.model, tokenizer=bundle.tokenizer, test=test, attacks=attacks, files=files,
                                epsilons=strategy.epsilons, delta=cfg.delta, state_dir=state, round_offset=round_offset,
                                total_rounds=cfg.num_rounds, trained_this_round=lambda: not strategy.exhausted,
-                               strategy_seconds=lambda: strategy.strategy_seconds, reply_attack=replies)
+                               strategy_seconds=lambda: strategy.strategy_seconds, reply_attack=replies,
+                               comparable=guarantee.membership)
     failure = None
     if remaining > 0:
         train_config["round-offset"] = round_offset

@@ -51,8 +51,11 @@ def redacted(exc: BaseException, *, site: str, phase: str, state_dir: Path | Non
     error_id = os.urandom(4).hex()
     detail = "".join(traceback.format_exception(exc))
     if state_dir is not None:
-        note_locally(state_dir, f"error {error_id} while {phase}\n{detail}")
-    else:
+        try:
+            note_locally(state_dir, f"error {error_id} while {phase}\n{detail}")
+        except OSError:  # the state folder itself is the fault: keep the detail in this process' log
+            state_dir = None
+    if state_dir is None:
         log.error("error %s while %s:\n%s", error_id, phase, detail)
     where = "its state folder's errors.log" if state_dir is not None else "its process log"
     return SiteFailed(f"{site} failed while {phase} ({type(exc).__name__}, error {error_id}); the detail is in "

@@ -59,3 +59,22 @@ def test_deliberate_overrides_are_printed(tmp_path):
 def test_the_failure_rule_is_stated(tmp_path):
     assert "stops the run if any selected site fails" in _summary(tmp_path)
     assert "failure-quorum 0.75: a round counts if at least that share" in _summary(tmp_path, failure_quorum=0.75)
+
+
+def test_rows_say_what_epsilon_is_about_and_input_level_audits_are_not_held_against_it(tmp_path):
+    from fedclip.privacy.guarantee import guarantee_of
+
+    rounds, attack, utility = _frames()
+    g = guarantee_of(mode="cadp", privacy_unit="identity")
+    rounds = rounds.assign(**g.as_columns())
+    audit = {"round": 1, "attack": "canary", "tpr": 0.6, "fpr": 0.1, "epsilon_lower_bound": float("nan"),
+             "auc": 0.8, "tpr_at_1pct_fpr": 0.2, "audited_epsilon": 3.0, "audit_guesses": 20, "audit_correct": 19,
+             "max_site_epsilon": 1.5}
+    config = SimulationConfig().to_run_config()
+    for comparable, warned in ((False, False), (True, True)):
+        table = pd.DataFrame([{**audit, "comparable_to_epsilon": comparable}])
+        text = write_summary(tmp_path / "summary.md", config=config, rounds=rounds, attack=table, utility=utility,
+                             noise_multiplier=2.0).read_text()
+        assert f"neighbouring data sets: {g.neighbours}**; covered: {g.covers}" in text
+        assert ("WARNING: round 1: the canary audit certifies" in text) == warned
+        assert ("1.500 (about images: not comparable)" in text) == (not warned)

@@ -76,6 +76,10 @@ def test_rounds_csv_composes_epsilon_per_site_across_rounds(run_dir):
                                          "steps", "privacy_unit", "relation", "train_loss", "selected"]
     assert sorted(rounds["round"].unique()) == [1, 2] and sorted(rounds["site"].unique()) == ["hospital_0", "hospital_1"]
     assert rounds["selected"].all() and (rounds["relation"] == "replace_one").all()
+    # every row says what its epsilon is about: the data sets, and what is covered
+    assert (rounds["neighbours"] == "add or remove one patient (one fixed micro-batch's clipped term replaced: "
+                                    "replace-one accounting)").all()
+    assert (rounds["covers"] == "the patient's image-report pairs, in every update and released statistic").all()
     assert (rounds["status"] == "trained").all() and rounds["train_loss"].isna().all()  # no loss released by default
     for _, g in rounds.groupby("site"):
         eps = g.sort_values("round")["epsilon"].tolist()
