@@ -5,6 +5,14 @@ change exactly one micro-batch and leave every other micro-batch as it was. A ke
 unit id gives that: a unit's micro-batch depends only on its own id and the key, never on which
 other units exist, so it is the same in neighbouring data sets and in every round. Shuffling the
 sampled set instead would move every other record when one unit is added.
+
+**The key is public** (a site's is ``fedclip:<site name>``) and need not be secret. The
+argument above uses only that the assignment is a fixed function of the unit id, chosen before
+the data: whoever knows the key knows which micro-batch each unit id would go to, but the
+accounting already takes the worst case over every micro-batch's content (any clipped term a
+replaced by any b, both of norm <= C), so knowing the slot gives an adversary nothing the bound
+did not grant it. The key only spreads units evenly; the noise and the Poisson sampling of
+micro-batches, which come from the OS at every site, are what must stay secret.
 """
 
 from __future__ import annotations
