@@ -199,6 +199,25 @@ def test_the_table_states_the_relation_each_run_was_accounted_under():
     assert relation_of(SETTINGS["fed-local-client"], size_one) == "add_or_remove + zero-out"
     assert relation_of(SETTINGS["fed-client"], size_one) == "zero-out"
     assert relation_of(SETTINGS["fed-nonprivate"], size_one) == "-"
+    # runs that record what their epsilon is about: the neighbouring data sets, printed as they are
+    about = size_one.assign(neighbours="add or remove one patient (one clipped term added or removed: add-or-remove "
+                                       "accounting)")
+    assert relation_of(SETTINGS["fed-local-identity"], about) == about["neighbours"].iloc[0]
+
+
+def test_the_table_prints_the_unit_with_its_neighbouring_data_sets():
+    import pandas as pd
+
+    from simulations.compare.results import METRICS, markdown_table
+
+    row = {"setting": "fed-cadp", "target_epsilon": 4.0, "unit": "identity (images)",
+           "relation": "replace one patient's images by as many other images (local, replace-one)", "seeds": 1,
+           "epsilon_local": 4.0, "epsilon_site": math.nan, "patient_epsilon_group": math.nan,
+           "patient_delta_group": math.nan, "noise_multiplier": 0.0, "site_noise_multiplier": 0.0, "sites": 4,
+           "site_noise_on_average": 0.0, **{f"{m}_{s}": 0.1 for m in METRICS for s in ("mean", "std")}}
+    table = markdown_table(pd.DataFrame([row]))
+    assert "| unit and neighbouring data sets (what epsilon is about) |" in table.splitlines()[0]
+    assert "| identity (images): replace one patient's images by as many other images (local, replace-one) |" in table
 
 
 def test_every_shipped_comparison_config_plans_valid_runs():
