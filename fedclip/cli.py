@@ -1,16 +1,16 @@
-"""The ``fedclip`` command: data generation, warm start and evaluation of the embedded default.
+"""The ``fedclip`` command's library half: data, warm start, evaluation, canaries, privatization,
+status and spending. The commands that drive the Flower apps (``compare``, ``audit``,
+``site-worker``) are registered by ``simulations.commands``, the installed entry point, so that
+the library never imports the apps.
 
     fedclip prepare [--out runs/default]   generate the data, warm-start, evaluate, write a table
     fedclip data --out DIR [--seed N]      only generate the synthetic data set
     fedclip warmstart --manifest FILE      only pretrain (or find the cached checkpoint)
-    fedclip compare [--config FILE]        central vs federated DP: a matrix of federation runs
-    fedclip audit RUN_DIR --targets FILE   the auditor: IDIA (and --canaries FILE) on every saved round model
     fedclip canaries OUT --sites a,b       the auditor: canary patients for a consortium's own data
     fedclip privatize --manifest M --out D CADP / MaskDP: privatize the training images once (input level)
     fedclip gallery --manifest M --out P  a picture of CADP / MaskDP / mask-replace on public images
     fedclip status RUN_DIR                 a run's status; exit 0 finished, 1 failed, 3 running or unknown
     fedclip spending STATE_DIR             a site's own privacy spending, from its own ledger
-    fedclip site-worker --site S --socket P a hospital's long-lived worker (node config site-worker=P)
 """
 
 from __future__ import annotations
@@ -18,7 +18,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -98,36 +100,6 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     table.to_csv(out / "warmstart_eval.csv", index=False)
     print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     print(f"checkpoint: {ckpt}\ntable: {out / 'warmstart_eval.csv'}")
-    return 0
-
-
-def cmd_compare(args: argparse.Namespace) -> int:
-    # the comparison drives the Flower apps, so it lives with them in simulations/
-    from simulations.compare.config import DEFAULT_COMPARE_TOML, CompareConfig
-    from simulations.compare.results import write_outputs
-    from simulations.compare.runner import finished_runs, run_all
-
-    config = CompareConfig.from_toml(args.config or DEFAULT_COMPARE_TOML)
-    if args.output:
-        config = CompareConfig(**{**config.__dict__, "output_dir": args.output})
-    try:
-        runs = finished_runs(config) if args.report else run_all(config)
-    except RuntimeError as exc:
-        print(f"fedclip: error: {exc}", file=sys.stderr)
-        return 1
-    paths = write_outputs(config.output_dir, runs)
-    print(paths["markdown"].read_text())
-    print("\n".join(f"{k}: {v}" for k, v in paths.items()))
-    return 0
-
-
-def cmd_audit(args: argparse.Namespace) -> int:
-    from simulations.hospital_clip.audit import audit_run
-
-    out = audit_run(args.run_dir, targets=args.targets, checkpoint=args.checkpoint or "", out_dir=args.out,
-                    allow_outside_paths=args.allow_outside_paths, canaries=args.canaries)
-    print((out / "summary.md").read_text())
-    print(f"audit: {out}")
     return 0
 
 
@@ -247,23 +219,12 @@ def cmd_spending(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_site_worker(args: argparse.Namespace) -> int:
-    """Serve until stopped; SIGTERM (as from a service manager) removes the socket like Ctrl-C."""
-    import signal
-
-    from simulations.hospital_clip.site_worker import serve
-
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    try:
-        serve(args.socket, site=args.site, max_messages=args.max_messages, on_line=lambda line: print(line, flush=True))
-    except KeyboardInterrupt:
-        pass
-    return 0
-
-
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(extra: Sequence[Callable[[Any], None]] = ()) -> argparse.ArgumentParser:
+    """The library's commands, then those ``extra`` registers (the apps', ``simulations.commands``)."""
     parser = argparse.ArgumentParser(prog="fedclip", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
+    for register in extra:
+        register(sub)
     p = sub.add_parser("prepare", help="generate data, warm-start and evaluate the embedded default")
     p.add_argument("--out", default="runs/default")
     _add_data_options(p)
@@ -278,22 +239,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", default="runs/cache")
     p.add_argument("--epochs", type=int, default=WarmStartConfig.epochs)
     p.set_defaults(func=cmd_warmstart)
-    p = sub.add_parser("compare", help="compare central and federated DP over a grid of epsilons and seeds")
-    p.add_argument("--config", default=None, help="comparison TOML (default: simulations/compare/default.toml)")
-    p.add_argument("--output", default=None, help="output folder (overrides compare.output-dir)")
-    p.add_argument("--report", action="store_true",
-                   help="run nothing: write the tables and plots from the runs finished so far")
-    p.set_defaults(func=cmd_compare)
-    p = sub.add_parser("audit", help="the auditor: IDIA with your own targets on every round model a run saved")
-    p.add_argument("run_dir", help="the run's output folder (config.json, rounds.csv, models/)")
-    p.add_argument("--targets", default=None,
-                   help="IDIA: manifest of the attack's targets: 'query' rows of members, 'heldout' rows of non-members")
-    p.add_argument("--canaries", default=None,
-                   help="the one-run canary audit: the auditor's canary file (canaries.csv: rows and 'included')")
-    p.add_argument("--checkpoint", default=None, help="base weights (default: the run's resolved-checkpoint)")
-    p.add_argument("--out", default=None, help="output folder (default RUN_DIR/audit)")
-    p.add_argument("--allow-outside-paths", action="store_true", help="target image paths may leave the manifest's folder")
-    p.set_defaults(func=cmd_audit)
     p = sub.add_parser("canaries", help="the auditor: canary patients for a consortium's own data, one share per site")
     p.add_argument("out", help="new folder for the auditor's canaries.csv and each site's share")
     p.add_argument("--sites", required=True, help="comma-separated site names, as in the run's `sites`")
@@ -343,17 +288,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--delta", type=float, default=1e-5)
     p.add_argument("--accountant", default="prv")
     p.set_defaults(func=cmd_spending)
-    p = sub.add_parser("site-worker", help="a hospital's long-lived worker: keeps model and data in memory across "
-                                           "rounds; name its socket in the SuperNode's node config (site-worker)")
-    p.add_argument("--site", required=True, help="the site it serves (the node config's 'site')")
-    p.add_argument("--socket", required=True, help="Unix socket path (created with mode 0600)")
-    p.add_argument("--max-messages", type=int, default=None, help="stop after this many connections (tests)")
-    p.set_defaults(func=cmd_site_worker)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: list[str] | None = None, *, extra: Sequence[Callable[[Any], None]] = ()) -> int:
+    """``fedclip``: the installed command is ``simulations.commands.main``, which adds the apps' commands."""
+    args = build_parser(extra).parse_args(argv)
     quiet_known_noise()
     try:
         decide_progress()

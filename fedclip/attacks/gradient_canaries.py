@@ -43,6 +43,17 @@ class DiracCanaries:
     def inserted(self) -> tuple[tuple[str, int], ...]:
         return tuple(c for c, inc in zip(self.coordinates, self.included) if inc)
 
+    def sampled_rows(self, model: torch.nn.Module, *, rate: float, norm: float,
+                     generator: torch.Generator) -> dict[str, torch.Tensor] | None:
+        """``fedclip.training.extra_units.ExtraUnits``: each inserted canary Poisson-sampled at
+        ``rate`` (like every unit), as gradient rows of norm ``norm``; None if none was drawn."""
+        inserted = self.inserted()
+        if not inserted:
+            return None
+        drawn = torch.rand(len(inserted), generator=generator, device=generator.device).tolist()
+        sampled = [c for c, u in zip(inserted, drawn) if u < rate]
+        return canary_rows(model, sampled, norm=norm) if sampled else None
+
 
 def draw_dirac_canaries(model: torch.nn.Module, *, per_site: int, sites: tuple[str, ...],
                         secret: bytes) -> dict[str, DiracCanaries]:

@@ -28,9 +28,8 @@ from typing import Any
 from fedclip.privacy.accountant import check_delta
 from fedclip.privacy.events import DpEvent
 from fedclip.privacy.ledger import PrivacyLedger
-from fedclip.privatize.modes import INPUT_MODES
+from fedclip.privacy.modes import DP_MODES
 
-DP_MODES = ("microbatch", "unit", "paper", "nonprivate", *INPUT_MODES)
 POLICY_KEYS = ("allowed-dp-modes", "min-noise-multiplier", "max-epsilon-run", "max-epsilon-total", "delta")
 REFUSAL = "site policy refuses the round"
 

@@ -19,6 +19,7 @@ the (public) number of blocks.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -27,7 +28,9 @@ from fedclip.data.tensors import PairData
 from fedclip.privacy.events import DpEvent, PrivacyUnit, Relation
 from fedclip.privacy.microbatches import group_records, unit_ids
 from fedclip.privacy.randomness import gaussian_noise
-from fedclip.training.loss import clip_loss
+
+# the training loss of a block's pairs: (image features, text features, logit scale) -> scalar
+LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -64,9 +67,10 @@ def release_events(config: ReleaseConfig, *, privacy_unit: PrivacyUnit) -> tuple
 
 
 @torch.no_grad()
-def clipped_block_losses(model: torch.nn.Module, data: PairData, *, privacy_unit: PrivacyUnit, num_blocks: int,
-                         key: str, bound: float) -> torch.Tensor:
-    """Each keyed-hash block's contrastive loss, clipped to [0, bound] (0 for fewer than 2 pairs)."""
+def clipped_block_losses(model: torch.nn.Module, data: PairData, *, loss_fn: LossFn, privacy_unit: PrivacyUnit,
+                         num_blocks: int, key: str, bound: float) -> torch.Tensor:
+    """Each keyed-hash block's loss (``loss_fn(image_features, text_features, logit_scale)``, the
+    training loss), clipped to [0, bound] (0 for fewer than 2 pairs)."""
     units = unit_ids(privacy_unit=privacy_unit, patient_ids=data.patient_ids, record_ids=data.record_ids)
     device = next(model.parameters()).device
     model.eval()
@@ -76,15 +80,15 @@ def clipped_block_losses(model: torch.nn.Module, data: PairData, *, privacy_unit
             continue
         idx = torch.as_tensor(records)
         image_f, text_f, scale = model(data.images[idx].to(device), data.tokens[idx].to(device))
-        out[b] = float(clip_loss(image_f, text_f, scale).clamp(0.0, bound))
+        out[b] = float(loss_fn(image_f, text_f, scale).clamp(0.0, bound))
     return out
 
 
-def noisy_loss(model: torch.nn.Module, data: PairData, *, config: ReleaseConfig, privacy_unit: PrivacyUnit,
-               num_blocks: int, key: str, generator: torch.Generator) -> float:
+def noisy_loss(model: torch.nn.Module, data: PairData, *, loss_fn: LossFn, config: ReleaseConfig,
+               privacy_unit: PrivacyUnit, num_blocks: int, key: str, generator: torch.Generator) -> float:
     """Mean clipped block loss plus Gaussian noise of std ``loss_noise * loss_bound / num_blocks``."""
-    losses = clipped_block_losses(model, data, privacy_unit=privacy_unit, num_blocks=num_blocks, key=key,
-                                  bound=config.loss_bound)
+    losses = clipped_block_losses(model, data, loss_fn=loss_fn, privacy_unit=privacy_unit, num_blocks=num_blocks,
+                                  key=key, bound=config.loss_bound)
     noise = gaussian_noise((1,), std=config.loss_noise * config.loss_bound, generator=generator).item()
     return (float(losses.sum()) + noise) / num_blocks
 

@@ -17,7 +17,7 @@ from typing import Any
 
 from fedclip.privacy.events import DpEvent, PrivacyUnit
 from fedclip.privatize.latent import LatentNoise, Mechanism, calibrate_latent_noise, latent_event
-from fedclip.privatize.modes import INPUT_MODES
+from fedclip.privacy.modes import INPUT_MODES
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -22,7 +22,6 @@ import torch
 from opacus.optimizers import DPOptimizer
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 
-from fedclip.attacks.gradient_canaries import DiracCanaries, canary_rows
 from fedclip.data.tensors import PairData
 from fedclip.privacy.events import DpEvent
 from fedclip.progress import progress_bar
@@ -30,6 +29,7 @@ from fedclip.privacy.microbatches import group_records, unit_ids
 from fedclip.privacy.randomness import site_randomness
 from fedclip.privacy.sabotage import noise_divisor
 from fedclip.training.allocator import retain_freed_memory
+from fedclip.training.extra_units import ExtraUnits
 from fedclip.training.config import DpConfig, Mode, TrainConfig
 from fedclip.training.loss import clip_loss
 from fedclip.training.group_grads import dense_grads, make_grad_engine
@@ -96,7 +96,7 @@ def train_local(
     reproducible_seed: int | None = None,
     public: PairData | None = None,
     step_hook: Callable[[DPOptimizer], None] | None = None,
-    canaries: DiracCanaries | None = None,
+    canaries: ExtraUnits | None = None,
     progress: str | None = None,
 ) -> LocalResult:
     """Run ``train.steps`` steps on ``data`` in place; return the event and per-step figures.
@@ -107,8 +107,8 @@ def train_local(
     ``public`` (public pairs, never a site's rows) feeds the negative bank of ``unit`` mode.
     ``step_hook`` is Opacus' observer: called after clipping, noise and scaling, before the
     update, with ``p.grad_sample`` (raw), ``p.summed_grad`` (clipped sum) and ``p.grad`` set.
-    ``canaries``: the auditor's gradient canaries (``fedclip.attacks.gradient_canaries``); each
-    included one is one more unit, sampled at the same rate, its gradient ``C e_j``.
+    ``canaries``: units an auditor inserts (``fedclip.training.extra_units``, e.g. the gradient
+    canaries of ``fedclip.attacks.gradient_canaries``): each one more unit, sampled at the same rate.
     ``progress``: a bar's label, shown where someone watches (``fedclip.progress``).
     """
     retain_freed_memory()  # once per process: the step's buffers are reused, not faulted in again
@@ -130,20 +130,19 @@ def train_local(
     if step_hook is not None and isinstance(optimizer, DPOptimizer):
         optimizer.attach_step_hook(step_hook)
     model.train()
-    inserted = list(canaries.inserted()) if canaries is not None else []
     losses, counts, pairs = [], [], []
     bar = progress_bar(total=train.steps, desc=progress or "local steps")
     try:
         for picked in sampler:
             groups = _step_groups([pools[i] for i in picked], dp.mode)
-            sampled = _sample(inserted, dp.sample_rate, randomness.sampler) if inserted else []
+            # a plain step has no clipping: its canary rows are scaled as the noisy sum is divided
+            norm = dp.max_grad_norm / dp.expected_terms if dp.mode == Mode.NONPRIVATE else dp.max_grad_norm
+            extra = canaries.sampled_rows(model, rate=dp.sample_rate, norm=norm,
+                                          generator=randomness.sampler) if canaries is not None else None
             if dp.mode == Mode.NONPRIVATE:
-                loss = _plain_step(model, optimizer, groups, data, device,
-                                   canaries=canary_rows(model, sampled, norm=dp.max_grad_norm / dp.expected_terms)
-                                   if sampled else None)
+                loss = _plain_step(model, optimizer, groups, data, device, canaries=extra)
             else:
-                loss = dp_step(model, optimizer, grads_of(groups, data.images, data.tokens, bank=bank),
-                                canaries=canary_rows(model, sampled, norm=dp.max_grad_norm) if sampled else None)
+                loss = dp_step(model, optimizer, grads_of(groups, data.images, data.tokens, bank=bank), canaries=extra)
             losses.append(loss)
             counts.append(len(groups))
             pairs.append(int(sum(len(g) for g in groups)))
@@ -175,12 +174,6 @@ def dp_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, computed: 
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return float(group_losses.mean()) if len(group_losses) else float("nan")
-
-
-def _sample(canaries: list, rate: float, generator: torch.Generator) -> list:
-    """Each canary independently with probability ``rate`` (Poisson, like every unit)."""
-    drawn = torch.rand(len(canaries), generator=generator, device=generator.device).tolist()
-    return [c for c, u in zip(canaries, drawn) if u < rate]
 
 
 def _step_groups(chosen: list[np.ndarray], mode: Mode) -> list[np.ndarray]:

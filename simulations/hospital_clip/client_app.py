@@ -12,7 +12,7 @@ from __future__ import annotations
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-WORKER_KEY = "site-worker"  # node config: the Unix socket of this site's worker
+from simulations.hospital_clip.site_worker import WORKER_KEY, forward  # light: sockets and Flower's serde
 
 app = ClientApp()
 
@@ -20,8 +20,6 @@ app = ClientApp()
 def _answer(msg: Message, context: Context) -> Message:
     socket_path = context.node_config.get(WORKER_KEY)
     if socket_path:
-        from simulations.hospital_clip.site_worker import forward
-
         return forward(str(socket_path), msg, context)
     from simulations.hospital_clip.site_rounds import handle
 

@@ -20,12 +20,12 @@ from fedclip.data.synthetic import SyntheticConfig
 from fedclip.models.factory import ModelConfig
 from fedclip.privacy.accountant import OPACUS_ACCOUNTANTS
 from fedclip.privacy.events import PrivacyUnit
-from fedclip.privacy.policy import DP_MODES, load_policy_file
-from fedclip.privatize.modes import INPUT_MODES
-from fedclip.privatize.plan import InputPlan
+from fedclip.privacy.modes import DP_MODES, INPUT_MODES
+from fedclip.privacy.policy import load_policy_file
 from fedclip.privacy.release import ReleaseConfig
+from fedclip.privatize.plan import InputPlan
 from fedclip.training.config import GRAD_ENGINES, DpConfig, TrainConfig
-from simulations.hospital_clip.plan import RoundPlan, parse_site_numbers
+from simulations.hospital_clip.plan import RoundPlan, SiteData, parse_site_numbers
 from strategies.registry import INNER_STRATEGIES
 
 DEFAULT_TOML = Path(__file__).with_name("default.toml")
@@ -292,10 +292,15 @@ class SimulationConfig:
         return ReleaseConfig(loss_noise=self.release_loss_noise, loss_bound=self.release_loss_bound,
                              count_noise=self.release_count_noise)
 
+    def site_data(self) -> SiteData:
+        return SiteData(arch=self.arch, trainable=self.trainable, num_sites=self.num_sites, pool_sites=self.pool_sites,
+                        allow_outside_paths=self.allow_outside_paths)
+
     def round_plan(self, noise_multiplier: float, input_plan: InputPlan | None = None) -> RoundPlan:
         """What every site is asked to run each round, with the resolved noise multiplier."""
         return RoundPlan(dp=self.dp(noise_multiplier=noise_multiplier), train=self.train(), release=self.release(),
-                         reproducible_noise=self.reproducible_noise, seed=self.seed, input=input_plan)
+                         reproducible_noise=self.reproducible_noise, seed=self.seed, input=input_plan,
+                         data=self.site_data())
 
     def idia(self) -> IdiaConfig:
         return IdiaConfig(num_queries=self.idia_queries, tau=self.idia_tau,

@@ -1,10 +1,16 @@
-"""One round's plan for a site: what it is asked to run, and the privacy events that will cost.
+"""One round's plan for a site: everything it is told, and the privacy events that will cost.
 
-The server builds the plan from its configuration and charges its events *before* sending it;
-the site parses the same plan from the message, checks it against its own policy, charges its
-own ledger and trains. Both sides derive the events with the same functions
+The plan is the whole train message (and the query's): a site reads the plan and its own node
+config, nothing else. The server builds it from its configuration and charges its events *before*
+sending it; the site parses the same plan from the message, checks it against its own policy,
+charges its own ledger and trains. Both sides derive the events with the same functions
 (``training_event``, ``release_events``), so they agree unless something went wrong, and then
 the strategy charges what was reported in full.
+
+Sections: ``dp``, ``train``, ``release`` and ``input`` (what is privatized and how); ``data``
+(model and data split, the same for every site); ``files`` (a simulation's shared paths; None in a
+deployment, where a hospital reads its node config); and the run's bookkeeping (``round_offset``,
+``run_name``, ``gradient_canaries``).
 """
 
 from __future__ import annotations
@@ -37,6 +43,60 @@ def parse_site_numbers(text: str, *, key: str) -> dict[str, int]:
 
 
 @dataclass(frozen=True, kw_only=True)
+class SiteData:
+    """The model and the data split every site of a run trains (simulated sites split the shared
+    manifest by ``num_sites`` and the plan's seed; a deployed site reads its own manifest)."""
+
+    arch: str = "fedclip-tiny"
+    trainable: str = "last-1"
+    num_sites: int = 1
+    pool_sites: bool = False
+    allow_outside_paths: bool = False
+
+    def to_record(self) -> dict[str, Any]:
+        return {"arch": self.arch, "trainable": self.trainable, "num-sites": self.num_sites,
+                "pool-sites": self.pool_sites, "allow-outside-paths": self.allow_outside_paths}
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any]) -> "SiteData":
+        _require(record, ("arch", "trainable", "num-sites", "pool-sites", "allow-outside-paths"))
+        return cls(arch=str(record["arch"]), trainable=str(record["trainable"]), num_sites=int(record["num-sites"]),
+                   pool_sites=bool(record["pool-sites"]), allow_outside_paths=bool(record["allow-outside-paths"]))
+
+
+@dataclass(frozen=True, kw_only=True)
+class SharedFiles:
+    """Where a simulated site finds the shared data, base weights, its state folder and its policy:
+    one person plays every party. A deployment sends no path (``RoundPlan.files`` is None)."""
+
+    manifest: str
+    checkpoint: str
+    site_state_root: str
+    site_policy_file: str = ""
+    declared_units_map: str = ""  # "site=n,...": each simulated site's public size
+
+    def to_record(self) -> dict[str, Any]:
+        return {"manifest": self.manifest, "checkpoint": self.checkpoint, "site-state-root": self.site_state_root,
+                "site-policy-file": self.site_policy_file, "declared-units-map": self.declared_units_map}
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any]) -> "SharedFiles | None":
+        if "manifest" not in record:
+            return None
+        _require(record, ("checkpoint", "site-state-root"))
+        return cls(manifest=str(record["manifest"]), checkpoint=str(record["checkpoint"]),
+                   site_state_root=str(record["site-state-root"]),
+                   site_policy_file=str(record.get("site-policy-file", "")),
+                   declared_units_map=str(record.get("declared-units-map", "")))
+
+
+def _require(record: Mapping[str, Any], keys: tuple[str, ...]) -> None:
+    missing = [k for k in keys if k not in record]
+    if missing:
+        raise ValueError(f"round plan: the message lacks {missing}")
+
+
+@dataclass(frozen=True, kw_only=True)
 class RoundPlan:
     dp: DpConfig
     train: TrainConfig
@@ -44,6 +104,11 @@ class RoundPlan:
     reproducible_noise: bool = False
     seed: int = 0
     input: InputPlan | None = None  # input-level privatization (CADP, MaskDP): once per site, before training
+    data: SiteData = SiteData()
+    files: SharedFiles | None = None  # a simulation's shared paths; None in a deployment
+    round_offset: int = 0  # rounds run before a resume: the site's round is the server's round plus this
+    run_name: str = ""  # the server's durable name of the run (a site's max-epsilon-run), kept across resumes
+    gradient_canaries: str = ""  # the auditor's Dirac canaries per site (simulation only; wire form)
 
     def events(self) -> tuple[DpEvent, ...]:
         """Every round's events. Training on privatized inputs is post-processing (no steps),
@@ -78,15 +143,15 @@ class RoundPlan:
             "release-loss-noise": self.release.loss_noise, "release-loss-bound": self.release.loss_bound,
             "release-count-noise": self.release.count_noise, "reproducible-noise": self.reproducible_noise,
             "seed": self.seed, **(self.input.to_record() if self.input is not None else {"input-privacy": ""}),
+            **self.data.to_record(), **(self.files.to_record() if self.files is not None else {}),
+            "round-offset": self.round_offset, "run-name": self.run_name, "gradient-canary-plan": self.gradient_canaries,
         }
 
     @classmethod
     def from_record(cls, record: Mapping[str, Any], *, hash_key: str, declared_units: int | None = None) -> "RoundPlan":
         """The plan as a site reads it; ``declared_units`` is the site's own public size if it
         declares one (a deployed site, in its node config), else the plan's value for this site."""
-        missing = [k for k in PLAN_KEYS if k not in record]
-        if missing:
-            raise ValueError(f"round plan: the train message lacks {missing}")
+        _require(record, PLAN_KEYS)
         dp = DpConfig(mode=str(record["dp-mode"]), privacy_unit=str(record["privacy-unit"]),
                       noise_multiplier=float(record["noise-multiplier"]), max_grad_norm=float(record["max-grad-norm"]),
                       sample_rate=float(record["sample-rate"]), microbatch_size=int(record["microbatch-size"]),
@@ -101,4 +166,7 @@ class RoundPlan:
                                          loss_bound=float(record["release-loss-bound"]),
                                          count_noise=float(record["release-count-noise"])),
                    reproducible_noise=bool(record["reproducible-noise"]), seed=int(record["seed"]),
-                   input=InputPlan.from_record(record))
+                   input=InputPlan.from_record(record), data=SiteData.from_record(record),
+                   files=SharedFiles.from_record(record), round_offset=int(record.get("round-offset", 0)),
+                   run_name=str(record.get("run-name", "")),
+                   gradient_canaries=str(record.get("gradient-canary-plan", "")))

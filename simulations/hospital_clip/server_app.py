@@ -40,7 +40,7 @@ from fedclip.privacy.guarantee import guarantee_of
 from fedclip.privacy.ledger_store import LedgerStore
 from fedclip.privacy.randomness import NOT_PRIVATE_AGAINST_THE_SERVER
 from fedclip.privacy.release import release_events
-from fedclip.privatize.modes import INPUT_MODES
+from fedclip.privacy.modes import INPUT_MODES
 from fedclip.privatize.plan import InputPlan
 from fedclip.reporting.console_table import run_table
 from fedclip.reporting.plots import plot_run
@@ -51,6 +51,7 @@ from simulations.hospital_clip.config import DEFAULT_TOML, SimulationConfig, loa
 from simulations.hospital_clip.evaluator import RoundEvaluator
 from simulations.hospital_clip.input_privacy import input_plan
 from simulations.hospital_clip.preflight import data_shape, preflight
+from simulations.hospital_clip.plan import SharedFiles
 from simulations.hospital_clip.task import manifest_path, pick_device
 from strategies.client_level import calibrate_site_noise, site_level_report, with_site_level_dp
 from strategies.privacy_budget import PrivacyBudgetStrategy, SiteFailure, SiteRound
@@ -177,19 +178,21 @@ def plan_noise(cfg: SimulationConfig) -> float:
 
 
 def train_config_record(cfg: SimulationConfig, *, noise_multiplier: float, manifest: str, checkpoint: str,
-                        round_offset: int = 0, declared_units: str = "", input_plan: InputPlan | None = None) -> ConfigRecord:
-    """What every site is told each round: the round plan and the data description; simulated
-    sites are also told where the shared data, base weights, site ledgers and site policies are.
-    In a deployment the server sends no path of its own: a hospital reads its node config only."""
-    values = {k: v for k, v in cfg.to_run_config().items() if k not in ("budget", "site-budgets", *SERVER_PATHS)}
-    record = {**values, **cfg.round_plan(noise_multiplier, input_plan).to_record(), "round-offset": round_offset,
-              "declared-units-map": declared_units}
+                        round_offset: int = 0, declared_units: str = "", input_plan: InputPlan | None = None,
+                        run_name: str = "", gradient_canaries: str = "") -> ConfigRecord:
+    """What every site is told each round: the round plan (``RoundPlan``), and nothing else.
+    Simulated sites are also told where the shared data, base weights, site ledgers and site
+    policies are; in a deployment the server sends no path of its own (a hospital reads its node
+    config only)."""
+    files = None
     if not cfg.deployment:
         out = Path(cfg.output_dir).resolve()
-        policy = str(Path(cfg.site_policy_file).resolve()) if cfg.site_policy_file else ""
-        record.update({"manifest": manifest, "checkpoint": checkpoint, "site-state-root": str(out / "sites"),
-                       "site-policy-file": policy})
-    return ConfigRecord(record)
+        files = SharedFiles(manifest=manifest, checkpoint=checkpoint, site_state_root=str(out / "sites"),
+                            site_policy_file=str(Path(cfg.site_policy_file).resolve()) if cfg.site_policy_file else "",
+                            declared_units_map=declared_units)
+    plan = replace(cfg.round_plan(noise_multiplier, input_plan), files=files, round_offset=round_offset,
+                   run_name=run_name, gradient_canaries=gradient_canaries)
+    return ConfigRecord(plan.to_record())
 
 
 def canary_file(cfg: SimulationConfig, manifest: str) -> str:
@@ -312,9 +315,9 @@ def run(grid: Grid, cfg: SimulationConfig) -> Path:
     # each simulated site's public size: the synthetic plan's (fixed before the data exists), or the declared one
     declared = "" if cfg.declared_units or cfg.deployment else ",".join(
         f"{s}={n}" for s, n in data_shape(cfg).units.items())
-    train_config = train_config_record(cfg, noise_multiplier=sigma, manifest=manifest, checkpoint=checkpoint,
-                                       declared_units=declared, input_plan=inputs)
-    train_config["run-name"] = durable_run_name(state)
+    wire = dict(noise_multiplier=sigma, manifest=manifest, checkpoint=checkpoint, round_offset=round_offset,
+                declared_units=declared, input_plan=inputs, run_name=durable_run_name(state))
+    train_config = train_config_record(cfg, **wire)
     if cfg.deployment and not cfg.site_nodes:
         print("WARNING: sites are identified by the name each SuperNode reports; set site-nodes to the node ids "
               "that `flwr supernode register` gave each hospital's key", flush=True)
@@ -347,7 +350,7 @@ def run(grid: Grid, cfg: SimulationConfig) -> Path:
     gradient = gradient_canary_audit(cfg, model=bundle.model, sites=tuple(shape.units), state=state)
     if gradient is not None:
         attacks.append(gradient[0])
-        train_config["gradient-canary-plan"] = gradient[1]
+        train_config = train_config_record(cfg, **wire, gradient_canaries=gradient[1])
 
     idia = next((a for a in attacks if a.name == "idia"), None)
     replies = (ReplyAttack(idia, model=bundle.model, when=reply_rounds(cfg.attack_replies, total_rounds=cfg.num_rounds))
@@ -373,7 +376,6 @@ def run(grid: Grid, cfg: SimulationConfig) -> Path:
                                comparable=guarantee.membership)
     failure = None
     if remaining > 0:
-        train_config["round-offset"] = round_offset
         try:
             strategy.start(grid, initial, num_rounds=remaining, train_config=train_config, evaluate_fn=evaluator)
         except SiteFailure as exc:

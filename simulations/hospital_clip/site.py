@@ -10,15 +10,17 @@ every party.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from flwr.app import ConfigRecord, Context
+from flwr.app import Context
 
 from fedclip.privacy.ledger_store import LedgerStore
 from fedclip.privacy.policy import SitePolicy, load_policy_file
+from simulations.hospital_clip.plan import RoundPlan, SharedFiles, SiteData, parse_site_numbers
 from simulations.hospital_clip.site_errors import SiteConfigError
-from simulations.hospital_clip.plan import parse_site_numbers
 from simulations.hospital_clip.task import site_for_partition
 
 DEPLOYED_KEYS = ("site", "manifest", "checkpoint", "state-dir")
@@ -42,7 +44,9 @@ class SiteIdentity:
         return self.state_dir / "cache" if self.deployed else None
 
 
-def site_identity(context: Context, config: ConfigRecord) -> SiteIdentity:
+def site_identity(context: Context, record: Mapping[str, Any]) -> SiteIdentity:
+    """Which site this node is, and where its files are: from its node config (a deployed
+    hospital), or from the plan's shared files and its partition id (a simulated site)."""
     node = context.node_config
     if "site" in node:
         missing = [k for k in DEPLOYED_KEYS if k not in node]
@@ -59,32 +63,31 @@ def site_identity(context: Context, config: ConfigRecord) -> SiteIdentity:
         # a deployed SuperNode started without --node-config used to play partition 0 with the
         # server's manifest: it claimed another hospital's name and trained on data it does not hold
         raise SiteConfigError(f"node config: this SuperNode has neither 'site' (a deployed hospital, which also needs "
-                         f"{list(DEPLOYED_KEYS[1:])}) nor 'partition-id' (set by Flower's simulation runtime); start "
-                         f"it with --node-config \"site='hospital_a' manifest='...' checkpoint='...' state-dir='...'\"")
-    if "manifest" not in config:
+                              f"{list(DEPLOYED_KEYS[1:])}) nor 'partition-id' (set by Flower's simulation runtime); start "
+                              f"it with --node-config \"site='hospital_a' manifest='...' checkpoint='...' state-dir='...'\"")
+    files = SharedFiles.from_record(record)
+    if files is None:
         raise SiteConfigError("node config: this run is a deployment (run config 'sites'), whose server sends no data "
-                         "paths; start this SuperNode as a hospital with --node-config \"site='...' manifest='...' "
-                         "checkpoint='...' state-dir='...'\"")
-    manifest = str(config["manifest"])
-    outside = bool(config["allow-outside-paths"])
-    site = site_for_partition(manifest, int(config["num-sites"]), int(config["seed"]),
-                              int(node["partition-id"]), bool(config["pool-sites"]), outside)
-    declared = parse_site_numbers(str(config.get("declared-units-map", "")), key="declared-units-map").get(site)
-    return SiteIdentity(site=site, manifest=manifest, checkpoint=str(config["checkpoint"]),
-                        state_dir=Path(str(config["site-state-root"])) / site, weight=1.0, deployed=False,
-                        outside_paths=outside, declared_units=declared)
+                              "paths; start this SuperNode as a hospital with --node-config \"site='...' manifest='...' "
+                              "checkpoint='...' state-dir='...'\"")
+    data = SiteData.from_record(record)
+    site = site_for_partition(files.manifest, data.num_sites, int(record["seed"]), int(node["partition-id"]),
+                              data.pool_sites, data.allow_outside_paths)
+    declared = parse_site_numbers(files.declared_units_map, key="declared-units-map").get(site)
+    return SiteIdentity(site=site, manifest=files.manifest, checkpoint=files.checkpoint,
+                        state_dir=Path(files.site_state_root) / site, weight=1.0, deployed=False,
+                        outside_paths=data.allow_outside_paths, declared_units=declared)
 
 
-def site_policy(context: Context, config: ConfigRecord, me: SiteIdentity) -> SitePolicy:
+def site_policy(context: Context, plan: RoundPlan, me: SiteIdentity) -> SitePolicy:
     if me.deployed:
         return SitePolicy.from_mapping(context.node_config, source="node config")
-    delta = float(config["delta"])
-    path = str(config.get("site-policy-file", ""))
+    path = plan.files.site_policy_file if plan.files is not None else ""
     if not path:
-        return SitePolicy.simulated(delta)
-    policies = load_policy_file(path, delta=delta)
+        return SitePolicy.simulated(plan.dp.delta)
+    policies = load_policy_file(path, delta=plan.dp.delta)
     return policies.get(me.site, policies["*"])
 
 
-def site_ledger(context: Context, config: ConfigRecord, me: SiteIdentity, *, delta: float) -> LedgerStore:
-    return LedgerStore(me.state_dir / "ledger.sqlite", delta=delta, accountant=str(config["accountant"]))
+def site_ledger(plan: RoundPlan, me: SiteIdentity, *, delta: float) -> LedgerStore:
+    return LedgerStore(me.state_dir / "ledger.sqlite", delta=delta, accountant=plan.dp.accountant)

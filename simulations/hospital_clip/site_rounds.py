@@ -27,6 +27,7 @@ from fedclip.privacy.release import noisy_count, noisy_loss
 from fedclip.reporting.run_files import RunFiles
 from fedclip.reporting.spending import write_spending
 from fedclip.training.local import train_local
+from fedclip.training.loss import clip_loss
 from simulations.hospital_clip.input_privacy import kept_private_rows, privatize_site_rows
 from simulations.hospital_clip.plan import RoundPlan
 from simulations.hospital_clip.site_errors import is_public, redacted
@@ -41,10 +42,9 @@ def query(msg: Message, context: Context) -> Message:
     return Message(RecordDict({"site": ConfigRecord({"site": me.site})}), reply_to=msg)
 
 
-def _check_and_charge(me: SiteIdentity, plan: RoundPlan, config: ConfigRecord, context: Context, *,
-                      events: tuple, run: str, round_: int):
-    policy = site_policy(context, config, me)
-    ledger = site_ledger(context, config, me, delta=policy.delta)
+def _check_and_charge(me: SiteIdentity, plan: RoundPlan, context: Context, *, events: tuple, run: str, round_: int):
+    policy = site_policy(context, plan, me)
+    ledger = site_ledger(plan, me, delta=policy.delta)
     try:  # the caps see everything this ledger holds; a second privacy unit is refused, not set apart
         try:
             ledger.check_unit(me.site, events)
@@ -60,29 +60,28 @@ def _check_and_charge(me: SiteIdentity, plan: RoundPlan, config: ConfigRecord, c
     return ledger, attempt
 
 
-def _training_data(me: SiteIdentity, config: ConfigRecord, plan: RoundPlan, kept=None) -> PairData:
+def _training_data(me: SiteIdentity, plan: RoundPlan, kept=None) -> PairData:
+    data = plan.data
     if plan.input is not None:  # this site's privatized images: ``kept`` from an earlier round, else released now
         rows = kept
         if rows is None:
-            rows = privatize_site_rows(site_training_rows(me.manifest, me.site, int(config["num-sites"]),
-                                                          int(config["seed"]), bool(config["pool-sites"]),
-                                                          me.outside_paths),
+            rows = privatize_site_rows(site_training_rows(me.manifest, me.site, data.num_sites, plan.seed,
+                                                          data.pool_sites, me.outside_paths),
                                        site=me.site, plan=plan.input, unit=str(plan.dp.privacy_unit),
-                                       state_dir=me.state_dir,
-                                       manifest=me.manifest, outside_paths=me.outside_paths)
-        return rows_training_data(rows, arch=str(config["arch"]), checkpoint=me.checkpoint)
+                                       state_dir=me.state_dir, manifest=me.manifest, outside_paths=me.outside_paths)
+        return rows_training_data(rows, arch=data.arch, checkpoint=me.checkpoint)
     if me.deployed:  # its own manifest, preprocessed once and kept in its state folder
-        return own_training_data(me.manifest, me.site, arch=str(config["arch"]), checkpoint=me.checkpoint,
+        return own_training_data(me.manifest, me.site, arch=data.arch, checkpoint=me.checkpoint,
                                  cache_dir=me.cache_dir, outside_paths=me.outside_paths)
-    return site_training_data(me.manifest, me.site, int(config["num-sites"]), int(config["seed"]),
-                              str(config["arch"]), me.checkpoint, bool(config["pool-sites"]), me.outside_paths)
+    return site_training_data(me.manifest, me.site, data.num_sites, plan.seed, data.arch, me.checkpoint,
+                              data.pool_sites, me.outside_paths)
 
 
-def run_name(config: ConfigRecord, msg: Message) -> str:
+def run_name(plan: RoundPlan, msg: Message) -> str:
     """The run a charge belongs to (``max-epsilon-run``): the server's durable run name, which a
     resumed run keeps, else Flower's run id. A server can always name a new run, so only
     ``max-epsilon-total`` binds a dishonest one."""
-    return str(config.get("run-name", "") or msg.metadata.run_id)
+    return plan.run_name or str(msg.metadata.run_id)
 
 
 def train(msg: Message, context: Context) -> Message:
@@ -90,22 +89,22 @@ def train(msg: Message, context: Context) -> Message:
     config = msg.content["config"]
     me = site_identity(context, config)
     plan = RoundPlan.from_record(config, hash_key=f"fedclip:{me.site}", declared_units=me.declared_units)
-    round_ = int(config["server-round"]) + int(config["round-offset"])
+    round_ = int(config["server-round"]) + plan.round_offset  # Flower's round, and the rounds before a resume
     # an input privatization is released once, in the round the site first trains (or again if its copy is lost)
     kept = kept_private_rows(me.state_dir, plan.input) if plan.input is not None else None
     releases = () if plan.input is None or kept is not None else \
         tuple(e for e in (plan.input_release(),) if e is not None)
-    ledger, attempt = _check_and_charge(me, plan, config, context, events=plan.events() + releases,
-                                        run=run_name(config, msg), round_=round_)
+    ledger, attempt = _check_and_charge(me, plan, context, events=plan.events() + releases,
+                                        run=run_name(plan, msg), round_=round_)
     crash_point("site-charged", round_)
     try:
-        data = _training_data(me, config, plan, kept)
-        model = fresh_model(str(config["arch"]), me.checkpoint, str(config["trainable"]), pick_device())
+        data = _training_data(me, plan, kept)
+        model = fresh_model(plan.data.arch, me.checkpoint, plan.data.trainable, pick_device())
         load_arrays(model, msg.content["arrays"])
         seed = plan.reproducible_seed(round_=round_, site=me.site)
-        public = site_public_data(me.manifest, str(config["arch"]), me.checkpoint, me.outside_paths,
+        public = site_public_data(me.manifest, plan.data.arch, me.checkpoint, me.outside_paths,
                                   me.cache_dir) if str(plan.dp.mode) == "unit" else None
-        canaries = canaries_from_wire(str(config.get("gradient-canary-plan", "")), me.site)  # the auditor's, if any
+        canaries = canaries_from_wire(plan.gradient_canaries, me.site)  # the auditor's, if any
         training = time.time()
         result = train_local(model, data, dp=plan.dp, train=plan.train, reproducible_seed=seed, public=public,
                              canaries=canaries, progress=f"{me.site} round {round_}")
@@ -113,7 +112,8 @@ def train(msg: Message, context: Context) -> Message:
         metrics: dict[str, float] = {"site-weight": me.weight}  # declared before training: public
         release_gen = site_randomness(device=pick_device(), reproducible_seed=None if seed is None else seed + 7).sampler
         if plan.release.loss_noise > 0:
-            metrics["train-loss"] = noisy_loss(model, data, config=plan.release, privacy_unit=plan.dp.privacy_unit,
+            metrics["train-loss"] = noisy_loss(model, data, loss_fn=clip_loss, config=plan.release,
+                                               privacy_unit=plan.dp.privacy_unit,
                                                num_blocks=plan.dp.num_blocks, key=plan.dp.hash_key,
                                                generator=release_gen)
         if plan.release.count_noise > 0:

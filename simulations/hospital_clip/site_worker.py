@@ -35,8 +35,8 @@ from flwr.proto.message_pb2 import Context as ProtoContext
 from flwr.proto.message_pb2 import Message as ProtoMessage
 from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
 
-from simulations.hospital_clip.client_app import WORKER_KEY
 
+WORKER_KEY = "site-worker"  # node config: the Unix socket of this site's worker
 PROTOCOL = 1
 _LENGTH = struct.Struct(">Q")
 _MAX_PATH = 104  # sun_path is 108 bytes on Linux, 104 on macOS

@@ -8,6 +8,7 @@ from fedclip.data.tensors import load_pairs
 from fedclip.models.factory import ModelConfig, create_model
 from fedclip.privacy.randomness import os_seed, site_randomness
 from fedclip.privacy.release import ReleaseConfig, clipped_block_losses, noisy_count, release_events
+from fedclip.training.loss import clip_loss
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +27,7 @@ def test_nothing_is_released_by_default():
 
 def test_removing_a_patient_changes_one_block_by_at_most_the_bound(model_and_data):
     model, data = model_and_data
-    kwargs = dict(privacy_unit="identity", num_blocks=5, key="k", bound=2.0)
+    kwargs = dict(loss_fn=clip_loss, privacy_unit="identity", num_blocks=5, key="k", bound=2.0)
     full = clipped_block_losses(model, data, **kwargs)
     victim = data.patient_ids[0]
     rest = data.subset([i for i, p in enumerate(data.patient_ids) if p != victim])

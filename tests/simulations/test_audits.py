@@ -85,7 +85,7 @@ def test_a_nonprivate_run_is_audited_clearly_above_zero(tmp_path, cache):
     assert len(last) == 64 and set(last["is_member"]) == {True, False}
     # the auditor's own pass over the saved models, with the same canary file, certifies the same
     run = tmp_path / "nonprivate"
-    audit = subprocess.run([sys.executable, "-m", "fedclip.cli", "audit", str(run), "--canaries",
+    audit = subprocess.run([sys.executable, "-m", "simulations.commands", "audit", str(run), "--canaries",
                             str(run / "data" / "canaries.csv")], capture_output=True, text=True, timeout=600)
     assert audit.returncode == 0, audit.stdout[-3000:] + audit.stderr[-3000:]
     again = pd.read_csv(run / "audit" / "attack.csv").set_index("round")["audited_epsilon"]

@@ -37,7 +37,7 @@ sample-rate = 0.5
 
 
 def _compare(config_path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "fedclip.cli", "compare", "--config", str(config_path)],
+    return subprocess.run([sys.executable, "-m", "simulations.commands", "compare", "--config", str(config_path)],
                           capture_output=True, text=True, timeout=1500)
 
 
@@ -121,13 +121,13 @@ def test_report_writes_tables_from_the_finished_runs_only(comparison, tmp_path):
     partial = tmp_path / "partial"
     shutil.copytree(out, partial)
     (next(partial.glob("fed-client/eps=1/seed=0")) / "done.json").unlink()  # a run still going
-    done = subprocess.run([sys.executable, "-m", "fedclip.cli", "compare", "--config", str(config), "--output",
+    done = subprocess.run([sys.executable, "-m", "simulations.commands", "compare", "--config", str(config), "--output",
                            str(partial), "--report"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "13 of 14 runs finished; incomplete: seed=0" in done.stdout
     runs = pd.read_csv(partial / "runs.csv")
     assert len(runs) == 13 and not ((runs["setting"] == "fed-client") & (runs["target_epsilon"] == 1.0)).any()
-    empty = subprocess.run([sys.executable, "-m", "fedclip.cli", "compare", "--config", str(config), "--output",
+    empty = subprocess.run([sys.executable, "-m", "simulations.commands", "compare", "--config", str(config), "--output",
                             str(tmp_path / "none"), "--report"], capture_output=True, text=True, timeout=300)
     assert empty.returncode == 1 and "no finished run" in empty.stderr
 

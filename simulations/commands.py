@@ -1,0 +1,93 @@
+"""The ``fedclip`` command as installed: the library's commands (``fedclip.cli``) plus those that
+drive the Flower apps, which live here so that ``fedclip/`` never imports ``simulations/``.
+
+    fedclip compare [--config FILE]        central vs federated DP: a matrix of federation runs
+    fedclip audit RUN_DIR --targets FILE   the auditor: IDIA (and --canaries FILE) on every saved round model
+    fedclip site-worker --site S --socket P a hospital's long-lived worker (node config site-worker=P)
+
+    python -m simulations.commands ...     the same, without the console script
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from fedclip import cli
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from simulations.compare.config import DEFAULT_COMPARE_TOML, CompareConfig
+    from simulations.compare.results import write_outputs
+    from simulations.compare.runner import finished_runs, run_all
+
+    config = CompareConfig.from_toml(args.config or DEFAULT_COMPARE_TOML)
+    if args.output:
+        config = CompareConfig(**{**config.__dict__, "output_dir": args.output})
+    try:
+        runs = finished_runs(config) if args.report else run_all(config)
+    except RuntimeError as exc:
+        print(f"fedclip: error: {exc}", file=sys.stderr)
+        return 1
+    paths = write_outputs(config.output_dir, runs)
+    print(paths["markdown"].read_text())
+    print("\n".join(f"{k}: {v}" for k, v in paths.items()))
+    return 0
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    from simulations.hospital_clip.audit import audit_run
+
+    out = audit_run(args.run_dir, targets=args.targets, checkpoint=args.checkpoint or "", out_dir=args.out,
+                    allow_outside_paths=args.allow_outside_paths, canaries=args.canaries)
+    print((out / "summary.md").read_text())
+    print(f"audit: {out}")
+    return 0
+
+
+def cmd_site_worker(args: argparse.Namespace) -> int:
+    """Serve until stopped; SIGTERM (as from a service manager) removes the socket like Ctrl-C."""
+    import signal
+
+    from simulations.hospital_clip.site_worker import serve
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    try:
+        serve(args.socket, site=args.site, max_messages=args.max_messages, on_line=lambda line: print(line, flush=True))
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def add_app_commands(sub) -> None:
+    """Register ``compare``, ``audit`` and ``site-worker`` on the ``fedclip`` parser's subcommands."""
+    p = sub.add_parser("compare", help="compare central and federated DP over a grid of epsilons and seeds")
+    p.add_argument("--config", default=None, help="comparison TOML (default: simulations/compare/default.toml)")
+    p.add_argument("--output", default=None, help="output folder (overrides compare.output-dir)")
+    p.add_argument("--report", action="store_true",
+                   help="run nothing: write the tables and plots from the runs finished so far")
+    p.set_defaults(func=cmd_compare)
+    p = sub.add_parser("audit", help="the auditor: IDIA with your own targets on every round model a run saved")
+    p.add_argument("run_dir", help="the run's output folder (config.json, rounds.csv, models/)")
+    p.add_argument("--targets", default=None,
+                   help="IDIA: manifest of the attack's targets: 'query' rows of members, 'heldout' rows of non-members")
+    p.add_argument("--canaries", default=None,
+                   help="the one-run canary audit: the auditor's canary file (canaries.csv: rows and 'included')")
+    p.add_argument("--checkpoint", default=None, help="base weights (default: the run's resolved-checkpoint)")
+    p.add_argument("--out", default=None, help="output folder (default RUN_DIR/audit)")
+    p.add_argument("--allow-outside-paths", action="store_true", help="target image paths may leave the manifest's folder")
+    p.set_defaults(func=cmd_audit)
+    p = sub.add_parser("site-worker", help="a hospital's long-lived worker: keeps model and data in memory across "
+                                           "rounds; name its socket in the SuperNode's node config (site-worker)")
+    p.add_argument("--site", required=True, help="the site it serves (the node config's 'site')")
+    p.add_argument("--socket", required=True, help="Unix socket path (created with mode 0600)")
+    p.add_argument("--max-messages", type=int, default=None, help="stop after this many connections (tests)")
+    p.set_defaults(func=cmd_site_worker)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return cli.main(argv, extra=(add_app_commands,))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
