@@ -23,6 +23,7 @@ from flwr.supercore.privacy_accounting import (GaussianPrivacyEvent, Neighboring
 from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
 
 from fedclip.privacy.accountant import check_delta, gaussian_pld
+from fedclip.privacy.calibration import smallest_noise
 from fedclip.privacy.events import Relation
 from strategies.registry import SITE_WEIGHT_KEY
 
@@ -52,19 +53,8 @@ def calibrate_site_noise(*, target_epsilon: float, rounds: int, delta: float, to
     if not target_epsilon > 0:
         raise ValueError(f"client-dp-epsilon: expected > 0, got {target_epsilon}")
 
-    def eps(sigma: float) -> float:
-        return site_level_epsilon(noise_multiplier=sigma, rounds=rounds, delta=delta)
-
-    low, high = 0.0, 1.0
-    while eps(high) > target_epsilon:
-        low, high = high, high * 2
-    while high - low > tolerance * high:
-        mid = (low + high) / 2
-        if mid > 0 and eps(mid) <= target_epsilon:
-            high = mid
-        else:
-            low = mid
-    return high
+    return smallest_noise(lambda sigma: site_level_epsilon(noise_multiplier=sigma, rounds=rounds, delta=delta),
+                          target_epsilon=target_epsilon, tolerance=tolerance)
 
 
 def site_level_report(*, noise_multiplier: float, clip_norm: float, releases: int, num_sites: int,

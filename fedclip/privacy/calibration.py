@@ -3,13 +3,15 @@
 For ``add_or_remove`` events this starts from Opacus' ``get_noise_multiplier`` (scaled by the
 sensitivity); for ``replace_one`` it bisects with the PLD accountant. Either way the answer is
 checked with the same ``fedclip.privacy.accountant.epsilon`` the ledger uses, and raised until
-that epsilon is within the target, so the plan and the bill agree.
+that epsilon is within the target, so the plan and the bill agree. ``smallest_noise`` is that one
+search, for any epsilon function (client-level DP uses it with its own accountant).
 """
 
 from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 from dataclasses import replace
 
 from opacus.accountants.utils import get_noise_multiplier
@@ -66,21 +68,33 @@ def calibrate_noise_multiplier(
         return epsilon([e, *(replace(a, privacy_unit=e.privacy_unit) for a in alongside)], delta=delta,
                        accountant=accountant)
 
-    if relation == Relation.ADD_OR_REMOVE:
+    bracket = None
+    if relation == Relation.ADD_OR_REMOVE:  # Opacus' own answer is a good start (its accountant, our check)
         high = sensitivity * get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta,
                                                   sample_rate=sample_rate, steps=steps, accountant=accountant)
-        low = high / 2
-    else:
+        bracket = (high / 2, high)
+    return smallest_noise(eps, target_epsilon=target_epsilon, tolerance=tolerance, bracket=bracket)
+
+
+def smallest_noise(epsilon_of: Callable[[float], float], *, target_epsilon: float, tolerance: float = 0.01,
+                   bracket: tuple[float, float] | None = None) -> float:
+    """The one noise search every calibration uses (local DP here, client-level DP in
+    ``strategies.client_level``): the smallest sigma, to within ``tolerance``, with
+    ``epsilon_of(sigma) <= target_epsilon``, on the safe side of the target by construction (the
+    answer is always a sigma that was checked). ``bracket``: a (low, high) start; else doubling from 1."""
+    if bracket is None:
         low, high = 0.0, 1.0
-        while eps(high) > target_epsilon:
+        while epsilon_of(high) > target_epsilon:
             low, high = high, 2 * high
             if high > 1e6:
                 raise ValueError("target_epsilon: unreachable with any noise multiplier below 1e6")
-    while eps(high) > target_epsilon:  # guard against the search's own approximation
+    else:
+        low, high = bracket
+    while epsilon_of(high) > target_epsilon:  # guard against a start's own approximation
         low, high = high, high * 1.05
     while high - low > tolerance * high:
         mid = (low + high) / 2
-        if mid > 0 and eps(mid) <= target_epsilon:
+        if mid > 0 and epsilon_of(mid) <= target_epsilon:
             high = mid
         else:
             low = mid
