@@ -49,7 +49,6 @@ def report_captions(count: int) -> list[str]:
 
 
 def _one(k: int, trainable: str, engine: str, mode: str, pairs: int, repeats: int, device: str, model_name: str) -> dict:
-    import os
     import warnings
 
     warnings.filterwarnings("ignore")

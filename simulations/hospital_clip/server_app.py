@@ -12,15 +12,14 @@ from __future__ import annotations
 import json
 import math
 import os
-import time
 import warnings
-from collections.abc import Mapping, Sequence
-from dataclasses import replace
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedclip.attacks.base import Attack
@@ -36,7 +35,7 @@ from fedclip.data.tensors import load_pairs
 from fedclip.models.arrays import model_to_arrays
 from fedclip.models.factory import ModelConfig, create_model
 from fedclip.privacy.calibration import calibrate_noise_multiplier, warn_if_delta_is_large
-from fedclip.privacy.guarantee import guarantee_of
+from fedclip.privacy.guarantee import Guarantee, guarantee_of
 from fedclip.privacy.ledger_store import LedgerStore
 from fedclip.privacy.randomness import NOT_PRIVATE_AGAINST_THE_SERVER
 from fedclip.privacy.release import release_events
@@ -48,6 +47,7 @@ from fedclip.reporting.run_files import RunFiles
 from fedclip.reporting.summary import write_summary
 from fedclip.training.warmstart import WarmStartConfig, warm_start
 from simulations.hospital_clip.config import DEFAULT_TOML, SimulationConfig, load_toml
+from simulations.hospital_clip.discovery import discover_sites
 from simulations.hospital_clip.evaluator import RoundEvaluator
 from simulations.hospital_clip.input_privacy import input_plan
 from simulations.hospital_clip.preflight import data_shape, preflight
@@ -107,60 +107,6 @@ def prepare_checkpoint(cfg: SimulationConfig, manifest: str) -> str:
     path = warm_start(manifest, cache_dir=cfg.cache_dir, model_config=ModelConfig(arch=cfg.arch),
                       config=WarmStartConfig(epochs=cfg.warm_start_epochs, seed=cfg.seed))
     return str(path.resolve())
-
-
-def discover_sites(grid: Grid, config: ConfigRecord, *, expected: Sequence[str], node_ids: Mapping[str, int] | None = None,
-                   timeout: float = 600.0) -> dict[int, str]:
-    """Which node is which site: {node id: site}.
-
-    With ``node_ids`` (a deployment's ``site-nodes``: ids the SuperLink gave registered keys) the
-    mapping is the operator's, and each node's own answer must agree with it; other nodes are not
-    asked and never selected. Without it each node is asked (a QUERY whose reply names the site
-    only) and must name a distinct ``expected`` site. A node that does not answer within
-    ``timeout`` stops the run: without its name the budget strategy could select nobody, and the
-    run would train nothing while claiming to be finished."""
-    wanted = set((node_ids or {}).values())
-    deadline = time.time() + timeout
-
-    def ready(nodes: list[int]) -> bool:
-        return wanted <= set(nodes) if wanted else len(nodes) >= len(expected)
-
-    while not ready(nodes := list(grid.get_node_ids())):
-        if time.time() > deadline:
-            waiting = f"node ids {sorted(wanted - set(nodes))}" if wanted else f"{len(expected)} SuperNodes"
-            raise RuntimeError(f"only {len(nodes)} SuperNodes connected within {timeout:.0f}s, waiting for {waiting}")
-        time.sleep(0.5)
-    if wanted:
-        ignored = sorted(set(nodes) - wanted)
-        if ignored:
-            print(f"node(s) {ignored} are connected but not in site-nodes: not asked, never selected", flush=True)
-        nodes = sorted(wanted)
-    messages = [Message(RecordDict({"config": config}), dst_node_id=n, message_type=MessageType.QUERY) for n in nodes]
-    sites: dict[int, str] = {}
-    for reply in grid.send_and_receive(messages, timeout=timeout):
-        node = reply.metadata.src_node_id
-        if reply.has_error():
-            raise RuntimeError(f"node {node} failed to say which site it is: {reply.error.reason}")
-        sites[node] = str(reply.content["site"]["site"])
-    silent = sorted(set(nodes) - set(sites))
-    if silent:
-        raise RuntimeError(f"node(s) {silent} did not say which site they are within {timeout:.0f}s "
-                           f"({len(sites)} of {len(nodes)} answered); the run cannot select them")
-    if node_ids:
-        site_of = {node: site for site, node in node_ids.items()}
-        wrong = [f"node {n} is registered as {site_of[n]!r} but says it is {s!r}" for n, s in sites.items()
-                 if s != site_of[n]]
-        if wrong:
-            raise RuntimeError("site-nodes: " + "; ".join(wrong))
-        return {n: site_of[n] for n in sites}
-    claimed = sorted(sites.values())
-    strangers = sorted(set(claimed) - set(expected))
-    if strangers:
-        raise RuntimeError(f"node(s) claim sites {strangers} that are not expected (sites: {sorted(expected)})")
-    if len(set(claimed)) != len(claimed):
-        twice = sorted({c for c in claimed if claimed.count(c) > 1})
-        raise RuntimeError(f"two nodes claim the same site {twice}; each site must run exactly one SuperNode")
-    return sites
 
 
 def plan_noise(cfg: SimulationConfig) -> float:
@@ -282,124 +228,192 @@ def durable_run_name(state: Path) -> str:
     return path.read_text().strip()
 
 
-def run(grid: Grid, cfg: SimulationConfig) -> Path:
-    if not cfg.deployment:  # simulated sites: keep Flower's in-memory engine's per-node polling small
-        grid = WindowedGrid(grid, window=cfg.messages_in_flight)
+@dataclass
+class RunFolder:
+    """Where a run keeps its state, and how far an earlier attempt got."""
+
+    out: Path
+    files: RunFiles
+    store: LedgerStore
+    round_offset: int  # rounds already run (a resume), 0 for a fresh run
+    saved: dict | None  # the saved global model of a resumed run
+
+    @property
+    def state(self) -> Path:
+        return self.out / "state"
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """What the run resolved before any site is asked: data, base weights, noise, input plan."""
+
+    manifest: str
+    checkpoint: str
+    sigma: float  # the sites' noise multiplier
+    site_sigma: float  # client-level DP at the server (0: off)
+    inputs: InputPlan | None  # an input-level privatization, released once per site
+    shape: Any  # preflight's view of the data: sites and their units
+
+
+def open_run_folder(cfg: SimulationConfig) -> RunFolder:
+    """The output folder, its write-ahead ledger and tables; on resume, the saved model and round."""
     out = Path(cfg.output_dir)
-    state = out / "state"
     resumed_from = saved_round(cfg)
-    saved = torch.load(state / "global.pt", map_location="cpu", weights_only=True) if resumed_from is not None else None
-    round_offset = resumed_from or 0
-    store = LedgerStore(state / "ledger.sqlite", delta=cfg.delta, accountant=cfg.accountant)
-    files = RunFiles(out)
+    saved = (torch.load(out / "state" / "global.pt", map_location="cpu", weights_only=True)
+             if resumed_from is not None else None)
+    folder = RunFolder(out=out, files=RunFiles(out), saved=saved, round_offset=resumed_from or 0,
+                       store=LedgerStore(out / "state" / "ledger.sqlite", delta=cfg.delta, accountant=cfg.accountant))
     if saved:
-        files.truncate_after(round_offset)
+        folder.files.truncate_after(folder.round_offset)
+    return folder
+
+
+def prepare(cfg: SimulationConfig, folder: RunFolder) -> Prepared:
+    """Data, base weights, noise and the input plan, checked again on the data as generated; written to config.json."""
     if cfg.reproducible_noise:
         print(f"WARNING: {NOT_PRIVATE_AGAINST_THE_SERVER}", flush=True)
-    manifest = prepare_data(cfg, out)
+    manifest = prepare_data(cfg, folder.out)
     checkpoint = prepare_checkpoint(cfg, manifest)
     sigma = plan_noise(cfg)
     inputs = input_plan(cfg, manifest)  # dp-mode cadp | maskdp | mask-replace: the sites' one-time release
     shape = preflight(cfg, manifest)  # the same checks the CLI ran, now on the data as generated
     site_sigma = (calibrate_site_noise(target_epsilon=cfg.client_dp_epsilon, rounds=cfg.num_rounds,
                                        delta=cfg.delta) if cfg.client_dp_epsilon > 0 else 0.0)
-    files.write_json("config.json", {**cfg.to_run_config(), "resolved-manifest": manifest,
-                                     "resolved-checkpoint": checkpoint, "resolved-noise-multiplier": sigma,
-                                     "resolved-site-noise-multiplier": site_sigma,
-                                     **(inputs.to_record() if inputs is not None else {}),
-                                     "private-against-the-server": not cfg.reproducible_noise,
-                                     **({"privacy-warning": NOT_PRIVATE_AGAINST_THE_SERVER} if cfg.reproducible_noise else {})})
-    files.write_json("status.json", {"status": "running", "round": round_offset})
-    print(f"results: {out.resolve()} (status.json says when the run has finished or failed)", flush=True)
-
-    # each simulated site's public size: the synthetic plan's (fixed before the data exists), or the declared one
-    declared = "" if cfg.declared_units or cfg.deployment else ",".join(
-        f"{s}={n}" for s, n in data_shape(cfg).units.items())
-    wire = dict(noise_multiplier=sigma, manifest=manifest, checkpoint=checkpoint, round_offset=round_offset,
-                declared_units=declared, input_plan=inputs, run_name=durable_run_name(state))
-    train_config = train_config_record(cfg, **wire)
-    if cfg.deployment and not cfg.site_nodes:
-        print("WARNING: sites are identified by the name each SuperNode reports; set site-nodes to the node ids "
-              "that `flwr supernode register` gave each hospital's key", flush=True)
-    sites = discover_sites(grid, train_config, expected=shape.sites, node_ids=cfg.site_node_map() or None)
-    plan = cfg.round_plan(sigma, inputs)
-    release = plan.input_release()
-
-    def planned_events(site: str):
-        """The round's events, and the one-time input release until the site's ledger holds it
-        (a site that released and lost its copy releases again and reports it: charged as reported)."""
-        return plan.events() + ((release,) if release is not None and release not in store.events(site) else ())
+    folder.files.write_json("config.json", {
+        **cfg.to_run_config(), "resolved-manifest": manifest, "resolved-checkpoint": checkpoint,
+        "resolved-noise-multiplier": sigma, "resolved-site-noise-multiplier": site_sigma,
+        **(inputs.to_record() if inputs is not None else {}), "private-against-the-server": not cfg.reproducible_noise,
+        **({"privacy-warning": NOT_PRIVATE_AGAINST_THE_SERVER} if cfg.reproducible_noise else {})})
+    folder.files.write_json("status.json", {"status": "running", "round": folder.round_offset})
+    print(f"results: {folder.out.resolve()} (status.json says when the run has finished or failed)", flush=True)
     for site, units in shape.units.items():  # training units per site, as preflight counted them
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             warn_if_delta_is_large(cfg.delta, units)
         for w in caught:
             print(f"warning ({site}): {w.message}", flush=True)
+    return Prepared(manifest=manifest, checkpoint=checkpoint, sigma=sigma, site_sigma=site_sigma, inputs=inputs,
+                    shape=shape)
 
-    device = pick_device()
-    bundle = create_model(cfg.model(pretrained=checkpoint), device=device)
-    initial = model_to_arrays(bundle.model, trainable_only=True)
-    if saved:
-        initial = ArrayRecord(torch_state_dict=saved["state_dict"])
-        print(f"resuming after round {round_offset}", flush=True)
-    remaining = cfg.num_rounds - round_offset
-    frame = load_manifest(manifest, allow_outside_paths=cfg.allow_outside_paths).frame
-    test = load_pairs(frame[frame["split"] == str(Split.HELDOUT)], preprocess=bundle.preprocess, tokenizer=bundle.tokenizer)
-    attacks = auditor_attacks(cfg, manifest=manifest, model=bundle.model, preprocess=bundle.preprocess,
-                              tokenizer=bundle.tokenizer)
-    gradient = gradient_canary_audit(cfg, model=bundle.model, sites=tuple(shape.units), state=state)
-    if gradient is not None:
-        attacks.append(gradient[0])
-        train_config = train_config_record(cfg, **wire, gradient_canaries=gradient[1])
 
-    idia = next((a for a in attacks if a.name == "idia"), None)
-    replies = (ReplyAttack(idia, model=bundle.model, when=reply_rounds(cfg.attack_replies, total_rounds=cfg.num_rounds))
-               if idia is not None and cfg.attack_replies != "off" else None)
+def wire_settings(cfg: SimulationConfig, folder: RunFolder, prep: Prepared) -> dict[str, Any]:
+    """``train_config_record``'s arguments for this run (the plan every site is sent)."""
+    # each simulated site's public size: the synthetic plan's (fixed before the data exists), or the declared one
+    declared = "" if cfg.declared_units or cfg.deployment else ",".join(
+        f"{s}={n}" for s, n in data_shape(cfg).units.items())
+    return dict(noise_multiplier=prep.sigma, manifest=prep.manifest, checkpoint=prep.checkpoint,
+                round_offset=folder.round_offset, declared_units=declared, input_plan=prep.inputs,
+                run_name=durable_run_name(folder.state))
 
-    guarantee = guarantee_of(mode=plan.mode, privacy_unit=cfg.privacy_unit, microbatch_size=cfg.microbatch_size)
+
+def find_sites(grid: Grid, cfg: SimulationConfig, prep: Prepared, train_config: ConfigRecord) -> dict[int, str]:
+    if cfg.deployment and not cfg.site_nodes:
+        print("WARNING: sites are identified by the name each SuperNode reports; set site-nodes to the node ids "
+              "that `flwr supernode register` gave each hospital's key", flush=True)
+    return discover_sites(grid, train_config, expected=prep.shape.sites, node_ids=cfg.site_node_map() or None)
+
+
+def make_strategy(cfg: SimulationConfig, folder: RunFolder, prep: Prepared, *, sites: Mapping[int, str],
+                  replies: ReplyAttack | None, guarantee: Guarantee) -> PrivacyBudgetStrategy:
+    """The inner strategy (client-level DP at the server, or the named one) wrapped by the budget strategy."""
+    plan = cfg.round_plan(prep.sigma, prep.inputs)
+    release = plan.input_release()
+
+    def planned_events(site: str):
+        """The round's events, and the one-time input release until the site's ledger holds it
+        (a site that released and lost its copy releases again and reports it: charged as reported)."""
+        return plan.events() + ((release,) if release is not None and release not in folder.store.events(site) else ())
 
     def on_round(rows: list[SiteRound]) -> None:  # every row with an epsilon says what it is about
-        files.append("rounds", [{**r.as_dict(), **guarantee.as_columns()} for r in rows])
+        folder.files.append("rounds", [{**r.as_dict(), **guarantee.as_columns()} for r in rows])
 
-    inner = (with_site_level_dp(noise_multiplier=site_sigma, clip_norm=cfg.client_clip_norm, num_sites=len(shape.units),
-                                delta=cfg.delta) if site_sigma > 0
+    inner = (with_site_level_dp(noise_multiplier=prep.site_sigma, clip_norm=cfg.client_clip_norm,
+                                num_sites=len(prep.shape.units), delta=cfg.delta) if prep.site_sigma > 0
              else make_inner_strategy(cfg.strategy, fraction_train=cfg.fraction_train))
-    strategy = PrivacyBudgetStrategy(
-        inner, store=store, sites=sites, budget=cfg.budget_of, planned_events=planned_events,
-        round_offset=round_offset, on_round=on_round, failure_quorum=cfg.failure_quorum,
-        on_reply=replies.observe if replies else None,
-    )
-    evaluator = RoundEvaluator(model=bundle.model, tokenizer=bundle.tokenizer, test=test, attacks=attacks, files=files,
-                               epsilons=strategy.epsilons, delta=cfg.delta, state_dir=state, round_offset=round_offset,
-                               total_rounds=cfg.num_rounds, trained_this_round=lambda: not strategy.exhausted,
-                               strategy_seconds=lambda: strategy.strategy_seconds, reply_attack=replies,
-                               comparable=guarantee.membership)
-    failure = None
-    if remaining > 0:
-        try:
-            strategy.start(grid, initial, num_rounds=remaining, train_config=train_config, evaluate_fn=evaluator)
-        except SiteFailure as exc:
-            failure = str(exc)
-    evaluator.close()
-    final_eps = strategy.epsilons()
+    return PrivacyBudgetStrategy(inner, store=folder.store, sites=sites, budget=cfg.budget_of,
+                                 planned_events=planned_events, round_offset=folder.round_offset, on_round=on_round,
+                                 failure_quorum=cfg.failure_quorum, on_reply=replies.observe if replies else None)
+
+
+def report(cfg: SimulationConfig, folder: RunFolder, prep: Prepared, *, failure: str | None) -> Path:
+    """Site-level figures, plots, summary.md and status.json; the console's table."""
     site_level = None
-    if site_sigma > 0:
-        site_level = site_level_report(noise_multiplier=site_sigma, clip_norm=cfg.client_clip_norm,
-                                       releases=store.aggregates(), num_sites=len(shape.units), delta=cfg.delta)
-        files.write_json("site_level.json", site_level)
-    store.close()
+    if prep.site_sigma > 0:
+        site_level = site_level_report(noise_multiplier=prep.site_sigma, clip_norm=cfg.client_clip_norm,
+                                       releases=folder.store.aggregates(), num_sites=len(prep.shape.units),
+                                       delta=cfg.delta)
+        folder.files.write_json("site_level.json", site_level)
+    files = folder.files
     rounds, attack, utility = files.read("rounds"), files.read("attack"), files.read("utility")
-    plot_run(out, rounds, attack, utility, files.read("attack_scores"))
-    summary = write_summary(out / "summary.md", config={**cfg.to_run_config(), **(inputs.to_record() if inputs else {})},
-                            rounds=rounds, attack=attack,
-                            utility=utility, noise_multiplier=sigma, site_level=site_level, failure=failure)
+    plot_run(folder.out, rounds, attack, utility, files.read("attack_scores"))
+    summary = write_summary(folder.out / "summary.md",
+                            config={**cfg.to_run_config(), **(prep.inputs.to_record() if prep.inputs else {})},
+                            rounds=rounds, attack=attack, utility=utility, noise_multiplier=prep.sigma,
+                            site_level=site_level, failure=failure)
     files.write_json("status.json", {"status": "failed" if failure else "finished", "reason": failure or "",
                                      "rounds": int(utility["round"].max()) if len(utility) else 0})
     if len(utility):
         print("\n" + run_table(utility, attack, rounds) + "\n", flush=True)
+    return summary
+
+
+def set_up_auditor(cfg: SimulationConfig, folder: RunFolder, prep: Prepared,
+                   bundle) -> tuple[list[Attack], ReplyAttack | None, str]:
+    """The auditor's attacks on the global model, its attack on each reply (the server's view),
+    and the gradient canaries' plan for the sites ("" if none)."""
+    attacks = auditor_attacks(cfg, manifest=prep.manifest, model=bundle.model, preprocess=bundle.preprocess,
+                              tokenizer=bundle.tokenizer)
+    gradient = gradient_canary_audit(cfg, model=bundle.model, sites=tuple(prep.shape.units), state=folder.state)
+    if gradient is not None:
+        attacks.append(gradient[0])
+    idia = next((a for a in attacks if a.name == "idia"), None)
+    replies = (ReplyAttack(idia, model=bundle.model, when=reply_rounds(cfg.attack_replies, total_rounds=cfg.num_rounds))
+               if idia is not None and cfg.attack_replies != "off" else None)
+    return attacks, replies, gradient[1] if gradient is not None else ""
+
+
+def run(grid: Grid, cfg: SimulationConfig) -> Path:
+    """The experiment, step by step: open the run folder, prepare, find the sites, set up the
+    auditor, run the rounds under the budget strategy, report."""
+    if not cfg.deployment:  # simulated sites: keep Flower's in-memory engine's per-node polling small
+        grid = WindowedGrid(grid, window=cfg.messages_in_flight)
+    folder = open_run_folder(cfg)
+    prep = prepare(cfg, folder)
+    wire = wire_settings(cfg, folder, prep)
+    sites = find_sites(grid, cfg, prep, train_config_record(cfg, **wire))
+
+    bundle = create_model(cfg.model(pretrained=prep.checkpoint), device=pick_device())
+    initial = model_to_arrays(bundle.model, trainable_only=True)
+    if folder.saved:
+        initial = ArrayRecord(torch_state_dict=folder.saved["state_dict"])
+        print(f"resuming after round {folder.round_offset}", flush=True)
+    frame = load_manifest(prep.manifest, allow_outside_paths=cfg.allow_outside_paths).frame
+    test = load_pairs(frame[frame["split"] == str(Split.HELDOUT)], preprocess=bundle.preprocess, tokenizer=bundle.tokenizer)
+    attacks, replies, wire["gradient_canaries"] = set_up_auditor(cfg, folder, prep, bundle)
+
+    guarantee = guarantee_of(mode=cfg.round_plan(prep.sigma, prep.inputs).mode, privacy_unit=cfg.privacy_unit,
+                             microbatch_size=cfg.microbatch_size)
+    strategy = make_strategy(cfg, folder, prep, sites=sites, replies=replies, guarantee=guarantee)
+    evaluator = RoundEvaluator(model=bundle.model, tokenizer=bundle.tokenizer, test=test, attacks=attacks,
+                               files=folder.files, epsilons=strategy.epsilons, delta=cfg.delta, state_dir=folder.state,
+                               round_offset=folder.round_offset, total_rounds=cfg.num_rounds,
+                               trained_this_round=lambda: not strategy.exhausted,
+                               strategy_seconds=lambda: strategy.strategy_seconds, reply_attack=replies,
+                               comparable=guarantee.membership)
+    failure = None
+    if cfg.num_rounds > folder.round_offset:
+        try:
+            strategy.start(grid, initial, num_rounds=cfg.num_rounds - folder.round_offset,
+                           train_config=train_config_record(cfg, **wire), evaluate_fn=evaluator)
+        except SiteFailure as exc:
+            failure = str(exc)
+    evaluator.close()
+    final_eps = strategy.epsilons()
+    summary = report(cfg, folder, prep, failure=failure)
+    folder.store.close()
     if failure:
         print(f"run stopped: {failure}", flush=True)
         raise SiteFailure(failure)
     print(f"done: {summary}", flush=True)
     print(json.dumps({"final_site_epsilon": {k: v if math.isfinite(v) else "inf" for k, v in final_eps.items()}}))
-    return out
+    return folder.out

@@ -1,6 +1,5 @@
 """The server as the adversary: the attack on each site's reply, and the union over replies."""
 
-import numpy as np
 import pandas as pd
 import pytest
 import torch

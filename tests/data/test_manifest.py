@@ -123,7 +123,6 @@ def test_paths_outside_the_manifest_folder_are_refused_unless_allowed(copy):
 
 
 def test_a_directory_given_as_an_image_is_called_a_directory(copy):
-    frame = pd.read_csv(copy, dtype=str, keep_default_na=False)
     (copy.parent / "adir").mkdir()
     _edit(copy, lambda f: f.__setitem__("filepath", f["filepath"].where(f.index != 2, "adir")))
     with pytest.raises(ManifestError, match="line 4, column 'filepath': image path is a directory"):

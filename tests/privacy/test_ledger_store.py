@@ -1,6 +1,5 @@
 """The write-ahead ledger: charges before settlement, nothing is ever un-charged."""
 
-import math
 
 import pytest
 

@@ -190,7 +190,7 @@ def test_the_table_states_the_relation_each_run_was_accounted_under():
     import pandas as pd
 
     from simulations.compare.results import relation_of
-    from simulations.compare.settings import DEFAULT_SETTINGS, SETTINGS
+    from simulations.compare.settings import SETTINGS
 
     size_one = pd.DataFrame({"status": ["trained", "trained"], "relation": ["add_or_remove", "add_or_remove"]})
     hashed = pd.DataFrame({"status": ["trained", "refused"], "relation": ["replace_one", "add_or_remove"]})

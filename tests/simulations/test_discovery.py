@@ -9,7 +9,7 @@ import pytest
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from simulations.hospital_clip.server_app import discover_sites
+from simulations.hospital_clip.discovery import discover_sites
 
 
 @pytest.fixture(autouse=True)
