@@ -136,12 +136,19 @@ AUDIT_TEXT = (
 def write_summary(path: str | Path, *, config: Mapping[str, Any], rounds: pd.DataFrame, attack: pd.DataFrame,
                   utility: pd.DataFrame, noise_multiplier: float, site_level: Mapping[str, Any] | None = None,
                   failure: str | None = None) -> Path:
-    last = int(rounds["round"].max()) if len(rounds) else 0
-    final_sites = rounds[rounds["round"] == last][["site", "epsilon", "budget"]] if len(rounds) else rounds
-    selected = rounds.groupby("site")["selected"].sum() if len(rounds) else pd.Series(dtype=int)
+    """``summary.md``: what ran, what the accountant promises, what the attacker extracted, utility."""
     lines = ["# fedclip run summary", ""]
-    if failure:
-        lines += [f"**The run stopped: {failure}**", ""]
+    lines += _what_ran(config, noise_multiplier=noise_multiplier, failure=failure)
+    lines += _what_the_accountant_promises(config, rounds=rounds, site_level=site_level)
+    lines += _what_the_attacker_extracted(config, attack)
+    lines += _utility(utility)
+    path = Path(path)
+    path.write_text("\n".join(lines))
+    return path
+
+
+def _what_ran(config: Mapping[str, Any], *, noise_multiplier: float, failure: str | None) -> list[str]:
+    lines = [f"**The run stopped: {failure}**", ""] if failure else []
     overrides = [k for k in ("allow-large-delta", "allow-outside-paths") if config.get(k)]
     if overrides:
         lines += ["**Overrides in force: " + ", ".join(f"{k} = true" for k in overrides)
@@ -151,7 +158,7 @@ def write_summary(path: str | Path, *, config: Mapping[str, Any], rounds: pd.Dat
         lines += ["**WARNING: reproducible-noise was on. Noise and sampling were seeded from the run config, so "
                   "this run is NOT PRIVATE AGAINST THE SERVER: every epsilon below holds only against parties who do "
                   "not know the config.**", ""]
-    lines += [
+    return lines + [
         f"- dp mode: **{config['dp-mode']}**, privacy unit: **{config['privacy-unit']}**, "
         + (f"input-level: noise multiplier {float(config['input-noise-multiplier']):.4g} over radius "
            f"{float(config['input-radius-resolved']):.4g}, {config['input-images-per-unit']} images per unit, released "
@@ -168,29 +175,35 @@ def write_summary(path: str | Path, *, config: Mapping[str, Any], rounds: pd.Dat
          f"- failure-quorum {config['failure-quorum']:g}: a round counts if at least that share of its selected sites "
          "trained; failed sites were tolerated"),
         "",
-        "## What the accountant promises",
-        "",
     ]
+
+
+def _promise(config: Mapping[str, Any]) -> list[str]:
+    """What each site's epsilon means, by mode."""
     if config["dp-mode"] == "nonprivate":
-        lines.append("Locally nothing: sites add no noise, so the per-site epsilon below is infinite.")
-    elif config["dp-mode"] == "mask-replace":
-        lines.append(f"No epsilon: {mechanism_text(config)}; what lies outside each mask is trained on as it is, so "
-                     "the per-site epsilon below is infinite.")
-    elif config["dp-mode"] in ("cadp", "maskdp"):
-        lines.append(INPUT_TEXT.format(mechanism=mechanism_text(config), delta=float(config["delta"]),
-                                       k=config["input-images-per-unit"],
-                                       mask="pixels outside each mask and the mask itself, "
-                                       if config["dp-mode"] == "maskdp" else ""))
-    else:
-        lines += [
-            f"Each epsilon is an upper bound for data sets that differ by adding or removing {UNIT_TEXT[config['privacy-unit']]}, "
-            f"at delta = {config['delta']:g}, composed over every round the site trained. Mechanism: "
-            f"{mechanism_text(config)}.",
-            "", "Threat model: local DP; the server is the adversary. Each site draws its noise and sampling from "
-            "OS entropy" + (" (here: NOT, reproducible-noise was on)" if config.get("reproducible-noise") else "")
-            + ", enforces its own policy and keeps its own ledger; the server's ledger is write-ahead (a round is "
-            "charged before it is sent; failed, refused or lost replies keep their charge).",
-        ]
+        return ["Locally nothing: sites add no noise, so the per-site epsilon below is infinite."]
+    if config["dp-mode"] == "mask-replace":
+        return [f"No epsilon: {mechanism_text(config)}; what lies outside each mask is trained on as it is, so "
+                "the per-site epsilon below is infinite."]
+    if config["dp-mode"] in ("cadp", "maskdp"):
+        return [INPUT_TEXT.format(mechanism=mechanism_text(config), delta=float(config["delta"]),
+                                  k=config["input-images-per-unit"],
+                                  mask="pixels outside each mask and the mask itself, "
+                                  if config["dp-mode"] == "maskdp" else "")]
+    return [
+        f"Each epsilon is an upper bound for data sets that differ by adding or removing {UNIT_TEXT[config['privacy-unit']]}, "
+        f"at delta = {config['delta']:g}, composed over every round the site trained. Mechanism: "
+        f"{mechanism_text(config)}.",
+        "", "Threat model: local DP; the server is the adversary. Each site draws its noise and sampling from "
+        "OS entropy" + (" (here: NOT, reproducible-noise was on)" if config.get("reproducible-noise") else "")
+        + ", enforces its own policy and keeps its own ledger; the server's ledger is write-ahead (a round is "
+        "charged before it is sent; failed, refused or lost replies keep their charge).",
+    ]
+
+
+def _what_the_accountant_promises(config: Mapping[str, Any], *, rounds: pd.DataFrame,
+                                  site_level: Mapping[str, Any] | None) -> list[str]:
+    lines = ["## What the accountant promises", "", *_promise(config)]
     if "neighbours" in rounds.columns and len(rounds):
         first = rounds.iloc[0]
         lines += ["", f"Every site epsilon in this summary and in `rounds.csv`: **neighbouring data sets: "
@@ -202,6 +215,9 @@ def write_summary(path: str | Path, *, config: Mapping[str, Any], rounds: pd.Dat
                   "(one site's clipped update replaced by zero, the number of sites fixed); under replace-one (a site's "
                   f"data replaced by anything, sensitivity 2S) epsilon {site_level['epsilon_replace_one']:.3f}. PLD "
                   f"accountant, no sampling amplification (Flower's RDP figure: {site_level['epsilon_flower_rdp']:.3f})."]
+    last = int(rounds["round"].max()) if len(rounds) else 0
+    final_sites = rounds[rounds["round"] == last][["site", "epsilon", "budget"]] if len(rounds) else rounds
+    selected = rounds.groupby("site")["selected"].sum() if len(rounds) else pd.Series(dtype=int)
     lines += ["", "| site | rounds trained | epsilon | budget |", "|---|---|---|---|"]
     for row in final_sites.itertuples():
         lines.append(f"| {row.site} | {int(selected.get(row.site, 0))} | {_fmt(float(row.epsilon))} | {row.budget} |")
@@ -210,25 +226,23 @@ def write_summary(path: str | Path, *, config: Mapping[str, Any], rounds: pd.Dat
         lines += ["", "Sites that did not train when selected (their planned spending stays charged):", "",
                   "| round | site | status | reason |", "|---|---|---|---|"]
         lines += [f"| {r.round} | {r.site} | {r.status} | {str(r.reason)[:200]} |" for r in failed.itertuples()]
-    lines += [
-        "", _released(config), "",
-        "## What the attacker extracted, and what the audit certifies", "",
-        *ATTACK_HEADER,
-    ]
+    return lines + ["", _released(config), ""]
+
+
+def _what_the_attacker_extracted(config: Mapping[str, Any], attack: pd.DataFrame) -> list[str]:
+    lines = ["## What the attacker extracted, and what the audit certifies", "", *ATTACK_HEADER]
     lines += attack_rows(attack)
     lines += contradictions(attack)
     if not len(attack):
         lines += ["", "No attack ran during this run: in a deployment the server holds no targets. The auditor, who "
                   "does, attacks every round's saved model (`models/`) with `fedclip audit RUN_DIR --targets FILE`."]
-    lines += [
-        "", AUDIT_TEXT, "",
-        "## Utility on held-out patients", "",
-        "| round | zero-shot accuracy | recall@1 | recall@5 |", "|---|---|---|---|",
-    ]
+    return lines + ["", AUDIT_TEXT, ""]
+
+
+def _utility(utility: pd.DataFrame) -> list[str]:
+    lines = ["## Utility on held-out patients", "",
+             "| round | zero-shot accuracy | recall@1 | recall@5 |", "|---|---|---|---|"]
     for row in utility.itertuples():
         lines.append(f"| {row.round} | {row.zero_shot_accuracy:.3f} | {row.recall_at_1:.3f} | {row.recall_at_5:.3f} |")
-    lines += ["", "Plots: `epsilon.png`, `attack.png`, `utility.png`. Tables: `rounds.csv`, `attack.csv`, "
-              "`attack_sites.csv`, `utility.csv`.", ""]
-    path = Path(path)
-    path.write_text("\n".join(lines))
-    return path
+    return lines + ["", "Plots: `epsilon.png`, `attack.png`, `utility.png`. Tables: `rounds.csv`, `attack.csv`, "
+                    "`attack_sites.csv`, `utility.csv`.", ""]
