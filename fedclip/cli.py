@@ -219,12 +219,8 @@ def cmd_spending(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser(extra: Sequence[Callable[[Any], None]] = ()) -> argparse.ArgumentParser:
-    """The library's commands, then those ``extra`` registers (the apps', ``simulations.commands``)."""
-    parser = argparse.ArgumentParser(prog="fedclip", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
-    for register in extra:
-        register(sub)
+def _data_commands(sub) -> None:
+    """prepare, data, warmstart: the embedded default's data and base model."""
     p = sub.add_parser("prepare", help="generate data, warm-start and evaluate the embedded default")
     p.add_argument("--out", default="runs/default")
     _add_data_options(p)
@@ -239,6 +235,10 @@ def build_parser(extra: Sequence[Callable[[Any], None]] = ()) -> argparse.Argume
     p.add_argument("--cache-dir", default="runs/cache")
     p.add_argument("--epochs", type=int, default=WarmStartConfig.epochs)
     p.set_defaults(func=cmd_warmstart)
+
+
+def _auditor_commands(sub) -> None:
+    """canaries: the auditor's canary patients for a consortium's own data."""
     p = sub.add_parser("canaries", help="the auditor: canary patients for a consortium's own data, one share per site")
     p.add_argument("out", help="new folder for the auditor's canaries.csv and each site's share")
     p.add_argument("--sites", required=True, help="comma-separated site names, as in the run's `sites`")
@@ -249,6 +249,10 @@ def build_parser(extra: Sequence[Callable[[Any], None]] = ()) -> argparse.Argume
     p.add_argument("--name-lists", default="census", choices=sorted(NAME_LISTS), help="lists canary names are drawn from")
     p.add_argument("--exclude", default=None, help="a manifest whose names no canary may take (the auditor's targets)")
     p.set_defaults(func=cmd_canaries)
+
+
+def _input_commands(sub) -> None:
+    """privatize, gallery: input-level privatization (CADP, MaskDP)."""
     p = sub.add_parser("privatize", help="CADP or MaskDP: privatize a manifest's training images once (input level)")
     p.add_argument("--manifest", required=True, help="the manifest whose 'train' rows are privatized")
     p.add_argument("--out", required=True, help="new folder: manifest.csv, images/, privatization.json/.png, inn.pt")
@@ -280,6 +284,10 @@ def build_parser(extra: Sequence[Callable[[Any], None]] = ()) -> argparse.Argume
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--allow-outside-paths", action="store_true")
     p.set_defaults(func=cmd_gallery)
+
+
+def _site_commands(sub) -> None:
+    """status, spending: what a run and a site's ledger say."""
     p = sub.add_parser("status", help="a run's status.json; exit 0 finished, 1 failed, 3 running or unknown")
     p.add_argument("run_dir")
     p.set_defaults(func=cmd_status)
@@ -288,12 +296,22 @@ def build_parser(extra: Sequence[Callable[[Any], None]] = ()) -> argparse.Argume
     p.add_argument("--delta", type=float, default=1e-5)
     p.add_argument("--accountant", default="prv")
     p.set_defaults(func=cmd_spending)
+
+
+def build_parser(extra: Sequence[Callable[[Any], None]] = (), description: str | None = None) -> argparse.ArgumentParser:
+    """The library's commands, and those ``extra`` registers (the apps', ``simulations.commands``)."""
+    parser = argparse.ArgumentParser(prog="fedclip", description=description or __doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for register in (_data_commands, *extra, _auditor_commands, _input_commands, _site_commands):
+        register(sub)
     return parser
 
 
-def main(argv: list[str] | None = None, *, extra: Sequence[Callable[[Any], None]] = ()) -> int:
+def main(argv: list[str] | None = None, *, extra: Sequence[Callable[[Any], None]] = (),
+         description: str | None = None) -> int:
     """``fedclip``: the installed command is ``simulations.commands.main``, which adds the apps' commands."""
-    args = build_parser(extra).parse_args(argv)
+    args = build_parser(extra, description).parse_args(argv)
     quiet_known_noise()
     try:
         decide_progress()

@@ -85,8 +85,15 @@ def add_app_commands(sub) -> None:
     p.set_defaults(func=cmd_site_worker)
 
 
+def _usage() -> str:
+    """Every command's line, the library's and these."""
+    lines = [line for doc in (cli.__doc__, __doc__) for line in (doc or "").splitlines()
+             if line.startswith("    fedclip ")]
+    return "fedclip: federated, differentially private fine-tuning of CLIP, with attacks built in.\n\n" + "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
-    return cli.main(argv, extra=(add_app_commands,))
+    return cli.main(argv, extra=(add_app_commands,), description=_usage())
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ import sys
 import pandas as pd
 import pytest
 
-from fedclip.cli import main
+from simulations.commands import main  # the installed `fedclip` command
 
 
 def test_prepare_writes_data_checkpoint_and_table(tmp_path):
@@ -61,3 +61,17 @@ def test_audit_and_spending_name_what_is_missing(tmp_path, capsys):
     assert f"run: {tmp_path} has no config.json" in capsys.readouterr().err
     assert main(["spending", str(tmp_path)]) == 2
     assert f"no ledger at {tmp_path / 'ledger.sqlite'}" in capsys.readouterr().err
+
+
+def test_the_installed_command_has_every_command(capsys):
+    import tomllib
+    from pathlib import Path
+
+    scripts = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts["fedclip"] == "simulations.commands:main"
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = capsys.readouterr().out
+    for command in ("prepare", "data", "warmstart", "compare", "audit", "site-worker", "canaries", "privatize",
+                    "gallery", "status", "spending"):
+        assert f"    fedclip {command} " in text, command
