@@ -41,8 +41,10 @@ def round_seconds(log: str) -> dict[int, float]:
 
 def split_roles(manifest: Path) -> dict[str, Path]:
     frame = pd.read_csv(manifest, keep_default_na=False)
-    parts = {"server": frame[frame["split"].isin(["public", "heldout"])],
-             "auditor": frame[frame["split"].isin(["query", "heldout"])]}
+    parts = {
+        "server": frame[frame["split"].isin(["public", "heldout"])],
+        "auditor": frame[frame["split"].isin(["query", "heldout"])],
+    }
     for site in sorted(set(frame.loc[frame["split"] == "train", "site"])):
         parts[site] = frame[(frame["split"] == "train") & (frame["site"] == site)]
     out = {}
@@ -52,28 +54,44 @@ def split_roles(manifest: Path) -> dict[str, Path]:
     return out
 
 
-def deployed_run(folder: Path, roles: dict[str, Path], common: str, *, sites: list[str], checkpoint: Path,
-                 patients: int, workers: bool, step: str) -> tuple[dict[int, float], float, list[list[float]]]:
+def deployed_run(
+    folder: Path,
+    roles: dict[str, Path],
+    common: str,
+    *,
+    sites: list[str],
+    checkpoint: Path,
+    patients: int,
+    workers: bool,
+    step: str,
+) -> tuple[dict[int, float], float, list[list[float]]]:
     """One consortium run on loopback: its round times, wall time and (``workers``: each hospital hands
     its messages to a site worker) each worker's seconds per train message, from the worker's log."""
-    print(f"{step} deployment: SuperLink and {len(sites)} SuperNodes on loopback"
-          + (", each with a site worker" if workers else ", a fresh ClientApp process per message"), flush=True)
+    print(
+        f"{step} deployment: SuperLink and {len(sites)} SuperNodes on loopback"
+        + (", each with a site worker" if workers else ", a fresh ClientApp process per message"),
+        flush=True,
+    )
     fed = Federation(folder / "federation")
     worker_logs: list[Path] = []
     try:
         fed.superlink()
         for site in sites:
             state = folder / "state" / site
-            node = (f"site='{site}' manifest='{roles[site]}' checkpoint='{checkpoint}' state-dir='{state}' "
-                    f"declared-units={patients}")
+            node = (
+                f"site='{site}' manifest='{roles[site]}' checkpoint='{checkpoint}' state-dir='{state}' "
+                f"declared-units={patients}"
+            )
             if workers:
                 node += f" site-worker='{fed.root / (site + '.sock')}'"
                 worker_logs.append(fed.site_worker(site, fed.root / f"{site}.sock"))
             fed.supernode(site, node)
         run_toml = folder / "deployed.toml"
         # the auditor's targets on the server, so both runtimes do the same per-round evaluation
-        run_toml.write_text(common + f"manifest = '{roles['server']}'\nsites = '{','.join(sites)}'\n"
-                                     f"audit-manifest = '{roles['auditor']}'\noutput-dir = '{folder / 'out'}'\n")
+        run_toml.write_text(
+            common + f"manifest = '{roles['server']}'\nsites = '{','.join(sites)}'\n"
+            f"audit-manifest = '{roles['auditor']}'\noutput-dir = '{folder / 'out'}'\n"
+        )
         started = time.time()
         done = fed.run(run_toml, timeout=3600)
         wall = time.time() - started
@@ -96,22 +114,53 @@ def main() -> None:
     manifest = generate(root / "data", data)
     roles = split_roles(manifest)
     checkpoint = warm_start(roles["server"], cache_dir=root / "cache", config=WarmStartConfig(epochs=args.warm_epochs))
-    common = (f"num-rounds = {args.rounds}\npretrained = '{checkpoint}'\ncache-dir = '{root / 'cache'}'\n"
-              f"declared-units = {args.patients}\nidia-distractors = 50\n")
+    common = (
+        f"num-rounds = {args.rounds}\npretrained = '{checkpoint}'\ncache-dir = '{root / 'cache'}'\n"
+        f"declared-units = {args.patients}\nidia-distractors = 50\n"
+    )
     sites = sorted(r for r in roles if r not in ("server", "auditor"))
 
-    deployed, deployed_wall, _ = deployed_run(root / "per-message", roles, common, sites=sites, checkpoint=checkpoint,
-                                           patients=args.patients, workers=False, step="[1/3]")
-    worker, worker_wall, handling = deployed_run(root / "worker", roles, common, sites=sites, checkpoint=checkpoint,
-                                       patients=args.patients, workers=True, step="[2/3]")
+    deployed, deployed_wall, _ = deployed_run(
+        root / "per-message",
+        roles,
+        common,
+        sites=sites,
+        checkpoint=checkpoint,
+        patients=args.patients,
+        workers=False,
+        step="[1/3]",
+    )
+    worker, worker_wall, handling = deployed_run(
+        root / "worker",
+        roles,
+        common,
+        sites=sites,
+        checkpoint=checkpoint,
+        patients=args.patients,
+        workers=True,
+        step="[2/3]",
+    )
 
     print("[3/3] simulation: the same data through flower-simulation (Ray)", flush=True)
     sim_toml = root / "simulated.toml"
     sim_toml.write_text(common + f"manifest = '{manifest}'\n")
     started = time.time()
-    sim = subprocess.run([str(BIN / "flower-simulation"), "--app", "simulations.hospital_clip", "--run-config",
-                          str(sim_toml), "--output", str(root / "simulated")], cwd=REPO, capture_output=True,
-                         text=True, timeout=3600, env={**os.environ, "OMP_NUM_THREADS": "1"})  # as the SuperNodes run
+    sim = subprocess.run(
+        [
+            str(BIN / "flower-simulation"),
+            "--app",
+            "simulations.hospital_clip",
+            "--run-config",
+            str(sim_toml),
+            "--output",
+            str(root / "simulated"),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=3600,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # as the SuperNodes run
     simulated_wall = time.time() - started
     if sim.returncode != 0:
         raise SystemExit(f"simulated run failed:\n{(sim.stdout + sim.stderr)[-3000:]}")
@@ -120,19 +169,32 @@ def main() -> None:
     def ratio(times: dict[int, float], r: int) -> float | None:
         return times[r] / simulated[r] if simulated.get(r) and r in times else None
 
-    rows = [{"round": r, "deployed (s)": deployed.get(r), "with site worker (s)": worker.get(r),
-             "simulated (s)": simulated.get(r), "deployed / simulated": ratio(deployed, r),
-             "worker / simulated": ratio(worker, r)}
-            for r in sorted(set(deployed) | set(worker) | set(simulated))]
+    rows = [
+        {
+            "round": r,
+            "deployed (s)": deployed.get(r),
+            "with site worker (s)": worker.get(r),
+            "simulated (s)": simulated.get(r),
+            "deployed / simulated": ratio(deployed, r),
+            "worker / simulated": ratio(worker, r),
+        }
+        for r in sorted(set(deployed) | set(worker) | set(simulated))
+    ]
     table = pd.DataFrame(rows)
-    print(f"\n{len(sites)} hospitals x {args.patients} patients x {data.images_per_patient} images, "
-          f"{args.rounds} rounds (round 1 deployed: cache miss; later rounds: the site's disk cache)")
+    print(
+        f"\n{len(sites)} hospitals x {args.patients} patients x {data.images_per_patient} images, "
+        f"{args.rounds} rounds (round 1 deployed: cache miss; later rounds: the site's disk cache)"
+    )
     print(table.to_string(index=False, float_format=lambda v: f"{v:.2f}"))
-    print(f"\nwhole run: deployed {deployed_wall:.0f} s, with site workers {worker_wall:.0f} s, simulated {simulated_wall:.0f} s (each including its own "
-          f"start-up, data check and warm-start lookup); folder {root}")
+    print(
+        f"\nwhole run: deployed {deployed_wall:.0f} s, with site workers {worker_wall:.0f} s, simulated {simulated_wall:.0f} s (each including its own "
+        f"start-up, data check and warm-start lookup); folder {root}"
+    )
     for site, times in zip(sites, handling):
-        print(f"{site}'s worker: seconds per train message (its own handling, rounds 1..): "
-              + ", ".join(f"{t:.1f}" for t in times))
+        print(
+            f"{site}'s worker: seconds per train message (its own handling, rounds 1..): "
+            + ", ".join(f"{t:.1f}" for t in times)
+        )
 
 
 if __name__ == "__main__":

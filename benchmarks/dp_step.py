@@ -48,21 +48,21 @@ def report_captions(count: int) -> list[str]:
     return [caption(name, CONDITIONS[i % len(CONDITIONS)], rng) for i, name in enumerate(draw_unique_names(rng, count))]
 
 
-def _one(k: int, trainable: str, engine: str, mode: str, pairs: int, repeats: int, device: str, model_name: str) -> dict:
+def _one(
+    k: int, trainable: str, engine: str, mode: str, pairs: int, repeats: int, device: str, model_name: str
+) -> dict:
     import warnings
 
     warnings.filterwarnings("ignore")
     import torch.nn.functional as F
 
     from fedclip.models.factory import ModelConfig, create_model
+    from fedclip.training.allocator import allocator_choice, retain_freed_memory
     from fedclip.training.config import DpConfig, TrainConfig
     from fedclip.training.group_grads import make_grad_engine
     from fedclip.training.local import dp_step, make_optimizer
     from fedclip.training.loss import clip_loss
-    from fedclip.training.allocator import retain_freed_memory
     from fedclip.training.negative_bank import NegativeBank
-
-    from fedclip.training.allocator import allocator_choice
 
     allocator = "retain" if retain_freed_memory() else f"{allocator_choice()} (glibc defaults)"
     torch.manual_seed(0)
@@ -75,16 +75,31 @@ def _one(k: int, trainable: str, engine: str, mode: str, pairs: int, repeats: in
     bank = None
     if mode == "unit":
         dim = model.text_projection.shape[1]
-        bank = NegativeBank(images=F.normalize(torch.randn(256, dim, device=device), dim=-1),
-                            texts=F.normalize(torch.randn(256, dim, device=device), dim=-1))
-    dp = DpConfig(noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=1.0, microbatch_size=max(1, pairs // k), declared_units=pairs)
+        bank = NegativeBank(
+            images=F.normalize(torch.randn(256, dim, device=device), dim=-1),
+            texts=F.normalize(torch.randn(256, dim, device=device), dim=-1),
+        )
+    dp = DpConfig(
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+        sample_rate=1.0,
+        microbatch_size=max(1, pairs // k),
+        declared_units=pairs,
+    )
     dp_opt = make_optimizer(model, dp, TrainConfig(), expected_microbatches=k, noise_generator=None)
     plain_opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     try:
         grads_of = make_grad_engine(model, engine)
     except ValueError as refused:  # e.g. ghost with the token embedding trainable: a row that says so
-        return {"model": model_name, "allocator": allocator, "mode": mode, "groups": k, "trainable": trainable,
-                "engine": engine, "refused": str(refused)}
+        return {
+            "model": model_name,
+            "allocator": allocator,
+            "mode": mode,
+            "groups": k,
+            "trainable": trainable,
+            "engine": engine,
+            "refused": str(refused),
+        }
 
     def one_dp_step() -> None:
         dp_step(model, dp_opt, grads_of(groups, images, tokens, bank=bank), canaries=None)
@@ -136,13 +151,29 @@ def _one(k: int, trainable: str, engine: str, mode: str, pairs: int, repeats: in
     plain, dp_time, noise = float(np.median(plain_t)), float(np.median(dp_t)), float(np.median(noise_t))
     ratio = float(np.median(dp_t / plain_t))
     trainable_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    peak = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"model": model_name, "allocator": allocator, "mode": mode, "groups": k, "trainable": trainable, "engine": engine,
-            "trainable_params": trainable_params,
-            "plain_ms": plain * 1e3, "dp_ms": dp_time * 1e3, "ratio": ratio,
-            "plain_live_ms": float(np.median(live_t)) * 1e3, "ratio_vs_plain_live": float(np.median(dp_t / live_t)),
-            "noise_ms": noise * 1e3, "ratio_without_noise": float(np.median((dp_t - noise_t) / plain_t)),
-            "group_grads_MiB": k * trainable_params * 4 / 2**20, "peak_MiB": peak}
+    peak = (
+        torch.cuda.max_memory_allocated() / 2**20
+        if device == "cuda"
+        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    )
+    return {
+        "model": model_name,
+        "allocator": allocator,
+        "mode": mode,
+        "groups": k,
+        "trainable": trainable,
+        "engine": engine,
+        "trainable_params": trainable_params,
+        "plain_ms": plain * 1e3,
+        "dp_ms": dp_time * 1e3,
+        "ratio": ratio,
+        "plain_live_ms": float(np.median(live_t)) * 1e3,
+        "ratio_vs_plain_live": float(np.median(dp_t / live_t)),
+        "noise_ms": noise * 1e3,
+        "ratio_without_noise": float(np.median((dp_t - noise_t) / plain_t)),
+        "group_grads_MiB": k * trainable_params * 4 / 2**20,
+        "peak_MiB": peak,
+    }
 
 
 def main() -> int:
@@ -154,43 +185,87 @@ def main() -> int:
     parser.add_argument("--trainable", default="all,last-1,projections")
     parser.add_argument("--engines", default="hooks,vmap,ghost")
     parser.add_argument("--vmap-max-k", type=int, default=16, help="largest K run with the vmap reference (it is slow)")
-    parser.add_argument("--units", type=int, default=32, help="units in the per-unit rows (pairs/units pairs each; 0: none)")
-    parser.add_argument("--allocators", default="retain", help="retain (glibc keeps freed memory, as training runs) and/or system")
-    parser.add_argument("--model", default="fedclip-tiny", help="open_clip architecture (random weights), e.g. ViT-B-32")
+    parser.add_argument(
+        "--units", type=int, default=32, help="units in the per-unit rows (pairs/units pairs each; 0: none)"
+    )
+    parser.add_argument(
+        "--allocators", default="retain", help="retain (glibc keeps freed memory, as training runs) and/or system"
+    )
+    parser.add_argument(
+        "--model", default="fedclip-tiny", help="open_clip architecture (random weights), e.g. ViT-B-32"
+    )
     parser.add_argument("--csv", default="", help="also write the table here")
     parser.add_argument("--one", nargs=4, metavar=("K", "TRAINABLE", "ENGINE", "MODE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(_one(int(args.one[0]), args.one[1], args.one[2], args.one[3], args.pairs, args.repeats,
-                              args.device, args.model)))
+        print(
+            json.dumps(
+                _one(
+                    int(args.one[0]),
+                    args.one[1],
+                    args.one[2],
+                    args.one[3],
+                    args.pairs,
+                    args.repeats,
+                    args.device,
+                    args.model,
+                )
+            )
+        )
         return 0
     plan = []
     for allocator in args.allocators.split(","):
         for trainable in args.trainable.split(","):
             for engine in args.engines.split(","):
-                plan += [(allocator, k, trainable, engine, "microbatch") for k in map(int, args.ks.split(","))
-                         if engine != "vmap" or k <= args.vmap_max_k]
+                plan += [
+                    (allocator, k, trainable, engine, "microbatch")
+                    for k in map(int, args.ks.split(","))
+                    if engine != "vmap" or k <= args.vmap_max_k
+                ]
                 if args.units:
                     plan.append((allocator, args.units, trainable, engine, "unit"))
     rows = []
     for i, (allocator, k, trainable, engine, mode) in enumerate(plan, 1):
-        cmd = [sys.executable, "-m", "benchmarks.dp_step", "--one", str(k), trainable, engine, mode, "--model", args.model,
-               "--pairs", str(args.pairs), "--repeats", str(args.repeats), "--device", args.device]
+        cmd = [
+            sys.executable,
+            "-m",
+            "benchmarks.dp_step",
+            "--one",
+            str(k),
+            trainable,
+            engine,
+            mode,
+            "--model",
+            args.model,
+            "--pairs",
+            str(args.pairs),
+            "--repeats",
+            str(args.repeats),
+            "--device",
+            args.device,
+        ]
         env = {**os.environ, "FEDCLIP_MALLOC": allocator}
         out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env).stdout.strip().splitlines()[-1]
         r = json.loads(out)
         rows.append(r)
         if "refused" in r:
-            print(f"[{i}/{len(plan)}] {allocator:<6} {mode:<10} K={k:>3} {trainable:<11} {engine:<5} refused: {r['refused']}")
+            print(
+                f"[{i}/{len(plan)}] {allocator:<6} {mode:<10} K={k:>3} {trainable:<11} {engine:<5} refused: {r['refused']}"
+            )
             continue
-        print(f"[{i}/{len(plan)}] {allocator:<6} {mode:<10} K={k:>3} {trainable:<11} {engine:<5} plain {r['plain_ms']:7.1f} ms  "
-              f"dp {r['dp_ms']:7.1f} ms  ratio {r['ratio']:.2f}x (noise {r['noise_ms']:.0f} ms)  peak {r['peak_MiB']:.0f} MiB", flush=True)
+        print(
+            f"[{i}/{len(plan)}] {allocator:<6} {mode:<10} K={k:>3} {trainable:<11} {engine:<5} plain {r['plain_ms']:7.1f} ms  "
+            f"dp {r['dp_ms']:7.1f} ms  ratio {r['ratio']:.2f}x (noise {r['noise_ms']:.0f} ms)  peak {r['peak_MiB']:.0f} MiB",
+            flush=True,
+        )
     import pandas as pd
 
     table = pd.DataFrame(rows)
     if args.csv:
         table.to_csv(args.csv, index=False)
-    print(f"\n{args.pairs} pairs per step, device {args.device}, torch {torch.__version__}, median of {args.repeats} interleaved repeats (ratios per repeat)")
+    print(
+        f"\n{args.pairs} pairs per step, device {args.device}, torch {torch.__version__}, median of {args.repeats} interleaved repeats (ratios per repeat)"
+    )
     print(table.to_markdown(index=False, floatfmt=".2f") if _has_tabulate() else table.to_string(index=False))
     return 0
 

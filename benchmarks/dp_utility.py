@@ -57,8 +57,11 @@ CANDIDATES = (
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.dp_utility", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.dp_utility",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--patients", type=int, default=250)
     p.add_argument("--epsilon", type=float, default=4.0)
     p.add_argument("--steps", type=int, default=240)
@@ -79,30 +82,51 @@ def main(argv: list[str] | None = None) -> int:
 
     def run(c: Candidate, seed: int) -> tuple[float, float]:
         model = bench.model(c.trainable)
-        dp = calibrated(DpConfig(mode=c.mode, sample_rate=c.sample_rate, microbatch_size=c.microbatch_size,
-                                 declared_units=args.patients), epsilon=args.epsilon, steps=args.steps)
+        dp = calibrated(
+            DpConfig(
+                mode=c.mode, sample_rate=c.sample_rate, microbatch_size=c.microbatch_size, declared_units=args.patients
+            ),
+            epsilon=args.epsilon,
+            steps=args.steps,
+        )
         sigma = dp.noise_multiplier if c.mode != "nonprivate" else 0.0
-        train_local(model, train, dp=dp, train=TrainConfig(steps=args.steps, lr=c.lr, optimizer=c.optimizer),
-                    reproducible_seed=seed, public=bench.public)
+        train_local(
+            model,
+            train,
+            dp=dp,
+            train=TrainConfig(steps=args.steps, lr=c.lr, optimizer=c.optimizer),
+            reproducible_seed=seed,
+            public=bench.public,
+        )
         return bench.accuracy(model), sigma
 
     rows = []
     for c in REFERENCES + tuple(c for c in CANDIDATES if args.only in c.label and args.skip not in c.label):
         started = time.time()
         results = [run(c, seed) for seed in range(args.seeds)]
-        rows.append({"config": c.label, "sigma": results[0][1],
-                     "zero_shot": sum(r[0] for r in results) / len(results),
-                     "seconds_per_run": (time.time() - started) / args.seeds})
-        print(f"{c.label:36s} sigma {rows[-1]['sigma']:5.2f}  zero-shot {rows[-1]['zero_shot']:.3f}  "
-              f"{rows[-1]['seconds_per_run']:.0f}s", flush=True)
+        rows.append(
+            {
+                "config": c.label,
+                "sigma": results[0][1],
+                "zero_shot": sum(r[0] for r in results) / len(results),
+                "seconds_per_run": (time.time() - started) / args.seeds,
+            }
+        )
+        print(
+            f"{c.label:36s} sigma {rows[-1]['sigma']:5.2f}  zero-shot {rows[-1]['zero_shot']:.3f}  "
+            f"{rows[-1]['seconds_per_run']:.0f}s",
+            flush=True,
+        )
     table = pd.DataFrame(rows).set_index("config")
     reference = table["zero_shot"].iloc[: len(REFERENCES)].max()
     gain = reference - warm
     table["kept_share_of_gain"] = ((table["zero_shot"] - warm) / gain) if gain > 0 else math.nan
     out.mkdir(parents=True, exist_ok=True)
     table.to_csv(out / "utility.csv")
-    print(f"\nepsilon {args.epsilon} (identity, delta 1e-5), {args.patients} patients, {args.steps} steps, "
-          f"{args.seeds} seed(s); warm start {warm:.3f} on {len(bench.test)} held-out images\n")
+    print(
+        f"\nepsilon {args.epsilon} (identity, delta 1e-5), {args.patients} patients, {args.steps} steps, "
+        f"{args.seeds} seed(s); warm start {warm:.3f} on {len(bench.test)} held-out images\n"
+    )
     print(table.round(3).to_string())
     return 0
 

@@ -32,8 +32,12 @@ import torch
 from fedclip.data.names import DEFAULT_NAME_LISTS, NAME_LISTS
 
 
-def average(base: dict[str, torch.Tensor], models: list[dict[str, torch.Tensor]], *,
-            rows: dict[str, list[torch.Tensor]] | None = None) -> dict[str, torch.Tensor]:
+def average(
+    base: dict[str, torch.Tensor],
+    models: list[dict[str, torch.Tensor]],
+    *,
+    rows: dict[str, list[torch.Tensor]] | None = None,
+) -> dict[str, torch.Tensor]:
     """The mean of ``models``; for a key in ``rows`` (one boolean row mask per model: the rows that
     model trained), each row is the mean over the models that trained it (``base`` where none did)."""
     out = {}
@@ -51,8 +55,9 @@ def average(base: dict[str, torch.Tensor], models: list[dict[str, torch.Tensor]]
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.idia_leak", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.idia_leak", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--patients", type=int, default=250)
     p.add_argument("--trainable", default="all")
     p.add_argument("--lr", type=float, default=5e-4)
@@ -60,9 +65,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=120)
     p.add_argument("--names", choices=NAME_LISTS, default=DEFAULT_NAME_LISTS, help="name lists of the patients")
     p.add_argument("--sites", type=int, default=1, help="N > 1: FedAvg over N sites, in process")
-    p.add_argument("--rows-by-site", action="store_true", help="average token-embedding rows over the sites that hold the token")
-    p.add_argument("--replies", action="store_true", help="also attack each site's model before averaging (the server's view)")
-    p.add_argument("--identity-strength", type=float, default=None, help="weight of a patient's look (data default if unset)")
+    p.add_argument(
+        "--rows-by-site", action="store_true", help="average token-embedding rows over the sites that hold the token"
+    )
+    p.add_argument(
+        "--replies", action="store_true", help="also attack each site's model before averaging (the server's view)"
+    )
+    p.add_argument(
+        "--identity-strength", type=float, default=None, help="weight of a patient's look (data default if unset)"
+    )
     p.add_argument("--out", default="runs/bench_leak")
     args = p.parse_args(argv)
     if args.sites < 1 or ((args.rows_by_site or args.replies) and args.sites == 1):
@@ -74,8 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     from fedclip.attacks.idia import IdentityInferenceAttack, IdiaConfig, IdiaTargets
     from fedclip.attacks.metrics import membership_metrics
     from fedclip.attacks.replies import ReplyAttack
-    from fedclip.models.arrays import model_to_arrays
     from fedclip.data.manifest import load_manifest
+    from fedclip.models.arrays import model_to_arrays
     from fedclip.models.factory import ModelConfig, create_model
     from fedclip.training.config import DpConfig, TrainConfig
     from fedclip.training.local import train_local
@@ -86,8 +97,11 @@ def main(argv: list[str] | None = None) -> int:
     frame = load_manifest(out / "data" / "manifest.csv").frame
     bundle = create_model(ModelConfig(pretrained=str(bench.checkpoint)))
     idia = IdiaConfig(name_lists=args.names)
-    attack = IdentityInferenceAttack(IdiaTargets.from_frame(frame, config=idia, preprocess=bundle.preprocess),
-                                     tokenizer=bundle.tokenizer, config=idia)
+    attack = IdentityInferenceAttack(
+        IdiaTargets.from_frame(frame, config=idia, preprocess=bundle.preprocess),
+        tokenizer=bundle.tokenizer,
+        config=idia,
+    )
     model = bench.model(args.trainable)
     replies = ReplyAttack(attack, model=model, when=lambda r: True) if args.replies else None
     sites = [bench.sites[s] for s in sorted(bench.sites)]
@@ -103,7 +117,9 @@ def main(argv: list[str] | None = None) -> int:
         for i, data in enumerate(sites):
             local = copy.deepcopy(model) if args.sites > 1 else model
             dp = DpConfig(mode="nonprivate", privacy_unit="record", sample_rate=0.1, declared_units=len(data))
-            train_local(local, data, dp=dp, train=TrainConfig(steps=args.steps, lr=args.lr), reproducible_seed=chunk * 100 + i)
+            train_local(
+                local, data, dp=dp, train=TrainConfig(steps=args.steps, lr=args.lr), reproducible_seed=chunk * 100 + i
+            )
             trained.append({k: v.detach() for k, v in local.state_dict().items()})
             if replies is not None:
                 replies.observe(chunk, f"site_{i}", model_to_arrays(local))
@@ -116,8 +132,11 @@ def main(argv: list[str] | None = None) -> int:
             r = membership_metrics(replies.decisions(chunk).frame, delta=1e-5)
             on_replies = f", on the sites' models TPR {r['tpr']:.3f} FPR {r['fpr']:.3f}"
         done = f"{chunk * args.steps} steps" if args.sites == 1 else f"round {chunk} ({args.steps} local steps)"
-        print(f"{args.names} names, {args.trainable} lr {args.lr:g}, {done}: zero-shot {bench.accuracy(model):.3f}, "
-              f"IDIA TPR {tpr:.3f} FPR {fpr:.3f}{on_replies} ({time.time() - started:.0f}s)", flush=True)
+        print(
+            f"{args.names} names, {args.trainable} lr {args.lr:g}, {done}: zero-shot {bench.accuracy(model):.3f}, "
+            f"IDIA TPR {tpr:.3f} FPR {fpr:.3f}{on_replies} ({time.time() - started:.0f}s)",
+            flush=True,
+        )
     return 0
 
 

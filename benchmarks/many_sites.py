@@ -91,13 +91,26 @@ def _cpu_by_name(seen: dict[int, tuple[str, int]]) -> dict[str, float]:
 
 def run_one(sites: int, *, rounds: int, patients: int, steps: int, workdir: Path, in_flight: int = 8) -> dict:
     out = workdir / f"sites_{sites}"
-    config = (f"num-sites={sites} patients-per-site={patients} public-patients=40 heldout-patients=12 "
-              f"images-per-patient=2 query-images-per-patient=1 idia-queries=1 idia-distractors=20 lira=false attack-replies=off "
-              f"warm-start-epochs=3 local-steps={steps} negative-bank-size=32 num-rounds={rounds} "
-              f"microbatch-size=1 target-epsilon=0.0 noise-multiplier=1.0 budget=inf cache-dir='{workdir / 'cache'}' "
-              f"messages-in-flight={in_flight}")
-    cmd = [sys.executable, "-m", "simulations.cli", "--app", "simulations.hospital_clip", "--output", str(out),
-           "--run-config", config, "--backend-config", '{"client_resources": {"num_cpus": 1, "num_gpus": 0.0}}']
+    config = (
+        f"num-sites={sites} patients-per-site={patients} public-patients=40 heldout-patients=12 "
+        f"images-per-patient=2 query-images-per-patient=1 idia-queries=1 idia-distractors=20 lira=false attack-replies=off "
+        f"warm-start-epochs=3 local-steps={steps} negative-bank-size=32 num-rounds={rounds} "
+        f"microbatch-size=1 target-epsilon=0.0 noise-multiplier=1.0 budget=inf cache-dir='{workdir / 'cache'}' "
+        f"messages-in-flight={in_flight}"
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "simulations.cli",
+        "--app",
+        "simulations.hospital_clip",
+        "--output",
+        str(out),
+        "--run-config",
+        config,
+        "--backend-config",
+        '{"client_resources": {"num_cpus": 1, "num_gpus": 0.0}}',
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "FEDCLIP_PROGRESS": "0"}
     started = time.time()
     log = (workdir / f"sites_{sites}.log").open("w")
@@ -122,17 +135,25 @@ def run_one(sites: int, *, rounds: int, patients: int, steps: int, workdir: Path
     train_phase = trained.set_index("round")["train_phase_seconds"]
     strategy = trained.set_index("round")["strategy_seconds"]
     share = 1 - (per_round["handle_seconds"] / ACTORS + strategy) / train_phase
-    return {"sites": sites, "in_flight": in_flight, "wall_s": wall, "peak_tree_MiB": peak, "driver_peak_MiB": driver_peak,
-            "round_s": float(train_phase.mean()), "strategy_s": float(strategy.mean()),
-            "evaluate_s": float(trained["evaluate_seconds"].mean()),
-            "site_handle_s": float(site_rows["handle_seconds"].mean()),
-            "site_train_s": float(site_rows["train_seconds"].mean()),
-            "orchestration_share": float(share.mean()), "orchestration_share_last_round": float(share.iloc[-1]),
-            "site_messages": len(site_rows),
-            "peak_by_process": ", ".join(f"{k} {v:.0f}" for k, v in sorted(at_peak.items(), key=lambda kv: -kv[1])[:4]),
-            "peak_at_s": max(timeline, key=lambda tv: tv[1])[0] if timeline else 0.0,
-            "cpu_s_by_process": ", ".join(f"{k} {v:.0f}" for k, v in sorted(cpu_s.items(), key=lambda kv: -kv[1])[:5]),
-            "cpu_share_outside_sites": 1 - cpu_s.get(SITE_WORKER, 0.0) / max(sum(cpu_s.values()), 1e-9)}
+    return {
+        "sites": sites,
+        "in_flight": in_flight,
+        "wall_s": wall,
+        "peak_tree_MiB": peak,
+        "driver_peak_MiB": driver_peak,
+        "round_s": float(train_phase.mean()),
+        "strategy_s": float(strategy.mean()),
+        "evaluate_s": float(trained["evaluate_seconds"].mean()),
+        "site_handle_s": float(site_rows["handle_seconds"].mean()),
+        "site_train_s": float(site_rows["train_seconds"].mean()),
+        "orchestration_share": float(share.mean()),
+        "orchestration_share_last_round": float(share.iloc[-1]),
+        "site_messages": len(site_rows),
+        "peak_by_process": ", ".join(f"{k} {v:.0f}" for k, v in sorted(at_peak.items(), key=lambda kv: -kv[1])[:4]),
+        "peak_at_s": max(timeline, key=lambda tv: tv[1])[0] if timeline else 0.0,
+        "cpu_s_by_process": ", ".join(f"{k} {v:.0f}" for k, v in sorted(cpu_s.items(), key=lambda kv: -kv[1])[:5]),
+        "cpu_share_outside_sites": 1 - cpu_s.get(SITE_WORKER, 0.0) / max(sum(cpu_s.values()), 1e-9),
+    }
 
 
 def main() -> int:
@@ -150,12 +171,22 @@ def main() -> int:
     rows = []
     for n in (int(s) for s in args.sites.split(",")):
         print(f"{n} sites: running ({workdir})", flush=True)
-        rows.append(run_one(n, rounds=args.rounds, patients=args.patients, steps=args.steps, workdir=workdir,
-                            in_flight=args.in_flight))
+        rows.append(
+            run_one(
+                n,
+                rounds=args.rounds,
+                patients=args.patients,
+                steps=args.steps,
+                workdir=workdir,
+                in_flight=args.in_flight,
+            )
+        )
         r = rows[-1]
-        print(f"{n} sites: wall {r['wall_s']:.0f} s, round {r['round_s']:.1f} s (strategy {r['strategy_s']:.1f} s), "
-              f"peak {r['peak_tree_MiB']:.0f} MiB (driver {r['driver_peak_MiB']:.0f}), orchestration {100 * r['orchestration_share']:.1f}% of a round",
-              flush=True)
+        print(
+            f"{n} sites: wall {r['wall_s']:.0f} s, round {r['round_s']:.1f} s (strategy {r['strategy_s']:.1f} s), "
+            f"peak {r['peak_tree_MiB']:.0f} MiB (driver {r['driver_peak_MiB']:.0f}), orchestration {100 * r['orchestration_share']:.1f}% of a round",
+            flush=True,
+        )
     table = pd.DataFrame(rows)
     if args.csv:
         table.to_csv(args.csv, index=False)

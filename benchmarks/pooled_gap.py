@@ -33,8 +33,11 @@ def pure_noise_rows(tokens: list[torch.Tensor], vocab: int) -> torch.Tensor:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.pooled_gap", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.pooled_gap",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--patients-per-site", type=int, default=250)
     p.add_argument("--sites", type=int, default=4)
     p.add_argument("--rounds", type=int, default=4)
@@ -53,16 +56,19 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     bench = prepare(out, num_sites=args.sites, patients_per_site=args.patients_per_site)
     sites = list(bench.sites.values())
-    pooled = PairData(images=torch.cat([s.images for s in sites]), tokens=torch.cat([s.tokens for s in sites]),
-                      **{k: sum((getattr(s, k) for s in sites), ()) for k in
-                         ("patient_ids", "names", "conditions", "record_ids")})
+    pooled = PairData(
+        images=torch.cat([s.images for s in sites]),
+        tokens=torch.cat([s.tokens for s in sites]),
+        **{k: sum((getattr(s, k) for s in sites), ()) for k in ("patient_ids", "names", "conditions", "record_ids")},
+    )
 
     def dp(units: int, sigma: float) -> DpConfig:
         return DpConfig(mode=args.mode, noise_multiplier=sigma, sample_rate=args.sample_rate, declared_units=units)
 
     # the same sigma for the pooled site and every site: same q, steps and relation, so the same epsilon
-    sigma = calibrated(dp(args.patients_per_site, 1.0), epsilon=args.epsilon,
-                       steps=args.rounds * args.steps).noise_multiplier
+    sigma = calibrated(
+        dp(args.patients_per_site, 1.0), epsilon=args.epsilon, steps=args.rounds * args.steps
+    ).noise_multiplier
     rows = []
     for trainable, optimizer, lr in ARMS:
         train = TrainConfig(steps=args.steps, lr=lr, optimizer=optimizer)
@@ -76,25 +82,43 @@ def main(argv: list[str] | None = None) -> int:
                 states = []
                 for k, part in enumerate(parts):
                     model.load_state_dict(global_state)
-                    train_local(model, part, dp=dp(len(set(part.patient_ids)), sigma), train=train,
-                                reproducible_seed=1000 * round_ + k, public=bench.public)
+                    train_local(
+                        model,
+                        part,
+                        dp=dp(len(set(part.patient_ids)), sigma),
+                        train=train,
+                        reproducible_seed=1000 * round_ + k,
+                        public=bench.public,
+                    )
                     states.append({n: v.detach().clone() for n, v in model.state_dict().items()})
-                global_state = {n: torch.stack([s[n].float() for s in states]).mean(0).to(states[0][n].dtype)
-                                for n in states[0]}
+                global_state = {
+                    n: torch.stack([s[n].float() for s in states]).mean(0).to(states[0][n].dtype) for n in states[0]
+                }
             model.load_state_dict(global_state)
             emb = "token_embedding.weight"
             noise_rows = pure_noise_rows([s.tokens for s in sites], start[emb].shape[0])
             drift = (global_state[emb] - start[emb])[noise_rows].pow(2).mean().sqrt().item()
-            rows.append({"trainable": trainable, "optimizer": f"{optimizer} lr {lr:g}", "layout": layout,
-                         "zero_shot": bench.accuracy(model), "pure_noise_drift_rms": drift,
-                         "seconds": time.time() - started})
-            print(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in rows[-1].items()),
-                  flush=True)
+            rows.append(
+                {
+                    "trainable": trainable,
+                    "optimizer": f"{optimizer} lr {lr:g}",
+                    "layout": layout,
+                    "zero_shot": bench.accuracy(model),
+                    "pure_noise_drift_rms": drift,
+                    "seconds": time.time() - started,
+                }
+            )
+            print(
+                " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in rows[-1].items()),
+                flush=True,
+            )
     table = pd.DataFrame(rows)
     out.mkdir(parents=True, exist_ok=True)
     table.to_csv(out / "pooled_gap.csv", index=False)
-    print(f"\n{args.mode} mode, identity epsilon {args.epsilon} (sigma {sigma:.2f}), {args.sites} x "
-          f"{args.patients_per_site} patients, {args.rounds} rounds x {args.steps} steps; warm start {bench.warm:.3f}\n")
+    print(
+        f"\n{args.mode} mode, identity epsilon {args.epsilon} (sigma {sigma:.2f}), {args.sites} x "
+        f"{args.patients_per_site} patients, {args.rounds} rounds x {args.steps} steps; warm start {bench.warm:.3f}\n"
+    )
     print(table.round(4).to_string(index=False))
     return 0
 

@@ -42,13 +42,20 @@ def calibrated(dp, *, epsilon: float, steps: int):
 
     if dp.mode == Mode.NONPRIVATE:
         return dp
-    sigma = calibrate_noise_multiplier(target_epsilon=epsilon, delta=dp.delta, sample_rate=dp.sample_rate,
-                                       steps=steps, relation=dp.relation, sensitivity=dp.sensitivity)
+    sigma = calibrate_noise_multiplier(
+        target_epsilon=epsilon,
+        delta=dp.delta,
+        sample_rate=dp.sample_rate,
+        steps=steps,
+        relation=dp.relation,
+        sensitivity=dp.sensitivity,
+    )
     return replace(dp, noise_multiplier=sigma)
 
 
-def prepare(out: Path, *, num_sites: int, patients_per_site: int, name_lists: str = DEFAULT_NAME_LISTS,
-            **data: Any) -> Bench:
+def prepare(
+    out: Path, *, num_sites: int, patients_per_site: int, name_lists: str = DEFAULT_NAME_LISTS, **data: Any
+) -> Bench:
     """Synthetic sites of the realistic size, 500 public and 250 held-out patients, cached warm start;
     ``data``: other ``SyntheticConfig`` fields."""
     from fedclip.data.manifest import load_manifest
@@ -59,8 +66,14 @@ def prepare(out: Path, *, num_sites: int, patients_per_site: int, name_lists: st
     from fedclip.models.factory import ModelConfig, create_model
     from fedclip.training.warmstart import WarmStartConfig, warm_start
 
-    config = SyntheticConfig(num_sites=num_sites, patients_per_site=patients_per_site, public_patients=500,
-                             heldout_patients=250, name_lists=name_lists, **data)
+    config = SyntheticConfig(
+        num_sites=num_sites,
+        patients_per_site=patients_per_site,
+        public_patients=500,
+        heldout_patients=250,
+        name_lists=name_lists,
+        **data,
+    )
     manifest = generate(out / "data", config)
     checkpoint = warm_start(manifest, cache_dir=out / "cache", config=WarmStartConfig())
     frame = load_manifest(manifest)
@@ -72,6 +85,12 @@ def prepare(out: Path, *, num_sites: int, patients_per_site: int, name_lists: st
     train = frame.rows(Split.TRAIN)
     sites = {site: pairs(rows) for site, rows in sorted(partition_by_site(train).items())}
     test = pairs(frame.rows(Split.HELDOUT))
-    bench = Bench(checkpoint=checkpoint, sites=sites, public=pairs(frame.rows(Split.PUBLIC)), test=test,
-                  tokenizer=bundle.tokenizer, warm=0.0)
+    bench = Bench(
+        checkpoint=checkpoint,
+        sites=sites,
+        public=pairs(frame.rows(Split.PUBLIC)),
+        test=test,
+        tokenizer=bundle.tokenizer,
+        warm=0.0,
+    )
     return Bench(**{**bench.__dict__, "warm": bench.accuracy(bundle.model)})

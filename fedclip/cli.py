@@ -25,7 +25,6 @@ from typing import Any
 import pandas as pd
 
 from fedclip.console import quiet_known_noise
-from fedclip.progress import decide_progress
 from fedclip.data.manifest import load_manifest
 from fedclip.data.names import NAME_LISTS
 from fedclip.data.schema import Split
@@ -34,6 +33,7 @@ from fedclip.data.tensors import load_images, load_pairs
 from fedclip.evaluation.retrieval import retrieval_recall
 from fedclip.evaluation.zero_shot import zero_shot_accuracy
 from fedclip.models.factory import ModelConfig, create_model
+from fedclip.progress import decide_progress
 from fedclip.training.warmstart import WarmStartConfig, warm_start
 
 
@@ -48,16 +48,29 @@ def evaluate_checkpoints(manifest: Path, checkpoints: dict[str, str]) -> pd.Data
     for label, path in checkpoints.items():
         bundle = create_model(ModelConfig(pretrained=path))
         data = load_pairs(frame, preprocess=bundle.preprocess, tokenizer=bundle.tokenizer)
-        rows.append({"model": label, "zero_shot_accuracy": zero_shot_accuracy(bundle.model, bundle.tokenizer, data),
-                     **retrieval_recall(bundle.model, data), "heldout_images": len(data)})
+        rows.append(
+            {
+                "model": label,
+                "zero_shot_accuracy": zero_shot_accuracy(bundle.model, bundle.tokenizer, data),
+                **retrieval_recall(bundle.model, data),
+                "heldout_images": len(data),
+            }
+        )
     return pd.DataFrame(rows)
 
 
 def _synthetic_config(args: argparse.Namespace) -> SyntheticConfig:
-    return SyntheticConfig(seed=args.seed, num_sites=args.num_sites, patients_per_site=args.patients_per_site,
-                           public_patients=args.public_patients, heldout_patients=args.heldout_patients,
-                           site_skew=args.site_skew, name_lists=args.name_lists, identity_region=args.identity_region,
-                           identity_strength=args.identity_strength)
+    return SyntheticConfig(
+        seed=args.seed,
+        num_sites=args.num_sites,
+        patients_per_site=args.patients_per_site,
+        public_patients=args.public_patients,
+        heldout_patients=args.heldout_patients,
+        site_skew=args.site_skew,
+        name_lists=args.name_lists,
+        identity_region=args.identity_region,
+        identity_strength=args.identity_strength,
+    )
 
 
 def _add_data_options(p: argparse.ArgumentParser) -> None:
@@ -68,12 +81,24 @@ def _add_data_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--public-patients", type=int, default=d.public_patients)
     p.add_argument("--heldout-patients", type=int, default=d.heldout_patients)
     p.add_argument("--site-skew", type=float, default=d.site_skew, help="Dirichlet concentration; 0 = balanced")
-    p.add_argument("--identity-region", type=float, default=d.identity_region,
-                   help="< 1: each look fills a patch of this share of the side, and every image gets a mask (MaskDP)")
-    p.add_argument("--name-lists", choices=NAME_LISTS, default=d.name_lists,
-                   help="name lists of the patients: census gives most patients their own surname (names leak more)")
-    p.add_argument("--identity-strength", type=float, default=d.identity_strength,
-                   help="weight of a patient's look in their images, in (0, 2]: higher, faces easier to tell apart")
+    p.add_argument(
+        "--identity-region",
+        type=float,
+        default=d.identity_region,
+        help="< 1: each look fills a patch of this share of the side, and every image gets a mask (MaskDP)",
+    )
+    p.add_argument(
+        "--name-lists",
+        choices=NAME_LISTS,
+        default=d.name_lists,
+        help="name lists of the patients: census gives most patients their own surname (names leak more)",
+    )
+    p.add_argument(
+        "--identity-strength",
+        type=float,
+        default=d.identity_strength,
+        help="weight of a patient's look in their images, in (0, 2]: higher, faces easier to tell apart",
+    )
 
 
 def cmd_data(args: argparse.Namespace) -> int:
@@ -83,7 +108,9 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 
 def cmd_warmstart(args: argparse.Namespace) -> int:
-    path = warm_start(args.manifest, cache_dir=args.cache_dir, config=WarmStartConfig(epochs=args.epochs), progress=_print_epoch)
+    path = warm_start(
+        args.manifest, cache_dir=args.cache_dir, config=WarmStartConfig(epochs=args.epochs), progress=_print_epoch
+    )
     print(f"warm-start checkpoint: {path}")
     return 0
 
@@ -93,8 +120,12 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     print(f"[1/3] generating synthetic hospitals under {out / 'data'}", flush=True)
     manifest = generate(out / "data", _synthetic_config(args))
     print("[2/3] warm start on the public population (cached after the first run)", flush=True)
-    ckpt = warm_start(manifest, cache_dir=out / "cache", config=WarmStartConfig(epochs=args.epochs, seed=args.seed),
-                      progress=_print_epoch)
+    ckpt = warm_start(
+        manifest,
+        cache_dir=out / "cache",
+        config=WarmStartConfig(epochs=args.epochs, seed=args.seed),
+        progress=_print_epoch,
+    )
     print("[3/3] evaluating on held-out patients", flush=True)
     table = evaluate_checkpoints(manifest, {"random init": "", "warm start": str(ckpt)})
     table.to_csv(out / "warmstart_eval.csv", index=False)
@@ -106,9 +137,16 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 def cmd_canaries(args: argparse.Namespace) -> int:
     from fedclip.data.canary_maker import SITE_ROWS, make_site_canaries
 
-    path = make_site_canaries(args.out, sites=args.sites.split(","), count=args.count,
-                              images_per_canary=args.images_per_canary, query_images=args.query_images,
-                              image_size=args.image_size, name_lists=args.name_lists, exclude_manifest=args.exclude)
+    path = make_site_canaries(
+        args.out,
+        sites=args.sites.split(","),
+        count=args.count,
+        images_per_canary=args.images_per_canary,
+        query_images=args.query_images,
+        image_size=args.image_size,
+        name_lists=args.name_lists,
+        exclude_manifest=args.exclude,
+    )
     print(f"the auditor's canary file (keep it, and {path.name}.secret, from the hospitals and the server): {path}")
     for site in sorted((path.parent / "sites").iterdir()):
         rows = len(pd.read_csv(site / SITE_ROWS))
@@ -131,9 +169,14 @@ def _train_public_inn(manifest: str, out: Path, *, image_size: int, epochs: int,
     inn = ConditionalInn(InnConfig(image_size=image_size))
     images = load_images(public, preprocess=to_pixels(image_size))
     print(f"training the INN on {len(public)} public images ({epochs} epochs)", flush=True)
-    train_inn(inn, images, inn.config.label_indices(public["condition"]), epochs=epochs,
-              generator=torch.Generator().manual_seed(0),
-              progress=lambda e, b: print(f"  epoch {e}/{epochs}: {b:.3f} bits/dim", flush=True))
+    train_inn(
+        inn,
+        images,
+        inn.config.label_indices(public["condition"]),
+        epochs=epochs,
+        generator=torch.Generator().manual_seed(0),
+        progress=lambda e, b: print(f"  epoch {e}/{epochs}: {b:.3f} bits/dim", flush=True),
+    )
     save_inn(inn, out / "inn.pt")
     return inn
 
@@ -153,25 +196,55 @@ def cmd_privatize(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     if args.method == "cadp":
-        config = CadpConfig(target_epsilon=args.epsilon, delta=args.delta, mechanism=args.mechanism, radius=args.radius,
-                            label=args.label, label_epsilon=args.label_epsilon)
-        inn = load_inn(args.inn) if args.inn else _train_public_inn(
-            args.manifest, out, image_size=args.image_size, epochs=args.inn_epochs,
-            allow_outside_paths=args.allow_outside_paths)
+        config = CadpConfig(
+            target_epsilon=args.epsilon,
+            delta=args.delta,
+            mechanism=args.mechanism,
+            radius=args.radius,
+            label=args.label,
+            label_epsilon=args.label_epsilon,
+        )
+        inn = (
+            load_inn(args.inn)
+            if args.inn
+            else _train_public_inn(
+                args.manifest,
+                out,
+                image_size=args.image_size,
+                epochs=args.inn_epochs,
+                allow_outside_paths=args.allow_outside_paths,
+            )
+        )
         privatizer, size = CadpPrivatizer(inn, config), inn.config.image_size
     else:
         replace = args.method == "mask-replace"
-        config = MaskDpConfig(method="replace" if replace else "noise", target_epsilon=0.0 if replace else args.epsilon,
-                              delta=args.delta, mechanism=args.mechanism, radius=args.radius or 1.0)
-        stand_ins = _public_images(args.manifest, image_size=args.image_size,
-                                   allow_outside_paths=args.allow_outside_paths) if replace else None
+        config = MaskDpConfig(
+            method="replace" if replace else "noise",
+            target_epsilon=0.0 if replace else args.epsilon,
+            delta=args.delta,
+            mechanism=args.mechanism,
+            radius=args.radius or 1.0,
+        )
+        stand_ins = (
+            _public_images(args.manifest, image_size=args.image_size, allow_outside_paths=args.allow_outside_paths)
+            if replace
+            else None
+        )
         privatizer, size = MaskPrivatizer(config, stand_ins=stand_ins), args.image_size
-    path = privatize_manifest(args.manifest, out, privatizer=privatizer, image_size=size, privacy_unit=args.privacy_unit,
-                              allow_outside_paths=args.allow_outside_paths)
+    path = privatize_manifest(
+        args.manifest,
+        out,
+        privatizer=privatizer,
+        image_size=size,
+        privacy_unit=args.privacy_unit,
+        allow_outside_paths=args.allow_outside_paths,
+    )
     report = json.loads((out / PRIVATIZATION_FILE).read_text())
     eps = "no epsilon" if report["epsilon"] is None else f"epsilon {report['epsilon']:.3f}, delta {report['delta']:g}"
-    print(f"{report['method']}: privatized {report['images']} training images; {eps} per {report['privacy_unit']} "
-          f"({report['images_per_unit']} images). {report['statement']}")
+    print(
+        f"{report['method']}: privatized {report['images']} training images; {eps} per {report['privacy_unit']} "
+        f"({report['images_per_unit']} images). {report['statement']}"
+    )
     print(f"manifest: {path}\npictures: {out / 'privatization.png'}")
     return 0
 
@@ -181,11 +254,26 @@ def cmd_gallery(args: argparse.Namespace) -> int:
     from fedclip.privatize.inn import load_inn
 
     out = Path(args.out)
-    inn = load_inn(args.inn) if args.inn else _train_public_inn(
-        args.manifest, out.parent, image_size=args.image_size, epochs=args.inn_epochs,
-        allow_outside_paths=args.allow_outside_paths)
-    path = render_gallery(args.manifest, out, inn=inn, epsilon=args.epsilon, images_per_unit=args.images_per_unit,
-                          delta=args.delta, allow_outside_paths=args.allow_outside_paths)
+    inn = (
+        load_inn(args.inn)
+        if args.inn
+        else _train_public_inn(
+            args.manifest,
+            out.parent,
+            image_size=args.image_size,
+            epochs=args.inn_epochs,
+            allow_outside_paths=args.allow_outside_paths,
+        )
+    )
+    path = render_gallery(
+        args.manifest,
+        out,
+        inn=inn,
+        epsilon=args.epsilon,
+        images_per_unit=args.images_per_unit,
+        delta=args.delta,
+        allow_outside_paths=args.allow_outside_paths,
+    )
     print(f"gallery: {path}")
     return 0
 
@@ -197,7 +285,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     """Exit codes a script can branch on (``flwr run --stream`` exits 0 even when the ServerApp fails)."""
     path = Path(args.run_dir) / "status.json"
     if not path.is_file():
-        print(f"fedclip: {path}: no status (the run has not started here, or this is not a run folder)", file=sys.stderr)
+        print(
+            f"fedclip: {path}: no status (the run has not started here, or this is not a run folder)", file=sys.stderr
+        )
         return 3
     status = json.loads(path.read_text())
     print(json.dumps(status, indent=2, sort_keys=True))
@@ -246,7 +336,9 @@ def _auditor_commands(sub) -> None:
     p.add_argument("--images-per-canary", type=int, default=4, help="training images per canary")
     p.add_argument("--query-images", type=int, default=3, help="further images per canary, never trained on")
     p.add_argument("--image-size", type=int, default=224, help="pixels per side of the rendered images")
-    p.add_argument("--name-lists", default="census", choices=sorted(NAME_LISTS), help="lists canary names are drawn from")
+    p.add_argument(
+        "--name-lists", default="census", choices=sorted(NAME_LISTS), help="lists canary names are drawn from"
+    )
     p.add_argument("--exclude", default=None, help="a manifest whose names no canary may take (the auditor's targets)")
     p.set_defaults(func=cmd_canaries)
 
@@ -256,17 +348,29 @@ def _input_commands(sub) -> None:
     p = sub.add_parser("privatize", help="CADP or MaskDP: privatize a manifest's training images once (input level)")
     p.add_argument("--manifest", required=True, help="the manifest whose 'train' rows are privatized")
     p.add_argument("--out", required=True, help="new folder: manifest.csv, images/, privatization.json/.png, inn.pt")
-    p.add_argument("--method", default="cadp", choices=["cadp", "maskdp", "mask-replace"],
-                   help="cadp: the whole image through the INN's latent; maskdp: noise inside each row's mask; "
-                        "mask-replace: a public stand-in inside the mask (anonymization, no epsilon)")
+    p.add_argument(
+        "--method",
+        default="cadp",
+        choices=["cadp", "maskdp", "mask-replace"],
+        help="cadp: the whole image through the INN's latent; maskdp: noise inside each row's mask; "
+        "mask-replace: a public stand-in inside the mask (anonymization, no epsilon)",
+    )
     p.add_argument("--epsilon", type=float, default=0.0, help="per privacy unit (all its images), label included")
     p.add_argument("--delta", type=float, default=1e-5)
     p.add_argument("--privacy-unit", default="identity", choices=["identity", "record"])
     p.add_argument("--mechanism", default="gaussian", choices=["gaussian", "laplace"])
-    p.add_argument("--radius", type=float, default=0.0,
-                   help="clipping radius s of each image's latent or masked region (0: cadp 1 / noise multiplier, maskdp 1)")
-    p.add_argument("--label", default="none", choices=["none", "rr"],
-                   help="decode without a label, or with one released by randomized response")
+    p.add_argument(
+        "--radius",
+        type=float,
+        default=0.0,
+        help="clipping radius s of each image's latent or masked region (0: cadp 1 / noise multiplier, maskdp 1)",
+    )
+    p.add_argument(
+        "--label",
+        default="none",
+        choices=["none", "rr"],
+        help="decode without a label, or with one released by randomized response",
+    )
     p.add_argument("--label-epsilon", type=float, default=0.0, help="per image, with --label rr")
     p.add_argument("--inn", default=None, help="a trained INN (default: train one on the manifest's public rows)")
     p.add_argument("--inn-epochs", type=int, default=10)
@@ -298,18 +402,22 @@ def _site_commands(sub) -> None:
     p.set_defaults(func=cmd_spending)
 
 
-def build_parser(extra: Sequence[Callable[[Any], None]] = (), description: str | None = None) -> argparse.ArgumentParser:
+def build_parser(
+    extra: Sequence[Callable[[Any], None]] = (), description: str | None = None
+) -> argparse.ArgumentParser:
     """The library's commands, and those ``extra`` registers (the apps', ``simulations.commands``)."""
-    parser = argparse.ArgumentParser(prog="fedclip", description=description or __doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="fedclip", description=description or __doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     for register in (_data_commands, *extra, _auditor_commands, _input_commands, _site_commands):
         register(sub)
     return parser
 
 
-def main(argv: list[str] | None = None, *, extra: Sequence[Callable[[Any], None]] = (),
-         description: str | None = None) -> int:
+def main(
+    argv: list[str] | None = None, *, extra: Sequence[Callable[[Any], None]] = (), description: str | None = None
+) -> int:
     """``fedclip``: the installed command is ``simulations.commands.main``, which adds the apps' commands."""
     args = build_parser(extra, description).parse_args(argv)
     quiet_known_noise()

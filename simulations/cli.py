@@ -67,8 +67,10 @@ def _check_backend(config: dict[str, Any]) -> dict[str, Any]:
 def parse_backend_config(text: str | None, *, use_gpu: bool) -> dict[str, Any]:
     # address "local": a fresh Ray instance for this run, never silently the last cluster `ray start`
     # (or ray.cluster_utils) left on this machine; a cluster is joined only when its address is given
-    config: dict[str, Any] = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-                              "init_args": {"include_dashboard": False, "address": "local"}}
+    config: dict[str, Any] = {
+        "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+        "init_args": {"include_dashboard": False, "address": "local"},
+    }
     if use_gpu:
         config["client_resources"]["num_gpus"] = 0.25  # four sites share one GPU unless told otherwise
     if text:
@@ -84,12 +86,15 @@ def parse_backend_config(text: str | None, *, use_gpu: bool) -> dict[str, Any]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="flower-simulation", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="flower-simulation", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--app", required=True, help="module of the app, e.g. simulations.hospital_clip")
     p.add_argument("--num-supernodes", type=int, default=None, help="default: one per site")
     p.add_argument("--run-config", default=None, help='"key=value ..." or a TOML file')
-    p.add_argument("--backend-config", default=None, help='JSON, e.g. {"client_resources": {"num_cpus": 1, "num_gpus": 0.5}}')
+    p.add_argument(
+        "--backend-config", default=None, help='JSON, e.g. {"client_resources": {"num_cpus": 1, "num_gpus": 0.5}}'
+    )
     p.add_argument("--output", default=None, help="run folder (sets output-dir)")
     return p
 
@@ -101,20 +106,24 @@ def main(argv: list[str] | None = None) -> int:
         if not hasattr(module, "make_server_app") or not hasattr(module, "client_app"):
             raise ValueError(f"--app: {args.app} has no make_server_app and client_app")
         from fedclip.privacy.randomness import NOT_PRIVATE_AGAINST_THE_SERVER
-        from simulations.hospital_clip.server_app import default_run_config, resolve_config, saved_round
         from simulations.hospital_clip.preflight import preflight
+        from simulations.hospital_clip.server_app import default_run_config, resolve_config, saved_round
 
         overrides = parse_run_config(args.run_config)
         if args.output:
             overrides["output-dir"] = args.output
         cfg = resolve_config(default_run_config(), overrides)  # fails here, before Ray, naming the key
         if cfg.deployment:
-            raise ValueError("sites: declared sites are a deployment (each hospital's SuperNode with its own node "
-                             "config, started by `flwr run`); flower-simulation simulates the sites of its data, so "
-                             "leave 'sites' and 'site-nodes' empty (README, 'Running as a consortium')")
+            raise ValueError(
+                "sites: declared sites are a deployment (each hospital's SuperNode with its own node "
+                "config, started by `flwr run`); flower-simulation simulates the sites of its data, so "
+                "leave 'sites' and 'site-nodes' empty (README, 'Running as a consortium')"
+            )
         if "{run-id}" in cfg.output_dir:
-            raise ValueError("output-dir: '{run-id}' is filled in on the deployment runtime; flower-simulation needs "
-                             "a folder it can check after the run: pass --output DIR")
+            raise ValueError(
+                "output-dir: '{run-id}' is filled in on the deployment runtime; flower-simulation needs "
+                "a folder it can check after the run: pass --output DIR"
+            )
         saved_round(cfg)  # a folder that holds a run, or a resume without its ledger, fails before Ray too
         sites = len(preflight(cfg).sites)  # site names, sizes, delta: before Ray too
         supernodes = args.num_supernodes or sites
@@ -135,20 +144,28 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.reproducible_noise:
         print(f"flower-simulation: WARNING: {NOT_PRIVATE_AGAINST_THE_SERVER}", file=sys.stderr, flush=True)
     started = time.time()
-    run_simulation(server_app=module.make_server_app(overrides), client_app=module.client_app,
-                   num_supernodes=supernodes, backend_config=backend)
+    run_simulation(
+        server_app=module.make_server_app(overrides),
+        client_app=module.client_app,
+        num_supernodes=supernodes,
+        backend_config=backend,
+    )
     return _exit_status(Path(cfg.output_dir), started)
 
 
 def _exit_status(out: Path, started: float) -> int:
     """0 only if this run wrote a finished status; a stopped run names its reason."""
     status_file = out / "status.json"
-    status = json.loads(status_file.read_text()) if status_file.is_file() and status_file.stat().st_mtime >= started else {}
+    status = (
+        json.loads(status_file.read_text()) if status_file.is_file() and status_file.stat().st_mtime >= started else {}
+    )
     if status.get("status") == "finished":
         return 0
     if status.get("status") == "failed":
-        print(f"flower-simulation: error: the run stopped: {status.get('reason')} (see {out / 'summary.md'})",
-              file=sys.stderr)
+        print(
+            f"flower-simulation: error: the run stopped: {status.get('reason')} (see {out / 'summary.md'})",
+            file=sys.stderr,
+        )
         return 1
     print(f"flower-simulation: error: the run did not finish; see the log above ({out})", file=sys.stderr)
     return 1

@@ -38,8 +38,14 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def cmd_audit(args: argparse.Namespace) -> int:
     from simulations.hospital_clip.audit import audit_run
 
-    out = audit_run(args.run_dir, targets=args.targets, checkpoint=args.checkpoint or "", out_dir=args.out,
-                    allow_outside_paths=args.allow_outside_paths, canaries=args.canaries)
+    out = audit_run(
+        args.run_dir,
+        targets=args.targets,
+        checkpoint=args.checkpoint or "",
+        out_dir=args.out,
+        allow_outside_paths=args.allow_outside_paths,
+        canaries=args.canaries,
+    )
     print((out / "summary.md").read_text())
     print(f"audit: {out}")
     return 0
@@ -64,21 +70,33 @@ def add_app_commands(sub) -> None:
     p = sub.add_parser("compare", help="compare central and federated DP over a grid of epsilons and seeds")
     p.add_argument("--config", default=None, help="comparison TOML (default: simulations/compare/default.toml)")
     p.add_argument("--output", default=None, help="output folder (overrides compare.output-dir)")
-    p.add_argument("--report", action="store_true",
-                   help="run nothing: write the tables and plots from the runs finished so far")
+    p.add_argument(
+        "--report", action="store_true", help="run nothing: write the tables and plots from the runs finished so far"
+    )
     p.set_defaults(func=cmd_compare)
     p = sub.add_parser("audit", help="the auditor: IDIA with your own targets on every round model a run saved")
     p.add_argument("run_dir", help="the run's output folder (config.json, rounds.csv, models/)")
-    p.add_argument("--targets", default=None,
-                   help="IDIA: manifest of the attack's targets: 'query' rows of members, 'heldout' rows of non-members")
-    p.add_argument("--canaries", default=None,
-                   help="the one-run canary audit: the auditor's canary file (canaries.csv: rows and 'included')")
+    p.add_argument(
+        "--targets",
+        default=None,
+        help="IDIA: manifest of the attack's targets: 'query' rows of members, 'heldout' rows of non-members",
+    )
+    p.add_argument(
+        "--canaries",
+        default=None,
+        help="the one-run canary audit: the auditor's canary file (canaries.csv: rows and 'included')",
+    )
     p.add_argument("--checkpoint", default=None, help="base weights (default: the run's resolved-checkpoint)")
     p.add_argument("--out", default=None, help="output folder (default RUN_DIR/audit)")
-    p.add_argument("--allow-outside-paths", action="store_true", help="target image paths may leave the manifest's folder")
+    p.add_argument(
+        "--allow-outside-paths", action="store_true", help="target image paths may leave the manifest's folder"
+    )
     p.set_defaults(func=cmd_audit)
-    p = sub.add_parser("site-worker", help="a hospital's long-lived worker: keeps model and data in memory across "
-                                           "rounds; name its socket in the SuperNode's node config (site-worker)")
+    p = sub.add_parser(
+        "site-worker",
+        help="a hospital's long-lived worker: keeps model and data in memory across "
+        "rounds; name its socket in the SuperNode's node config (site-worker)",
+    )
     p.add_argument("--site", required=True, help="the site it serves (the node config's 'site')")
     p.add_argument("--socket", required=True, help="Unix socket path (created with mode 0600)")
     p.add_argument("--max-messages", type=int, default=None, help="stop after this many connections (tests)")
@@ -87,9 +105,12 @@ def add_app_commands(sub) -> None:
 
 def _usage() -> str:
     """Every command's line, the library's and these."""
-    lines = [line for doc in (cli.__doc__, __doc__) for line in (doc or "").splitlines()
-             if line.startswith("    fedclip ")]
-    return "fedclip: federated, differentially private fine-tuning of CLIP, with attacks built in.\n\n" + "\n".join(lines)
+    lines = [
+        line for doc in (cli.__doc__, __doc__) for line in (doc or "").splitlines() if line.startswith("    fedclip ")
+    ]
+    return "fedclip: federated, differentially private fine-tuning of CLIP, with attacks built in.\n\n" + "\n".join(
+        lines
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -30,8 +30,12 @@ def free_port() -> int:
 
 
 def _env(home: Path) -> dict[str, str]:
-    return {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "FLWR_HOME": str(home),
-            "OMP_NUM_THREADS": "1"}
+    return {
+        **os.environ,
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        "FLWR_HOME": str(home),
+        "OMP_NUM_THREADS": "1",
+    }
 
 
 def wait_for(log: Path, text: str, *, timeout: float) -> None:
@@ -53,21 +57,46 @@ class Federation:
         self.port = free_port()
         security = "insecure = true\n" if certs is None else f'root-certificates = "{certs / "ca.crt"}"\n'
         (self.home / "config.toml").write_text(
-            f'[superlink]\ndefault = "loopback"\n\n[superlink.loopback]\naddress = "127.0.0.1:{self.port}"\n' + security)
+            f'[superlink]\ndefault = "loopback"\n\n[superlink.loopback]\naddress = "127.0.0.1:{self.port}"\n' + security
+        )
 
     def _security(self, *, node_key: str | None = None) -> list[str]:
         if self.certs is None:
             return ["--insecure"]
         if node_key is None:  # the SuperLink: TLS, and only registered SuperNodes may connect
-            return ["--ssl-ca-certfile", str(self.certs / "ca.crt"), "--ssl-certfile", str(self.certs / "server.pem"),
-                    "--ssl-keyfile", str(self.certs / "server.key"), "--enable-supernode-auth"]
-        return ["--root-certificates", str(self.certs / "ca.crt"),
-                "--auth-supernode-private-key", str(self.certs / f"{node_key}.key")]
+            return [
+                "--ssl-ca-certfile",
+                str(self.certs / "ca.crt"),
+                "--ssl-certfile",
+                str(self.certs / "server.pem"),
+                "--ssl-keyfile",
+                str(self.certs / "server.key"),
+                "--enable-supernode-auth",
+            ]
+        return [
+            "--root-certificates",
+            str(self.certs / "ca.crt"),
+            "--auth-supernode-private-key",
+            str(self.certs / f"{node_key}.key"),
+        ]
 
     def register(self, node_key: str) -> int:
         """Register a node's public key; returns the node id the SuperLink gave it."""
-        done = subprocess.run([str(BIN / "flwr"), "supernode", "register", str(self.certs / f"{node_key}.pub"), "loopback",
-                               "--format", "json"], env=_env(self.home), capture_output=True, text=True, timeout=120)
+        done = subprocess.run(
+            [
+                str(BIN / "flwr"),
+                "supernode",
+                "register",
+                str(self.certs / f"{node_key}.pub"),
+                "loopback",
+                "--format",
+                "json",
+            ],
+            env=_env(self.home),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert done.returncode == 0, done.stdout + done.stderr
         return int(json.loads(done.stdout)["node-id"])
 
@@ -76,19 +105,37 @@ class Federation:
         cwd = self.root / name
         cwd.mkdir(exist_ok=True)
         with log.open("w") as out:
-            self.procs.append(subprocess.Popen(args, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, env=_env(self.home),
-                                               start_new_session=True))
+            self.procs.append(
+                subprocess.Popen(
+                    args, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, env=_env(self.home), start_new_session=True
+                )
+            )
         return log
 
     def superlink(self) -> None:
-        log = self._start("superlink", [str(BIN / "flower-superlink"), *self._security(), "--port", str(self.port),
-                                        "--disable-runtime-dependency-installation"])
+        log = self._start(
+            "superlink",
+            [
+                str(BIN / "flower-superlink"),
+                *self._security(),
+                "--port",
+                str(self.port),
+                "--disable-runtime-dependency-installation",
+            ],
+        )
         wait_for(log, "Uvicorn running", timeout=60)
 
-    def supernode(self, name: str, node_config: str | None, *, node_key: str | None = None,
-                  expect: str = "SuperNode ID") -> Path:
-        args = [str(BIN / "flower-supernode"), *self._security(node_key=node_key),
-                "--superlink", f"127.0.0.1:{self.port}", "--port", str(free_port())]
+    def supernode(
+        self, name: str, node_config: str | None, *, node_key: str | None = None, expect: str = "SuperNode ID"
+    ) -> Path:
+        args = [
+            str(BIN / "flower-supernode"),
+            *self._security(node_key=node_key),
+            "--superlink",
+            f"127.0.0.1:{self.port}",
+            "--port",
+            str(free_port()),
+        ]
         if node_config is not None:
             args += ["--node-config", node_config]
         log = self._start(name, args)
@@ -97,14 +144,21 @@ class Federation:
 
     def site_worker(self, site: str, socket_path: Path) -> Path:
         """A hospital's long-lived worker (``fedclip site-worker``); its node config names the socket."""
-        log = self._start(f"{site}-worker", [str(BIN / "fedclip"), "site-worker", "--site", site,
-                                             "--socket", str(socket_path)])
+        log = self._start(
+            f"{site}-worker", [str(BIN / "fedclip"), "site-worker", "--site", site, "--socket", str(socket_path)]
+        )
         wait_for(log, "listening on", timeout=120)
         return log
 
     def run(self, run_config: Path, *, timeout: float = 600) -> subprocess.CompletedProcess:
-        return subprocess.run([str(BIN / "flwr"), "run", ".", "loopback", "--run-config", str(run_config), "--stream"],
-                              cwd=REPO, env=_env(self.home), capture_output=True, text=True, timeout=timeout)
+        return subprocess.run(
+            [str(BIN / "flwr"), "run", ".", "loopback", "--run-config", str(run_config), "--stream"],
+            cwd=REPO,
+            env=_env(self.home),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
 
     def stop(self) -> None:
         for p in self.procs:
@@ -128,24 +182,44 @@ def make_certificates(folder: Path, nodes: tuple[str, ...]) -> Path:
     validity = (now - datetime.timedelta(minutes=5), now + datetime.timedelta(days=1))
 
     def certificate(subject: str, key, issuer: str, signer, *extensions):
-        b = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
-             .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)])).public_key(key.public_key())
-             .serial_number(x509.random_serial_number()).not_valid_before(validity[0]).not_valid_after(validity[1]))
+        b = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+            .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)]))
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(validity[0])
+            .not_valid_after(validity[1])
+        )
         for ext, critical in extensions:
             b = b.add_extension(ext, critical=critical)
         return b.sign(signer, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
 
     ca_key, server_key = (rsa.generate_private_key(public_exponent=65537, key_size=2048) for _ in range(2))
-    (folder / "ca.crt").write_bytes(certificate("fedclip test CA", ca_key, "fedclip test CA", ca_key,
-                                                (x509.BasicConstraints(ca=True, path_length=None), True)))
+    (folder / "ca.crt").write_bytes(
+        certificate(
+            "fedclip test CA",
+            ca_key,
+            "fedclip test CA",
+            ca_key,
+            (x509.BasicConstraints(ca=True, path_length=None), True),
+        )
+    )
     names = x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])
     (folder / "server.pem").write_bytes(certificate("localhost", server_key, "fedclip test CA", ca_key, (names, False)))
-    (folder / "server.key").write_bytes(server_key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    (folder / "server.key").write_bytes(
+        server_key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
     for node in nodes:
         key = ec.generate_private_key(ec.SECP384R1())
-        (folder / f"{node}.key").write_bytes(key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()))
-        (folder / f"{node}.pub").write_bytes(key.public_key().public_bytes(
-            serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH))
+        (folder / f"{node}.key").write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
+            )
+        )
+        (folder / f"{node}.pub").write_bytes(
+            key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+        )
     return folder

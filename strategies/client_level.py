@@ -18,8 +18,7 @@ figure is kept too, as a cross-check).
 from __future__ import annotations
 
 from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, FedAvg
-from flwr.supercore.privacy_accounting import (GaussianPrivacyEvent, NeighboringRelation, PrivacyConfig,
-                                               SamplingMethod)
+from flwr.supercore.privacy_accounting import GaussianPrivacyEvent, NeighboringRelation, PrivacyConfig, SamplingMethod
 from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
 
 from fedclip.privacy.accountant import check_delta, gaussian_pld
@@ -31,9 +30,14 @@ SITE_RELATIONS = {"zero_out": 1.0, "replace_one": 2.0}  # sensitivity of the cli
 
 
 def site_level_accountant(*, num_sites: int, delta: float) -> RdpAccountant:
-    return RdpAccountant(PrivacyConfig(target_delta=delta, population_size=num_sites,
-                                       neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
-                                       sampling_method=SamplingMethod.NO_AMPLIFICATION))
+    return RdpAccountant(
+        PrivacyConfig(
+            target_delta=delta,
+            population_size=num_sites,
+            neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
+            sampling_method=SamplingMethod.NO_AMPLIFICATION,
+        )
+    )
 
 
 def site_level_epsilon(*, noise_multiplier: float, rounds: int, delta: float, relation: str = "zero_out") -> float:
@@ -43,8 +47,13 @@ def site_level_epsilon(*, noise_multiplier: float, rounds: int, delta: float, re
         raise ValueError(f"relation: expected one of {sorted(SITE_RELATIONS)}, got {relation!r}")
     if rounds == 0:
         return 0.0
-    pld = gaussian_pld(noise_multiplier=noise_multiplier, sensitivity=SITE_RELATIONS[relation], sample_rate=1.0,
-                       steps=rounds, relation=Relation.ADD_OR_REMOVE)
+    pld = gaussian_pld(
+        noise_multiplier=noise_multiplier,
+        sensitivity=SITE_RELATIONS[relation],
+        sample_rate=1.0,
+        steps=rounds,
+        relation=Relation.ADD_OR_REMOVE,
+    )
     return float(pld.get_epsilon_for_delta(delta))
 
 
@@ -53,12 +62,16 @@ def calibrate_site_noise(*, target_epsilon: float, rounds: int, delta: float, to
     if not target_epsilon > 0:
         raise ValueError(f"client-dp-epsilon: expected > 0, got {target_epsilon}")
 
-    return smallest_noise(lambda sigma: site_level_epsilon(noise_multiplier=sigma, rounds=rounds, delta=delta),
-                          target_epsilon=target_epsilon, tolerance=tolerance)
+    return smallest_noise(
+        lambda sigma: site_level_epsilon(noise_multiplier=sigma, rounds=rounds, delta=delta),
+        target_epsilon=target_epsilon,
+        tolerance=tolerance,
+    )
 
 
-def site_level_report(*, noise_multiplier: float, clip_norm: float, releases: int, num_sites: int,
-                      delta: float) -> dict[str, object]:
+def site_level_report(
+    *, noise_multiplier: float, clip_norm: float, releases: int, num_sites: int, delta: float
+) -> dict[str, object]:
     """``site_level.json``: the site-level epsilons over ``releases`` noised aggregates.
 
     ``releases`` must come from the durable record (``LedgerStore.aggregates()``: every attempt at
@@ -67,21 +80,36 @@ def site_level_report(*, noise_multiplier: float, clip_norm: float, releases: in
     the same count with a fresh accountant, as a cross-check."""
     flower = site_level_accountant(num_sites=num_sites, delta=delta)
     if releases:
-        flower.compose(GaussianPrivacyEvent(noise_multiplier=noise_multiplier, sample_size=num_sites,
-                                            population_size=num_sites), count=releases)
-    return {"epsilon": site_level_epsilon(noise_multiplier=noise_multiplier, rounds=releases, delta=delta),
-            "epsilon_replace_one": site_level_epsilon(noise_multiplier=noise_multiplier, rounds=releases, delta=delta,
-                                                      relation="replace_one"),
-            "epsilon_flower_rdp": flower.get_epsilon(delta) if releases else 0.0,
-            "delta": delta, "noise_multiplier": noise_multiplier, "clip_norm": clip_norm, "rounds": releases,
-            "unit": "site", "relation": "zero_out", "accountant": "dp-accounting PLD (pessimistic)",
-            "counted_from": "the server's ledger: every attempt that computed an aggregate, resumes included"}
+        flower.compose(
+            GaussianPrivacyEvent(noise_multiplier=noise_multiplier, sample_size=num_sites, population_size=num_sites),
+            count=releases,
+        )
+    return {
+        "epsilon": site_level_epsilon(noise_multiplier=noise_multiplier, rounds=releases, delta=delta),
+        "epsilon_replace_one": site_level_epsilon(
+            noise_multiplier=noise_multiplier, rounds=releases, delta=delta, relation="replace_one"
+        ),
+        "epsilon_flower_rdp": flower.get_epsilon(delta) if releases else 0.0,
+        "delta": delta,
+        "noise_multiplier": noise_multiplier,
+        "clip_norm": clip_norm,
+        "rounds": releases,
+        "unit": "site",
+        "relation": "zero_out",
+        "accountant": "dp-accounting PLD (pessimistic)",
+        "counted_from": "the server's ledger: every attempt that computed an aggregate, resumes included",
+    }
 
 
-def with_site_level_dp(*, noise_multiplier: float, clip_norm: float, num_sites: int,
-                       delta: float) -> DifferentialPrivacyServerSideFixedClipping:
+def with_site_level_dp(
+    *, noise_multiplier: float, clip_norm: float, num_sites: int, delta: float
+) -> DifferentialPrivacyServerSideFixedClipping:
     """FedAvg with equal site weights, wrapped in Flower's server-side DP (its accountant counts releases)."""
     inner = FedAvg(fraction_evaluate=0.0, min_train_nodes=1, min_available_nodes=1, weighted_by_key=SITE_WEIGHT_KEY)
-    return DifferentialPrivacyServerSideFixedClipping(inner, noise_multiplier=noise_multiplier, clipping_norm=clip_norm,
-                                                      num_sampled_clients=num_sites,
-                                                      accountant=site_level_accountant(num_sites=num_sites, delta=delta))
+    return DifferentialPrivacyServerSideFixedClipping(
+        inner,
+        noise_multiplier=noise_multiplier,
+        clipping_norm=clip_norm,
+        num_sampled_clients=num_sites,
+        accountant=site_level_accountant(num_sites=num_sites, delta=delta),
+    )

@@ -134,14 +134,18 @@ class PrivacyBudgetStrategy(Strategy):
                 out.append(node)
         return out
 
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         started = time.perf_counter()
         try:
             return self._configure_train(server_round, arrays, config, grid)
         finally:
             self.strategy_seconds = time.perf_counter() - started
 
-    def _configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+    def _configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         round_ = self.round_offset + server_round
         self._attempt = self.store.begin_round(round_)
         eligible = self.eligible_nodes()
@@ -175,11 +179,19 @@ class PrivacyBudgetStrategy(Strategy):
             return _Outcome(Status.FAILED, f"unreadable privacy events: {exc}")
         planned = self.planned_events(site)
         if reported != planned:
-            log(WARNING, "site %s reported %s, planned %s; the ledger charges what was reported", site, reported, planned)
+            log(
+                WARNING,
+                "site %s reported %s, planned %s; the ledger charges what was reported",
+                site,
+                reported,
+                planned,
+            )
         metrics = next(iter(reply.content.metric_records.values()), {})
         return _Outcome(Status.CONFIRMED, reported=reported, loss=float(metrics.get("train-loss", math.nan)))
 
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         started = time.perf_counter()
         self._waited = 0.0
         try:
@@ -198,7 +210,9 @@ class PrivacyBudgetStrategy(Strategy):
                 return
             yield reply
 
-    def _aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    def _aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         round_ = self.round_offset + server_round
         reducer = reducer_for(self.strategy, server_round)  # tentative: used only if the round keeps its quorum
         seen: dict[str, _Outcome] = {}
@@ -216,18 +230,28 @@ class PrivacyBudgetStrategy(Strategy):
         crash_point("replied", round_)
         outcomes = {site: seen.get(site) or self._outcome(site, None) for site in sorted(self._selected)}
         for site, o in outcomes.items():
-            self.store.settle(site, round_, attempt=self._attempt, status=o.status, note=o.reason[:500],
-                              reported=o.reported or None)
+            self.store.settle(
+                site, round_, attempt=self._attempt, status=o.status, note=o.reason[:500], reported=o.reported or None
+            )
         crash_point("settled", round_)
         good = [s for s, o in outcomes.items() if o.status == Status.CONFIRMED]
         failed = {s: o for s, o in outcomes.items() if o.status != Status.CONFIRMED}
         for site, o in failed.items():
-            log(WARNING, "site %s %s in round %s: %s (its planned spending stays charged)", site, o.status, round_, o.reason)
+            log(
+                WARNING,
+                "site %s %s in round %s: %s (its planned spending stays charged)",
+                site,
+                o.status,
+                round_,
+                o.reason,
+            )
         if failed and (not good or len(good) / len(outcomes) < self.failure_quorum):
             self._report(round_, outcomes)
             detail = "; ".join(f"{s} {o.status}: {o.reason}" for s, o in failed.items())
-            raise SiteFailure(f"round {round_}: {len(failed)} of {len(outcomes)} selected sites did not train "
-                              f"(failure-quorum {self.failure_quorum:g}): {detail}")
+            raise SiteFailure(
+                f"round {round_}: {len(failed)} of {len(outcomes)} selected sites did not train "
+                f"(failure-quorum {self.failure_quorum:g}): {detail}"
+            )
         if good:  # write-ahead: a mechanism the server applies to the aggregate is composed over these
             self.store.record_aggregate(round_, attempt=self._attempt)
         aggregated = reducer.result()
@@ -257,18 +281,33 @@ class PrivacyBudgetStrategy(Strategy):
             o = outcomes.get(site)
             trained = o is not None and o.status == Status.CONFIRMED
             events = o.reported if trained else self.planned_events(site)
-            plan = next((e for e in events if e.steps > 0), events[0])  # what spent: an input release, not its zero-step training
+            plan = next(
+                (e for e in events if e.steps > 0), events[0]
+            )  # what spent: an input release, not its zero-step training
             status = "not-selected" if o is None else ("trained" if trained else str(o.status))
-            rows.append(SiteRound(
-                round=round_, site=site, status=status, epsilon=ledger.epsilon(), delta=ledger.delta,
-                noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate,
-                steps=plan.steps if trained else 0, privacy_unit=str(plan.privacy_unit), relation=str(plan.relation),
-                train_loss=o.loss if o is not None else math.nan, selected=o is not None, budget=self.budget(site),
-                reason=o.reason if o is not None else "",
-            ))
+            rows.append(
+                SiteRound(
+                    round=round_,
+                    site=site,
+                    status=status,
+                    epsilon=ledger.epsilon(),
+                    delta=ledger.delta,
+                    noise_multiplier=plan.noise_multiplier,
+                    sample_rate=plan.sample_rate,
+                    steps=plan.steps if trained else 0,
+                    privacy_unit=str(plan.privacy_unit),
+                    relation=str(plan.relation),
+                    train_loss=o.loss if o is not None else math.nan,
+                    selected=o is not None,
+                    budget=self.budget(site),
+                    reason=o.reason if o is not None else "",
+                )
+            )
         self.on_round(rows)
 
-    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         return self.strategy.configure_evaluate(server_round, arrays, config, grid)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:

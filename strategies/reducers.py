@@ -72,8 +72,10 @@ class RunningMean:
     def _add(self, reply: Message) -> None:
         content = reply.content
         if len(content.array_records) != 1 or len(content.metric_records) != 1:
-            raise InconsistentMessageReplies(reason="Expected exactly one ArrayRecord and one MetricRecord in every reply "
-                                                    f"(node {reply.metadata.src_node_id}). Skipping aggregation.")
+            raise InconsistentMessageReplies(
+                reason="Expected exactly one ArrayRecord and one MetricRecord in every reply "
+                f"(node {reply.metadata.src_node_id}). Skipping aggregation."
+            )
         name, arrays = next(iter(content.array_records.items()))
         metrics_name, metrics = next(iter(content.metric_records.items()))
         self._check_keys(name, set(arrays.keys()), set(metrics.keys()), reply.metadata.src_node_id)
@@ -90,18 +92,24 @@ class RunningMean:
     def _check_keys(self, name: str, array_keys: set[str], metric_keys: set[str], node: int) -> None:
         if self._array_keys is None:
             if self._key not in metric_keys:
-                raise InconsistentMessageReplies(reason=f"The MetricRecord of node {node} has no weight key {self._key!r}.")
+                raise InconsistentMessageReplies(
+                    reason=f"The MetricRecord of node {node} has no weight key {self._key!r}."
+                )
             self._array_keys, self._metric_keys = (name, array_keys), metric_keys
         elif (name, array_keys) != self._array_keys or metric_keys != self._metric_keys:
-            raise InconsistentMessageReplies(reason=f"The reply of node {node} has other ArrayRecord or MetricRecord keys "
-                                                    "than the first reply. Skipping aggregation.")
+            raise InconsistentMessageReplies(
+                reason=f"The reply of node {node} has other ArrayRecord or MetricRecord keys "
+                "than the first reply. Skipping aggregation."
+            )
 
     def result(self) -> tuple[ArrayRecord | None, MetricRecord | None]:
         if self._error is not None:
             raise self._error
         if not self._metrics:
             return None, None
-        arrays = ArrayRecord({k: Array(np.asarray(s / self._total, dtype=self._dtypes[k])) for k, s in self._sums.items()})
+        arrays = ArrayRecord(
+            {k: Array(np.asarray(s / self._total, dtype=self._dtypes[k])) for k, s in self._sums.items()}
+        )
         return arrays, self._metrics_fn(self._metrics, self._key)
 
 

@@ -12,16 +12,34 @@ SITE_WEIGHT_KEY = "site-weight"
 
 
 def _fedavg(fraction_train: float) -> Strategy:
-    return FedAvg(fraction_train=fraction_train, fraction_evaluate=0.0, min_train_nodes=1, min_available_nodes=1, weighted_by_key=SITE_WEIGHT_KEY)
+    return FedAvg(
+        fraction_train=fraction_train,
+        fraction_evaluate=0.0,
+        min_train_nodes=1,
+        min_available_nodes=1,
+        weighted_by_key=SITE_WEIGHT_KEY,
+    )
 
 
 def _fedmedian(fraction_train: float) -> Strategy:
-    return FedMedian(fraction_train=fraction_train, fraction_evaluate=0.0, min_train_nodes=1, min_available_nodes=1, weighted_by_key=SITE_WEIGHT_KEY)
+    return FedMedian(
+        fraction_train=fraction_train,
+        fraction_evaluate=0.0,
+        min_train_nodes=1,
+        min_available_nodes=1,
+        weighted_by_key=SITE_WEIGHT_KEY,
+    )
 
 
 def _fedtrimmedavg(fraction_train: float) -> Strategy:
-    return FedTrimmedAvg(fraction_train=fraction_train, fraction_evaluate=0.0, min_train_nodes=1, min_available_nodes=1, beta=0.2,
-                         weighted_by_key=SITE_WEIGHT_KEY)
+    return FedTrimmedAvg(
+        fraction_train=fraction_train,
+        fraction_evaluate=0.0,
+        min_train_nodes=1,
+        min_available_nodes=1,
+        beta=0.2,
+        weighted_by_key=SITE_WEIGHT_KEY,
+    )
 
 
 INNER_STRATEGIES: dict[str, Callable[[float], Strategy]] = {
@@ -36,4 +54,6 @@ def make_inner_strategy(name: str, *, fraction_train: float = 1.0) -> Strategy:
     try:
         return INNER_STRATEGIES[name](fraction_train)
     except KeyError:
-        raise ValueError(f"strategy: unknown inner strategy {name!r}; expected one of {sorted(INNER_STRATEGIES)}") from None
+        raise ValueError(
+            f"strategy: unknown inner strategy {name!r}; expected one of {sorted(INNER_STRATEGIES)}"
+        ) from None

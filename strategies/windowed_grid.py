@@ -56,8 +56,10 @@ class WindowedGrid:
             got = list(self._grid.pull_messages(in_flight)) if in_flight else []
             answered = {m.metadata.reply_to_message_id for m in got}
             if not answered <= in_flight:  # else the window would wait for replies that came back unnamed
-                raise RuntimeError(f"grid: replies to message ids it was not asked about {sorted(answered - in_flight)[:3]}; "
-                                   "a reply must name the id push_messages returned (reply_to_message_id)")
+                raise RuntimeError(
+                    f"grid: replies to message ids it was not asked about {sorted(answered - in_flight)[:3]}; "
+                    "a reply must name the id push_messages returned (reply_to_message_id)"
+                )
             in_flight -= answered
             yield from got
             if deadline is not None and time.time() >= deadline:

@@ -14,8 +14,16 @@ from fedclip.training.warmstart import WarmStartConfig, warm_start
 # more than the finding, and a warm start on 60 public patients learns the finding only to 0.31
 # (chance 0.20; measured), too little for the tests that need a model that knows the findings.
 # The default's own warm start, on 500 public patients, reaches 0.515 (README).
-SMALL = SyntheticConfig(seed=7, num_sites=3, patients_per_site=8, public_patients=60, heldout_patients=20,
-                        images_per_patient=6, query_images_per_patient=4, identity_strength=1.0)
+SMALL = SyntheticConfig(
+    seed=7,
+    num_sites=3,
+    patients_per_site=8,
+    public_patients=60,
+    heldout_patients=20,
+    images_per_patient=6,
+    query_images_per_patient=4,
+    identity_strength=1.0,
+)
 SMALL_WARM = WarmStartConfig(epochs=15, batch_size=64, lr=1e-3, seed=0)
 
 

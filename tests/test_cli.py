@@ -12,8 +12,24 @@ from simulations.commands import main  # the installed `fedclip` command
 
 def test_prepare_writes_data_checkpoint_and_table(tmp_path):
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "fedclip.cli", "prepare", "--out", str(out), "--epochs", "3", "--num-sites", "2",
-           "--patients-per-site", "3", "--public-patients", "12", "--heldout-patients", "4"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "fedclip.cli",
+        "prepare",
+        "--out",
+        str(out),
+        "--epochs",
+        "3",
+        "--num-sites",
+        "2",
+        "--patients-per-site",
+        "3",
+        "--public-patients",
+        "12",
+        "--heldout-patients",
+        "4",
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "[3/3] evaluating on held-out patients" in done.stdout
@@ -37,8 +53,24 @@ def test_data_command_names_patients_from_the_chosen_lists(tmp_path):
 
     _, CENSUS_SURNAMES = first_and_surnames("census")
 
-    cmd = [sys.executable, "-m", "fedclip.cli", "data", "--out", str(tmp_path), "--num-sites", "1",
-           "--patients-per-site", "4", "--public-patients", "2", "--heldout-patients", "2", "--name-lists", "census"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "fedclip.cli",
+        "data",
+        "--out",
+        str(tmp_path),
+        "--num-sites",
+        "1",
+        "--patients-per-site",
+        "4",
+        "--public-patients",
+        "2",
+        "--heldout-patients",
+        "2",
+        "--name-lists",
+        "census",
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     frame = pd.read_csv(tmp_path / "manifest.csv", dtype=str, keep_default_na=False)
@@ -72,6 +104,17 @@ def test_the_installed_command_has_every_command(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
     text = capsys.readouterr().out
-    for command in ("prepare", "data", "warmstart", "compare", "audit", "site-worker", "canaries", "privatize",
-                    "gallery", "status", "spending"):
+    for command in (
+        "prepare",
+        "data",
+        "warmstart",
+        "compare",
+        "audit",
+        "site-worker",
+        "canaries",
+        "privatize",
+        "gallery",
+        "status",
+        "spending",
+    ):
         assert f"    fedclip {command} " in text, command

@@ -51,8 +51,13 @@ def test_no_library_package_imports_one_above_it():
             continue
         for name in _imports(path):
             target = name.split(".")
-            if target[0] == "fedclip" and len(target) > 1 and target[1] in BELOW and target[1] != parts[1] \
-                    and target[1] not in BELOW[parts[1]]:
+            if (
+                target[0] == "fedclip"
+                and len(target) > 1
+                and target[1] in BELOW
+                and target[1] != parts[1]
+                and target[1] not in BELOW[parts[1]]
+            ):
                 up[module].append(name)
     assert not up, dict(up)
 
@@ -66,7 +71,7 @@ def test_no_import_circle_between_modules():
 
     def visit(m):
         if m in stack:
-            circles.append(stack[stack.index(m):] + [m])
+            circles.append(stack[stack.index(m) :] + [m])
             return
         if m in seen:
             return

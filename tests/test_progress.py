@@ -15,6 +15,7 @@ def test_no_bar_in_a_pipe_unless_asked(monkeypatch, capsys):
     assert bar.n == 3 and capsys.readouterr().err == ""
     assert decide_progress() is False
     import os
+
     assert os.environ[ENV] == "0"  # children (Ray's actors) follow the decision
 
 

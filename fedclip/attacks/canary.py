@@ -26,8 +26,8 @@ import pandas as pd
 import torch
 
 from fedclip.attacks.base import AttackDecisions
-from fedclip.data.canaries import CanarySet
 from fedclip.attacks.likelihood_ratio import report_log_probs
+from fedclip.data.canaries import CanarySet
 from fedclip.data.tensors import load_images
 
 
@@ -37,8 +37,14 @@ class CanaryAudit:
     name = "canary"
     randomised = True  # membership is a fair coin per canary: the one-run bound applies
 
-    def __init__(self, canaries: CanarySet, *, reference: torch.nn.Module, preprocess: Callable,
-                 tokenizer: Callable[[list[str]], torch.Tensor]):
+    def __init__(
+        self,
+        canaries: CanarySet,
+        *,
+        reference: torch.nn.Module,
+        preprocess: Callable,
+        tokenizer: Callable[[list[str]], torch.Tensor],
+    ):
         rows = canaries.training_rows().sort_values(["patient_id", "filepath"])
         self.patients = np.array(rows["patient_id"])
         self.images = load_images(rows, preprocess=preprocess)
@@ -55,6 +61,13 @@ class CanaryAudit:
 
     def __call__(self, model: torch.nn.Module) -> AttackDecisions:
         score = self._per_patient(report_log_probs(model, self.images, self.tokens)) - self.reference
-        frame = pd.DataFrame({"target": self.ids, "site": self.sites, "is_member": self.included,
-                              "predicted_member": score > np.median(score), "score": score})
+        frame = pd.DataFrame(
+            {
+                "target": self.ids,
+                "site": self.sites,
+                "is_member": self.included,
+                "predicted_member": score > np.median(score),
+                "score": score,
+            }
+        )
         return AttackDecisions(attack=self.name, frame=frame, randomised=True)

@@ -43,8 +43,9 @@ class DiracCanaries:
     def inserted(self) -> tuple[tuple[str, int], ...]:
         return tuple(c for c, inc in zip(self.coordinates, self.included) if inc)
 
-    def sampled_rows(self, model: torch.nn.Module, *, rate: float, norm: float,
-                     generator: torch.Generator) -> dict[str, torch.Tensor] | None:
+    def sampled_rows(
+        self, model: torch.nn.Module, *, rate: float, norm: float, generator: torch.Generator
+    ) -> dict[str, torch.Tensor] | None:
         """``fedclip.training.extra_units.ExtraUnits``: each inserted canary Poisson-sampled at
         ``rate`` (like every unit), as gradient rows of norm ``norm``; None if none was drawn."""
         inserted = self.inserted()
@@ -55,8 +56,9 @@ class DiracCanaries:
         return canary_rows(model, sampled, norm=norm) if sampled else None
 
 
-def draw_dirac_canaries(model: torch.nn.Module, *, per_site: int, sites: tuple[str, ...],
-                        secret: bytes) -> dict[str, DiracCanaries]:
+def draw_dirac_canaries(
+    model: torch.nn.Module, *, per_site: int, sites: tuple[str, ...], secret: bytes
+) -> dict[str, DiracCanaries]:
     """``per_site`` distinct coordinates for each site among the trainable parameters (uniform over
     coordinates), and a fair coin each, from ``secret``."""
     if per_site < 1:
@@ -74,14 +76,19 @@ def draw_dirac_canaries(model: torch.nn.Module, *, per_site: int, sites: tuple[s
     where = np.searchsorted(starts, flat, side="right") - 1
     coords = [(params[k][0], int(f - starts[k])) for k, f in zip(where, flat)]
     included = rng.random(wanted) < 0.5
-    return {site: DiracCanaries(tuple(coords[i * per_site:(i + 1) * per_site]),
-                                tuple(bool(b) for b in included[i * per_site:(i + 1) * per_site]))
-            for i, site in enumerate(sites)}
+    return {
+        site: DiracCanaries(
+            tuple(coords[i * per_site : (i + 1) * per_site]),
+            tuple(bool(b) for b in included[i * per_site : (i + 1) * per_site]),
+        )
+        for i, site in enumerate(sites)
+    }
 
 
 def canaries_to_wire(canaries: dict[str, DiracCanaries]) -> str:
-    return json.dumps({site: [[n, i, inc] for (n, i), inc in zip(c.coordinates, c.included)]
-                       for site, c in canaries.items()})
+    return json.dumps(
+        {site: [[n, i, inc] for (n, i), inc in zip(c.coordinates, c.included)] for site, c in canaries.items()}
+    )
 
 
 def canaries_from_wire(text: str, site: str) -> DiracCanaries | None:
@@ -97,8 +104,11 @@ def canaries_from_wire(text: str, site: str) -> DiracCanaries | None:
 def canary_rows(model: torch.nn.Module, coordinates: list[tuple[str, int]], *, norm: float) -> dict[str, torch.Tensor]:
     """Per-sample gradient rows, one per canary: ``norm`` at its coordinate, 0 elsewhere (norm exactly
     ``norm``: clipping at ``norm`` leaves it whole)."""
-    rows = {n: torch.zeros((len(coordinates), *p.shape), dtype=p.dtype, device=p.device)
-            for n, p in model.named_parameters() if p.requires_grad}
+    rows = {
+        n: torch.zeros((len(coordinates), *p.shape), dtype=p.dtype, device=p.device)
+        for n, p in model.named_parameters()
+        if p.requires_grad
+    }
     for r, (name, index) in enumerate(coordinates):
         rows[name][r].view(-1)[index] = norm
     return rows
@@ -123,8 +133,13 @@ class GradientCanaryAudit:
 
     def __call__(self, model: torch.nn.Module) -> AttackDecisions:
         score = self.start - coordinate_values(model, self.coordinates)
-        frame = pd.DataFrame({"target": [f"{n}[{i}]" for n, i in self.coordinates],
-                              "site": [s if inc else "" for s, inc in zip(self.sites, self.included)],
-                              "is_member": self.included, "predicted_member": score > np.median(score),
-                              "score": score})
+        frame = pd.DataFrame(
+            {
+                "target": [f"{n}[{i}]" for n, i in self.coordinates],
+                "site": [s if inc else "" for s, inc in zip(self.sites, self.included)],
+                "is_member": self.included,
+                "predicted_member": score > np.median(score),
+                "score": score,
+            }
+        )
         return AttackDecisions(attack=self.name, frame=frame, randomised=True)

@@ -47,7 +47,9 @@ class IdiaConfig:
         if not self.templates or any("{name}" not in t for t in self.templates):
             raise ValueError(f"idia templates: every template must contain '{{name}}', got {list(self.templates)}")
         if not 1 <= self.tau <= len(self.templates):
-            raise ValueError(f"idia tau: expected 1 <= tau <= {len(self.templates)} (the number of templates), got {self.tau}")
+            raise ValueError(
+                f"idia tau: expected 1 <= tau <= {len(self.templates)} (the number of templates), got {self.tau}"
+            )
         check_name_lists(self.name_lists, key="idia name_lists")
         if self.num_distractors < 0:
             raise ValueError(f"idia num_distractors: expected >= 0, got {self.num_distractors}")
@@ -105,7 +107,8 @@ class IdiaTargets:
         everyone = names + sorted(set(frame.loc[frame["split"] == str(Split.TRAIN), "name"]) - set(names))
         rng = np.random.default_rng(config.seed)
         candidates = tuple(dict.fromkeys(everyone)) + tuple(
-            draw_unique_names(rng, config.num_distractors, exclude=set(everyone), lists=config.name_lists))
+            draw_unique_names(rng, config.num_distractors, exclude=set(everyone), lists=config.name_lists)
+        )
         images = load_images(picked, preprocess=preprocess)
         return cls(
             patient_ids=tuple(first.index),
@@ -137,7 +140,14 @@ class IdentityInferenceAttack:
             text_emb = encode_texts(model, self.tokenizer([template.format(name=c) for c in t.candidates]))
             predicted[:, k, :] = (image_emb @ text_emb.T).argmax(dim=-1).cpu().numpy()
         correct, member = majority_decisions(predicted, t.truth, tau=self.config.tau)
-        frame = pd.DataFrame({"target": t.patient_ids, "site": t.sites, "is_member": t.is_member,
-                              "predicted_member": member, "correct_templates": correct,
-                              "score": correct})  # coarse (0..templates), for AUC and TPR at low FPR
+        frame = pd.DataFrame(
+            {
+                "target": t.patient_ids,
+                "site": t.sites,
+                "is_member": t.is_member,
+                "predicted_member": member,
+                "correct_templates": correct,
+                "score": correct,
+            }
+        )  # coarse (0..templates), for AUC and TPR at low FPR
         return AttackDecisions(attack=self.name, frame=frame)

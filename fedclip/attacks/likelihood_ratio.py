@@ -53,23 +53,39 @@ def report_log_probs(model: torch.nn.Module, images: torch.Tensor, tokens: torch
 
 
 @torch.no_grad()
-def name_log_probs(model: torch.nn.Module, targets: IdiaTargets, *, tokenizer: Callable[[list[str]], torch.Tensor],
-                   templates: tuple[str, ...]) -> np.ndarray:
+def name_log_probs(
+    model: torch.nn.Module,
+    targets: IdiaTargets,
+    *,
+    tokenizer: Callable[[list[str]], torch.Tensor],
+    templates: tuple[str, ...],
+) -> np.ndarray:
     """Per person: log p(true name | photo, template) among the candidates, mean over photos and templates."""
     people, n = targets.images.shape[:2]
     images = encode_images(model, targets.images.flatten(0, 1))
     truth = torch.as_tensor(np.repeat(targets.truth, n))
     total = np.zeros(people)
     for template in templates:
-        logits = _scale(model) * images @ encode_texts(model, tokenizer([template.format(name=c) for c in targets.candidates])).T
+        logits = (
+            _scale(model)
+            * images
+            @ encode_texts(model, tokenizer([template.format(name=c) for c in targets.candidates])).T
+        )
         log_p = logits.gather(1, truth[:, None]).squeeze(1) - torch.logsumexp(logits, dim=1)
         total += log_p.view(people, n).mean(dim=1).cpu().numpy()
     return total / len(templates)
 
 
 def _decisions(attack: str, *, targets, sites, is_member: np.ndarray, score: np.ndarray) -> AttackDecisions:
-    frame = pd.DataFrame({"target": list(targets), "site": list(sites), "is_member": is_member,
-                          "predicted_member": score > np.median(score), "score": score})
+    frame = pd.DataFrame(
+        {
+            "target": list(targets),
+            "site": list(sites),
+            "is_member": is_member,
+            "predicted_member": score > np.median(score),
+            "score": score,
+        }
+    )
     return AttackDecisions(attack=attack, frame=frame)
 
 
@@ -78,8 +94,16 @@ class RecordLikelihoodRatio:
 
     name = "lira-record"
 
-    def __init__(self, frame: pd.DataFrame, *, reference: torch.nn.Module, preprocess: Callable,
-                 tokenizer: Callable[[list[str]], torch.Tensor], max_per_side: int = 500, seed: int = 0):
+    def __init__(
+        self,
+        frame: pd.DataFrame,
+        *,
+        reference: torch.nn.Module,
+        preprocess: Callable,
+        tokenizer: Callable[[list[str]], torch.Tensor],
+        max_per_side: int = 500,
+        seed: int = 0,
+    ):
         """``frame``: the auditor's manifest; members are its ``train`` rows, non-members its
         ``heldout`` rows, at most ``max_per_side`` of each (a fixed sample: the auditor's choice)."""
         if max_per_side < 1:
@@ -88,10 +112,13 @@ class RecordLikelihoodRatio:
         for split in (Split.TRAIN, Split.HELDOUT):
             rows = frame[frame["split"] == str(split)]
             if rows.empty:
-                raise ValueError(f"lira-record: the auditor's manifest has no '{split}' rows; the record attack needs "
-                                 "training pairs (members) and held-out pairs (non-members)")
-            sides.append(rows.sample(n=min(max_per_side, len(rows)), random_state=seed) if len(rows) > max_per_side
-                         else rows)
+                raise ValueError(
+                    f"lira-record: the auditor's manifest has no '{split}' rows; the record attack needs "
+                    "training pairs (members) and held-out pairs (non-members)"
+                )
+            sides.append(
+                rows.sample(n=min(max_per_side, len(rows)), random_state=seed) if len(rows) > max_per_side else rows
+            )
         rows = pd.concat(sides)
         self.ids = tuple(rows["filepath"])
         self.is_member = (rows["split"] == str(Split.TRAIN)).to_numpy()
@@ -110,8 +137,14 @@ class PatientLikelihoodRatio:
 
     name = "lira-patient"
 
-    def __init__(self, targets: IdiaTargets, *, reference: torch.nn.Module,
-                 tokenizer: Callable[[list[str]], torch.Tensor], config: IdiaConfig):
+    def __init__(
+        self,
+        targets: IdiaTargets,
+        *,
+        reference: torch.nn.Module,
+        tokenizer: Callable[[list[str]], torch.Tensor],
+        config: IdiaConfig,
+    ):
         self.targets, self.tokenizer, self.templates = targets, tokenizer, config.templates
         self.reference = self._log_probs(reference)
 
@@ -120,5 +153,10 @@ class PatientLikelihoodRatio:
 
     def __call__(self, model: torch.nn.Module) -> AttackDecisions:
         t = self.targets
-        return _decisions(self.name, targets=t.patient_ids, sites=t.sites, is_member=t.is_member,
-                          score=self._log_probs(model) - self.reference)
+        return _decisions(
+            self.name,
+            targets=t.patient_ids,
+            sites=t.sites,
+            is_member=t.is_member,
+            score=self._log_probs(model) - self.reference,
+        )

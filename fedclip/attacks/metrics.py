@@ -68,8 +68,10 @@ def per_site_rates(frame: pd.DataFrame) -> pd.DataFrame:
     """TPR per site (members only: non-members belong to no site), with the shared FPR."""
     fpr = frame.loc[~frame["is_member"].astype(bool), "predicted_member"].astype(bool).mean()
     members = frame[frame["is_member"].astype(bool)]
-    rows = [{"site": site, "members": len(g), "tpr": float(g["predicted_member"].astype(bool).mean()), "fpr": float(fpr)}
-            for site, g in members.groupby("site")]
+    rows = [
+        {"site": site, "members": len(g), "tpr": float(g["predicted_member"].astype(bool).mean()), "fpr": float(fpr)}
+        for site, g in members.groupby("site")
+    ]
     return pd.DataFrame(rows, columns=["site", "members", "tpr", "fpr"])
 
 
@@ -93,25 +95,36 @@ def score_metrics(scores: np.ndarray, is_member: np.ndarray) -> dict[str, float]
     n1, n0 = truth.sum(), (~truth).sum()
     auc = (ranks[truth].sum() - n1 * (n1 + 1) / 2) / (n1 * n0)
     fpr, tpr = roc_curve(scores, truth)
-    return {"auc": float(auc), "tpr_at_1pct_fpr": float(tpr[fpr <= 0.01].max()),
-            "tpr_at_0.1pct_fpr": float(tpr[fpr <= 0.001].max())}
+    return {
+        "auc": float(auc),
+        "tpr_at_1pct_fpr": float(tpr[fpr <= 0.01].max()),
+        "tpr_at_0.1pct_fpr": float(tpr[fpr <= 0.001].max()),
+    }
 
 
-def attack_tables(decisions: AttackDecisions, *, round_: int, max_site_epsilon: float, delta: float,
-                  confidence: float) -> tuple[dict, list[dict]]:
+def attack_tables(
+    decisions: AttackDecisions, *, round_: int, max_site_epsilon: float, delta: float, confidence: float
+) -> tuple[dict, list[dict]]:
     """One round's rows of ``attack.csv`` and ``attack_sites.csv``, the same for the server's
     per-round hook and the auditor's later pass over saved models. Score metrics need a ``score``
     column; the one-run bound (``audited_epsilon``) needs randomised membership."""
     frame, attack = decisions.frame, decisions.attack
     m = membership_metrics(frame, delta=delta, confidence=confidence)
     scored = "score" in frame.columns
-    m |= score_metrics(frame["score"].to_numpy(), frame["is_member"].to_numpy()) if scored else dict.fromkeys(
-        ("auc", "tpr_at_1pct_fpr", "tpr_at_0.1pct_fpr"), float("nan"))
+    m |= (
+        score_metrics(frame["score"].to_numpy(), frame["is_member"].to_numpy())
+        if scored
+        else dict.fromkeys(("auc", "tpr_at_1pct_fpr", "tpr_at_0.1pct_fpr"), float("nan"))
+    )
     if decisions.randomised and scored:
-        audit = audit_scores(frame["score"].to_numpy(), frame["is_member"].to_numpy(), delta=delta,
-                             confidence=confidence)
-        m |= {"audited_epsilon": audit.epsilon_lower_bound, "audit_guesses": audit.guesses,
-              "audit_correct": audit.correct}
+        audit = audit_scores(
+            frame["score"].to_numpy(), frame["is_member"].to_numpy(), delta=delta, confidence=confidence
+        )
+        m |= {
+            "audited_epsilon": audit.epsilon_lower_bound,
+            "audit_guesses": audit.guesses,
+            "audit_correct": audit.correct,
+        }
     else:
         m |= {"audited_epsilon": float("nan"), "audit_guesses": float("nan"), "audit_correct": float("nan")}
     row = {"round": round_, "attack": attack, "max_site_epsilon": max_site_epsilon, **m}
@@ -124,5 +137,14 @@ def score_rows(decisions: AttackDecisions, *, round_: int) -> list[dict]:
     frame = decisions.frame
     if "score" not in frame.columns:
         return []
-    return [{"round": round_, "attack": decisions.attack, "target": r.target, "site": r.site,
-             "is_member": bool(r.is_member), "score": float(r.score)} for r in frame.itertuples()]
+    return [
+        {
+            "round": round_,
+            "attack": decisions.attack,
+            "target": r.target,
+            "site": r.site,
+            "is_member": bool(r.is_member),
+            "score": float(r.score),
+        }
+        for r in frame.itertuples()
+    ]

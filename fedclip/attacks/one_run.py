@@ -38,8 +38,9 @@ def audit_p_value(*, canaries: int, guesses: int, correct: int, epsilon: float, 
     """The probability of at least ``correct`` right guesses out of ``guesses`` if training were
     (epsilon, delta)-DP per canary, with ``canaries`` randomised canaries (the paper's p-value)."""
     if not 0 <= correct <= guesses <= canaries:
-        raise ValueError(f"one-run audit: expected 0 <= correct <= guesses <= canaries, got {correct}, {guesses}, "
-                         f"{canaries}")
+        raise ValueError(
+            f"one-run audit: expected 0 <= correct <= guesses <= canaries, got {correct}, {guesses}, {canaries}"
+        )
     if not epsilon >= 0 or not 0 <= delta <= 1:
         raise ValueError(f"one-run audit: expected epsilon >= 0 and delta in [0, 1], got {epsilon}, {delta}")
     q = 1 / (1 + math.exp(-epsilon))
@@ -49,8 +50,9 @@ def audit_p_value(*, canaries: int, guesses: int, correct: int, epsilon: float, 
     return min(1.0, tail + 2 * canaries * delta * spread)
 
 
-def audit_epsilon_lower_bound(*, canaries: int, guesses: int, correct: int, delta: float,
-                              confidence: float = 0.95, iterations: int = 40) -> float:
+def audit_epsilon_lower_bound(
+    *, canaries: int, guesses: int, correct: int, delta: float, confidence: float = 0.95, iterations: int = 40
+) -> float:
     """The largest epsilon rejected at ``confidence``: with that probability the mechanism is not
     (epsilon, delta)-DP for any smaller epsilon. 0 when the guesses are no better than chance."""
     if not 0 < confidence < 1:
@@ -84,12 +86,13 @@ def guesses_from_scores(scores: np.ndarray, included: np.ndarray, *, k_in: int, 
     abstain on the rest. Ties are broken by position, never by the truth."""
     scores, included = np.asarray(scores, dtype=float), np.asarray(included, dtype=bool)
     if scores.shape != included.shape or scores.ndim != 1:
-        raise ValueError(f"one-run audit: scores and inclusion must be vectors of one length, got {scores.shape}, "
-                         f"{included.shape}")
+        raise ValueError(
+            f"one-run audit: scores and inclusion must be vectors of one length, got {scores.shape}, {included.shape}"
+        )
     if k_in < 0 or k_out < 0 or k_in + k_out > len(scores):
         raise ValueError(f"one-run audit: expected k_in, k_out >= 0 and k_in + k_out <= {len(scores)} canaries")
     order = np.argsort(-scores, kind="stable")
-    top, bottom = order[:k_in], order[len(order) - k_out:] if k_out else order[:0]
+    top, bottom = order[:k_in], order[len(order) - k_out :] if k_out else order[:0]
     return Guesses(guesses=k_in + k_out, correct=int(included[top].sum() + (~included[bottom]).sum()))
 
 
@@ -116,8 +119,9 @@ def audit_scores(scores: np.ndarray, included: np.ndarray, *, delta: float, conf
     best = OneRunAudit(0.0, 0, 0)
     for k in counts:
         g = guesses_from_scores(scores, included, k_in=k, k_out=k)
-        bound = audit_epsilon_lower_bound(canaries=m, guesses=g.guesses, correct=g.correct, delta=delta,
-                                          confidence=level)
+        bound = audit_epsilon_lower_bound(
+            canaries=m, guesses=g.guesses, correct=g.correct, delta=delta, confidence=level
+        )
         if bound > best.epsilon_lower_bound or best.guesses == 0:
             best = OneRunAudit(bound, g.guesses, g.correct)
     return best

@@ -64,7 +64,9 @@ class ReplyAttack:
         first = calls[sites[0]]
         for site in sites[1:]:
             if not calls[site]["target"].equals(first["target"]):
-                raise ValueError(f"{self.name}: the attack on {site}'s reply returned other targets than on {sites[0]}'s")
+                raise ValueError(
+                    f"{self.name}: the attack on {site}'s reply returned other targets than on {sites[0]}'s"
+                )
         called = pd.DataFrame({site: calls[site]["predicted_member"].to_numpy(bool) for site in sites})
         frame = first[["target", "site", "is_member"]].copy()
         frame["predicted_member"] = called.any(axis=1).to_numpy()

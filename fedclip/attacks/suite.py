@@ -17,8 +17,15 @@ from fedclip.attacks.likelihood_ratio import PatientLikelihoodRatio, RecordLikel
 from fedclip.data.schema import Split
 
 
-def target_attacks(frame: pd.DataFrame, *, idia: IdiaConfig, lira_records: int, reference: torch.nn.Module,
-                   preprocess: Callable, tokenizer: Callable[[list[str]], torch.Tensor]) -> list[Attack]:
+def target_attacks(
+    frame: pd.DataFrame,
+    *,
+    idia: IdiaConfig,
+    lira_records: int,
+    reference: torch.nn.Module,
+    preprocess: Callable,
+    tokenizer: Callable[[list[str]], torch.Tensor],
+) -> list[Attack]:
     """IDIA, and with ``lira_records`` > 0 the likelihood-ratio attacks on people and on records
     (``reference``: the base model, before any round). The record attack needs training pairs;
     an auditor who holds only names and photos gets the others, and is told so."""
@@ -28,9 +35,20 @@ def target_attacks(frame: pd.DataFrame, *, idia: IdiaConfig, lira_records: int, 
         return attacks
     attacks.append(PatientLikelihoodRatio(targets, reference=reference, tokenizer=tokenizer, config=idia))
     if (frame["split"] == str(Split.TRAIN)).any():
-        attacks.append(RecordLikelihoodRatio(frame, reference=reference, preprocess=preprocess, tokenizer=tokenizer,
-                                             max_per_side=lira_records, seed=idia.seed))
+        attacks.append(
+            RecordLikelihoodRatio(
+                frame,
+                reference=reference,
+                preprocess=preprocess,
+                tokenizer=tokenizer,
+                max_per_side=lira_records,
+                seed=idia.seed,
+            )
+        )
     else:
-        print("lira-record: not run, the auditor's targets hold no training pairs ('train' rows); the record attack "
-              "needs the exact pairs it asks about", flush=True)
+        print(
+            "lira-record: not run, the auditor's targets hold no training pairs ('train' rows); the record attack "
+            "needs the exact pairs it asks about",
+            flush=True,
+        )
     return attacks

@@ -58,7 +58,9 @@ def load_canaries(path: str | Path) -> CanarySet:
     bad = ~frame["included"].isin(["0", "1"])
     if bad.any():
         line = int(np.argmax(bad.to_numpy())) + 2
-        raise ValueError(f"canary-file: {path} line {line}: included must be 0 or 1, got {frame['included'][bad].iloc[0]!r}")
+        raise ValueError(
+            f"canary-file: {path} line {line}: included must be 0 or 1, got {frame['included'][bad].iloc[0]!r}"
+        )
     frame["included"] = frame["included"].astype(int)
     mixed = frame.groupby("patient_id")["included"].nunique()
     if (mixed > 1).any():
@@ -70,5 +72,7 @@ def load_canaries(path: str | Path) -> CanarySet:
     if len(trained) < 2:
         raise ValueError(f"canary-file: {path}: an audit needs at least 2 canaries, got {len(trained)}")
     frame["line"] = np.arange(len(frame)) + 2  # image errors name the canary file's line
-    frame["filepath"] = [str((path.parent / p).resolve()) if not Path(p).is_absolute() else p for p in frame["filepath"]]
+    frame["filepath"] = [
+        str((path.parent / p).resolve()) if not Path(p).is_absolute() else p for p in frame["filepath"]
+    ]
     return CanarySet(frame=frame, source=str(path))

@@ -27,9 +27,18 @@ from fedclip.data.synthetic import SyntheticConfig, canary_patients
 SITE_ROWS = "canary_rows.csv"
 
 
-def make_site_canaries(out_dir: str | Path, *, sites: list[str], count: int, images_per_canary: int = 4,
-                       query_images: int = 3, image_size: int = 224, name_lists: str = "census",
-                       exclude_manifest: str | Path | None = None, secret: bytes | None = None) -> Path:
+def make_site_canaries(
+    out_dir: str | Path,
+    *,
+    sites: list[str],
+    count: int,
+    images_per_canary: int = 4,
+    query_images: int = 3,
+    image_size: int = 224,
+    name_lists: str = "census",
+    exclude_manifest: str | Path | None = None,
+    secret: bytes | None = None,
+) -> Path:
     """Write the auditor's canary file and every site's share under ``out_dir``; return the canary file.
     ``exclude_manifest``: the auditor's target manifest, whose names no canary may take."""
     names = [s.strip() for s in sites if s.strip()]
@@ -42,8 +51,12 @@ def make_site_canaries(out_dir: str | Path, *, sites: list[str], count: int, ima
         raise ValueError(f"out: {out / CANARY_FILE} exists; a second draw would replace the auditor's secret")
     exclude = set(load_manifest(exclude_manifest).frame["name"]) if exclude_manifest else set()
     # the look of the canaries may be seeded (it is no secret); who trains comes from `secret` or the OS
-    config = SyntheticConfig(images_per_patient=images_per_canary, query_images_per_patient=query_images,
-                             image_size=image_size, name_lists=name_lists)
+    config = SyntheticConfig(
+        images_per_patient=images_per_canary,
+        query_images_per_patient=query_images,
+        image_size=image_size,
+        name_lists=name_lists,
+    )
     canaries = canary_patients(out, count=count, sites=names, config=config, exclude_names=exclude, secret=secret)
     trained = canaries[(canaries["included"] == 1) & (canaries["split"] == str(Split.TRAIN))]
     for site in names:

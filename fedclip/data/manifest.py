@@ -99,8 +99,9 @@ def _outside(root: Path, image: str) -> bool:
     return not (root / image).resolve().is_relative_to(root.resolve())
 
 
-def _row_problems(frame: pd.DataFrame, root: Path, columns: ManifestColumns, verify_images: bool,
-                  allow_outside_paths: bool) -> list[BadRow]:
+def _row_problems(
+    frame: pd.DataFrame, root: Path, columns: ManifestColumns, verify_images: bool, allow_outside_paths: bool
+) -> list[BadRow]:
     problems: list[BadRow] = []
     seen_paths: dict[str, int] = {}
     valid_splits = {str(s) for s in Split}
@@ -110,10 +111,18 @@ def _row_problems(frame: pd.DataFrame, root: Path, columns: ManifestColumns, ver
         if not image:
             problems.append(BadRow(line, columns.image, "empty image path"))
         elif not allow_outside_paths and _outside(root, image):
-            problems.append(BadRow(line, columns.image, f"image path {image!r} is outside the manifest's folder "
-                                   f"{root} (absolute paths and '..' need allow_outside_paths=True)"))
+            problems.append(
+                BadRow(
+                    line,
+                    columns.image,
+                    f"image path {image!r} is outside the manifest's folder "
+                    f"{root} (absolute paths and '..' need allow_outside_paths=True)",
+                )
+            )
         elif image in seen_paths:
-            problems.append(BadRow(line, columns.image, f"duplicate image {image!r} (first on line {seen_paths[image]})"))
+            problems.append(
+                BadRow(line, columns.image, f"duplicate image {image!r} (first on line {seen_paths[image]})")
+            )
         else:
             seen_paths[image] = line
             problem = _check_image(root / image) if verify_images else None
@@ -124,7 +133,13 @@ def _row_problems(frame: pd.DataFrame, root: Path, columns: ManifestColumns, ver
         if not row.patient_id.strip():
             problems.append(BadRow(line, columns.patient, "empty patient id"))
         if row.split not in valid_splits:
-            problems.append(BadRow(line, columns.split or "split", f"unknown split {row.split!r}; expected one of {sorted(valid_splits)}"))
+            problems.append(
+                BadRow(
+                    line,
+                    columns.split or "split",
+                    f"unknown split {row.split!r}; expected one of {sorted(valid_splits)}",
+                )
+            )
         mask = getattr(row, "mask", "").strip()
         if mask and not allow_outside_paths and _outside(root, mask):
             problems.append(BadRow(line, "mask", f"mask path {mask!r} is outside the manifest's folder {root}"))

@@ -34,15 +34,19 @@ def pairs_key(frame: pd.DataFrame, *, model_key: str) -> str:
     return digest.hexdigest()[:24]
 
 
-def cached_pairs(frame: pd.DataFrame, *, cache_dir: str | Path, model_key: str,
-                 preprocess: Callable[[Image.Image], torch.Tensor],
-                 tokenizer: Callable[[list[str]], torch.Tensor]) -> PairData:
+def cached_pairs(
+    frame: pd.DataFrame,
+    *,
+    cache_dir: str | Path,
+    model_key: str,
+    preprocess: Callable[[Image.Image], torch.Tensor],
+    tokenizer: Callable[[list[str]], torch.Tensor],
+) -> PairData:
     """``load_pairs(frame)``, read from ``cache_dir`` if an identical load was saved there."""
     path = Path(cache_dir) / f"pairs-{pairs_key(frame, model_key=model_key)}.pt"
     if path.is_file():
         saved = torch.load(path, map_location="cpu", weights_only=True)
-        return PairData(images=saved["images"], tokens=saved["tokens"],
-                        **{k: tuple(saved[k]) for k in _TEXT_FIELDS})
+        return PairData(images=saved["images"], tokens=saved["tokens"], **{k: tuple(saved[k]) for k in _TEXT_FIELDS})
     data = load_pairs(frame, preprocess=preprocess, tokenizer=tokenizer)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".{os.getpid()}.tmp")

@@ -101,7 +101,9 @@ class SyntheticConfig:
             raise ValueError(f"identity_grid: expected 2 .. image_size/2 cells per side, got {self.identity_grid}")
         check_name_lists(self.name_lists)
         if not 0.25 <= self.identity_region <= 1:
-            raise ValueError(f"identity_region: expected a share of the image's side in [0.25, 1], got {self.identity_region}")
+            raise ValueError(
+                f"identity_region: expected a share of the image's side in [0.25, 1], got {self.identity_region}"
+            )
         if not 0 <= self.noise < 1:
             raise ValueError(f"noise: expected a pixel noise level in [0, 1), got {self.noise}")
 
@@ -165,12 +167,19 @@ def _identity_patch(rng: np.random.Generator, size: int, share: float) -> np.nda
     side = max(4, int(round(share * size)))
     top, left = rng.integers(0, size - side + 1, size=2)
     patch = np.zeros((size, size), dtype=bool)
-    patch[top:top + side, left:left + side] = True
+    patch[top : top + side, left : left + side] = True
     return patch
 
 
-def render_image(pattern: np.ndarray, condition: str, rng: np.random.Generator, *, noise: float,
-                 identity_strength: float, patch: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+def render_image(
+    pattern: np.ndarray,
+    condition: str,
+    rng: np.random.Generator,
+    *,
+    noise: float,
+    identity_strength: float,
+    patch: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray | None]:
     """One image of one patient: identity pattern, shifted and lit a little differently each time;
     with a ``patch``, the pattern only inside it, and the patch (shifted alike) as the image's mask."""
     size = pattern.shape[0]
@@ -201,28 +210,47 @@ def site_sizes(config: SyntheticConfig) -> list[int]:
     return _site_plan(config, np.random.default_rng(config.seed))[0]
 
 
-def _patient(out: Path, pid: str, name: str, site: str, mix: np.ndarray, splits: list, rng: np.random.Generator,
-             config: SyntheticConfig) -> list[dict[str, str]]:
+def _patient(
+    out: Path,
+    pid: str,
+    name: str,
+    site: str,
+    mix: np.ndarray,
+    splits: list,
+    rng: np.random.Generator,
+    config: SyntheticConfig,
+) -> list[dict[str, str]]:
     """One patient's images (written under ``out/images``) and manifest rows."""
     pattern = _identity_pattern(rng, config.image_size, config.identity_grid)
     patch = _identity_patch(rng, config.image_size, config.identity_region) if config.identity_region < 1 else None
     rows = []
     for k, image_split in enumerate(splits):
         condition = CONDITIONS[rng.choice(len(CONDITIONS), p=mix)]
-        pixels, mask = render_image(pattern, condition, rng, noise=config.noise,
-                                    identity_strength=config.identity_strength, patch=patch)
+        pixels, mask = render_image(
+            pattern, condition, rng, noise=config.noise, identity_strength=config.identity_strength, patch=patch
+        )
         rel = f"images/{pid}_{k:02d}.png"
         Image.fromarray((pixels * 255).round().astype(np.uint8)).save(out / rel, optimize=False)
-        rows.append({"filepath": rel, "title": caption(name, condition, rng), "patient_id": pid, "name": name,
-                     "site": site, "condition": condition, "split": str(image_split)})
+        rows.append(
+            {
+                "filepath": rel,
+                "title": caption(name, condition, rng),
+                "patient_id": pid,
+                "name": name,
+                "site": site,
+                "condition": condition,
+                "split": str(image_split),
+            }
+        )
         if mask is not None:
             rows[-1][MASK_COLUMN] = f"images/{pid}_{k:02d}_mask.png"
             Image.fromarray(mask.astype(np.uint8) * 255).save(out / rows[-1][MASK_COLUMN], optimize=False)
     return rows
 
 
-def canary_patients(out: Path, *, count: int, sites: list[str], config: SyntheticConfig, exclude_names: set[str],
-                    secret: bytes | None) -> pd.DataFrame:
+def canary_patients(
+    out: Path, *, count: int, sites: list[str], config: SyntheticConfig, exclude_names: set[str], secret: bytes | None
+) -> pd.DataFrame:
     """Make ``count`` canary patients like members (training and query images under ``out/images``,
     each at a random site of ``sites``), from their own stream so other patients stay as they are;
     write every canary's rows and its inclusion to the auditor's ``canaries.csv`` (and the secret
@@ -250,14 +278,21 @@ def canary_patients(out: Path, *, count: int, sites: list[str], config: Syntheti
 
 def _with_canaries(out: Path, frame: pd.DataFrame, config: SyntheticConfig, *, secret: bytes | None) -> pd.DataFrame:
     """The manifest with the included canaries' training rows (``canary_patients`` at this data's sites)."""
-    canaries = canary_patients(out, count=config.canaries, config=config, exclude_names=set(frame["name"]), secret=secret,
-                               sites=sorted(set(frame.loc[frame["split"] == str(Split.TRAIN), "site"])))
+    canaries = canary_patients(
+        out,
+        count=config.canaries,
+        config=config,
+        exclude_names=set(frame["name"]),
+        secret=secret,
+        sites=sorted(set(frame.loc[frame["split"] == str(Split.TRAIN), "site"])),
+    )
     trained = canaries[(canaries["included"] == 1) & (canaries["split"] == str(Split.TRAIN))]
     return pd.concat([frame, trained[_columns(config)]], ignore_index=True)
 
 
-def generate(out_dir: str | Path, config: SyntheticConfig = SyntheticConfig(), *,
-             canary_secret: bytes | None = None) -> Path:
+def generate(
+    out_dir: str | Path, config: SyntheticConfig = SyntheticConfig(), *, canary_secret: bytes | None = None
+) -> Path:
     """Write images and ``manifest.csv`` under ``out_dir``; return the manifest's path.
 
     The same config gives byte-identical files: every random draw comes from one seeded stream;
@@ -269,8 +304,9 @@ def generate(out_dir: str | Path, config: SyntheticConfig = SyntheticConfig(), *
     rng = np.random.default_rng(config.seed)
     sizes, mixes = _site_plan(config, rng)
     n_members = sum(sizes)
-    names = draw_unique_names(rng, config.public_patients + n_members + config.heldout_patients,
-                              lists=config.name_lists)
+    names = draw_unique_names(
+        rng, config.public_patients + n_members + config.heldout_patients, lists=config.name_lists
+    )
     uniform = np.full(len(CONDITIONS), 1.0 / len(CONDITIONS))
 
     # (population split of the training images, site, condition mix, number of query images)
@@ -291,4 +327,3 @@ def generate(out_dir: str | Path, config: SyntheticConfig = SyntheticConfig(), *
     frame.to_csv(manifest, index=False)
     (out / "synthetic_config.json").write_text(json.dumps(asdict(config), indent=2, sort_keys=True))
     return manifest
-

@@ -9,12 +9,15 @@ import torch.nn.functional as F
 
 
 @torch.no_grad()
-def _encode(model: torch.nn.Module, encoder: Callable[[torch.Tensor], torch.Tensor], inputs: torch.Tensor,
-            batch_size: int) -> torch.Tensor:
+def _encode(
+    model: torch.nn.Module, encoder: Callable[[torch.Tensor], torch.Tensor], inputs: torch.Tensor, batch_size: int
+) -> torch.Tensor:
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    out = [F.normalize(encoder(inputs[i : i + batch_size].to(device)), dim=-1) for i in range(0, len(inputs), batch_size)]
+    out = [
+        F.normalize(encoder(inputs[i : i + batch_size].to(device)), dim=-1) for i in range(0, len(inputs), batch_size)
+    ]
     model.train(was_training)
     return torch.cat(out)
 

@@ -15,9 +15,7 @@ from flwr.app import ArrayRecord
 def model_to_arrays(model: torch.nn.Module, *, trainable_only: bool = False) -> ArrayRecord:
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     state = {
-        name: tensor.detach()
-        for name, tensor in model.state_dict().items()
-        if not trainable_only or name in trainable
+        name: tensor.detach() for name, tensor in model.state_dict().items() if not trainable_only or name in trainable
     }
     return ArrayRecord(torch_state_dict=state, keep_input=False)
 
@@ -31,5 +29,7 @@ def load_arrays(model: torch.nn.Module, arrays: ArrayRecord) -> None:
         raise ValueError(f"arrays: {len(unknown)} array(s) the model does not have, e.g. {unknown[:3]}")
     for name, tensor in state.items():
         if own[name].shape != tensor.shape:
-            raise ValueError(f"arrays: {name} has shape {tuple(tensor.shape)}, the model expects {tuple(own[name].shape)}")
+            raise ValueError(
+                f"arrays: {name} has shape {tuple(tensor.shape)}, the model expects {tuple(own[name].shape)}"
+            )
     model.load_state_dict(state, strict=False)

@@ -40,8 +40,10 @@ class ModelConfig:
             for tower in ("vision_cfg", "text_cfg"):
                 layers = cfg.get(tower, {}).get("layers")
                 if isinstance(layers, int) and spec.last_k > layers:
-                    raise ValueError(f"trainable: last-{spec.last_k} but {self.arch}'s {tower.split('_')[0]} tower "
-                                     f"has {layers} blocks")
+                    raise ValueError(
+                        f"trainable: last-{spec.last_k} but {self.arch}'s {tower.split('_')[0]} tower "
+                        f"has {layers} blocks"
+                    )
         if self.pretrained and not Path(self.pretrained).is_file():
             tags = open_clip.list_pretrained_tags_by_model(self.arch)
             if self.pretrained not in tags:
@@ -77,7 +79,9 @@ def save_checkpoint(model: torch.nn.Module, path: str | Path, **meta: object) ->
     """Write an open_clip-loadable checkpoint (``{"state_dict": ...}``) atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f"{path.suffix}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")  # concurrent writers never collide
+    tmp = path.with_suffix(
+        f"{path.suffix}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+    )  # concurrent writers never collide
     torch.save({"state_dict": model.state_dict(), **meta}, tmp)
     tmp.replace(path)
     return path

@@ -15,8 +15,10 @@ import torch
 PROJECTIONS = ("visual.proj", "text_projection", "text.text_projection", "logit_scale", "logit_bias")
 # Final layer norms follow the last block and are trained with it.
 _FINAL_NORMS = ("visual.ln_post.", "ln_final.", "text.ln_final.")
-_TOWERS = {"vision": re.compile(r"^visual\.transformer\.resblocks\.(\d+)\."),
-           "text": re.compile(r"^(?:text\.)?transformer\.resblocks\.(\d+)\.")}
+_TOWERS = {
+    "vision": re.compile(r"^visual\.transformer\.resblocks\.(\d+)\."),
+    "text": re.compile(r"^(?:text\.)?transformer\.resblocks\.(\d+)\."),
+}
 
 
 @dataclass(frozen=True)
@@ -50,7 +52,7 @@ def _selected(names: list[str], spec: TrainableSpec) -> set[str]:
             raise ValueError(f"trainable: last-K needs transformer blocks; the {tower} tower has none")
         if spec.last_k > len(blocks):
             raise ValueError(f"trainable: last-{spec.last_k} but the {tower} tower has {len(blocks)} blocks")
-        keep = set(blocks[-spec.last_k:])
+        keep = set(blocks[-spec.last_k :])
         chosen |= {n for n in names if (m := pattern.match(n)) and int(m.group(1)) in keep}
     chosen |= {n for n in names if n.startswith(_FINAL_NORMS)}
     return chosen

@@ -18,8 +18,8 @@ from collections.abc import Iterable
 from dataclasses import replace
 from functools import lru_cache
 
-from dp_accounting.pld import privacy_loss_distribution as pld_lib
 from dp_accounting import NeighboringRelation
+from dp_accounting.pld import privacy_loss_distribution as pld_lib
 from opacus.accountants import create_accountant
 
 from fedclip.privacy.events import DpEvent, Relation
@@ -33,15 +33,19 @@ def check_delta(delta: float) -> None:
         raise ValueError(f"delta: expected a value in (0, 1), got {delta}")
 
 
-def gaussian_pld(*, noise_multiplier: float, sensitivity: float, sample_rate: float, steps: int,
-                 relation: Relation) -> pld_lib.PrivacyLossDistribution:
+def gaussian_pld(
+    *, noise_multiplier: float, sensitivity: float, sample_rate: float, steps: int, relation: Relation
+) -> pld_lib.PrivacyLossDistribution:
     """Pessimistic PLD of ``steps`` Poisson-subsampled Gaussians (noise std = ``noise_multiplier``)."""
     single = pld_lib.from_gaussian_mechanism(
         standard_deviation=noise_multiplier,
         sensitivity=sensitivity,
         sampling_prob=sample_rate,
-        neighboring_relation=(NeighboringRelation.REPLACE_ONE if Relation(relation) == Relation.REPLACE_ONE
-                              else NeighboringRelation.ADD_OR_REMOVE_ONE),
+        neighboring_relation=(
+            NeighboringRelation.REPLACE_ONE
+            if Relation(relation) == Relation.REPLACE_ONE
+            else NeighboringRelation.ADD_OR_REMOVE_ONE
+        ),
         value_discretization_interval=PLD_DISCRETIZATION,
         pessimistic_estimate=True,
     )
@@ -50,8 +54,13 @@ def gaussian_pld(*, noise_multiplier: float, sensitivity: float, sample_rate: fl
 
 @lru_cache(maxsize=4096)
 def _event_pld(event: DpEvent) -> pld_lib.PrivacyLossDistribution:
-    return gaussian_pld(noise_multiplier=event.noise_multiplier, sensitivity=event.sensitivity,
-                        sample_rate=event.sample_rate, steps=event.steps, relation=event.relation)
+    return gaussian_pld(
+        noise_multiplier=event.noise_multiplier,
+        sensitivity=event.sensitivity,
+        sample_rate=event.sample_rate,
+        steps=event.steps,
+        relation=event.relation,
+    )
 
 
 def _pld_epsilon(events: list[DpEvent], delta: float) -> float:

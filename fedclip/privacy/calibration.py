@@ -32,8 +32,14 @@ def warn_if_delta_is_large(delta: float, num_units: int) -> None:
 
 
 def _event(sigma: float, *, sample_rate: float, steps: int, relation: Relation, sensitivity: float) -> DpEvent:
-    return DpEvent(noise_multiplier=sigma, sample_rate=sample_rate, steps=steps,
-                   privacy_unit=PrivacyUnit.RECORD, relation=relation, sensitivity=sensitivity)
+    return DpEvent(
+        noise_multiplier=sigma,
+        sample_rate=sample_rate,
+        steps=steps,
+        privacy_unit=PrivacyUnit.RECORD,
+        relation=relation,
+        sensitivity=sensitivity,
+    )
 
 
 def calibrate_noise_multiplier(
@@ -59,25 +65,38 @@ def calibrate_noise_multiplier(
         raise ValueError(f"steps: expected an integer >= 1, got {steps}")
     relation = Relation(relation)
     if alongside and epsilon(alongside, delta=delta, accountant=accountant) >= target_epsilon:
-        raise ValueError(f"target_epsilon: the released statistics alone cost "
-                         f"{epsilon(alongside, delta=delta, accountant=accountant):.3g} >= {target_epsilon}; "
-                         "raise their noise or the target")
+        raise ValueError(
+            f"target_epsilon: the released statistics alone cost "
+            f"{epsilon(alongside, delta=delta, accountant=accountant):.3g} >= {target_epsilon}; "
+            "raise their noise or the target"
+        )
 
     def eps(sigma: float) -> float:
         e = _event(sigma, sample_rate=sample_rate, steps=steps, relation=relation, sensitivity=sensitivity)
-        return epsilon([e, *(replace(a, privacy_unit=e.privacy_unit) for a in alongside)], delta=delta,
-                       accountant=accountant)
+        return epsilon(
+            [e, *(replace(a, privacy_unit=e.privacy_unit) for a in alongside)], delta=delta, accountant=accountant
+        )
 
     bracket = None
     if relation == Relation.ADD_OR_REMOVE:  # Opacus' own answer is a good start (its accountant, our check)
-        high = sensitivity * get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta,
-                                                  sample_rate=sample_rate, steps=steps, accountant=accountant)
+        high = sensitivity * get_noise_multiplier(
+            target_epsilon=target_epsilon,
+            target_delta=delta,
+            sample_rate=sample_rate,
+            steps=steps,
+            accountant=accountant,
+        )
         bracket = (high / 2, high)
     return smallest_noise(eps, target_epsilon=target_epsilon, tolerance=tolerance, bracket=bracket)
 
 
-def smallest_noise(epsilon_of: Callable[[float], float], *, target_epsilon: float, tolerance: float = 0.01,
-                   bracket: tuple[float, float] | None = None) -> float:
+def smallest_noise(
+    epsilon_of: Callable[[float], float],
+    *,
+    target_epsilon: float,
+    tolerance: float = 0.01,
+    bracket: tuple[float, float] | None = None,
+) -> float:
     """The one noise search every calibration uses (local DP here, client-level DP in
     ``strategies.client_level``): the smallest sigma, to within ``tolerance``, with
     ``epsilon_of(sigma) <= target_epsilon``, on the safe side of the target by construction (the

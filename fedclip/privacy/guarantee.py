@@ -46,15 +46,27 @@ def guarantee_of(*, mode: str, privacy_unit: str, microbatch_size: int = 1) -> G
         return Guarantee("none: mask-replace claims no epsilon", "nothing", membership=False)
     if mode in ("cadp", "maskdp"):
         where = "inside each image's mask only" if mode == "maskdp" else "images only"
-        return Guarantee(f"replace one {noun}'s images by as many other images (local, replace-one){group}",
-                         f"{where}: not the reports, the number of images, or membership", membership=False)
+        return Guarantee(
+            f"replace one {noun}'s images by as many other images (local, replace-one){group}",
+            f"{where}: not the reports, the number of images, or membership",
+            membership=False,
+        )
     if mode not in ("microbatch", "unit", "paper"):
         raise ValueError(f"dp-mode: no guarantee is defined for {mode!r}")
-    how = ("one fixed micro-batch's clipped term replaced: replace-one accounting" if mode == "microbatch"
-           and microbatch_size > 1 else "one clipped term added or removed: add-or-remove accounting")
-    return Guarantee(f"add or remove one {noun} ({how}){group}",
-                     f"the {noun}'s image-report pairs, in every update and released statistic", membership=True)
+    how = (
+        "one fixed micro-batch's clipped term replaced: replace-one accounting"
+        if mode == "microbatch" and microbatch_size > 1
+        else "one clipped term added or removed: add-or-remove accounting"
+    )
+    return Guarantee(
+        f"add or remove one {noun} ({how}){group}",
+        f"the {noun}'s image-report pairs, in every update and released statistic",
+        membership=True,
+    )
 
 
-SITE_LEVEL = Guarantee("zero out one site's clipped update, the number of sites fixed (client-level)",
-                       "a whole site's update", membership=True)
+SITE_LEVEL = Guarantee(
+    "zero out one site's clipped update, the number of sites fixed (client-level)",
+    "a whole site's update",
+    membership=True,
+)

@@ -49,9 +49,14 @@ class Status(StrEnum):
 def dominates(plan: DpEvent, reported: DpEvent) -> bool:
     """True if ``reported`` cannot cost more than ``plan``: the same mechanism with no less noise,
     no higher sampling rate and no more steps."""
-    return (plan.privacy_unit == reported.privacy_unit and plan.relation == reported.relation
-            and plan.sensitivity == reported.sensitivity and reported.noise_multiplier >= plan.noise_multiplier > 0
-            and reported.sample_rate <= plan.sample_rate and reported.steps <= plan.steps) or plan == reported
+    return (
+        plan.privacy_unit == reported.privacy_unit
+        and plan.relation == reported.relation
+        and plan.sensitivity == reported.sensitivity
+        and reported.noise_multiplier >= plan.noise_multiplier > 0
+        and reported.sample_rate <= plan.sample_rate
+        and reported.steps <= plan.steps
+    ) or plan == reported
 
 
 def plan_covers(plan: Sequence[DpEvent], reported: Sequence[DpEvent]) -> bool:
@@ -78,10 +83,14 @@ class LedgerStore:
             "round INTEGER NOT NULL, attempt INTEGER NOT NULL, run TEXT NOT NULL DEFAULT '', event TEXT NOT NULL, "
             "kind TEXT NOT NULL, status TEXT NOT NULL, note TEXT NOT NULL DEFAULT '', at REAL NOT NULL)"
         )
-        self._db.execute("CREATE TABLE IF NOT EXISTS rounds (round INTEGER NOT NULL, attempt INTEGER NOT NULL, "
-                         "at REAL NOT NULL, PRIMARY KEY (round, attempt))")
-        self._db.execute("CREATE TABLE IF NOT EXISTS aggregates (round INTEGER NOT NULL, attempt INTEGER NOT NULL, "
-                         "at REAL NOT NULL, PRIMARY KEY (round, attempt))")
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS rounds (round INTEGER NOT NULL, attempt INTEGER NOT NULL, "
+            "at REAL NOT NULL, PRIMARY KEY (round, attempt))"
+        )
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS aggregates (round INTEGER NOT NULL, attempt INTEGER NOT NULL, "
+            "at REAL NOT NULL, PRIMARY KEY (round, attempt))"
+        )
 
     def _write(self, sql: str, rows: Sequence[tuple]) -> None:
         with self._db:
@@ -100,7 +109,9 @@ class LedgerStore:
 
     def record_aggregate(self, round_: int, *, attempt: int) -> None:
         """Record, before it is computed, that the server aggregates (and may noise) this attempt."""
-        self._write("INSERT OR IGNORE INTO aggregates (round, attempt, at) VALUES (?, ?, ?)", [(round_, attempt, time.time())])
+        self._write(
+            "INSERT OR IGNORE INTO aggregates (round, attempt, at) VALUES (?, ?, ?)", [(round_, attempt, time.time())]
+        )
 
     def aggregates(self) -> int:
         """How many aggregates the server computed (or was about to), every attempt and run counted."""
@@ -119,36 +130,67 @@ class LedgerStore:
                 f"the ledger holds {'/'.join(sorted(held))}-level spending for {site}, and this round is "
                 f"{'/'.join(sorted(new))}-level; one ledger composes one unit (a patient's identity-level total cannot "
                 "be computed from record-level events except by group privacy). Keep the unit the ledger holds, or, "
-                "for patients never spent on in this ledger, use another state folder")
+                "for patients never spent on in this ledger, use another state folder"
+            )
 
     def charge(self, site: str, round_: int, events: Sequence[DpEvent], *, attempt: int = 1, run: str = "") -> None:
         """Commit ``events`` as spent by ``site`` (pending until settled); refuses a second privacy unit."""
         self.check_unit(site, events)
         now = time.time()
-        self._write("INSERT INTO charges (site, round, attempt, run, event, kind, status, at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    [(site, round_, attempt, run, e.to_json(), "planned", str(Status.PENDING), now) for e in events])
+        self._write(
+            "INSERT INTO charges (site, round, attempt, run, event, kind, status, at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            [(site, round_, attempt, run, e.to_json(), "planned", str(Status.PENDING), now) for e in events],
+        )
 
-    def settle(self, site: str, round_: int, *, attempt: int = 1, status: Status, note: str = "",
-               reported: Sequence[DpEvent] | None = None) -> None:
+    def settle(
+        self,
+        site: str,
+        round_: int,
+        *,
+        attempt: int = 1,
+        status: Status,
+        note: str = "",
+        reported: Sequence[DpEvent] | None = None,
+    ) -> None:
         """Mark the charge of (site, round, attempt); charge ``reported`` in full if the plan does not cover it."""
         plan = self.charged(site, round_, attempt=attempt)
-        row = self._db.execute("SELECT run FROM charges WHERE site = ? AND round = ? AND attempt = ? AND kind = 'planned' "
-                               "LIMIT 1", (site, round_, attempt)).fetchone()
+        row = self._db.execute(
+            "SELECT run FROM charges WHERE site = ? AND round = ? AND attempt = ? AND kind = 'planned' LIMIT 1",
+            (site, round_, attempt),
+        ).fetchone()
         run = row[0] if row else ""
         with self._db:
             self._db.execute("BEGIN IMMEDIATE")
-            self._db.execute("UPDATE charges SET status = ?, note = ? WHERE site = ? AND round = ? AND attempt = ? "
-                             "AND kind = 'planned'", (str(Status(status)), note, site, round_, attempt))
+            self._db.execute(
+                "UPDATE charges SET status = ?, note = ? WHERE site = ? AND round = ? AND attempt = ? "
+                "AND kind = 'planned'",
+                (str(Status(status)), note, site, round_, attempt),
+            )
             if reported is not None and not plan_covers(plan, reported):
                 self._db.executemany(
                     "INSERT INTO charges (site, round, attempt, run, event, kind, status, note, at) "
                     "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    [(site, round_, attempt, run, e.to_json(), "reported", str(Status.CONFIRMED),
-                      "reported above the plan: charged in full", time.time()) for e in reported])
+                    [
+                        (
+                            site,
+                            round_,
+                            attempt,
+                            run,
+                            e.to_json(),
+                            "reported",
+                            str(Status.CONFIRMED),
+                            "reported above the plan: charged in full",
+                            time.time(),
+                        )
+                        for e in reported
+                    ],
+                )
 
     def charged(self, site: str, round_: int, *, attempt: int = 1) -> tuple[DpEvent, ...]:
-        rows = self._db.execute("SELECT event FROM charges WHERE site = ? AND round = ? AND attempt = ? AND kind = 'planned' "
-                                "ORDER BY id", (site, round_, attempt)).fetchall()
+        rows = self._db.execute(
+            "SELECT event FROM charges WHERE site = ? AND round = ? AND attempt = ? AND kind = 'planned' ORDER BY id",
+            (site, round_, attempt),
+        ).fetchall()
         return tuple(DpEvent.from_json(r[0]) for r in rows)
 
     def events(self, site: str, *, run: str | None = None, unit: str | None = None) -> tuple[DpEvent, ...]:
@@ -170,8 +212,12 @@ class LedgerStore:
 
     def rounds(self) -> list[tuple[str, int]]:
         """(site, round) of every charged attempt, in order (a re-run round appears once per attempt)."""
-        return [(s, r) for s, r in self._db.execute("SELECT site, round FROM charges WHERE kind = 'planned' "
-                                                    "GROUP BY site, round, attempt ORDER BY MIN(id)")]
+        return [
+            (s, r)
+            for s, r in self._db.execute(
+                "SELECT site, round FROM charges WHERE kind = 'planned' GROUP BY site, round, attempt ORDER BY MIN(id)"
+            )
+        ]
 
     def sites(self) -> list[str]:
         return [s for (s,) in self._db.execute("SELECT DISTINCT site FROM charges ORDER BY site")]

@@ -59,11 +59,15 @@ class SitePolicy:
             raise ValueError(f"min-noise-multiplier: expected a finite value >= 0, got {self.min_noise_multiplier}")
         for name in ("max_epsilon_run", "max_epsilon_total"):
             if not getattr(self, name) > 0:
-                raise ValueError(f"{name.replace('_', '-')}: expected an epsilon > 0 (or inf), got {getattr(self, name)}")
+                raise ValueError(
+                    f"{name.replace('_', '-')}: expected an epsilon > 0 (or inf), got {getattr(self, name)}"
+                )
         check_delta(self.delta)
 
     @classmethod
-    def from_mapping(cls, values: Mapping[str, Any], *, source: str, defaults: "SitePolicy | None" = None) -> "SitePolicy":
+    def from_mapping(
+        cls, values: Mapping[str, Any], *, source: str, defaults: "SitePolicy | None" = None
+    ) -> "SitePolicy":
         """Parse the policy keys of a node config or a policy-file table; other keys are ignored."""
         base = defaults or cls()
         kwargs: dict[str, Any] = {}
@@ -84,29 +88,52 @@ class SitePolicy:
         """A simulated site without a policy file: one person plays every party, any mode runs."""
         return cls(allowed_dp_modes=DP_MODES, delta=delta, allow_reproducible_noise=True)
 
-    def check(self, *, site: str, mode: str, events: Sequence[DpEvent], reproducible: bool,
-              total: PrivacyLedger, this_run: PrivacyLedger) -> None:
+    def check(
+        self,
+        *,
+        site: str,
+        mode: str,
+        events: Sequence[DpEvent],
+        reproducible: bool,
+        total: PrivacyLedger,
+        this_run: PrivacyLedger,
+    ) -> None:
         """Raise ``PolicyRefusal`` naming the first rule the planned round breaks."""
         if mode not in self.allowed_dp_modes:
-            raise PolicyRefusal(site, "allowed-dp-modes", f"dp-mode {mode!r} is not one of {list(self.allowed_dp_modes)}")
+            raise PolicyRefusal(
+                site, "allowed-dp-modes", f"dp-mode {mode!r} is not one of {list(self.allowed_dp_modes)}"
+            )
         if reproducible and not self.allow_reproducible_noise:
-            raise PolicyRefusal(site, "reproducible-noise", "seeded noise is not private against the server; "
-                                "a deployed site always draws its noise from the operating system")
+            raise PolicyRefusal(
+                site,
+                "reproducible-noise",
+                "seeded noise is not private against the server; "
+                "a deployed site always draws its noise from the operating system",
+            )
         trained = [e for e in events if e.steps > 0]
         if mode != "nonprivate":  # the floor is on the noise per unit of sensitivity: paper mode's sigma counts half
             low = min((e.noise_multiplier / e.sensitivity for e in trained), default=math.inf)
             if low < self.min_noise_multiplier:
-                raise PolicyRefusal(site, "min-noise-multiplier",
-                                    f"noise multiplier {low:.4g} (sigma / sensitivity) is below this site's floor "
-                                    f"{self.min_noise_multiplier:.4g}")
-        for rule, ledger, limit in (("max-epsilon-run", this_run, self.max_epsilon_run),
-                                    ("max-epsilon-total", total, self.max_epsilon_total)):
+                raise PolicyRefusal(
+                    site,
+                    "min-noise-multiplier",
+                    f"noise multiplier {low:.4g} (sigma / sensitivity) is below this site's floor "
+                    f"{self.min_noise_multiplier:.4g}",
+                )
+        for rule, ledger, limit in (
+            ("max-epsilon-run", this_run, self.max_epsilon_run),
+            ("max-epsilon-total", total, self.max_epsilon_total),
+        ):
             if math.isinf(limit):
                 continue
             spent = ledger.record_all(events).epsilon()
             if spent > limit:
-                raise PolicyRefusal(site, rule, f"this round would bring epsilon to {spent:.4g} (delta {self.delta:g}), "
-                                    f"above the limit {limit:.4g}")
+                raise PolicyRefusal(
+                    site,
+                    rule,
+                    f"this round would bring epsilon to {spent:.4g} (delta {self.delta:g}), "
+                    f"above the limit {limit:.4g}",
+                )
 
 
 def load_policy_file(path: str | Path, *, delta: float) -> dict[str, SitePolicy]:

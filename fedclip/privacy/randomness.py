@@ -31,8 +31,9 @@ NOT_PRIVATE_AGAINST_THE_SERVER = (
 )
 
 
-def gaussian_noise(shape: torch.Size | tuple[int, ...], *, std: float, generator: torch.Generator,
-                   device: torch.device | str = "cpu") -> torch.Tensor:
+def gaussian_noise(
+    shape: torch.Size | tuple[int, ...], *, std: float, generator: torch.Generator, device: torch.device | str = "cpu"
+) -> torch.Tensor:
     """N(0, std^2) drawn as DP training draws it, with Opacus' ``secure_mode`` (four Gaussians summed
     and halved, the first draw thrown away): for every noised release, not only the optimizer's."""
     from opacus.optimizers.optimizer import _generate_noise  # the optimizer's own draw, not a copy of it
@@ -57,12 +58,18 @@ class SiteRandomness:
 def site_randomness(*, device: torch.device, reproducible_seed: int | None = None) -> SiteRandomness:
     """OS-seeded generators (the default), or generators from ``reproducible_seed`` (not private)."""
     if reproducible_seed is None:
-        return SiteRandomness(sampler=torch.Generator().manual_seed(os_seed()),
-                              noise=torch.Generator(device=device).manual_seed(os_seed()), secret=True)
+        return SiteRandomness(
+            sampler=torch.Generator().manual_seed(os_seed()),
+            noise=torch.Generator(device=device).manual_seed(os_seed()),
+            secret=True,
+        )
     if reproducible_seed < 0:
         raise ValueError(f"seed: expected an integer >= 0, got {reproducible_seed}")
-    return SiteRandomness(sampler=torch.Generator().manual_seed(reproducible_seed),
-                          noise=torch.Generator(device=device).manual_seed(reproducible_seed + 1), secret=False)
+    return SiteRandomness(
+        sampler=torch.Generator().manual_seed(reproducible_seed),
+        noise=torch.Generator(device=device).manual_seed(reproducible_seed + 1),
+        secret=False,
+    )
 
 
 def reproducible_site_seed(*, seed: int, round_: int, site: str) -> int:

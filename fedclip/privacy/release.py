@@ -45,15 +45,23 @@ class ReleaseConfig:
         for name in ("loss_noise", "count_noise"):
             value = getattr(self, name)
             if not (value >= 0 and math.isfinite(value)):
-                raise ValueError(f"{name.replace('_', '-')}: expected 0 (not released) or a finite value > 0, got {value}")
+                raise ValueError(
+                    f"{name.replace('_', '-')}: expected 0 (not released) or a finite value > 0, got {value}"
+                )
         if not (self.loss_bound > 0 and math.isfinite(self.loss_bound)):
             raise ValueError(f"loss-bound: expected a finite value > 0, got {self.loss_bound}")
 
 
 def _gaussian(noise_multiplier: float, unit: PrivacyUnit) -> DpEvent:
     """One unsampled Gaussian release with sensitivity 1 (in units of its own bound)."""
-    return DpEvent(noise_multiplier=noise_multiplier, sample_rate=1.0, steps=1, privacy_unit=unit,
-                   relation=Relation.ADD_OR_REMOVE, sensitivity=1.0)
+    return DpEvent(
+        noise_multiplier=noise_multiplier,
+        sample_rate=1.0,
+        steps=1,
+        privacy_unit=unit,
+        relation=Relation.ADD_OR_REMOVE,
+        sensitivity=1.0,
+    )
 
 
 def release_events(config: ReleaseConfig, *, privacy_unit: PrivacyUnit) -> tuple[DpEvent, ...]:
@@ -67,8 +75,16 @@ def release_events(config: ReleaseConfig, *, privacy_unit: PrivacyUnit) -> tuple
 
 
 @torch.no_grad()
-def clipped_block_losses(model: torch.nn.Module, data: PairData, *, loss_fn: LossFn, privacy_unit: PrivacyUnit,
-                         num_blocks: int, key: str, bound: float) -> torch.Tensor:
+def clipped_block_losses(
+    model: torch.nn.Module,
+    data: PairData,
+    *,
+    loss_fn: LossFn,
+    privacy_unit: PrivacyUnit,
+    num_blocks: int,
+    key: str,
+    bound: float,
+) -> torch.Tensor:
     """Each keyed-hash block's loss (``loss_fn(image_features, text_features, logit_scale)``, the
     training loss), clipped to [0, bound] (0 for fewer than 2 pairs)."""
     units = unit_ids(privacy_unit=privacy_unit, patient_ids=data.patient_ids, record_ids=data.record_ids)
@@ -84,15 +100,27 @@ def clipped_block_losses(model: torch.nn.Module, data: PairData, *, loss_fn: Los
     return out
 
 
-def noisy_loss(model: torch.nn.Module, data: PairData, *, loss_fn: LossFn, config: ReleaseConfig,
-               privacy_unit: PrivacyUnit, num_blocks: int, key: str, generator: torch.Generator) -> float:
+def noisy_loss(
+    model: torch.nn.Module,
+    data: PairData,
+    *,
+    loss_fn: LossFn,
+    config: ReleaseConfig,
+    privacy_unit: PrivacyUnit,
+    num_blocks: int,
+    key: str,
+    generator: torch.Generator,
+) -> float:
     """Mean clipped block loss plus Gaussian noise of std ``loss_noise * loss_bound / num_blocks``."""
-    losses = clipped_block_losses(model, data, loss_fn=loss_fn, privacy_unit=privacy_unit, num_blocks=num_blocks,
-                                  key=key, bound=config.loss_bound)
+    losses = clipped_block_losses(
+        model, data, loss_fn=loss_fn, privacy_unit=privacy_unit, num_blocks=num_blocks, key=key, bound=config.loss_bound
+    )
     noise = gaussian_noise((1,), std=config.loss_noise * config.loss_bound, generator=generator).item()
     return (float(losses.sum()) + noise) / num_blocks
 
 
-def noisy_count(data: PairData, *, config: ReleaseConfig, privacy_unit: PrivacyUnit, generator: torch.Generator) -> float:
+def noisy_count(
+    data: PairData, *, config: ReleaseConfig, privacy_unit: PrivacyUnit, generator: torch.Generator
+) -> float:
     units = set(unit_ids(privacy_unit=privacy_unit, patient_ids=data.patient_ids, record_ids=data.record_ids))
     return len(units) + gaussian_noise((1,), std=config.count_noise, generator=generator).item()

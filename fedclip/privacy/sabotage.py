@@ -26,6 +26,10 @@ def noise_divisor() -> float:
     if not divisor >= 1:
         raise ValueError(f"{VARIABLE}: expected a number >= 1, got {value!r}")
     if divisor > 1:
-        print(f"SABOTAGE ({VARIABLE}={value}): this site adds 1/{divisor:g} of the noise its ledger records; every "
-              "epsilon printed for it is false (auditor self-test only)", file=sys.stderr, flush=True)
+        print(
+            f"SABOTAGE ({VARIABLE}={value}): this site adds 1/{divisor:g} of the noise its ledger records; every "
+            "epsilon printed for it is false (auditor self-test only)",
+            file=sys.stderr,
+            flush=True,
+        )
     return divisor

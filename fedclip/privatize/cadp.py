@@ -60,11 +60,15 @@ class CadpConfig:
         if not (self.target_epsilon > 0 and math.isfinite(self.target_epsilon)):
             raise ValueError(f"cadp epsilon: expected a finite value > 0, got {self.target_epsilon}")
         if not (self.radius >= 0 and math.isfinite(self.radius)):
-            raise ValueError(f"cadp radius: expected a finite radius > 0, or 0 for 1 / noise multiplier, got {self.radius}")
+            raise ValueError(
+                f"cadp radius: expected a finite radius > 0, or 0 for 1 / noise multiplier, got {self.radius}"
+            )
         if not 0 < self.delta < 1:
             raise ValueError(f"cadp delta: expected a value in (0, 1), got {self.delta}")
         if self.label == LabelRelease.RANDOMIZED_RESPONSE and not self.label_epsilon > 0:
-            raise ValueError(f"cadp label-epsilon: randomized response needs an epsilon > 0 per image, got {self.label_epsilon}")
+            raise ValueError(
+                f"cadp label-epsilon: randomized response needs an epsilon > 0 per image, got {self.label_epsilon}"
+            )
         if self.label == LabelRelease.NONE and self.label_epsilon:
             raise ValueError("cadp label-epsilon: set only with label = 'rr' (no label is released with 'none')")
 
@@ -72,33 +76,56 @@ class CadpConfig:
         """The latent noise that leaves room for the label's share of the unit's epsilon."""
         latent_budget = self.target_epsilon - images_per_unit * self.label_epsilon
         if latent_budget <= 0:
-            raise ValueError(f"cadp label-epsilon: {images_per_unit} images x {self.label_epsilon} leaves nothing of "
-                             f"epsilon {self.target_epsilon} for the images")
-        noise = calibrate_latent_noise(self.mechanism, target_epsilon=latent_budget, delta=self.delta,
-                                       images=images_per_unit, radius=self.radius or 1.0)
+            raise ValueError(
+                f"cadp label-epsilon: {images_per_unit} images x {self.label_epsilon} leaves nothing of "
+                f"epsilon {self.target_epsilon} for the images"
+            )
+        noise = calibrate_latent_noise(
+            self.mechanism,
+            target_epsilon=latent_budget,
+            delta=self.delta,
+            images=images_per_unit,
+            radius=self.radius or 1.0,
+        )
         return noise if self.radius else replace(noise, radius=1.0 / noise.noise_multiplier)
 
     def unit_epsilon(self, noise: LatentNoise, images_per_unit: int) -> float:
         return latent_epsilon(noise, images=images_per_unit, delta=self.delta) + images_per_unit * self.label_epsilon
 
 
-def randomized_response(labels: torch.Tensor, *, classes: int, epsilon: float, generator: torch.Generator) -> torch.Tensor:
+def randomized_response(
+    labels: torch.Tensor, *, classes: int, epsilon: float, generator: torch.Generator
+) -> torch.Tensor:
     """k-ary randomized response: each label kept with probability e^eps / (e^eps + K - 1)."""
     keep = math.exp(epsilon) / (math.exp(epsilon) + classes - 1)
     flip = torch.rand(len(labels), generator=generator) >= keep
-    other = (labels + torch.randint(1, classes, (len(labels),), generator=generator)) % classes  # uniform among the rest
+    other = (
+        labels + torch.randint(1, classes, (len(labels),), generator=generator)
+    ) % classes  # uniform among the rest
     return torch.where(flip, other, labels)
 
 
 @torch.no_grad()
-def privatize_images(inn: ConditionalInn, images: torch.Tensor, labels: torch.Tensor, *, config: CadpConfig,
-                     noise: LatentNoise, generator: torch.Generator, batch_size: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+def privatize_images(
+    inn: ConditionalInn,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    config: CadpConfig,
+    noise: LatentNoise,
+    generator: torch.Generator,
+    batch_size: int = 128,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Privatized images in [0, 1] and the labels they were decoded with (``unknown`` for 'none')."""
     if images.shape[1:] != (inn.config.channels, inn.config.image_size, inn.config.image_size):
-        raise ValueError(f"images: expected [N, {inn.config.channels}, {inn.config.image_size}, {inn.config.image_size}] "
-                         f"(the INN's size), got {list(images.shape)}")
+        raise ValueError(
+            f"images: expected [N, {inn.config.channels}, {inn.config.image_size}, {inn.config.image_size}] "
+            f"(the INN's size), got {list(images.shape)}"
+        )
     if config.label == LabelRelease.RANDOMIZED_RESPONSE:
-        released = randomized_response(labels, classes=inn.config.classes, epsilon=config.label_epsilon, generator=generator)
+        released = randomized_response(
+            labels, classes=inn.config.classes, epsilon=config.label_epsilon, generator=generator
+        )
     else:
         released = torch.full_like(labels, inn.unknown)
     out = []
@@ -109,10 +136,12 @@ def privatize_images(inn: ConditionalInn, images: torch.Tensor, labels: torch.Te
     return torch.cat(out) if out else images.clone(), released
 
 
-STATEMENT = ("CADP, local, replace-one, per {unit}: any two {units} with the same number of training images give "
-             "(epsilon, delta)-indistinguishable privatized images (and released labels). Not covered: the reports "
-             "paired with the images (released as they are, names included), the number of images, and that a "
-             "{unit} is in the data.")
+STATEMENT = (
+    "CADP, local, replace-one, per {unit}: any two {units} with the same number of training images give "
+    "(epsilon, delta)-indistinguishable privatized images (and released labels). Not covered: the reports "
+    "paired with the images (released as they are, names included), the number of images, and that a "
+    "{unit} is in the data."
+)
 
 
 class CadpPrivatizer:
@@ -124,13 +153,20 @@ class CadpPrivatizer:
         """``noise``: as planned by the server (calibrated the same way), else calibrated here."""
         self.inn, self.config, self.noise = inn, config, noise
 
-    def __call__(self, images: torch.Tensor, rows, *, images_per_unit: int,
-                 generator: torch.Generator) -> tuple[torch.Tensor, dict]:
+    def __call__(
+        self, images: torch.Tensor, rows, *, images_per_unit: int, generator: torch.Generator
+    ) -> tuple[torch.Tensor, dict]:
         c = self.config
         noise = self.noise or c.noise_for(images_per_unit)
         labels = self.inn.config.label_indices(rows["condition"])
         private, _ = privatize_images(self.inn, images, labels, config=c, noise=noise, generator=generator)
-        return private, {"epsilon": c.unit_epsilon(noise, images_per_unit),
-                         "delta": c.delta if c.mechanism == Mechanism.GAUSSIAN else 0.0, "noise": str(c.mechanism),
-                         "radius": noise.radius, "noise_multiplier": noise.noise_multiplier, "label": str(c.label),
-                         "label_epsilon": c.label_epsilon, "statement": STATEMENT}
+        return private, {
+            "epsilon": c.unit_epsilon(noise, images_per_unit),
+            "delta": c.delta if c.mechanism == Mechanism.GAUSSIAN else 0.0,
+            "noise": str(c.mechanism),
+            "radius": noise.radius,
+            "noise_multiplier": noise.noise_multiplier,
+            "label": str(c.label),
+            "label_epsilon": c.label_epsilon,
+            "statement": STATEMENT,
+        }

@@ -47,8 +47,15 @@ def _copy(src: str, dst: Path) -> None:
         shutil.copyfile(src, dst)
 
 
-def privatize_rows(train: pd.DataFrame, out_dir: Path, *, privatizer: Privatizer, image_size: int, images_per_unit: int,
-                   generator: torch.Generator) -> tuple[pd.DataFrame, dict, torch.Tensor, torch.Tensor]:
+def privatize_rows(
+    train: pd.DataFrame,
+    out_dir: Path,
+    *,
+    privatizer: Privatizer,
+    image_size: int,
+    images_per_unit: int,
+    generator: torch.Generator,
+) -> tuple[pd.DataFrame, dict, torch.Tensor, torch.Tensor]:
     """Privatize ``train``'s images into ``out_dir/images``; return the rows pointing at them
     (relative paths), the privatizer's report, and the original and privatized pixels."""
     if images_per_unit < 1:
@@ -63,9 +70,16 @@ def privatize_rows(train: pd.DataFrame, out_dir: Path, *, privatizer: Privatizer
     return rows, report, images, private
 
 
-def privatize_manifest(manifest: str | Path, out_dir: str | Path, *, privatizer: Privatizer, image_size: int,
-                       privacy_unit: PrivacyUnit | str = PrivacyUnit.IDENTITY, allow_outside_paths: bool = False,
-                       reproducible_seed: int | None = None) -> Path:
+def privatize_manifest(
+    manifest: str | Path,
+    out_dir: str | Path,
+    *,
+    privatizer: Privatizer,
+    image_size: int,
+    privacy_unit: PrivacyUnit | str = PrivacyUnit.IDENTITY,
+    allow_outside_paths: bool = False,
+    reproducible_seed: int | None = None,
+) -> Path:
     """Privatize every ``train`` row's image; return the new manifest's path.
     ``reproducible_seed`` (experiments only) replaces the OS seed and is NOT private."""
     unit = PrivacyUnit(privacy_unit)
@@ -82,8 +96,9 @@ def privatize_manifest(manifest: str | Path, out_dir: str | Path, *, privatizer:
     generator = torch.Generator().manual_seed(os_seed() if reproducible_seed is None else reproducible_seed)
     columns = list(MANIFEST_COLUMNS) + ([MASK_COLUMN] if MASK_COLUMN in frame else [])
     rows = frame[columns].copy()
-    private_rows, report, images, private = privatize_rows(train, out, privatizer=privatizer, image_size=image_size,
-                                                           images_per_unit=k, generator=generator)
+    private_rows, report, images, private = privatize_rows(
+        train, out, privatizer=privatizer, image_size=image_size, images_per_unit=k, generator=generator
+    )
     rows.loc[train.index, "filepath"] = private_rows["filepath"]
     for index in frame.index.difference(train.index):
         rows.loc[index, "filepath"] = rel = f"images/{index:06d}{Path(frame.loc[index, 'filepath']).suffix}"
@@ -94,18 +109,39 @@ def privatize_manifest(manifest: str | Path, out_dir: str | Path, *, privatizer:
             _copy(frame.loc[index, MASK_COLUMN], out / rel)
     rows.to_csv(out / "manifest.csv", index=False)
     names = ("patient", "patients") if unit == PrivacyUnit.IDENTITY else ("record", "records")
-    report = {"method": privatizer.name, **report, "privacy_unit": str(unit), "images_per_unit": k,
-              "relation": "replace_one (local)", "images": len(train), "reproducible_seed": reproducible_seed,
-              "statement": report["statement"].format(unit=names[0], units=names[1])}
+    report = {
+        "method": privatizer.name,
+        **report,
+        "privacy_unit": str(unit),
+        "images_per_unit": k,
+        "relation": "replace_one (local)",
+        "images": len(train),
+        "reproducible_seed": reproducible_seed,
+        "statement": report["statement"].format(unit=names[0], units=names[1]),
+    }
     (out / PRIVATIZATION_FILE).write_text(json.dumps(report, indent=2) + "\n")
-    eps = "no epsilon (anonymization)" if report["epsilon"] is None else f"epsilon {report['epsilon']:.2f} per {names[0]}"
-    plot_release(out / "privatization.png", train, images, {privatizer.name: private},
-                 title=f"{privatizer.name}: {eps} ({k} images)")
+    eps = (
+        "no epsilon (anonymization)" if report["epsilon"] is None else f"epsilon {report['epsilon']:.2f} per {names[0]}"
+    )
+    plot_release(
+        out / "privatization.png",
+        train,
+        images,
+        {privatizer.name: private},
+        title=f"{privatizer.name}: {eps} ({k} images)",
+    )
     return out / "manifest.csv"
 
 
-def plot_release(path: Path, rows: pd.DataFrame, images: torch.Tensor, versions: dict[str, torch.Tensor], *,
-                 title: str, shown: int = 8) -> Path:
+def plot_release(
+    path: Path,
+    rows: pd.DataFrame,
+    images: torch.Tensor,
+    versions: dict[str, torch.Tensor],
+    *,
+    title: str,
+    shown: int = 8,
+) -> Path:
     """Originals, their masks (if the rows have them) and each privatized version, side by side."""
     from fedclip.privatize.maskdp import load_masks
 

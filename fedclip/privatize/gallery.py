@@ -21,8 +21,17 @@ from fedclip.privatize.maskdp import MaskDpConfig, MaskPrivatizer
 from fedclip.privatize.pixels import to_pixels
 
 
-def render_gallery(manifest: str | Path, out: str | Path, *, inn: ConditionalInn, epsilon: float, images_per_unit: int,
-                   delta: float = 1e-5, shown: int = 8, allow_outside_paths: bool = False) -> Path:
+def render_gallery(
+    manifest: str | Path,
+    out: str | Path,
+    *,
+    inn: ConditionalInn,
+    epsilon: float,
+    images_per_unit: int,
+    delta: float = 1e-5,
+    shown: int = 8,
+    allow_outside_paths: bool = False,
+) -> Path:
     """Public images: original, mask (if any), CADP, and with masks MaskDP and mask-replace, at
     ``epsilon`` per unit of ``images_per_unit`` images."""
     frame = load_manifest(manifest, allow_outside_paths=allow_outside_paths).frame
@@ -34,14 +43,25 @@ def render_gallery(manifest: str | Path, out: str | Path, *, inn: ConditionalInn
     images = load_images(rows, preprocess=to_pixels(size))
     generator = torch.Generator().manual_seed(os_seed())
     run = dict(images_per_unit=images_per_unit, generator=generator)
-    versions = {f"CADP eps {epsilon:g}": CadpPrivatizer(inn, CadpConfig(target_epsilon=epsilon, delta=delta))(
-        images, rows, **run)[0]}
+    versions = {
+        f"CADP eps {epsilon:g}": CadpPrivatizer(inn, CadpConfig(target_epsilon=epsilon, delta=delta))(
+            images, rows, **run
+        )[0]
+    }
     if MASK_COLUMN in rows and (rows[MASK_COLUMN] != "").all():
         versions[f"MaskDP eps {epsilon:g}"] = MaskPrivatizer(MaskDpConfig(target_epsilon=epsilon, delta=delta))(
-            images, rows, **run)[0]
+            images, rows, **run
+        )[0]
         stand_ins = load_images(public.drop(rows.index)[:64], preprocess=to_pixels(size))
         versions["mask-replace"] = MaskPrivatizer(MaskDpConfig(method="replace"), stand_ins=stand_ins)(
-            images, rows, **run)[0]
-    return plot_release(Path(out), rows, images, versions, shown=shown,
-                        title=f"Input-level privatization of public images: epsilon {epsilon:g} per patient of "
-                              f"{images_per_unit} images, delta {delta:g}")
+            images, rows, **run
+        )[0]
+    return plot_release(
+        Path(out),
+        rows,
+        images,
+        versions,
+        shown=shown,
+        title=f"Input-level privatization of public images: epsilon {epsilon:g} per patient of "
+        f"{images_per_unit} images, delta {delta:g}",
+    )

@@ -76,11 +76,17 @@ class InnConfig:
 
 def _conv_subnet(width: int):
     def make(c_in: int, c_out: int) -> nn.Module:
-        net = nn.Sequential(nn.Conv2d(c_in, width, 3, padding=1), nn.ReLU(), nn.Conv2d(width, width, 1), nn.ReLU(),
-                            nn.Conv2d(width, c_out, 3, padding=1))
+        net = nn.Sequential(
+            nn.Conv2d(c_in, width, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(width, width, 1),
+            nn.ReLU(),
+            nn.Conv2d(width, c_out, 3, padding=1),
+        )
         nn.init.zeros_(net[-1].weight)  # every block starts as the identity
         nn.init.zeros_(net[-1].bias)
         return net
+
     return make
 
 
@@ -90,6 +96,7 @@ def _dense_subnet(width: int):
         nn.init.zeros_(net[-1].weight)
         nn.init.zeros_(net[-1].bias)
         return net
+
     return make
 
 
@@ -100,23 +107,36 @@ class ConditionalInn(nn.Module):
         super().__init__()
         self.config = config
         s, k = config.image_size, config.classes + 1
-        conds = [Ff.ConditionNode(k, s // 2, s // 2, name="label@1/2"), Ff.ConditionNode(k, s // 4, s // 4, name="label@1/4"),
-                 Ff.ConditionNode(k, name="label")]
+        conds = [
+            Ff.ConditionNode(k, s // 2, s // 2, name="label@1/2"),
+            Ff.ConditionNode(k, s // 4, s // 4, name="label@1/4"),
+            Ff.ConditionNode(k, name="label"),
+        ]
         nodes = [Ff.InputNode(config.channels, s, s, name="image")]
         seed = 0
         for scale, cond in enumerate(conds[:2]):
             nodes.append(Ff.Node(nodes[-1], Fm.IRevNetDownsampling, {}, name=f"down{scale}"))
             for _ in range(config.blocks_per_scale):
-                nodes.append(Ff.Node(nodes[-1], Fm.GLOWCouplingBlock,
-                                     {"subnet_constructor": _conv_subnet(config.width), "clamp": config.clamp},
-                                     conditions=cond))
+                nodes.append(
+                    Ff.Node(
+                        nodes[-1],
+                        Fm.GLOWCouplingBlock,
+                        {"subnet_constructor": _conv_subnet(config.width), "clamp": config.clamp},
+                        conditions=cond,
+                    )
+                )
                 nodes.append(Ff.Node(nodes[-1], Fm.PermuteRandom, {"seed": seed}))
                 seed += 1
         nodes.append(Ff.Node(nodes[-1], Fm.Flatten, {}, name="flatten"))
         for _ in range(config.dense_blocks):
-            nodes.append(Ff.Node(nodes[-1], Fm.GLOWCouplingBlock,
-                                 {"subnet_constructor": _dense_subnet(config.dense_width), "clamp": config.clamp},
-                                 conditions=conds[2]))
+            nodes.append(
+                Ff.Node(
+                    nodes[-1],
+                    Fm.GLOWCouplingBlock,
+                    {"subnet_constructor": _dense_subnet(config.dense_width), "clamp": config.clamp},
+                    conditions=conds[2],
+                )
+            )
             nodes.append(Ff.Node(nodes[-1], Fm.PermuteRandom, {"seed": seed}))
             seed += 1
         nodes.append(Ff.OutputNode(nodes[-1], name="latent"))
@@ -131,8 +151,11 @@ class ConditionalInn(nn.Module):
             raise ValueError(f"labels: expected values in 0..{self.unknown} ({self.unknown} = unknown)")
         onehot = F.one_hot(labels.long(), self.unknown + 1).float()
         s = self.config.image_size
-        return [onehot[:, :, None, None].expand(-1, -1, s // 2, s // 2), onehot[:, :, None, None].expand(-1, -1, s // 4, s // 4),
-                onehot]
+        return [
+            onehot[:, :, None, None].expand(-1, -1, s // 2, s // 2),
+            onehot[:, :, None, None].expand(-1, -1, s // 4, s // 4),
+            onehot,
+        ]
 
     def encode(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.net(images, c=self._conditions(labels))
@@ -155,8 +178,17 @@ def gaussian_bits_per_dim(train: torch.Tensor, test: torch.Tensor) -> torch.Tens
     return -log_p / (test[0].numel() * math.log(2)) + 8.0
 
 
-def train_inn(model: ConditionalInn, images: torch.Tensor, labels: torch.Tensor, *, epochs: int, lr: float = 1e-3,
-              batch_size: int = 64, generator: torch.Generator | None = None, progress=None) -> list[float]:
+def train_inn(
+    model: ConditionalInn,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    epochs: int,
+    lr: float = 1e-3,
+    batch_size: int = 64,
+    generator: torch.Generator | None = None,
+    progress=None,
+) -> list[float]:
     """Maximum likelihood on (public) images in [0, 1] with uniform dequantisation; returns the
     mean training bits/dim per epoch. ``progress(epoch, bits)`` is called after each epoch."""
     if len(images) != len(labels) or not len(images):
@@ -168,7 +200,7 @@ def train_inn(model: ConditionalInn, images: torch.Tensor, labels: torch.Tensor,
         order = torch.randperm(len(images), generator=generator)
         total = 0.0
         for start in range(0, len(images), batch_size):
-            idx = order[start:start + batch_size]
+            idx = order[start : start + batch_size]
             x = images[idx] + torch.rand(images[idx].shape, generator=generator) / 256.0
             y = labels[idx].clone()
             y[torch.rand(len(y), generator=generator) < model.config.label_dropout] = model.unknown

@@ -76,10 +76,17 @@ def privatize_latents(latents: torch.Tensor, *, noise: LatentNoise, generator: t
 def latent_event(noise: LatentNoise, *, images: int, privacy_unit: PrivacyUnit) -> DpEvent:
     """The Gaussian release of ``images`` images of one unit, as a ledger event (replace-one)."""
     if noise.mechanism != Mechanism.GAUSSIAN:
-        raise ValueError("latent_event: only the Gaussian mechanism has a ledger event; Laplace is pure DP "
-                         "(latent_epsilon)")
-    return DpEvent(noise_multiplier=noise.noise_multiplier, sample_rate=1.0, steps=images, privacy_unit=privacy_unit,
-                   relation=Relation.REPLACE_ONE, sensitivity=1.0)
+        raise ValueError(
+            "latent_event: only the Gaussian mechanism has a ledger event; Laplace is pure DP (latent_epsilon)"
+        )
+    return DpEvent(
+        noise_multiplier=noise.noise_multiplier,
+        sample_rate=1.0,
+        steps=images,
+        privacy_unit=privacy_unit,
+        relation=Relation.REPLACE_ONE,
+        sensitivity=1.0,
+    )
 
 
 def latent_epsilon(noise: LatentNoise, *, images: int, delta: float) -> float:
@@ -91,8 +98,9 @@ def latent_epsilon(noise: LatentNoise, *, images: int, delta: float) -> float:
     return epsilon([latent_event(noise, images=images, privacy_unit=PrivacyUnit.IDENTITY)], delta=delta)
 
 
-def calibrate_latent_noise(mechanism: Mechanism | str, *, target_epsilon: float, delta: float, images: int,
-                           radius: float) -> LatentNoise:
+def calibrate_latent_noise(
+    mechanism: Mechanism | str, *, target_epsilon: float, delta: float, images: int, radius: float
+) -> LatentNoise:
     """The smallest noise whose epsilon for a unit of ``images`` images is at most ``target_epsilon``."""
     if not (target_epsilon > 0 and math.isfinite(target_epsilon)):
         raise ValueError(f"target epsilon: expected a finite value > 0, got {target_epsilon}")
@@ -104,5 +112,7 @@ def calibrate_latent_noise(mechanism: Mechanism | str, *, target_epsilon: float,
         low, high = high, 2 * high
     for _ in range(40):  # bisection, keeping `high` on the safe side
         mid = (low + high) / 2
-        low, high = (mid, high) if latent_epsilon(make(mid), images=images, delta=delta) > target_epsilon else (low, mid)
+        low, high = (
+            (mid, high) if latent_epsilon(make(mid), images=images, delta=delta) > target_epsilon else (low, mid)
+        )
     return make(high)

@@ -56,7 +56,9 @@ def load_masks(rows: pd.DataFrame, *, size: int) -> torch.Tensor:
     return torch.stack(masks)
 
 
-def noise_masked(images: torch.Tensor, masks: torch.Tensor, *, noise: LatentNoise, generator: torch.Generator) -> torch.Tensor:
+def noise_masked(
+    images: torch.Tensor, masks: torch.Tensor, *, noise: LatentNoise, generator: torch.Generator
+) -> torch.Tensor:
     """Clip each image's masked region (one vector per image) and add noise there only."""
     region = masks[:, None].expand_as(images)  # the same pixels in every channel
     centred = ((images - NEUTRAL) * region).flatten(1)  # zero outside the mask: contributes no norm
@@ -64,8 +66,9 @@ def noise_masked(images: torch.Tensor, masks: torch.Tensor, *, noise: LatentNois
     return torch.where(region, private, images).clamp(0, 1)
 
 
-def replace_masked(images: torch.Tensor, masks: torch.Tensor, *, stand_ins: torch.Tensor,
-                   generator: torch.Generator) -> torch.Tensor:
+def replace_masked(
+    images: torch.Tensor, masks: torch.Tensor, *, stand_ins: torch.Tensor, generator: torch.Generator
+) -> torch.Tensor:
     """Each image's masked pixels from a random public stand-in image."""
     if not len(stand_ins):
         raise ValueError("stand-ins: replacing needs public images to take stand-ins from")
@@ -74,13 +77,17 @@ def replace_masked(images: torch.Tensor, masks: torch.Tensor, *, stand_ins: torc
 
 
 STATEMENTS = {
-    MaskMethod.NOISE: ("MaskDP, local, replace-one within the mask, per {unit}: two {units} whose training images are "
-                       "equal outside their (shared) masks give (epsilon, delta)-indistinguishable images. Not "
-                       "covered: pixels outside the mask, the mask itself (shape and place, which may identify), "
-                       "the reports, the number of images, and that a {unit} is in the data."),
-    MaskMethod.REPLACE: ("MaskDP replace, anonymization without an epsilon: inside each mask, a public stand-in's pixels; "
-                         "outside it, the original, released as it is (as are the mask, the reports and the number "
-                         "of images)."),
+    MaskMethod.NOISE: (
+        "MaskDP, local, replace-one within the mask, per {unit}: two {units} whose training images are "
+        "equal outside their (shared) masks give (epsilon, delta)-indistinguishable images. Not "
+        "covered: pixels outside the mask, the mask itself (shape and place, which may identify), "
+        "the reports, the number of images, and that a {unit} is in the data."
+    ),
+    MaskMethod.REPLACE: (
+        "MaskDP replace, anonymization without an epsilon: inside each mask, a public stand-in's pixels; "
+        "outside it, the original, released as it is (as are the mask, the reports and the number "
+        "of images)."
+    ),
 }
 
 
@@ -109,23 +116,35 @@ class MaskDpConfig:
 class MaskPrivatizer:
     """``privatizer(images, rows, images_per_unit=k, generator=g) -> (images, report)``."""
 
-    def __init__(self, config: MaskDpConfig, *, stand_ins: torch.Tensor | None = None, noise: LatentNoise | None = None):
+    def __init__(
+        self, config: MaskDpConfig, *, stand_ins: torch.Tensor | None = None, noise: LatentNoise | None = None
+    ):
         """``noise``: as planned by the server (calibrated the same way), else calibrated here."""
         self.config, self.stand_ins, self.noise = config, stand_ins, noise
         self.name = f"maskdp-{config.method}"
 
-    def __call__(self, images: torch.Tensor, rows: pd.DataFrame, *, images_per_unit: int,
-                 generator: torch.Generator) -> tuple[torch.Tensor, dict]:
+    def __call__(
+        self, images: torch.Tensor, rows: pd.DataFrame, *, images_per_unit: int, generator: torch.Generator
+    ) -> tuple[torch.Tensor, dict]:
         masks = load_masks(rows, size=images.shape[-1])
         c = self.config
         if c.method == MaskMethod.REPLACE:
-            out = replace_masked(images, masks, stand_ins=self.stand_ins if self.stand_ins is not None else images[:0],
-                                 generator=generator)
+            out = replace_masked(
+                images,
+                masks,
+                stand_ins=self.stand_ins if self.stand_ins is not None else images[:0],
+                generator=generator,
+            )
             return out, {"epsilon": None, "delta": None, "statement": STATEMENTS[c.method]}
-        noise = self.noise or calibrate_latent_noise(c.mechanism, target_epsilon=c.target_epsilon, delta=c.delta,
-                                                     images=images_per_unit, radius=c.radius)
+        noise = self.noise or calibrate_latent_noise(
+            c.mechanism, target_epsilon=c.target_epsilon, delta=c.delta, images=images_per_unit, radius=c.radius
+        )
         out = noise_masked(images, masks, noise=noise, generator=generator)
-        return out, {"epsilon": latent_epsilon(noise, images=images_per_unit, delta=c.delta),
-                     "delta": c.delta if c.mechanism == Mechanism.GAUSSIAN else 0.0, "noise": str(c.mechanism),
-                     "radius": noise.radius, "noise_multiplier": noise.noise_multiplier,
-                     "statement": STATEMENTS[c.method]}
+        return out, {
+            "epsilon": latent_epsilon(noise, images=images_per_unit, delta=c.delta),
+            "delta": c.delta if c.mechanism == Mechanism.GAUSSIAN else 0.0,
+            "noise": str(c.mechanism),
+            "radius": noise.radius,
+            "noise_multiplier": noise.noise_multiplier,
+            "statement": STATEMENTS[c.method],
+        }

@@ -12,10 +12,14 @@ from PIL import Image
 
 def to_pixels(size: int) -> Callable[[Image.Image], torch.Tensor]:
     """A ``preprocess`` for ``fedclip.data.tensors.load_images``: [3, size, size] in [0, 1]."""
+
     def convert(image: Image.Image) -> torch.Tensor:
         if image.size != (size, size):
             image = image.resize((size, size), Image.BILINEAR)
-        return torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0).permute(2, 0, 1).contiguous()
+        return (
+            torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0).permute(2, 0, 1).contiguous()
+        )
+
     return convert
 
 

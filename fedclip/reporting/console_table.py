@@ -9,7 +9,8 @@ def run_table(utility: pd.DataFrame, attack: pd.DataFrame, rounds: pd.DataFrame)
     """Round, utility, the largest site epsilon, and per attack its AUC with the certified bound
     (randomised audits) or the TPR at 1% FPR (the others)."""
     table = utility.set_index("round")[["zero_shot_accuracy", "recall_at_1"]].rename(
-        columns={"zero_shot_accuracy": "zero-shot", "recall_at_1": "recall@1"})
+        columns={"zero_shot_accuracy": "zero-shot", "recall_at_1": "recall@1"}
+    )
     if len(rounds):
         spent = rounds.groupby("round")["epsilon"].max().cummax()
         table["max eps"] = spent.reindex(table.index).ffill().fillna(0.0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import matplotlib
 
@@ -10,9 +11,17 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
+if TYPE_CHECKING:  # torch loads only where images are drawn
+    import torch
 
-def plot_run(out_dir: str | Path, rounds: pd.DataFrame, attack: pd.DataFrame, utility: pd.DataFrame,
-             scores: pd.DataFrame | None = None) -> list[Path]:
+
+def plot_run(
+    out_dir: str | Path,
+    rounds: pd.DataFrame,
+    attack: pd.DataFrame,
+    utility: pd.DataFrame,
+    scores: pd.DataFrame | None = None,
+) -> list[Path]:
     out = Path(out_dir)
     paths = []
 
@@ -45,7 +54,9 @@ def plot_attack(out: Path, attack: pd.DataFrame) -> Path:
     beside what each attack bounds from below (right: certified for randomised audits, dotted for
     the indicative bound of the others)."""
     attack = attack.assign(attack=attack["attack"] if "attack" in attack.columns else "idia")
-    audited = attack["audited_epsilon"] if "audited_epsilon" in attack.columns else pd.Series(float("nan"), attack.index)
+    audited = (
+        attack["audited_epsilon"] if "audited_epsilon" in attack.columns else pd.Series(float("nan"), attack.index)
+    )
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     for name, g in attack.groupby("attack", sort=False):
         line = ax.plot(g["round"], g["tpr"], marker="o", label=f"{name} TPR")[0]
@@ -54,18 +65,32 @@ def plot_attack(out: Path, attack: pd.DataFrame) -> Path:
         if certified.notna().any():
             ax2.plot(g["round"], certified, marker="^", color=line.get_color(), label=f"{name}: audited (certified)")
         else:
-            ax2.plot(g["round"], g["epsilon_lower_bound"], marker="^", linestyle=":", color=line.get_color(),
-                     label=f"{name}: indicative bound")
+            ax2.plot(
+                g["round"],
+                g["epsilon_lower_bound"],
+                marker="^",
+                linestyle=":",
+                color=line.get_color(),
+                label=f"{name}: indicative bound",
+            )
     on_replies = attack["attack"].astype(str).str.endswith("-replies").any()
-    ax.set(xlabel="round", ylabel="rate", ylim=(-0.02, 1.02),
-           title="Attacks on the global model" + (" and on each site's reply (*-replies)" if on_replies else ""))
+    ax.set(
+        xlabel="round",
+        ylabel="rate",
+        ylim=(-0.02, 1.02),
+        title="Attacks on the global model" + (" and on each site's reply (*-replies)" if on_replies else ""),
+    )
     ax.legend(fontsize=7)
     accountant = attack.groupby("round")["max_site_epsilon"].first()
     finite = accountant.replace(float("inf"), float("nan"))
     ax2.plot(finite.index, finite.values, color="black", linewidth=2, label="accountant: max site epsilon")
     top = pd.concat([finite, audited, attack["epsilon_lower_bound"]]).replace(float("inf"), float("nan")).max()
-    ax2.set(xlabel="round", ylabel="epsilon", ylim=(0, max(1.0, 1.1 * float(0 if pd.isna(top) else top))),
-            title="Accounted vs audited epsilon (jointly 95%)")
+    ax2.set(
+        xlabel="round",
+        ylabel="epsilon",
+        ylim=(0, max(1.0, 1.1 * float(0 if pd.isna(top) else top))),
+        title="Accounted vs audited epsilon (jointly 95%)",
+    )
     ax2.legend(fontsize=7)
     return _save(fig, out / "attack.png")
 
@@ -83,14 +108,26 @@ def plot_roc(out: Path, scores: pd.DataFrame) -> Path | None:
         fpr, tpr = roc_curve(g["score"].to_numpy(), g["is_member"].astype(bool).to_numpy())
         ax.plot(fpr, tpr, label=f"{name} ({len(g)} targets)")
     ax.plot([1e-3, 1], [1e-3, 1], color="grey", linestyle=":", label="chance")
-    ax.set(xscale="log", yscale="log", xlim=(1e-3, 1), ylim=(1e-3, 1.05), xlabel="false positive rate",
-           ylabel="true positive rate", title=f"ROC at round {int(last['round'].iloc[0])}")
+    ax.set(
+        xscale="log",
+        yscale="log",
+        xlim=(1e-3, 1),
+        ylim=(1e-3, 1.05),
+        xlabel="false positive rate",
+        ylabel="true positive rate",
+        title=f"ROC at round {int(last['round'].iloc[0])}",
+    )
     ax.legend(fontsize=8)
     return _save(fig, out / "roc.png")
 
 
-def plot_image_grid(path: str | Path, rows: dict[str, "torch.Tensor"], *, title: str,  # noqa: F821
-                    captions: list[str] | None = None) -> Path:
+def plot_image_grid(
+    path: str | Path,
+    rows: dict[str, torch.Tensor],
+    *,
+    title: str,
+    captions: list[str] | None = None,
+) -> Path:
     """A grid of images: one row per named version (original, privatized, masked, ...), one
     column per example; tensors [N, 3, H, W] in [0, 1]. People would rather look than read."""
     n = min(len(t) for t in rows.values())

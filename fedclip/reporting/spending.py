@@ -20,8 +20,19 @@ from fedclip.privacy.events import DpEvent
 from fedclip.privacy.ledger import PrivacyLedger
 from fedclip.privacy.ledger_store import LedgerStore
 
-COLUMNS = ("site", "run", "round", "attempt", "status", "privacy_unit", "noise_multiplier", "sample_rate", "steps",
-           "epsilon_total", "delta")
+COLUMNS = (
+    "site",
+    "run",
+    "round",
+    "attempt",
+    "status",
+    "privacy_unit",
+    "noise_multiplier",
+    "sample_rate",
+    "steps",
+    "epsilon_total",
+    "delta",
+)
 
 
 def spending_table(store: LedgerStore) -> pd.DataFrame:
@@ -37,12 +48,22 @@ def spending_table(store: LedgerStore) -> pd.DataFrame:
         for e in events:
             spent.setdefault((site, str(e.privacy_unit)), []).append(e)
         unit = str(training.privacy_unit)
-        eps = PrivacyLedger(delta=store.delta, accountant=store.accountant,
-                            events=tuple(spent[(site, unit)])).epsilon()
-        rows.append({"site": site, "run": run, "round": round_, "attempt": attempt,
-                     "status": charges[0]["status"], "privacy_unit": unit,
-                     "noise_multiplier": training.noise_multiplier, "sample_rate": training.sample_rate,
-                     "steps": training.steps, "epsilon_total": eps, "delta": store.delta})
+        eps = PrivacyLedger(delta=store.delta, accountant=store.accountant, events=tuple(spent[(site, unit)])).epsilon()
+        rows.append(
+            {
+                "site": site,
+                "run": run,
+                "round": round_,
+                "attempt": attempt,
+                "status": charges[0]["status"],
+                "privacy_unit": unit,
+                "noise_multiplier": training.noise_multiplier,
+                "sample_rate": training.sample_rate,
+                "steps": training.steps,
+                "epsilon_total": eps,
+                "delta": store.delta,
+            }
+        )
     return pd.DataFrame(rows, columns=list(COLUMNS))
 
 
@@ -51,18 +72,33 @@ def write_spending(store: LedgerStore, folder: str | Path) -> Path:
     folder = Path(folder)
     table = spending_table(store)
     table.to_csv(folder / "spending.csv", index=False)
-    lines = ["# Privacy spending of this site (from its own ledger)", "",
-             f"Ledger: `{store.path.resolve()}`; accountant {store.accountant}, delta {store.delta:g}. Every charge "
-             "counts, also of rounds that failed or whose reply was lost.", "",
-             "| site | run | round | attempt | status | unit | noise multiplier | sample rate | steps | epsilon so far |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "# Privacy spending of this site (from its own ledger)",
+        "",
+        f"Ledger: `{store.path.resolve()}`; accountant {store.accountant}, delta {store.delta:g}. Every charge "
+        "counts, also of rounds that failed or whose reply was lost.",
+        "",
+        "| site | run | round | attempt | status | unit | noise multiplier | sample rate | steps | epsilon so far |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in table.itertuples():
         eps = f"{r.epsilon_total:.3f}" if math.isfinite(r.epsilon_total) else "inf"
-        lines.append(f"| {r.site} | {r.run} | {r.round} | {r.attempt} | {r.status} | {r.privacy_unit} | "
-                     f"{r.noise_multiplier:.4g} | {r.sample_rate:g} | {r.steps} | {eps} |")
+        lines.append(
+            f"| {r.site} | {r.run} | {r.round} | {r.attempt} | {r.status} | {r.privacy_unit} | "
+            f"{r.noise_multiplier:.4g} | {r.sample_rate:g} | {r.steps} | {eps} |"
+        )
     path = folder / "spending.md"
     path.write_text("\n".join(lines) + "\n")
-    (folder / "spending.json").write_text(json.dumps(
-        {site: {unit: float(g["epsilon_total"].iloc[-1]) if math.isfinite(g["epsilon_total"].iloc[-1]) else "inf"
-                for unit, g in t.groupby("privacy_unit")} for site, t in table.groupby("site")}, indent=2))
+    (folder / "spending.json").write_text(
+        json.dumps(
+            {
+                site: {
+                    unit: float(g["epsilon_total"].iloc[-1]) if math.isfinite(g["epsilon_total"].iloc[-1]) else "inf"
+                    for unit, g in t.groupby("privacy_unit")
+                }
+                for site, t in table.groupby("site")
+            },
+            indent=2,
+        )
+    )
     return path

@@ -14,20 +14,20 @@ UNIT_TEXT = {
 }
 MECHANISM_TEXT = {
     "microbatch-1": "one unit per micro-batch: adding or removing a unit adds or removes one clipped term, present with "
-                    "probability q (sensitivity C), accounted with Opacus' add-or-remove accountant",
+    "probability q (sensitivity C), accounted with Opacus' add-or-remove accountant",
     "microbatch": "per-micro-batch clipping: one unit changes one fixed hashed micro-batch, a replace-one change of one "
-                  "clipped term (sensitivity C), accounted with a replace-one PLD",
+    "clipped term (sensitivity C), accounted with a replace-one PLD",
     "unit": "per-unit clipping of each unit's own contrastive loss against public negatives: adding or removing a unit "
-            "adds or removes one clipped term (sensitivity C), accounted with Opacus' add-or-remove accountant",
+    "adds or removes one clipped term (sensitivity C), accounted with Opacus' add-or-remove accountant",
     "paper": "paper mode: one clipped batch, a unit moves it by up to 2C (sensitivity 2C), accounted with Opacus' "
-             "add-or-remove accountant",
+    "add-or-remove accountant",
     "cadp": "CADP: each training image encoded by an INN fitted to the public population, its latent clipped on its "
-            "own to radius s (replace-one sensitivity 2s), Gaussian noise added, decoded without a label; the images "
-            "of a unit composed in a replace-one PLD",
+    "own to radius s (replace-one sensitivity 2s), Gaussian noise added, decoded without a label; the images "
+    "of a unit composed in a replace-one PLD",
     "maskdp": "MaskDP: each training image's masked region clipped on its own to radius s (replace-one sensitivity "
-              "2s within the mask) and noised; the images of a unit composed in a replace-one PLD",
+    "2s within the mask) and noised; the images of a unit composed in a replace-one PLD",
     "mask-replace": "mask-replace: each training image's masked region replaced by a public stand-in's pixels "
-                    "(anonymization, no epsilon)",
+    "(anonymization, no epsilon)",
 }
 INPUT_TEXT = (
     "Each site privatized its own training images once, before its first round, with OS randomness ({mechanism}). "
@@ -45,8 +45,11 @@ def mechanism_text(config: Mapping[str, Any]) -> str:
         mode = "microbatch-1"
     if mode in ("cadp", "maskdp", "mask-replace"):
         return MECHANISM_TEXT[mode]
-    return MECHANISM_TEXT[mode] + ("; the noisy sum is divided by a public number (q x declared units), never by a "
-                                   "count of the data" if mode != "paper" else "")
+    return MECHANISM_TEXT[mode] + (
+        "; the noisy sum is divided by a public number (q x declared units), never by a count of the data"
+        if mode != "paper"
+        else ""
+    )
 
 
 def _fmt(value: Any) -> str:
@@ -56,18 +59,28 @@ def _fmt(value: Any) -> str:
 def _released(config: Mapping[str, Any]) -> str:
     extra = []
     if config.get("release-loss-noise", 0) > 0:
-        extra.append(f"the mean training loss (blocks clipped to [0, {config['release-loss-bound']}], noise multiplier "
-                     f"{config['release-loss-noise']}, charged in the ledger)")
+        extra.append(
+            f"the mean training loss (blocks clipped to [0, {config['release-loss-bound']}], noise multiplier "
+            f"{config['release-loss-noise']}, charged in the ledger)"
+        )
     if config.get("release-count-noise", 0) > 0:
         extra.append(f"the number of units (noise multiplier {config['release-count-noise']}, charged in the ledger)")
-    text = ("Released by each site every round: its trainable parameters (the accounted mechanism), its privacy "
-            "events, and a public weight it declares before training (1.0 in a simulation)")
-    return text + (", and " + "; ".join(extra) if extra else "; no count, loss or other value computed from its data") + "."
+    text = (
+        "Released by each site every round: its trainable parameters (the accounted mechanism), its privacy "
+        "events, and a public weight it declares before training (1.0 in a simulation)"
+    )
+    return (
+        text
+        + (", and " + "; ".join(extra) if extra else "; no count, loss or other value computed from its data")
+        + "."
+    )
 
 
-ATTACK_HEADER = ("| round | attack | TPR | FPR | AUC | TPR at 1% FPR | indicative epsilon lower bound | "
-                 "audited epsilon (one-run, certified) | max site epsilon (accountant) |",
-                 "|---|---|---|---|---|---|---|---|---|")
+ATTACK_HEADER = (
+    "| round | attack | TPR | FPR | AUC | TPR at 1% FPR | indicative epsilon lower bound | "
+    "audited epsilon (one-run, certified) | max site epsilon (accountant) |",
+    "|---|---|---|---|---|---|---|---|---|",
+)
 AUDIT_COLUMNS = ("auc", "tpr_at_1pct_fpr", "audited_epsilon", "audit_guesses", "audit_correct")
 
 
@@ -79,13 +92,18 @@ def attack_rows(attack: pd.DataFrame) -> list[str]:
     rows = []
     for row in attack.itertuples():
         audited = float(row.audited_epsilon) == float(row.audited_epsilon)
-        certified = (f"**{row.audited_epsilon:.3f}** ({int(row.audit_correct)}/{int(row.audit_guesses)} guesses right)"
-                     if audited else "")
+        certified = (
+            f"**{row.audited_epsilon:.3f}** ({int(row.audit_correct)}/{int(row.audit_guesses)} guesses right)"
+            if audited
+            else ""
+        )
         indicative = "" if audited else f"{row.epsilon_lower_bound:.3f}"
         apart = "" if _comparable(row) else " (about images: not comparable)"
-        rows.append(f"| {row.round} | {row.attack} | {row.tpr:.3f} | {row.fpr:.3f} | {_fmt(float(row.auc))} | "
-                    f"{_fmt(float(row.tpr_at_1pct_fpr))} | {indicative} | {certified} | "
-                    f"{_fmt(float(row.max_site_epsilon))}{apart} |")
+        rows.append(
+            f"| {row.round} | {row.attack} | {row.tpr:.3f} | {row.fpr:.3f} | {_fmt(float(row.auc))} | "
+            f"{_fmt(float(row.tpr_at_1pct_fpr))} | {indicative} | {certified} | "
+            f"{_fmt(float(row.max_site_epsilon))}{apart} |"
+        )
     return rows
 
 
@@ -103,10 +121,19 @@ def contradictions(attack: pd.DataFrame) -> list[str]:
         return []
     comparable = [_comparable(r) for r in attack.itertuples()]
     bad = attack[(attack["audited_epsilon"] > attack["max_site_epsilon"]) & pd.Series(comparable, index=attack.index)]
-    return ["", *(f"**WARNING: round {r.round}: the {r.attack} audit certifies epsilon >= {r.audited_epsilon:.3f}, above "
-                  f"the accountant's {r.max_site_epsilon:.3f}: the mechanism is less private than the ledger says "
-                  "(or, with 5% probability over the whole run, the audit is wrong).**" for r in bad.itertuples())] \
-        if len(bad) else []
+    return (
+        [
+            "",
+            *(
+                f"**WARNING: round {r.round}: the {r.attack} audit certifies epsilon >= {r.audited_epsilon:.3f}, above "
+                f"the accountant's {r.max_site_epsilon:.3f}: the mechanism is less private than the ledger says "
+                "(or, with 5% probability over the whole run, the audit is wrong).**"
+                for r in bad.itertuples()
+            ),
+        ]
+        if len(bad)
+        else []
+    )
 
 
 AUDIT_TEXT = (
@@ -133,9 +160,17 @@ AUDIT_TEXT = (
 )
 
 
-def write_summary(path: str | Path, *, config: Mapping[str, Any], rounds: pd.DataFrame, attack: pd.DataFrame,
-                  utility: pd.DataFrame, noise_multiplier: float, site_level: Mapping[str, Any] | None = None,
-                  failure: str | None = None) -> Path:
+def write_summary(
+    path: str | Path,
+    *,
+    config: Mapping[str, Any],
+    rounds: pd.DataFrame,
+    attack: pd.DataFrame,
+    utility: pd.DataFrame,
+    noise_multiplier: float,
+    site_level: Mapping[str, Any] | None = None,
+    failure: str | None = None,
+) -> Path:
     """``summary.md``: what ran, what the accountant promises, what the attacker extracted, utility."""
     lines = ["# fedclip run summary", ""]
     lines += _what_ran(config, noise_multiplier=noise_multiplier, failure=failure)
@@ -151,29 +186,45 @@ def _what_ran(config: Mapping[str, Any], *, noise_multiplier: float, failure: st
     lines = [f"**The run stopped: {failure}**", ""] if failure else []
     overrides = [k for k in ("allow-large-delta", "allow-outside-paths") if config.get(k)]
     if overrides:
-        lines += ["**Overrides in force: " + ", ".join(f"{k} = true" for k in overrides)
-                  + (" (delta is above 1/(units at the smallest site): the epsilons below are not meaningful)"
-                     if "allow-large-delta" in overrides else "") + ".**", ""]
+        lines += [
+            "**Overrides in force: "
+            + ", ".join(f"{k} = true" for k in overrides)
+            + (
+                " (delta is above 1/(units at the smallest site): the epsilons below are not meaningful)"
+                if "allow-large-delta" in overrides
+                else ""
+            )
+            + ".**",
+            "",
+        ]
     if config.get("reproducible-noise"):
-        lines += ["**WARNING: reproducible-noise was on. Noise and sampling were seeded from the run config, so "
-                  "this run is NOT PRIVATE AGAINST THE SERVER: every epsilon below holds only against parties who do "
-                  "not know the config.**", ""]
+        lines += [
+            "**WARNING: reproducible-noise was on. Noise and sampling were seeded from the run config, so "
+            "this run is NOT PRIVATE AGAINST THE SERVER: every epsilon below holds only against parties who do "
+            "not know the config.**",
+            "",
+        ]
     return lines + [
         f"- dp mode: **{config['dp-mode']}**, privacy unit: **{config['privacy-unit']}**, "
-        + (f"input-level: noise multiplier {float(config['input-noise-multiplier']):.4g} over radius "
-           f"{float(config['input-radius-resolved']):.4g}, {config['input-images-per-unit']} images per unit, released "
-           "once per site; training adds no noise, "
-           if "input-noise-multiplier" in config else
-           f"noise multiplier {noise_multiplier:.4g}, clipping norm C = {config['max-grad-norm']}, "
-           f"sample rate {config['sample-rate']}, ")
+        + (
+            f"input-level: noise multiplier {float(config['input-noise-multiplier']):.4g} over radius "
+            f"{float(config['input-radius-resolved']):.4g}, {config['input-images-per-unit']} images per unit, released "
+            "once per site; training adds no noise, "
+            if "input-noise-multiplier" in config
+            else f"noise multiplier {noise_multiplier:.4g}, clipping norm C = {config['max-grad-norm']}, "
+            f"sample rate {config['sample-rate']}, "
+        )
         + f"{config['local-steps']} local steps per round, "
         f"{config['num-rounds']} rounds, delta = {config['delta']:g}",
         f"- strategy: {config['strategy']} wrapped by PrivacyBudgetStrategy (budget {config['budget']}"
-        + (f", per site: {config['site-budgets']}" if config["site-budgets"] else "") + ")",
-        ("- a round stops the run if any selected site fails, refuses or does not reply (failure-quorum 1)"
-         if config.get("failure-quorum", 1.0) >= 1 else
-         f"- failure-quorum {config['failure-quorum']:g}: a round counts if at least that share of its selected sites "
-         "trained; failed sites were tolerated"),
+        + (f", per site: {config['site-budgets']}" if config["site-budgets"] else "")
+        + ")",
+        (
+            "- a round stops the run if any selected site fails, refuses or does not reply (failure-quorum 1)"
+            if config.get("failure-quorum", 1.0) >= 1
+            else f"- failure-quorum {config['failure-quorum']:g}: a round counts if at least that share of its selected sites "
+            "trained; failed sites were tolerated"
+        ),
         "",
     ]
 
@@ -183,38 +234,53 @@ def _promise(config: Mapping[str, Any]) -> list[str]:
     if config["dp-mode"] == "nonprivate":
         return ["Locally nothing: sites add no noise, so the per-site epsilon below is infinite."]
     if config["dp-mode"] == "mask-replace":
-        return [f"No epsilon: {mechanism_text(config)}; what lies outside each mask is trained on as it is, so "
-                "the per-site epsilon below is infinite."]
+        return [
+            f"No epsilon: {mechanism_text(config)}; what lies outside each mask is trained on as it is, so "
+            "the per-site epsilon below is infinite."
+        ]
     if config["dp-mode"] in ("cadp", "maskdp"):
-        return [INPUT_TEXT.format(mechanism=mechanism_text(config), delta=float(config["delta"]),
-                                  k=config["input-images-per-unit"],
-                                  mask="pixels outside each mask and the mask itself, "
-                                  if config["dp-mode"] == "maskdp" else "")]
+        return [
+            INPUT_TEXT.format(
+                mechanism=mechanism_text(config),
+                delta=float(config["delta"]),
+                k=config["input-images-per-unit"],
+                mask="pixels outside each mask and the mask itself, " if config["dp-mode"] == "maskdp" else "",
+            )
+        ]
     return [
         f"Each epsilon is an upper bound for data sets that differ by adding or removing {UNIT_TEXT[config['privacy-unit']]}, "
         f"at delta = {config['delta']:g}, composed over every round the site trained. Mechanism: "
         f"{mechanism_text(config)}.",
-        "", "Threat model: local DP; the server is the adversary. Each site draws its noise and sampling from "
-        "OS entropy" + (" (here: NOT, reproducible-noise was on)" if config.get("reproducible-noise") else "")
+        "",
+        "Threat model: local DP; the server is the adversary. Each site draws its noise and sampling from "
+        "OS entropy"
+        + (" (here: NOT, reproducible-noise was on)" if config.get("reproducible-noise") else "")
         + ", enforces its own policy and keeps its own ledger; the server's ledger is write-ahead (a round is "
         "charged before it is sent; failed, refused or lost replies keep their charge).",
     ]
 
 
-def _what_the_accountant_promises(config: Mapping[str, Any], *, rounds: pd.DataFrame,
-                                  site_level: Mapping[str, Any] | None) -> list[str]:
+def _what_the_accountant_promises(
+    config: Mapping[str, Any], *, rounds: pd.DataFrame, site_level: Mapping[str, Any] | None
+) -> list[str]:
     lines = ["## What the accountant promises", "", *_promise(config)]
     if "neighbours" in rounds.columns and len(rounds):
         first = rounds.iloc[0]
-        lines += ["", f"Every site epsilon in this summary and in `rounds.csv`: **neighbouring data sets: "
-                  f"{first['neighbours']}**; covered: {first['covers']}."]
+        lines += [
+            "",
+            f"Every site epsilon in this summary and in `rounds.csv`: **neighbouring data sets: "
+            f"{first['neighbours']}**; covered: {first['covers']}.",
+        ]
     if site_level:
-        lines += ["", f"Client-level DP at the server: each site's update clipped to {site_level['clip_norm']}, "
-                  f"noise multiplier {site_level['noise_multiplier']:.4g} on the average, over {site_level['rounds']} rounds: "
-                  f"**epsilon {site_level['epsilon']:.3f}** at delta {site_level['delta']:g} under the *zero-out* relation "
-                  "(one site's clipped update replaced by zero, the number of sites fixed); under replace-one (a site's "
-                  f"data replaced by anything, sensitivity 2S) epsilon {site_level['epsilon_replace_one']:.3f}. PLD "
-                  f"accountant, no sampling amplification (Flower's RDP figure: {site_level['epsilon_flower_rdp']:.3f})."]
+        lines += [
+            "",
+            f"Client-level DP at the server: each site's update clipped to {site_level['clip_norm']}, "
+            f"noise multiplier {site_level['noise_multiplier']:.4g} on the average, over {site_level['rounds']} rounds: "
+            f"**epsilon {site_level['epsilon']:.3f}** at delta {site_level['delta']:g} under the *zero-out* relation "
+            "(one site's clipped update replaced by zero, the number of sites fixed); under replace-one (a site's "
+            f"data replaced by anything, sensitivity 2S) epsilon {site_level['epsilon_replace_one']:.3f}. PLD "
+            f"accountant, no sampling amplification (Flower's RDP figure: {site_level['epsilon_flower_rdp']:.3f}).",
+        ]
     last = int(rounds["round"].max()) if len(rounds) else 0
     final_sites = rounds[rounds["round"] == last][["site", "epsilon", "budget"]] if len(rounds) else rounds
     selected = rounds.groupby("site")["selected"].sum() if len(rounds) else pd.Series(dtype=int)
@@ -223,8 +289,13 @@ def _what_the_accountant_promises(config: Mapping[str, Any], *, rounds: pd.DataF
         lines.append(f"| {row.site} | {int(selected.get(row.site, 0))} | {_fmt(float(row.epsilon))} | {row.budget} |")
     failed = rounds[rounds["status"].isin(["failed", "refused", "lost"])] if "status" in rounds else rounds.iloc[0:0]
     if len(failed):
-        lines += ["", "Sites that did not train when selected (their planned spending stays charged):", "",
-                  "| round | site | status | reason |", "|---|---|---|---|"]
+        lines += [
+            "",
+            "Sites that did not train when selected (their planned spending stays charged):",
+            "",
+            "| round | site | status | reason |",
+            "|---|---|---|---|",
+        ]
         lines += [f"| {r.round} | {r.site} | {r.status} | {str(r.reason)[:200]} |" for r in failed.itertuples()]
     return lines + ["", _released(config), ""]
 
@@ -234,15 +305,26 @@ def _what_the_attacker_extracted(config: Mapping[str, Any], attack: pd.DataFrame
     lines += attack_rows(attack)
     lines += contradictions(attack)
     if not len(attack):
-        lines += ["", "No attack ran during this run: in a deployment the server holds no targets. The auditor, who "
-                  "does, attacks every round's saved model (`models/`) with `fedclip audit RUN_DIR --targets FILE`."]
+        lines += [
+            "",
+            "No attack ran during this run: in a deployment the server holds no targets. The auditor, who "
+            "does, attacks every round's saved model (`models/`) with `fedclip audit RUN_DIR --targets FILE`.",
+        ]
     return lines + ["", AUDIT_TEXT, ""]
 
 
 def _utility(utility: pd.DataFrame) -> list[str]:
-    lines = ["## Utility on held-out patients", "",
-             "| round | zero-shot accuracy | recall@1 | recall@5 |", "|---|---|---|---|"]
+    lines = [
+        "## Utility on held-out patients",
+        "",
+        "| round | zero-shot accuracy | recall@1 | recall@5 |",
+        "|---|---|---|---|",
+    ]
     for row in utility.itertuples():
         lines.append(f"| {row.round} | {row.zero_shot_accuracy:.3f} | {row.recall_at_1:.3f} | {row.recall_at_5:.3f} |")
-    return lines + ["", "Plots: `epsilon.png`, `attack.png`, `utility.png`. Tables: `rounds.csv`, `attack.csv`, "
-                    "`attack_sites.csv`, `utility.csv`.", ""]
+    return lines + [
+        "",
+        "Plots: `epsilon.png`, `attack.png`, `utility.png`. Tables: `rounds.csv`, `attack.csv`, "
+        "`attack_sites.csv`, `utility.csv`.",
+        "",
+    ]

@@ -58,5 +58,11 @@ def _mallopt_all() -> bool:
     except (OSError, AttributeError, TypeError):  # not glibc (macOS, musl without mallopt): nothing to do
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    return all(mallopt(param, value) == 1 for param, value in
-               ((M_MMAP_THRESHOLD, _MMAP_THRESHOLD), (M_TRIM_THRESHOLD, _TRIM_THRESHOLD), (M_TOP_PAD, _TOP_PAD)))
+    return all(
+        mallopt(param, value) == 1
+        for param, value in (
+            (M_MMAP_THRESHOLD, _MMAP_THRESHOLD),
+            (M_TRIM_THRESHOLD, _TRIM_THRESHOLD),
+            (M_TOP_PAD, _TOP_PAD),
+        )
+    )

@@ -57,8 +57,10 @@ class DpConfig:
         if self.microbatch_size < 1:
             raise ValueError(f"microbatch_size: expected an integer >= 1, got {self.microbatch_size}")
         if self.mode in (Mode.MICROBATCH, Mode.UNIT) and self.declared_units < 1:
-            raise ValueError(f"declared_units: expected the public number of units (an integer >= 1) in mode "
-                             f"{self.mode}, got {self.declared_units}")
+            raise ValueError(
+                f"declared_units: expected the public number of units (an integer >= 1) in mode "
+                f"{self.mode}, got {self.declared_units}"
+            )
         if self.mode != Mode.NONPRIVATE and not (self.noise_multiplier > 0 and math.isfinite(self.noise_multiplier)):
             raise ValueError(
                 f"noise_multiplier: expected a finite value > 0 in mode {self.mode}, got {self.noise_multiplier} "

@@ -16,5 +16,6 @@ import torch
 
 
 class ExtraUnits(Protocol):
-    def sampled_rows(self, model: torch.nn.Module, *, rate: float, norm: float,
-                     generator: torch.Generator) -> dict[str, torch.Tensor] | None: ...
+    def sampled_rows(
+        self, model: torch.nn.Module, *, rate: float, norm: float, generator: torch.Generator
+    ) -> dict[str, torch.Tensor] | None: ...

@@ -61,7 +61,13 @@ from open_clip.transformer import VisionTransformer
 from torch import nn
 from torch.func import vmap
 
-from fedclip.training.grad_sample_twin import ClassToken, GradSampleTwin, MatrixProjection, PositionEmbedding, unsupported_reason
+from fedclip.training.grad_sample_twin import (
+    ClassToken,
+    GradSampleTwin,
+    MatrixProjection,
+    PositionEmbedding,
+    unsupported_reason,
+)
 from fedclip.training.loss import group_loss
 from fedclip.training.microbatch_grads import stacked_groups
 from fedclip.training.negative_bank import NegativeBank
@@ -93,9 +99,12 @@ def full_precision_matmuls():
     reduced = sorted({_effective(s) for s in _PRECISION_SETTINGS} - {"ieee"})
     if reduced and not _warned_precision:
         _warned_precision = True
-        warnings.warn(f"grad-engine 'ghost': TF32 / reduced-precision float32 matmuls ({', '.join(reduced)}) are "
-                      "switched off during DP steps; the bound on the ghost norms' rounding, which keeps the "
-                      "sensitivity at C, assumes IEEE float32 matmuls", stacklevel=3)
+        warnings.warn(
+            f"grad-engine 'ghost': TF32 / reduced-precision float32 matmuls ({', '.join(reduced)}) are "
+            "switched off during DP steps; the bound on the ghost norms' rounding, which keeps the "
+            "sensitivity at C, assumes IEEE float32 matmuls",
+            stacklevel=3,
+        )
     for setting in _PRECISION_SETTINGS:
         setting.fp32_precision = "ieee"
     try:
@@ -105,14 +114,30 @@ def full_precision_matmuls():
             setting.fp32_precision = value
 
 
-_COVERED = (nn.Linear, nn.LayerNorm, OpenClipLayerNorm, MatrixProjection, ClassToken, PositionEmbedding, nn.Conv2d,
-            nn.Embedding)
+_COVERED = (
+    nn.Linear,
+    nn.LayerNorm,
+    OpenClipLayerNorm,
+    MatrixProjection,
+    ClassToken,
+    PositionEmbedding,
+    nn.Conv2d,
+    nn.Embedding,
+)
 
 
 # What holds trainable parameters in open_clip's CLIP and becomes a covered module in the twin:
 # attention (q/k/v views and a Linear), CLIP and its image tower (the loose class and positional
 # embeddings, projections and logit_scale); everything else is used as it is.
-_MODEL_COVERED = (nn.Linear, nn.LayerNorm, nn.Conv2d, nn.Embedding, nn.MultiheadAttention, open_clip.CLIP, VisionTransformer)
+_MODEL_COVERED = (
+    nn.Linear,
+    nn.LayerNorm,
+    nn.Conv2d,
+    nn.Embedding,
+    nn.MultiheadAttention,
+    open_clip.CLIP,
+    VisionTransformer,
+)
 
 
 def unsupported(model: nn.Module) -> str | None:
@@ -130,8 +155,10 @@ def unsupported(model: nn.Module) -> str | None:
 
 
 def _not_covered(name: str, module: nn.Module) -> str:
-    return (f"{name} ({type(module).__name__}) is trainable; ghost norms cover linear layers, ungrouped "
-            "convolutions, layer norms and embeddings")
+    return (
+        f"{name} ({type(module).__name__}) is trainable; ghost norms cover linear layers, ungrouped "
+        "convolutions, layer norms and embeddings"
+    )
 
 
 @dataclass(frozen=True)
@@ -184,11 +211,16 @@ class _Layout:
 def _written(param: nn.Parameter, per_group: torch.Tensor) -> _Share:
     """Group gradients written out, [K, *shape]: the norms from them, the clipped sum as their
     weighted sum (the factors of the groups; K * numel, not a matmul over every token)."""
-    return (param, torch.linalg.vector_norm(per_group.reshape(per_group.shape[0], -1), dim=1).square(),  # as Opacus
-            lambda pair_f, group_f: torch.einsum("k,k...->...", group_f, per_group))
+    return (
+        param,
+        torch.linalg.vector_norm(per_group.reshape(per_group.shape[0], -1), dim=1).square(),  # as Opacus
+        lambda pair_f, group_f: torch.einsum("k,k...->...", group_f, per_group),
+    )
 
 
-def _matmul_weight(param: nn.Parameter, a: torch.Tensor, g: torch.Tensor, layout: _Layout, *, transposed: bool) -> _Share:
+def _matmul_weight(
+    param: nn.Parameter, a: torch.Tensor, g: torch.Tensor, layout: _Layout, *, transposed: bool
+) -> _Share:
     """``y = a W^T`` (``Linear``, W [j, i]) or ``y = a W`` (``transposed``, W [i, j]); a [n, T, i], g [n, T, j]."""
     i, j = a.shape[-1], g.shape[-1]
     ag, gg = layout.grouped(a), layout.grouped(g)
@@ -286,8 +318,10 @@ def _each_once(shares: list[_Share]) -> None:
     seen: set[int] = set()
     for param, _, _ in shares:
         if id(param) in seen:
-            raise RuntimeError("ghost norms: a trainable parameter is used twice in one forward (a shared "
-                               "weight or a module applied twice); use grad-engine 'hooks' or 'vmap'")
+            raise RuntimeError(
+                "ghost norms: a trainable parameter is used twice in one forward (a shared "
+                "weight or a module applied twice); use grad-engine 'hooks' or 'vmap'"
+            )
         seen.add(id(param))
 
 
@@ -318,8 +352,11 @@ class GhostClipping:
         for view, (name, lo, hi) in self.twin.attention_views.items():
             self.target[id(view)] = (every[name], (lo, hi))
         self._records: list[tuple[nn.Module, torch.Tensor, torch.Tensor]] = []
-        self._handles = [m.register_forward_hook(self._record) for m in self.twin.modules()
-                         if any(p.requires_grad for p in m.parameters(recurse=False))]
+        self._handles = [
+            m.register_forward_hook(self._record)
+            for m in self.twin.modules()
+            if any(p.requires_grad for p in m.parameters(recurse=False))
+        ]
 
     def _record(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
         self._records.append((module, inputs[0].detach(), output))
@@ -329,13 +366,23 @@ class GhostClipping:
             handle.remove()
         self._handles, self._records = [], []
 
-    def __call__(self, groups: Sequence[np.ndarray | Sequence[int]], images: torch.Tensor, tokens: torch.Tensor, *,
-                 bank: NegativeBank | None = None) -> tuple[GhostGroups, torch.Tensor, dict]:
+    def __call__(
+        self,
+        groups: Sequence[np.ndarray | Sequence[int]],
+        images: torch.Tensor,
+        tokens: torch.Tensor,
+        *,
+        bank: NegativeBank | None = None,
+    ) -> tuple[GhostGroups, torch.Tensor, dict]:
         device = next(iter(self.params.values())).device
         k, sizes = len(groups), [len(g) for g in groups]
         if sum(sizes) == 0:  # nothing sampled: zero norms, a zero sum (the noise is added anyway)
             zeros = {id(p): torch.zeros_like(p) for p in self.params.values()}
-            return GhostGroups(norms=torch.zeros(k, device=device), clipped_sum=lambda f: dict(zeros)), torch.zeros(k), {}
+            return (
+                GhostGroups(norms=torch.zeros(k, device=device), clipped_sum=lambda f: dict(zeros)),
+                torch.zeros(k),
+                {},
+            )
         records, position, valid, owner = stacked_groups(groups, device)
         layout = _Layout(position=position, valid=valid, owner=owner)
 
@@ -343,9 +390,15 @@ class GhostClipping:
         with full_precision_matmuls():
             try:
                 image_f, text_f = self.twin(images[records].to(device), tokens[records].to(device))
-                log_scale = self.model.logit_scale.detach().expand(k).clone().requires_grad_(self.model.logit_scale.requires_grad)
-                losses = vmap(functools.partial(group_loss, bank=bank))(image_f[layout.position], text_f[layout.position],
-                                                                         log_scale.exp(), layout.valid)
+                log_scale = (
+                    self.model.logit_scale.detach()
+                    .expand(k)
+                    .clone()
+                    .requires_grad_(self.model.logit_scale.requires_grad)
+                )
+                losses = vmap(functools.partial(group_loss, bank=bank))(
+                    image_f[layout.position], text_f[layout.position], log_scale.exp(), layout.valid
+                )
                 outputs = [out for _, _, out in self._records]
                 wrt = outputs + ([log_scale] if log_scale.requires_grad else [])
                 grads = torch.autograd.grad(losses.sum(), wrt, allow_unused=True)
@@ -376,7 +429,7 @@ class GhostClipping:
                 target, rows = self.target.get(id(param), (param, None))
                 value = total(pair_f, factors)
                 if rows is not None:  # a q/k/v view: its rows of the fused parameter
-                    out.setdefault(id(target), torch.zeros_like(target))[rows[0]:rows[1]] += value
+                    out.setdefault(id(target), torch.zeros_like(target))[rows[0] : rows[1]] += value
                 elif id(target) in out:
                     out[id(target)] = out[id(target)] + value
                 else:

@@ -87,8 +87,11 @@ def _row_embedding_grad_sample(layer: RowEmbedding, activations, backprops: torc
     rows, inverse = torch.unique(ids, return_inverse=True)
     layer.rows = rows
     grad = backprops.new_zeros(ids.shape[0], rows.numel(), layer.embedding_dim)
-    grad.scatter_add_(1, inverse.reshape(ids.shape[0], -1, 1).expand(-1, -1, layer.embedding_dim),
-                      backprops.reshape(ids.shape[0], -1, layer.embedding_dim))
+    grad.scatter_add_(
+        1,
+        inverse.reshape(ids.shape[0], -1, 1).expand(-1, -1, layer.embedding_dim),
+        backprops.reshape(ids.shape[0], -1, layer.embedding_dim),
+    )
     return {layer.weight: grad}
 
 
@@ -157,7 +160,8 @@ def unsupported_reason(model: nn.Module) -> str | None:
         return "parameters are not float32"
     for module in model.modules():
         if isinstance(module, nn.MultiheadAttention) and (
-                not module._qkv_same_embed_dim or module.bias_k is not None or not module.batch_first):
+            not module._qkv_same_embed_dim or module.bias_k is not None or not module.batch_first
+        ):
             return "an attention layer has separate q/k/v weights, key/value biases or is not batch-first"
         if hasattr(module, "ls_1") and not isinstance(module.ls_1, nn.Identity):
             return "layer scale is used"
@@ -185,7 +189,12 @@ class GradSampleTwin(nn.Module):
                 if isinstance(child, nn.MultiheadAttention):
                     setattr(parent, child_name, self._dp_attention(child, names))
         visual = twin.visual
-        self.conv1, self.ln_pre, self.visual_transformer, self.ln_post = visual.conv1, visual.ln_pre, visual.transformer, visual.ln_post
+        self.conv1, self.ln_pre, self.visual_transformer, self.ln_post = (
+            visual.conv1,
+            visual.ln_pre,
+            visual.transformer,
+            visual.ln_post,
+        )
         self.class_token = ClassToken(visual.class_embedding)
         self.visual_position = PositionEmbedding(visual.positional_embedding)
         self.visual_proj = MatrixProjection(visual.proj)
@@ -196,7 +205,9 @@ class GradSampleTwin(nn.Module):
         self.text_proj = MatrixProjection(twin.text_projection)
         self.register_buffer("attn_mask", twin.attn_mask, persistent=False)
         mask = twin.attn_mask
-        self.causal = mask is not None and mask.dim() == 2 and torch.equal(mask, torch.full_like(mask, float("-inf")).triu(1))
+        self.causal = (
+            mask is not None and mask.dim() == 2 and torch.equal(mask, torch.full_like(mask, float("-inf")).triu(1))
+        )
 
     @staticmethod
     def _row_embedding(embedding: nn.Embedding) -> RowEmbedding:
@@ -208,15 +219,21 @@ class GradSampleTwin(nn.Module):
 
     def _dp_attention(self, mha: nn.MultiheadAttention, names: dict[int, str]) -> BatchFirstDPAttention:
         d = mha.embed_dim
-        dp = BatchFirstDPAttention(d, mha.num_heads, dropout=mha.dropout, bias=mha.in_proj_bias is not None,
-                                  batch_first=mha.batch_first, device=mha.in_proj_weight.device)
+        dp = BatchFirstDPAttention(
+            d,
+            mha.num_heads,
+            dropout=mha.dropout,
+            bias=mha.in_proj_bias is not None,
+            batch_first=mha.batch_first,
+            device=mha.in_proj_weight.device,
+        )
         for i, linear in enumerate((dp.qlinear, dp.klinear, dp.vlinear)):
             for kind in ("weight", "bias"):
                 fused = getattr(mha, f"in_proj_{kind}")
                 if fused is None:
                     continue
                 # a view of the model's rows: same storage, so the model's updates are seen here
-                view = nn.Parameter(fused.data[i * d:(i + 1) * d], requires_grad=fused.requires_grad)
+                view = nn.Parameter(fused.data[i * d : (i + 1) * d], requires_grad=fused.requires_grad)
                 setattr(linear, kind, view)
                 self.attention_views[view] = (names[id(fused)], i * d, (i + 1) * d)
         out = nn.Linear(d, d, bias=mha.out_proj.bias is not None, device=mha.out_proj.weight.device)

@@ -58,22 +58,38 @@ class GroupGradients:
             if view.requires_grad:
                 self.fused.setdefault(name, []).append((view, lo, hi))
 
-    def __call__(self, groups: Sequence[np.ndarray | Sequence[int]], images: torch.Tensor, tokens: torch.Tensor, *,
-                 bank: NegativeBank | None = None) -> tuple[dict[str, torch.Tensor], torch.Tensor, dict[str, torch.Tensor]]:
+    def __call__(
+        self,
+        groups: Sequence[np.ndarray | Sequence[int]],
+        images: torch.Tensor,
+        tokens: torch.Tensor,
+        *,
+        bank: NegativeBank | None = None,
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor, dict[str, torch.Tensor]]:
         device = next(iter(self.trainable.values())).device
         k, sizes = len(groups), [len(g) for g in groups]
         if sum(sizes) == 0:  # no group, or only empty ones: zero gradients (the noise is added anyway)
-            return ({n: torch.zeros((k, *p.shape), dtype=p.dtype, device=device) for n, p in self.trainable.items()},
-                    torch.zeros(k), {})
+            return (
+                {n: torch.zeros((k, *p.shape), dtype=p.dtype, device=device) for n, p in self.trainable.items()},
+                torch.zeros(k),
+                {},
+            )
         records, position, valid, owner = stacked_groups(groups, device)
 
         self._clear()
         image_f, text_f = self.hooked(images[records].to(device), tokens[records].to(device))
-        log_scale = self.model.logit_scale.detach().expand(k).clone().requires_grad_(self.model.logit_scale.requires_grad)
-        losses = vmap(functools.partial(group_loss, bank=bank))(image_f[position], text_f[position], log_scale.exp(), valid)
+        log_scale = (
+            self.model.logit_scale.detach().expand(k).clone().requires_grad_(self.model.logit_scale.requires_grad)
+        )
+        losses = vmap(functools.partial(group_loss, bank=bank))(
+            image_f[position], text_f[position], log_scale.exp(), valid
+        )
         with warnings.catch_warnings():  # the first hooked layers' inputs (pixels, token ids) need no gradient
-            warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed with "
-                                    "respect to module outputs since no inputs require gradients")
+            warnings.filterwarnings(
+                "ignore",
+                message="Full backward hook is firing when gradients are computed with "
+                "respect to module outputs since no inputs require gradients",
+            )
             losses.sum().backward()
 
         grads = {}
@@ -170,14 +186,24 @@ class AutoGradEngine:
         return self.hooks(groups, images, tokens, bank=bank)
 
 
-def single_group_grads(model: torch.nn.Module, group: np.ndarray | Sequence[int], images: torch.Tensor,
-                       tokens: torch.Tensor, *, bank: NegativeBank | None = None):
+def single_group_grads(
+    model: torch.nn.Module,
+    group: np.ndarray | Sequence[int],
+    images: torch.Tensor,
+    tokens: torch.Tensor,
+    *,
+    bank: NegativeBank | None = None,
+):
     """One group (``paper`` mode, or a step that sampled one micro-batch): its gradient is the
     ordinary gradient of its loss, one plain backward, as [1, *shape] rows."""
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     device = next(iter(trainable.values())).device
     if len(group) == 0:
-        return {n: torch.zeros((1, *p.shape), dtype=p.dtype, device=device) for n, p in trainable.items()}, torch.zeros(1), {}
+        return (
+            {n: torch.zeros((1, *p.shape), dtype=p.dtype, device=device) for n, p in trainable.items()},
+            torch.zeros(1),
+            {},
+        )
     idx = torch.as_tensor(np.asarray(group), dtype=torch.long)
     image_f, text_f, scale = model(images[idx].to(device), tokens[idx].to(device))
     loss = group_loss(image_f, text_f, scale, bank=bank)
@@ -192,8 +218,9 @@ def _vmap_engine(model: torch.nn.Module, chunk_size: int | None) -> GradEngine:
     return dense
 
 
-def make_grad_engine(model: torch.nn.Module, engine: str, *, chunk_size: int | None = None,
-                     group_gradients_needed: bool = False) -> GradEngine:
+def make_grad_engine(
+    model: torch.nn.Module, engine: str, *, chunk_size: int | None = None, group_gradients_needed: bool = False
+) -> GradEngine:
     """``engine(groups, images, tokens, bank=...) -> (grads, losses, rows)`` for
     ``TrainConfig.grad_engine`` (``rows`` empty when every gradient is dense): ``hooks``
     (refused, with the reason, for a model the twin does not cover), ``vmap``, ``ghost``
@@ -206,8 +233,10 @@ def make_grad_engine(model: torch.nn.Module, engine: str, *, chunk_size: int | N
         raise ValueError(f"grad-engine: '{engine}' does not support this model: {reason}; use 'vmap' or 'auto'")
     if engine == "ghost":
         if group_gradients_needed:
-            raise ValueError("grad-engine: 'ghost' gives no per-group gradients, which gradient canaries and step "
-                             "hooks need; use 'auto'")
+            raise ValueError(
+                "grad-engine: 'ghost' gives no per-group gradients, which gradient canaries and step "
+                "hooks need; use 'auto'"
+            )
         return GhostClipping(model)
     if engine == "vmap" or reason is not None:
         return _vmap_engine(model, chunk_size)
@@ -216,7 +245,9 @@ def make_grad_engine(model: torch.nn.Module, engine: str, *, chunk_size: int | N
     return AutoGradEngine(model, chunk_size=chunk_size, ghost_allowed=not group_gradients_needed)
 
 
-def dense_grads(model: torch.nn.Module, grads: dict[str, torch.Tensor], rows: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def dense_grads(
+    model: torch.nn.Module, grads: dict[str, torch.Tensor], rows: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
     """Row gradients scattered to full size [K, *shape] (for the auditor's gradient canaries,
     which may touch any row, and for comparisons)."""
     params = dict(model.named_parameters())

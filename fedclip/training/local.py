@@ -24,17 +24,17 @@ from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 
 from fedclip.data.tensors import PairData
 from fedclip.privacy.events import DpEvent
-from fedclip.progress import progress_bar
 from fedclip.privacy.microbatches import group_records, unit_ids
 from fedclip.privacy.randomness import site_randomness
 from fedclip.privacy.sabotage import noise_divisor
+from fedclip.progress import progress_bar
 from fedclip.training.allocator import retain_freed_memory
-from fedclip.training.extra_units import ExtraUnits
 from fedclip.training.config import DpConfig, Mode, TrainConfig
-from fedclip.training.loss import clip_loss
-from fedclip.training.group_grads import dense_grads, make_grad_engine
-from fedclip.training.negative_bank import build_negative_bank
+from fedclip.training.extra_units import ExtraUnits
 from fedclip.training.ghost_clipping import GhostDPOptimizer, GhostGroups
+from fedclip.training.group_grads import dense_grads, make_grad_engine
+from fedclip.training.loss import clip_loss
+from fedclip.training.negative_bank import build_negative_bank
 
 
 @dataclass(frozen=True)
@@ -73,8 +73,14 @@ def training_event(dp: DpConfig, train: TrainConfig) -> DpEvent:
     )
 
 
-def make_optimizer(model: torch.nn.Module, dp: DpConfig, train: TrainConfig, *, expected_microbatches: float,
-                   noise_generator: torch.Generator | None) -> torch.optim.Optimizer:
+def make_optimizer(
+    model: torch.nn.Module,
+    dp: DpConfig,
+    train: TrainConfig,
+    *,
+    expected_microbatches: float,
+    noise_generator: torch.Generator | None,
+) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
     if train.optimizer == "sgd":
         optimizer = torch.optim.SGD(params, lr=train.lr, momentum=0.9, nesterov=True, weight_decay=train.weight_decay)
@@ -82,9 +88,15 @@ def make_optimizer(model: torch.nn.Module, dp: DpConfig, train: TrainConfig, *, 
         optimizer = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
     if dp.mode == Mode.NONPRIVATE:
         return optimizer
-    return GhostDPOptimizer(optimizer, noise_multiplier=dp.noise_multiplier / noise_divisor(), max_grad_norm=dp.max_grad_norm,
-                       expected_batch_size=expected_microbatches, loss_reduction="mean", generator=noise_generator,
-                       secure_mode=True)
+    return GhostDPOptimizer(
+        optimizer,
+        noise_multiplier=dp.noise_multiplier / noise_divisor(),
+        max_grad_norm=dp.max_grad_norm,
+        expected_batch_size=expected_microbatches,
+        loss_reduction="mean",
+        generator=noise_generator,
+        secure_mode=True,
+    )
 
 
 def train_local(
@@ -115,18 +127,27 @@ def train_local(
     pools = sampling_units(data, dp)
     device = next(model.parameters()).device
     randomness = site_randomness(device=device, reproducible_seed=reproducible_seed)
-    sampler = UniformWithReplacementSampler(num_samples=len(pools), sample_rate=dp.sample_rate,
-                                            generator=randomness.sampler, steps=train.steps)
-    optimizer = make_optimizer(model, dp, train, expected_microbatches=dp.expected_terms,
-                               noise_generator=randomness.noise)
+    sampler = UniformWithReplacementSampler(
+        num_samples=len(pools), sample_rate=dp.sample_rate, generator=randomness.sampler, steps=train.steps
+    )
+    optimizer = make_optimizer(
+        model, dp, train, expected_microbatches=dp.expected_terms, noise_generator=randomness.noise
+    )
     bank = None
     if dp.mode == Mode.UNIT:
         if public is None:
             raise ValueError("public: unit mode needs public pairs for its negative bank")
         bank = build_negative_bank(model, public, size=train.negative_bank_size, generator=randomness.sampler)
-    grads_of = None if dp.mode == Mode.NONPRIVATE else make_grad_engine(
-        model, train.grad_engine, chunk_size=train.microbatch_chunk,
-        group_gradients_needed=canaries is not None or step_hook is not None)
+    grads_of = (
+        None
+        if dp.mode == Mode.NONPRIVATE
+        else make_grad_engine(
+            model,
+            train.grad_engine,
+            chunk_size=train.microbatch_chunk,
+            group_gradients_needed=canaries is not None or step_hook is not None,
+        )
+    )
     if step_hook is not None and isinstance(optimizer, DPOptimizer):
         optimizer.attach_step_hook(step_hook)
     model.train()
@@ -137,8 +158,11 @@ def train_local(
             groups = _step_groups([pools[i] for i in picked], dp.mode)
             # a plain step has no clipping: its canary rows are scaled as the noisy sum is divided
             norm = dp.max_grad_norm / dp.expected_terms if dp.mode == Mode.NONPRIVATE else dp.max_grad_norm
-            extra = canaries.sampled_rows(model, rate=dp.sample_rate, norm=norm,
-                                          generator=randomness.sampler) if canaries is not None else None
+            extra = (
+                canaries.sampled_rows(model, rate=dp.sample_rate, norm=norm, generator=randomness.sampler)
+                if canaries is not None
+                else None
+            )
             if dp.mode == Mode.NONPRIVATE:
                 loss = _plain_step(model, optimizer, groups, data, device, canaries=extra)
             else:
@@ -151,18 +175,30 @@ def train_local(
         bar.close()
         if hasattr(grads_of, "close"):
             grads_of.close()
-    return LocalResult(event=training_event(dp, train), losses=tuple(losses), microbatches_per_step=tuple(counts), pairs_per_step=tuple(pairs))
+    return LocalResult(
+        event=training_event(dp, train),
+        losses=tuple(losses),
+        microbatches_per_step=tuple(counts),
+        pairs_per_step=tuple(pairs),
+    )
 
 
-def dp_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, computed: tuple, *,
-             canaries: dict[str, torch.Tensor] | None) -> float:
+def dp_step(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    computed: tuple,
+    *,
+    canaries: dict[str, torch.Tensor] | None,
+) -> float:
     """Hand every group's gradient to Opacus as ``p.grad_sample`` (the token embedding's as rows,
     ``p.grad_sample_rows``), plus the sampled canaries' rows (one per canary, norm C: clipping
     leaves them whole), and let it clip, sum, noise and step."""
     grads, group_losses, rows = computed
     if isinstance(grads, GhostGroups):  # norms and a clipped sum: no per-group rows to hand over
         if canaries is not None:  # they would be lost, not added (make_grad_engine never pairs them)
-            raise ValueError("canaries: ghost norms give no per-group gradients to add canaries to; use grad-engine 'auto'")
+            raise ValueError(
+                "canaries: ghost norms give no per-group gradients to add canaries to; use grad-engine 'auto'"
+            )
         optimizer.ghost_groups = grads
     else:
         if canaries is not None:  # a canary may touch any row: full-size gradients
@@ -186,8 +222,15 @@ def _step_groups(chosen: list[np.ndarray], mode: Mode) -> list[np.ndarray]:
     return [batch] if mode == Mode.PAPER or len(batch) else []
 
 
-def _plain_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, groups: list[np.ndarray],
-                data: PairData, device: torch.device, *, canaries: dict[str, torch.Tensor] | None = None) -> float:
+def _plain_step(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    groups: list[np.ndarray],
+    data: PairData,
+    device: torch.device,
+    *,
+    canaries: dict[str, torch.Tensor] | None = None,
+) -> float:
     if not groups or len(groups[0]) < 2:
         return float("nan")  # nothing (or no negative) sampled: no step, as DP-SGD would only add noise
     idx = torch.as_tensor(groups[0])

@@ -56,7 +56,9 @@ def clip_loss_with_bank(
     logits_it = (logit_scale * image_features @ texts.T).masked_fill(~keep[None, :], fill)
     logits_ti = (logit_scale * text_features @ images.T).masked_fill(~keep[None, :], fill)
     target = torch.arange(m, device=image_features.device)
-    per_row = F.cross_entropy(logits_it, target, reduction="none") + F.cross_entropy(logits_ti, target, reduction="none")
+    per_row = F.cross_entropy(logits_it, target, reduction="none") + F.cross_entropy(
+        logits_ti, target, reduction="none"
+    )
     weight = valid.to(per_row.dtype)
     return 0.5 * (per_row * weight).sum() / weight.sum().clamp_min(1.0)
 
@@ -77,4 +79,6 @@ def group_loss(
     if valid is None:
         valid = torch.ones(image_features.shape[0], dtype=torch.bool, device=image_features.device)
     device = image_features.device
-    return clip_loss_with_bank(image_features, text_features, logit_scale, valid, bank.images.to(device), bank.texts.to(device))
+    return clip_loss_with_bank(
+        image_features, text_features, logit_scale, valid, bank.images.to(device), bank.texts.to(device)
+    )

@@ -31,8 +31,9 @@ def pad_groups(groups: Sequence[np.ndarray | Sequence[int]]) -> tuple[torch.Tens
     return index, valid
 
 
-def stacked_groups(groups: Sequence[np.ndarray | Sequence[int]], device: torch.device | str
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def stacked_groups(
+    groups: Sequence[np.ndarray | Sequence[int]], device: torch.device | str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """One step's groups as one batch, for the engines that run every pair at once: ``records``
     [n] (the pairs' data indices, group after group), ``position`` and ``valid`` [K, m] (each
     group's places in that batch, padded; ``pad_groups``) and ``owner`` [n] (each pair's group)."""
@@ -62,7 +63,9 @@ def per_microbatch_grads(
     fixed = {n: p.detach() for n, p in model.named_parameters() if not p.requires_grad}
     fixed.update(dict(model.named_buffers()))
     if len(groups) == 0:
-        return {n: torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device) for n, p in trainable.items()}, torch.zeros(0)
+        return {
+            n: torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device) for n, p in trainable.items()
+        }, torch.zeros(0)
     device = next(iter(trainable.values())).device
     index, valid = pad_groups(groups)
     index, valid = index.to(device), valid.to(device)

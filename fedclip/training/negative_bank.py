@@ -26,8 +26,9 @@ class NegativeBank:
 
 
 @torch.no_grad()
-def build_negative_bank(model: torch.nn.Module, public: PairData, *, size: int, generator: torch.Generator | None = None,
-                        batch: int = 256) -> NegativeBank:
+def build_negative_bank(
+    model: torch.nn.Module, public: PairData, *, size: int, generator: torch.Generator | None = None, batch: int = 256
+) -> NegativeBank:
     """Encode ``size`` public pairs (a random subset; the choice is public) with ``model`` as it is now."""
     if size < 1:
         raise ValueError(f"negative-bank-size: expected an integer >= 1, got {size}")
@@ -39,7 +40,7 @@ def build_negative_bank(model: torch.nn.Module, public: PairData, *, size: int, 
     model.eval()
     images, texts = [], []
     for start in range(0, len(pick), batch):
-        idx = pick[start:start + batch]
+        idx = pick[start : start + batch]
         image_f, text_f, _ = model(public.images[idx].to(device), public.tokens[idx].to(device))
         images.append(image_f.detach())
         texts.append(text_f.detach())

@@ -27,7 +27,9 @@ class CompareConfig:
     def __post_init__(self) -> None:
         unknown = [s for s in self.settings if s not in SETTINGS]
         if unknown or not self.settings:
-            raise ValueError(f"compare.settings: unknown {unknown or 'empty list'}; expected some of {sorted(SETTINGS)}")
+            raise ValueError(
+                f"compare.settings: unknown {unknown or 'empty list'}; expected some of {sorted(SETTINGS)}"
+            )
         if not self.epsilons or any(not (e > 0 and math.isfinite(e)) for e in self.epsilons):
             raise ValueError(f"compare.epsilons: expected finite values > 0, got {list(self.epsilons)}")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
@@ -40,8 +42,10 @@ class CompareConfig:
         base = self.base_config()  # validates every base key now, before anything runs
         masked = [s for s in self.settings if s in MASK_SETTINGS]
         if masked and base.identity_region >= 1 and not base.manifest:
-            raise ValueError(f"compare.settings: {masked} need a mask per image; set [base] identity-region below 1 "
-                             "(the generator then confines each look to a patch and writes its mask)")
+            raise ValueError(
+                f"compare.settings: {masked} need a mask per image; set [base] identity-region below 1 "
+                "(the generator then confines each look to a patch and writes its mask)"
+            )
 
     def base_config(self) -> SimulationConfig:
         from simulations.hospital_clip.server_app import default_run_config

@@ -16,13 +16,26 @@ import pandas as pd  # noqa: E402
 from fedclip.privacy.ledger import PrivacyLedger  # noqa: E402
 from fedclip.privacy.ledger_store import LedgerStore  # noqa: E402
 from simulations.compare.runner import RunSpec  # noqa: E402
-from simulations.hospital_clip.task import POOLED_SITE  # noqa: E402
 from simulations.compare.settings import SETTINGS, Setting  # noqa: E402
+from simulations.hospital_clip.task import POOLED_SITE  # noqa: E402
 
-METRICS = ("zero_shot_accuracy", "recall_at_1", "tpr", "fpr", "epsilon_lower_bound", "replies_tpr", "replies_fpr", "idia_auc",
-           "idia_tpr_at_1pct_fpr", "lira_patient_tpr_at_1pct_fpr", "lira_record_tpr_at_1pct_fpr",
-           "lira_record_auc", "canary_tpr_at_1pct_fpr", "canary_audited_epsilon",
-           "gradient_canary_audited_epsilon")
+METRICS = (
+    "zero_shot_accuracy",
+    "recall_at_1",
+    "tpr",
+    "fpr",
+    "epsilon_lower_bound",
+    "replies_tpr",
+    "replies_fpr",
+    "idia_auc",
+    "idia_tpr_at_1pct_fpr",
+    "lira_patient_tpr_at_1pct_fpr",
+    "lira_record_tpr_at_1pct_fpr",
+    "lira_record_auc",
+    "canary_tpr_at_1pct_fpr",
+    "canary_audited_epsilon",
+    "gradient_canary_audited_epsilon",
+)
 
 
 def final_attacks(attack: pd.DataFrame) -> dict[str, float]:
@@ -36,16 +49,21 @@ def final_attacks(attack: pd.DataFrame) -> dict[str, float]:
     def value(name: str, column: str) -> float:
         return float(last.loc[name, column]) if name in last.index and column in last.columns else math.nan
 
-    return {"tpr": value("idia", "tpr"), "fpr": value("idia", "fpr"),
-            "epsilon_lower_bound": value("idia", "epsilon_lower_bound"), "idia_auc": value("idia", "auc"),
-            "replies_tpr": value("idia-replies", "tpr"), "replies_fpr": value("idia-replies", "fpr"),
-            "idia_tpr_at_1pct_fpr": value("idia", "tpr_at_1pct_fpr"),
-            "lira_patient_tpr_at_1pct_fpr": value("lira-patient", "tpr_at_1pct_fpr"),
-            "lira_record_tpr_at_1pct_fpr": value("lira-record", "tpr_at_1pct_fpr"),
-            "lira_record_auc": value("lira-record", "auc"),
-            "canary_tpr_at_1pct_fpr": value("canary", "tpr_at_1pct_fpr"),
-            "canary_audited_epsilon": value("canary", "audited_epsilon"),
-            "gradient_canary_audited_epsilon": value("gradient-canary", "audited_epsilon")}
+    return {
+        "tpr": value("idia", "tpr"),
+        "fpr": value("idia", "fpr"),
+        "epsilon_lower_bound": value("idia", "epsilon_lower_bound"),
+        "idia_auc": value("idia", "auc"),
+        "replies_tpr": value("idia-replies", "tpr"),
+        "replies_fpr": value("idia-replies", "fpr"),
+        "idia_tpr_at_1pct_fpr": value("idia", "tpr_at_1pct_fpr"),
+        "lira_patient_tpr_at_1pct_fpr": value("lira-patient", "tpr_at_1pct_fpr"),
+        "lira_record_tpr_at_1pct_fpr": value("lira-record", "tpr_at_1pct_fpr"),
+        "lira_record_auc": value("lira-record", "auc"),
+        "canary_tpr_at_1pct_fpr": value("canary", "tpr_at_1pct_fpr"),
+        "canary_audited_epsilon": value("canary", "audited_epsilon"),
+        "gradient_canary_audited_epsilon": value("gradient-canary", "audited_epsilon"),
+    }
 
 
 def group_privacy(epsilon: float, delta: float, k: int) -> tuple[float, float]:
@@ -86,11 +104,15 @@ def run_row(run: RunSpec) -> dict:
     k = largest_patient(run) if setting.unit == "record" else 1
     group_eps, group_delta = group_privacy(local_eps, float(config["delta"]), k) if k > 1 else (math.nan, math.nan)
     return {
-        "setting": run.setting, "target_epsilon": run.epsilon if run.epsilon is not None else math.inf,
-        "seed": run.seed, "unit": setting.unit, "relation": relation_of(setting, rounds),
+        "setting": run.setting,
+        "target_epsilon": run.epsilon if run.epsilon is not None else math.inf,
+        "seed": run.seed,
+        "unit": setting.unit,
+        "relation": relation_of(setting, rounds),
         "epsilon_local": local_eps,
         "largest_patient_pairs": k if setting.unit == "record" else math.nan,
-        "patient_epsilon_group": group_eps, "patient_delta_group": group_delta,
+        "patient_epsilon_group": group_eps,
+        "patient_delta_group": group_delta,
         "epsilon_site": json.loads(site_level.read_text())["epsilon"] if site_level.is_file() else math.nan,
         "noise_multiplier": config["resolved-noise-multiplier"],
         "site_noise_multiplier": config.get("resolved-site-noise-multiplier", 0.0),
@@ -104,26 +126,44 @@ def collect(runs: Sequence[RunSpec]) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Per-run rows, and per (setting, target epsilon) mean and spread over seeds."""
     rows = pd.DataFrame([run_row(r) for r in runs])
     keys = ["setting", "target_epsilon", "unit", "relation"]
-    agg = rows.groupby(keys, sort=False).agg(
-        seeds=("seed", "count"), epsilon_local=("epsilon_local", "mean"), epsilon_site=("epsilon_site", "mean"),
-        patient_epsilon_group=("patient_epsilon_group", "max"), patient_delta_group=("patient_delta_group", "max"),
-        noise_multiplier=("noise_multiplier", "mean"), site_noise_multiplier=("site_noise_multiplier", "mean"),
-        sites=("sites", "first"),
-        **{f"{m}_mean": (m, "mean") for m in METRICS}, **{f"{m}_std": (m, "std") for m in METRICS},
-    ).reset_index()
+    agg = (
+        rows.groupby(keys, sort=False)
+        .agg(
+            seeds=("seed", "count"),
+            epsilon_local=("epsilon_local", "mean"),
+            epsilon_site=("epsilon_site", "mean"),
+            patient_epsilon_group=("patient_epsilon_group", "max"),
+            patient_delta_group=("patient_delta_group", "max"),
+            noise_multiplier=("noise_multiplier", "mean"),
+            site_noise_multiplier=("site_noise_multiplier", "mean"),
+            sites=("sites", "first"),
+            **{f"{m}_mean": (m, "mean") for m in METRICS},
+            **{f"{m}_std": (m, "std") for m in METRICS},
+        )
+        .reset_index()
+    )
     # client-level noise on the averaged update, in units of one site's clipped update (S)
     agg["site_noise_on_average"] = agg["site_noise_multiplier"] / agg["sites"]
     return rows, agg
 
 
 def publication_text(cost: pd.DataFrame) -> str:
-    lines = ["Publishing every run of this comparison costs the patients they share (identity level, composed over "
-             "every run of one seed; PLD):", ""]
+    lines = [
+        "Publishing every run of this comparison costs the patients they share (identity level, composed over "
+        "every run of one seed; PLD):",
+        "",
+    ]
     for r in cost.itertuples():
-        lines.append(f"- seed {r.seed}: {_eps(r.epsilon_all_runs)} for all {r.runs} runs"
-                     + (f" ({r.runs_without_patient_bound} of them give a patient no bound: non-private, record-level "
-                        f"or site-level only); the identity-level runs alone compose to {_eps(r.epsilon_identity_runs)}"
-                        if r.runs_without_patient_bound else "") + f", at delta {r.delta:g}.")
+        lines.append(
+            f"- seed {r.seed}: {_eps(r.epsilon_all_runs)} for all {r.runs} runs"
+            + (
+                f" ({r.runs_without_patient_bound} of them give a patient no bound: non-private, record-level "
+                f"or site-level only); the identity-level runs alone compose to {_eps(r.epsilon_identity_runs)}"
+                if r.runs_without_patient_bound
+                else ""
+            )
+            + f", at delta {r.delta:g}."
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -142,8 +182,7 @@ def _mean_spread(mean: float, std: float) -> str:
 
 def _pair(r, *metrics: str) -> str:
     """Means over seeds, joined by " / " ("-" where a run had no such attack)."""
-    return " / ".join("-" if math.isnan(getattr(r, f"{m}_mean")) else f"{getattr(r, f'{m}_mean'):.2f}"
-                      for m in metrics)
+    return " / ".join("-" if math.isnan(getattr(r, f"{m}_mean")) else f"{getattr(r, f'{m}_mean'):.2f}" for m in metrics)
 
 
 def plot_audited_vs_accounted(agg: pd.DataFrame, path: Path) -> Path:
@@ -154,12 +193,21 @@ def plot_audited_vs_accounted(agg: pd.DataFrame, path: Path) -> Path:
     for metric, marker in (("canary_audited_epsilon", "o"), ("gradient_canary_audited_epsilon", "^")):
         for setting, g in finite.groupby("setting", sort=False):
             if g[f"{metric}_mean"].notna().any():
-                ax.errorbar(g["epsilon_local"], g[f"{metric}_mean"], yerr=g[f"{metric}_std"].fillna(0), marker=marker,
-                            capsize=3, label=f"{setting}: {metric.replace('_audited_epsilon', '').replace('_', ' ')}")
+                ax.errorbar(
+                    g["epsilon_local"],
+                    g[f"{metric}_mean"],
+                    yerr=g[f"{metric}_std"].fillna(0),
+                    marker=marker,
+                    capsize=3,
+                    label=f"{setting}: {metric.replace('_audited_epsilon', '').replace('_', ' ')}",
+                )
     top = max([1.0, *finite["epsilon_local"].tolist()])
     ax.plot([0, top], [0, top], color="grey", linestyle=":", label="audited = accounted")
-    ax.set(xlabel="accountant's epsilon (largest site, final round)", ylabel="audited epsilon (one-run, certified)",
-           title="What the audits certify against what the accountant promises")
+    ax.set(
+        xlabel="accountant's epsilon (largest site, final round)",
+        ylabel="audited epsilon (one-run, certified)",
+        title="What the audits certify against what the accountant promises",
+    )
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -168,26 +216,35 @@ def plot_audited_vs_accounted(agg: pd.DataFrame, path: Path) -> Path:
 
 
 def markdown_table(agg: pd.DataFrame) -> str:
-    head = ("| setting | target epsilon | unit and neighbouring data sets (what epsilon is about) | epsilon (local) | "
-            "epsilon (site) | "
-            "per patient, record rows (group privacy, largest patient) | "
-            "noise multiplier: local / site (site noise on the average, x S) | "
-            "zero-shot acc | IDIA TPR | IDIA FPR | IDIA indicative eps bound | IDIA on the sites' replies: TPR / FPR | "
-            "TPR at 1% FPR: IDIA / LiRA patient / LiRA record / canary | LiRA record AUC | "
-            "audited eps: canary / gradient canary (certified) | seeds |")
+    head = (
+        "| setting | target epsilon | unit and neighbouring data sets (what epsilon is about) | epsilon (local) | "
+        "epsilon (site) | "
+        "per patient, record rows (group privacy, largest patient) | "
+        "noise multiplier: local / site (site noise on the average, x S) | "
+        "zero-shot acc | IDIA TPR | IDIA FPR | IDIA indicative eps bound | IDIA on the sites' replies: TPR / FPR | "
+        "TPR at 1% FPR: IDIA / LiRA patient / LiRA record / canary | LiRA record AUC | "
+        "audited eps: canary / gradient canary (certified) | seeds |"
+    )
     lines = [head, "|" + "---|" * 16]
     for r in agg.itertuples():
         pm = lambda m: _mean_spread(getattr(r, m + "_mean"), getattr(r, m + "_std"))  # noqa: E731
-        site_noise = f"{r.site_noise_multiplier:.2f} ({r.site_noise_on_average:.2f})" if r.site_noise_multiplier else "-"
+        site_noise = (
+            f"{r.site_noise_multiplier:.2f} ({r.site_noise_on_average:.2f})" if r.site_noise_multiplier else "-"
+        )
         local_noise = f"{r.noise_multiplier:.2f}" if r.noise_multiplier else "-"
-        group = ("-" if math.isnan(r.patient_epsilon_group) else
-                 f"eps {_eps(r.patient_epsilon_group)}, delta {_delta(r.patient_delta_group)}")
-        lines.append(f"| {r.setting} | {_eps(r.target_epsilon)} | {r.unit}: {r.relation} | {_eps(r.epsilon_local)} | "
-                     f"{_eps(r.epsilon_site)} | {group} | {local_noise} / {site_noise} | {pm('zero_shot_accuracy')} | {pm('tpr')} | {pm('fpr')} | "
-                     f"{pm('epsilon_lower_bound')} | {_pair(r, 'replies_tpr', 'replies_fpr')} | "
-                     f"{_pair(r, 'idia_tpr_at_1pct_fpr', 'lira_patient_tpr_at_1pct_fpr', 'lira_record_tpr_at_1pct_fpr', 'canary_tpr_at_1pct_fpr')} | "
-                     f"{_pair(r, 'lira_record_auc')} | "
-                     f"{_pair(r, 'canary_audited_epsilon', 'gradient_canary_audited_epsilon')} | {r.seeds} |")
+        group = (
+            "-"
+            if math.isnan(r.patient_epsilon_group)
+            else f"eps {_eps(r.patient_epsilon_group)}, delta {_delta(r.patient_delta_group)}"
+        )
+        lines.append(
+            f"| {r.setting} | {_eps(r.target_epsilon)} | {r.unit}: {r.relation} | {_eps(r.epsilon_local)} | "
+            f"{_eps(r.epsilon_site)} | {group} | {local_noise} / {site_noise} | {pm('zero_shot_accuracy')} | {pm('tpr')} | {pm('fpr')} | "
+            f"{pm('epsilon_lower_bound')} | {_pair(r, 'replies_tpr', 'replies_fpr')} | "
+            f"{_pair(r, 'idia_tpr_at_1pct_fpr', 'lira_patient_tpr_at_1pct_fpr', 'lira_record_tpr_at_1pct_fpr', 'canary_tpr_at_1pct_fpr')} | "
+            f"{_pair(r, 'lira_record_auc')} | "
+            f"{_pair(r, 'canary_audited_epsilon', 'gradient_canary_audited_epsilon')} | {r.seeds} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -210,12 +267,22 @@ def _epsilon_panel(ax, agg: pd.DataFrame, metric: str) -> None:
     private = agg[agg["target_epsilon"].apply(math.isfinite)]
     for name, g in private.groupby("setting", sort=False):
         g = g.sort_values("target_epsilon")
-        ax.errorbar(g["target_epsilon"], g[f"{metric}_mean"], yerr=g[f"{metric}_std"].fillna(0), marker="o",
-                    capsize=3, label=f"{name} ({SETTINGS[name].unit})")
+        ax.errorbar(
+            g["target_epsilon"],
+            g[f"{metric}_mean"],
+            yerr=g[f"{metric}_std"].fillna(0),
+            marker="o",
+            capsize=3,
+            label=f"{name} ({SETTINGS[name].unit})",
+        )
     baselines = agg[~agg["target_epsilon"].apply(math.isfinite)].groupby("setting", sort=False)
     for k, (name, g) in enumerate(baselines):  # one line style per baseline, so two never look alike
-        ax.axhline(g[f"{metric}_mean"].iloc[0], linestyle=("--", ":", "-.")[k % 3],
-                   color="grey" if "pooled" in name else "black", label=f"{name} (no DP)")
+        ax.axhline(
+            g[f"{metric}_mean"].iloc[0],
+            linestyle=("--", ":", "-.")[k % 3],
+            color="grey" if "pooled" in name else "black",
+            label=f"{name} (no DP)",
+        )
     ax.set_xscale("log")
     ticks = sorted(set(private["target_epsilon"]))
     if ticks:
@@ -250,27 +317,44 @@ def publication_cost(runs: Sequence[RunSpec]) -> pd.DataFrame:
             store.close()
         sites = per_site or {POOLED_SITE: []}
         identity_only = max(PrivacyLedger(delta=delta, events=tuple(pooled + ev)).epsilon() for ev in sites.values())
-        out.append({"seed": seed, "runs": len(mine), "delta": delta, "epsilon_identity_runs": identity_only,
-                    "epsilon_all_runs": math.inf if unbounded else identity_only,
-                    "runs_without_patient_bound": len(unbounded)})
+        out.append(
+            {
+                "seed": seed,
+                "runs": len(mine),
+                "delta": delta,
+                "epsilon_identity_runs": identity_only,
+                "epsilon_all_runs": math.inf if unbounded else identity_only,
+                "runs_without_patient_bound": len(unbounded),
+            }
+        )
     return pd.DataFrame(out)
 
 
 def write_outputs(out_dir: str | Path, runs: Sequence[RunSpec]) -> dict[str, Path]:
     out = Path(out_dir)
     rows, agg = collect(runs)
-    paths = {"runs": out / "runs.csv", "table": out / "table.csv", "markdown": out / "table.md",
-             "publication": out / "publication_cost.csv"}
+    paths = {
+        "runs": out / "runs.csv",
+        "table": out / "table.csv",
+        "markdown": out / "table.md",
+        "publication": out / "publication_cost.csv",
+    }
     rows.to_csv(paths["runs"], index=False)
     agg.to_csv(paths["table"], index=False)
     cost = publication_cost(runs)
     cost.to_csv(paths["publication"], index=False)
     paths["markdown"].write_text(markdown_table(agg) + "\n" + publication_text(cost))
-    paths["utility_plot"] = plot_against_epsilon(agg, {"zero_shot_accuracy": "Utility"},
-                                                 "zero-shot accuracy (held-out)", out / "utility_vs_epsilon.png")
+    paths["utility_plot"] = plot_against_epsilon(
+        agg, {"zero_shot_accuracy": "Utility"}, "zero-shot accuracy (held-out)", out / "utility_vs_epsilon.png"
+    )
     paths["attack_plot"] = plot_against_epsilon(
-        agg, {"tpr": "IDIA on the global model (anyone given the model)",
-              "replies_tpr": "IDIA on each site's reply (the server's view)"},
-        "IDIA TPR (final round)", out / "tpr_vs_epsilon.png")
+        agg,
+        {
+            "tpr": "IDIA on the global model (anyone given the model)",
+            "replies_tpr": "IDIA on each site's reply (the server's view)",
+        },
+        "IDIA TPR (final round)",
+        out / "tpr_vs_epsilon.png",
+    )
     paths["audit_plot"] = plot_audited_vs_accounted(agg, out / "audit_vs_epsilon.png")
     return paths

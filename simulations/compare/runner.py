@@ -47,10 +47,16 @@ def plan_runs(config: CompareConfig) -> list[RunSpec]:
     for seed in config.seeds:
         for name in config.settings:
             setting = SETTINGS[name]
-            for eps in (config.epsilons if setting.private else (None,)):
+            for eps in config.epsilons if setting.private else (None,):
                 folder = out / name / f"eps={'none' if eps is None else f'{eps:g}'}" / f"seed={seed}"
-                overrides = {**config.base, **setting.overrides(eps or 0.0, base), **explicit, "seed": seed,
-                             "output-dir": str(folder), "cache-dir": str(out / "cache")}
+                overrides = {
+                    **config.base,
+                    **setting.overrides(eps or 0.0, base),
+                    **explicit,
+                    "seed": seed,
+                    "output-dir": str(folder),
+                    "cache-dir": str(out / "cache"),
+                }
                 runs.append(RunSpec(name, eps, seed, folder, overrides))
     return runs
 
@@ -105,16 +111,20 @@ def finished_runs(config: CompareConfig, *, progress=print) -> list[RunSpec]:
     if not done:
         raise RuntimeError(f"no finished run under {config.output_dir} yet (0 of {len(runs)}); nothing to report")
     missing = sorted({f"seed={r.seed}" for r in runs if not _is_done(r)})
-    progress(f"compare --report: {len(done)} of {len(runs)} runs finished"
-             + (f"; incomplete: {', '.join(missing)} (the table covers the finished runs only)" if missing else ""))
+    progress(
+        f"compare --report: {len(done)} of {len(runs)} runs finished"
+        + (f"; incomplete: {', '.join(missing)} (the table covers the finished runs only)" if missing else "")
+    )
     return done
 
 
 def run_all(config: CompareConfig, *, progress=print) -> list[RunSpec]:
     runs = plan_runs(config)
     todo = [r for r in runs if not _is_done(r)]
-    progress(f"compare: {len(runs)} runs, {len(runs) - len(todo)} already done, {len(todo)} to run, "
-             f"{config.workers()} at a time")
+    progress(
+        f"compare: {len(runs)} runs, {len(runs) - len(todo)} already done, {len(todo)} to run, "
+        f"{config.workers()} at a time"
+    )
     failures = []
     with ThreadPoolExecutor(max_workers=config.workers()) as pool:
         futures = {pool.submit(execute, r, workers=config.workers()): r for r in todo}

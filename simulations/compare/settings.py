@@ -38,11 +38,18 @@ class Setting:
     overrides: Callable[[float, SimulationConfig], dict[str, Any]]
 
 
-def _local(unit: str, *, pooled: bool = False, client: bool = False,
-           mode: str = "microbatch") -> Callable[[float, SimulationConfig], dict[str, Any]]:
+def _local(
+    unit: str, *, pooled: bool = False, client: bool = False, mode: str = "microbatch"
+) -> Callable[[float, SimulationConfig], dict[str, Any]]:
     def build(eps: float, base: SimulationConfig) -> dict[str, Any]:
-        out: dict[str, Any] = {"dp-mode": mode, "privacy-unit": unit, "target-epsilon": eps, "budget": math.inf,
-                               "pool-sites": pooled, "client-dp-epsilon": eps if client else 0.0}
+        out: dict[str, Any] = {
+            "dp-mode": mode,
+            "privacy-unit": unit,
+            "target-epsilon": eps,
+            "budget": math.inf,
+            "pool-sites": pooled,
+            "client-dp-epsilon": eps if client else 0.0,
+        }
         if pooled and base.declared_units:  # the pooled site declares every site's units
             out["declared-units"] = base.declared_units * base.num_sites
         return out
@@ -54,9 +61,16 @@ def _nonprivate(*, pooled: bool = False, client: bool = False) -> Callable[[floa
     """No local DP. Without client-level DP this is the baseline, trained as ``nonprivate.toml``
     trains; with it, sites keep the DP defaults (few trainable parameters: the server's noise
     lands on every trainable coordinate of the average)."""
+
     def build(eps: float, base: SimulationConfig) -> dict[str, Any]:
-        out = {"dp-mode": "nonprivate", "privacy-unit": "record", "target-epsilon": 0.0, "budget": math.inf,
-               "pool-sites": pooled, "client-dp-epsilon": eps if client else 0.0}
+        out = {
+            "dp-mode": "nonprivate",
+            "privacy-unit": "record",
+            "target-epsilon": 0.0,
+            "budget": math.inf,
+            "pool-sites": pooled,
+            "client-dp-epsilon": eps if client else 0.0,
+        }
         return out if client else {**out, **nonprivate_training()}
 
     return build
@@ -65,36 +79,101 @@ def _nonprivate(*, pooled: bool = False, client: bool = False) -> Callable[[floa
 def _input(mode: str) -> Callable[[float, SimulationConfig], dict[str, Any]]:
     """Each site privatizes its images once (``mode``), then trains on them as the non-private
     baseline trains: the privatized images are all it has, and training them is post-processing."""
+
     def build(eps: float, base: SimulationConfig) -> dict[str, Any]:
-        return {"dp-mode": mode, "privacy-unit": "identity", "target-epsilon": eps, "budget": math.inf,
-                "pool-sites": False, "client-dp-epsilon": 0.0, **nonprivate_training()}
+        return {
+            "dp-mode": mode,
+            "privacy-unit": "identity",
+            "target-epsilon": eps,
+            "budget": math.inf,
+            "pool-sites": False,
+            "client-dp-epsilon": 0.0,
+            **nonprivate_training(),
+        }
 
     return build
 
 
-SETTINGS: dict[str, Setting] = {s.name: s for s in (
-    Setting("pooled-nonprivate", "all sites' data pooled, no DP", "none", "-", False, _nonprivate(pooled=True)),
-    Setting("pooled-dp", "pooled data, central per-micro-batch DP (identity units)", "identity", "per micro-batch",
-            True, _local("identity", pooled=True)),
-    Setting("fed-nonprivate", "federated, no DP", "none", "-", False, _nonprivate()),
-    Setting("fed-local-record", "federated, local per-batch DP at every site, record units", "record",
-            "per micro-batch", True, _local("record")),
-    Setting("fed-local-identity", "federated, local per-micro-batch DP at every site, identity units", "identity",
-            "per micro-batch", True, _local("identity")),
-    Setting("fed-local-unit", "federated, local per-unit DP against public negatives, identity units", "identity",
-            "add_or_remove", True, _local("identity", mode="unit")),
-    Setting("fed-client", "federated, client-level DP at the server (a site is the unit)", "site", "zero-out",
-            True, _nonprivate(client=True)),
-    Setting("fed-local-client", "local identity-level DP plus client-level DP at the server", "identity + site",
-            "per micro-batch + zero-out", True, _local("identity", client=True)),
-    # input-level privatization (needs masks for the mask settings: [base] identity-region < 1)
-    Setting("fed-cadp", "federated, every site's images privatized once by CADP (images only, not reports)",
-            "identity (images)", "replace-one (local)", True, _input("cadp")),
-    Setting("fed-maskdp", "federated, every site's images noised inside the identity mask once (MaskDP)",
-            "identity (masked region)", "replace-one (local)", True, _input("maskdp")),
-    Setting("fed-mask-replace", "federated, a public stand-in inside every identity mask (anonymization, no epsilon)",
-            "none", "-", False, _input("mask-replace")),
-)}
+SETTINGS: dict[str, Setting] = {
+    s.name: s
+    for s in (
+        Setting("pooled-nonprivate", "all sites' data pooled, no DP", "none", "-", False, _nonprivate(pooled=True)),
+        Setting(
+            "pooled-dp",
+            "pooled data, central per-micro-batch DP (identity units)",
+            "identity",
+            "per micro-batch",
+            True,
+            _local("identity", pooled=True),
+        ),
+        Setting("fed-nonprivate", "federated, no DP", "none", "-", False, _nonprivate()),
+        Setting(
+            "fed-local-record",
+            "federated, local per-batch DP at every site, record units",
+            "record",
+            "per micro-batch",
+            True,
+            _local("record"),
+        ),
+        Setting(
+            "fed-local-identity",
+            "federated, local per-micro-batch DP at every site, identity units",
+            "identity",
+            "per micro-batch",
+            True,
+            _local("identity"),
+        ),
+        Setting(
+            "fed-local-unit",
+            "federated, local per-unit DP against public negatives, identity units",
+            "identity",
+            "add_or_remove",
+            True,
+            _local("identity", mode="unit"),
+        ),
+        Setting(
+            "fed-client",
+            "federated, client-level DP at the server (a site is the unit)",
+            "site",
+            "zero-out",
+            True,
+            _nonprivate(client=True),
+        ),
+        Setting(
+            "fed-local-client",
+            "local identity-level DP plus client-level DP at the server",
+            "identity + site",
+            "per micro-batch + zero-out",
+            True,
+            _local("identity", client=True),
+        ),
+        # input-level privatization (needs masks for the mask settings: [base] identity-region < 1)
+        Setting(
+            "fed-cadp",
+            "federated, every site's images privatized once by CADP (images only, not reports)",
+            "identity (images)",
+            "replace-one (local)",
+            True,
+            _input("cadp"),
+        ),
+        Setting(
+            "fed-maskdp",
+            "federated, every site's images noised inside the identity mask once (MaskDP)",
+            "identity (masked region)",
+            "replace-one (local)",
+            True,
+            _input("maskdp"),
+        ),
+        Setting(
+            "fed-mask-replace",
+            "federated, a public stand-in inside every identity mask (anonymization, no epsilon)",
+            "none",
+            "-",
+            False,
+            _input("mask-replace"),
+        ),
+    )
+}
 # the input-level settings are opt-in: they need their own data ([base] identity-region < 1 for the
 # masks) and a fitted INN, so a grid that names no settings runs the gradient-DP ones
 INPUT_SETTINGS = ("fed-cadp", "fed-maskdp", "fed-mask-replace")

@@ -125,15 +125,32 @@ class SimulationConfig:
     lira_records: int = 500  # member and non-member records each, sampled from the auditor's manifest
 
     def __post_init__(self) -> None:
-        for key, allowed in (("dp_mode", DP_MODES), ("privacy_unit", tuple(PrivacyUnit)), ("accountant", OPACUS_ACCOUNTANTS),
-                             ("name_lists", tuple(NAME_LISTS)), ("grad_engine", GRAD_ENGINES),
-                             ("attack_replies", REPLY_ROUNDS)):
+        for key, allowed in (
+            ("dp_mode", DP_MODES),
+            ("privacy_unit", tuple(PrivacyUnit)),
+            ("accountant", OPACUS_ACCOUNTANTS),
+            ("name_lists", tuple(NAME_LISTS)),
+            ("grad_engine", GRAD_ENGINES),
+            ("attack_replies", REPLY_ROUNDS),
+        ):
             if getattr(self, key) not in allowed:
-                raise ValueError(f"{key.replace('_', '-')}: expected one of {[str(a) for a in allowed]}, "
-                                 f"got {getattr(self, key)!r}")
-        for key in ("target_epsilon", "noise_multiplier", "client_dp_epsilon", "lr", "max_grad_norm", "sample_rate",
-                    "delta", "client_clip_norm", "release_loss_noise", "release_loss_bound", "release_count_noise",
-                    "site_skew"):
+                raise ValueError(
+                    f"{key.replace('_', '-')}: expected one of {[str(a) for a in allowed]}, got {getattr(self, key)!r}"
+                )
+        for key in (
+            "target_epsilon",
+            "noise_multiplier",
+            "client_dp_epsilon",
+            "lr",
+            "max_grad_norm",
+            "sample_rate",
+            "delta",
+            "client_clip_norm",
+            "release_loss_noise",
+            "release_loss_bound",
+            "release_count_noise",
+            "site_skew",
+        ):
             if not math.isfinite(getattr(self, key)):
                 raise ValueError(f"{key.replace('_', '-')}: expected a finite number, got {getattr(self, key)}")
         if self.seed < 0:
@@ -145,14 +162,19 @@ class SimulationConfig:
         if not 0 < self.fraction_train <= 1:
             raise ValueError(f"fraction-train: expected a value in (0, 1], got {self.fraction_train}")
         if self.target_epsilon < 0:
-            raise ValueError(f"target-epsilon: expected 0 (use noise-multiplier) or a value > 0, got {self.target_epsilon}")
+            raise ValueError(
+                f"target-epsilon: expected 0 (use noise-multiplier) or a value > 0, got {self.target_epsilon}"
+            )
         if self.client_dp_epsilon < 0:
             raise ValueError(f"client-dp-epsilon: expected 0 (off) or a value > 0, got {self.client_dp_epsilon}")
-        if self.client_dp_epsilon > 0 and (self.fraction_train != 1.0 or self.strategy != "fedavg"
-                                           or math.isfinite(self.budget) or self.site_budgets):
-            raise ValueError("client-dp-epsilon: client-level DP runs every site every round over fedavg (its "
-                             "accounting claims no sampling amplification), so it needs fraction-train = 1.0, "
-                             "strategy = 'fedavg', budget = inf and no site-budgets")
+        if self.client_dp_epsilon > 0 and (
+            self.fraction_train != 1.0 or self.strategy != "fedavg" or math.isfinite(self.budget) or self.site_budgets
+        ):
+            raise ValueError(
+                "client-dp-epsilon: client-level DP runs every site every round over fedavg (its "
+                "accounting claims no sampling amplification), so it needs fraction-train = 1.0, "
+                "strategy = 'fedavg', budget = inf and no site-budgets"
+            )
         if not self.client_clip_norm > 0:
             raise ValueError(f"client-clip-norm: expected a value > 0, got {self.client_clip_norm}")
         if not self.budget > 0:
@@ -172,30 +194,42 @@ class SimulationConfig:
         if not 0 < self.failure_quorum <= 1:
             raise ValueError(f"failure-quorum: expected a share in (0, 1], got {self.failure_quorum}")
         if self.messages_in_flight < 0:
-            raise ValueError(f"messages-in-flight: expected an integer >= 0 (0 = all at once), got {self.messages_in_flight}")
+            raise ValueError(
+                f"messages-in-flight: expected an integer >= 0 (0 = all at once), got {self.messages_in_flight}"
+            )
         # building the parts validates their own fields
         self.synthetic(), self.model(), self.dp(), self.train(), self.idia(), self.release()
 
     def _check_input_mode(self) -> None:
         if self.dp_mode != "mask-replace" and self.target_epsilon <= 0:
-            raise ValueError(f"target-epsilon: dp-mode {self.dp_mode!r} privatizes the images once to this epsilon "
-                             "per unit; expected a value > 0")
+            raise ValueError(
+                f"target-epsilon: dp-mode {self.dp_mode!r} privatizes the images once to this epsilon "
+                "per unit; expected a value > 0"
+            )
         smallest = min([self.budget, *self.site_budget_map().values()])
         if self.dp_mode != "mask-replace" and self.target_epsilon > smallest:
-            raise ValueError(f"budget: dp-mode {self.dp_mode!r} spends target-epsilon {self.target_epsilon:g} at once, "
-                             f"above the budget {smallest:g}: no site could ever train; raise budget (or site-budgets) "
-                             "or lower target-epsilon")
+            raise ValueError(
+                f"budget: dp-mode {self.dp_mode!r} spends target-epsilon {self.target_epsilon:g} at once, "
+                f"above the budget {smallest:g}: no site could ever train; raise budget (or site-budgets) "
+                "or lower target-epsilon"
+            )
         if self.input_radius < 0 or not math.isfinite(self.input_radius):
             raise ValueError(f"input-radius: expected 0 (automatic) or a finite radius > 0, got {self.input_radius}")
         if self.input_images_per_unit < 0:
-            raise ValueError(f"input-images-per-unit: expected 0 (the synthetic images-per-patient) or >= 1, "
-                             f"got {self.input_images_per_unit}")
+            raise ValueError(
+                f"input-images-per-unit: expected 0 (the synthetic images-per-patient) or >= 1, "
+                f"got {self.input_images_per_unit}"
+            )
         if self.manifest and self.privacy_unit == "identity" and not self.input_images_per_unit:
-            raise ValueError("input-images-per-unit: with your own manifest, declare the most training images one "
-                             "patient may have (the guarantee is stated for it; counting them would use the data)")
+            raise ValueError(
+                "input-images-per-unit: with your own manifest, declare the most training images one "
+                "patient may have (the guarantee is stated for it; counting them would use the data)"
+            )
         if self.deployment:
-            raise ValueError(f"dp-mode {self.dp_mode!r}: simulation only for now (each hospital would need the public "
-                             "INN and its own privatize step on its SuperNode)")
+            raise ValueError(
+                f"dp-mode {self.dp_mode!r}: simulation only for now (each hospital would need the public "
+                "INN and its own privatize step on its SuperNode)"
+            )
         if self.input_image_size < 8 or self.input_image_size % 4:
             raise ValueError(f"input-image-size: expected a multiple of 4, >= 8, got {self.input_image_size}")
         if self.inn_epochs < 1:
@@ -217,8 +251,10 @@ class SimulationConfig:
         claim any name, and the server could not refuse a stranger."""
         names = tuple(s.strip() for s in self.sites.split(",") if s.strip())
         if any(n.isdigit() for n in names):
-            raise ValueError(f"sites: expected the sites' names ('hospital_a,hospital_b'), got {self.sites!r}; a count "
-                             "is not accepted: the server must know whom to expect, to refuse a node claiming another name")
+            raise ValueError(
+                f"sites: expected the sites' names ('hospital_a,hospital_b'), got {self.sites!r}; a count "
+                "is not accepted: the server must know whom to expect, to refuse a node claiming another name"
+            )
         if len(set(names)) != len(names):
             raise ValueError(f"sites: a name appears twice in {self.sites!r}")
         return names
@@ -241,16 +277,20 @@ class SimulationConfig:
         if self.gradient_canaries < 0:
             raise ValueError(f"gradient-canaries: expected an integer >= 0 per site, got {self.gradient_canaries}")
         if self.gradient_canaries and self.deployment:
-            raise ValueError("gradient-canaries: simulation only (a hospital would have to run the auditor's canaries "
-                             "in its own training); audit a deployment with data canaries (canary-file)")
+            raise ValueError(
+                "gradient-canaries: simulation only (a hospital would have to run the auditor's canaries "
+                "in its own training); audit a deployment with data canaries (canary-file)"
+            )
         if not self.deployment:
             if nodes:
                 raise ValueError("site-nodes: only meaningful in a deployment; declare the sites with 'sites' too")
             return
         sites = self.declared_sites()
         if not self.manifest:
-            raise ValueError("manifest: a deployment (sites = ...) needs the server's own manifest of public and "
-                             "held-out rows (the warm start and the held-out evaluation use them)")
+            raise ValueError(
+                "manifest: a deployment (sites = ...) needs the server's own manifest of public and "
+                "held-out rows (the warm start and the held-out evaluation use them)"
+            )
         if self.pool_sites:
             raise ValueError("pool-sites: pooling is a simulation of central training; a deployment declares its sites")
         unknown, missing = sorted(set(nodes) - set(sites)), sorted(set(sites) - set(nodes))
@@ -260,16 +300,25 @@ class SimulationConfig:
             raise ValueError(f"site-nodes: no node id for {missing}; map every declared site, or none")
 
     def synthetic(self) -> SyntheticConfig:
-        return SyntheticConfig(seed=self.seed, num_sites=self.num_sites, patients_per_site=self.patients_per_site,
-                               public_patients=self.public_patients, heldout_patients=self.heldout_patients,
-                               images_per_patient=self.images_per_patient,
-                               query_images_per_patient=self.query_images_per_patient, site_skew=self.site_skew,
-                               name_lists=self.name_lists, canaries=self.canaries, identity_region=self.identity_region,
-                               identity_strength=self.identity_strength)
+        return SyntheticConfig(
+            seed=self.seed,
+            num_sites=self.num_sites,
+            patients_per_site=self.patients_per_site,
+            public_patients=self.public_patients,
+            heldout_patients=self.heldout_patients,
+            images_per_patient=self.images_per_patient,
+            query_images_per_patient=self.query_images_per_patient,
+            site_skew=self.site_skew,
+            name_lists=self.name_lists,
+            canaries=self.canaries,
+            identity_region=self.identity_region,
+            identity_strength=self.identity_strength,
+        )
 
     def model(self, pretrained: str | None = None) -> ModelConfig:
-        return ModelConfig(arch=self.arch, pretrained=self.pretrained if pretrained is None else pretrained,
-                           trainable=self.trainable)
+        return ModelConfig(
+            arch=self.arch, pretrained=self.pretrained if pretrained is None else pretrained, trainable=self.trainable
+        )
 
     def planned_units(self) -> int:
         """Units per site as the synthetic plan sets them (before any skew)."""
@@ -278,34 +327,62 @@ class SimulationConfig:
     def dp(self, noise_multiplier: float | None = None, declared_units: int | None = None) -> DpConfig:
         sigma = self.noise_multiplier if noise_multiplier is None else noise_multiplier
         mode = "nonprivate" if self.dp_mode in INPUT_MODES else self.dp_mode  # training on privatized inputs
-        return DpConfig(mode=mode, privacy_unit=self.privacy_unit, noise_multiplier=sigma,
-                        max_grad_norm=self.max_grad_norm, sample_rate=self.sample_rate,
-                        microbatch_size=self.microbatch_size,
-                        declared_units=declared_units or self.declared_units or self.planned_units(),
-                        delta=self.delta, accountant=self.accountant)
+        return DpConfig(
+            mode=mode,
+            privacy_unit=self.privacy_unit,
+            noise_multiplier=sigma,
+            max_grad_norm=self.max_grad_norm,
+            sample_rate=self.sample_rate,
+            microbatch_size=self.microbatch_size,
+            declared_units=declared_units or self.declared_units or self.planned_units(),
+            delta=self.delta,
+            accountant=self.accountant,
+        )
 
     def train(self) -> TrainConfig:
-        return TrainConfig(steps=self.local_steps, lr=self.lr, optimizer=self.optimizer,
-                           negative_bank_size=self.negative_bank_size, grad_engine=self.grad_engine)
+        return TrainConfig(
+            steps=self.local_steps,
+            lr=self.lr,
+            optimizer=self.optimizer,
+            negative_bank_size=self.negative_bank_size,
+            grad_engine=self.grad_engine,
+        )
 
     def release(self) -> ReleaseConfig:
-        return ReleaseConfig(loss_noise=self.release_loss_noise, loss_bound=self.release_loss_bound,
-                             count_noise=self.release_count_noise)
+        return ReleaseConfig(
+            loss_noise=self.release_loss_noise, loss_bound=self.release_loss_bound, count_noise=self.release_count_noise
+        )
 
     def site_data(self) -> SiteData:
-        return SiteData(arch=self.arch, trainable=self.trainable, num_sites=self.num_sites, pool_sites=self.pool_sites,
-                        allow_outside_paths=self.allow_outside_paths)
+        return SiteData(
+            arch=self.arch,
+            trainable=self.trainable,
+            num_sites=self.num_sites,
+            pool_sites=self.pool_sites,
+            allow_outside_paths=self.allow_outside_paths,
+        )
 
     def round_plan(self, noise_multiplier: float, input_plan: InputPlan | None = None) -> RoundPlan:
         """What every site is asked to run each round, with the resolved noise multiplier."""
-        return RoundPlan(dp=self.dp(noise_multiplier=noise_multiplier), train=self.train(), release=self.release(),
-                         reproducible_noise=self.reproducible_noise, seed=self.seed, input=input_plan,
-                         data=self.site_data())
+        return RoundPlan(
+            dp=self.dp(noise_multiplier=noise_multiplier),
+            train=self.train(),
+            release=self.release(),
+            reproducible_noise=self.reproducible_noise,
+            seed=self.seed,
+            input=input_plan,
+            data=self.site_data(),
+        )
 
     def idia(self) -> IdiaConfig:
-        return IdiaConfig(num_queries=self.idia_queries, tau=self.idia_tau,
-                          templates=tuple(t for t in self.idia_templates.split("|") if t),
-                          num_distractors=self.idia_distractors, seed=self.seed, name_lists=self.name_lists)
+        return IdiaConfig(
+            num_queries=self.idia_queries,
+            tau=self.idia_tau,
+            templates=tuple(t for t in self.idia_templates.split("|") if t),
+            num_distractors=self.idia_distractors,
+            seed=self.seed,
+            name_lists=self.name_lists,
+        )
 
     def site_budget_map(self) -> dict[str, float]:
         """``site-budgets = "hospital_0=2.0,hospital_1=8"``: per-site budgets over ``budget``."""
@@ -334,7 +411,9 @@ class SimulationConfig:
         for key, value in values.items():
             name = key.replace("-", "_")
             if name not in known:
-                raise ValueError(f"{key}: unknown run-config key; known keys: {sorted(k.replace('_', '-') for k in known)}")
+                raise ValueError(
+                    f"{key}: unknown run-config key; known keys: {sorted(k.replace('_', '-') for k in known)}"
+                )
             kwargs[name] = _coerce(key, value, type(_DEFAULTS[name]))
         return cls(**kwargs)
 

@@ -15,8 +15,14 @@ from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 
-def discover_sites(grid: Grid, config: ConfigRecord, *, expected: Sequence[str], node_ids: Mapping[str, int] | None = None,
-                   timeout: float = 600.0) -> dict[int, str]:
+def discover_sites(
+    grid: Grid,
+    config: ConfigRecord,
+    *,
+    expected: Sequence[str],
+    node_ids: Mapping[str, int] | None = None,
+    timeout: float = 600.0,
+) -> dict[int, str]:
     """Which node is which site: {node id: site}.
 
     With ``node_ids`` (a deployment's ``site-nodes``: ids the SuperLink gave registered keys) the
@@ -50,12 +56,17 @@ def discover_sites(grid: Grid, config: ConfigRecord, *, expected: Sequence[str],
         sites[node] = str(reply.content["site"]["site"])
     silent = sorted(set(nodes) - set(sites))
     if silent:
-        raise RuntimeError(f"node(s) {silent} did not say which site they are within {timeout:.0f}s "
-                           f"({len(sites)} of {len(nodes)} answered); the run cannot select them")
+        raise RuntimeError(
+            f"node(s) {silent} did not say which site they are within {timeout:.0f}s "
+            f"({len(sites)} of {len(nodes)} answered); the run cannot select them"
+        )
     if node_ids:
         site_of = {node: site for site, node in node_ids.items()}
-        wrong = [f"node {n} is registered as {site_of[n]!r} but says it is {s!r}" for n, s in sites.items()
-                 if s != site_of[n]]
+        wrong = [
+            f"node {n} is registered as {site_of[n]!r} but says it is {s!r}"
+            for n, s in sites.items()
+            if s != site_of[n]
+        ]
         if wrong:
             raise RuntimeError("site-nodes: " + "; ".join(wrong))
         return {n: site_of[n] for n in sites}

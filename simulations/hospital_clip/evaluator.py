@@ -20,9 +20,9 @@ import torch
 from flwr.app import ArrayRecord, MetricRecord
 
 from fedclip.attacks.base import Attack, AttackDecisions
-from fedclip.attacks.replies import ReplyAttack
 from fedclip.attacks.metrics import attack_tables, score_rows
 from fedclip.attacks.one_run import joint_confidence
+from fedclip.attacks.replies import ReplyAttack
 from fedclip.data.tensors import PairData
 from fedclip.evaluation.retrieval import retrieval_recall
 from fedclip.evaluation.zero_shot import zero_shot_accuracy
@@ -63,8 +63,9 @@ class RoundEvaluator:
         # printed bounds jointly valid at 95% (each round's at 1 - 0.05 / (rounds + 1)); the randomised
         # audits' certified bounds hold jointly over every audit too
         self.confidence = joint_confidence(rounds=total_rounds + 1, audits=1)
-        self.audit_confidence = joint_confidence(rounds=total_rounds + 1,
-                                                 audits=sum(bool(getattr(a, "randomised", False)) for a in attacks))
+        self.audit_confidence = joint_confidence(
+            rounds=total_rounds + 1, audits=sum(bool(getattr(a, "randomised", False)) for a in attacks)
+        )
         self.last_end = time.time()  # end of the previous evaluation: the train phase runs between
         self.bar = progress_bar(total=total_rounds - round_offset, desc="rounds", unit="round", leave=True)
 
@@ -79,11 +80,18 @@ class RoundEvaluator:
         eps = self.epsilons()
         max_eps = max(eps.values()) if eps else 0.0
         recall = retrieval_recall(self.model, self.test)
-        utility = {"round": round_, "zero_shot_accuracy": zero_shot_accuracy(self.model, self.tokenizer, self.test),
-                   "recall_at_1": recall["image_to_text_r1"], "recall_at_5": recall["image_to_text_r5"]}
+        utility = {
+            "round": round_,
+            "zero_shot_accuracy": zero_shot_accuracy(self.model, self.tokenizer, self.test),
+            "recall_at_1": recall["image_to_text_r1"],
+            "recall_at_5": recall["image_to_text_r5"],
+        }
         self.files.append("utility", [utility])
-        line = [f"round {round_}/{self.total_rounds}", f"zero-shot {utility['zero_shot_accuracy']:.3f}",
-                f"max site epsilon {max_eps:.2f}"]
+        line = [
+            f"round {round_}/{self.total_rounds}",
+            f"zero-shot {utility['zero_shot_accuracy']:.3f}",
+            f"max site epsilon {max_eps:.2f}",
+        ]
         for attack in self.attacks:
             line.append(self._record(attack(self.model), round_=round_, max_eps=max_eps))
         on_replies = self.reply_attack.decisions(round_) if self.reply_attack else None
@@ -92,28 +100,50 @@ class RoundEvaluator:
         self._checkpoint(round_, arrays)
         crash_point("saved", round_)
         say(" | ".join(line) + f" | {time.time() - self.started:.0f}s")
-        self.files.append("timings", [{"round": round_, "evaluate_seconds": time.time() - called,
-                                       "train_phase_seconds": called - self.last_end if server_round > 0 else 0.0,
-                                       "strategy_seconds": self.strategy_seconds() if server_round > 0 else 0.0}])
+        self.files.append(
+            "timings",
+            [
+                {
+                    "round": round_,
+                    "evaluate_seconds": time.time() - called,
+                    "train_phase_seconds": called - self.last_end if server_round > 0 else 0.0,
+                    "strategy_seconds": self.strategy_seconds() if server_round > 0 else 0.0,
+                }
+            ],
+        )
         self.last_end = time.time()
         if server_round > 0:
             self.bar.update(1)
-        return MetricRecord({"zero-shot-accuracy": utility["zero_shot_accuracy"],
-                             "max-site-epsilon": max_eps if math.isfinite(max_eps) else -1.0})
+        return MetricRecord(
+            {
+                "zero-shot-accuracy": utility["zero_shot_accuracy"],
+                "max-site-epsilon": max_eps if math.isfinite(max_eps) else -1.0,
+            }
+        )
 
     def _record(self, decisions: AttackDecisions, *, round_: int, max_eps: float) -> str:
         """Write one attack's round to the run's tables; return its part of the console line."""
-        m, sites = attack_tables(decisions, round_=round_, max_site_epsilon=max_eps, delta=self.delta,
-                                 confidence=self.audit_confidence if decisions.randomised else self.confidence)
+        m, sites = attack_tables(
+            decisions,
+            round_=round_,
+            max_site_epsilon=max_eps,
+            delta=self.delta,
+            confidence=self.audit_confidence if decisions.randomised else self.confidence,
+        )
         m["comparable_to_epsilon"] = self.comparable
         self.files.append("attack", [m])
         self.files.append("attack_sites", sites)
         self.files.append("attack_scores", score_rows(decisions, round_=round_))
         if m["audited_epsilon"] == m["audited_epsilon"]:  # a one-run audit (canaries): its bound is the valid one
-            return (f"{decisions.attack} AUC {m['auc']:.2f} audited eps >= {m['audited_epsilon']:.2f} "
-                    f"({m['audit_correct']}/{m['audit_guesses']} guesses right)"
-                    + ((" ABOVE THE ACCOUNTANT'S" if m["audited_epsilon"] > max_eps else "") if self.comparable
-                       else " (not comparable: the sites' epsilon is about images, not membership)"))
+            return (
+                f"{decisions.attack} AUC {m['auc']:.2f} audited eps >= {m['audited_epsilon']:.2f} "
+                f"({m['audit_correct']}/{m['audit_guesses']} guesses right)"
+                + (
+                    (" ABOVE THE ACCOUNTANT'S" if m["audited_epsilon"] > max_eps else "")
+                    if self.comparable
+                    else " (not comparable: the sites' epsilon is about images, not membership)"
+                )
+            )
         return f"{decisions.attack} TPR {m['tpr']:.2f} FPR {m['fpr']:.2f} eps_lb {m['epsilon_lower_bound']:.2f}"
 
     def close(self) -> None:

@@ -48,9 +48,13 @@ def _public_inn(cfg: SimulationConfig, manifest: str) -> str:
         raise ValueError(f"dp-mode 'cadp': {manifest} has no public rows to train the INN on")
     inn = ConditionalInn(config)
     print(f"cadp: training the INN on {len(public)} public images ({cfg.inn_epochs} epochs; cached after)", flush=True)
-    train_inn(inn, load_images(public, preprocess=to_pixels(config.image_size)),
-              config.label_indices(public["condition"]), epochs=cfg.inn_epochs,
-              generator=torch.Generator().manual_seed(cfg.seed))
+    train_inn(
+        inn,
+        load_images(public, preprocess=to_pixels(config.image_size)),
+        config.label_indices(public["condition"]),
+        epochs=cfg.inn_epochs,
+        generator=torch.Generator().manual_seed(cfg.seed),
+    )
     return str(save_inn(inn, path).resolve())
 
 
@@ -58,9 +62,15 @@ def input_plan(cfg: SimulationConfig, manifest: str) -> InputPlan | None:
     if cfg.dp_mode not in ("cadp", "maskdp", "mask-replace"):
         return None
     inn = _public_inn(cfg, manifest) if cfg.dp_mode == "cadp" else ""
-    return InputPlan.calibrated(cfg.dp_mode, target_epsilon=cfg.target_epsilon, delta=cfg.delta,
-                                images_per_unit=cfg.images_per_unit(), radius=cfg.input_radius,
-                                image_size=cfg.input_image_size, inn_checkpoint=inn)
+    return InputPlan.calibrated(
+        cfg.dp_mode,
+        target_epsilon=cfg.target_epsilon,
+        delta=cfg.delta,
+        images_per_unit=cfg.images_per_unit(),
+        radius=cfg.input_radius,
+        image_size=cfg.input_image_size,
+        inn_checkpoint=inn,
+    )
 
 
 def _privatizer(plan: InputPlan, frame_for_stand_ins: pd.DataFrame | None):
@@ -76,8 +86,9 @@ def _privatizer(plan: InputPlan, frame_for_stand_ins: pd.DataFrame | None):
     if plan.method == "maskdp":
         return MaskPrivatizer(MaskDpConfig(target_epsilon=1.0, radius=plan.radius), noise=plan.noise)
     public = frame_for_stand_ins[frame_for_stand_ins["split"] == str(Split.PUBLIC)]
-    return MaskPrivatizer(MaskDpConfig(method="replace"),
-                          stand_ins=load_images(public, preprocess=to_pixels(plan.image_size)))
+    return MaskPrivatizer(
+        MaskDpConfig(method="replace"), stand_ins=load_images(public, preprocess=to_pixels(plan.image_size))
+    )
 
 
 def _folder(state_dir: Path, plan: InputPlan) -> Path:
@@ -94,8 +105,9 @@ def kept_private_rows(state_dir: Path, plan: InputPlan) -> pd.DataFrame | None:
     return kept
 
 
-def privatize_site_rows(rows: pd.DataFrame, *, site: str, plan: InputPlan, unit: str, state_dir: Path, manifest: str,
-                        outside_paths: bool) -> pd.DataFrame:
+def privatize_site_rows(
+    rows: pd.DataFrame, *, site: str, plan: InputPlan, unit: str, state_dir: Path, manifest: str, outside_paths: bool
+) -> pd.DataFrame:
     """Release the site's training images once (call only after the release is charged).
 
     A patient with more images than the plan's ``input-images-per-unit`` is refused by the rule's
@@ -104,26 +116,42 @@ def privatize_site_rows(rows: pd.DataFrame, *, site: str, plan: InputPlan, unit:
 
     largest = 1 if unit == "record" else int(rows.groupby("patient_id").size().max())
     if largest > plan.images_per_unit:
-        note_locally(state_dir, f"input-images-per-unit: the largest patient here has {largest} training images, "
-                                f"more than the plan's {plan.images_per_unit}")
-        raise PolicyRefusal(site, "input-images-per-unit",
-                            f"a patient at this site has more training images than the plan's "
-                            f"input-images-per-unit = {plan.images_per_unit}, the number its epsilon is stated for; "
-                            "refusing to privatize")
+        note_locally(
+            state_dir,
+            f"input-images-per-unit: the largest patient here has {largest} training images, "
+            f"more than the plan's {plan.images_per_unit}",
+        )
+        raise PolicyRefusal(
+            site,
+            "input-images-per-unit",
+            f"a patient at this site has more training images than the plan's "
+            f"input-images-per-unit = {plan.images_per_unit}, the number its epsilon is stated for; "
+            "refusing to privatize",
+        )
     frame = load_manifest(manifest, allow_outside_paths=outside_paths).frame if plan.method == "mask-replace" else None
     folder = _folder(state_dir, plan)
     partial = folder.with_name(folder.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
     privatizer = _privatizer(plan, frame)
-    out, _, images, private = privatize_rows(rows, partial, privatizer=privatizer, image_size=plan.image_size,
-                                             images_per_unit=plan.images_per_unit,
-                                             generator=torch.Generator().manual_seed(os_seed()))
+    out, _, images, private = privatize_rows(
+        rows,
+        partial,
+        privatizer=privatizer,
+        image_size=plan.image_size,
+        images_per_unit=plan.images_per_unit,
+        generator=torch.Generator().manual_seed(os_seed()),
+    )
     out.to_csv(partial / PRIVATE_ROWS, index=False)
     # the site's own picture of its release (in a simulation, inside the run folder)
-    plot_release(partial / "privatization.png", rows, images, {privatizer.name: private},
-                 title=f"{privatizer.name} at this site: {plan.images_per_unit} images per unit, noise multiplier "
-                       f"{plan.noise_multiplier:.3g}")
+    plot_release(
+        partial / "privatization.png",
+        rows,
+        images,
+        {privatizer.name: private},
+        title=f"{privatizer.name} at this site: {plan.images_per_unit} images per unit, noise multiplier "
+        f"{plan.noise_multiplier:.3g}",
+    )
     shutil.rmtree(folder, ignore_errors=True)
     partial.rename(folder)  # atomic: a later round finds the whole copy or none
     return kept_private_rows(state_dir, plan)

@@ -26,9 +26,26 @@ from fedclip.privatize.plan import InputPlan
 from fedclip.training.config import DpConfig, TrainConfig
 from fedclip.training.local import training_event
 
-PLAN_KEYS = ("dp-mode", "privacy-unit", "noise-multiplier", "max-grad-norm", "sample-rate", "microbatch-size",
-             "declared-units", "delta", "accountant", "local-steps", "lr", "optimizer", "negative-bank-size", "release-loss-noise",
-             "release-loss-bound", "release-count-noise", "reproducible-noise", "seed")
+PLAN_KEYS = (
+    "dp-mode",
+    "privacy-unit",
+    "noise-multiplier",
+    "max-grad-norm",
+    "sample-rate",
+    "microbatch-size",
+    "declared-units",
+    "delta",
+    "accountant",
+    "local-steps",
+    "lr",
+    "optimizer",
+    "negative-bank-size",
+    "release-loss-noise",
+    "release-loss-bound",
+    "release-count-noise",
+    "reproducible-noise",
+    "seed",
+)
 
 
 def parse_site_numbers(text: str, *, key: str) -> dict[str, int]:
@@ -54,14 +71,24 @@ class SiteData:
     allow_outside_paths: bool = False
 
     def to_record(self) -> dict[str, Any]:
-        return {"arch": self.arch, "trainable": self.trainable, "num-sites": self.num_sites,
-                "pool-sites": self.pool_sites, "allow-outside-paths": self.allow_outside_paths}
+        return {
+            "arch": self.arch,
+            "trainable": self.trainable,
+            "num-sites": self.num_sites,
+            "pool-sites": self.pool_sites,
+            "allow-outside-paths": self.allow_outside_paths,
+        }
 
     @classmethod
     def from_record(cls, record: Mapping[str, Any]) -> "SiteData":
         _require(record, ("arch", "trainable", "num-sites", "pool-sites", "allow-outside-paths"))
-        return cls(arch=str(record["arch"]), trainable=str(record["trainable"]), num_sites=int(record["num-sites"]),
-                   pool_sites=bool(record["pool-sites"]), allow_outside_paths=bool(record["allow-outside-paths"]))
+        return cls(
+            arch=str(record["arch"]),
+            trainable=str(record["trainable"]),
+            num_sites=int(record["num-sites"]),
+            pool_sites=bool(record["pool-sites"]),
+            allow_outside_paths=bool(record["allow-outside-paths"]),
+        )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -76,18 +103,26 @@ class SharedFiles:
     declared_units_map: str = ""  # "site=n,...": each simulated site's public size
 
     def to_record(self) -> dict[str, Any]:
-        return {"manifest": self.manifest, "checkpoint": self.checkpoint, "site-state-root": self.site_state_root,
-                "site-policy-file": self.site_policy_file, "declared-units-map": self.declared_units_map}
+        return {
+            "manifest": self.manifest,
+            "checkpoint": self.checkpoint,
+            "site-state-root": self.site_state_root,
+            "site-policy-file": self.site_policy_file,
+            "declared-units-map": self.declared_units_map,
+        }
 
     @classmethod
     def from_record(cls, record: Mapping[str, Any]) -> "SharedFiles | None":
         if "manifest" not in record:
             return None
         _require(record, ("checkpoint", "site-state-root"))
-        return cls(manifest=str(record["manifest"]), checkpoint=str(record["checkpoint"]),
-                   site_state_root=str(record["site-state-root"]),
-                   site_policy_file=str(record.get("site-policy-file", "")),
-                   declared_units_map=str(record.get("declared-units-map", "")))
+        return cls(
+            manifest=str(record["manifest"]),
+            checkpoint=str(record["checkpoint"]),
+            site_state_root=str(record["site-state-root"]),
+            site_policy_file=str(record.get("site-policy-file", "")),
+            declared_units_map=str(record.get("declared-units-map", "")),
+        )
 
 
 def _require(record: Mapping[str, Any], keys: tuple[str, ...]) -> None:
@@ -133,18 +168,31 @@ class RoundPlan:
 
     def to_record(self) -> dict[str, Any]:
         return {
-            "dp-mode": str(self.dp.mode), "privacy-unit": str(self.dp.privacy_unit),
-            "noise-multiplier": self.dp.noise_multiplier, "max-grad-norm": self.dp.max_grad_norm,
-            "sample-rate": self.dp.sample_rate, "microbatch-size": self.dp.microbatch_size,
-            "declared-units": self.dp.declared_units, "delta": self.dp.delta,
-            "accountant": self.dp.accountant, "local-steps": self.train.steps, "lr": self.train.lr,
-            "optimizer": self.train.optimizer, "negative-bank-size": self.train.negative_bank_size,
+            "dp-mode": str(self.dp.mode),
+            "privacy-unit": str(self.dp.privacy_unit),
+            "noise-multiplier": self.dp.noise_multiplier,
+            "max-grad-norm": self.dp.max_grad_norm,
+            "sample-rate": self.dp.sample_rate,
+            "microbatch-size": self.dp.microbatch_size,
+            "declared-units": self.dp.declared_units,
+            "delta": self.dp.delta,
+            "accountant": self.dp.accountant,
+            "local-steps": self.train.steps,
+            "lr": self.train.lr,
+            "optimizer": self.train.optimizer,
+            "negative-bank-size": self.train.negative_bank_size,
             "grad-engine": self.train.grad_engine,
-            "release-loss-noise": self.release.loss_noise, "release-loss-bound": self.release.loss_bound,
-            "release-count-noise": self.release.count_noise, "reproducible-noise": self.reproducible_noise,
-            "seed": self.seed, **(self.input.to_record() if self.input is not None else {"input-privacy": ""}),
-            **self.data.to_record(), **(self.files.to_record() if self.files is not None else {}),
-            "round-offset": self.round_offset, "run-name": self.run_name, "gradient-canary-plan": self.gradient_canaries,
+            "release-loss-noise": self.release.loss_noise,
+            "release-loss-bound": self.release.loss_bound,
+            "release-count-noise": self.release.count_noise,
+            "reproducible-noise": self.reproducible_noise,
+            "seed": self.seed,
+            **(self.input.to_record() if self.input is not None else {"input-privacy": ""}),
+            **self.data.to_record(),
+            **(self.files.to_record() if self.files is not None else {}),
+            "round-offset": self.round_offset,
+            "run-name": self.run_name,
+            "gradient-canary-plan": self.gradient_canaries,
         }
 
     @classmethod
@@ -152,21 +200,39 @@ class RoundPlan:
         """The plan as a site reads it; ``declared_units`` is the site's own public size if it
         declares one (a deployed site, in its node config), else the plan's value for this site."""
         _require(record, PLAN_KEYS)
-        dp = DpConfig(mode=str(record["dp-mode"]), privacy_unit=str(record["privacy-unit"]),
-                      noise_multiplier=float(record["noise-multiplier"]), max_grad_norm=float(record["max-grad-norm"]),
-                      sample_rate=float(record["sample-rate"]), microbatch_size=int(record["microbatch-size"]),
-                      declared_units=int(declared_units or record["declared-units"]),
-                      delta=float(record["delta"]), accountant=str(record["accountant"]), hash_key=hash_key)
-        return cls(dp=dp, train=TrainConfig(steps=int(record["local-steps"]), lr=float(record["lr"]),
-                                            optimizer=str(record["optimizer"]),
-                                            negative_bank_size=int(record["negative-bank-size"]),
-                                            # speed only (same gradients): optional for older servers
-                                            grad_engine=str(record.get("grad-engine", "auto"))),
-                   release=ReleaseConfig(loss_noise=float(record["release-loss-noise"]),
-                                         loss_bound=float(record["release-loss-bound"]),
-                                         count_noise=float(record["release-count-noise"])),
-                   reproducible_noise=bool(record["reproducible-noise"]), seed=int(record["seed"]),
-                   input=InputPlan.from_record(record), data=SiteData.from_record(record),
-                   files=SharedFiles.from_record(record), round_offset=int(record.get("round-offset", 0)),
-                   run_name=str(record.get("run-name", "")),
-                   gradient_canaries=str(record.get("gradient-canary-plan", "")))
+        dp = DpConfig(
+            mode=str(record["dp-mode"]),
+            privacy_unit=str(record["privacy-unit"]),
+            noise_multiplier=float(record["noise-multiplier"]),
+            max_grad_norm=float(record["max-grad-norm"]),
+            sample_rate=float(record["sample-rate"]),
+            microbatch_size=int(record["microbatch-size"]),
+            declared_units=int(declared_units or record["declared-units"]),
+            delta=float(record["delta"]),
+            accountant=str(record["accountant"]),
+            hash_key=hash_key,
+        )
+        return cls(
+            dp=dp,
+            train=TrainConfig(
+                steps=int(record["local-steps"]),
+                lr=float(record["lr"]),
+                optimizer=str(record["optimizer"]),
+                negative_bank_size=int(record["negative-bank-size"]),
+                # speed only (same gradients): optional for older servers
+                grad_engine=str(record.get("grad-engine", "auto")),
+            ),
+            release=ReleaseConfig(
+                loss_noise=float(record["release-loss-noise"]),
+                loss_bound=float(record["release-loss-bound"]),
+                count_noise=float(record["release-count-noise"]),
+            ),
+            reproducible_noise=bool(record["reproducible-noise"]),
+            seed=int(record["seed"]),
+            input=InputPlan.from_record(record),
+            data=SiteData.from_record(record),
+            files=SharedFiles.from_record(record),
+            round_offset=int(record.get("round-offset", 0)),
+            run_name=str(record.get("run-name", "")),
+            gradient_canaries=str(record.get("gradient-canary-plan", "")),
+        )

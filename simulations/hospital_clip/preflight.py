@@ -53,8 +53,10 @@ def data_shape(cfg: SimulationConfig, manifest: str | None = None) -> DataShape:
 
 def preflight(cfg: SimulationConfig, manifest: str | None = None) -> DataShape:
     if cfg.manifest and not cfg.declared_units and cfg.dp_mode in ("microbatch", "unit"):
-        raise ValueError("declared-units: with a manifest, declare the public number of units per site (the DP sum "
-                         "is divided by it; dividing by the data's own count would reveal it)")
+        raise ValueError(
+            "declared-units: with a manifest, declare the public number of units per site (the DP sum "
+            "is divided by it; dividing by the data's own count would reveal it)"
+        )
     if cfg.deployment:
         server_holds_no_members(manifest or cfg.manifest, outside_paths=cfg.allow_outside_paths)
     shape = data_shape(cfg, manifest)
@@ -66,10 +68,12 @@ def preflight(cfg: SimulationConfig, manifest: str | None = None) -> DataShape:
         return shape
     if cfg.delta > 1 / smallest and not cfg.allow_large_delta:
         site = min(shape.units, key=shape.units.get)
-        raise ValueError(f"delta: {cfg.delta:g} is above 1/(number of {cfg.privacy_unit} units at the smallest site, "
-                         f"{site}) = 1/{smallest}; at such a delta a mechanism may publish a unit's data outright, so "
-                         "epsilon would mean nothing. Choose delta << 1/n, or set allow-large-delta=true to run anyway "
-                         "(the summary will say so)")
+        raise ValueError(
+            f"delta: {cfg.delta:g} is above 1/(number of {cfg.privacy_unit} units at the smallest site, "
+            f"{site}) = 1/{smallest}; at such a delta a mechanism may publish a unit's data outright, so "
+            "epsilon would mean nothing. Choose delta << 1/n, or set allow-large-delta=true to run anyway "
+            "(the summary will say so)"
+        )
     return shape
 
 
@@ -77,6 +81,8 @@ def server_holds_no_members(manifest: str, *, outside_paths: bool = False) -> No
     frame = load_manifest(manifest, allow_outside_paths=outside_paths).frame
     members = frame[frame["split"].isin([str(Split.TRAIN), str(Split.QUERY)])]
     if len(members):
-        raise ValueError(f"manifest: {manifest} holds {len(members)} member rows (split 'train' or 'query', first on "
-                         f"line {int(members['line'].iloc[0])}); in a deployment the server keeps public and heldout rows "
-                         "only: the hospitals hold their members, the auditor holds the attack's targets")
+        raise ValueError(
+            f"manifest: {manifest} holds {len(members)} member rows (split 'train' or 'query', first on "
+            f"line {int(members['line'].iloc[0])}); in a deployment the server keeps public and heldout rows "
+            "only: the hospitals hold their members, the auditor holds the attack's targets"
+        )

@@ -37,9 +37,9 @@ from fedclip.models.factory import ModelConfig, create_model
 from fedclip.privacy.calibration import calibrate_noise_multiplier, warn_if_delta_is_large
 from fedclip.privacy.guarantee import Guarantee, guarantee_of
 from fedclip.privacy.ledger_store import LedgerStore
+from fedclip.privacy.modes import INPUT_MODES
 from fedclip.privacy.randomness import NOT_PRIVATE_AGAINST_THE_SERVER
 from fedclip.privacy.release import release_events
-from fedclip.privacy.modes import INPUT_MODES
 from fedclip.privatize.plan import InputPlan
 from fedclip.reporting.console_table import run_table
 from fedclip.reporting.plots import plot_run
@@ -50,14 +50,13 @@ from simulations.hospital_clip.config import DEFAULT_TOML, SimulationConfig, loa
 from simulations.hospital_clip.discovery import discover_sites
 from simulations.hospital_clip.evaluator import RoundEvaluator
 from simulations.hospital_clip.input_privacy import input_plan
-from simulations.hospital_clip.preflight import data_shape, preflight
 from simulations.hospital_clip.plan import SharedFiles
+from simulations.hospital_clip.preflight import data_shape, preflight
 from simulations.hospital_clip.task import manifest_path, pick_device
 from strategies.client_level import calibrate_site_noise, site_level_report, with_site_level_dp
 from strategies.privacy_budget import PrivacyBudgetStrategy, SiteFailure, SiteRound
 from strategies.registry import make_inner_strategy
 from strategies.windowed_grid import WindowedGrid
-
 
 # run-config keys that are paths on the server's machine: never sent to a site
 SERVER_PATHS = ("manifest", "pretrained", "output-dir", "cache-dir", "site-policy-file", "audit-manifest")
@@ -104,8 +103,12 @@ def prepare_checkpoint(cfg: SimulationConfig, manifest: str) -> str:
     if cfg.pretrained:
         return cfg.pretrained
     print("warm start on the public population (cached after the first run)", flush=True)
-    path = warm_start(manifest, cache_dir=cfg.cache_dir, model_config=ModelConfig(arch=cfg.arch),
-                      config=WarmStartConfig(epochs=cfg.warm_start_epochs, seed=cfg.seed))
+    path = warm_start(
+        manifest,
+        cache_dir=cfg.cache_dir,
+        model_config=ModelConfig(arch=cfg.arch),
+        config=WarmStartConfig(epochs=cfg.warm_start_epochs, seed=cfg.seed),
+    )
     return str(path.resolve())
 
 
@@ -116,16 +119,33 @@ def plan_noise(cfg: SimulationConfig) -> float:
     if cfg.target_epsilon <= 0:
         return cfg.noise_multiplier
     dp = cfg.dp()
-    releases = tuple(replace(e, steps=e.steps * cfg.num_rounds)
-                     for e in release_events(cfg.release(), privacy_unit=dp.privacy_unit))
-    return calibrate_noise_multiplier(target_epsilon=cfg.target_epsilon, delta=cfg.delta, sample_rate=cfg.sample_rate,
-                                      steps=cfg.num_rounds * cfg.local_steps, relation=dp.relation,
-                                      sensitivity=dp.sensitivity, accountant=cfg.accountant, alongside=releases)
+    releases = tuple(
+        replace(e, steps=e.steps * cfg.num_rounds) for e in release_events(cfg.release(), privacy_unit=dp.privacy_unit)
+    )
+    return calibrate_noise_multiplier(
+        target_epsilon=cfg.target_epsilon,
+        delta=cfg.delta,
+        sample_rate=cfg.sample_rate,
+        steps=cfg.num_rounds * cfg.local_steps,
+        relation=dp.relation,
+        sensitivity=dp.sensitivity,
+        accountant=cfg.accountant,
+        alongside=releases,
+    )
 
 
-def train_config_record(cfg: SimulationConfig, *, noise_multiplier: float, manifest: str, checkpoint: str,
-                        round_offset: int = 0, declared_units: str = "", input_plan: InputPlan | None = None,
-                        run_name: str = "", gradient_canaries: str = "") -> ConfigRecord:
+def train_config_record(
+    cfg: SimulationConfig,
+    *,
+    noise_multiplier: float,
+    manifest: str,
+    checkpoint: str,
+    round_offset: int = 0,
+    declared_units: str = "",
+    input_plan: InputPlan | None = None,
+    run_name: str = "",
+    gradient_canaries: str = "",
+) -> ConfigRecord:
     """What every site is told each round: the round plan (``RoundPlan``), and nothing else.
     Simulated sites are also told where the shared data, base weights, site ledgers and site
     policies are; in a deployment the server sends no path of its own (a hospital reads its node
@@ -133,11 +153,20 @@ def train_config_record(cfg: SimulationConfig, *, noise_multiplier: float, manif
     files = None
     if not cfg.deployment:
         out = Path(cfg.output_dir).resolve()
-        files = SharedFiles(manifest=manifest, checkpoint=checkpoint, site_state_root=str(out / "sites"),
-                            site_policy_file=str(Path(cfg.site_policy_file).resolve()) if cfg.site_policy_file else "",
-                            declared_units_map=declared_units)
-    plan = replace(cfg.round_plan(noise_multiplier, input_plan), files=files, round_offset=round_offset,
-                   run_name=run_name, gradient_canaries=gradient_canaries)
+        files = SharedFiles(
+            manifest=manifest,
+            checkpoint=checkpoint,
+            site_state_root=str(out / "sites"),
+            site_policy_file=str(Path(cfg.site_policy_file).resolve()) if cfg.site_policy_file else "",
+            declared_units_map=declared_units,
+        )
+    plan = replace(
+        cfg.round_plan(noise_multiplier, input_plan),
+        files=files,
+        round_offset=round_offset,
+        run_name=run_name,
+        gradient_canaries=gradient_canaries,
+    )
     return ConfigRecord(plan.to_record())
 
 
@@ -149,8 +178,9 @@ def canary_file(cfg: SimulationConfig, manifest: str) -> str:
     return str(generated) if not cfg.manifest and cfg.canaries and generated.is_file() else ""
 
 
-def gradient_canary_audit(cfg: SimulationConfig, *, model, sites: tuple[str, ...],
-                          state: Path) -> tuple[GradientCanaryAudit, str] | None:
+def gradient_canary_audit(
+    cfg: SimulationConfig, *, model, sites: tuple[str, ...], state: Path
+) -> tuple[GradientCanaryAudit, str] | None:
     """The auditor's Dirac canaries for every site, and their plan for the train config; the secret
     (OS entropy) is kept in the server's state folder so a resumed run keeps its canaries."""
     if not cfg.gradient_canaries:
@@ -159,8 +189,9 @@ def gradient_canary_audit(cfg: SimulationConfig, *, model, sites: tuple[str, ...
     if not secret_file.is_file():
         state.mkdir(parents=True, exist_ok=True)
         secret_file.write_text(os.urandom(32).hex() + "\n")
-    canaries = draw_dirac_canaries(model, per_site=cfg.gradient_canaries, sites=sites,
-                                   secret=bytes.fromhex(secret_file.read_text().strip()))
+    canaries = draw_dirac_canaries(
+        model, per_site=cfg.gradient_canaries, sites=sites, secret=bytes.fromhex(secret_file.read_text().strip())
+    )
     return GradientCanaryAudit(canaries, reference=model), canaries_to_wire(canaries)
 
 
@@ -176,14 +207,25 @@ def auditor_attacks(cfg: SimulationConfig, *, manifest: str, model, preprocess, 
     attacks: list[Attack] = []
     if targets:
         frame = load_manifest(targets, allow_outside_paths=cfg.allow_outside_paths).frame
-        attacks += target_attacks(frame, idia=cfg.idia(), lira_records=cfg.lira_records if cfg.lira else 0,
-                                  reference=model, preprocess=preprocess, tokenizer=tokenizer)
+        attacks += target_attacks(
+            frame,
+            idia=cfg.idia(),
+            lira_records=cfg.lira_records if cfg.lira else 0,
+            reference=model,
+            preprocess=preprocess,
+            tokenizer=tokenizer,
+        )
     canaries = canary_file(cfg, manifest)
     if canaries:
-        attacks.append(CanaryAudit(load_canaries(canaries), reference=model, preprocess=preprocess, tokenizer=tokenizer))
+        attacks.append(
+            CanaryAudit(load_canaries(canaries), reference=model, preprocess=preprocess, tokenizer=tokenizer)
+        )
     if not attacks:
-        print("no attack during this deployment: the auditor runs `fedclip audit RUN_DIR --targets FILE` on the "
-              "models saved under models/", flush=True)
+        print(
+            "no attack during this deployment: the auditor runs `fedclip audit RUN_DIR --targets FILE` on the "
+            "models saved under models/",
+            flush=True,
+        )
     return attacks
 
 
@@ -194,27 +236,35 @@ def saved_round(cfg: SimulationConfig) -> int | None:
     state = Path(cfg.output_dir) / "state"
     progress, ledger = state / "global.pt", state / "ledger.sqlite"
     if progress.exists() and not cfg.resume:
-        raise ValueError(f"output-dir: {cfg.output_dir} already holds a run; pass resume=true to continue it or choose "
-                         "another folder (on the deployment runtime, output-dir = '/abs/path/{run-id}' gives every run "
-                         "its own)")
+        raise ValueError(
+            f"output-dir: {cfg.output_dir} already holds a run; pass resume=true to continue it or choose "
+            "another folder (on the deployment runtime, output-dir = '/abs/path/{run-id}' gives every run "
+            "its own)"
+        )
     if not cfg.resume:
         return None
     if not progress.exists():
         raise ValueError(f"resume: {cfg.output_dir} has no saved state to resume from")
     saved = int(torch.load(progress, map_location="cpu", weights_only=True)["round"])
     if not ledger.is_file():
-        raise ValueError(f"resume: {ledger} is missing but the saved model is at round {saved}; "
-                         "resuming without it would restart privacy spending at zero")
+        raise ValueError(
+            f"resume: {ledger} is missing but the saved model is at round {saved}; "
+            "resuming without it would restart privacy spending at zero"
+        )
     store = LedgerStore(ledger, delta=cfg.delta, accountant=cfg.accountant, create=False)
     recorded = store.last_round()
     held = sorted({u for site in store.sites() for u in store.units(site)} - {cfg.privacy_unit})
     store.close()
     if held:
-        raise ValueError(f"privacy-unit: {ledger} holds {'/'.join(held)}-level spending and this run is "
-                         f"{cfg.privacy_unit}-level; a resumed run keeps its privacy unit (one ledger composes one unit)")
+        raise ValueError(
+            f"privacy-unit: {ledger} holds {'/'.join(held)}-level spending and this run is "
+            f"{cfg.privacy_unit}-level; a resumed run keeps its privacy unit (one ledger composes one unit)"
+        )
     if recorded < saved:
-        raise ValueError(f"resume: {ledger} records {recorded} rounds but the saved model is at round {saved}; "
-                         "the ledger does not cover the model")
+        raise ValueError(
+            f"resume: {ledger} records {recorded} rounds but the saved model is at round {saved}; "
+            "the ledger does not cover the model"
+        )
     return saved
 
 
@@ -259,10 +309,18 @@ def open_run_folder(cfg: SimulationConfig) -> RunFolder:
     """The output folder, its write-ahead ledger and tables; on resume, the saved model and round."""
     out = Path(cfg.output_dir)
     resumed_from = saved_round(cfg)
-    saved = (torch.load(out / "state" / "global.pt", map_location="cpu", weights_only=True)
-             if resumed_from is not None else None)
-    folder = RunFolder(out=out, files=RunFiles(out), saved=saved, round_offset=resumed_from or 0,
-                       store=LedgerStore(out / "state" / "ledger.sqlite", delta=cfg.delta, accountant=cfg.accountant))
+    saved = (
+        torch.load(out / "state" / "global.pt", map_location="cpu", weights_only=True)
+        if resumed_from is not None
+        else None
+    )
+    folder = RunFolder(
+        out=out,
+        files=RunFiles(out),
+        saved=saved,
+        round_offset=resumed_from or 0,
+        store=LedgerStore(out / "state" / "ledger.sqlite", delta=cfg.delta, accountant=cfg.accountant),
+    )
     if saved:
         folder.files.truncate_after(folder.round_offset)
     return folder
@@ -277,13 +335,24 @@ def prepare(cfg: SimulationConfig, folder: RunFolder) -> Prepared:
     sigma = plan_noise(cfg)
     inputs = input_plan(cfg, manifest)  # dp-mode cadp | maskdp | mask-replace: the sites' one-time release
     shape = preflight(cfg, manifest)  # the same checks the CLI ran, now on the data as generated
-    site_sigma = (calibrate_site_noise(target_epsilon=cfg.client_dp_epsilon, rounds=cfg.num_rounds,
-                                       delta=cfg.delta) if cfg.client_dp_epsilon > 0 else 0.0)
-    folder.files.write_json("config.json", {
-        **cfg.to_run_config(), "resolved-manifest": manifest, "resolved-checkpoint": checkpoint,
-        "resolved-noise-multiplier": sigma, "resolved-site-noise-multiplier": site_sigma,
-        **(inputs.to_record() if inputs is not None else {}), "private-against-the-server": not cfg.reproducible_noise,
-        **({"privacy-warning": NOT_PRIVATE_AGAINST_THE_SERVER} if cfg.reproducible_noise else {})})
+    site_sigma = (
+        calibrate_site_noise(target_epsilon=cfg.client_dp_epsilon, rounds=cfg.num_rounds, delta=cfg.delta)
+        if cfg.client_dp_epsilon > 0
+        else 0.0
+    )
+    folder.files.write_json(
+        "config.json",
+        {
+            **cfg.to_run_config(),
+            "resolved-manifest": manifest,
+            "resolved-checkpoint": checkpoint,
+            "resolved-noise-multiplier": sigma,
+            "resolved-site-noise-multiplier": site_sigma,
+            **(inputs.to_record() if inputs is not None else {}),
+            "private-against-the-server": not cfg.reproducible_noise,
+            **({"privacy-warning": NOT_PRIVATE_AGAINST_THE_SERVER} if cfg.reproducible_noise else {}),
+        },
+    )
     folder.files.write_json("status.json", {"status": "running", "round": folder.round_offset})
     print(f"results: {folder.out.resolve()} (status.json says when the run has finished or failed)", flush=True)
     for site, units in shape.units.items():  # training units per site, as preflight counted them
@@ -292,29 +361,47 @@ def prepare(cfg: SimulationConfig, folder: RunFolder) -> Prepared:
             warn_if_delta_is_large(cfg.delta, units)
         for w in caught:
             print(f"warning ({site}): {w.message}", flush=True)
-    return Prepared(manifest=manifest, checkpoint=checkpoint, sigma=sigma, site_sigma=site_sigma, inputs=inputs,
-                    shape=shape)
+    return Prepared(
+        manifest=manifest, checkpoint=checkpoint, sigma=sigma, site_sigma=site_sigma, inputs=inputs, shape=shape
+    )
 
 
 def wire_settings(cfg: SimulationConfig, folder: RunFolder, prep: Prepared) -> dict[str, Any]:
     """``train_config_record``'s arguments for this run (the plan every site is sent)."""
     # each simulated site's public size: the synthetic plan's (fixed before the data exists), or the declared one
-    declared = "" if cfg.declared_units or cfg.deployment else ",".join(
-        f"{s}={n}" for s, n in data_shape(cfg).units.items())
-    return dict(noise_multiplier=prep.sigma, manifest=prep.manifest, checkpoint=prep.checkpoint,
-                round_offset=folder.round_offset, declared_units=declared, input_plan=prep.inputs,
-                run_name=durable_run_name(folder.state))
+    declared = (
+        "" if cfg.declared_units or cfg.deployment else ",".join(f"{s}={n}" for s, n in data_shape(cfg).units.items())
+    )
+    return dict(
+        noise_multiplier=prep.sigma,
+        manifest=prep.manifest,
+        checkpoint=prep.checkpoint,
+        round_offset=folder.round_offset,
+        declared_units=declared,
+        input_plan=prep.inputs,
+        run_name=durable_run_name(folder.state),
+    )
 
 
 def find_sites(grid: Grid, cfg: SimulationConfig, prep: Prepared, train_config: ConfigRecord) -> dict[int, str]:
     if cfg.deployment and not cfg.site_nodes:
-        print("WARNING: sites are identified by the name each SuperNode reports; set site-nodes to the node ids "
-              "that `flwr supernode register` gave each hospital's key", flush=True)
+        print(
+            "WARNING: sites are identified by the name each SuperNode reports; set site-nodes to the node ids "
+            "that `flwr supernode register` gave each hospital's key",
+            flush=True,
+        )
     return discover_sites(grid, train_config, expected=prep.shape.sites, node_ids=cfg.site_node_map() or None)
 
 
-def make_strategy(cfg: SimulationConfig, folder: RunFolder, prep: Prepared, *, sites: Mapping[int, str],
-                  replies: ReplyAttack | None, guarantee: Guarantee) -> PrivacyBudgetStrategy:
+def make_strategy(
+    cfg: SimulationConfig,
+    folder: RunFolder,
+    prep: Prepared,
+    *,
+    sites: Mapping[int, str],
+    replies: ReplyAttack | None,
+    guarantee: Guarantee,
+) -> PrivacyBudgetStrategy:
     """The inner strategy (client-level DP at the server, or the named one) wrapped by the budget strategy."""
     plan = cfg.round_plan(prep.sigma, prep.inputs)
     release = plan.input_release()
@@ -327,48 +414,84 @@ def make_strategy(cfg: SimulationConfig, folder: RunFolder, prep: Prepared, *, s
     def on_round(rows: list[SiteRound]) -> None:  # every row with an epsilon says what it is about
         folder.files.append("rounds", [{**r.as_dict(), **guarantee.as_columns()} for r in rows])
 
-    inner = (with_site_level_dp(noise_multiplier=prep.site_sigma, clip_norm=cfg.client_clip_norm,
-                                num_sites=len(prep.shape.units), delta=cfg.delta) if prep.site_sigma > 0
-             else make_inner_strategy(cfg.strategy, fraction_train=cfg.fraction_train))
-    return PrivacyBudgetStrategy(inner, store=folder.store, sites=sites, budget=cfg.budget_of,
-                                 planned_events=planned_events, round_offset=folder.round_offset, on_round=on_round,
-                                 failure_quorum=cfg.failure_quorum, on_reply=replies.observe if replies else None)
+    inner = (
+        with_site_level_dp(
+            noise_multiplier=prep.site_sigma,
+            clip_norm=cfg.client_clip_norm,
+            num_sites=len(prep.shape.units),
+            delta=cfg.delta,
+        )
+        if prep.site_sigma > 0
+        else make_inner_strategy(cfg.strategy, fraction_train=cfg.fraction_train)
+    )
+    return PrivacyBudgetStrategy(
+        inner,
+        store=folder.store,
+        sites=sites,
+        budget=cfg.budget_of,
+        planned_events=planned_events,
+        round_offset=folder.round_offset,
+        on_round=on_round,
+        failure_quorum=cfg.failure_quorum,
+        on_reply=replies.observe if replies else None,
+    )
 
 
 def report(cfg: SimulationConfig, folder: RunFolder, prep: Prepared, *, failure: str | None) -> Path:
     """Site-level figures, plots, summary.md and status.json; the console's table."""
     site_level = None
     if prep.site_sigma > 0:
-        site_level = site_level_report(noise_multiplier=prep.site_sigma, clip_norm=cfg.client_clip_norm,
-                                       releases=folder.store.aggregates(), num_sites=len(prep.shape.units),
-                                       delta=cfg.delta)
+        site_level = site_level_report(
+            noise_multiplier=prep.site_sigma,
+            clip_norm=cfg.client_clip_norm,
+            releases=folder.store.aggregates(),
+            num_sites=len(prep.shape.units),
+            delta=cfg.delta,
+        )
         folder.files.write_json("site_level.json", site_level)
     files = folder.files
     rounds, attack, utility = files.read("rounds"), files.read("attack"), files.read("utility")
     plot_run(folder.out, rounds, attack, utility, files.read("attack_scores"))
-    summary = write_summary(folder.out / "summary.md",
-                            config={**cfg.to_run_config(), **(prep.inputs.to_record() if prep.inputs else {})},
-                            rounds=rounds, attack=attack, utility=utility, noise_multiplier=prep.sigma,
-                            site_level=site_level, failure=failure)
-    files.write_json("status.json", {"status": "failed" if failure else "finished", "reason": failure or "",
-                                     "rounds": int(utility["round"].max()) if len(utility) else 0})
+    summary = write_summary(
+        folder.out / "summary.md",
+        config={**cfg.to_run_config(), **(prep.inputs.to_record() if prep.inputs else {})},
+        rounds=rounds,
+        attack=attack,
+        utility=utility,
+        noise_multiplier=prep.sigma,
+        site_level=site_level,
+        failure=failure,
+    )
+    files.write_json(
+        "status.json",
+        {
+            "status": "failed" if failure else "finished",
+            "reason": failure or "",
+            "rounds": int(utility["round"].max()) if len(utility) else 0,
+        },
+    )
     if len(utility):
         print("\n" + run_table(utility, attack, rounds) + "\n", flush=True)
     return summary
 
 
-def set_up_auditor(cfg: SimulationConfig, folder: RunFolder, prep: Prepared,
-                   bundle) -> tuple[list[Attack], ReplyAttack | None, str]:
+def set_up_auditor(
+    cfg: SimulationConfig, folder: RunFolder, prep: Prepared, bundle
+) -> tuple[list[Attack], ReplyAttack | None, str]:
     """The auditor's attacks on the global model, its attack on each reply (the server's view),
     and the gradient canaries' plan for the sites ("" if none)."""
-    attacks = auditor_attacks(cfg, manifest=prep.manifest, model=bundle.model, preprocess=bundle.preprocess,
-                              tokenizer=bundle.tokenizer)
+    attacks = auditor_attacks(
+        cfg, manifest=prep.manifest, model=bundle.model, preprocess=bundle.preprocess, tokenizer=bundle.tokenizer
+    )
     gradient = gradient_canary_audit(cfg, model=bundle.model, sites=tuple(prep.shape.units), state=folder.state)
     if gradient is not None:
         attacks.append(gradient[0])
     idia = next((a for a in attacks if a.name == "idia"), None)
-    replies = (ReplyAttack(idia, model=bundle.model, when=reply_rounds(cfg.attack_replies, total_rounds=cfg.num_rounds))
-               if idia is not None and cfg.attack_replies != "off" else None)
+    replies = (
+        ReplyAttack(idia, model=bundle.model, when=reply_rounds(cfg.attack_replies, total_rounds=cfg.num_rounds))
+        if idia is not None and cfg.attack_replies != "off"
+        else None
+    )
     return attacks, replies, gradient[1] if gradient is not None else ""
 
 
@@ -388,23 +511,43 @@ def run(grid: Grid, cfg: SimulationConfig) -> Path:
         initial = ArrayRecord(torch_state_dict=folder.saved["state_dict"])
         print(f"resuming after round {folder.round_offset}", flush=True)
     frame = load_manifest(prep.manifest, allow_outside_paths=cfg.allow_outside_paths).frame
-    test = load_pairs(frame[frame["split"] == str(Split.HELDOUT)], preprocess=bundle.preprocess, tokenizer=bundle.tokenizer)
+    test = load_pairs(
+        frame[frame["split"] == str(Split.HELDOUT)], preprocess=bundle.preprocess, tokenizer=bundle.tokenizer
+    )
     attacks, replies, wire["gradient_canaries"] = set_up_auditor(cfg, folder, prep, bundle)
 
-    guarantee = guarantee_of(mode=cfg.round_plan(prep.sigma, prep.inputs).mode, privacy_unit=cfg.privacy_unit,
-                             microbatch_size=cfg.microbatch_size)
+    guarantee = guarantee_of(
+        mode=cfg.round_plan(prep.sigma, prep.inputs).mode,
+        privacy_unit=cfg.privacy_unit,
+        microbatch_size=cfg.microbatch_size,
+    )
     strategy = make_strategy(cfg, folder, prep, sites=sites, replies=replies, guarantee=guarantee)
-    evaluator = RoundEvaluator(model=bundle.model, tokenizer=bundle.tokenizer, test=test, attacks=attacks,
-                               files=folder.files, epsilons=strategy.epsilons, delta=cfg.delta, state_dir=folder.state,
-                               round_offset=folder.round_offset, total_rounds=cfg.num_rounds,
-                               trained_this_round=lambda: not strategy.exhausted,
-                               strategy_seconds=lambda: strategy.strategy_seconds, reply_attack=replies,
-                               comparable=guarantee.membership)
+    evaluator = RoundEvaluator(
+        model=bundle.model,
+        tokenizer=bundle.tokenizer,
+        test=test,
+        attacks=attacks,
+        files=folder.files,
+        epsilons=strategy.epsilons,
+        delta=cfg.delta,
+        state_dir=folder.state,
+        round_offset=folder.round_offset,
+        total_rounds=cfg.num_rounds,
+        trained_this_round=lambda: not strategy.exhausted,
+        strategy_seconds=lambda: strategy.strategy_seconds,
+        reply_attack=replies,
+        comparable=guarantee.membership,
+    )
     failure = None
     if cfg.num_rounds > folder.round_offset:
         try:
-            strategy.start(grid, initial, num_rounds=cfg.num_rounds - folder.round_offset,
-                           train_config=train_config_record(cfg, **wire), evaluate_fn=evaluator)
+            strategy.start(
+                grid,
+                initial,
+                num_rounds=cfg.num_rounds - folder.round_offset,
+                train_config=train_config_record(cfg, **wire),
+                evaluate_fn=evaluator,
+            )
         except SiteFailure as exc:
             failure = str(exc)
     evaluator.close()

@@ -55,28 +55,51 @@ def site_identity(context: Context, record: Mapping[str, Any]) -> SiteIdentity:
         weight = float(node.get("site-weight", 1.0))
         if not weight > 0:
             raise SiteConfigError(f"node config: site-weight: expected > 0, got {weight}")
-        return SiteIdentity(site=str(node["site"]), manifest=str(node["manifest"]), checkpoint=str(node["checkpoint"]),
-                            state_dir=Path(str(node["state-dir"])), weight=weight, deployed=True,
-                            outside_paths=str(node.get("allow-outside-paths", "false")).lower() == "true",
-                            declared_units=int(node["declared-units"]) if "declared-units" in node else None)
+        return SiteIdentity(
+            site=str(node["site"]),
+            manifest=str(node["manifest"]),
+            checkpoint=str(node["checkpoint"]),
+            state_dir=Path(str(node["state-dir"])),
+            weight=weight,
+            deployed=True,
+            outside_paths=str(node.get("allow-outside-paths", "false")).lower() == "true",
+            declared_units=int(node["declared-units"]) if "declared-units" in node else None,
+        )
     if "partition-id" not in node:
         # a deployed SuperNode started without --node-config used to play partition 0 with the
         # server's manifest: it claimed another hospital's name and trained on data it does not hold
-        raise SiteConfigError(f"node config: this SuperNode has neither 'site' (a deployed hospital, which also needs "
-                              f"{list(DEPLOYED_KEYS[1:])}) nor 'partition-id' (set by Flower's simulation runtime); start "
-                              f"it with --node-config \"site='hospital_a' manifest='...' checkpoint='...' state-dir='...'\"")
+        raise SiteConfigError(
+            f"node config: this SuperNode has neither 'site' (a deployed hospital, which also needs "
+            f"{list(DEPLOYED_KEYS[1:])}) nor 'partition-id' (set by Flower's simulation runtime); start "
+            f"it with --node-config \"site='hospital_a' manifest='...' checkpoint='...' state-dir='...'\""
+        )
     files = SharedFiles.from_record(record)
     if files is None:
-        raise SiteConfigError("node config: this run is a deployment (run config 'sites'), whose server sends no data "
-                              "paths; start this SuperNode as a hospital with --node-config \"site='...' manifest='...' "
-                              "checkpoint='...' state-dir='...'\"")
+        raise SiteConfigError(
+            "node config: this run is a deployment (run config 'sites'), whose server sends no data "
+            "paths; start this SuperNode as a hospital with --node-config \"site='...' manifest='...' "
+            "checkpoint='...' state-dir='...'\""
+        )
     data = SiteData.from_record(record)
-    site = site_for_partition(files.manifest, data.num_sites, int(record["seed"]), int(node["partition-id"]),
-                              data.pool_sites, data.allow_outside_paths)
+    site = site_for_partition(
+        files.manifest,
+        data.num_sites,
+        int(record["seed"]),
+        int(node["partition-id"]),
+        data.pool_sites,
+        data.allow_outside_paths,
+    )
     declared = parse_site_numbers(files.declared_units_map, key="declared-units-map").get(site)
-    return SiteIdentity(site=site, manifest=files.manifest, checkpoint=files.checkpoint,
-                        state_dir=Path(files.site_state_root) / site, weight=1.0, deployed=False,
-                        outside_paths=data.allow_outside_paths, declared_units=declared)
+    return SiteIdentity(
+        site=site,
+        manifest=files.manifest,
+        checkpoint=files.checkpoint,
+        state_dir=Path(files.site_state_root) / site,
+        weight=1.0,
+        deployed=False,
+        outside_paths=data.allow_outside_paths,
+        declared_units=declared,
+    )
 
 
 def site_policy(context: Context, plan: RoundPlan, me: SiteIdentity) -> SitePolicy:

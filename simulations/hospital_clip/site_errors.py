@@ -58,5 +58,7 @@ def redacted(exc: BaseException, *, site: str, phase: str, state_dir: Path | Non
     if state_dir is None:
         log.error("error %s while %s:\n%s", error_id, phase, detail)
     where = "its state folder's errors.log" if state_dir is not None else "its process log"
-    return SiteFailed(f"{site} failed while {phase} ({type(exc).__name__}, error {error_id}); the detail is in "
-                      f"{where} at the site, never sent")
+    return SiteFailed(
+        f"{site} failed while {phase} ({type(exc).__name__}, error {error_id}); the detail is in "
+        f"{where} at the site, never sent"
+    )

@@ -30,12 +30,20 @@ from fedclip.training.local import train_local
 from fedclip.training.loss import clip_loss
 from simulations.hospital_clip.input_privacy import kept_private_rows, privatize_site_rows
 from simulations.hospital_clip.plan import RoundPlan
-from simulations.hospital_clip.site_errors import is_public, redacted
 from simulations.hospital_clip.site import SiteIdentity, site_identity, site_ledger, site_policy
-from simulations.hospital_clip.task import (fresh_model, own_training_data, pick_device, rows_training_data,
-                                            site_public_data, site_training_data, site_training_rows)
+from simulations.hospital_clip.site_errors import is_public, redacted
+from simulations.hospital_clip.task import (
+    fresh_model,
+    own_training_data,
+    pick_device,
+    rows_training_data,
+    site_public_data,
+    site_training_data,
+    site_training_rows,
+)
 from strategies.faults import crash_point
 from strategies.privacy_budget import PRIVACY_RECORD
+
 
 def query(msg: Message, context: Context) -> Message:
     me = site_identity(context, msg.content["config"])
@@ -50,8 +58,14 @@ def _check_and_charge(me: SiteIdentity, plan: RoundPlan, context: Context, *, ev
             ledger.check_unit(me.site, events)
         except MixedUnits as exc:
             raise PolicyRefusal(me.site, "privacy-unit", str(exc)) from None
-        policy.check(site=me.site, mode=plan.mode, events=events, reproducible=plan.reproducible_noise,
-                     total=ledger.ledger(me.site), this_run=ledger.ledger(me.site, run=run))
+        policy.check(
+            site=me.site,
+            mode=plan.mode,
+            events=events,
+            reproducible=plan.reproducible_noise,
+            total=ledger.ledger(me.site),
+            this_run=ledger.ledger(me.site, run=run),
+        )
     except ValueError:
         ledger.close()
         raise
@@ -65,16 +79,28 @@ def _training_data(me: SiteIdentity, plan: RoundPlan, kept=None) -> PairData:
     if plan.input is not None:  # this site's privatized images: ``kept`` from an earlier round, else released now
         rows = kept
         if rows is None:
-            rows = privatize_site_rows(site_training_rows(me.manifest, me.site, data.num_sites, plan.seed,
-                                                          data.pool_sites, me.outside_paths),
-                                       site=me.site, plan=plan.input, unit=str(plan.dp.privacy_unit),
-                                       state_dir=me.state_dir, manifest=me.manifest, outside_paths=me.outside_paths)
+            rows = privatize_site_rows(
+                site_training_rows(me.manifest, me.site, data.num_sites, plan.seed, data.pool_sites, me.outside_paths),
+                site=me.site,
+                plan=plan.input,
+                unit=str(plan.dp.privacy_unit),
+                state_dir=me.state_dir,
+                manifest=me.manifest,
+                outside_paths=me.outside_paths,
+            )
         return rows_training_data(rows, arch=data.arch, checkpoint=me.checkpoint)
     if me.deployed:  # its own manifest, preprocessed once and kept in its state folder
-        return own_training_data(me.manifest, me.site, arch=data.arch, checkpoint=me.checkpoint,
-                                 cache_dir=me.cache_dir, outside_paths=me.outside_paths)
-    return site_training_data(me.manifest, me.site, data.num_sites, plan.seed, data.arch, me.checkpoint,
-                              data.pool_sites, me.outside_paths)
+        return own_training_data(
+            me.manifest,
+            me.site,
+            arch=data.arch,
+            checkpoint=me.checkpoint,
+            cache_dir=me.cache_dir,
+            outside_paths=me.outside_paths,
+        )
+    return site_training_data(
+        me.manifest, me.site, data.num_sites, plan.seed, data.arch, me.checkpoint, data.pool_sites, me.outside_paths
+    )
 
 
 def run_name(plan: RoundPlan, msg: Message) -> str:
@@ -92,33 +118,55 @@ def train(msg: Message, context: Context) -> Message:
     round_ = int(config["server-round"]) + plan.round_offset  # Flower's round, and the rounds before a resume
     # an input privatization is released once, in the round the site first trains (or again if its copy is lost)
     kept = kept_private_rows(me.state_dir, plan.input) if plan.input is not None else None
-    releases = () if plan.input is None or kept is not None else \
-        tuple(e for e in (plan.input_release(),) if e is not None)
-    ledger, attempt = _check_and_charge(me, plan, context, events=plan.events() + releases,
-                                        run=run_name(plan, msg), round_=round_)
+    releases = (
+        () if plan.input is None or kept is not None else tuple(e for e in (plan.input_release(),) if e is not None)
+    )
+    ledger, attempt = _check_and_charge(
+        me, plan, context, events=plan.events() + releases, run=run_name(plan, msg), round_=round_
+    )
     crash_point("site-charged", round_)
     try:
         data = _training_data(me, plan, kept)
         model = fresh_model(plan.data.arch, me.checkpoint, plan.data.trainable, pick_device())
         load_arrays(model, msg.content["arrays"])
         seed = plan.reproducible_seed(round_=round_, site=me.site)
-        public = site_public_data(me.manifest, plan.data.arch, me.checkpoint, me.outside_paths,
-                                  me.cache_dir) if str(plan.dp.mode) == "unit" else None
+        public = (
+            site_public_data(me.manifest, plan.data.arch, me.checkpoint, me.outside_paths, me.cache_dir)
+            if str(plan.dp.mode) == "unit"
+            else None
+        )
         canaries = canaries_from_wire(plan.gradient_canaries, me.site)  # the auditor's, if any
         training = time.time()
-        result = train_local(model, data, dp=plan.dp, train=plan.train, reproducible_seed=seed, public=public,
-                             canaries=canaries, progress=f"{me.site} round {round_}")
+        result = train_local(
+            model,
+            data,
+            dp=plan.dp,
+            train=plan.train,
+            reproducible_seed=seed,
+            public=public,
+            canaries=canaries,
+            progress=f"{me.site} round {round_}",
+        )
         train_seconds = time.time() - training
         metrics: dict[str, float] = {"site-weight": me.weight}  # declared before training: public
-        release_gen = site_randomness(device=pick_device(), reproducible_seed=None if seed is None else seed + 7).sampler
+        release_gen = site_randomness(
+            device=pick_device(), reproducible_seed=None if seed is None else seed + 7
+        ).sampler
         if plan.release.loss_noise > 0:
-            metrics["train-loss"] = noisy_loss(model, data, loss_fn=clip_loss, config=plan.release,
-                                               privacy_unit=plan.dp.privacy_unit,
-                                               num_blocks=plan.dp.num_blocks, key=plan.dp.hash_key,
-                                               generator=release_gen)
+            metrics["train-loss"] = noisy_loss(
+                model,
+                data,
+                loss_fn=clip_loss,
+                config=plan.release,
+                privacy_unit=plan.dp.privacy_unit,
+                num_blocks=plan.dp.num_blocks,
+                key=plan.dp.hash_key,
+                generator=release_gen,
+            )
         if plan.release.count_noise > 0:
-            metrics["num-units"] = noisy_count(data, config=plan.release, privacy_unit=plan.dp.privacy_unit,
-                                               generator=release_gen)
+            metrics["num-units"] = noisy_count(
+                data, config=plan.release, privacy_unit=plan.dp.privacy_unit, generator=release_gen
+            )
     except Exception as exc:
         ledger.settle(me.site, round_, attempt=attempt, status=Status.FAILED, note=str(exc)[:500])
         write_spending(ledger, me.state_dir)
@@ -131,13 +179,16 @@ def train(msg: Message, context: Context) -> Message:
     write_spending(ledger, me.state_dir)  # the site's own account of its spending, never sent
     ledger.close()
     crash_point("site-settled", round_)
-    RunFiles(me.state_dir).append("site_timings", [{"round": round_, "handle_seconds": time.time() - started,
-                                                    "train_seconds": train_seconds}])  # the site's own; never sent
-    content = RecordDict({
-        "arrays": model_to_arrays(model, trainable_only=True),
-        "metrics": MetricRecord(metrics),
-        PRIVACY_RECORD: ConfigRecord({"events": events_to_wire(reported)}),
-    })
+    RunFiles(me.state_dir).append(
+        "site_timings", [{"round": round_, "handle_seconds": time.time() - started, "train_seconds": train_seconds}]
+    )  # the site's own; never sent
+    content = RecordDict(
+        {
+            "arrays": model_to_arrays(model, trainable_only=True),
+            "metrics": MetricRecord(metrics),
+            PRIVACY_RECORD: ConfigRecord({"events": events_to_wire(reported)}),
+        }
+    )
     return Message(content, reply_to=msg)
 
 

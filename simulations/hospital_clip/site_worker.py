@@ -35,7 +35,6 @@ from flwr.proto.message_pb2 import Context as ProtoContext
 from flwr.proto.message_pb2 import Message as ProtoMessage
 from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
 
-
 WORKER_KEY = "site-worker"  # node config: the Unix socket of this site's worker
 PROTOCOL = 1
 _LENGTH = struct.Struct(">Q")
@@ -72,8 +71,10 @@ def _receive(conn: socket.socket, count: int) -> list[bytes]:
 
 def _check_path(socket_path: str) -> str:
     if len(os.fsencode(socket_path)) >= _MAX_PATH:
-        raise ValueError(f"site-worker: socket path {socket_path!r} is {len(socket_path)} bytes; a Unix socket path "
-                         f"must be shorter than {_MAX_PATH}: choose a shorter folder")
+        raise ValueError(
+            f"site-worker: socket path {socket_path!r} is {len(socket_path)} bytes; a Unix socket path "
+            f"must be shorter than {_MAX_PATH}: choose a shorter folder"
+        )
     return socket_path
 
 
@@ -86,15 +87,21 @@ def forward(socket_path: str, msg: Message, context: Context) -> Message:
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
             conn.connect(_check_path(socket_path))
-            _send(conn, header, serde.message_to_proto(msg).SerializeToString(),
-                  serde.context_to_proto(context).SerializeToString())
+            _send(
+                conn,
+                header,
+                serde.message_to_proto(msg).SerializeToString(),
+                serde.context_to_proto(context).SerializeToString(),
+            )
             status = json.loads(_receive(conn, 1)[0])
             if not status.get("ok"):
                 raise RuntimeError(f"site worker: {status.get('error', 'failed')}")
             content, state = _receive(conn, 2)
     except (ConnectionError, FileNotFoundError, OSError) as exc:
-        raise RuntimeError(f"site worker at {socket_path} (node config {WORKER_KEY!r}): {exc}; is "
-                           "`fedclip site-worker` running for this site?") from exc
+        raise RuntimeError(
+            f"site worker at {socket_path} (node config {WORKER_KEY!r}): {exc}; is "
+            "`fedclip site-worker` running for this site?"
+        ) from exc
     context.state = serde.recorddict_from_proto(ProtoRecordDict.FromString(state))
     return Message(serde.recorddict_from_proto(ProtoRecordDict.FromString(content)), reply_to=msg)
 
@@ -118,9 +125,11 @@ def _serve_one(conn: socket.socket, *, site: str, handle: Callable[[Message, Con
     header, msg_bytes, context_bytes = _receive(conn, 3)
     request = json.loads(header)
     if request.get("protocol") != PROTOCOL or request.get("fedclip") != _version():
-        error = (f"version mismatch: the ClientApp runs fedclip {request.get('fedclip')} (protocol "
-                 f"{request.get('protocol')}), this worker {_version()} (protocol {PROTOCOL}); restart the worker "
-                 "from the same installation as the SuperNode")
+        error = (
+            f"version mismatch: the ClientApp runs fedclip {request.get('fedclip')} (protocol "
+            f"{request.get('protocol')}), this worker {_version()} (protocol {PROTOCOL}); restart the worker "
+            "from the same installation as the SuperNode"
+        )
         _send(conn, json.dumps({"ok": False, "error": error}).encode())
         return error
     msg = serde.message_from_proto(ProtoMessage.FromString(msg_bytes))
@@ -141,8 +150,12 @@ def _serve_one(conn: socket.socket, *, site: str, handle: Callable[[Message, Con
     if reply.has_error():
         _send(conn, json.dumps({"ok": False, "error": reply.error.reason}).encode())
         return f"{kind}: error reply ({reply.error.reason})"
-    _send(conn, json.dumps({"ok": True}).encode(), serde.recorddict_to_proto(reply.content).SerializeToString(),
-          serde.recorddict_to_proto(context.state).SerializeToString())
+    _send(
+        conn,
+        json.dumps({"ok": True}).encode(),
+        serde.recorddict_to_proto(reply.content).SerializeToString(),
+        serde.recorddict_to_proto(context.state).SerializeToString(),
+    )
     return f"{kind}: answered (run {msg.metadata.run_id}) in {time.perf_counter() - started:.2f} s"
 
 
@@ -168,8 +181,14 @@ def listen(socket_path: str) -> socket.socket:
     return server
 
 
-def serve(socket_path: str, *, site: str, max_messages: int | None = None, on_line: Callable[[str], None] = print,
-          handle: Callable[[Message, Context], Message] | None = None) -> int:
+def serve(
+    socket_path: str,
+    *,
+    site: str,
+    max_messages: int | None = None,
+    on_line: Callable[[str], None] = print,
+    handle: Callable[[Message, Context], Message] | None = None,
+) -> int:
     """Serve ``site``'s messages at ``socket_path`` until stopped (or ``max_messages`` connections);
     ``handle``: what answers a message (default ``site_rounds.handle``, imported once, here)."""
     if handle is None:

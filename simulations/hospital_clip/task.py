@@ -71,8 +71,9 @@ def fresh_model(arch: str, checkpoint: str, trainable: str, device: torch.device
     return copy.deepcopy(base_bundle(arch, checkpoint, trainable).model).to(device)
 
 
-def site_training_rows(manifest: str, site: str, num_sites: int, seed: int, pooled: bool = False,
-                       outside_paths: bool = False):
+def site_training_rows(
+    manifest: str, site: str, num_sites: int, seed: int, pooled: bool = False, outside_paths: bool = False
+):
     """A site's ``train`` rows (query images are never trained on)."""
     parts = site_frames(manifest, num_sites, seed, pooled, outside_paths)
     if site not in parts:
@@ -82,8 +83,16 @@ def site_training_rows(manifest: str, site: str, num_sites: int, seed: int, pool
 
 
 @lru_cache(maxsize=8)
-def site_training_data(manifest: str, site: str, num_sites: int, seed: int, arch: str, checkpoint: str,
-                       pooled: bool = False, outside_paths: bool = False) -> PairData:
+def site_training_data(
+    manifest: str,
+    site: str,
+    num_sites: int,
+    seed: int,
+    arch: str,
+    checkpoint: str,
+    pooled: bool = False,
+    outside_paths: bool = False,
+) -> PairData:
     """A site's training pairs."""
     rows = site_training_rows(manifest, site, num_sites, seed, pooled, outside_paths)
     bundle = base_bundle(arch, checkpoint, "all")
@@ -92,23 +101,33 @@ def site_training_data(manifest: str, site: str, num_sites: int, seed: int, arch
 
 def rows_training_data(rows, *, arch: str, checkpoint: str) -> PairData:
     """Training pairs from rows of any origin (a site's privatized images), kept in memory by their files."""
-    return _rows_pairs(tuple(rows["filepath"]), tuple(rows["title"]), tuple(rows["patient_id"]), tuple(rows["name"]),
-                       tuple(rows["condition"]), arch, checkpoint)
+    return _rows_pairs(
+        tuple(rows["filepath"]),
+        tuple(rows["title"]),
+        tuple(rows["patient_id"]),
+        tuple(rows["name"]),
+        tuple(rows["condition"]),
+        arch,
+        checkpoint,
+    )
 
 
 @lru_cache(maxsize=4)
-def _rows_pairs(paths: tuple, titles: tuple, patients: tuple, names: tuple, conditions: tuple, arch: str,
-                checkpoint: str) -> PairData:
+def _rows_pairs(
+    paths: tuple, titles: tuple, patients: tuple, names: tuple, conditions: tuple, arch: str, checkpoint: str
+) -> PairData:
     import pandas as pd
 
-    rows = pd.DataFrame({"filepath": paths, "title": titles, "patient_id": patients, "name": names,
-                         "condition": conditions})
+    rows = pd.DataFrame(
+        {"filepath": paths, "title": titles, "patient_id": patients, "name": names, "condition": conditions}
+    )
     bundle = base_bundle(arch, checkpoint, "all")
     return load_pairs(rows, preprocess=bundle.preprocess, tokenizer=bundle.tokenizer)
 
 
-def own_training_data(manifest: str, site: str, *, arch: str, checkpoint: str, cache_dir: Path,
-                      outside_paths: bool = False) -> PairData:
+def own_training_data(
+    manifest: str, site: str, *, arch: str, checkpoint: str, cache_dir: Path, outside_paths: bool = False
+) -> PairData:
     """A deployed site's training pairs, from its own manifest: the ``train`` rows of its site (or
     every ``train`` row if the manifest has no site column: a hospital's manifest is its own).
 
@@ -120,8 +139,10 @@ def own_training_data(manifest: str, site: str, *, arch: str, checkpoint: str, c
     if named.any():
         rows = rows[rows["site"] == site]
         if rows.empty:
-            raise ValueError(f"site: {manifest} has no 'train' rows for site {site!r} "
-                             f"(its sites: {sorted(set(frame.loc[frame['site'] != '', 'site']))})")
+            raise ValueError(
+                f"site: {manifest} has no 'train' rows for site {site!r} "
+                f"(its sites: {sorted(set(frame.loc[frame['site'] != '', 'site']))})"
+            )
     if rows.empty:
         raise ValueError(f"manifest: {manifest} has no 'train' rows to train on")
     return _pairs(rows, arch=arch, checkpoint=checkpoint, cache_dir=cache_dir)
@@ -132,20 +153,32 @@ def _pairs(rows, *, arch: str, checkpoint: str, cache_dir: Path | None) -> PairD
     bundle = base_bundle(arch, checkpoint, "all")
     if cache_dir is None:
         return load_pairs(rows, preprocess=bundle.preprocess, tokenizer=bundle.tokenizer)
-    return cached_pairs(rows, cache_dir=cache_dir, model_key=f"{arch}|{bundle.preprocess!r}",
-                        preprocess=bundle.preprocess, tokenizer=bundle.tokenizer)
+    return cached_pairs(
+        rows,
+        cache_dir=cache_dir,
+        model_key=f"{arch}|{bundle.preprocess!r}",
+        preprocess=bundle.preprocess,
+        tokenizer=bundle.tokenizer,
+    )
 
 
-def site_public_data(manifest: str, arch: str, checkpoint: str, outside_paths: bool = False,
-                     cache_dir: Path | None = None) -> PairData:
+def site_public_data(
+    manifest: str, arch: str, checkpoint: str, outside_paths: bool = False, cache_dir: Path | None = None
+) -> PairData:
     """The public population's pairs (the negative bank of unit mode): public by construction.
     ``cache_dir``: keep them preprocessed on disk there (a deployed site's state folder)."""
     return _public_pairs(manifest, arch, checkpoint, outside_paths, cache_dir, file_stamp(manifest))
 
 
 @lru_cache(maxsize=4)
-def _public_pairs(manifest: str, arch: str, checkpoint: str, outside_paths: bool, cache_dir: Path | None,
-                  _stamp: tuple[int, int] | None) -> PairData:
+def _public_pairs(
+    manifest: str,
+    arch: str,
+    checkpoint: str,
+    outside_paths: bool,
+    cache_dir: Path | None,
+    _stamp: tuple[int, int] | None,
+) -> PairData:
     frame = load_manifest(manifest, allow_outside_paths=outside_paths).frame
     rows = frame[frame["split"] == str(Split.PUBLIC)]
     if rows.empty:
@@ -153,12 +186,15 @@ def _public_pairs(manifest: str, arch: str, checkpoint: str, outside_paths: bool
     return _pairs(rows, arch=arch, checkpoint=checkpoint, cache_dir=cache_dir)
 
 
-def site_for_partition(manifest: str, num_sites: int, seed: int, partition_id: int, pooled: bool = False,
-                       outside_paths: bool = False) -> str:
+def site_for_partition(
+    manifest: str, num_sites: int, seed: int, partition_id: int, pooled: bool = False, outside_paths: bool = False
+) -> str:
     sites = sorted(site_frames(manifest, num_sites, seed, pooled, outside_paths))
     if not 0 <= partition_id < len(sites):
-        raise ValueError(f"partition-id: {partition_id} but the manifest has {len(sites)} sites {sites}; "
-                         "run as many SuperNodes as sites")
+        raise ValueError(
+            f"partition-id: {partition_id} but the manifest has {len(sites)} sites {sites}; "
+            "run as many SuperNodes as sites"
+        )
     return sites[partition_id]
 
 

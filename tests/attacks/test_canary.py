@@ -32,18 +32,28 @@ def test_a_perfect_score_certifies_and_chance_does_not():
     assert perfect.epsilon_lower_bound > 1.5 and perfect.correct == perfect.guesses
     # under the null (scores independent of inclusion) a bound above 0 is a false alarm: at most
     # 5% of the time at 95% confidence (the K guess counts are Bonferroni-corrected)
-    alarms = sum(audit_scores(rng.normal(size=128), rng.random(128) < 0.5, delta=1e-5).epsilon_lower_bound > 0
-                 for _ in range(300))
+    alarms = sum(
+        audit_scores(rng.normal(size=128), rng.random(128) < 0.5, delta=1e-5).epsilon_lower_bound > 0
+        for _ in range(300)
+    )
     assert alarms <= 0.05 * 300 + 3 * (0.05 * 0.95 * 300) ** 0.5
 
 
 def test_attack_tables_fill_the_audit_columns_only_for_randomised_decisions():
     import pandas as pd
 
-    frame = pd.DataFrame({"target": list("abcd"), "site": ["s", "", "s", ""], "is_member": [True, False, True, False],
-                          "predicted_member": [True, False, True, False], "score": [2.0, 0.0, 1.0, -1.0]})
-    row, _ = attack_tables(AttackDecisions("x", frame, randomised=True), round_=1, max_site_epsilon=1.0, delta=1e-5,
-                           confidence=0.95)
+    frame = pd.DataFrame(
+        {
+            "target": list("abcd"),
+            "site": ["s", "", "s", ""],
+            "is_member": [True, False, True, False],
+            "predicted_member": [True, False, True, False],
+            "score": [2.0, 0.0, 1.0, -1.0],
+        }
+    )
+    row, _ = attack_tables(
+        AttackDecisions("x", frame, randomised=True), round_=1, max_site_epsilon=1.0, delta=1e-5, confidence=0.95
+    )
     assert row["auc"] == 1.0 and row["audit_correct"] == row["audit_guesses"] > 0
     assert row["audited_epsilon"] == 0  # four canaries cannot certify anything at 95%
     plain, _ = attack_tables(AttackDecisions("x", frame), round_=1, max_site_epsilon=1.0, delta=1e-5, confidence=0.95)
@@ -51,12 +61,24 @@ def test_attack_tables_fill_the_audit_columns_only_for_randomised_decisions():
 
 
 def test_the_canary_audit_scores_nothing_on_its_own_reference(tmp_path):
-    cfg = SyntheticConfig(seed=1, num_sites=2, patients_per_site=3, public_patients=2, heldout_patients=2,
-                          images_per_patient=3, query_images_per_patient=1, canaries=12)
+    cfg = SyntheticConfig(
+        seed=1,
+        num_sites=2,
+        patients_per_site=3,
+        public_patients=2,
+        heldout_patients=2,
+        images_per_patient=3,
+        query_images_per_patient=1,
+        canaries=12,
+    )
     generate(tmp_path, cfg, canary_secret=bytes(32))
     bundle = create_model(ModelConfig())
-    audit = CanaryAudit(load_canaries(tmp_path / CANARY_FILE), reference=bundle.model, preprocess=bundle.preprocess,
-                        tokenizer=bundle.tokenizer)
+    audit = CanaryAudit(
+        load_canaries(tmp_path / CANARY_FILE),
+        reference=bundle.model,
+        preprocess=bundle.preprocess,
+        tokenizer=bundle.tokenizer,
+    )
     decisions = audit(bundle.model)
     assert decisions.randomised and len(decisions.frame) == 12
     assert np.allclose(decisions.frame["score"], 0) and not decisions.frame["predicted_member"].any()

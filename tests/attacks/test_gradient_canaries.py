@@ -6,10 +6,16 @@ import numpy as np
 import pytest
 import torch
 
-from fedclip.attacks.gradient_canaries import (GradientCanaryAudit, canaries_from_wire, canaries_to_wire, canary_rows,
-                                               coordinate_values, draw_dirac_canaries)
-from fedclip.data.tensors import load_pairs
+from fedclip.attacks.gradient_canaries import (
+    GradientCanaryAudit,
+    canaries_from_wire,
+    canaries_to_wire,
+    canary_rows,
+    coordinate_values,
+    draw_dirac_canaries,
+)
 from fedclip.data.manifest import load_manifest
+from fedclip.data.tensors import load_pairs
 from fedclip.models.factory import ModelConfig, create_model
 from fedclip.training.config import DpConfig, TrainConfig
 from fedclip.training.local import train_local
@@ -56,14 +62,25 @@ def test_included_canaries_move_down_and_the_audit_sees_it(bundle, small_manifes
     audit = GradientCanaryAudit(canaries, reference=bundle.model)
     assert np.allclose(audit(bundle.model).frame["score"], 0)
     model = copy.deepcopy(bundle.model)
-    dp = DpConfig(mode=mode, privacy_unit="identity", noise_multiplier=0.05 if mode != "nonprivate" else 0.0,
-                  max_grad_norm=1.0, sample_rate=0.5, microbatch_size=1, declared_units=8, delta=1e-5)
-    train_local(model, data, dp=dp, train=TrainConfig(steps=20, lr=0.01, optimizer="sgd"),
-                canaries=canaries["hospital_0"])
+    dp = DpConfig(
+        mode=mode,
+        privacy_unit="identity",
+        noise_multiplier=0.05 if mode != "nonprivate" else 0.0,
+        max_grad_norm=1.0,
+        sample_rate=0.5,
+        microbatch_size=1,
+        declared_units=8,
+        delta=1e-5,
+    )
+    train_local(
+        model, data, dp=dp, train=TrainConfig(steps=20, lr=0.01, optimizer="sgd"), canaries=canaries["hospital_0"]
+    )
     frame = audit(model).frame
     assert frame["score"][frame["is_member"]].mean() > frame["score"][~frame["is_member"]].mean()
     members, others = frame["score"][frame["is_member"]], frame["score"][~frame["is_member"]]
     assert members.min() > others.max()  # with almost no noise, separated
     untouched = [c for c, inc in zip(canaries["hospital_0"].coordinates, canaries["hospital_0"].included) if not inc]
-    assert np.abs(coordinate_values(model, tuple(untouched)) -
-                  coordinate_values(bundle.model, tuple(untouched))).max() < members.min()
+    assert (
+        np.abs(coordinate_values(model, tuple(untouched)) - coordinate_values(bundle.model, tuple(untouched))).max()
+        < members.min()
+    )

@@ -8,11 +8,13 @@ from fedclip.models.factory import ModelConfig, create_model
 
 def test_majority_rule_on_hand_made_predictions():
     # 3 people, 2 templates, 5 images; person p's true name is candidate p
-    predicted = np.array([
-        [[0, 0, 0, 1, 2], [0, 0, 1, 1, 2]],  # template 0: majority 0 (correct); template 1: tie 0/1 -> skipped
-        [[1, 1, 0, 0, 2], [2, 2, 2, 1, 1]],  # tie -> skipped; majority 2 (wrong)
-        [[2, 2, 2, 2, 2], [2, 0, 2, 1, 2]],  # both correct
-    ])
+    predicted = np.array(
+        [
+            [[0, 0, 0, 1, 2], [0, 0, 1, 1, 2]],  # template 0: majority 0 (correct); template 1: tie 0/1 -> skipped
+            [[1, 1, 0, 0, 2], [2, 2, 2, 1, 1]],  # tie -> skipped; majority 2 (wrong)
+            [[2, 2, 2, 2, 2], [2, 0, 2, 1, 2]],  # both correct
+        ]
+    )
     correct, member = majority_decisions(predicted, np.array([0, 1, 2]), tau=1)
     assert correct.tolist() == [1, 0, 2] and member.tolist() == [True, False, True]
     _, member2 = majority_decisions(predicted, np.array([0, 1, 2]), tau=2)
@@ -67,7 +69,9 @@ def test_distractors_come_from_the_name_lists_the_data_uses(small_manifest):
     CENSUS_FIRST_NAMES, CENSUS_SURNAMES = first_and_surnames("census")
 
     config = IdiaConfig(num_queries=4, num_distractors=40, name_lists="census")
-    targets = IdiaTargets.from_frame(small_manifest.frame, config=config, preprocess=create_model(ModelConfig()).preprocess)
+    targets = IdiaTargets.from_frame(
+        small_manifest.frame, config=config, preprocess=create_model(ModelConfig()).preprocess
+    )
     distractors = targets.candidates[-40:]
     assert all(d.split(" ")[0] in CENSUS_FIRST_NAMES and d.split(" ")[1] in CENSUS_SURNAMES for d in distractors)
     with pytest.raises(ValueError, match="idia name_lists"):

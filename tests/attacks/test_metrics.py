@@ -9,8 +9,14 @@ from fedclip.attacks.metrics import clopper_pearson, epsilon_lower_bound, member
 
 def _frame(tp, fn, fp, tn):
     rows = [(True, True)] * tp + [(True, False)] * fn + [(False, True)] * fp + [(False, False)] * tn
-    return pd.DataFrame({"target": range(len(rows)), "site": ["a"] * (tp + fn) + [""] * (fp + tn),
-                         "is_member": [r[0] for r in rows], "predicted_member": [r[1] for r in rows]})
+    return pd.DataFrame(
+        {
+            "target": range(len(rows)),
+            "site": ["a"] * (tp + fn) + [""] * (fp + tn),
+            "is_member": [r[0] for r in rows],
+            "predicted_member": [r[1] for r in rows],
+        }
+    )
 
 
 def test_rates_by_hand():

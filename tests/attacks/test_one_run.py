@@ -24,7 +24,9 @@ def test_chance_level_guessing_certifies_nothing():
 
 
 def test_the_bound_grows_with_correct_guesses_and_shrinks_with_delta():
-    bounds = [audit_epsilon_lower_bound(canaries=1000, guesses=200, correct=v, delta=1e-5) for v in (120, 150, 180, 200)]
+    bounds = [
+        audit_epsilon_lower_bound(canaries=1000, guesses=200, correct=v, delta=1e-5) for v in (120, 150, 180, 200)
+    ]
     assert bounds == sorted(bounds) and bounds[0] > 0
     assert audit_epsilon_lower_bound(canaries=1000, guesses=200, correct=180, delta=1e-3) < bounds[2]
 
@@ -75,9 +77,19 @@ def test_the_evaluator_splits_confidence_over_its_randomised_audits(tmp_path):
         name = "idia"
 
     attacks = [Idia(), CanaryAudit.__new__(CanaryAudit), GradientCanaryAudit.__new__(GradientCanaryAudit)]
-    evaluator = RoundEvaluator(model=None, tokenizer=None, test=None, attacks=attacks, files=RunFiles(tmp_path),
-                               epsilons=dict, delta=1e-5, state_dir=tmp_path, round_offset=0, total_rounds=4,
-                               trained_this_round=lambda: True)
+    evaluator = RoundEvaluator(
+        model=None,
+        tokenizer=None,
+        test=None,
+        attacks=attacks,
+        files=RunFiles(tmp_path),
+        epsilons=dict,
+        delta=1e-5,
+        state_dir=tmp_path,
+        round_offset=0,
+        total_rounds=4,
+        trained_this_round=lambda: True,
+    )
     try:
         assert evaluator.confidence == pytest.approx(1 - 0.05 / 5)
         assert evaluator.audit_confidence == pytest.approx(1 - 0.05 / 10)

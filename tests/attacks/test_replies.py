@@ -8,8 +8,9 @@ from flwr.app import ArrayRecord
 from fedclip.attacks.base import AttackDecisions
 from fedclip.attacks.replies import ReplyAttack, reply_rounds
 
-TARGETS = pd.DataFrame({"target": ["p0", "p1", "p2", "p3"], "site": ["s1", "s2", "", ""],
-                        "is_member": [True, True, False, False]})
+TARGETS = pd.DataFrame(
+    {"target": ["p0", "p1", "p2", "p3"], "site": ["s1", "s2", "", ""], "is_member": [True, True, False, False]}
+)
 
 
 class WeightReader:
@@ -75,7 +76,9 @@ def test_replies_attacked_with_other_targets_are_refused():
         def __call__(self, model):
             out = super().__call__(model)
             Shuffled.calls += 1
-            return out if Shuffled.calls == 1 else AttackDecisions(out.attack, out.frame.iloc[::-1].reset_index(drop=True))
+            return (
+                out if Shuffled.calls == 1 else AttackDecisions(out.attack, out.frame.iloc[::-1].reset_index(drop=True))
+            )
 
     attack = ReplyAttack(Shuffled(), model=_model(), when=lambda r: True)
     attack.observe(1, "s1", _reply(1.0, 1.0, 1.0, 1.0))

@@ -11,7 +11,9 @@ def test_rows_are_averaged_over_the_models_that_trained_them_and_the_rest_as_fed
     b = {"emb": torch.tensor([[0.0, 0], [6, 6], [0, 0], [8, 8]]), "w": torch.full((3,), 4.0), "step": torch.tensor(9)}
     rows = {"emb": [torch.tensor([True, True, False, False]), torch.tensor([False, True, False, True])]}
     out = average(base, [a, b], rows=rows)
-    assert torch.equal(out["emb"], torch.tensor([[4.0, 4], [4, 4], [0, 0], [8, 8]])), "one site: its full update; both: the mean; none: base"
+    assert torch.equal(out["emb"], torch.tensor([[4.0, 4], [4, 4], [0, 0], [8, 8]])), (
+        "one site: its full update; both: the mean; none: base"
+    )
     assert torch.equal(out["w"], torch.full((3,), 3.0)) and torch.equal(out["step"], torch.tensor(7))
     assert torch.equal(average(base, [a, b])["emb"], (a["emb"] + b["emb"]) / 2), "without rows: FedAvg"
 

@@ -23,7 +23,9 @@ def test_process_tree_memory_counts_children():
 def test_process_tree_cpu_time_counts_a_busy_child_by_name():
     """A child that spins for a second shows about a second of CPU under its own name, kept after
     it exits (the last sample of every process seen counts)."""
-    child = subprocess.Popen([sys.executable, "-c", "import time\nt = time.process_time()\nwhile time.process_time() - t < 1.0: pass"])
+    child = subprocess.Popen(
+        [sys.executable, "-c", "import time\nt = time.process_time()\nwhile time.process_time() - t < 1.0: pass"]
+    )
     seen: dict = {}
     while child.poll() is None:
         seen.update(_tree_sample(os.getpid())[2])

@@ -8,8 +8,15 @@ import pytest
 from fedclip.data.canaries import CANARY_FILE, draw_inclusion, load_canaries
 from fedclip.data.synthetic import SyntheticConfig, generate
 
-CFG = SyntheticConfig(seed=5, num_sites=2, patients_per_site=4, public_patients=4, heldout_patients=3,
-                      images_per_patient=3, query_images_per_patient=2)
+CFG = SyntheticConfig(
+    seed=5,
+    num_sites=2,
+    patients_per_site=4,
+    public_patients=4,
+    heldout_patients=3,
+    images_per_patient=3,
+    query_images_per_patient=2,
+)
 SECRET = bytes(range(32))
 
 
@@ -52,11 +59,17 @@ def test_inclusion_comes_from_the_os_unless_a_secret_is_given(tmp_path):
         draw_inclusion(4, secret=b"short")
 
 
-@pytest.mark.parametrize(("edit", "message"), [
-    (lambda f: f.drop(columns=["included"]), r"lacks column\(s\) \['included'\]"),
-    (lambda f: f.assign(included=f["included"].astype(str).replace("1", "yes")), "line .*: included must be 0 or 1"),
-    (lambda f: f[f["split"] != "train"], "has no 'train' rows to score"),
-])
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda f: f.drop(columns=["included"]), r"lacks column\(s\) \['included'\]"),
+        (
+            lambda f: f.assign(included=f["included"].astype(str).replace("1", "yes")),
+            "line .*: included must be 0 or 1",
+        ),
+        (lambda f: f[f["split"] != "train"], "has no 'train' rows to score"),
+    ],
+)
 def test_a_bad_canary_file_is_refused_naming_the_problem(tmp_path, edit, message):
     generate(tmp_path, _with(CFG, canaries=4), canary_secret=SECRET)
     path = tmp_path / CANARY_FILE

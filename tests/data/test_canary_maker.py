@@ -17,11 +17,29 @@ def _fedclip(*args):
 
 
 def test_each_site_gets_exactly_its_included_canaries_and_they_drop_into_its_manifest(tmp_path):
-    hospital = generate(tmp_path / "hospital", SyntheticConfig(num_sites=1, patients_per_site=3, public_patients=2,
-                                                               heldout_patients=2, images_per_patient=2,
-                                                               query_images_per_patient=1))
-    done = _fedclip("canaries", str(tmp_path / "c"), "--sites", "hospital_0,hospital_b", "--count", "40",
-                    "--image-size", "32", "--exclude", str(hospital))
+    hospital = generate(
+        tmp_path / "hospital",
+        SyntheticConfig(
+            num_sites=1,
+            patients_per_site=3,
+            public_patients=2,
+            heldout_patients=2,
+            images_per_patient=2,
+            query_images_per_patient=1,
+        ),
+    )
+    done = _fedclip(
+        "canaries",
+        str(tmp_path / "c"),
+        "--sites",
+        "hospital_0,hospital_b",
+        "--count",
+        "40",
+        "--image-size",
+        "32",
+        "--exclude",
+        str(hospital),
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "keep it" in done.stdout and "hospital_b: copy" in done.stdout
     canaries = load_canaries(tmp_path / "c" / CANARY_FILE)
@@ -44,8 +62,9 @@ def test_each_site_gets_exactly_its_included_canaries_and_they_drop_into_its_man
 
 
 def test_refusals_name_the_problem(tmp_path):
-    make_site_canaries(tmp_path, sites=["a"], count=2, image_size=16, images_per_canary=1, query_images=1,
-                       secret=bytes(32))
+    make_site_canaries(
+        tmp_path, sites=["a"], count=2, image_size=16, images_per_canary=1, query_images=1, secret=bytes(32)
+    )
     with pytest.raises(ValueError, match="a second draw would replace the auditor's secret"):
         make_site_canaries(tmp_path, sites=["a"], count=2)
     with pytest.raises(ValueError, match="distinct site names"):

@@ -35,7 +35,9 @@ def test_custom_column_names_and_tsv_with_optional_columns_absent(copy):
     frame = pd.read_csv(copy, dtype=str, keep_default_na=False)
     frame = frame.rename(columns={"filepath": "img", "title": "report", "patient_id": "person"})
     frame[["img", "report", "person"]].to_csv(copy.with_suffix(".tsv"), sep="\t", index=False)
-    cols = ManifestColumns(image="img", caption="report", patient="person", name=None, site=None, condition=None, split=None)
+    cols = ManifestColumns(
+        image="img", caption="report", patient="person", name=None, site=None, condition=None, split=None
+    )
     loaded = load_manifest(copy.with_suffix(".tsv"), columns=cols)
     assert len(loaded.frame) == len(frame)
     assert (loaded.frame["name"] == loaded.frame["patient_id"]).all()
@@ -71,11 +73,16 @@ def test_bad_row_error_names_file_line_and_column(copy, damage, column, problem)
     elif damage == "unreadable_image":
         (copy.parent / frame.loc[row, "filepath"]).write_bytes(b"not a png")
     else:
-        _edit(copy, {
-            "empty_caption": lambda f: f.__setitem__("title", f["title"].where(f.index != row, "  ")),
-            "duplicate_image": lambda f: f.__setitem__("filepath", f["filepath"].where(f.index != row, f.loc[0, "filepath"])),
-            "bad_split": lambda f: f.__setitem__("split", f["split"].where(f.index != row, "validation")),
-        }[damage])
+        _edit(
+            copy,
+            {
+                "empty_caption": lambda f: f.__setitem__("title", f["title"].where(f.index != row, "  ")),
+                "duplicate_image": lambda f: f.__setitem__(
+                    "filepath", f["filepath"].where(f.index != row, f.loc[0, "filepath"])
+                ),
+                "bad_split": lambda f: f.__setitem__("split", f["split"].where(f.index != row, "validation")),
+            }[damage],
+        )
     with pytest.raises(ManifestError) as err:
         load_manifest(copy)
     message = str(err.value)
@@ -116,7 +123,9 @@ def test_paths_outside_the_manifest_folder_are_refused_unless_allowed(copy):
     shutil.copy(copy.parent / frame.loc[3, "filepath"], outside)
     for path in ("../elsewhere.png", str(outside)):
         _edit(copy, lambda f, p=path: f.__setitem__("filepath", f["filepath"].where(f.index != 3, p)))
-        with pytest.raises(ManifestError, match=r"line 5, column 'filepath': image path .* is outside the manifest's folder"):
+        with pytest.raises(
+            ManifestError, match=r"line 5, column 'filepath': image path .* is outside the manifest's folder"
+        ):
             load_manifest(copy)
         loaded = load_manifest(copy, allow_outside_paths=True)
         assert str(outside.resolve()) in {str(Path(p).resolve()) for p in loaded.frame["filepath"]}

@@ -84,8 +84,16 @@ def test_a_patients_images_look_alike(small_manifest_path):
 
 
 def test_site_skew_changes_site_sizes_but_keeps_the_total(tmp_path):
-    cfg = SyntheticConfig(seed=1, num_sites=4, patients_per_site=10, public_patients=0, heldout_patients=0,
-                          site_skew=0.3, images_per_patient=1, query_images_per_patient=1)
+    cfg = SyntheticConfig(
+        seed=1,
+        num_sites=4,
+        patients_per_site=10,
+        public_patients=0,
+        heldout_patients=0,
+        site_skew=0.3,
+        images_per_patient=1,
+        query_images_per_patient=1,
+    )
     frame = pd.read_csv(generate(tmp_path, cfg), dtype=str, keep_default_na=False)
     sizes = frame[frame["split"] == "train"].groupby("site")["patient_id"].nunique()
     assert sizes.sum() == 40
@@ -94,8 +102,15 @@ def test_site_skew_changes_site_sizes_but_keeps_the_total(tmp_path):
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("num_sites", 0), ("patients_per_site", 0), ("public_patients", -1), ("image_size", 8), ("site_skew", -1.0), ("noise", 1.5),
-     ("name_lists", "klingon")],
+    [
+        ("num_sites", 0),
+        ("patients_per_site", 0),
+        ("public_patients", -1),
+        ("image_size", 8),
+        ("site_skew", -1.0),
+        ("noise", 1.5),
+        ("name_lists", "klingon"),
+    ],
 )
 def test_bad_config_names_the_field(field, value):
     with pytest.raises(ValueError, match=field):
@@ -110,8 +125,15 @@ def test_census_names_give_most_patients_their_own_surname(tmp_path):
     (_, CENSUS_SURNAMES), (_, SHORT_SURNAMES) = first_and_surnames("census"), first_and_surnames("short")
 
     def surnames(lists: str) -> pd.Series:
-        cfg = SyntheticConfig(num_sites=1, patients_per_site=300, public_patients=0, heldout_patients=0,
-                              images_per_patient=1, query_images_per_patient=1, name_lists=lists)
+        cfg = SyntheticConfig(
+            num_sites=1,
+            patients_per_site=300,
+            public_patients=0,
+            heldout_patients=0,
+            images_per_patient=1,
+            query_images_per_patient=1,
+            name_lists=lists,
+        )
         frame = pd.read_csv(generate(tmp_path / lists, cfg), dtype=str, keep_default_na=False)
         return frame.groupby("patient_id")["name"].first().str.split(" ").str[-1]
 

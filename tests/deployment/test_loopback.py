@@ -23,8 +23,15 @@ from fedclip.data.synthetic import SyntheticConfig, generate
 from fedclip.training.warmstart import WarmStartConfig, warm_start
 from simulations.loopback import BIN, REPO, Federation, make_certificates
 
-DATA = SyntheticConfig(seed=3, num_sites=2, patients_per_site=6, public_patients=12, heldout_patients=4,
-                       images_per_patient=4, query_images_per_patient=3)
+DATA = SyntheticConfig(
+    seed=3,
+    num_sites=2,
+    patients_per_site=6,
+    public_patients=12,
+    heldout_patients=4,
+    images_per_patient=4,
+    query_images_per_patient=3,
+)
 
 
 @pytest.fixture
@@ -43,8 +50,10 @@ def hospital_data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     be), the auditor's (members' query photos, non-members' photos), and the base checkpoint."""
     manifest = generate(tmp_path_factory.mktemp("deployed_data"), DATA)
     frame = pd.read_csv(manifest, keep_default_na=False)
-    parts = {"server": frame[frame["split"].isin(["public", "heldout"])],
-             "auditor": frame[frame["split"].isin(["query", "heldout"])]}
+    parts = {
+        "server": frame[frame["split"].isin(["public", "heldout"])],
+        "auditor": frame[frame["split"].isin(["query", "heldout"])],
+    }
     for k in range(2):
         own = frame[(frame["split"] == "train") & (frame["site"] == f"hospital_{k}")]
         parts[f"hospital_{k}"] = own.assign(site="") if k == 1 else own
@@ -52,22 +61,29 @@ def hospital_data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     for role, rows in parts.items():
         paths[role] = manifest.with_name(f"{role}.csv")
         rows.to_csv(paths[role], index=False)
-    paths["checkpoint"] = warm_start(paths["server"], cache_dir=tmp_path_factory.mktemp("deployed_cache"),
-                                     config=WarmStartConfig(epochs=3, batch_size=32, seed=0))
+    paths["checkpoint"] = warm_start(
+        paths["server"],
+        cache_dir=tmp_path_factory.mktemp("deployed_cache"),
+        config=WarmStartConfig(epochs=3, batch_size=32, seed=0),
+    )
     return paths
 
 
 def _run_config(path: Path, data: dict[str, Path], *, out: Path, site_nodes: str = "") -> Path:
     small = (REPO / "simulations" / "hospital_clip" / "small.toml").read_text().splitlines()
     kept = [line for line in small if not line.startswith(("output-dir", "cache-dir"))]
-    path.write_text("\n".join(kept) + f"\nmanifest = '{data['server']}'\npretrained = '{data['checkpoint']}'\n"
-                    f"output-dir = '{out}/{{run-id}}'\ncache-dir = '{out.parent / 'cache'}'\ndeclared-units = 6\n"
-                    f"sites = 'hospital_0,hospital_1'\nsite-nodes = '{site_nodes}'\n")
+    path.write_text(
+        "\n".join(kept) + f"\nmanifest = '{data['server']}'\npretrained = '{data['checkpoint']}'\n"
+        f"output-dir = '{out}/{{run-id}}'\ncache-dir = '{out.parent / 'cache'}'\ndeclared-units = 6\n"
+        f"sites = 'hospital_0,hospital_1'\nsite-nodes = '{site_nodes}'\n"
+    )
     return path
 
 
 def _site(name: str, data: dict[str, Path], state: Path, *, worker: Path | None = None) -> str:
-    config = f"site='{name}' manifest='{data[name]}' checkpoint='{data['checkpoint']}' state-dir='{state}' declared-units=6"
+    config = (
+        f"site='{name}' manifest='{data[name]}' checkpoint='{data['checkpoint']}' state-dir='{state}' declared-units=6"
+    )
     return config + (f" site-worker='{worker}'" if worker else "")
 
 
@@ -75,15 +91,22 @@ def _fedclip(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([str(BIN / "fedclip"), *args], cwd=REPO, capture_output=True, text=True, timeout=300)
 
 
-def _two_rounds_at_two_hospitals(fed: Federation, data: dict[str, Path], tmp_path: Path, *,
-                                 keys: tuple[str | None, str | None] = (None, None), site_nodes: str = "",
-                                 worker_at: tuple[int, ...] = ()) -> Path:
+def _two_rounds_at_two_hospitals(
+    fed: Federation,
+    data: dict[str, Path],
+    tmp_path: Path,
+    *,
+    keys: tuple[str | None, str | None] = (None, None),
+    site_nodes: str = "",
+    worker_at: tuple[int, ...] = (),
+) -> Path:
     """``worker_at``: the hospitals whose ClientApp hands each message to their ``fedclip site-worker``."""
     workers = {k: fed.site_worker(f"hospital_{k}", tmp_path / f"state_{k}" / "worker.sock") for k in worker_at}
     for k in range(2):
         worker = tmp_path / f"state_{k}" / "worker.sock" if k in workers else None
-        fed.supernode(f"hospital_{k}", _site(f"hospital_{k}", data, tmp_path / f"state_{k}", worker=worker),
-                      node_key=keys[k])
+        fed.supernode(
+            f"hospital_{k}", _site(f"hospital_{k}", data, tmp_path / f"state_{k}", worker=worker), node_key=keys[k]
+        )
     done = fed.run(_run_config(tmp_path / "run.toml", data, out=tmp_path / "out", site_nodes=site_nodes))
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     (out,) = list((tmp_path / "out").iterdir())  # output-dir = '.../{run-id}': one folder per run
@@ -146,8 +169,13 @@ def test_with_tls_and_supernode_authentication_an_unregistered_node_is_refused(h
         log = fed.supernode("intruder", None, node_key="intruder", expect="2004")
         assert "Failed to activate SuperNode" in log.read_text(errors="replace")
         # the server knows each hospital by the node id its registered key was given, not by its word
-        out = _two_rounds_at_two_hospitals(fed, hospital_data, tmp_path, keys=("hospital_0", "hospital_1"),
-                                           site_nodes=",".join(f"{s}={n}" for s, n in nodes.items()))
+        out = _two_rounds_at_two_hospitals(
+            fed,
+            hospital_data,
+            tmp_path,
+            keys=("hospital_0", "hospital_1"),
+            site_nodes=",".join(f"{s}={n}" for s, n in nodes.items()),
+        )
         assert json.loads((out / "config.json").read_text())["site-nodes"].count("=") == 2
     finally:
         fed.stop()

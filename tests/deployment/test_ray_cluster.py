@@ -33,9 +33,17 @@ def test_the_simulation_runs_on_a_two_node_ray_cluster_on_loopback(tmp_path):
         cluster.add_node(num_cpus=1)
         cluster.wait_for_nodes()
         out = tmp_path / "run"
-        cmd = [str(Path(sys.executable).parent / "flower-simulation"), "--app", "simulations.hospital_clip",
-               "--run-config", "simulations/hospital_clip/small.toml num-rounds=1", "--output", str(out),
-               "--backend-config", json.dumps({"init_args": {"address": cluster.address}})]
+        cmd = [
+            str(Path(sys.executable).parent / "flower-simulation"),
+            "--app",
+            "simulations.hospital_clip",
+            "--run-config",
+            "simulations/hospital_clip/small.toml num-rounds=1",
+            "--output",
+            str(out),
+            "--backend-config",
+            json.dumps({"init_args": {"address": cluster.address}}),
+        ]
         done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
         assert json.loads((out / "status.json").read_text())["status"] == "finished"

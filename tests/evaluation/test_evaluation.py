@@ -25,14 +25,25 @@ class LookupModel(torch.nn.Module):
 
 def _pairs(n: int, conditions: list[str]) -> PairData:
     ids = torch.arange(n)
-    return PairData(images=ids.view(n, 1, 1, 1).float(), tokens=ids.view(n, 1), patient_ids=("p",) * n,
-                    names=("n",) * n, conditions=tuple(conditions), record_ids=tuple(map(str, range(n))))
+    return PairData(
+        images=ids.view(n, 1, 1, 1).float(),
+        tokens=ids.view(n, 1),
+        patient_ids=("p",) * n,
+        names=("n",) * n,
+        conditions=tuple(conditions),
+        record_ids=tuple(map(str, range(n))),
+    )
 
 
 def test_retrieval_recall_on_hand_made_embeddings():
     emb = F.normalize(torch.eye(4), dim=-1)
     perfect = retrieval_recall(LookupModel(emb, emb), _pairs(4, ["pneumonia"] * 4), ks=(1, 2))
-    assert perfect == {"image_to_text_r1": 1.0, "image_to_text_r2": 1.0, "text_to_image_r1": 1.0, "text_to_image_r2": 1.0}
+    assert perfect == {
+        "image_to_text_r1": 1.0,
+        "image_to_text_r2": 1.0,
+        "text_to_image_r1": 1.0,
+        "text_to_image_r2": 1.0,
+    }
     # text of pair 0 points away from image 0 and towards image 1: pair 0 fails both ways
     text = emb.clone()
     text[0] = F.normalize(torch.tensor([-0.5, 1.0, 0.0, 0.0]), dim=0)

@@ -25,8 +25,10 @@ from simulations.hospital_clip.server_app import default_run_config, resolve_con
 
 class LocalGrid(Grid):
     def __init__(self, num_nodes: int) -> None:
-        self.contexts = {n + 1: Context(run_id=1, node_id=n + 1, node_config={"partition-id": n}, state=RecordDict(),
-                                        run_config={}) for n in range(num_nodes)}
+        self.contexts = {
+            n + 1: Context(run_id=1, node_id=n + 1, node_config={"partition-id": n}, state=RecordDict(), run_config={})
+            for n in range(num_nodes)
+        }
         self._replies: dict[str, Message] = {}
 
     def set_run(self, run) -> None:  # pragma: no cover - not used by the ServerApp

@@ -19,8 +19,9 @@ CLIENT = "budget=inf client-dp-epsilon=8.0 client-clip-norm=1.0"
 
 
 def _independent_epsilon(sigma: float, releases: int, delta: float = 1e-5) -> float:
-    one = pld_lib.from_gaussian_mechanism(standard_deviation=sigma, sensitivity=1.0, pessimistic_estimate=True,
-                                          value_discretization_interval=1e-3)
+    one = pld_lib.from_gaussian_mechanism(
+        standard_deviation=sigma, sensitivity=1.0, pessimistic_estimate=True, value_discretization_interval=1e-3
+    )
     return float(one.self_compose(releases).get_epsilon_for_delta(delta))
 
 
@@ -39,7 +40,9 @@ def uninterrupted(tmp_path_factory, cache):
 
 def test_uninterrupted_run_counts_every_round(uninterrupted):
     assert uninterrupted["rounds"] == 3
-    assert uninterrupted["epsilon"] == pytest.approx(_independent_epsilon(uninterrupted["noise_multiplier"], 3), rel=1e-3)
+    assert uninterrupted["epsilon"] == pytest.approx(
+        _independent_epsilon(uninterrupted["noise_multiplier"], 3), rel=1e-3
+    )
     assert uninterrupted["epsilon"] <= 8.0
 
 
@@ -56,7 +59,9 @@ def test_a_resumed_run_never_reports_a_smaller_site_level_epsilon(tmp_path, cach
     assert site_level["rounds"] == releases
     assert LedgerStore(out / "state" / "ledger.sqlite", delta=1e-5).aggregates() == releases
     assert site_level["noise_multiplier"] == uninterrupted["noise_multiplier"]
-    assert site_level["epsilon"] == pytest.approx(_independent_epsilon(site_level["noise_multiplier"], releases), rel=1e-3)
+    assert site_level["epsilon"] == pytest.approx(
+        _independent_epsilon(site_level["noise_multiplier"], releases), rel=1e-3
+    )
     assert site_level["epsilon"] >= uninterrupted["epsilon"] - 1e-9
     if releases == 3:
         assert site_level["epsilon"] == pytest.approx(uninterrupted["epsilon"])

@@ -21,9 +21,11 @@ from fedclip.privacy.ledger_store import LedgerStore
 from strategies.faults import CRASH_EXIT_CODE, PHASES
 
 SITES = ("hospital_0", "hospital_1")
-TINY = ("num-sites=2 patients-per-site=6 public-patients=30 heldout-patients=8 images-per-patient=4 "
-        "query-images-per-patient=3 idia-queries=3 idia-distractors=20 warm-start-epochs=3 local-steps=2 "
-        "microbatch-size=3 target-epsilon=0.0 noise-multiplier=2.0 num-rounds=3")
+TINY = (
+    "num-sites=2 patients-per-site=6 public-patients=30 heldout-patients=8 images-per-patient=4 "
+    "query-images-per-patient=3 idia-queries=3 idia-distractors=20 warm-start-epochs=3 local-steps=2 "
+    "microbatch-size=3 target-epsilon=0.0 noise-multiplier=2.0 num-rounds=3"
+)
 BUDGET = 9.0  # three planned rounds cost about 7.4: a crashed attempt's extra charge can push the last round out
 
 
@@ -31,8 +33,13 @@ def _run(out, cache, extra: str, crash: str | None = None) -> subprocess.Complet
     env = {"FEDCLIP_CRASH_AT": crash} if crash else {}
     import os
 
-    return subprocess.run([sys.executable, "-m", "tests.faults.local_grid", str(out), str(cache), f"{TINY} {extra}"],
-                          capture_output=True, text=True, timeout=300, env={**os.environ, **env})
+    return subprocess.run(
+        [sys.executable, "-m", "tests.faults.local_grid", str(out), str(cache), f"{TINY} {extra}"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, **env},
+    )
 
 
 @pytest.fixture(scope="module")

@@ -39,26 +39,52 @@ def inn_checkpoint(small_manifest_path, tmp_path_factory):
     frame = load_manifest(small_manifest_path).frame
     public = frame[frame["split"] == str(Split.PUBLIC)]
     inn = ConditionalInn(InnConfig(blocks_per_scale=1, width=16, dense_blocks=1, dense_width=64))
-    train_inn(inn, load_images(public, preprocess=to_pixels(32)), inn.config.label_indices(public["condition"]),
-              epochs=1, generator=torch.Generator().manual_seed(0))
+    train_inn(
+        inn,
+        load_images(public, preprocess=to_pixels(32)),
+        inn.config.label_indices(public["condition"]),
+        epochs=1,
+        generator=torch.Generator().manual_seed(0),
+    )
     return save_inn(inn, tmp_path_factory.mktemp("inn") / "inn.pt")
 
 
 @pytest.mark.parametrize("phase", list(RELEASES_AFTER_RESTART))
-def test_a_killed_worker_never_releases_uncharged(phase, small_manifest_path, warm_checkpoint, inn_checkpoint,
-                                                 tmp_path_factory):
+def test_a_killed_worker_never_releases_uncharged(
+    phase, small_manifest_path, warm_checkpoint, inn_checkpoint, tmp_path_factory
+):
     root = tmp_path_factory.mktemp("release", numbered=True)
     sock, state = root / "w.sock", root / "state"
-    cfg = SimulationConfig(manifest=str(small_manifest_path), dp_mode="cadp", target_epsilon=8.0, budget=8.0,
-                           input_images_per_unit=6, local_steps=2, trainable="last-1")
-    plan = InputPlan.calibrated("cadp", target_epsilon=8.0, delta=cfg.delta, images_per_unit=6, radius=0.0,
-                                image_size=32, inn_checkpoint=str(inn_checkpoint))
+    cfg = SimulationConfig(
+        manifest=str(small_manifest_path),
+        dp_mode="cadp",
+        target_epsilon=8.0,
+        budget=8.0,
+        input_images_per_unit=6,
+        local_steps=2,
+        trainable="last-1",
+    )
+    plan = InputPlan.calibrated(
+        "cadp",
+        target_epsilon=8.0,
+        delta=cfg.delta,
+        images_per_unit=6,
+        radius=0.0,
+        image_size=32,
+        inn_checkpoint=str(inn_checkpoint),
+    )
     config = train_config_record(cfg, noise_multiplier=0.0, manifest="", checkpoint="", input_plan=plan)
     config["num-sites"] = 3  # the small manifest's sites
     model = create_model(ModelConfig(pretrained=str(warm_checkpoint), trainable="last-1")).model
-    node = {"site": "hospital_0", "manifest": str(small_manifest_path), "checkpoint": str(warm_checkpoint),
-            "state-dir": str(state), "declared-units": 8, "site-worker": str(sock),
-            "allowed-dp-modes": "cadp"}  # a hospital must allow an input mode by name
+    node = {
+        "site": "hospital_0",
+        "manifest": str(small_manifest_path),
+        "checkpoint": str(warm_checkpoint),
+        "state-dir": str(state),
+        "declared-units": 8,
+        "site-worker": str(sock),
+        "allowed-dp-modes": "cadp",
+    }  # a hospital must allow an input mode by name
 
     def train(round_: int) -> Message:
         return send_train(round_, config=config, model=model, node=node)
@@ -76,7 +102,9 @@ def test_a_killed_worker_never_releases_uncharged(phase, small_manifest_path, wa
     assert not retried.has_error() and not nxt.has_error()
     store = LedgerStore(state / "ledger.sqlite", delta=cfg.delta, accountant=cfg.accountant, create=False)
     try:
-        releases = [e for e in store.events("hospital_0") if e.relation == Relation.REPLACE_ONE and e.sample_rate == 1.0]
+        releases = [
+            e for e in store.events("hospital_0") if e.relation == Relation.REPLACE_ONE and e.sample_rate == 1.0
+        ]
         assert len(releases) == RELEASES_AFTER_RESTART[phase], releases
         assert all(e == plan.release_event("identity") for e in releases)
     finally:

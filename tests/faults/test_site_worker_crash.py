@@ -37,8 +37,11 @@ def task_identity():
 def send_train(round_: int, *, config, model, node: dict) -> Message:
     """Round ``round_``'s train message, handed to the real ClientApp as a SuperNode would."""
     config["server-round"] = round_
-    msg = Message(RecordDict({"arrays": model_to_arrays(model, trainable_only=True), "config": config}),
-                  dst_node_id=1, message_type=MessageType.TRAIN)
+    msg = Message(
+        RecordDict({"arrays": model_to_arrays(model, trainable_only=True), "config": config}),
+        dst_node_id=1,
+        message_type=MessageType.TRAIN,
+    )
     return client_app(msg, Context(run_id=1, node_id=1, node_config=node, state=RecordDict(), run_config={}))
 
 
@@ -46,8 +49,13 @@ def _worker(sock: Path, log: Path, crash: str | None = None) -> subprocess.Popen
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     if crash:
         env["FEDCLIP_CRASH_AT"] = crash
-    proc = subprocess.Popen([str(BIN / "fedclip"), "site-worker", "--site", "hospital_0", "--socket", str(sock)],
-                            cwd=REPO, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
+    proc = subprocess.Popen(
+        [str(BIN / "fedclip"), "site-worker", "--site", "hospital_0", "--socket", str(sock)],
+        cwd=REPO,
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+        env=env,
+    )
     deadline = time.time() + 120
     while "listening on" not in log.read_text():
         if proc.poll() is not None or time.time() > deadline:
@@ -60,12 +68,24 @@ def _worker(sock: Path, log: Path, crash: str | None = None) -> subprocess.Popen
 def test_a_killed_worker_loses_no_spending(phase, small_manifest_path, warm_checkpoint, tmp_path_factory):
     root = tmp_path_factory.mktemp("crash", numbered=True)  # short: a Unix socket path has 108 bytes
     sock, state = root / "w.sock", root / "state"
-    cfg = SimulationConfig(manifest=str(small_manifest_path), sites="hospital_0,hospital_1", declared_units=6,
-                           target_epsilon=0.0, local_steps=2, trainable="last-1")
+    cfg = SimulationConfig(
+        manifest=str(small_manifest_path),
+        sites="hospital_0,hospital_1",
+        declared_units=6,
+        target_epsilon=0.0,
+        local_steps=2,
+        trainable="last-1",
+    )
     config = train_config_record(cfg, noise_multiplier=1.0, manifest="", checkpoint="")
     model = create_model(ModelConfig(pretrained=str(warm_checkpoint), trainable="last-1")).model
-    node = {"site": "hospital_0", "manifest": str(small_manifest_path), "checkpoint": str(warm_checkpoint),
-            "state-dir": str(state), "declared-units": 6, "site-worker": str(sock)}
+    node = {
+        "site": "hospital_0",
+        "manifest": str(small_manifest_path),
+        "checkpoint": str(warm_checkpoint),
+        "state-dir": str(state),
+        "declared-units": 6,
+        "site-worker": str(sock),
+    }
 
     def train(round_: int) -> Message:
         return send_train(round_, config=config, model=model, node=node)

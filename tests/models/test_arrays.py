@@ -31,7 +31,8 @@ def test_trainable_only_sends_only_what_is_trained_and_keeps_the_rest():
 def test_mismatched_arrays_are_refused():
     model = create_model(ModelConfig()).model
     arrays = model_to_arrays(model, trainable_only=False)
-    arrays["visual.proj"] = model_to_arrays(create_model(ModelConfig(arch="ViT-B-32", trainable="projections")).model,
-                                            trainable_only=True)["visual.proj"]
+    arrays["visual.proj"] = model_to_arrays(
+        create_model(ModelConfig(arch="ViT-B-32", trainable="projections")).model, trainable_only=True
+    )["visual.proj"]
     with pytest.raises(ValueError, match="visual.proj has shape"):
         load_arrays(model, arrays)

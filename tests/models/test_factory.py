@@ -22,7 +22,9 @@ def test_local_checkpoint_round_trip(tmp_path):
     torch.manual_seed(1)
     loaded = create_model(ModelConfig(pretrained=str(path))).model
     fresh = create_model(ModelConfig()).model
-    for (name, a), b, c in zip(original.state_dict().items(), loaded.state_dict().values(), fresh.state_dict().values()):
+    for (name, a), b, c in zip(
+        original.state_dict().items(), loaded.state_dict().values(), fresh.state_dict().values()
+    ):
         assert torch.equal(a, b), name
     assert not all(torch.equal(a, c) for a, c in zip(original.state_dict().values(), fresh.state_dict().values()))
 
@@ -47,8 +49,18 @@ def test_corrupt_checkpoint_fails_with_the_field_named(tmp_path):
     ("spec", "expected_prefixes"),
     [
         ("projections", {"visual.proj", "text_projection", "logit_scale"}),
-        ("last-1", {"visual.proj", "text_projection", "logit_scale", "visual.transformer.resblocks.1",
-                    "transformer.resblocks.1", "visual.ln_post", "ln_final"}),
+        (
+            "last-1",
+            {
+                "visual.proj",
+                "text_projection",
+                "logit_scale",
+                "visual.transformer.resblocks.1",
+                "transformer.resblocks.1",
+                "visual.ln_post",
+                "ln_final",
+            },
+        ),
     ],
 )
 def test_trainable_selection(spec, expected_prefixes):

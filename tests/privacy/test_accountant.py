@@ -13,8 +13,14 @@ from fedclip.privacy.ledger import PrivacyLedger
 
 
 def ev(sigma=1.0, q=0.01, steps=1000, relation="replace_one", sensitivity=1.0, unit="record"):
-    return DpEvent(noise_multiplier=sigma, sample_rate=q, steps=steps, privacy_unit=unit, relation=relation,
-                   sensitivity=sensitivity)
+    return DpEvent(
+        noise_multiplier=sigma,
+        sample_rate=q,
+        steps=steps,
+        privacy_unit=unit,
+        relation=relation,
+        sensitivity=sensitivity,
+    )
 
 
 def test_reference_figures_for_the_three_ways_to_account():
@@ -36,8 +42,13 @@ def _exact_replace_one_epsilon(sigma: float, q: float, delta: float) -> float:
     r = lambda x: (1 - q) * stats.norm.pdf(x, 0, sigma) + q * stats.norm.pdf(x, 1, sigma)  # noqa: E731
 
     def hockey(eps: float) -> float:
-        return integrate.quad(lambda x: max(0.0, p(x) - math.exp(eps) * r(x)), -12 * sigma - 1, 12 * sigma + 1,
-                              limit=400, points=[-1, 0, 1])[0]
+        return integrate.quad(
+            lambda x: max(0.0, p(x) - math.exp(eps) * r(x)),
+            -12 * sigma - 1,
+            12 * sigma + 1,
+            limit=400,
+            points=[-1, 0, 1],
+        )[0]
 
     return optimize.brentq(lambda e: hockey(e) - delta, 1e-6, 50)
 
@@ -81,7 +92,9 @@ def test_sensitivity_two_is_half_the_noise():
 def test_composing_rounds_equals_one_accountant_over_all_steps(relation, sensitivity):
     ledger = PrivacyLedger(delta=1e-5)
     for _ in range(5):
-        ledger = ledger.record(ev(sigma=1.0, q=0.3, steps=20, relation=relation, sensitivity=sensitivity, unit="identity"))
+        ledger = ledger.record(
+            ev(sigma=1.0, q=0.3, steps=20, relation=relation, sensitivity=sensitivity, unit="identity")
+        )
     whole = epsilon([ev(sigma=1.0, q=0.3, steps=100, relation=relation, sensitivity=sensitivity)], delta=1e-5)
     assert ledger.steps == 100
     assert ledger.epsilon() == pytest.approx(whole, rel=0.01)
@@ -134,8 +147,14 @@ def test_rounds_of_one_mechanism_are_accounted_as_one_with_the_steps_summed():
     from fedclip.privacy import accountant as acc
     from fedclip.privacy.events import DpEvent
 
-    e = DpEvent(noise_multiplier=1.2, sample_rate=0.1, steps=20, privacy_unit="identity", relation="add_or_remove",
-                sensitivity=1.0)
+    e = DpEvent(
+        noise_multiplier=1.2,
+        sample_rate=0.1,
+        steps=20,
+        privacy_unit="identity",
+        relation="add_or_remove",
+        sensitivity=1.0,
+    )
     other = replace(e, noise_multiplier=2.0)
     rounds = [e, other] * 4
     assert acc._merged(rounds) == tuple(sorted((replace(e, steps=80), replace(other, steps=80)), key=repr))

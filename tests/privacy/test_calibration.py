@@ -10,8 +10,14 @@ from fedclip.privacy.events import DpEvent
 
 
 def _eps(sigma, q, steps, relation, sensitivity, delta):
-    e = DpEvent(noise_multiplier=sigma, sample_rate=q, steps=steps, privacy_unit="identity", relation=relation,
-                sensitivity=sensitivity)
+    e = DpEvent(
+        noise_multiplier=sigma,
+        sample_rate=q,
+        steps=steps,
+        privacy_unit="identity",
+        relation=relation,
+        sensitivity=sensitivity,
+    )
     return epsilon([e], delta=delta)
 
 
@@ -26,19 +32,23 @@ def _eps(sigma, q, steps, relation, sensitivity, delta):
 def test_calibrated_noise_never_overshoots_and_is_not_wasteful(target, q, rounds, local_steps, relation):
     rel, sens = relation
     steps = rounds * local_steps
-    sigma = calibrate_noise_multiplier(target_epsilon=target, delta=1e-5, sample_rate=q, steps=steps, relation=rel,
-                                       sensitivity=sens)
+    sigma = calibrate_noise_multiplier(
+        target_epsilon=target, delta=1e-5, sample_rate=q, steps=steps, relation=rel, sensitivity=sens
+    )
     assert _eps(sigma, q, steps, rel, sens, 1e-5) <= target
     assert _eps(sigma * 0.9, q, steps, rel, sens, 1e-5) > target * 0.98
 
 
-@pytest.mark.parametrize(("field", "kwargs"), [
-    ("target_epsilon", dict(target_epsilon=0.0)),
-    ("target_epsilon", dict(target_epsilon=-1.0)),
-    ("delta", dict(delta=1.0)),
-    ("delta", dict(delta=0.0)),
-    ("steps", dict(steps=0)),
-])
+@pytest.mark.parametrize(
+    ("field", "kwargs"),
+    [
+        ("target_epsilon", dict(target_epsilon=0.0)),
+        ("target_epsilon", dict(target_epsilon=-1.0)),
+        ("delta", dict(delta=1.0)),
+        ("delta", dict(delta=0.0)),
+        ("steps", dict(steps=0)),
+    ],
+)
 def test_bad_targets_name_the_field(field, kwargs):
     args = dict(target_epsilon=1.0, delta=1e-5, sample_rate=0.1, steps=10, relation="replace_one", sensitivity=1.0)
     with pytest.raises(ValueError, match=field):

@@ -1,13 +1,13 @@
 """The write-ahead ledger: charges before settlement, nothing is ever un-charged."""
 
-
 import pytest
 
 from fedclip.privacy.events import DpEvent
 from fedclip.privacy.ledger_store import LedgerStore, MixedUnits, Status, dominates
 
-E = DpEvent(noise_multiplier=2.0, sample_rate=0.5, steps=10, privacy_unit="identity", relation="replace_one",
-            sensitivity=1.0)
+E = DpEvent(
+    noise_multiplier=2.0, sample_rate=0.5, steps=10, privacy_unit="identity", relation="replace_one", sensitivity=1.0
+)
 
 
 def _event(**kw) -> DpEvent:
@@ -25,7 +25,10 @@ def test_a_charge_counts_from_the_moment_it_is_written_whatever_happens_next(tmp
     store.settle("b", 1, attempt=attempt, status=Status.LOST)
     reopened = LedgerStore(tmp_path / "l.sqlite", delta=1e-5, create=False)
     assert reopened.ledger("a").epsilon() == pending == reopened.ledger("b").epsilon()
-    assert {(r["site"], r["status"], r["note"]) for r in reopened.rows()} == {("a", "failed", "boom"), ("b", "lost", "")}
+    assert {(r["site"], r["status"], r["note"]) for r in reopened.rows()} == {
+        ("a", "failed", "boom"),
+        ("b", "lost", ""),
+    }
 
 
 def test_rounds_and_attempts_are_recorded(tmp_path):
@@ -38,8 +41,14 @@ def test_rounds_and_attempts_are_recorded(tmp_path):
 def test_dominance_decides_whether_a_report_is_charged_again(tmp_path):
     assert dominates(E, E)
     assert dominates(E, _event(noise_multiplier=3.0, steps=5, sample_rate=0.4))
-    for worse in (_event(noise_multiplier=1.0), _event(steps=11), _event(sample_rate=0.6), _event(sensitivity=2.0),
-                  _event(relation="add_or_remove"), _event(privacy_unit="record")):
+    for worse in (
+        _event(noise_multiplier=1.0),
+        _event(steps=11),
+        _event(sample_rate=0.6),
+        _event(sensitivity=2.0),
+        _event(relation="add_or_remove"),
+        _event(privacy_unit="record"),
+    ):
         assert not dominates(E, worse)
     store = LedgerStore(tmp_path / "l.sqlite", delta=1e-5)
     store.charge("a", 1, (E,))

@@ -8,8 +8,9 @@ from fedclip.privacy.events import DpEvent
 from fedclip.privacy.ledger import PrivacyLedger
 from fedclip.privacy.policy import PolicyRefusal, SitePolicy, load_policy_file
 
-E = DpEvent(noise_multiplier=2.0, sample_rate=0.5, steps=10, privacy_unit="identity", relation="replace_one",
-            sensitivity=1.0)
+E = DpEvent(
+    noise_multiplier=2.0, sample_rate=0.5, steps=10, privacy_unit="identity", relation="replace_one", sensitivity=1.0
+)
 EMPTY = PrivacyLedger(delta=1e-5)
 
 
@@ -28,9 +29,16 @@ def test_a_deployed_default_policy_allows_private_modes_only_and_no_seeded_noise
 
 
 def test_node_config_sets_each_rule():
-    policy = SitePolicy.from_mapping({"allowed-dp-modes": "microbatch", "min-noise-multiplier": 3.0,
-                                      "max-epsilon-run": 5.0, "max-epsilon-total": 8.0, "delta": 1e-6},
-                                     source="node config")
+    policy = SitePolicy.from_mapping(
+        {
+            "allowed-dp-modes": "microbatch",
+            "min-noise-multiplier": 3.0,
+            "max-epsilon-run": 5.0,
+            "max-epsilon-total": 8.0,
+            "delta": 1e-6,
+        },
+        source="node config",
+    )
     assert policy.allowed_dp_modes == ("microbatch",) and policy.delta == 1e-6
     with pytest.raises(PolicyRefusal, match="min-noise-multiplier: noise multiplier 2 .* is below this site's floor 3"):
         _check(policy)
@@ -44,20 +52,31 @@ def test_node_config_sets_each_rule():
 def test_paper_mode_meets_the_floor_with_its_effective_noise():
     """Paper mode's sensitivity is 2C: sigma 5 is the noise of sigma 2.5 per unit of sensitivity."""
     policy = SitePolicy.from_mapping({"min-noise-multiplier": 3.0}, source="node config")
-    paper = DpEvent(noise_multiplier=5.0, sample_rate=0.5, steps=10, privacy_unit="identity",
-                    relation="add_or_remove", sensitivity=2.0)
-    with pytest.raises(PolicyRefusal, match=r"noise multiplier 2\.5 \(sigma / sensitivity\) is below this site's floor 3"):
+    paper = DpEvent(
+        noise_multiplier=5.0,
+        sample_rate=0.5,
+        steps=10,
+        privacy_unit="identity",
+        relation="add_or_remove",
+        sensitivity=2.0,
+    )
+    with pytest.raises(
+        PolicyRefusal, match=r"noise multiplier 2\.5 \(sigma / sensitivity\) is below this site's floor 3"
+    ):
         _check(policy, mode="paper", events=(paper,))
     _check(policy, mode="paper", events=(DpEvent(**{**paper.to_dict(), "noise_multiplier": 6.0}),))
 
 
-@pytest.mark.parametrize(("values", "message"), [
-    ({"allowed-dp-modes": "microbach"}, "allowed-dp-modes"),
-    ({"min-noise-multiplier": -1}, "min-noise-multiplier"),
-    ({"max-epsilon-total": 0}, "max-epsilon-total"),
-    ({"max-epsilon-run": "lots"}, "node config: site policy"),
-    ({"delta": 1.5}, "delta"),
-])
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"allowed-dp-modes": "microbach"}, "allowed-dp-modes"),
+        ({"min-noise-multiplier": -1}, "min-noise-multiplier"),
+        ({"max-epsilon-total": 0}, "max-epsilon-total"),
+        ({"max-epsilon-run": "lots"}, "node config: site policy"),
+        ({"delta": 1.5}, "delta"),
+    ],
+)
 def test_bad_policy_values_name_the_key(values, message):
     with pytest.raises(ValueError, match=message):
         SitePolicy.from_mapping(values, source="node config")
@@ -68,7 +87,10 @@ def test_policy_file_has_defaults_and_per_site_tables(tmp_path):
     path.write_text('[default]\nmin-noise-multiplier = 1.0\n[hospital_1]\nallowed-dp-modes = ["microbatch"]\n')
     policies = load_policy_file(path, delta=1e-5)
     assert policies["*"].min_noise_multiplier == 1.0 and "nonprivate" in policies["*"].allowed_dp_modes
-    assert policies["hospital_1"].allowed_dp_modes == ("microbatch",) and policies["hospital_1"].min_noise_multiplier == 1.0
+    assert (
+        policies["hospital_1"].allowed_dp_modes == ("microbatch",)
+        and policies["hospital_1"].min_noise_multiplier == 1.0
+    )
     assert math.isinf(policies["hospital_1"].max_epsilon_total)
     path.write_text("[hospital_1]\nmax-epsilon = 3\n")
     with pytest.raises(ValueError, match=r"unknown key\(s\) \['max-epsilon'\]"):

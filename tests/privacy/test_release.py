@@ -14,8 +14,9 @@ from fedclip.training.loss import clip_loss
 @pytest.fixture(scope="module")
 def model_and_data(small_manifest, warm_checkpoint):
     bundle = create_model(ModelConfig(pretrained=str(warm_checkpoint)))
-    return bundle.model, load_pairs(small_manifest.rows(Split.TRAIN), preprocess=bundle.preprocess,
-                                    tokenizer=bundle.tokenizer)
+    return bundle.model, load_pairs(
+        small_manifest.rows(Split.TRAIN), preprocess=bundle.preprocess, tokenizer=bundle.tokenizer
+    )
 
 
 def test_nothing_is_released_by_default():
@@ -41,7 +42,9 @@ def test_count_noise_has_the_configured_std(model_and_data):
     _, data = model_and_data
     gen = torch.Generator().manual_seed(os_seed())
     config = ReleaseConfig(count_noise=3.0)
-    draws = torch.tensor([noisy_count(data, config=config, privacy_unit="identity", generator=gen) for _ in range(4000)])
+    draws = torch.tensor(
+        [noisy_count(data, config=config, privacy_unit="identity", generator=gen) for _ in range(4000)]
+    )
     assert float(draws.mean()) == pytest.approx(len(set(data.patient_ids)), abs=0.3)
     assert float(draws.std()) == pytest.approx(3.0, rel=0.06)
 

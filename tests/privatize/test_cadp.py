@@ -29,7 +29,9 @@ def test_one_image_changed_changes_only_its_own_privatized_image():
     config = CadpConfig(target_epsilon=4.0)
     noise = config.noise_for(1)
     a, _ = privatize_images(inn, images, labels, config=config, noise=noise, generator=torch.Generator().manual_seed(3))
-    b, _ = privatize_images(inn, changed, labels, config=config, noise=noise, generator=torch.Generator().manual_seed(3))
+    b, _ = privatize_images(
+        inn, changed, labels, config=config, noise=noise, generator=torch.Generator().manual_seed(3)
+    )
     assert ((a - b).flatten(1).abs().max(dim=1).values > 0).tolist() == [False, False, True, False, False]
     assert a.min() >= 0 and a.max() <= 1
 
@@ -37,8 +39,14 @@ def test_one_image_changed_changes_only_its_own_privatized_image():
 def test_no_label_is_released_unless_asked_and_randomized_response_keeps_at_its_rate():
     inn = ConditionalInn(INN)
     labels = torch.randint(0, 5, (40,), generator=torch.Generator().manual_seed(1))
-    _, released = privatize_images(inn, torch.rand(40, 3, 8, 8), labels, config=CadpConfig(target_epsilon=4.0),
-                                   noise=CadpConfig(target_epsilon=4.0).noise_for(1), generator=torch.Generator())
+    _, released = privatize_images(
+        inn,
+        torch.rand(40, 3, 8, 8),
+        labels,
+        config=CadpConfig(target_epsilon=4.0),
+        noise=CadpConfig(target_epsilon=4.0).noise_for(1),
+        generator=torch.Generator(),
+    )
     assert (released == inn.unknown).all()
     many = torch.randint(0, 5, (40000,), generator=torch.Generator().manual_seed(2))
     out = randomized_response(many, classes=5, epsilon=1.0, generator=torch.Generator().manual_seed(3))
@@ -64,8 +72,22 @@ def test_the_units_epsilon_splits_between_images_and_labels_and_never_exceeds_th
 
 def test_the_privatize_command_releases_training_images_only_and_states_its_guarantee(small_manifest_path, tmp_path):
     out = tmp_path / "private"
-    cmd = [sys.executable, "-m", "fedclip.cli", "privatize", "--manifest", str(small_manifest_path), "--out", str(out),
-           "--epsilon", "8", "--inn-epochs", "1", "--image-size", "32"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "fedclip.cli",
+        "privatize",
+        "--manifest",
+        str(small_manifest_path),
+        "--out",
+        str(out),
+        "--epsilon",
+        "8",
+        "--inn-epochs",
+        "1",
+        "--image-size",
+        "32",
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads((out / PRIVATIZATION_FILE).read_text())

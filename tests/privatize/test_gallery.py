@@ -14,15 +14,42 @@ from fedclip.privatize.inn import ConditionalInn, InnConfig
 
 @pytest.fixture(scope="module")
 def masked(tmp_path_factory):
-    return generate(tmp_path_factory.mktemp("gallery"), SyntheticConfig(
-        seed=4, num_sites=1, patients_per_site=3, public_patients=12, heldout_patients=2, images_per_patient=2,
-        query_images_per_patient=1, identity_region=0.5))
+    return generate(
+        tmp_path_factory.mktemp("gallery"),
+        SyntheticConfig(
+            seed=4,
+            num_sites=1,
+            patients_per_site=3,
+            public_patients=12,
+            heldout_patients=2,
+            images_per_patient=2,
+            query_images_per_patient=1,
+            identity_region=0.5,
+        ),
+    )
 
 
 def test_the_gallery_command_draws_every_mechanism_on_public_images(masked, tmp_path):
     out = tmp_path / "gallery.png"
-    done = subprocess.run([sys.executable, "-m", "fedclip.cli", "gallery", "--manifest", str(masked), "--out", str(out),
-                           "--inn-epochs", "1", "--epsilon", "4"], capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fedclip.cli",
+            "gallery",
+            "--manifest",
+            str(masked),
+            "--out",
+            str(out),
+            "--inn-epochs",
+            "1",
+            "--epsilon",
+            "4",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     width, height = Image.open(out).size
     assert width > 800 and height > 600  # five rows: original, mask, CADP, MaskDP, mask-replace

@@ -6,8 +6,7 @@ import torch
 from fedclip.data.manifest import load_manifest
 from fedclip.data.schema import Split
 from fedclip.data.tensors import load_images
-from fedclip.privatize.inn import (ConditionalInn, InnConfig, gaussian_bits_per_dim, load_inn, save_inn,
-                                   train_inn)
+from fedclip.privatize.inn import ConditionalInn, InnConfig, gaussian_bits_per_dim, load_inn, save_inn, train_inn
 from fedclip.privatize.pixels import to_pixels
 
 SMALL_INN = InnConfig(blocks_per_scale=2, width=32, dense_blocks=1, dense_width=128)

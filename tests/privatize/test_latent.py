@@ -7,8 +7,14 @@ import torch
 from scipy.optimize import brentq
 from scipy.stats import norm
 
-from fedclip.privatize.latent import (LatentNoise, Mechanism, calibrate_latent_noise, clip_latents, latent_epsilon,
-                                      privatize_latents)
+from fedclip.privatize.latent import (
+    LatentNoise,
+    Mechanism,
+    calibrate_latent_noise,
+    clip_latents,
+    latent_epsilon,
+    privatize_latents,
+)
 
 
 def _gaussian_mechanism_epsilon(distance: float, std: float, delta: float) -> float:
@@ -36,7 +42,9 @@ def test_changing_one_image_changes_only_its_output(mechanism):
     assert differs.tolist() == [False, False, False, True, False, False]
 
 
-@pytest.mark.parametrize("mechanism,expected_std", [(Mechanism.GAUSSIAN, 0.7 * 3.0), (Mechanism.LAPLACE, math.sqrt(2) * 0.7 * 3.0)])
+@pytest.mark.parametrize(
+    "mechanism,expected_std", [(Mechanism.GAUSSIAN, 0.7 * 3.0), (Mechanism.LAPLACE, math.sqrt(2) * 0.7 * 3.0)]
+)
 def test_the_noise_has_the_std_the_accounting_assumes(mechanism, expected_std):
     noise = LatentNoise(mechanism=mechanism, radius=3.0, noise_multiplier=0.7)
     out = privatize_latents(torch.zeros(400, 500), noise=noise, generator=torch.Generator().manual_seed(1))
@@ -80,8 +88,9 @@ def test_gaussian_latent_noise_is_drawn_in_secure_mode_from_the_given_generator(
     noise = LatentNoise(mechanism=Mechanism.GAUSSIAN, radius=1.5, noise_multiplier=2.0)
     out = privatize_latents(latents, noise=noise, generator=torch.Generator().manual_seed(11))
     clipped = clip_latents(latents, radius=1.5, norm_order=2)
-    expected = clipped + _generate_noise(3.0, torch.zeros(5, 12), generator=torch.Generator().manual_seed(11),
-                                         secure_mode=True)
+    expected = clipped + _generate_noise(
+        3.0, torch.zeros(5, 12), generator=torch.Generator().manual_seed(11), secure_mode=True
+    )
     torch.testing.assert_close(out, expected)
     plain = clipped + 3.0 * torch.randn(5, 12, generator=torch.Generator().manual_seed(11))
     assert not torch.allclose(out, plain)

@@ -16,8 +16,16 @@ from fedclip.data.synthetic import SyntheticConfig, generate
 from fedclip.privatize.latent import LatentNoise
 from fedclip.privatize.maskdp import NEUTRAL, MaskDpConfig, load_masks, noise_masked, replace_masked
 
-MASKED = SyntheticConfig(seed=2, num_sites=2, patients_per_site=4, public_patients=6, heldout_patients=3,
-                         images_per_patient=3, query_images_per_patient=2, identity_region=0.5)
+MASKED = SyntheticConfig(
+    seed=2,
+    num_sites=2,
+    patients_per_site=4,
+    public_patients=6,
+    heldout_patients=3,
+    images_per_patient=3,
+    query_images_per_patient=2,
+    identity_region=0.5,
+)
 
 
 @pytest.fixture(scope="module")
@@ -37,8 +45,10 @@ def _batch(seed=0):
 def test_pixels_outside_the_mask_are_untouched_by_noise_and_by_replacement():
     images, masks = _batch()
     noise = LatentNoise(mechanism="gaussian", radius=1.0, noise_multiplier=0.5)
-    for out in (noise_masked(images, masks, noise=noise, generator=torch.Generator().manual_seed(1)),
-                replace_masked(images, masks, stand_ins=torch.zeros(2, 3, 16, 16), generator=torch.Generator())):
+    for out in (
+        noise_masked(images, masks, noise=noise, generator=torch.Generator().manual_seed(1)),
+        replace_masked(images, masks, stand_ins=torch.zeros(2, 3, 16, 16), generator=torch.Generator()),
+    ):
         outside = ~masks[:, None].expand_as(images)
         assert torch.equal(out[outside], images[outside])
         assert not torch.equal(out[~outside], images[~outside])
@@ -95,8 +105,24 @@ def test_a_row_without_a_mask_and_a_mask_outside_the_folder_are_named(masked_man
 def test_the_privatize_command_applies_maskdp_and_states_what_it_covers(masked_manifest, tmp_path, method):
     out = tmp_path / method
     args = ["--epsilon", "4"] if method == "maskdp" else []
-    done = subprocess.run([sys.executable, "-m", "fedclip.cli", "privatize", "--method", method, "--manifest",
-                           str(masked_manifest), "--out", str(out), *args], capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fedclip.cli",
+            "privatize",
+            "--method",
+            method,
+            "--manifest",
+            str(masked_manifest),
+            "--out",
+            str(out),
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads((out / "privatization.json").read_text())
     if method == "maskdp":

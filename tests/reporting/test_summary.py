@@ -8,12 +8,41 @@ from simulations.hospital_clip.config import SimulationConfig
 
 
 def _frames():
-    rounds = pd.DataFrame([{"round": 1, "site": "h0", "status": "trained", "epsilon": 1.5, "budget": 4.0, "selected": True,
-                            "reason": ""},
-                           {"round": 1, "site": "h1", "status": "refused", "epsilon": 1.5, "budget": 4.0, "selected": True,
-                            "reason": "site policy refuses the round at h1: min-noise-multiplier: 1 < 2"}])
-    attack = pd.DataFrame([{"round": 1, "tpr": 0.1, "fpr": 0.0, "precision": 1.0, "accuracy": 0.5,
-                            "epsilon_lower_bound": 0.0, "max_site_epsilon": 1.5}])
+    rounds = pd.DataFrame(
+        [
+            {
+                "round": 1,
+                "site": "h0",
+                "status": "trained",
+                "epsilon": 1.5,
+                "budget": 4.0,
+                "selected": True,
+                "reason": "",
+            },
+            {
+                "round": 1,
+                "site": "h1",
+                "status": "refused",
+                "epsilon": 1.5,
+                "budget": 4.0,
+                "selected": True,
+                "reason": "site policy refuses the round at h1: min-noise-multiplier: 1 < 2",
+            },
+        ]
+    )
+    attack = pd.DataFrame(
+        [
+            {
+                "round": 1,
+                "tpr": 0.1,
+                "fpr": 0.0,
+                "precision": 1.0,
+                "accuracy": 0.5,
+                "epsilon_lower_bound": 0.0,
+                "max_site_epsilon": 1.5,
+            }
+        ]
+    )
     utility = pd.DataFrame([{"round": 1, "zero_shot_accuracy": 0.5, "recall_at_1": 0.1, "recall_at_5": 0.2}])
     return rounds, attack, utility
 
@@ -21,8 +50,9 @@ def _frames():
 def _summary(tmp_path, **overrides) -> str:
     config = SimulationConfig(**overrides).to_run_config()
     rounds, attack, utility = _frames()
-    return write_summary(tmp_path / "summary.md", config=config, rounds=rounds, attack=attack, utility=utility,
-                         noise_multiplier=2.0).read_text()
+    return write_summary(
+        tmp_path / "summary.md", config=config, rounds=rounds, attack=attack, utility=utility, noise_multiplier=2.0
+    ).read_text()
 
 
 def test_the_default_summary_states_the_threat_model_and_what_was_released(tmp_path):
@@ -46,7 +76,9 @@ def test_released_statistics_are_named_with_their_noise(tmp_path):
 
 def test_a_resumed_run_drops_rows_of_rounds_it_will_run_again(tmp_path):
     files = RunFiles(tmp_path)
-    files.append("utility", [{"round": r, "zero_shot_accuracy": 0.1, "recall_at_1": 0, "recall_at_5": 0} for r in range(4)])
+    files.append(
+        "utility", [{"round": r, "zero_shot_accuracy": 0.1, "recall_at_1": 0, "recall_at_5": 0} for r in range(4)]
+    )
     files.truncate_after(2)
     assert files.read("utility")["round"].tolist() == [0, 1, 2]
 
@@ -67,14 +99,25 @@ def test_rows_say_what_epsilon_is_about_and_input_level_audits_are_not_held_agai
     rounds, attack, utility = _frames()
     g = guarantee_of(mode="cadp", privacy_unit="identity")
     rounds = rounds.assign(**g.as_columns())
-    audit = {"round": 1, "attack": "canary", "tpr": 0.6, "fpr": 0.1, "epsilon_lower_bound": float("nan"),
-             "auc": 0.8, "tpr_at_1pct_fpr": 0.2, "audited_epsilon": 3.0, "audit_guesses": 20, "audit_correct": 19,
-             "max_site_epsilon": 1.5}
+    audit = {
+        "round": 1,
+        "attack": "canary",
+        "tpr": 0.6,
+        "fpr": 0.1,
+        "epsilon_lower_bound": float("nan"),
+        "auc": 0.8,
+        "tpr_at_1pct_fpr": 0.2,
+        "audited_epsilon": 3.0,
+        "audit_guesses": 20,
+        "audit_correct": 19,
+        "max_site_epsilon": 1.5,
+    }
     config = SimulationConfig().to_run_config()
     for comparable, warned in ((False, False), (True, True)):
         table = pd.DataFrame([{**audit, "comparable_to_epsilon": comparable}])
-        text = write_summary(tmp_path / "summary.md", config=config, rounds=rounds, attack=table, utility=utility,
-                             noise_multiplier=2.0).read_text()
+        text = write_summary(
+            tmp_path / "summary.md", config=config, rounds=rounds, attack=table, utility=utility, noise_multiplier=2.0
+        ).read_text()
         assert f"neighbouring data sets: {g.neighbours}**; covered: {g.covers}" in text
         assert ("WARNING: round 1: the canary audit certifies" in text) == warned
         assert ("1.500 (about images: not comparable)" in text) == (not warned)

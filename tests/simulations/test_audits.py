@@ -17,19 +17,32 @@ import pytest
 from fedclip.privacy.sabotage import VARIABLE
 
 SMALL = "simulations/hospital_clip/small.toml"
-SELF_TEST = ("pool-sites=true gradient-canaries=256 num-rounds=4 local-steps=20 target-epsilon=0.5 budget=0.5 "
-             "optimizer='sgd'")
-NONPRIVATE = ("dp-mode='nonprivate' privacy-unit='record' target-epsilon=0.0 trainable='all' lr=0.0005 budget=inf "
-              "canaries=64 gradient-canaries=128 num-rounds=3 local-steps=20")
+SELF_TEST = (
+    "pool-sites=true gradient-canaries=256 num-rounds=4 local-steps=20 target-epsilon=0.5 budget=0.5 optimizer='sgd'"
+)
+NONPRIVATE = (
+    "dp-mode='nonprivate' privacy-unit='record' target-epsilon=0.0 trainable='all' lr=0.0005 budget=inf "
+    "canaries=64 gradient-canaries=128 num-rounds=3 local-steps=20"
+)
 
 
 def _simulate(out, cache, extra: str, *, sabotage: str | None = None) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != VARIABLE}
     if sabotage:
         env[VARIABLE] = sabotage
-    cmd = [sys.executable, "-m", "simulations.cli", "--app", "simulations.hospital_clip", "--output", str(out),
-           "--run-config", f"{SMALL} cache-dir='{cache}' {extra}",
-           "--backend-config", '{"client_resources": {"num_cpus": 1, "num_gpus": 0.0}}']
+    cmd = [
+        sys.executable,
+        "-m",
+        "simulations.cli",
+        "--app",
+        "simulations.hospital_clip",
+        "--output",
+        str(out),
+        "--run-config",
+        f"{SMALL} cache-dir='{cache}' {extra}",
+        "--backend-config",
+        '{"client_resources": {"num_cpus": 1, "num_gpus": 0.0}}',
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done
@@ -85,8 +98,20 @@ def test_a_nonprivate_run_is_audited_clearly_above_zero(tmp_path, cache):
     assert len(last) == 64 and set(last["is_member"]) == {True, False}
     # the auditor's own pass over the saved models, with the same canary file, certifies the same
     run = tmp_path / "nonprivate"
-    audit = subprocess.run([sys.executable, "-m", "simulations.commands", "audit", str(run), "--canaries",
-                            str(run / "data" / "canaries.csv")], capture_output=True, text=True, timeout=600)
+    audit = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "simulations.commands",
+            "audit",
+            str(run),
+            "--canaries",
+            str(run / "data" / "canaries.csv"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert audit.returncode == 0, audit.stdout[-3000:] + audit.stderr[-3000:]
     again = pd.read_csv(run / "audit" / "attack.csv").set_index("round")["audited_epsilon"]
     during = audited[audited["attack"] == "canary"].set_index("round")["audited_epsilon"]

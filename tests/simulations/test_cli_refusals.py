@@ -8,10 +8,10 @@ import shutil
 import subprocess
 import sys
 
+import flwr.simulation
 import pandas as pd
 import pytest
 
-import flwr.simulation
 from simulations import cli
 
 TINY = "num-sites=2 patients-per-site=6 images-per-patient=4"
@@ -43,7 +43,11 @@ def escaping_manifest(small_manifest_path, tmp_path):
 
 
 CASES = [
-    ("dp-mode=microbach", None, "dp-mode: expected one of ['microbatch', 'unit', 'paper', 'nonprivate', 'cadp', 'maskdp', 'mask-replace'], got 'microbach'"),
+    (
+        "dp-mode=microbach",
+        None,
+        "dp-mode: expected one of ['microbatch', 'unit', 'paper', 'nonprivate', 'cadp', 'maskdp', 'mask-replace'], got 'microbach'",
+    ),
     ("privacy-unit=patient", None, "privacy-unit: expected one of ['record', 'identity'], got 'patient'"),
     ("accountant=rdpp", None, "accountant: expected one of"),
     ("target-epsilon=nan", None, "target-epsilon: expected a finite number, got nan"),
@@ -52,8 +56,11 @@ CASES = [
     ("client-dp-epsilon=nan", None, "client-dp-epsilon: expected a finite number"),
     ("trainable=last-99", None, "trainable: last-99 but fedclip-tiny's vision tower has 2 blocks"),
     ("seed=-1", None, "seed: expected an integer >= 0, got -1"),
-    ("site-budgets='hospital_9=2.0'", None, "site-budgets: no site named ['hospital_9']; the data's sites are "
-                                            "['hospital_0', 'hospital_1']"),
+    (
+        "site-budgets='hospital_9=2.0'",
+        None,
+        "site-budgets: no site named ['hospital_9']; the data's sites are ['hospital_0', 'hospital_1']",
+    ),
     ("delta=0.5", None, "delta: 0.5 is above 1/(number of identity units at the smallest site, hospital_0) = 1/6"),
     ("delta=0.1 privacy-unit=record", None, "delta: 0.1 is above 1/(number of record units"),
     ("failure-quorum=0.0", None, "failure-quorum: expected a share in (0, 1]"),
@@ -68,8 +75,14 @@ CASES = [
 
 @pytest.mark.parametrize(("run_config", "backend", "message"), CASES)
 def test_bad_settings_are_refused_before_ray_naming_the_key(tmp_path, capsys, run_config, backend, message):
-    argv = ["--app", "simulations.hospital_clip", "--output", str(tmp_path / "run"), "--run-config",
-            f"{TINY} {run_config}"] + (["--backend-config", backend] if backend else [])
+    argv = [
+        "--app",
+        "simulations.hospital_clip",
+        "--output",
+        str(tmp_path / "run"),
+        "--run-config",
+        f"{TINY} {run_config}",
+    ] + (["--backend-config", backend] if backend else [])
     assert cli.main(argv) == 2
     err = capsys.readouterr().err
     assert message in err, err
@@ -77,8 +90,14 @@ def test_bad_settings_are_refused_before_ray_naming_the_key(tmp_path, capsys, ru
 
 
 def test_a_manifest_path_outside_its_folder_is_refused_unless_allowed(tmp_path, capsys, escaping_manifest):
-    argv = ["--app", "simulations.hospital_clip", "--output", str(tmp_path / "run"),
-            "--run-config", f"manifest='{escaping_manifest}' declared-units=8"]
+    argv = [
+        "--app",
+        "simulations.hospital_clip",
+        "--output",
+        str(tmp_path / "run"),
+        "--run-config",
+        f"manifest='{escaping_manifest}' declared-units=8",
+    ]
     assert cli.main(argv) == 2
     assert "is outside the manifest's folder" in capsys.readouterr().err
     with pytest.raises(RayStarted):  # allowed: validation passes and the run would start
@@ -86,8 +105,14 @@ def test_a_manifest_path_outside_its_folder_is_refused_unless_allowed(tmp_path, 
 
 
 def test_deployment_settings_are_refused_by_the_simulation(tmp_path, capsys, small_manifest_path):
-    declared = ["--app", "simulations.hospital_clip", "--output", str(tmp_path / "run"), "--run-config",
-                f"manifest='{small_manifest_path}' declared-units=6 sites='hospital_0,hospital_1'"]
+    declared = [
+        "--app",
+        "simulations.hospital_clip",
+        "--output",
+        str(tmp_path / "run"),
+        "--run-config",
+        f"manifest='{small_manifest_path}' declared-units=6 sites='hospital_0,hospital_1'",
+    ]
     assert cli.main(declared) == 2
     assert "sites: declared sites are a deployment" in capsys.readouterr().err
     placeholder = ["--app", "simulations.hospital_clip", "--output", str(tmp_path / "{run-id}"), "--run-config", TINY]
@@ -96,23 +121,44 @@ def test_deployment_settings_are_refused_by_the_simulation(tmp_path, capsys, sma
 
 
 def test_an_explicit_override_lets_a_large_delta_through(tmp_path):
-    argv = ["--app", "simulations.hospital_clip", "--output", str(tmp_path / "run"),
-            "--run-config", f"{TINY} delta=0.5 allow-large-delta=true"]
+    argv = [
+        "--app",
+        "simulations.hospital_clip",
+        "--output",
+        str(tmp_path / "run"),
+        "--run-config",
+        f"{TINY} delta=0.5 allow-large-delta=true",
+    ]
     with pytest.raises(RayStarted):
         cli.main(argv)
 
 
 def test_a_real_process_exits_2_before_ray(tmp_path):
-    cmd = [sys.executable, "-m", "simulations.cli", "--app", "simulations.hospital_clip", "--output",
-           str(tmp_path / "run"), "--run-config", f"{TINY} privacy-unit=patient"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "simulations.cli",
+        "--app",
+        "simulations.hospital_clip",
+        "--output",
+        str(tmp_path / "run"),
+        "--run-config",
+        f"{TINY} privacy-unit=patient",
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "privacy-unit: expected one of" in done.stderr
     assert "SuperNodes" not in done.stdout and "ray" not in done.stderr.lower()
 
 
 def test_a_manifest_run_must_declare_its_public_site_size(tmp_path, capsys, small_manifest_path):
-    argv = ["--app", "simulations.hospital_clip", "--output", str(tmp_path / "run"),
-            "--run-config", f"manifest='{small_manifest_path}'"]
+    argv = [
+        "--app",
+        "simulations.hospital_clip",
+        "--output",
+        str(tmp_path / "run"),
+        "--run-config",
+        f"manifest='{small_manifest_path}'",
+    ]
     assert cli.main(argv) == 2
     assert "declared-units: with a manifest, declare the public number of units per site" in capsys.readouterr().err
     with pytest.raises(RayStarted):

@@ -39,28 +39,43 @@ def _secrets(manifest_path) -> set[str]:
 
 
 def _setup(tmp_path, manifest, checkpoint, **overrides):
-    cfg = SimulationConfig(num_sites=3, local_steps=2, target_epsilon=0.0, trainable="last-1",
-                           output_dir=str(tmp_path / "run"), **overrides)
-    config = train_config_record(cfg, noise_multiplier=1.0 if cfg.dp_mode != "nonprivate" else 0.0,
-                                 manifest=str(manifest), checkpoint=str(checkpoint))
+    cfg = SimulationConfig(
+        num_sites=3,
+        local_steps=2,
+        target_epsilon=0.0,
+        trainable="last-1",
+        output_dir=str(tmp_path / "run"),
+        **overrides,
+    )
+    config = train_config_record(
+        cfg,
+        noise_multiplier=1.0 if cfg.dp_mode != "nonprivate" else 0.0,
+        manifest=str(manifest),
+        checkpoint=str(checkpoint),
+    )
     config["server-round"] = 1
     model = create_model(ModelConfig(pretrained=str(checkpoint), trainable="last-1")).model
     return cfg, config, model
 
 
 def _context(partition: int) -> Context:
-    return Context(run_id=1, node_id=partition + 1, node_config={"partition-id": partition}, state=RecordDict(),
-                   run_config={})
+    return Context(
+        run_id=1, node_id=partition + 1, node_config={"partition-id": partition}, state=RecordDict(), run_config={}
+    )
 
 
 def _train_message(model, config, partition: int) -> Message:
-    return Message(RecordDict({"arrays": model_to_arrays(model, trainable_only=True), "config": config}),
-                   dst_node_id=partition + 1, message_type=MessageType.TRAIN)
+    return Message(
+        RecordDict({"arrays": model_to_arrays(model, trainable_only=True), "config": config}),
+        dst_node_id=partition + 1,
+        message_type=MessageType.TRAIN,
+    )
 
 
 @pytest.mark.parametrize("dp_mode", ["microbatch", "unit", "nonprivate"])
-def test_a_reply_carries_the_update_the_events_and_a_declared_weight_only(tmp_path, small_manifest_path, warm_checkpoint,
-                                                                         dp_mode):
+def test_a_reply_carries_the_update_the_events_and_a_declared_weight_only(
+    tmp_path, small_manifest_path, warm_checkpoint, dp_mode
+):
     _, config, model = _setup(tmp_path, small_manifest_path, warm_checkpoint, dp_mode=dp_mode)
     secrets = _secrets(small_manifest_path)
     for partition in range(3):
@@ -102,8 +117,9 @@ def test_the_same_train_message_twice_gives_different_updates(tmp_path, small_ma
 
 
 def test_released_loss_and_count_are_noised_and_charged(tmp_path, small_manifest_path, warm_checkpoint):
-    cfg, config, model = _setup(tmp_path, small_manifest_path, warm_checkpoint, release_loss_noise=2.0,
-                                release_count_noise=3.0)
+    cfg, config, model = _setup(
+        tmp_path, small_manifest_path, warm_checkpoint, release_loss_noise=2.0, release_count_noise=3.0
+    )
     reply = client_app(_train_message(model, config, 1), _context(1)).content
     assert set(reply["metrics"].keys()) == {"site-weight", "train-loss", "num-units"}
     train_event, loss_event, count_event = events_from_wire(reply["privacy"]["events"])
@@ -119,15 +135,20 @@ def _policy_file(tmp_path, text: str):
     return str(path)
 
 
-@pytest.mark.parametrize(("dp_mode", "policy", "rule"), [
-    ("nonprivate", '[hospital_0]\nallowed-dp-modes = ["microbatch"]\n', "allowed-dp-modes"),
-    ("microbatch", "[default]\nmin-noise-multiplier = 2.0\n", "min-noise-multiplier"),
-    ("microbatch", "[hospital_0]\nmax-epsilon-total = 0.01\n", "max-epsilon-total"),
-])
-def test_a_site_refuses_a_round_its_policy_forbids_and_spends_nothing(tmp_path, small_manifest_path, warm_checkpoint,
-                                                                      dp_mode, policy, rule):
-    _, config, model = _setup(tmp_path, small_manifest_path, warm_checkpoint, dp_mode=dp_mode,
-                              site_policy_file=_policy_file(tmp_path, policy))
+@pytest.mark.parametrize(
+    ("dp_mode", "policy", "rule"),
+    [
+        ("nonprivate", '[hospital_0]\nallowed-dp-modes = ["microbatch"]\n', "allowed-dp-modes"),
+        ("microbatch", "[default]\nmin-noise-multiplier = 2.0\n", "min-noise-multiplier"),
+        ("microbatch", "[hospital_0]\nmax-epsilon-total = 0.01\n", "max-epsilon-total"),
+    ],
+)
+def test_a_site_refuses_a_round_its_policy_forbids_and_spends_nothing(
+    tmp_path, small_manifest_path, warm_checkpoint, dp_mode, policy, rule
+):
+    _, config, model = _setup(
+        tmp_path, small_manifest_path, warm_checkpoint, dp_mode=dp_mode, site_policy_file=_policy_file(tmp_path, policy)
+    )
     with pytest.raises(PolicyRefusal, match=f"site policy refuses the round at hospital_0: {rule}"):
         client_app(_train_message(model, config, 0), _context(0))
     ledger = tmp_path / "run" / "sites" / "hospital_0" / "ledger.sqlite"
@@ -136,8 +157,9 @@ def test_a_site_refuses_a_round_its_policy_forbids_and_spends_nothing(tmp_path, 
 
 def test_a_site_enforces_its_total_budget_across_rounds(tmp_path, small_manifest_path, warm_checkpoint):
     policy = _policy_file(tmp_path, "[default]\nmax-epsilon-total = 1e9\n[hospital_2]\nmax-epsilon-total = 2.0\n")
-    _, config, model = _setup(tmp_path, small_manifest_path, warm_checkpoint, site_policy_file=policy,
-                              noise_multiplier=1.0)
+    _, config, model = _setup(
+        tmp_path, small_manifest_path, warm_checkpoint, site_policy_file=policy, noise_multiplier=1.0
+    )
     # about 1.35 for one round, 2.0 for two: the third is refused (6 micro-batches sampled at q = 0.5)
     config.update({"noise-multiplier": 4.0, "sample-rate": 0.5, "microbatch-size": 5})
     trained = 0
@@ -151,11 +173,16 @@ def test_a_site_enforces_its_total_budget_across_rounds(tmp_path, small_manifest
     assert ledger.ledger("hospital_2").epsilon() <= 2.0
 
 
-def test_a_deployed_site_refuses_reproducible_noise_and_needs_its_own_paths(tmp_path, small_manifest_path,
-                                                                           warm_checkpoint):
+def test_a_deployed_site_refuses_reproducible_noise_and_needs_its_own_paths(
+    tmp_path, small_manifest_path, warm_checkpoint
+):
     _, config, model = _setup(tmp_path, small_manifest_path, warm_checkpoint, reproducible_noise=True)
-    node = {"site": "hospital_0", "manifest": str(small_manifest_path), "checkpoint": str(warm_checkpoint),
-            "state-dir": str(tmp_path / "node0")}
+    node = {
+        "site": "hospital_0",
+        "manifest": str(small_manifest_path),
+        "checkpoint": str(warm_checkpoint),
+        "state-dir": str(tmp_path / "node0"),
+    }
     deployed = Context(run_id=1, node_id=1, node_config=node, state=RecordDict(), run_config={})
     with pytest.raises(PolicyRefusal, match="reproducible-noise"):
         client_app(_train_message(model, config, 0), deployed)
@@ -176,18 +203,25 @@ def test_each_site_divides_by_its_own_declared_size(tmp_path, small_manifest_pat
     me = site_identity(_context(0), config)
     assert me.declared_units == 17
     assert RoundPlan.from_record(config, hash_key="k", declared_units=me.declared_units).dp.declared_units == 17
-    node = {"site": "hospital_0", "manifest": str(small_manifest_path), "checkpoint": str(warm_checkpoint),
-            "state-dir": str(tmp_path / "n"), "declared-units": 40}
+    node = {
+        "site": "hospital_0",
+        "manifest": str(small_manifest_path),
+        "checkpoint": str(warm_checkpoint),
+        "state-dir": str(tmp_path / "n"),
+        "declared-units": 40,
+    }
     deployed = site_identity(Context(run_id=1, node_id=1, node_config=node, state=RecordDict(), run_config={}), config)
     assert deployed.declared_units == 40  # a deployed site declares its own size; the server's map does not apply
 
 
-def test_a_site_that_spent_at_record_level_refuses_an_identity_level_round(tmp_path, small_manifest_path,
-                                                                            warm_checkpoint):
+def test_a_site_that_spent_at_record_level_refuses_an_identity_level_round(
+    tmp_path, small_manifest_path, warm_checkpoint
+):
     """The identity-level cap would otherwise start at zero for patients already spent on."""
     policy = _policy_file(tmp_path, "[default]\nmax-epsilon-total = 1e9\n")
-    _, config, model = _setup(tmp_path, small_manifest_path, warm_checkpoint, site_policy_file=policy,
-                              privacy_unit="record")
+    _, config, model = _setup(
+        tmp_path, small_manifest_path, warm_checkpoint, site_policy_file=policy, privacy_unit="record"
+    )
     reply = client_app(_train_message(model, config, 0), _context(0))
     assert not reply.has_error()
     config["privacy-unit"], config["server-round"] = "identity", 2
@@ -197,8 +231,9 @@ def test_a_site_that_spent_at_record_level_refuses_an_identity_level_round(tmp_p
     assert {str(e.privacy_unit) for e in ledger.events("hospital_0")} == {"record"}
 
 
-def test_max_epsilon_run_holds_across_a_resume_that_gets_a_new_flower_run_id(tmp_path, small_manifest_path,
-                                                                            warm_checkpoint):
+def test_max_epsilon_run_holds_across_a_resume_that_gets_a_new_flower_run_id(
+    tmp_path, small_manifest_path, warm_checkpoint
+):
     policy = _policy_file(tmp_path, "[hospital_1]\nmax-epsilon-run = 1.5\n")
     _, config, model = _setup(tmp_path, small_manifest_path, warm_checkpoint, site_policy_file=policy)
     config.update({"noise-multiplier": 4.0, "sample-rate": 0.5, "microbatch-size": 5, "run-name": "study-1"})
@@ -224,14 +259,18 @@ def test_an_input_refusal_names_the_rule_not_the_largest_patient(tmp_path, small
     """Each small-preset patient has 6 training images; the plan states its epsilon for 2."""
     from fedclip.privatize.plan import InputPlan
 
-    cfg = SimulationConfig(num_sites=3, local_steps=1, dp_mode="maskdp", target_epsilon=4.0,
-                           output_dir=str(tmp_path / "run"))
+    cfg = SimulationConfig(
+        num_sites=3, local_steps=1, dp_mode="maskdp", target_epsilon=4.0, output_dir=str(tmp_path / "run")
+    )
     plan = InputPlan.calibrated("maskdp", target_epsilon=4.0, delta=1e-5, images_per_unit=2, radius=0.0, image_size=32)
-    config = train_config_record(cfg, noise_multiplier=0.0, manifest=str(small_manifest_path),
-                                 checkpoint=str(warm_checkpoint), input_plan=plan)
+    config = train_config_record(
+        cfg, noise_multiplier=0.0, manifest=str(small_manifest_path), checkpoint=str(warm_checkpoint), input_plan=plan
+    )
     config["server-round"] = 1
     model = create_model(ModelConfig(pretrained=str(warm_checkpoint), trainable="last-1")).model
-    with pytest.raises(PolicyRefusal, match="hospital_0: input-images-per-unit: a patient at this site has more") as info:
+    with pytest.raises(
+        PolicyRefusal, match="hospital_0: input-images-per-unit: a patient at this site has more"
+    ) as info:
         client_app(_train_message(model, config, 0), _context(0))
     sent = str(info.value)
     assert "6" not in _numbers(sent), sent  # the count is data
@@ -251,14 +290,21 @@ def test_any_other_failure_at_a_site_sends_the_phase_and_an_id_only(tmp_path, sm
     broken = frame[(frame["site"] == "hospital_1") & (frame["split"] == "train")]["filepath"].iloc[3]
     (data / broken).write_bytes(b"not an image")
     _, config, model = _setup(tmp_path, small_manifest_path, warm_checkpoint)
-    node = {"site": "hospital_1", "manifest": str(data / small_manifest_path.name), "checkpoint": str(warm_checkpoint),
-            "state-dir": str(tmp_path / "run" / "sites" / "hospital_1")}  # a hospital reads its own files
+    node = {
+        "site": "hospital_1",
+        "manifest": str(data / small_manifest_path.name),
+        "checkpoint": str(warm_checkpoint),
+        "state-dir": str(tmp_path / "run" / "sites" / "hospital_1"),
+    }  # a hospital reads its own files
     hospital = Context(run_id=1, node_id=2, node_config=node, state=RecordDict(), run_config={})
     with pytest.raises(Exception) as info:
         client_app(_train_message(model, config, 1), hospital)
     sent = str(info.value)
-    assert re.fullmatch(r"hospital_1 failed while handling a train message \(\w+, error ([0-9a-f]{8})\); "
-                        r"the detail is in its state folder's errors\.log at the site, never sent", sent), sent
+    assert re.fullmatch(
+        r"hospital_1 failed while handling a train message \(\w+, error ([0-9a-f]{8})\); "
+        r"the detail is in its state folder's errors\.log at the site, never sent",
+        sent,
+    ), sent
     assert not any(secret in sent for secret in _secrets(data / small_manifest_path.name) if len(secret) > 3)
     error_id = re.search(r"error ([0-9a-f]{8})", sent).group(1)
     kept = (tmp_path / "run" / "sites" / "hospital_1" / "errors.log").read_text()

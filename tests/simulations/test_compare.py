@@ -37,8 +37,12 @@ sample-rate = 0.5
 
 
 def _compare(config_path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "simulations.commands", "compare", "--config", str(config_path)],
-                          capture_output=True, text=True, timeout=1500)
+    return subprocess.run(
+        [sys.executable, "-m", "simulations.commands", "compare", "--config", str(config_path)],
+        capture_output=True,
+        text=True,
+        timeout=1500,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -121,14 +125,42 @@ def test_report_writes_tables_from_the_finished_runs_only(comparison, tmp_path):
     partial = tmp_path / "partial"
     shutil.copytree(out, partial)
     (next(partial.glob("fed-client/eps=1/seed=0")) / "done.json").unlink()  # a run still going
-    done = subprocess.run([sys.executable, "-m", "simulations.commands", "compare", "--config", str(config), "--output",
-                           str(partial), "--report"], capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "simulations.commands",
+            "compare",
+            "--config",
+            str(config),
+            "--output",
+            str(partial),
+            "--report",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "13 of 14 runs finished; incomplete: seed=0" in done.stdout
     runs = pd.read_csv(partial / "runs.csv")
     assert len(runs) == 13 and not ((runs["setting"] == "fed-client") & (runs["target_epsilon"] == 1.0)).any()
-    empty = subprocess.run([sys.executable, "-m", "simulations.commands", "compare", "--config", str(config), "--output",
-                            str(tmp_path / "none"), "--report"], capture_output=True, text=True, timeout=300)
+    empty = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "simulations.commands",
+            "compare",
+            "--config",
+            str(config),
+            "--output",
+            str(tmp_path / "none"),
+            "--report",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert empty.returncode == 1 and "no finished run" in empty.stderr
 
 
@@ -170,8 +202,9 @@ def test_runs_go_seed_by_seed_and_share_the_cores(monkeypatch):
     """A comparison stopped part-way has whole seeds; parallel runs split the cores' threads."""
     from simulations.compare.runner import thread_env
 
-    runs = plan_runs(CompareConfig(settings=("fed-nonprivate", "fed-local-identity"), epsilons=(1.0, 8.0),
-                                   seeds=(0, 1)))
+    runs = plan_runs(
+        CompareConfig(settings=("fed-nonprivate", "fed-local-identity"), epsilons=(1.0, 8.0), seeds=(0, 1))
+    )
     assert [r.seed for r in runs] == [0, 0, 0, 1, 1, 1]
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr("os.cpu_count", lambda: 4)
@@ -200,8 +233,9 @@ def test_the_table_states_the_relation_each_run_was_accounted_under():
     assert relation_of(SETTINGS["fed-client"], size_one) == "zero-out"
     assert relation_of(SETTINGS["fed-nonprivate"], size_one) == "-"
     # runs that record what their epsilon is about: the neighbouring data sets, printed as they are
-    about = size_one.assign(neighbours="add or remove one patient (one clipped term added or removed: add-or-remove "
-                                       "accounting)")
+    about = size_one.assign(
+        neighbours="add or remove one patient (one clipped term added or removed: add-or-remove accounting)"
+    )
     assert relation_of(SETTINGS["fed-local-identity"], about) == about["neighbours"].iloc[0]
 
 
@@ -210,11 +244,22 @@ def test_the_table_prints_the_unit_with_its_neighbouring_data_sets():
 
     from simulations.compare.results import METRICS, markdown_table
 
-    row = {"setting": "fed-cadp", "target_epsilon": 4.0, "unit": "identity (images)",
-           "relation": "replace one patient's images by as many other images (local, replace-one)", "seeds": 1,
-           "epsilon_local": 4.0, "epsilon_site": math.nan, "patient_epsilon_group": math.nan,
-           "patient_delta_group": math.nan, "noise_multiplier": 0.0, "site_noise_multiplier": 0.0, "sites": 4,
-           "site_noise_on_average": 0.0, **{f"{m}_{s}": 0.1 for m in METRICS for s in ("mean", "std")}}
+    row = {
+        "setting": "fed-cadp",
+        "target_epsilon": 4.0,
+        "unit": "identity (images)",
+        "relation": "replace one patient's images by as many other images (local, replace-one)",
+        "seeds": 1,
+        "epsilon_local": 4.0,
+        "epsilon_site": math.nan,
+        "patient_epsilon_group": math.nan,
+        "patient_delta_group": math.nan,
+        "noise_multiplier": 0.0,
+        "site_noise_multiplier": 0.0,
+        "sites": 4,
+        "site_noise_on_average": 0.0,
+        **{f"{m}_{s}": 0.1 for m in METRICS for s in ("mean", "std")},
+    }
     table = markdown_table(pd.DataFrame([row]))
     assert "| unit and neighbouring data sets (what epsilon is about) |" in table.splitlines()[0]
     assert "| identity (images): replace one patient's images by as many other images (local, replace-one) |" in table
@@ -237,7 +282,9 @@ def test_every_shipped_comparison_config_plans_valid_runs():
     assert not set(CompareConfig().settings) & {"fed-cadp", "fed-maskdp", "fed-mask-replace"}  # opt-in
     with pytest.raises(ValueError, match="need a mask per image"):
         CompareConfig(settings=("fed-maskdp",))
-    private = {r.setting: r.overrides for r in plan_runs(CompareConfig.from_toml("simulations/compare/input_level.toml"))}
+    private = {
+        r.setting: r.overrides for r in plan_runs(CompareConfig.from_toml("simulations/compare/input_level.toml"))
+    }
     assert private["fed-cadp"]["dp-mode"] == "cadp" and private["fed-mask-replace"]["target-epsilon"] == 0.0
     like_dp = plan_runs(CompareConfig.from_toml("simulations/compare/nonprivate_like_dp.toml"))
     dp_default = SimulationConfig.from_run_config({})

@@ -24,26 +24,29 @@ def test_nonprivate_config_is_valid_and_nonprivate():
     assert cfg.dp_mode == "nonprivate" and cfg.output_dir != SimulationConfig().output_dir
 
 
-@pytest.mark.parametrize(("values", "message"), [
-    ({"num-roundz": 3}, "num-roundz: unknown run-config key"),
-    ({"num-rounds": "three"}, "num-rounds: expected int"),
-    ({"num-rounds": 0}, "num-rounds: expected an integer >= 1"),
-    ({"lr": True}, "lr: expected float"),
-    ({"dp-mode": "ghost"}, "ghost"),
-    ({"max-grad-norm": 0.0}, "max_grad_norm"),
-    ({"budget": -1.0}, "budget: expected an epsilon > 0"),
-    ({"site-budgets": "hospital_0=abc"}, "site-budgets"),
-    ({"strategy": "fedfoo"}, "strategy: expected one of"),
-    ({"name-lists": "klingon"}, "name-lists: expected one of"),
-    ({"grad-engine": "fast"}, "grad-engine: expected one of"),
-    ({"attack-replies": "last"}, "attack-replies: expected one of"),
-    ({"identity-strength": 3.0}, "identity_strength: expected a weight in \\(0, 2\\]"),
-    ({"idia-tau": 9}, "idia tau"),
-    ({"manifest": "/no/such/file.csv"}, "manifest: file not found"),
-    ({"trainable": "last-0"}, "trainable"),
-    ({"client-dp-epsilon": 2.0}, "client-dp-epsilon: .* budget = inf"),  # default budget is finite
-    ({"client-dp-epsilon": 2.0, "budget": float("inf"), "fraction-train": 0.5}, "fraction-train = 1.0"),
-])
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"num-roundz": 3}, "num-roundz: unknown run-config key"),
+        ({"num-rounds": "three"}, "num-rounds: expected int"),
+        ({"num-rounds": 0}, "num-rounds: expected an integer >= 1"),
+        ({"lr": True}, "lr: expected float"),
+        ({"dp-mode": "ghost"}, "ghost"),
+        ({"max-grad-norm": 0.0}, "max_grad_norm"),
+        ({"budget": -1.0}, "budget: expected an epsilon > 0"),
+        ({"site-budgets": "hospital_0=abc"}, "site-budgets"),
+        ({"strategy": "fedfoo"}, "strategy: expected one of"),
+        ({"name-lists": "klingon"}, "name-lists: expected one of"),
+        ({"grad-engine": "fast"}, "grad-engine: expected one of"),
+        ({"attack-replies": "last"}, "attack-replies: expected one of"),
+        ({"identity-strength": 3.0}, "identity_strength: expected a weight in \\(0, 2\\]"),
+        ({"idia-tau": 9}, "idia tau"),
+        ({"manifest": "/no/such/file.csv"}, "manifest: file not found"),
+        ({"trainable": "last-0"}, "trainable"),
+        ({"client-dp-epsilon": 2.0}, "client-dp-epsilon: .* budget = inf"),  # default budget is finite
+        ({"client-dp-epsilon": 2.0, "budget": float("inf"), "fraction-train": 0.5}, "fraction-train = 1.0"),
+    ],
+)
 def test_bad_run_config_names_the_key(values, message):
     with pytest.raises(ValueError, match=message):
         SimulationConfig.from_run_config(values)
@@ -51,7 +54,13 @@ def test_bad_run_config_names_the_key(values, message):
 
 def test_run_config_strings_and_files():
     assert parse_run_config("num-rounds=3 dp-mode='paper' lr=0.01 resume=true budget=inf name=bare") == {
-        "num-rounds": 3, "dp-mode": "paper", "lr": 0.01, "resume": True, "budget": float("inf"), "name": "bare"}
+        "num-rounds": 3,
+        "dp-mode": "paper",
+        "lr": 0.01,
+        "resume": True,
+        "budget": float("inf"),
+        "name": "bare",
+    }
     assert parse_run_config(str(APP_DIR / "nonprivate.toml"))["dp-mode"] == "nonprivate"
     with pytest.raises(ValueError, match="expected key=value"):
         parse_run_config("num-rounds")
@@ -77,8 +86,17 @@ def test_backend_config_merges_client_resources():
 
 
 def test_cli_fails_before_ray_starts_naming_the_key(tmp_path):
-    cmd = [sys.executable, "-m", "simulations.cli", "--app", "simulations.hospital_clip", "--run-config",
-           "num-rounds=2 sample-rate=1.5", "--output", str(tmp_path / "run")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "simulations.cli",
+        "--app",
+        "simulations.hospital_clip",
+        "--run-config",
+        "num-rounds=2 sample-rate=1.5",
+        "--output",
+        str(tmp_path / "run"),
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
     assert "sample_rate: expected a value in (0, 1]" in done.stderr
@@ -95,5 +113,7 @@ def test_pyproject_declares_the_same_app_config_for_flwr_run():
     pyproject = tomllib.loads((APP_DIR.parents[1] / "pyproject.toml").read_text())
     assert pyproject["tool"]["flwr"]["app"]["config"] == load_toml(DEFAULT_TOML)
     components = pyproject["tool"]["flwr"]["app"]["components"]
-    assert components == {"serverapp": "simulations.hospital_clip.server_app:app",
-                          "clientapp": "simulations.hospital_clip.client_app:app"}
+    assert components == {
+        "serverapp": "simulations.hospital_clip.server_app:app",
+        "clientapp": "simulations.hospital_clip.client_app:app",
+    }

@@ -28,8 +28,10 @@ def roles(tmp_path, small_manifest_path):
     """The consortium's split of the generated data, written beside its images."""
     frame = pd.read_csv(small_manifest_path, keep_default_na=False)
     out = {"all": small_manifest_path}
-    parts = {"server": frame[frame["split"].isin(["public", "heldout"])],
-             "hospital_0": frame[(frame["split"] == "train") & (frame["site"] == "hospital_0")].assign(site="")}
+    parts = {
+        "server": frame[frame["split"].isin(["public", "heldout"])],
+        "hospital_0": frame[(frame["split"] == "train") & (frame["site"] == "hospital_0")].assign(site=""),
+    }
     for role, rows in parts.items():
         out[role] = small_manifest_path.with_name(f"{role}_{tmp_path.name}.csv")
         rows.to_csv(out[role], index=False)
@@ -37,17 +39,21 @@ def roles(tmp_path, small_manifest_path):
 
 
 def _deployment(roles, **overrides) -> SimulationConfig:
-    return SimulationConfig(manifest=str(roles["server"]), sites="hospital_0,hospital_1", declared_units=6,
-                            target_epsilon=0.0, **overrides)
+    return SimulationConfig(
+        manifest=str(roles["server"]), sites="hospital_0,hospital_1", declared_units=6, target_epsilon=0.0, **overrides
+    )
 
 
-@pytest.mark.parametrize(("values", "message"), [
-    ({"sites": "3"}, "sites: expected the sites' names"),
-    ({"sites": "a,b,a"}, "sites: a name appears twice"),
-    ({"sites": "a,b"}, "manifest: a deployment"),
-    ({"site-nodes": "a=1"}, "site-nodes: only meaningful in a deployment"),
-    ({"audit-manifest": "/no/such.csv"}, "audit-manifest: file not found"),
-])
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"sites": "3"}, "sites: expected the sites' names"),
+        ({"sites": "a,b,a"}, "sites: a name appears twice"),
+        ({"sites": "a,b"}, "manifest: a deployment"),
+        ({"site-nodes": "a=1"}, "site-nodes: only meaningful in a deployment"),
+        ({"audit-manifest": "/no/such.csv"}, "audit-manifest: file not found"),
+    ],
+)
 def test_bad_deployment_config_names_the_key(values, message):
     with pytest.raises(ValueError, match=message):
         SimulationConfig.from_run_config(values)
@@ -61,14 +67,17 @@ def test_site_nodes_must_map_exactly_the_declared_sites(roles):
     with pytest.raises(ValueError, match="site-nodes: one node id is mapped to two sites"):
         _deployment(roles, site_nodes="hospital_0=1,hospital_1=1")
     assert _deployment(roles, site_nodes="hospital_0=11,hospital_1=12").site_node_map() == {
-        "hospital_0": 11, "hospital_1": 12}
+        "hospital_0": 11,
+        "hospital_1": 12,
+    }
 
 
 def test_a_deployment_server_with_member_rows_is_refused_naming_the_line(roles):
     shape = preflight(_deployment(roles))
     assert shape.units == {"hospital_0": 6, "hospital_1": 6}
-    cfg = SimulationConfig(manifest=str(roles["all"]), sites="hospital_0,hospital_1", declared_units=6,
-                           target_epsilon=0.0)
+    cfg = SimulationConfig(
+        manifest=str(roles["all"]), sites="hospital_0,hospital_1", declared_units=6, target_epsilon=0.0
+    )
     first = pd.read_csv(roles["all"], keep_default_na=False)["split"].isin(["train", "query"]).idxmax() + 2
     with pytest.raises(ValueError, match=rf"member rows \(split 'train' or 'query', first on line {first}\)"):
         preflight(cfg)
@@ -99,13 +108,21 @@ def test_a_hospital_trains_from_its_own_manifest_and_caches_it_on_disk(roles, wa
     config = train_config_record(cfg, noise_multiplier=1.0, manifest="", checkpoint="")
     config["server-round"] = 1
     state = tmp_path / "state"
-    node = {"site": "hospital_0", "manifest": str(roles["hospital_0"]), "checkpoint": str(warm_checkpoint),
-            "state-dir": str(state), "declared-units": 6}
+    node = {
+        "site": "hospital_0",
+        "manifest": str(roles["hospital_0"]),
+        "checkpoint": str(warm_checkpoint),
+        "state-dir": str(state),
+        "declared-units": 6,
+    }
     model = create_model(ModelConfig(pretrained=str(warm_checkpoint), trainable="last-1")).model
 
     def train_once():
-        msg = Message(RecordDict({"arrays": model_to_arrays(model, trainable_only=True), "config": config}),
-                      dst_node_id=1, message_type=MessageType.TRAIN)
+        msg = Message(
+            RecordDict({"arrays": model_to_arrays(model, trainable_only=True), "config": config}),
+            dst_node_id=1,
+            message_type=MessageType.TRAIN,
+        )
         context = Context(run_id=1, node_id=1, node_config=node, state=RecordDict(), run_config={})
         return client_app(msg, context)
 
@@ -140,6 +157,7 @@ def test_a_changed_image_is_not_read_from_the_cache(roles, warm_checkpoint, tmp_
     original = image.read_bytes()
     try:
         from PIL import Image
+
         Image.new("RGB", (32, 32), (255, 0, 0)).save(image)
         second = task.own_training_data(str(roles["hospital_0"]), "hospital_0", **kwargs)
     finally:
@@ -150,5 +168,6 @@ def test_a_changed_image_is_not_read_from_the_cache(roles, warm_checkpoint, tmp_
 
 def test_a_hospital_manifest_without_its_site_is_refused(roles, warm_checkpoint, tmp_path):
     with pytest.raises(ValueError, match=r"site: .* has no 'train' rows for site 'hospital_7'"):
-        task.own_training_data(str(roles["all"]), "hospital_7", arch="fedclip-tiny", checkpoint=str(warm_checkpoint),
-                               cache_dir=tmp_path)
+        task.own_training_data(
+            str(roles["all"]), "hospital_7", arch="fedclip-tiny", checkpoint=str(warm_checkpoint), cache_dir=tmp_path
+        )

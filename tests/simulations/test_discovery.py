@@ -32,8 +32,11 @@ class _Grid:
 
     def send_and_receive(self, messages, *, timeout=None):
         self.asked += [m.metadata.dst_node_id for m in messages]
-        return [Message(RecordDict({"site": ConfigRecord({"site": self.claims[m.metadata.dst_node_id]})}), reply_to=m)
-                for m in messages if m.metadata.dst_node_id in self.answering]
+        return [
+            Message(RecordDict({"site": ConfigRecord({"site": self.claims[m.metadata.dst_node_id]})}), reply_to=m)
+            for m in messages
+            if m.metadata.dst_node_id in self.answering
+        ]
 
 
 TWO = {1: "hospital_1", 2: "hospital_2"}
@@ -50,30 +53,53 @@ def test_a_silent_node_stops_the_run_naming_it():
 
 def test_a_node_claiming_an_undeclared_site_stops_the_run():
     with pytest.raises(RuntimeError, match=r"claim sites \['hospital_9'\] that are not expected"):
-        discover_sites(_Grid({1: "hospital_1", 2: "hospital_9"}), ConfigRecord({}),
-                       expected=["hospital_1", "hospital_2"], timeout=1)
+        discover_sites(
+            _Grid({1: "hospital_1", 2: "hospital_9"}),
+            ConfigRecord({}),
+            expected=["hospital_1", "hospital_2"],
+            timeout=1,
+        )
 
 
 def test_two_nodes_claiming_one_site_stop_the_run():
     with pytest.raises(RuntimeError, match=r"two nodes claim the same site \['hospital_1'\]"):
-        discover_sites(_Grid({1: "hospital_1", 2: "hospital_1"}), ConfigRecord({}),
-                       expected=["hospital_1", "hospital_2"], timeout=1)
+        discover_sites(
+            _Grid({1: "hospital_1", 2: "hospital_1"}),
+            ConfigRecord({}),
+            expected=["hospital_1", "hospital_2"],
+            timeout=1,
+        )
 
 
 def test_with_site_nodes_the_registered_id_decides_and_strangers_are_not_asked():
     grid = _Grid({7: "hospital_a", 8: "hospital_b", 9: "hospital_a"})  # node 9: someone else's claim
-    sites = discover_sites(grid, ConfigRecord({}), expected=["hospital_a", "hospital_b"],
-                           node_ids={"hospital_a": 7, "hospital_b": 8}, timeout=1)
+    sites = discover_sites(
+        grid,
+        ConfigRecord({}),
+        expected=["hospital_a", "hospital_b"],
+        node_ids={"hospital_a": 7, "hospital_b": 8},
+        timeout=1,
+    )
     assert sites == {7: "hospital_a", 8: "hospital_b"} and sorted(grid.asked) == [7, 8]
 
 
 def test_with_site_nodes_a_node_that_says_it_is_another_site_stops_the_run():
     with pytest.raises(RuntimeError, match=r"node 8 is registered as 'hospital_b' but says it is 'hospital_a'"):
-        discover_sites(_Grid({7: "hospital_a", 8: "hospital_a"}), ConfigRecord({}), expected=["hospital_a", "hospital_b"],
-                       node_ids={"hospital_a": 7, "hospital_b": 8}, timeout=1)
+        discover_sites(
+            _Grid({7: "hospital_a", 8: "hospital_a"}),
+            ConfigRecord({}),
+            expected=["hospital_a", "hospital_b"],
+            node_ids={"hospital_a": 7, "hospital_b": 8},
+            timeout=1,
+        )
 
 
 def test_with_site_nodes_a_registered_node_that_never_connects_is_named():
     with pytest.raises(RuntimeError, match=r"waiting for node ids \[8\]"):
-        discover_sites(_Grid({7: "hospital_a"}), ConfigRecord({}), expected=["hospital_a", "hospital_b"],
-                       node_ids={"hospital_a": 7, "hospital_b": 8}, timeout=0.2)
+        discover_sites(
+            _Grid({7: "hospital_a"}),
+            ConfigRecord({}),
+            expected=["hospital_a", "hospital_b"],
+            node_ids={"hospital_a": 7, "hospital_b": 8},
+            timeout=0.2,
+        )

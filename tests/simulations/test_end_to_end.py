@@ -11,15 +11,27 @@ import pytest
 
 from fedclip.privacy.ledger_store import LedgerStore
 
-TINY = ("num-sites=2 patients-per-site=6 public-patients=30 heldout-patients=8 images-per-patient=4 "
-        "query-images-per-patient=3 idia-queries=3 idia-distractors=20 warm-start-epochs=3 local-steps=2 "
-        "microbatch-size=3 target-epsilon=0.0 noise-multiplier=1.0 budget=inf")
+TINY = (
+    "num-sites=2 patients-per-site=6 public-patients=30 heldout-patients=8 images-per-patient=4 "
+    "query-images-per-patient=3 idia-queries=3 idia-distractors=20 warm-start-epochs=3 local-steps=2 "
+    "microbatch-size=3 target-epsilon=0.0 noise-multiplier=1.0 budget=inf"
+)
 
 
 def _simulate(out, cache, extra: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "simulations.cli", "--app", "simulations.hospital_clip", "--output", str(out),
-           "--run-config", f"{TINY} cache-dir='{cache}' {extra}",
-           "--backend-config", '{"client_resources": {"num_cpus": 1, "num_gpus": 0.0}}']
+    cmd = [
+        sys.executable,
+        "-m",
+        "simulations.cli",
+        "--app",
+        "simulations.hospital_clip",
+        "--output",
+        str(out),
+        "--run-config",
+        f"{TINY} cache-dir='{cache}' {extra}",
+        "--backend-config",
+        '{"client_resources": {"num_cpus": 1, "num_gpus": 0.0}}',
+    ]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=420, env={**os.environ, **(env or {})})
 
 
@@ -44,8 +56,17 @@ def run_dir(tmp_path_factory):
 
 def test_run_folder_has_every_table_plot_and_the_summary(run_dir):
     out, _ = run_dir
-    for name in ("config.json", "rounds.csv", "attack.csv", "attack_sites.csv", "utility.csv", "summary.md",
-                 "epsilon.png", "attack.png", "utility.png"):
+    for name in (
+        "config.json",
+        "rounds.csv",
+        "attack.csv",
+        "attack_sites.csv",
+        "utility.csv",
+        "summary.md",
+        "epsilon.png",
+        "attack.png",
+        "utility.png",
+    ):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     config = json.loads((out / "config.json").read_text())
     assert config["num-rounds"] == 2 and config["resolved-noise-multiplier"] == 1.0
@@ -72,13 +93,30 @@ def test_where_the_time_goes_server_and_each_site_own(run_dir):
 def test_rounds_csv_composes_epsilon_per_site_across_rounds(run_dir):
     out, after_first = run_dir
     rounds = pd.read_csv(out / "rounds.csv")
-    assert list(rounds.columns[:12]) == ["round", "site", "status", "epsilon", "delta", "noise_multiplier", "sample_rate",
-                                         "steps", "privacy_unit", "relation", "train_loss", "selected"]
-    assert sorted(rounds["round"].unique()) == [1, 2] and sorted(rounds["site"].unique()) == ["hospital_0", "hospital_1"]
+    assert list(rounds.columns[:12]) == [
+        "round",
+        "site",
+        "status",
+        "epsilon",
+        "delta",
+        "noise_multiplier",
+        "sample_rate",
+        "steps",
+        "privacy_unit",
+        "relation",
+        "train_loss",
+        "selected",
+    ]
+    assert sorted(rounds["round"].unique()) == [1, 2] and sorted(rounds["site"].unique()) == [
+        "hospital_0",
+        "hospital_1",
+    ]
     assert rounds["selected"].all() and (rounds["relation"] == "replace_one").all()
     # every row says what its epsilon is about: the data sets, and what is covered
-    assert (rounds["neighbours"] == "add or remove one patient (one fixed micro-batch's clipped term replaced: "
-                                    "replace-one accounting)").all()
+    assert (
+        rounds["neighbours"] == "add or remove one patient (one fixed micro-batch's clipped term replaced: "
+        "replace-one accounting)"
+    ).all()
     assert (rounds["covers"] == "the patient's image-report pairs, in every update and released statistic").all()
     assert (rounds["status"] == "trained").all() and rounds["train_loss"].isna().all()  # no loss released by default
     for _, g in rounds.groupby("site"):
@@ -112,7 +150,9 @@ def test_attack_and_utility_rows_per_round(run_dir):
     people = every[every["attack"] == "lira-patient"]
     assert (people["members"] == 12).all() and (people["non_members"] == 8).all()  # IDIA's targets
     attack = every[every["attack"] == "idia"]
-    assert {"tpr", "fpr", "precision", "recall", "accuracy", "epsilon_lower_bound", "max_site_epsilon"} <= set(attack.columns)
+    assert {"tpr", "fpr", "precision", "recall", "accuracy", "epsilon_lower_bound", "max_site_epsilon"} <= set(
+        attack.columns
+    )
     assert attack["tpr"].between(0, 1).all() and (attack["epsilon_lower_bound"] >= 0).all()
     assert attack["max_site_epsilon"].is_monotonic_increasing and attack["max_site_epsilon"].iloc[0] == 0
     assert (attack["members"] == 12).all() and (attack["non_members"] == 8).all()
@@ -160,8 +200,14 @@ def test_a_site_that_fails_stops_the_run_naming_it_and_the_error(tmp_path):
     assert store.ledger("hospital_0").epsilon() > 0  # the failed site's planned round stays charged
 
 
-NOISE = ("There is a performance drop", "DEPRECATED FEATURE", "Optimal order is the largest alpha",
-         "Tip: In future versions of Ray", "No pretrained weights loaded", "fraction_evaluate is set to 0.0")
+NOISE = (
+    "There is a performance drop",
+    "DEPRECATED FEATURE",
+    "Optimal order is the largest alpha",
+    "Tip: In future versions of Ray",
+    "No pretrained weights loaded",
+    "fraction_evaluate is set to 0.0",
+)
 
 
 def test_the_console_prints_each_line_once_without_known_noise_and_ends_with_a_table(run_dir):

@@ -29,15 +29,29 @@ def _releases(events):
 
 def test_the_plan_charges_the_release_once_and_training_as_post_processing():
     cfg = SimulationConfig(dp_mode="cadp", target_epsilon=4.0, images_per_patient=6)
-    plan = cfg.round_plan(0.0, InputPlan.calibrated("cadp", target_epsilon=4.0, delta=1e-5, images_per_unit=6,
-                                                    radius=0.0, image_size=32, inn_checkpoint="/inn.pt"))
+    plan = cfg.round_plan(
+        0.0,
+        InputPlan.calibrated(
+            "cadp",
+            target_epsilon=4.0,
+            delta=1e-5,
+            images_per_unit=6,
+            radius=0.0,
+            image_size=32,
+            inn_checkpoint="/inn.pt",
+        ),
+    )
     assert [e.steps for e in plan.events()] == [0]  # training on privatized images spends nothing
     release = plan.input_release()
     assert release.steps == 6 and epsilon([release], delta=1e-5) <= 4.0
     again = type(plan).from_record(plan.to_record(), hash_key="k")
     assert again.input == plan.input and again.mode == "cadp"
-    replace = cfg.round_plan(0.0, InputPlan.calibrated("mask-replace", target_epsilon=0.0, delta=1e-5,
-                                                       images_per_unit=6, radius=0.0, image_size=32))
+    replace = cfg.round_plan(
+        0.0,
+        InputPlan.calibrated(
+            "mask-replace", target_epsilon=0.0, delta=1e-5, images_per_unit=6, radius=0.0, image_size=32
+        ),
+    )
     assert replace.input_release() is None and math.isinf(epsilon(replace.events(), delta=1e-5))
     with pytest.raises(ValueError, match="input-images-per-unit"):
         SimulationConfig(dp_mode="cadp", manifest=SMALL, target_epsilon=4.0)  # a manifest must declare it
@@ -50,9 +64,19 @@ def test_the_plan_charges_the_release_once_and_training_as_post_processing():
 @pytest.mark.parametrize("mode", list(MODES))
 def test_a_federation_on_privatized_images_spends_once(tmp_path, mode):
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "simulations.cli", "--app", "simulations.hospital_clip", "--output", str(out),
-           "--run-config", f"{SMALL} cache-dir='{tmp_path / 'cache'}' {MODES[mode]}",
-           "--backend-config", '{"client_resources": {"num_cpus": 1, "num_gpus": 0.0}}']
+    cmd = [
+        sys.executable,
+        "-m",
+        "simulations.cli",
+        "--app",
+        "simulations.hospital_clip",
+        "--output",
+        str(out),
+        "--run-config",
+        f"{SMALL} cache-dir='{tmp_path / 'cache'}' {MODES[mode]}",
+        "--backend-config",
+        '{"client_resources": {"num_cpus": 1, "num_gpus": 0.0}}',
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     rounds = pd.read_csv(out / "rounds.csv")

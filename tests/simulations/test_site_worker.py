@@ -38,8 +38,12 @@ def sock(tmp_path_factory) -> Path:
 
 def _start(sock: Path, *, site: str = "hospital_0", messages: int = 1, handle=None) -> tuple[threading.Thread, list]:
     lines: list[str] = []
-    thread = threading.Thread(target=site_worker.serve, args=(str(sock),), daemon=True,
-                              kwargs=dict(site=site, max_messages=messages, on_line=lines.append, handle=handle))
+    thread = threading.Thread(
+        target=site_worker.serve,
+        args=(str(sock),),
+        daemon=True,
+        kwargs=dict(site=site, max_messages=messages, on_line=lines.append, handle=handle),
+    )
     thread.start()
     for _ in range(200):
         if any("listening" in line for line in lines):
@@ -49,8 +53,14 @@ def _start(sock: Path, *, site: str = "hospital_0", messages: int = 1, handle=No
 
 
 def _node(sock: Path, site: str = "hospital_0", **extra) -> Context:
-    config = {"site": site, "manifest": "/m.csv", "checkpoint": "/c.pt", "state-dir": "/s",
-              "site-worker": str(sock), **extra}
+    config = {
+        "site": site,
+        "manifest": "/m.csv",
+        "checkpoint": "/c.pt",
+        "state-dir": "/s",
+        "site-worker": str(sock),
+        **extra,
+    }
     return Context(run_id=1, node_id=7, node_config=config, state=RecordDict(), run_config={})
 
 
@@ -128,19 +138,31 @@ def test_a_socket_path_too_long_is_refused_naming_its_length(tmp_path):
         site_worker.listen(str(long))
 
 
-def test_a_train_round_through_the_worker_charges_the_sites_ledger(sock, small_manifest_path, warm_checkpoint,
-                                                                   tmp_path):
+def test_a_train_round_through_the_worker_charges_the_sites_ledger(
+    sock, small_manifest_path, warm_checkpoint, tmp_path
+):
     """The real handler behind the socket: the reply carries the update and the privacy event,
     and the site's own ledger has the round."""
-    cfg = SimulationConfig(manifest=str(small_manifest_path), sites="hospital_0,hospital_1", declared_units=6,
-                           target_epsilon=0.0, local_steps=2, trainable="last-1")
+    cfg = SimulationConfig(
+        manifest=str(small_manifest_path),
+        sites="hospital_0,hospital_1",
+        declared_units=6,
+        target_epsilon=0.0,
+        local_steps=2,
+        trainable="last-1",
+    )
     config = train_config_record(cfg, noise_multiplier=1.0, manifest="", checkpoint="")
     config["server-round"] = 1
     model = create_model(ModelConfig(pretrained=str(warm_checkpoint), trainable="last-1")).model
-    msg = Message(RecordDict({"arrays": model_to_arrays(model, trainable_only=True), "config": config}),
-                  dst_node_id=7, message_type=MessageType.TRAIN)
+    msg = Message(
+        RecordDict({"arrays": model_to_arrays(model, trainable_only=True), "config": config}),
+        dst_node_id=7,
+        message_type=MessageType.TRAIN,
+    )
     state = tmp_path / "state"
-    context = _node(sock, manifest=str(small_manifest_path), checkpoint=str(warm_checkpoint), **{"state-dir": str(state)})
+    context = _node(
+        sock, manifest=str(small_manifest_path), checkpoint=str(warm_checkpoint), **{"state-dir": str(state)}
+    )
     context.node_config["declared-units"] = 6
     thread, lines = _start(sock)
     reply = client_app(msg, context)
@@ -155,8 +177,10 @@ def test_a_train_round_through_the_worker_charges_the_sites_ledger(sock, small_m
 
 def test_the_clientapp_module_imports_nothing_heavy():
     """A fresh process per message on the deployment runtime: the hand-over must not import torch."""
-    code = ("import sys, simulations.hospital_clip.client_app, simulations.hospital_clip.site_worker; "
-            "heavy = sorted(m for m in ('torch', 'open_clip', 'opacus', 'pandas') if m in sys.modules); "
-            "print(heavy); sys.exit(1 if heavy else 0)")
+    code = (
+        "import sys, simulations.hospital_clip.client_app, simulations.hospital_clip.site_worker; "
+        "heavy = sorted(m for m in ('torch', 'open_clip', 'opacus', 'pandas') if m in sys.modules); "
+        "print(heavy); sys.exit(1 if heavy else 0)"
+    )
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr

@@ -11,8 +11,9 @@ def _flower_rdp_epsilon(sigma: float, rounds: int, num_sites: int, delta: float)
     from flwr.supercore.privacy_accounting import GaussianPrivacyEvent
 
     accountant = site_level_accountant(num_sites=num_sites, delta=delta)
-    accountant.compose(GaussianPrivacyEvent(noise_multiplier=sigma, sample_size=num_sites, population_size=num_sites),
-                       count=rounds)
+    accountant.compose(
+        GaussianPrivacyEvent(noise_multiplier=sigma, sample_size=num_sites, population_size=num_sites), count=rounds
+    )
     return float(accountant.get_epsilon(delta))
 
 

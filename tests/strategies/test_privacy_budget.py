@@ -4,11 +4,9 @@ import math
 
 import numpy as np
 import pytest
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore.task_identity import TaskIdentity
-
-from flwr.app import Error
 
 from fedclip.privacy.events import DpEvent, events_to_wire
 from fedclip.privacy.ledger_store import LedgerStore
@@ -16,8 +14,9 @@ from fedclip.privacy.policy import REFUSAL
 from strategies import PrivacyBudgetStrategy, make_inner_strategy
 from strategies.privacy_budget import PRIVACY_RECORD, SiteFailure
 
-EVENT = DpEvent(noise_multiplier=1.0, sample_rate=0.5, steps=10, privacy_unit="identity", relation="replace_one",
-                sensitivity=1.0)
+EVENT = DpEvent(
+    noise_multiplier=1.0, sample_rate=0.5, steps=10, privacy_unit="identity", relation="replace_one", sensitivity=1.0
+)
 SITES = {11: "hospital_a", 22: "hospital_b", 33: "hospital_c"}
 
 
@@ -54,9 +53,15 @@ def _error(msg: Message, reason: str) -> Message:
 
 def _strategy(tmp_path, budget=lambda site: math.inf, inner=None, rows=None, store=None, quorum=1.0):
     store = store or LedgerStore(tmp_path / "ledger.sqlite", delta=1e-5)
-    return PrivacyBudgetStrategy(inner or make_inner_strategy("fedavg"), store=store, sites=SITES, budget=budget,
-                                 planned_events=lambda site: (EVENT,), failure_quorum=quorum,
-                                 on_round=(rows.extend if rows is not None else None))
+    return PrivacyBudgetStrategy(
+        inner or make_inner_strategy("fedavg"),
+        store=store,
+        sites=SITES,
+        budget=budget,
+        planned_events=lambda site: (EVENT,),
+        failure_quorum=quorum,
+        on_round=(rows.extend if rows is not None else None),
+    )
 
 
 def _round(strategy, server_round, values=None):
@@ -82,7 +87,11 @@ def test_all_sites_train_and_the_update_is_the_inner_average(tmp_path):
 def test_a_site_whose_next_round_would_exceed_its_budget_is_not_selected(tmp_path):
     one_round = LedgerStore(tmp_path / "probe.sqlite", delta=1e-5).ledger("x").epsilon_if(EVENT)
     two_rounds = LedgerStore(tmp_path / "probe.sqlite", delta=1e-5).ledger("x").record(EVENT).epsilon_if(EVENT)
-    budgets = {"hospital_a": (one_round + two_rounds) / 2, "hospital_b": two_rounds * 1.001, "hospital_c": one_round * 0.5}
+    budgets = {
+        "hospital_a": (one_round + two_rounds) / 2,
+        "hospital_b": two_rounds * 1.001,
+        "hospital_c": one_round * 0.5,
+    }
     rows = []
     strategy = _strategy(tmp_path, budget=budgets.__getitem__, rows=rows)
     messages, _ = _round(strategy, 1)
@@ -109,8 +118,11 @@ def test_events_are_durable_before_the_inner_strategy_aggregates(tmp_path):
             seen.update({s: len(other.ledger(s).events) for s in SITES.values()})
             return super().aggregate_train(server_round, replies)
 
-    strategy = _strategy(tmp_path, inner=Spy(fraction_evaluate=0.0, min_train_nodes=1, min_available_nodes=1,
-                                                   weighted_by_key="site-weight"), store=store)
+    strategy = _strategy(
+        tmp_path,
+        inner=Spy(fraction_evaluate=0.0, min_train_nodes=1, min_available_nodes=1, weighted_by_key="site-weight"),
+        store=store,
+    )
     _round(strategy, 1)
     assert seen == {s: 1 for s in SITES.values()}
 
@@ -120,8 +132,14 @@ def test_ledger_survives_a_restart_and_resume_continues_it(tmp_path):
     _round(strategy, 1)
     before = strategy.epsilons()
     strategy.store.close()
-    resumed = PrivacyBudgetStrategy(make_inner_strategy("fedavg"), store=LedgerStore(tmp_path / "ledger.sqlite", delta=1e-5),
-                                    sites=SITES, budget=lambda s: math.inf, planned_events=lambda s: (EVENT,), round_offset=1)
+    resumed = PrivacyBudgetStrategy(
+        make_inner_strategy("fedavg"),
+        store=LedgerStore(tmp_path / "ledger.sqlite", delta=1e-5),
+        sites=SITES,
+        budget=lambda s: math.inf,
+        planned_events=lambda s: (EVENT,),
+        round_offset=1,
+    )
     assert resumed.epsilons() == before
     _round(resumed, 1)
     assert resumed.store.rounds()[-1][1] == 2  # recorded as global round 2
@@ -150,8 +168,11 @@ def test_failed_refused_and_lost_replies_keep_their_charge_and_stop_the_round(tm
     strategy = _strategy(tmp_path, rows=rows)
     messages = list(strategy.configure_train(1, _arrays(0.0), ConfigRecord(), StubGrid(SITES)))
     by_site = {SITES[m.metadata.dst_node_id]: m for m in messages}
-    replies = [_reply(by_site["hospital_a"], 1.0), _error(by_site["hospital_b"], "ValueError: disk full"),
-               _error(by_site["hospital_c"], f"{REFUSAL} at hospital_c: min-noise-multiplier: 1 < 2")]
+    replies = [
+        _reply(by_site["hospital_a"], 1.0),
+        _error(by_site["hospital_b"], "ValueError: disk full"),
+        _error(by_site["hospital_c"], f"{REFUSAL} at hospital_c: min-noise-multiplier: 1 < 2"),
+    ]
     with pytest.raises(SiteFailure, match="hospital_b failed: ValueError: disk full.*hospital_c refused"):
         strategy.aggregate_train(1, replies)
     eps = strategy.epsilons()
@@ -170,10 +191,17 @@ def test_failed_refused_and_lost_replies_keep_their_charge_and_stop_the_round(tm
 def test_a_reported_event_above_the_plan_is_charged_in_full(tmp_path):
     strategy = _strategy(tmp_path)
     messages = list(strategy.configure_train(1, _arrays(0.0), ConfigRecord(), StubGrid(SITES)))
-    bigger = DpEvent(noise_multiplier=0.5, sample_rate=0.5, steps=10, privacy_unit="identity", relation="replace_one",
-                     sensitivity=1.0)
-    smaller = DpEvent(noise_multiplier=2.0, sample_rate=0.5, steps=5, privacy_unit="identity", relation="replace_one",
-                      sensitivity=1.0)
+    bigger = DpEvent(
+        noise_multiplier=0.5,
+        sample_rate=0.5,
+        steps=10,
+        privacy_unit="identity",
+        relation="replace_one",
+        sensitivity=1.0,
+    )
+    smaller = DpEvent(
+        noise_multiplier=2.0, sample_rate=0.5, steps=5, privacy_unit="identity", relation="replace_one", sensitivity=1.0
+    )
     events = {11: EVENT, 22: bigger, 33: smaller}
     strategy.aggregate_train(1, [_reply(m, 1.0, event=events[m.metadata.dst_node_id]) for m in messages])
     assert strategy.store.events("hospital_a") == (EVENT,)
@@ -184,8 +212,13 @@ def test_a_reported_event_above_the_plan_is_charged_in_full(tmp_path):
 def test_duplicate_sites_are_refused(tmp_path):
     store = LedgerStore(tmp_path / "ledger.sqlite", delta=1e-5)
     with pytest.raises(ValueError, match="same site"):
-        PrivacyBudgetStrategy(make_inner_strategy("fedavg"), store=store, sites={1: "a", 2: "a"},
-                              budget=lambda s: 1.0, planned_events=lambda s: (EVENT,))
+        PrivacyBudgetStrategy(
+            make_inner_strategy("fedavg"),
+            store=store,
+            sites={1: "a", 2: "a"},
+            budget=lambda s: 1.0,
+            planned_events=lambda s: (EVENT,),
+        )
 
 
 def test_unknown_inner_strategy_is_named():
@@ -196,13 +229,23 @@ def test_unknown_inner_strategy_is_named():
 def test_the_reply_observer_sees_each_confirmed_reply_once_before_it_is_folded(tmp_path):
     seen = []
     store = LedgerStore(tmp_path / "ledger.sqlite", delta=1e-5)
-    strategy = PrivacyBudgetStrategy(make_inner_strategy("fedavg"), store=store, sites=SITES, budget=lambda s: math.inf,
-                                     planned_events=lambda site: (EVENT,), failure_quorum=0.5,
-                                     on_reply=lambda r, site, arrays: seen.append((r, site, arrays.to_numpy_ndarrays()[0][0])))
+    strategy = PrivacyBudgetStrategy(
+        make_inner_strategy("fedavg"),
+        store=store,
+        sites=SITES,
+        budget=lambda s: math.inf,
+        planned_events=lambda site: (EVENT,),
+        failure_quorum=0.5,
+        on_reply=lambda r, site, arrays: seen.append((r, site, arrays.to_numpy_ndarrays()[0][0])),
+    )
     messages = list(strategy.configure_train(1, _arrays(0.0), ConfigRecord(), StubGrid(SITES)))
     by_site = {SITES[m.metadata.dst_node_id]: m for m in messages}
-    replies = [_reply(by_site["hospital_a"], 1.0), _reply(by_site["hospital_a"], 9.0),  # a duplicate: ignored
-               _reply(by_site["hospital_b"], 2.0), _error(by_site["hospital_c"], "ValueError: disk full")]
+    replies = [
+        _reply(by_site["hospital_a"], 1.0),
+        _reply(by_site["hospital_a"], 9.0),  # a duplicate: ignored
+        _reply(by_site["hospital_b"], 2.0),
+        _error(by_site["hospital_c"], "ValueError: disk full"),
+    ]
     arrays, _ = strategy.aggregate_train(1, replies)
     assert seen == [(1, "hospital_a", 1.0), (1, "hospital_b", 2.0)], "confirmed replies only, each once"
     np.testing.assert_allclose(arrays.to_numpy_ndarrays()[0], np.full(3, 1.5))
@@ -213,8 +256,14 @@ def test_an_observer_that_fails_on_a_reply_does_not_keep_the_round_from_settling
         raise ValueError("arrays: weight has shape (2, 2), the model expects (1, 4)")
 
     store = LedgerStore(tmp_path / "ledger.sqlite", delta=1e-5)
-    strategy = PrivacyBudgetStrategy(make_inner_strategy("fedavg"), store=store, sites=SITES, budget=lambda s: math.inf,
-                                     planned_events=lambda site: (EVENT,), on_reply=fails)
+    strategy = PrivacyBudgetStrategy(
+        make_inner_strategy("fedavg"),
+        store=store,
+        sites=SITES,
+        budget=lambda s: math.inf,
+        planned_events=lambda site: (EVENT,),
+        on_reply=fails,
+    )
     messages = list(strategy.configure_train(1, _arrays(0.0), ConfigRecord(), StubGrid(SITES)))
     arrays, _ = strategy.aggregate_train(1, [_reply(m, 3.0) for m in messages])
     np.testing.assert_allclose(arrays.to_numpy_ndarrays()[0], np.full(3, 3.0))

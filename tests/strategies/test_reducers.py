@@ -22,8 +22,12 @@ def task_identity():
 def _replies(n: int, rng: np.random.Generator) -> list[Message]:
     out = []
     for node in range(1, n + 1):
-        arrays = ArrayRecord({"w": Array(np.asarray(rng.normal(size=(4, 3)), dtype=np.float32)),
-                              "b": Array(np.asarray(rng.normal(size=5), dtype=np.float32))})
+        arrays = ArrayRecord(
+            {
+                "w": Array(np.asarray(rng.normal(size=(4, 3)), dtype=np.float32)),
+                "b": Array(np.asarray(rng.normal(size=5), dtype=np.float32)),
+            }
+        )
         metrics = MetricRecord({"site-weight": float(rng.integers(1, 9)), "train-loss": float(rng.random())})
         out.append(Message(RecordDict({"arrays": arrays, "metrics": metrics}), dst_node_id=node, message_type="train"))
     return out
@@ -62,8 +66,16 @@ def test_replies_fedavg_would_refuse_are_refused():
     reducer.add(other)  # raised where FedAvg raises, at aggregation: the caller settles its charges first
     with pytest.raises(InconsistentMessageReplies):
         reducer.result()
-    unweighted = Message(RecordDict({"arrays": ArrayRecord({"w": Array(np.zeros(2, dtype=np.float32))}),
-                                     "metrics": MetricRecord({"train-loss": 1.0})}), dst_node_id=3, message_type="train")
+    unweighted = Message(
+        RecordDict(
+            {
+                "arrays": ArrayRecord({"w": Array(np.zeros(2, dtype=np.float32))}),
+                "metrics": MetricRecord({"train-loss": 1.0}),
+            }
+        ),
+        dst_node_id=3,
+        message_type="train",
+    )
     reducer = RunningMean(_fedavg())
     reducer.add(unweighted)
     with pytest.raises(InconsistentMessageReplies, match="site-weight"):
@@ -72,8 +84,11 @@ def test_replies_fedavg_would_refuse_are_refused():
 
 def test_an_inconsistent_reply_stops_the_round_after_every_charge_is_settled(tmp_path):
     strategy = _strategy(tmp_path)
-    messages = list(strategy.configure_train(1, ArrayRecord(numpy_ndarrays=[np.zeros(3, dtype=np.float32)]),
-                                             ConfigRecord(), StubGrid(SITES)))
+    messages = list(
+        strategy.configure_train(
+            1, ArrayRecord(numpy_ndarrays=[np.zeros(3, dtype=np.float32)]), ConfigRecord(), StubGrid(SITES)
+        )
+    )
     replies = [_reply(m, 1.0) for m in messages]
     replies[1].content["arrays"] = ArrayRecord({"other": Array(np.zeros(3, dtype=np.float32))})
     with pytest.raises(InconsistentMessageReplies):
@@ -96,10 +111,12 @@ def test_other_strategies_aggregate_the_kept_replies_their_own_way():
 
 def test_the_budget_strategy_folds_each_reply_and_drops_it_before_the_next_arrives(tmp_path):
     strategy = _strategy(tmp_path)
-    messages = list(strategy.configure_train(1, ArrayRecord(numpy_ndarrays=[np.zeros(3, dtype=np.float32)]),
-                                             ConfigRecord(), StubGrid(SITES)))
+    messages = list(
+        strategy.configure_train(
+            1, ArrayRecord(numpy_ndarrays=[np.zeros(3, dtype=np.float32)]), ConfigRecord(), StubGrid(SITES)
+        )
+    )
     alive = []
-
 
     def arriving_watched():
         for m in messages:

@@ -31,8 +31,13 @@ print(min(windows))
 
 
 def _probe(choice: str) -> tuple[str, float]:
-    done = subprocess.run([sys.executable, "-c", _PROBE], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, allocator.ENV: choice})
+    done = subprocess.run(
+        [sys.executable, "-c", _PROBE],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, allocator.ENV: choice},
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     applied, faults = done.stdout.split()
     return applied, float(faults)

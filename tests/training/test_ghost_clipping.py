@@ -17,13 +17,28 @@ def _reference(model, groups, images, tokens, *, bank=None):
     return norms, lambda factors: {n: torch.einsum("k,k...->...", factors, g) for n, g in grads.items()}, losses
 
 
-@pytest.mark.parametrize(("arch", "trainable", "size", "groups", "with_bank"), [
-    ("fedclip-tiny", "last-1", 32, [np.arange(0, 5), np.array([], dtype=np.int64), np.arange(5, 7), np.arange(7, 12)], False),
-    ("fedclip-tiny", "last-1", 32, [np.array([i]) for i in (3, 0, 7, 11, 5)], True),
-    ("fedclip-tiny", "projections", 32, [np.arange(0, 6), np.arange(6, 12)], False),
-    ("fedclip-tiny", "all", 32, [np.arange(0, 5), np.array([], dtype=np.int64), np.array([9]), np.arange(5, 9)], True),
-    ("ViT-B-32", "last-1", 224, [np.array([0]), np.arange(1, 5)], False),
-])
+@pytest.mark.parametrize(
+    ("arch", "trainable", "size", "groups", "with_bank"),
+    [
+        (
+            "fedclip-tiny",
+            "last-1",
+            32,
+            [np.arange(0, 5), np.array([], dtype=np.int64), np.arange(5, 7), np.arange(7, 12)],
+            False,
+        ),
+        ("fedclip-tiny", "last-1", 32, [np.array([i]) for i in (3, 0, 7, 11, 5)], True),
+        ("fedclip-tiny", "projections", 32, [np.arange(0, 6), np.arange(6, 12)], False),
+        (
+            "fedclip-tiny",
+            "all",
+            32,
+            [np.arange(0, 5), np.array([], dtype=np.int64), np.array([9]), np.arange(5, 9)],
+            True,
+        ),
+        ("ViT-B-32", "last-1", 224, [np.array([0]), np.arange(1, 5)], False),
+    ],
+)
 def test_norms_and_clipped_sum_equal_opacus_clipping_the_reference(arch, trainable, size, groups, with_bank):
     """Unequal groups, an empty group, one pair per group out of order (the Gram route), a
     negative bank, every parameter (patch convolution, token embedding), a real open_clip
@@ -64,8 +79,9 @@ def test_optimizer_takes_ghost_groups_and_steps_as_with_group_gradients():
         with torch.no_grad():
             for n, p in model.named_parameters():
                 p.copy_(start[n])
-        opt = make_optimizer(model, dp, TrainConfig(lr=1e-2), expected_microbatches=2,
-                             noise_generator=torch.Generator().manual_seed(5))
+        opt = make_optimizer(
+            model, dp, TrainConfig(lr=1e-2), expected_microbatches=2, noise_generator=torch.Generator().manual_seed(5)
+        )
         assert isinstance(opt, GhostDPOptimizer)
         if use_ghost:
             opt.ghost_groups = GhostClipping(model)(groups, images, tokens)[0]
@@ -90,6 +106,7 @@ def test_models_it_does_not_cover_are_named():
     assert "logit bias" in unsupported(model)
     with pytest.raises(ValueError, match="grad-engine: 'ghost' does not support this model"):
         GhostClipping(model)
+
 
 def test_ghost_is_refused_where_per_group_gradients_are_needed():
     from fedclip.training.group_grads import make_grad_engine
@@ -122,8 +139,11 @@ def test_gram_norm_is_never_below_the_true_norm_when_terms_cancel():
     a = torch.randn(1, 1, 48, generator=g).repeat(1, 16, 1) + 1e-4 * torch.randn(1, 16, 48, generator=g)
     signs = torch.tensor([1.0, -1.0]).repeat(8)[None, :, None]
     grad = signs * torch.randn(1, 1, 64, generator=g)  # pairs of tokens cancel up to the 1e-4 noise
-    layout = _Layout(position=torch.zeros(1, 1, dtype=torch.long), valid=torch.ones(1, 1, dtype=torch.bool),
-                     owner=torch.zeros(1, dtype=torch.long))
+    layout = _Layout(
+        position=torch.zeros(1, 1, dtype=torch.long),
+        valid=torch.ones(1, 1, dtype=torch.bool),
+        owner=torch.zeros(1, dtype=torch.long),
+    )
     weight = torch.nn.Parameter(torch.zeros(64, 48))
     _, sq, _ = _matmul_weight(weight, a, grad, layout, transposed=False)
     true = (grad[0].double().T @ a[0].double()).norm()
@@ -153,7 +173,7 @@ def test_captions_of_different_lengths_match_the_reference():
     model = create_model(ModelConfig(trainable="last-1")).model
     images, tokens = _batch(12, 32, model.context_length)
     for row, end in enumerate([4, 20, 7, 11, 5, 9, 13, 6, 8, 10, 12, 15]):
-        tokens[row, end], tokens[row, end + 1:] = 49407, 0
+        tokens[row, end], tokens[row, end + 1 :] = 49407, 0
         tokens[row, :end] = tokens[row, :end].clamp(max=5000)
     for groups in ([np.arange(0, 6), np.arange(6, 12)], [np.array([i]) for i in range(12)]):
         ghost, _, _ = GhostClipping(model)(groups, images, tokens)
@@ -167,7 +187,6 @@ def test_captions_of_different_lengths_match_the_reference():
                 torch.testing.assert_close(sums[id(p)], clipped(factors)[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
-
 def test_reduced_precision_matmuls_are_switched_off_for_ghost_steps_and_restored(monkeypatch):
     """The rounding bound assumes IEEE float32 matmuls: under TF32 (a GPU) or bf16 (oneDNN on a
     CPU) the norms and the clipped sum are computed at full precision, and the user's settings
@@ -177,8 +196,11 @@ def test_reduced_precision_matmuls_are_switched_off_for_ghost_steps_and_restored
     seen = []
     real = ghost_module._gram_rounding
     settings = (torch.backends.cuda.matmul, torch.backends.mkldnn.matmul)
-    monkeypatch.setattr(ghost_module, "_gram_rounding", lambda ag, gg: (seen.append(
-        tuple(s.fp32_precision for s in settings)), real(ag, gg))[1])
+    monkeypatch.setattr(
+        ghost_module,
+        "_gram_rounding",
+        lambda ag, gg: (seen.append(tuple(s.fp32_precision for s in settings)), real(ag, gg))[1],
+    )
     monkeypatch.setattr(ghost_module, "_warned_precision", False)
     torch.manual_seed(0)
     model = create_model(ModelConfig(arch="fedclip-tiny", trainable="last-1")).model

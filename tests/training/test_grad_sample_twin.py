@@ -57,7 +57,7 @@ def test_the_text_tower_runs_on_live_positions_only_and_gives_the_models_feature
     model = create_model(ModelConfig(trainable="all")).model
     _, tokens = _batch(6, 32, model.context_length)
     for row, end in enumerate([3, 11, 5, 17, 8, 6]):
-        tokens[row, end], tokens[row, end + 1:] = 49407, 0
+        tokens[row, end], tokens[row, end + 1 :] = 49407, 0
         tokens[row, :end] = tokens[row, :end].clamp(max=5000)
     twin = GradSampleTwin(model)
     assert twin.causal

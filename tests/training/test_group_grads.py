@@ -22,11 +22,14 @@ def _assert_same(hooks, vmap):
         torch.testing.assert_close(hooks[name], ref, rtol=1e-4, atol=max(1e-6, 1e-5 * scale), msg=name)
 
 
-@pytest.mark.parametrize(("arch", "trainable", "size", "groups"), [
-    ("fedclip-tiny", "all", 32, [np.arange(0, 5), np.array([], dtype=np.int64), np.arange(5, 7), np.arange(7, 12)]),
-    ("fedclip-tiny", "projections", 32, [np.array([3]), np.array([0]), np.array([7])]),
-    ("ViT-B-32", "last-1", 224, [np.arange(0, 3), np.arange(3, 5)]),
-])
+@pytest.mark.parametrize(
+    ("arch", "trainable", "size", "groups"),
+    [
+        ("fedclip-tiny", "all", 32, [np.arange(0, 5), np.array([], dtype=np.int64), np.arange(5, 7), np.arange(7, 12)]),
+        ("fedclip-tiny", "projections", 32, [np.array([3]), np.array([0]), np.array([7])]),
+        ("ViT-B-32", "last-1", 224, [np.arange(0, 3), np.arange(3, 5)]),
+    ],
+)
 def test_one_backward_equals_the_vmap_reference(arch, trainable, size, groups):
     """Unequal groups, an empty group, one pair per group out of order, and a real open_clip
     architecture (random init): every trainable parameter's per-group gradient and each loss."""
@@ -94,8 +97,14 @@ def test_training_is_the_same_with_every_engine(engine, trainable):
     engine ends where the vmap reference ends, so switching engines changes cost, not the
     mechanism (ghost: norms and a clipped sum instead of per-group gradients)."""
     images, tokens = _batch(24, 32)
-    data = PairData(images=images, tokens=tokens, patient_ids=tuple(f"p{i // 3}" for i in range(24)),
-                    names=("n",) * 24, conditions=("c",) * 24, record_ids=tuple(f"r{i}" for i in range(24)))
+    data = PairData(
+        images=images,
+        tokens=tokens,
+        patient_ids=tuple(f"p{i // 3}" for i in range(24)),
+        names=("n",) * 24,
+        conditions=("c",) * 24,
+        record_ids=tuple(f"r{i}" for i in range(24)),
+    )
     dp = DpConfig(noise_multiplier=1.0, max_grad_norm=0.5, sample_rate=0.5, microbatch_size=1, declared_units=8)
     ends = []
     for name in (engine, "vmap"):

@@ -49,7 +49,14 @@ def test_every_microbatch_gradient_entering_the_sum_is_clipped(bundle_and_data, 
             torch.testing.assert_close(p.summed_grad, clipped, rtol=1e-4, atol=1e-7)
         seen.append((len(norms), float(norms.max()) if len(norms) else 0.0))
 
-    dp = DpConfig(mode=Mode.MICROBATCH, noise_multiplier=1.0, max_grad_norm=C, sample_rate=0.6, microbatch_size=6, declared_units=24)
+    dp = DpConfig(
+        mode=Mode.MICROBATCH,
+        noise_multiplier=1.0,
+        max_grad_norm=C,
+        sample_rate=0.6,
+        microbatch_size=6,
+        declared_units=24,
+    )
     train_local(_fresh(warm_checkpoint), train, dp=dp, train=TrainConfig(steps=3), reproducible_seed=0, step_hook=check)
     assert len(seen) == 3 and max(n for _, n in seen) > C * 10
 
@@ -64,8 +71,14 @@ def test_noise_has_the_standard_deviation_the_accountant_assumes(bundle_and_data
         noise = torch.cat([(p.grad * expected - p.summed_grad).reshape(-1) for p in opt.params])
         stds.append(float(noise.std()))
 
-    dp = DpConfig(mode=Mode.MICROBATCH, noise_multiplier=sigma, max_grad_norm=C, sample_rate=q, microbatch_size=24 // B,
-                  declared_units=24)
+    dp = DpConfig(
+        mode=Mode.MICROBATCH,
+        noise_multiplier=sigma,
+        max_grad_norm=C,
+        sample_rate=q,
+        microbatch_size=24 // B,
+        declared_units=24,
+    )
     result = train_local(_fresh(warm_checkpoint), train, dp=dp, train=TrainConfig(steps=2), step_hook=measure)
     # 3.4M noise draws per step: the standard error of the std is ~0.04%, so 1% cannot pass by accident
     for s in stds:
@@ -76,8 +89,9 @@ def test_noise_has_the_standard_deviation_the_accountant_assumes(bundle_and_data
 
 def test_sampling_units_follow_the_privacy_unit(bundle_and_data):
     _, train, _ = bundle_and_data
-    identity = sampling_units(train, DpConfig(mode=Mode.MICROBATCH, privacy_unit="identity", microbatch_size=5,
-                                                          declared_units=24))
+    identity = sampling_units(
+        train, DpConfig(mode=Mode.MICROBATCH, privacy_unit="identity", microbatch_size=5, declared_units=24)
+    )
     for records in identity:
         patients = {train.patient_ids[r] for r in records}
         for other in identity:
@@ -97,16 +111,19 @@ def test_paper_mode_accounts_sensitivity_2c_under_add_or_remove(bundle_and_data,
     assert result.event.relation == "add_or_remove" and result.event.sensitivity == 2.0
 
 
-@pytest.mark.parametrize(("kwargs", "field"), [
-    (dict(max_grad_norm=0.0), "max_grad_norm"),
-    (dict(max_grad_norm=-1.0), "max_grad_norm"),
-    (dict(sample_rate=0.0), "sample_rate"),
-    (dict(delta=1.0), "delta"),
-    (dict(noise_multiplier=0.0), "noise_multiplier"),
-    (dict(microbatch_size=0), "microbatch_size"),
-    (dict(declared_units=0), "declared_units"),
-    (dict(mode="ghost"), "ghost"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        (dict(max_grad_norm=0.0), "max_grad_norm"),
+        (dict(max_grad_norm=-1.0), "max_grad_norm"),
+        (dict(sample_rate=0.0), "sample_rate"),
+        (dict(delta=1.0), "delta"),
+        (dict(noise_multiplier=0.0), "noise_multiplier"),
+        (dict(microbatch_size=0), "microbatch_size"),
+        (dict(declared_units=0), "declared_units"),
+        (dict(mode="ghost"), "ghost"),
+    ],
+)
 def test_bad_dp_config_names_the_field(kwargs, field):
     with pytest.raises(ValueError, match=field):
         DpConfig(**{"declared_units": 10, **kwargs})
@@ -153,8 +170,14 @@ def test_unit_mode_clips_each_unit_and_accounts_add_or_remove(bundle_and_data, w
     n_patients = len(set(train.patient_ids))
     seen = []
     dp = DpConfig(mode=Mode.UNIT, noise_multiplier=1.0, max_grad_norm=0.05, sample_rate=0.5, declared_units=n_patients)
-    result = train_local(_fresh(warm_checkpoint, "projections"), train, dp=dp, train=TrainConfig(steps=2), public=public,
-                         step_hook=lambda opt: seen.append(opt.expected_batch_size))
+    result = train_local(
+        _fresh(warm_checkpoint, "projections"),
+        train,
+        dp=dp,
+        train=TrainConfig(steps=2),
+        public=public,
+        step_hook=lambda opt: seen.append(opt.expected_batch_size),
+    )
     assert result.event.relation == "add_or_remove" and result.event.sensitivity == 1.0
     assert seen == [0.5 * n_patients] * 2  # divided by the public q x declared units, not a count of the data
     assert max(result.microbatches_per_step) <= n_patients
@@ -177,10 +200,12 @@ def test_learning_directions(bundle_and_data, warm_checkpoint, public):
     steps = TrainConfig(steps=40, lr=2e-3)
     runs = {
         "nonprivate": DpConfig(mode=Mode.NONPRIVATE, sample_rate=0.5),
-        "generous": DpConfig(mode=Mode.MICROBATCH, noise_multiplier=0.15, sample_rate=0.5, microbatch_size=4,
-                             declared_units=24),
-        "tiny": DpConfig(mode=Mode.MICROBATCH, noise_multiplier=60.0, sample_rate=0.5, microbatch_size=4,
-                         declared_units=24),
+        "generous": DpConfig(
+            mode=Mode.MICROBATCH, noise_multiplier=0.15, sample_rate=0.5, microbatch_size=4, declared_units=24
+        ),
+        "tiny": DpConfig(
+            mode=Mode.MICROBATCH, noise_multiplier=60.0, sample_rate=0.5, microbatch_size=4, declared_units=24
+        ),
         "unit": DpConfig(mode=Mode.UNIT, noise_multiplier=0.3, sample_rate=0.5, declared_units=24),
     }
     warm = zero_shot_accuracy(_fresh(warm_checkpoint), bundle.tokenizer, test)
@@ -215,8 +240,9 @@ def test_more_units_at_the_same_epsilon_do_not_make_utility_worse(bundle_and_dat
         scores = []
         for seed in (1, 2, 3):
             model = _fresh(warm_checkpoint, "last-1")
-            result = train_local(model, data, dp=dp, train=TrainConfig(steps=30, lr=2e-3), reproducible_seed=seed,
-                                 public=public)
+            result = train_local(
+                model, data, dp=dp, train=TrainConfig(steps=30, lr=2e-3), reproducible_seed=seed, public=public
+            )
             scores.append(zero_shot_accuracy(model, bundle.tokenizer, test))
         acc[label] = sum(scores) / len(scores)
         eps[label] = epsilon([result.event], delta=dp.delta)
@@ -234,5 +260,6 @@ def test_optimizer_is_chosen_by_name_and_checked(bundle_and_data, warm_checkpoin
     train_local(model, train, dp=dp, train=TrainConfig(steps=2, lr=0.01, optimizer="sgd"), reproducible_seed=0)
     assert any(not torch.equal(before[n], p) for n, p in model.named_parameters() if p.requires_grad)
     from fedclip.training.local import make_optimizer
+
     opt = make_optimizer(model, dp, TrainConfig(optimizer="sgd"), expected_microbatches=1.0, noise_generator=None)
     assert isinstance(opt.original_optimizer, torch.optim.SGD) and opt.original_optimizer.defaults["nesterov"]

@@ -26,10 +26,13 @@ def _loop_grads(model, groups, images, tokens):
     return out
 
 
-@pytest.mark.parametrize(("arch", "trainable", "size", "groups"), [
-    ("fedclip-tiny", "all", 32, [np.arange(0, 5), np.arange(5, 7), np.arange(7, 16)]),
-    ("ViT-B-32", "last-1", 224, [np.arange(0, 3), np.arange(3, 5)]),
-])
+@pytest.mark.parametrize(
+    ("arch", "trainable", "size", "groups"),
+    [
+        ("fedclip-tiny", "all", 32, [np.arange(0, 5), np.arange(5, 7), np.arange(7, 16)]),
+        ("ViT-B-32", "last-1", 224, [np.arange(0, 3), np.arange(3, 5)]),
+    ],
+)
 def test_vmap_gradients_equal_one_backward_per_microbatch(arch, trainable, size, groups):
     """Unequal micro-batch sizes (so padding is exercised), open_clip's own attention modules,
     on the tiny architecture and on a real open_clip architecture (random init)."""

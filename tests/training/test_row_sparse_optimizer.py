@@ -9,8 +9,13 @@ def _step(cls, grad_sample, rows=None):
     torch.manual_seed(0)
     table = torch.nn.Parameter(torch.zeros(50, 3))
     bias = torch.nn.Parameter(torch.zeros(3))
-    opt = cls(torch.optim.SGD([table, bias], lr=1.0), noise_multiplier=0.7, max_grad_norm=0.5, expected_batch_size=4,
-              generator=torch.Generator().manual_seed(3))
+    opt = cls(
+        torch.optim.SGD([table, bias], lr=1.0),
+        noise_multiplier=0.7,
+        max_grad_norm=0.5,
+        expected_batch_size=4,
+        generator=torch.Generator().manual_seed(3),
+    )
     table.grad_sample, bias.grad_sample = grad_sample, torch.ones(4, 3)
     if rows is not None:
         table.grad_sample_rows = rows
