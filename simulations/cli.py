@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(
                 "sites: declared sites are a deployment (each hospital's SuperNode with its own node "
                 "config, started by `flwr run`); flower-simulation simulates the sites of its data, so "
-                "leave 'sites' and 'site-nodes' empty (README, 'Running as a consortium')"
+                "leave 'sites' and 'site-nodes' empty (docs/federation.md, 'Running as a consortium')"
             )
         if "{run-id}" in cfg.output_dir:
             raise ValueError(

@@ -1,6 +1,6 @@
 """A consortium on one machine: a SuperLink and SuperNodes started as processes on loopback.
 
-For tests, benchmarks and a first try of the deployment runtime before the real one (README,
+For tests, benchmarks and a first try of the deployment runtime before the real one (docs/federation.md,
 "Running as a consortium"): ports are free ones, ``$FLWR_HOME/config.toml`` is written for a
 connection named ``loopback``, and ``stop`` kills every process group it started. With
 ``certs`` (``make_certificates``) the SuperLink uses TLS and admits registered SuperNodes only.

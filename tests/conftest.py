@@ -13,7 +13,7 @@ from fedclip.training.warmstart import WarmStartConfig, warm_start
 # identity_strength 1.0 (the data default until 2026-12-02): at the default 1.5 a patient's look weighs
 # more than the finding, and a warm start on 60 public patients learns the finding only to 0.31
 # (chance 0.20; measured), too little for the tests that need a model that knows the findings.
-# The default's own warm start, on 500 public patients, reaches 0.515 (README).
+# The default's own warm start, on 500 public patients, reaches 0.515 (docs/results.md).
 SMALL = SyntheticConfig(
     seed=7,
     num_sites=3,

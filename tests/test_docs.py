@@ -14,3 +14,39 @@ def test_ci_runs_the_readme_test_command():
     assert "pytest" in test_command
     ci_lines = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
     assert ci_lines[-1] == test_command
+
+
+DOCS = [ROOT / "README.md", ROOT / "BENCHMARKS.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
+def test_every_link_in_the_readme_and_the_manual_resolves():
+    broken = []
+    for doc in DOCS:
+        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", doc.read_text()):
+            if "://" not in target and not (doc.parent / target).exists():
+                broken.append(f"{doc.relative_to(ROOT)} -> {target}")
+    assert not broken
+
+
+def test_every_fedclip_command_the_docs_name_exists():
+    from fedclip.cli import build_parser
+    from simulations.commands import add_app_commands
+
+    commands = set(build_parser((add_app_commands,))._subparsers._group_actions[0].choices)
+    named = set()
+    for doc in DOCS:
+        # as typed: after .venv/bin/, at the start of a code line, or opening inline code
+        named |= set(re.findall(r"(?:\.venv/bin/|`|^\s*)fedclip ([a-z][a-z-]+)", doc.read_text(), flags=re.M))
+    assert named and named <= commands, sorted(named - commands)
+
+
+def test_every_docs_path_the_code_names_exists():
+    missing = []
+    for path in [*ROOT.glob("fedclip/**/*.py"), *ROOT.glob("simulations/**/*"), *ROOT.glob("tests/**/*.py")]:
+        if path.is_file() and path.suffix in (".py", ".toml"):
+            missing += [
+                f"{path.relative_to(ROOT)}: {m}"
+                for m in re.findall(r"docs/[\w-]+\.md", path.read_text())
+                if not (ROOT / m).is_file()
+            ]
+    assert not missing

@@ -5,7 +5,7 @@ reply before it averages them. Averaging dilutes one site's name-to-face binding
 update is one of S in the mean, and the other sites' updates overwrite much of it), so an
 attack on the global model understates what the server can learn: the same identity inference
 attack on a site's reply, a model trained on that site's patients alone in this round, names
-several times as many of them (README, "The attack's signal"). Local DP is what bounds this: each
+several times as many of them (docs/results.md, "The attack's signal"). Local DP is what bounds this: each
 reply is the output of the site's accounted mechanism, so the attack on it is post-processing
 and the site's epsilon bounds it. Client-level DP at the server (Flower's server-side clipping)
 does not: the server clips and noises after it has seen the raw replies, and this attack shows it.

@@ -11,7 +11,7 @@ authors did with US census lists). Two sets of lists, chosen by ``name_lists``:
   surnames are then their own, as in a real hospital, and names are far easier to bind to a face:
   measured on one site of 1,000 patients, every parameter, 240 non-private steps, IDIA TPR 0.58
   against 0.09 with the short lists; federated over 4 sites of 250 (``nonprivate.toml``), 0.135
-  against 0.023 (README, "The attack's signal").
+  against 0.023 (docs/results.md, "The attack's signal").
 
 Every name drawn here is unique within one call.
 """

@@ -67,7 +67,7 @@ class SyntheticConfig:
     noise: float = 0.06
     # how strongly a patient's look marks their images against the finding and the noise; 1.5 (1.0
     # until 2026-12-02): with 1.0 the federated non-private model's replies named a third of the
-    # members, with 1.5 half (README, "The attack's signal"): faces are easy to tell apart
+    # members, with 1.5 half (docs/results.md, "The attack's signal"): faces are easy to tell apart
     identity_strength: float = 1.5
     identity_grid: int = 3
     # "short" | "census": which name lists patients are named from (fedclip.data.names says why it matters)

@@ -4,7 +4,7 @@ and a worker, each with its own raylet and object store), and ``flower-simulatio
 it with ``--backend-config '{"init_args": {"address": ...}}'``. Each node has one CPU and a site
 needs one, so the two sites' ClientApp actors must land on different nodes; the test checks that
 they did, from Ray's own actor table. On one machine every node sees the same data paths; on a
-real cluster they must be shared (README, "Simulations on a Ray cluster").
+real cluster they must be shared (docs/federation.md, "Simulations on a Ray cluster").
 
 Not on 127.0.0.1: with ``node_ip_address="127.0.0.1"`` for both nodes (and ``_node_ip_address`` for
 the driver) the cluster came up but the simulation's actors never started within 5 minutes, so

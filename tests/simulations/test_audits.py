@@ -4,7 +4,7 @@ non-private run, and a run whose mechanism lies (a tenth of the noise the ledger
 The self-test (issue 12): a broken mechanism must be caught, the audited lower bound above the
 printed epsilon; an honest one never is. Pooled data (one site) and SGD: the setting in which the
 gradient-canary audit has the most power (measured: audited 1.2-1.3 against a printed 0.5 when
-sabotaged, 0 when honest; README, "Audits").
+sabotaged, 0 when honest; docs/privacy.md, "Audits").
 """
 
 import os
