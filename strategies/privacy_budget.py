@@ -88,6 +88,32 @@ class _Outcome:
 
 
 class PrivacyBudgetStrategy(Strategy):
+    """Wrap ``strategy`` so that every site's privacy spending is charged write-ahead and no site is
+    selected for a round that would take it past its budget.
+
+    Parameters
+    ----------
+    strategy : Strategy
+        The inner strategy (FedAvg, a median, Flower's DP wrappers); it samples among eligible sites.
+    store : LedgerStore
+        The server's write-ahead ledger: charges, settlements, aggregates.
+    sites : Mapping[int, str]
+        Node id -> site name (``discover_sites``); two nodes may not claim one site.
+    budget : Callable[[str], float]
+        A site's epsilon budget (at the store's delta).
+    planned_events : Callable[[str], tuple[DpEvent, ...]]
+        What one more round costs a site, charged before its message is sent.
+    round_offset : int
+        Rounds already run (a resume): ledger rows and reports use the run's round numbers.
+    on_round : Callable[[list[SiteRound]], None], optional
+        Receives every site's row after each round (``rounds.csv``).
+    failure_quorum : float
+        Share of the selected sites that must train for a round to count, in (0, 1].
+    on_reply : Callable[[int, str, ArrayRecord], None], optional
+        Sees each confirmed reply's arrays as it arrives, before it is folded in (the
+        server-as-adversary attack, ``fedclip.attacks.replies``); its time is not the strategy's.
+    """
+
     def __init__(
         self,
         strategy: Strategy,
@@ -101,9 +127,6 @@ class PrivacyBudgetStrategy(Strategy):
         failure_quorum: float = 1.0,
         on_reply: Callable[[int, str, ArrayRecord], None] | None = None,
     ) -> None:
-        """``on_reply(round, site, arrays)``: sees each confirmed reply's arrays as it arrives, before
-        it is folded in (the server-as-adversary attack, ``fedclip.attacks.replies``); its time is not
-        the strategy's."""
         if len(set(sites.values())) != len(sites):
             raise ValueError(f"sites: two nodes claim the same site: {sorted(sites.values())}")
         if not 0 < failure_quorum <= 1:

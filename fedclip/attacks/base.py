@@ -32,6 +32,20 @@ class AttackDecisions:
 
 
 class Attack(Protocol):
+    """What every attack and audit is: a name and a call on a model.
+
+    Attributes
+    ----------
+    name : str
+        The ``attack`` column of ``attack.csv`` (``idia``, ``lira-patient``, ``canary``, ...).
+    randomised : bool, optional
+        True for audits whose targets' membership was a fair coin (canaries): their certified
+        bound applies, and the run splits its confidence over them. Absent means False.
+
+    Calling it with a model returns ``AttackDecisions``: one row per target, with the truth, the
+    call and, if the attack scores, a score.
+    """
+
     name: str
 
     def __call__(self, model: torch.nn.Module) -> AttackDecisions: ...

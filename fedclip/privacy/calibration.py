@@ -56,8 +56,28 @@ def calibrate_noise_multiplier(
 ) -> float:
     """The smallest noise multiplier (to within ``tolerance``) whose epsilon is <= the target.
 
-    ``alongside``: events composed with the training (released statistics), so that the target
-    holds for everything the sites release, not for the training alone."""
+    Parameters
+    ----------
+    target_epsilon : float
+        The epsilon every planned step (and ``alongside``) must stay within, finite and > 0.
+    delta : float
+        The delta the epsilon is stated at, in (0, 1).
+    sample_rate : float
+        Poisson rate of the clipped terms (micro-batches or units).
+    steps : int
+        Every planned step, over all rounds.
+    relation : Relation
+        ``add_or_remove`` (Opacus' accountant) or ``replace_one`` (dp-accounting's PLD).
+    sensitivity : float
+        L2 sensitivity of the noisy sum in units of the clipping norm.
+    accountant : str
+        ``prv`` or ``rdp`` for add-or-remove events.
+    tolerance : float
+        Relative width at which the search stops; the answer is on the safe side of it.
+    alongside : tuple[DpEvent, ...]
+        Events composed with the training (released statistics), so that the target holds for
+        everything the sites release, not for the training alone.
+    """
     if not (target_epsilon > 0 and math.isfinite(target_epsilon)):
         raise ValueError(f"target_epsilon: expected a finite value > 0, got {target_epsilon}")
     check_delta(delta)

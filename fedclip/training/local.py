@@ -111,17 +111,33 @@ def train_local(
     canaries: ExtraUnits | None = None,
     progress: str | None = None,
 ) -> LocalResult:
-    """Run ``train.steps`` steps on ``data`` in place; return the event and per-step figures.
+    """Run ``train.steps`` DP steps on ``data``, updating ``model`` in place; return the privacy
+    event the steps cost and per-step figures. Sampling and noise come from OS entropy.
 
-    Sampling and noise come from OS entropy; ``reproducible_seed`` replaces it with a seed, for
-    experiments only (not private against anyone who knows the seed).
-
-    ``public`` (public pairs, never a site's rows) feeds the negative bank of ``unit`` mode.
-    ``step_hook`` is Opacus' observer: called after clipping, noise and scaling, before the
-    update, with ``p.grad_sample`` (raw), ``p.summed_grad`` (clipped sum) and ``p.grad`` set.
-    ``canaries``: units an auditor inserts (``fedclip.training.extra_units``, e.g. the gradient
-    canaries of ``fedclip.attacks.gradient_canaries``): each one more unit, sampled at the same rate.
-    ``progress``: a bar's label, shown where someone watches (``fedclip.progress``).
+    Parameters
+    ----------
+    model : torch.nn.Module
+        An open_clip CLIP whose trainable parameters (``requires_grad``) are trained.
+    data : PairData
+        The site's training pairs, with patient and record ids (the privacy units).
+    dp : DpConfig
+        Mode, unit, noise multiplier, clipping norm, sampling rate, micro-batch size, the public
+        divisor: what the returned event accounts for.
+    train : TrainConfig
+        Steps, learning rate, optimizer, gradient engine.
+    reproducible_seed : int, optional
+        Replaces OS entropy with a seed, for experiments only: not private against anyone who
+        knows the seed.
+    public : PairData, optional
+        Public pairs (never a site's rows) for the negative bank of ``unit`` mode.
+    step_hook : Callable[[DPOptimizer], None], optional
+        Opacus' observer: called after clipping, noise and scaling, before the update, with
+        ``p.grad_sample`` (raw), ``p.summed_grad`` (clipped sum) and ``p.grad`` set.
+    canaries : ExtraUnits, optional
+        Units an auditor inserts (``fedclip.training.extra_units``, e.g. the gradient canaries of
+        ``fedclip.attacks.gradient_canaries``): each one more unit, sampled at the same rate.
+    progress : str, optional
+        A progress bar's label, shown where someone watches (``fedclip.progress``).
     """
     retain_freed_memory()  # once per process: the step's buffers are reused, not faulted in again
     pools = sampling_units(data, dp)
