@@ -50,3 +50,15 @@ def test_every_docs_path_the_code_names_exists():
                 if not (ROOT / m).is_file()
             ]
     assert not missing
+
+
+def test_every_run_config_key_the_docs_set_is_a_key():
+    from simulations.hospital_clip.config import SimulationConfig
+
+    known = set(SimulationConfig().to_run_config())
+    named = set()
+    for doc in DOCS:
+        for value in re.findall(r'--run-config "([^"]*)"', doc.read_text()):
+            named |= {item.split("=", 1)[0] for item in value.split() if "=" in item}
+    named.discard("k")  # the placeholder "k=v"
+    assert named and named <= known, sorted(named - known)
