@@ -88,18 +88,18 @@ def _one(
     )
     dp_opt = make_optimizer(model, dp, TrainConfig(), expected_microbatches=k, noise_generator=None)
     plain_opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    row = {
+        "model": model_name,
+        "allocator": allocator,
+        "mode": mode,
+        "groups": k,
+        "trainable": trainable,
+        "engine": engine,
+    }
     try:
         grads_of = make_grad_engine(model, engine)
     except ValueError as refused:  # e.g. ghost with the token embedding trainable: a row that says so
-        return {
-            "model": model_name,
-            "allocator": allocator,
-            "mode": mode,
-            "groups": k,
-            "trainable": trainable,
-            "engine": engine,
-            "refused": str(refused),
-        }
+        return {**row, "refused": str(refused)}
 
     def one_dp_step() -> None:
         dp_step(model, dp_opt, grads_of(groups, images, tokens, bank=bank), canaries=None)
@@ -157,12 +157,7 @@ def _one(
         else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     )
     return {
-        "model": model_name,
-        "allocator": allocator,
-        "mode": mode,
-        "groups": k,
-        "trainable": trainable,
-        "engine": engine,
+        **row,
         "trainable_params": trainable_params,
         "plain_ms": plain * 1e3,
         "dp_ms": dp_time * 1e3,
