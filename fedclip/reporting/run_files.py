@@ -26,6 +26,8 @@ TABLES: dict[str, tuple[str, ...]] = {
         "selected",
         "budget",
         "reason",
+        "neighbours",  # what the epsilon is about (fedclip.privacy.guarantee)
+        "covers",
     ),
     "attack": (
         "round",
@@ -45,6 +47,7 @@ TABLES: dict[str, tuple[str, ...]] = {
         "audited_epsilon",
         "audit_guesses",
         "audit_correct",
+        "comparable_to_epsilon",  # False: the sites' epsilon is not about membership (input level)
     ),
     "attack_sites": ("round", "attack", "site", "members", "tpr", "fpr"),
     "attack_scores": ("round", "attack", "target", "site", "is_member", "score"),  # for ROC curves
@@ -69,6 +72,8 @@ class RunFiles:
         columns = TABLES[table]
         path = self.path(table)
         new = not path.exists()
+        if not new:
+            self._upgrade(path, columns)
         with path.open("a", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="raise")
             if new:
@@ -76,6 +81,18 @@ class RunFiles:
             for row in rows:
                 writer.writerow({c: row[c] for c in columns})
             handle.flush()
+
+    @staticmethod
+    def _upgrade(path: Path, columns: tuple[str, ...]) -> None:
+        """A table written by an older version (a resumed run): its rows under today's columns, the
+        new ones empty, so that appended rows line up with the header."""
+        with path.open(newline="") as handle:
+            header = next(csv.reader(handle), [])
+        if tuple(header) != columns:
+            frame = pd.read_csv(path, keep_default_na=False, dtype=str).reindex(columns=list(columns), fill_value="")
+            tmp = path.with_suffix(".csv.tmp")
+            frame.to_csv(tmp, index=False)
+            tmp.replace(path)
 
     def truncate_after(self, round_: int) -> None:
         """Drop every row of a round after ``round_`` (a resumed run re-runs them: no round twice)."""

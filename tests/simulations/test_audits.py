@@ -14,6 +14,7 @@ import sys
 import pandas as pd
 import pytest
 
+from fedclip.attacks.one_run import audit_scores, joint_confidence
 from fedclip.privacy.sabotage import VARIABLE
 
 SMALL = "simulations/hospital_clip/small.toml"
@@ -113,7 +114,18 @@ def test_a_nonprivate_run_is_audited_clearly_above_zero(tmp_path, cache):
         timeout=600,
     )
     assert audit.returncode == 0, audit.stdout[-3000:] + audit.stderr[-3000:]
+    # certifies the same scores: the run split its 5% over two randomised audits (canary patients and
+    # gradient canaries) and four evaluations, the auditor's pass over one audit and the four models
     again = pd.read_csv(run / "audit" / "attack.csv").set_index("round")["audited_epsilon"]
     during = audited[audited["attack"] == "canary"].set_index("round")["audited_epsilon"]
-    pd.testing.assert_series_equal(again, during, check_exact=False, rtol=1e-6)
+    for audits, got, table in ((2, during, scores), (1, again, pd.read_csv(run / "audit" / "attack_scores.csv"))):
+        confidence = joint_confidence(rounds=4, audits=audits)
+        expected = {
+            r: audit_scores(
+                g["score"].to_numpy(), g["is_member"].to_numpy(), delta=1e-5, confidence=confidence
+            ).epsilon_lower_bound
+            for r, g in table[table["attack"] == "canary"].groupby("round")
+        }
+        pd.testing.assert_series_equal(got, pd.Series(expected).rename_axis("round"), check_names=False, rtol=1e-6)
+    assert (again >= during - 1e-12).all() and (again > during).any()  # one audit: less to correct for
     assert (run / "audit" / "roc.png").is_file()
