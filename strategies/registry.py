@@ -11,41 +11,22 @@ from flwr.serverapp.strategy import FedAvg, FedMedian, FedTrimmedAvg, Strategy
 SITE_WEIGHT_KEY = "site-weight"
 
 
-def _fedavg(fraction_train: float) -> Strategy:
-    return FedAvg(
+def _shared(fraction_train: float) -> dict:
+    """What every inner strategy is given: sample a share of the eligible sites, evaluate none on
+    the sites (the server evaluates), weight sites by their declared public weight."""
+    return dict(
         fraction_train=fraction_train,
         fraction_evaluate=0.0,
         min_train_nodes=1,
         min_available_nodes=1,
-        weighted_by_key=SITE_WEIGHT_KEY,
-    )
-
-
-def _fedmedian(fraction_train: float) -> Strategy:
-    return FedMedian(
-        fraction_train=fraction_train,
-        fraction_evaluate=0.0,
-        min_train_nodes=1,
-        min_available_nodes=1,
-        weighted_by_key=SITE_WEIGHT_KEY,
-    )
-
-
-def _fedtrimmedavg(fraction_train: float) -> Strategy:
-    return FedTrimmedAvg(
-        fraction_train=fraction_train,
-        fraction_evaluate=0.0,
-        min_train_nodes=1,
-        min_available_nodes=1,
-        beta=0.2,
         weighted_by_key=SITE_WEIGHT_KEY,
     )
 
 
 INNER_STRATEGIES: dict[str, Callable[[float], Strategy]] = {
-    "fedavg": _fedavg,
-    "fedmedian": _fedmedian,
-    "fedtrimmedavg": _fedtrimmedavg,
+    "fedavg": lambda fraction_train: FedAvg(**_shared(fraction_train)),
+    "fedmedian": lambda fraction_train: FedMedian(**_shared(fraction_train)),
+    "fedtrimmedavg": lambda fraction_train: FedTrimmedAvg(beta=0.2, **_shared(fraction_train)),
 }
 
 
