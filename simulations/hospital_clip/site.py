@@ -10,6 +10,7 @@ every party.
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,7 @@ from typing import Any
 from flwr.app import Context
 
 from fedclip.privacy.ledger_store import LedgerStore
-from fedclip.privacy.policy import SitePolicy, load_policy_file
+from fedclip.privacy.policy import POLICY_KEYS, SitePolicy, load_policy_file
 from simulations.hospital_clip.plan import RoundPlan, SharedFiles, SiteData, parse_site_numbers
 from simulations.hospital_clip.site_errors import SiteConfigError
 from simulations.hospital_clip.task import site_for_partition
@@ -44,11 +45,30 @@ class SiteIdentity:
         return self.state_dir / "cache" if self.deployed else None
 
 
+# every key a deployed hospital's node config may hold; a misspelt policy key would otherwise be
+# ignored and leave the hospital without the floor or cap it meant to set
+NODE_KEYS = (*DEPLOYED_KEYS, "site-weight", "declared-units", "allow-outside-paths", "site-worker", *POLICY_KEYS)
+
+
+def check_node_keys(node: Mapping[str, Any]) -> None:
+    """Refuse a deployed node config with a key fedclip does not know, naming it and the nearest known key."""
+    unknown = sorted(set(node) - set(NODE_KEYS))
+    if unknown:
+        hints = [
+            f"{k!r} (did you mean {close[0]!r}?)"
+            if (close := difflib.get_close_matches(k, NODE_KEYS, n=1))
+            else repr(k)
+            for k in unknown
+        ]
+        raise SiteConfigError(f"node config: unknown key(s) {', '.join(hints)}; known keys: {list(NODE_KEYS)}")
+
+
 def site_identity(context: Context, record: Mapping[str, Any]) -> SiteIdentity:
     """Which site this node is, and where its files are: from its node config (a deployed
     hospital), or from the plan's shared files and its partition id (a simulated site)."""
     node = context.node_config
     if "site" in node:
+        check_node_keys(node)
         missing = [k for k in DEPLOYED_KEYS if k not in node]
         if missing:
             raise SiteConfigError(f"node config: a deployed site needs {list(DEPLOYED_KEYS)}; missing {missing}")
