@@ -497,10 +497,23 @@ def set_up_auditor(
 
 def run(grid: Grid, cfg: SimulationConfig) -> Path:
     """The experiment, step by step: open the run folder, prepare, find the sites, set up the
-    auditor, run the rounds under the budget strategy, report."""
+    auditor, run the rounds under the budget strategy, report. However it ends, ``status.json``
+    says so: a script polling ``fedclip status`` must never wait on a run that is gone."""
     if not cfg.deployment:  # simulated sites: keep Flower's in-memory engine's per-node polling small
         grid = WindowedGrid(grid, window=cfg.messages_in_flight)
-    folder = open_run_folder(cfg)
+    folder = open_run_folder(cfg)  # a refused resume raises here, leaving the earlier run's status as it was
+    try:
+        return _run_rounds(grid, cfg, folder)
+    except BaseException as exc:
+        status = folder.files.dir / "status.json"
+        if not (status.is_file() and json.loads(status.read_text()).get("status") == "failed"):
+            folder.files.write_json(
+                "status.json", {"status": "failed", "reason": f"{type(exc).__name__}: {exc}", "rounds": None}
+            )
+        raise
+
+
+def _run_rounds(grid: Grid, cfg: SimulationConfig, folder: RunFolder) -> Path:
     prep = prepare(cfg, folder)
     wire = wire_settings(cfg, folder, prep)
     sites = find_sites(grid, cfg, prep, train_config_record(cfg, **wire))

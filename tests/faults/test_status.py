@@ -1,0 +1,28 @@
+"""``status.json`` says how a run ended, however it ended: a polling script must never wait forever."""
+
+import json
+import os
+import subprocess
+import sys
+
+from tests.faults.test_crash_and_resume import TINY
+
+
+def test_a_crash_while_discovering_the_sites_marks_the_run_failed(tmp_path):
+    out = tmp_path / "run"
+    env = {**os.environ, "FEDCLIP_TEST_EXTRA_NODES": "1"}  # a third SuperNode for two sites
+    done = subprocess.run(
+        [sys.executable, "-m", "tests.faults.local_grid", str(out), str(tmp_path / "cache"), TINY],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert done.returncode != 0
+    status = json.loads((out / "status.json").read_text())
+    assert status["status"] == "failed", status
+    assert status["reason"].startswith("RuntimeError: node 3 failed to say which site it is"), status
+    state = subprocess.run(
+        [sys.executable, "-m", "simulations.commands", "status", str(out)], capture_output=True, text=True, timeout=120
+    )
+    assert state.returncode == 1  # what a script branches on
