@@ -313,8 +313,9 @@ def test_any_other_failure_at_a_site_sends_the_phase_and_an_id_only(tmp_path, sm
     assert [r["status"] for r in ledger.rows()] == ["failed"]  # charged before the data was read, kept
 
 
-def test_a_misspelt_policy_key_in_a_hospitals_node_config_is_refused_by_name(tmp_path, small_manifest_path,
-                                                                          warm_checkpoint):
+def test_a_misspelt_policy_key_in_a_hospitals_node_config_is_refused_by_name(
+    tmp_path, small_manifest_path, warm_checkpoint
+):
     """``max-epsilon=8.0 min-noise=2.0`` would otherwise give no cap and no floor, silently."""
     from simulations.hospital_clip.site import NODE_KEYS
     from simulations.hospital_clip.site_errors import SiteConfigError
@@ -322,12 +323,21 @@ def test_a_misspelt_policy_key_in_a_hospitals_node_config_is_refused_by_name(tmp
 
     assert WORKER_KEY in NODE_KEYS
     _, config, model = _setup(tmp_path, small_manifest_path, warm_checkpoint)
-    node = {"site": "hospital_0", "manifest": str(small_manifest_path), "checkpoint": str(warm_checkpoint),
-            "state-dir": str(tmp_path / "node0"), "max-epsilon": 8.0, "min-noise": 2.0}
+    node = {
+        "site": "hospital_0",
+        "manifest": str(small_manifest_path),
+        "checkpoint": str(warm_checkpoint),
+        "state-dir": str(tmp_path / "node0"),
+        "max-epsilon": 8.0,
+        "min-noise": 2.0,
+    }
     hospital = Context(run_id=1, node_id=1, node_config=node, state=RecordDict(), run_config={})
     query = Message(RecordDict({"config": config}), dst_node_id=1, message_type=MessageType.QUERY)
     for message in (query, _train_message(model, config, 0)):
-        with pytest.raises(SiteConfigError, match=r"unknown key\(s\) 'max-epsilon' \(did you mean 'max-epsilon-r"
-                                                  r"un'\?\), 'min-noise' \(did you mean 'min-noise-multiplier'\?\)"):
+        with pytest.raises(
+            SiteConfigError,
+            match=r"unknown key\(s\) 'max-epsilon' \(did you mean 'max-epsilon-r"
+            r"un'\?\), 'min-noise' \(did you mean 'min-noise-multiplier'\?\)",
+        ):
             client_app(message, hospital)
     assert not (tmp_path / "node0" / "ledger.sqlite").exists()  # refused before anything was charged
