@@ -283,7 +283,9 @@ def _what_the_accountant_promises(
         ]
     last = int(rounds["round"].max()) if len(rounds) else 0
     final_sites = rounds[rounds["round"] == last][["site", "epsilon", "budget"]] if len(rounds) else rounds
-    selected = rounds.groupby("site")["selected"].sum() if len(rounds) else pd.Series(dtype=int)
+    # rounds a site trained (a selected site that failed, refused or was lost trained nothing; it stays charged)
+    trained = rounds[rounds["status"] == "trained"] if "status" in rounds else rounds
+    selected = trained.groupby("site").size() if len(trained) else pd.Series(dtype=int)
     lines += ["", "| site | rounds trained | epsilon | budget |", "|---|---|---|---|"]
     for row in final_sites.itertuples():
         lines.append(f"| {row.site} | {int(selected.get(row.site, 0))} | {_fmt(float(row.epsilon))} | {row.budget} |")

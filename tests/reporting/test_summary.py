@@ -121,3 +121,21 @@ def test_rows_say_what_epsilon_is_about_and_input_level_audits_are_not_held_agai
         assert f"neighbouring data sets: {g.neighbours}**; covered: {g.covers}" in text
         assert ("WARNING: round 1: the canary audit certifies" in text) == warned
         assert ("1.500 (about images: not comparable)" in text) == (not warned)
+
+
+def test_rounds_trained_counts_the_rounds_a_site_trained_not_those_it_was_selected_for(tmp_path):
+    """A SuperNode lost in round 2 was selected twice and trained once (its charge stays: epsilon)."""
+    rows = [
+        {"round": r, "site": "h0", "status": s, "epsilon": 1.0 * r, "budget": 4.0, "selected": True, "reason": ""}
+        for r, s in ((1, "trained"), (2, "lost"))
+    ]
+    _, attack, utility = _frames()
+    text = write_summary(
+        tmp_path / "summary.md",
+        config=SimulationConfig().to_run_config(),
+        rounds=pd.DataFrame(rows),
+        attack=attack,
+        utility=utility,
+        noise_multiplier=2.0,
+    ).read_text()
+    assert "| h0 | 1 | 2.000 | 4.0 |" in text
