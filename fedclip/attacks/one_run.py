@@ -19,6 +19,7 @@ Written from the paper's statement of the test; the p-value is
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,6 +33,14 @@ def joint_confidence(*, rounds: int, audits: int, level: float = 0.95) -> float:
     if rounds < 1 or audits < 0:
         raise ValueError(f"joint confidence: expected rounds >= 1 and audits >= 0, got {rounds}, {audits}")
     return 1 - (1 - level) / (rounds * max(1, audits))
+
+
+def run_confidences(*, rounds: int, attacks: Sequence[object]) -> tuple[float, float]:
+    """(each indicative bound's, each certified bound's) confidence for ``attacks`` evaluated
+    ``rounds`` times, so that each kind holds jointly at 95%: indicative bounds over the rounds,
+    certified ones over the rounds and every randomised audit (``randomised = True``) among them."""
+    audits = sum(bool(getattr(a, "randomised", False)) for a in attacks)
+    return joint_confidence(rounds=rounds, audits=1), joint_confidence(rounds=rounds, audits=audits)
 
 
 def audit_p_value(*, canaries: int, guesses: int, correct: int, epsilon: float, delta: float) -> float:

@@ -64,6 +64,7 @@ class RunFiles:
     def __init__(self, out_dir: str | Path) -> None:
         self.dir = Path(out_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
+        self._current: set[str] = set()  # tables whose header this process has checked or written
 
     def path(self, table: str) -> Path:
         return self.dir / f"{table}.csv"
@@ -72,8 +73,9 @@ class RunFiles:
         columns = TABLES[table]
         path = self.path(table)
         new = not path.exists()
-        if not new:
+        if not new and table not in self._current:  # once per process: a resumed run's older table
             self._upgrade(path, columns)
+        self._current.add(table)
         with path.open("a", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="raise")
             if new:

@@ -22,7 +22,7 @@ from flwr.app import ArrayRecord
 
 from fedclip.attacks.canary import CanaryAudit
 from fedclip.attacks.metrics import attack_tables, score_rows
-from fedclip.attacks.one_run import joint_confidence
+from fedclip.attacks.one_run import run_confidences
 from fedclip.attacks.suite import target_attacks
 from fedclip.data.canaries import load_canaries
 from fedclip.data.manifest import load_manifest
@@ -118,10 +118,7 @@ def audit_run(
         files.path(table).unlink(missing_ok=True)
     epsilons = accounted_epsilons(run_dir)
     # Bonferroni over the rounds audited (and, for certified bounds, over the randomised audits): jointly 95%
-    confidence = joint_confidence(rounds=len(models), audits=1)
-    audit_confidence = joint_confidence(
-        rounds=len(models), audits=sum(bool(getattr(a, "randomised", False)) for a in attacks)
-    )
+    confidence, audit_confidence = run_confidences(rounds=len(models), attacks=attacks)
     delta = float(config["delta"])
     comparable = guarantee_of(
         mode=str(config["dp-mode"]),

@@ -21,7 +21,7 @@ from flwr.app import ArrayRecord, MetricRecord
 
 from fedclip.attacks.base import Attack, AttackDecisions
 from fedclip.attacks.metrics import attack_tables, score_rows
-from fedclip.attacks.one_run import joint_confidence
+from fedclip.attacks.one_run import run_confidences
 from fedclip.attacks.replies import ReplyAttack
 from fedclip.data.tensors import PairData
 from fedclip.evaluation.retrieval import retrieval_recall
@@ -62,10 +62,7 @@ class RoundEvaluator:
         # the bound is printed after every round: a Bonferroni correction over all of them keeps the
         # printed bounds jointly valid at 95% (each round's at 1 - 0.05 / (rounds + 1)); the randomised
         # audits' certified bounds hold jointly over every audit too
-        self.confidence = joint_confidence(rounds=total_rounds + 1, audits=1)
-        self.audit_confidence = joint_confidence(
-            rounds=total_rounds + 1, audits=sum(bool(getattr(a, "randomised", False)) for a in attacks)
-        )
+        self.confidence, self.audit_confidence = run_confidences(rounds=total_rounds + 1, attacks=attacks)
         self.last_end = time.time()  # end of the previous evaluation: the train phase runs between
         self.bar = progress_bar(total=total_rounds - round_offset, desc="rounds", unit="round", leave=True)
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from fedclip.privacy.events import DpEvent
+from fedclip.privacy.guarantee import Guarantee, guarantee_of
 from fedclip.privacy.randomness import reproducible_site_seed
 from fedclip.privacy.release import ReleaseConfig, release_events
 from fedclip.privatize.plan import InputPlan
@@ -156,6 +157,12 @@ class RoundPlan:
     def input_release(self) -> DpEvent | None:
         """The one-time event of a site's input privatization, charged in the round it happens."""
         return self.input.release_event(self.dp.privacy_unit) if self.input is not None else None
+
+    def guarantee(self) -> Guarantee:
+        """What the sites' epsilon under this plan is about (``fedclip.privacy.guarantee``)."""
+        return guarantee_of(
+            mode=self.mode, privacy_unit=str(self.dp.privacy_unit), microbatch_size=self.dp.microbatch_size
+        )
 
     @property
     def mode(self) -> str:

@@ -35,7 +35,6 @@ from fedclip.data.tensors import load_pairs
 from fedclip.models.arrays import model_to_arrays
 from fedclip.models.factory import ModelConfig, create_model
 from fedclip.privacy.calibration import calibrate_noise_multiplier, warn_if_delta_is_large
-from fedclip.privacy.guarantee import Guarantee, guarantee_of
 from fedclip.privacy.ledger_store import LedgerStore
 from fedclip.privacy.modes import INPUT_MODES
 from fedclip.privacy.randomness import NOT_PRIVATE_AGAINST_THE_SERVER
@@ -50,7 +49,7 @@ from simulations.hospital_clip.config import DEFAULT_TOML, SimulationConfig, loa
 from simulations.hospital_clip.discovery import discover_sites
 from simulations.hospital_clip.evaluator import RoundEvaluator
 from simulations.hospital_clip.input_privacy import input_plan
-from simulations.hospital_clip.plan import SharedFiles
+from simulations.hospital_clip.plan import RoundPlan, SharedFiles
 from simulations.hospital_clip.preflight import data_shape, preflight
 from simulations.hospital_clip.task import manifest_path, pick_device
 from strategies.client_level import calibrate_site_noise, site_level_report, with_site_level_dp
@@ -400,10 +399,10 @@ def make_strategy(
     *,
     sites: Mapping[int, str],
     replies: ReplyAttack | None,
-    guarantee: Guarantee,
+    plan: RoundPlan,
 ) -> PrivacyBudgetStrategy:
     """The inner strategy (client-level DP at the server, or the named one) wrapped by the budget strategy."""
-    plan = cfg.round_plan(prep.sigma, prep.inputs)
+    guarantee = plan.guarantee()
     release = plan.input_release()
 
     def planned_events(site: str):
@@ -529,12 +528,8 @@ def _run_rounds(grid: Grid, cfg: SimulationConfig, folder: RunFolder) -> Path:
     )
     attacks, replies, wire["gradient_canaries"] = set_up_auditor(cfg, folder, prep, bundle)
 
-    guarantee = guarantee_of(
-        mode=cfg.round_plan(prep.sigma, prep.inputs).mode,
-        privacy_unit=cfg.privacy_unit,
-        microbatch_size=cfg.microbatch_size,
-    )
-    strategy = make_strategy(cfg, folder, prep, sites=sites, replies=replies, guarantee=guarantee)
+    plan = cfg.round_plan(prep.sigma, prep.inputs)  # what every site runs: its events and its guarantee
+    strategy = make_strategy(cfg, folder, prep, sites=sites, replies=replies, plan=plan)
     evaluator = RoundEvaluator(
         model=bundle.model,
         tokenizer=bundle.tokenizer,
@@ -549,7 +544,7 @@ def _run_rounds(grid: Grid, cfg: SimulationConfig, folder: RunFolder) -> Path:
         trained_this_round=lambda: not strategy.exhausted,
         strategy_seconds=lambda: strategy.strategy_seconds,
         reply_attack=replies,
-        comparable=guarantee.membership,
+        comparable=plan.guarantee().membership,
     )
     failure = None
     if cfg.num_rounds > folder.round_offset:
