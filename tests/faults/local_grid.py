@@ -10,6 +10,7 @@ own ledgers, the hardest case for the server), and replies are pulled afterwards
 
 from __future__ import annotations
 
+import copy
 import os
 import sys
 import uuid
@@ -25,7 +26,8 @@ from simulations.hospital_clip.server_app import default_run_config, resolve_con
 
 
 class LocalGrid(Grid):
-    def __init__(self, num_nodes: int) -> None:
+    def __init__(self, num_nodes: int, app=None) -> None:
+        self.app = app if app is not None else client_app
         self.contexts = {
             n + 1: Context(run_id=1, node_id=n + 1, node_config={"partition-id": n}, state=RecordDict(), run_config={})
             for n in range(num_nodes)
@@ -51,7 +53,8 @@ class LocalGrid(Grid):
             msg_id = str(uuid.uuid4())
             msg.metadata.__dict__["_message_id"] = msg_id  # as Flower's grids do: the reply names it
             try:
-                self._replies[msg_id] = client_app(msg, self.contexts[msg.metadata.dst_node_id])
+                # a copy, as a real transport delivers one: Flower's workflows send one content to many nodes
+                self._replies[msg_id] = self.app(copy.deepcopy(msg), self.contexts[msg.metadata.dst_node_id])
             except Exception as exc:  # as Flower's runtime does: the site's exception becomes an error reply
                 from flwr.app import Error
 
