@@ -18,11 +18,15 @@ from collections.abc import Iterable
 from dataclasses import replace
 from functools import lru_cache
 
+import numpy as np
 from dp_accounting import NeighboringRelation
 from dp_accounting.pld import privacy_loss_distribution as pld_lib
+from dp_accounting.rdp import rdp_privacy_accountant as rdp_lib  # pinned 0.6: its exact subsampled-Gaussian RDP
 from opacus.accountants import create_accountant
 
-from fedclip.privacy.events import DpEvent, Relation
+from fedclip.distributed.accounting import ORDERS as DISTRIBUTED_ORDERS
+from fedclip.distributed.accounting import SkellamSumEvent, rdp_curve
+from fedclip.privacy.events import DpEvent, Mechanism, Relation
 
 OPACUS_ACCOUNTANTS = ("prv", "rdp")
 PLD_DISCRETIZATION = 1e-3
@@ -103,6 +107,39 @@ def _composed_epsilon(spent: tuple[DpEvent, ...], delta: float, accountant: str)
         return 0.0
     if any(not e.is_private for e in spent):
         return math.inf
+    if any(e.mechanism == Mechanism.SKELLAM for e in spent):
+        return _rdp_epsilon(list(spent), delta)
     if all(e.relation == Relation.ADD_OR_REMOVE for e in spent):
         return _opacus_epsilon(list(spent), delta, accountant)
     return _pld_epsilon(list(spent), delta)
+
+
+def _rdp_epsilon(events: list[DpEvent], delta: float) -> float:
+    """Skellam sums (distributed DP) have a Renyi DP bound and no PLD: every event of the ledger is
+    composed in RDP at integer orders, the Gaussians with dp-accounting's exact RDP of the
+    Poisson-subsampled Gaussian, the Skellam sums with ``fedclip.distributed.accounting``."""
+    if any(e.relation != Relation.ADD_OR_REMOVE for e in events):
+        raise ValueError(
+            "accountant: a ledger with distributed-DP (Skellam) rounds composes in RDP, which fedclip has for "
+            "add-or-remove events only; it also holds replace-one events (micro-batches of several units)"
+        )
+    orders = list(DISTRIBUTED_ORDERS)
+    total = np.zeros(len(orders))
+    for e in events:
+        if e.mechanism == Mechanism.SKELLAM:
+            sk = SkellamSumEvent(
+                variance=(e.noise_multiplier * e.grid_l2) ** 2,
+                l1=e.grid_l1,
+                l2=e.grid_l2,
+                sample_rate=e.sample_rate,
+                steps=e.steps,
+            )
+            total += rdp_curve([sk], orders)
+        else:
+            total += e.steps * np.asarray(
+                rdp_lib._compute_rdp_poisson_subsampled_gaussian(
+                    e.sample_rate, e.noise_multiplier / e.sensitivity, orders
+                )
+            )
+    eps, _ = rdp_lib.compute_epsilon(orders, list(total), delta)
+    return float(eps)

@@ -47,13 +47,22 @@ class Relation(StrEnum):
     ADD_OR_REMOVE = "add_or_remove"
 
 
+class Mechanism(StrEnum):
+    GAUSSIAN = "gaussian"
+    SKELLAM = "skellam"
+
+
 @dataclass(frozen=True)
 class DpEvent:
-    """``steps`` applications of a Poisson-subsampled Gaussian mechanism.
+    """``steps`` applications of a Poisson-subsampled Gaussian mechanism, or of a Poisson-subsampled
+    sum with Skellam noise (``mechanism`` ``skellam``: distributed DP over a secure sum).
 
     ``noise_multiplier`` is the noise standard deviation over the clipping norm C; 0 means no
     noise (a non-private run, infinite epsilon). ``sensitivity`` is the L2 sensitivity of the
-    noisy sum in units of C under ``relation``.
+    noisy sum in units of C under ``relation``. A Skellam event's sum is of integers: its noise
+    standard deviation is ``noise_multiplier * grid_l2`` grid steps, and ``grid_l2``/``grid_l1``
+    are the L2/L1 sensitivities in grid steps (``fedclip.distributed.grid``), which its Renyi DP
+    needs beside their ratio; it is add-or-remove with ``sensitivity`` 1.
     """
 
     noise_multiplier: float
@@ -62,6 +71,9 @@ class DpEvent:
     privacy_unit: PrivacyUnit
     relation: Relation
     sensitivity: float
+    mechanism: Mechanism = Mechanism.GAUSSIAN
+    grid_l2: float = 0.0
+    grid_l1: float = 0.0
 
     def __post_init__(self) -> None:
         if not (self.noise_multiplier >= 0 and math.isfinite(self.noise_multiplier)):
@@ -75,13 +87,23 @@ class DpEvent:
         object.__setattr__(self, "privacy_unit", PrivacyUnit(self.privacy_unit))
         object.__setattr__(self, "relation", Relation(self.relation))
         object.__setattr__(self, "steps", int(self.steps))
+        object.__setattr__(self, "mechanism", Mechanism(self.mechanism))
+        if self.mechanism == Mechanism.SKELLAM:
+            if self.relation != Relation.ADD_OR_REMOVE or self.sensitivity != 1:
+                raise ValueError("skellam events: expected relation add_or_remove with sensitivity 1")
+            if not (self.grid_l2 >= 1 and self.grid_l1 >= 1 and math.isfinite(self.grid_l2 + self.grid_l1)):
+                raise ValueError(f"grid_l2, grid_l1: expected finite values >= 1, got {self.grid_l2}, {self.grid_l1}")
 
     @property
     def is_private(self) -> bool:
         return self.noise_multiplier > 0 or self.steps == 0
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: str(v) if isinstance(v, StrEnum) else v for k, v in asdict(self).items()}
+        out = {k: str(v) if isinstance(v, StrEnum) else v for k, v in asdict(self).items()}
+        if self.mechanism == Mechanism.GAUSSIAN:  # the form every earlier ledger holds
+            for k in ("mechanism", "grid_l2", "grid_l1"):
+                out.pop(k)
+        return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "DpEvent":
@@ -89,7 +111,8 @@ class DpEvent:
         missing = fields - set(data)
         if missing:
             raise ValueError(f"privacy event: missing field(s) {sorted(missing)}")
-        return cls(**{k: data[k] for k in fields})
+        optional = {k: data[k] for k in ("mechanism", "grid_l2", "grid_l1") if k in data}  # older ledgers: Gaussian
+        return cls(**{k: data[k] for k in fields}, **optional)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)

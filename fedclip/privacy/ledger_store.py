@@ -53,6 +53,8 @@ def dominates(plan: DpEvent, reported: DpEvent) -> bool:
         plan.privacy_unit == reported.privacy_unit
         and plan.relation == reported.relation
         and plan.sensitivity == reported.sensitivity
+        and plan.mechanism == reported.mechanism
+        and (plan.grid_l2, plan.grid_l1) == (reported.grid_l2, reported.grid_l1)
         and reported.noise_multiplier >= plan.noise_multiplier > 0
         and reported.sample_rate <= plan.sample_rate
         and reported.steps <= plan.steps

@@ -1,6 +1,7 @@
 """Accountants against the figures in shared/NOTES.md and against independent computations."""
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -160,3 +161,44 @@ def test_rounds_of_one_mechanism_are_accounted_as_one_with_the_steps_summed():
     assert acc._merged(rounds) == tuple(sorted((replace(e, steps=80), replace(other, steps=80)), key=repr))
     separate = acc._opacus_epsilon(rounds, 1e-5, "prv")
     assert acc.epsilon(rounds, delta=1e-5) == pytest.approx(separate, rel=1e-6)
+
+
+def test_a_ledger_with_distributed_rounds_composes_in_rdp_checked_by_hand():
+    """Skellam sums (distributed DP) beside a Gaussian: the composed epsilon is the RDP sum of the
+    Skellam bound and dp-accounting's Gaussian, converted by dp-accounting, here built independently."""
+    import dp_accounting
+    from dp_accounting.rdp import rdp_privacy_accountant as rdp_lib
+
+    from fedclip.distributed.accounting import ORDERS, SkellamSumEvent, rdp_curve
+    from fedclip.privacy.events import DpEvent, Mechanism, PrivacyUnit, Relation
+
+    sk = DpEvent(
+        noise_multiplier=2.0,
+        sample_rate=0.1,
+        steps=30,
+        privacy_unit=PrivacyUnit.IDENTITY,
+        relation=Relation.ADD_OR_REMOVE,
+        sensitivity=1.0,
+        mechanism=Mechanism.SKELLAM,
+        grid_l2=3300.0,
+        grid_l1=3300.0**2,
+    )
+    gauss = DpEvent(
+        noise_multiplier=1.5,
+        sample_rate=0.1,
+        steps=20,
+        privacy_unit=PrivacyUnit.IDENTITY,
+        relation=Relation.ADD_OR_REMOVE,
+        sensitivity=1.0,
+    )
+    acc = dp_accounting.rdp.RdpAccountant(list(ORDERS))
+    acc.compose(dp_accounting.PoissonSampledDpEvent(0.1, dp_accounting.GaussianDpEvent(1.5)), 20)
+    skellam_curve = rdp_curve(
+        [SkellamSumEvent(variance=(2.0 * 3300.0) ** 2, l1=3300.0**2, l2=3300.0, sample_rate=0.1, steps=30)]
+    )
+    by_hand = rdp_lib.compute_epsilon(list(ORDERS), list(acc._rdp + skellam_curve), 1e-5)[0]
+    assert epsilon([sk, gauss], delta=1e-5) == pytest.approx(by_hand, rel=1e-9)
+    assert epsilon([sk], delta=1e-5) < epsilon([sk, gauss], delta=1e-5)
+    assert DpEvent.from_json(sk.to_json()) == sk and "mechanism" not in gauss.to_json()
+    with pytest.raises(ValueError, match="replace-one"):
+        epsilon([sk, replace(gauss, relation=Relation.REPLACE_ONE)], delta=1e-5)
