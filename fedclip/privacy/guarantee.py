@@ -51,6 +51,13 @@ def guarantee_of(*, mode: str, privacy_unit: str, microbatch_size: int = 1) -> G
             f"{where}: not the reports, the number of images, or membership",
             membership=False,
         )
+    if mode == "distributed":
+        return Guarantee(
+            f"add or remove one {noun} anywhere in the federation (one clipped term of one DP-SGD step over all "
+            f"sites, Skellam noise summed by secure aggregation; per adversary: distributed.json){group}",
+            f"the {noun}'s image-report pairs, in every step's sum",
+            membership=True,
+        )
     if mode not in ("microbatch", "unit", "paper"):
         raise ValueError(f"dp-mode: no guarantee is defined for {mode!r}")
     how = (

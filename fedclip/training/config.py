@@ -21,6 +21,7 @@ class Mode(StrEnum):
     UNIT = "unit"
     PAPER = "paper"
     NONPRIVATE = "nonprivate"
+    DISTRIBUTED = "distributed"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -56,7 +57,11 @@ class DpConfig:
             raise ValueError(f"sample_rate: expected a value in (0, 1], got {self.sample_rate}")
         if self.microbatch_size < 1:
             raise ValueError(f"microbatch_size: expected an integer >= 1, got {self.microbatch_size}")
-        if self.mode in (Mode.MICROBATCH, Mode.UNIT) and self.declared_units < 1:
+        if self.mode == Mode.DISTRIBUTED and self.microbatch_size != 1:
+            raise ValueError(
+                f"microbatch_size: dp-mode distributed clips every unit on its own (add-or-remove), got {self.microbatch_size}"
+            )
+        if self.mode in (Mode.MICROBATCH, Mode.UNIT, Mode.DISTRIBUTED) and self.declared_units < 1:
             raise ValueError(
                 f"declared_units: expected the public number of units (an integer >= 1) in mode "
                 f"{self.mode}, got {self.declared_units}"
@@ -73,7 +78,9 @@ class DpConfig:
     @property
     def per_unit(self) -> bool:
         """Every unit is its own clipped term (``unit``, or ``microbatch`` of size 1)."""
-        return self.mode == Mode.UNIT or (self.mode == Mode.MICROBATCH and self.microbatch_size == 1)
+        return self.mode in (Mode.UNIT, Mode.DISTRIBUTED) or (
+            self.mode == Mode.MICROBATCH and self.microbatch_size == 1
+        )
 
     @property
     def num_blocks(self) -> int:

@@ -209,6 +209,20 @@ def dp_step(
     """Hand every group's gradient to Opacus as ``p.grad_sample`` (the token embedding's as rows,
     ``p.grad_sample_rows``), plus the sampled canaries' rows (one per canary, norm C: clipping
     leaves them whole), and let it clip, sum, noise and step."""
+    dp_hand_over(model, optimizer, computed, canaries=canaries)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(computed[1].mean()) if len(computed[1]) else float("nan")
+
+
+def dp_hand_over(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    computed: tuple,
+    *,
+    canaries: dict[str, torch.Tensor] | None = None,
+) -> None:
+    """Give the optimizer the step's groups: ghost norms, or per-group gradients (and canaries)."""
     grads, group_losses, rows = computed
     if isinstance(grads, GhostGroups):  # norms and a clipped sum: no per-group rows to hand over
         if canaries is not None:  # they would be lost, not added (make_grad_engine never pairs them)
@@ -223,9 +237,6 @@ def dp_step(
         for name, p in model.named_parameters():
             if p.requires_grad:
                 p.grad_sample, p.grad_sample_rows = grads[name], rows.get(name)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return float(group_losses.mean()) if len(group_losses) else float("nan")
 
 
 def _step_groups(chosen: list[np.ndarray], mode: Mode) -> list[np.ndarray]:
