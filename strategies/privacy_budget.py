@@ -252,6 +252,16 @@ class PrivacyBudgetStrategy(Strategy):
                 reducer.add(reply)
         crash_point("replied", round_)
         outcomes = {site: seen.get(site) or self._outcome(site, None) for site in sorted(self._selected)}
+        return self._conclude(round_, outcomes, reducer.result)
+
+    def _conclude(
+        self,
+        round_: int,
+        outcomes: Mapping[str, _Outcome],
+        result: Callable[[], tuple[ArrayRecord | None, MetricRecord | None]],
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Settle every selected site's charge, check the quorum, and only then compute ``result``
+        (recorded write-ahead as an aggregate) and report the round."""
         for site, o in outcomes.items():
             self.store.settle(
                 site, round_, attempt=self._attempt, status=o.status, note=o.reason[:500], reported=o.reported or None
@@ -277,7 +287,7 @@ class PrivacyBudgetStrategy(Strategy):
             )
         if good:  # write-ahead: a mechanism the server applies to the aggregate is composed over these
             self.store.record_aggregate(round_, attempt=self._attempt)
-        aggregated = reducer.result()
+        aggregated = result()
         crash_point("aggregated", round_)
         self._report(round_, outcomes)
         return aggregated

@@ -17,7 +17,7 @@ from dataclasses import replace
 from opacus.accountants.utils import get_noise_multiplier
 
 from fedclip.privacy.accountant import check_delta, epsilon
-from fedclip.privacy.events import DpEvent, PrivacyUnit, Relation
+from fedclip.privacy.events import DpEvent, Mechanism, PrivacyUnit, Relation
 
 
 def warn_if_delta_is_large(delta: float, num_units: int) -> None:
@@ -138,3 +138,38 @@ def smallest_noise(
         else:
             low = mid
     return high
+
+
+def calibrate_skellam_noise(
+    *,
+    target_epsilon: float,
+    delta: float,
+    sample_rate: float,
+    steps: int,
+    grid_l2: float,
+    grid_l1: float,
+    privacy_unit: PrivacyUnit = PrivacyUnit.IDENTITY,
+    tolerance: float = 0.01,
+) -> float:
+    """The smallest noise multiplier (noise std over ``grid_l2``) whose ``steps`` Poisson-subsampled
+    Skellam sums (distributed DP, ``fedclip.distributed``) stay within ``target_epsilon``: the same
+    search, checked with the same accountant the ledger uses."""
+    if not (target_epsilon > 0 and math.isfinite(target_epsilon)):
+        raise ValueError(f"target_epsilon: expected a finite value > 0, got {target_epsilon}")
+    check_delta(delta)
+
+    def eps(sigma: float) -> float:
+        event = DpEvent(
+            noise_multiplier=sigma,
+            sample_rate=sample_rate,
+            steps=steps,
+            privacy_unit=privacy_unit,
+            relation=Relation.ADD_OR_REMOVE,
+            sensitivity=1.0,
+            mechanism=Mechanism.SKELLAM,
+            grid_l2=grid_l2,
+            grid_l1=grid_l1,
+        )
+        return epsilon([event], delta=delta) if sigma > 0 else math.inf
+
+    return smallest_noise(eps, target_epsilon=target_epsilon, tolerance=tolerance)

@@ -18,7 +18,9 @@ is re-run after a resume is charged again (attempt 2): over-counting, never unde
 The server also records, write-ahead, every attempt at which it is about to compute an aggregate
 (``record_aggregate``): a mechanism applied *at the server* (client-level DP noise on the average)
 is released once per such attempt, so its epsilon is composed over ``aggregates()``, which
-survives a resume (an in-memory count restarts at zero in the resumed process).
+survives a resume (an in-memory count restarts at zero in the resumed process). A distributed-DP
+round records whose noise shares its decoded secure sum holds (``record_secure_sum``): the
+epsilon each adversary faces is composed over those.
 
 One ledger holds one privacy unit per site: record-level and identity-level events cannot be
 composed into one epsilon (a patient with k images is protected by a record-level guarantee only
@@ -94,6 +96,11 @@ class LedgerStore:
             "at REAL NOT NULL, PRIMARY KEY (round, attempt))"
         )
 
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS secure_sums (round INTEGER NOT NULL, attempt INTEGER NOT NULL, "
+            "site TEXT NOT NULL, share REAL NOT NULL, at REAL NOT NULL, PRIMARY KEY (round, attempt, site))"
+        )
+
     def _write(self, sql: str, rows: Sequence[tuple]) -> None:
         with self._db:
             self._db.execute("BEGIN IMMEDIATE")
@@ -119,6 +126,24 @@ class LedgerStore:
         """How many aggregates the server computed (or was about to), every attempt and run counted."""
         (n,) = self._db.execute("SELECT COUNT(*) FROM aggregates").fetchone()
         return int(n)
+
+    def record_secure_sum(self, round_: int, *, attempt: int, shares: dict[str, float]) -> None:
+        """Record a decoded secure sum (distributed DP): whose noise shares it holds, each one's
+        variance. Every attempt counts, so the epsilon per adversary survives a resume."""
+        now = time.time()
+        self._write(
+            "INSERT OR IGNORE INTO secure_sums (round, attempt, site, share, at) VALUES (?, ?, ?, ?, ?)",
+            [(round_, attempt, site, float(v), now) for site, v in sorted(shares.items())],
+        )
+
+    def secure_sums(self) -> list[dict[str, float]]:
+        """Every recorded secure sum's shares, in order: site -> variance."""
+        out: dict[tuple[int, int], dict[str, float]] = {}
+        for r, a, site, share in self._db.execute(
+            "SELECT round, attempt, site, share FROM secure_sums ORDER BY round, attempt, site"
+        ):
+            out.setdefault((r, a), {})[site] = share
+        return list(out.values())
 
     def units(self, site: str) -> set[str]:
         """The privacy units of ``site``'s charged events."""

@@ -13,8 +13,9 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from simulations.hospital_clip.site_worker import WORKER_KEY, forward  # light: sockets and Flower's serde
+from strategies.secure_sum import secure_sum_mod  # Flower's SecAgg+ for dp-mode distributed; others pass through
 
-app = ClientApp()
+app = ClientApp(mods=[secure_sum_mod])
 
 
 def _answer(msg: Message, context: Context) -> Message:

@@ -17,6 +17,7 @@ from fedclip.attacks.idia import DEFAULT_TEMPLATES, IdiaConfig
 from fedclip.attacks.replies import REPLY_ROUNDS
 from fedclip.data.names import NAME_LISTS
 from fedclip.data.synthetic import SyntheticConfig
+from fedclip.distributed.adversaries import check_colluders
 from fedclip.models.factory import ModelConfig
 from fedclip.privacy.accountant import OPACUS_ACCOUNTANTS
 from fedclip.privacy.events import PrivacyUnit
@@ -27,6 +28,7 @@ from fedclip.privatize.plan import InputPlan
 from fedclip.training.config import GRAD_ENGINES, DpConfig, TrainConfig
 from simulations.hospital_clip.plan import RoundPlan, SiteData, parse_site_numbers
 from strategies.registry import INNER_STRATEGIES
+from strategies.secure_sum import check_secure_sum, max_bits
 
 DEFAULT_TOML = Path(__file__).with_name("default.toml")
 _DATA = SyntheticConfig()  # the data keys default to the generator's own defaults
@@ -112,6 +114,11 @@ class SimulationConfig:
     # client-level DP at the server (a site is the unit): Flower's fixed-clipping wrapper
     client_dp_epsilon: float = 0.0
     client_clip_norm: float = 1.0
+    # distributed DP over secure aggregation (dp-mode distributed; docs/privacy.md, "Distributed DP")
+    secure_agg_threshold: int = 0  # sites that must stay for a round's sum to decode; 0 = every site
+    secure_agg_colluders: int = 1  # sites assumed to collude with the server, for the 'colluding' epsilon
+    secure_agg_bits: int = 0  # the secure sum's width; 0 = the widest Flower's SecAgg+ carries for the sites
+    evaluate_every: int = 1  # evaluate and attack the global model every this many rounds (and after the last)
     # attack
     idia_queries: int = 5
     idia_tau: int = 1
@@ -197,8 +204,46 @@ class SimulationConfig:
             raise ValueError(
                 f"messages-in-flight: expected an integer >= 0 (0 = all at once), got {self.messages_in_flight}"
             )
+        if self.evaluate_every < 1:
+            raise ValueError(f"evaluate-every: expected an integer >= 1, got {self.evaluate_every}")
+        if self.dp_mode == "distributed":
+            self.secure_sum_settings()
         # building the parts validates their own fields
         self.synthetic(), self.model(), self.dp(), self.train(), self.idia(), self.release()
+
+    def site_count(self) -> int:
+        return len(self.declared_sites()) if self.deployment else (1 if self.pool_sites else self.num_sites)
+
+    def secure_sum_settings(self) -> tuple[int, int, int]:
+        """dp-mode distributed: (bits, threshold, colluders), resolved and checked, naming the key."""
+        if self.local_steps != 1:
+            raise ValueError(
+                f"local-steps: dp-mode 'distributed' is one DP-SGD step over all sites per round (after several local "
+                f"steps a site's update is not linear in its data, and the others' noise would not cover it); "
+                f"expected 1, got {self.local_steps} (set num-rounds to the steps)"
+            )
+        for key, bad in (
+            ("pool-sites", self.pool_sites),
+            ("client-dp-epsilon", self.client_dp_epsilon > 0),
+            ("release-loss-noise", self.release_loss_noise > 0),
+            ("release-count-noise", self.release_count_noise > 0),
+            ("gradient-canaries", self.gradient_canaries > 0),
+        ):
+            if bad:
+                raise ValueError(f"{key}: not available with dp-mode 'distributed' (leave it at its default)")
+        if self.fraction_train != 1.0:
+            raise ValueError(
+                "fraction-train: dp-mode 'distributed' samples units at every site (Poisson, sample-rate); "
+                f"every site takes part in every round, expected 1.0, got {self.fraction_train}"
+            )
+        sites = self.site_count()
+        if sites < 2:
+            raise ValueError(f"num-sites: secure aggregation needs at least 2 sites, got {sites}")
+        threshold = self.secure_agg_threshold or sites
+        bits = self.secure_agg_bits or max_bits(sites)
+        check_secure_sum(num_sites=sites, bits=bits, threshold=threshold)
+        check_colluders(self.secure_agg_colluders, threshold=threshold)
+        return bits, threshold, self.secure_agg_colluders
 
     def _check_input_mode(self) -> None:
         if self.dp_mode != "mask-replace" and self.target_epsilon <= 0:

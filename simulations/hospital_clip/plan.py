@@ -9,17 +9,19 @@ the strategy charges what was reported in full.
 
 Sections: ``dp``, ``train``, ``release`` and ``input`` (what is privatized and how); ``data``
 (model and data split, the same for every site); ``files`` (a simulation's shared paths; None in a
-deployment, where a hospital reads its node config); and the run's bookkeeping (``round_offset``,
-``run_name``, ``gradient_canaries``).
+deployment, where a hospital reads its node config); ``secure`` (dp-mode distributed: the grid and
+each site's noise share); and the run's bookkeeping (``round_offset``, ``run_name``, ``gradient_canaries``).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
-from fedclip.privacy.events import DpEvent
+from fedclip.distributed.grid import Grid
+from fedclip.privacy.events import DpEvent, Mechanism, Relation
 from fedclip.privacy.guarantee import Guarantee, guarantee_of
 from fedclip.privacy.randomness import reproducible_site_seed
 from fedclip.privacy.release import ReleaseConfig, release_events
@@ -133,6 +135,64 @@ def _require(record: Mapping[str, Any], keys: tuple[str, ...]) -> None:
 
 
 @dataclass(frozen=True, kw_only=True)
+class SecureSumPlan:
+    """Distributed DP (dp-mode distributed): the grid every site rounds its clipped sum onto and
+    the Skellam share it adds; the full noise exists only in the secure sum (``strategies.secure_sum``).
+    Shares are planned so that ``threshold`` of them (the fewest a decodable sum holds) carry the
+    calibrated variance: more survivors only add noise."""
+
+    bits: int
+    threshold: int
+    colluders: int
+    scale: float
+    dim: int
+    share_variance: float
+
+    def grid(self) -> Grid:
+        return Grid(scale=self.scale, bits=self.bits, dim=self.dim)
+
+    def event(self, dp: DpConfig, *, shares: int) -> DpEvent:
+        """One step whose sum holds ``shares`` shares (the plan: ``threshold``)."""
+        sens = self.grid().sensitivity(clip=dp.max_grad_norm)
+        return DpEvent(
+            noise_multiplier=math.sqrt(shares * self.share_variance) / sens.l2,
+            sample_rate=dp.sample_rate,
+            steps=1,
+            privacy_unit=dp.privacy_unit,
+            relation=Relation.ADD_OR_REMOVE,
+            sensitivity=1.0,
+            mechanism=Mechanism.SKELLAM,
+            grid_l2=sens.l2,
+            grid_l1=sens.l1,
+        )
+
+    def to_record(self) -> dict[str, Any]:
+        return {
+            "secure-agg-bits": self.bits,
+            "secure-agg-threshold": self.threshold,
+            "secure-agg-colluders": self.colluders,
+            "secure-agg-scale": self.scale,
+            "secure-agg-dim": self.dim,
+            "secure-agg-share-variance": self.share_variance,
+        }
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any]) -> "SecureSumPlan | None":
+        if not record.get("secure-agg-dim"):
+            return None
+        _require(record, ("secure-agg-bits", "secure-agg-threshold", "secure-agg-colluders", "secure-agg-scale"))
+        _require(record, ("secure-agg-share-variance",))
+        return cls(
+            bits=int(record["secure-agg-bits"]),
+            threshold=int(record["secure-agg-threshold"]),
+            colluders=int(record["secure-agg-colluders"]),
+            scale=float(record["secure-agg-scale"]),
+            dim=int(record["secure-agg-dim"]),
+            share_variance=float(record["secure-agg-share-variance"]),
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
 class RoundPlan:
     dp: DpConfig
     train: TrainConfig
@@ -145,10 +205,17 @@ class RoundPlan:
     round_offset: int = 0  # rounds run before a resume: the site's round is the server's round plus this
     run_name: str = ""  # the server's durable name of the run (a site's max-epsilon-run), kept across resumes
     gradient_canaries: str = ""  # the auditor's Dirac canaries per site (simulation only; wire form)
+    secure: SecureSumPlan | None = None  # dp-mode distributed: the grid and the noise share
 
     def events(self) -> tuple[DpEvent, ...]:
         """Every round's events. Training on privatized inputs is post-processing (no steps),
-        unless the privatization claims no epsilon (mask-replace): then it is non-private training."""
+        unless the privatization claims no epsilon (mask-replace): then it is non-private training.
+        A distributed round is one Skellam sum with ``threshold`` shares (what the server alone faces
+        at the fewest survivors a decodable sum has)."""
+        if self.secure is not None:
+            return (self.secure.event(self.dp, shares=self.secure.threshold),) + release_events(
+                self.release, privacy_unit=self.dp.privacy_unit
+            )
         training = training_event(self.dp, self.train)
         if self.input is not None and self.input.claims_epsilon:
             training = replace(training, steps=0)
@@ -200,6 +267,7 @@ class RoundPlan:
             "round-offset": self.round_offset,
             "run-name": self.run_name,
             "gradient-canary-plan": self.gradient_canaries,
+            **(self.secure.to_record() if self.secure is not None else {}),
         }
 
     @classmethod
@@ -242,4 +310,5 @@ class RoundPlan:
             round_offset=int(record.get("round-offset", 0)),
             run_name=str(record.get("run-name", "")),
             gradient_canaries=str(record.get("gradient-canary-plan", "")),
+            secure=SecureSumPlan.from_record(record),
         )

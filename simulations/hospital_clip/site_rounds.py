@@ -12,9 +12,11 @@ and the unit count are released only when the run asks, noised and charged
 
 from __future__ import annotations
 
+import json
+import math
 import time
 
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from fedclip.attacks.gradient_canaries import canaries_from_wire
 from fedclip.data.tensors import PairData
@@ -26,6 +28,7 @@ from fedclip.privacy.randomness import site_randomness
 from fedclip.privacy.release import noisy_count, noisy_loss
 from fedclip.reporting.run_files import RunFiles
 from fedclip.reporting.spending import write_spending
+from fedclip.training.distributed import contribution
 from fedclip.training.local import train_local
 from fedclip.training.loss import clip_loss
 from simulations.hospital_clip.input_privacy import kept_private_rows, privatize_site_rows
@@ -41,8 +44,10 @@ from simulations.hospital_clip.task import (
     site_training_data,
     site_training_rows,
 )
+from strategies.distributed import EVENTS_KEY, UNITS_KEY
 from strategies.faults import crash_point
 from strategies.privacy_budget import PRIVACY_RECORD
+from strategies.secure_sum import REPORT, VECTOR
 
 
 def query(msg: Message, context: Context) -> Message:
@@ -125,6 +130,8 @@ def train(msg: Message, context: Context) -> Message:
         me, plan, context, events=plan.events() + releases, run=run_name(plan, msg), round_=round_
     )
     crash_point("site-charged", round_)
+    if plan.secure is not None:
+        return _contribute(msg, me, plan, ledger, attempt=attempt, round_=round_, started=started)
     try:
         data = _training_data(me, plan, kept)
         model = fresh_model(plan.data.arch, me.checkpoint, plan.data.trainable, pick_device())
@@ -189,6 +196,42 @@ def train(msg: Message, context: Context) -> Message:
             PRIVACY_RECORD: ConfigRecord({"events": events_to_wire(reported)}),
         }
     )
+    return Message(content, reply_to=msg)
+
+
+def _contribute(msg: Message, me: SiteIdentity, plan: RoundPlan, ledger, *, attempt: int, round_: int, started: float):
+    """dp-mode distributed: this site's part of one federated DP-SGD step, for the secure sum
+    (``strategies.secure_sum``): its clipped sum on the grid plus its noise share, and a clear
+    report of public numbers only (its events and declared size). The ledger was charged first."""
+    try:
+        data = _training_data(me, plan)
+        model = fresh_model(plan.data.arch, me.checkpoint, plan.data.trainable, pick_device())
+        load_arrays(model, msg.content["arrays"])
+        vector = contribution(
+            model,
+            data,
+            dp=plan.dp,
+            train=plan.train,
+            grid=plan.secure.grid(),
+            share_variance=plan.secure.share_variance,
+            reproducible_seed=plan.reproducible_seed(round_=round_, site=me.site),
+        )
+    except Exception as exc:
+        ledger.settle(me.site, round_, attempt=attempt, status=Status.FAILED, note=str(exc)[:500])
+        write_spending(ledger, me.state_dir)
+        ledger.close()
+        raise
+    crash_point("site-trained", round_)
+    reported = plan.events()
+    ledger.settle(me.site, round_, attempt=attempt, status=Status.CONFIRMED, reported=reported)
+    write_spending(ledger, me.state_dir)
+    ledger.close()
+    crash_point("site-settled", round_)
+    RunFiles(me.state_dir).append(
+        "site_timings", [{"round": round_, "handle_seconds": time.time() - started, "train_seconds": math.nan}]
+    )
+    report = {EVENTS_KEY: json.dumps(events_to_wire(reported)), UNITS_KEY: float(plan.dp.declared_units)}
+    content = RecordDict({VECTOR: ArrayRecord({"vector": Array(vector.numpy())}), REPORT: ConfigRecord(report)})
     return Message(content, reply_to=msg)
 
 

@@ -14,7 +14,7 @@ from tests.distributed.divergences import subsampled_skellam_divergences
 def test_the_subsampling_bound_is_above_the_exact_subsampled_gaussian_and_not_far(rate, sigma):
     """dp-accounting computes the subsampled Gaussian's RDP exactly at integer orders; the general
     bound, fed the Gaussian's curve a/(2 sigma^2), must lie above it (it is an upper bound for any
-    mechanism) and keep most of sampling's amplification: measured, its epsilon is 1.0-2.3 times
+    mechanism) and keep most of sampling's amplification: measured, its epsilon is 1.0-1.8 times
     the exact one over this grid (the price of a bound proven for every mechanism; docs/privacy.md)."""
     exact = rdp_lib._compute_rdp_poisson_subsampled_gaussian(rate, sigma, list(ORDERS))
     for a, truth in zip(ORDERS[:40], exact[:40], strict=True):
@@ -28,7 +28,7 @@ def test_the_subsampling_bound_is_above_the_exact_subsampled_gaussian_and_not_fa
     acc = dp_accounting.rdp.RdpAccountant(list(ORDERS))
     acc.compose(dp_accounting.PoissonSampledDpEvent(rate, dp_accounting.GaussianDpEvent(sigma)), 100)
     truth_eps = acc.get_epsilon(1e-5)
-    assert truth_eps <= ours_eps <= 2.5 * truth_eps
+    assert truth_eps * (1 - 1e-9) <= ours_eps <= 1.85 * truth_eps
     unsampled = rdp_lib.compute_epsilon(list(ORDERS), [100 * a / (2 * sigma**2) for a in ORDERS], 1e-5)[0]
     assert ours_eps < (unsampled / 2 if rate <= 0.1 else unsampled)
 
@@ -76,3 +76,10 @@ def test_bad_events_are_refused_by_name():
     with pytest.raises(ValueError, match="order"):
         poisson_subsampled_rdp(1, sample_rate=0.5, rdp_of=lambda a: 1.0)
     assert math.isfinite(epsilon([SkellamSumEvent(variance=1.0, l1=1, l2=1)], delta=1e-5))
+
+
+def test_much_noise_costs_almost_nothing_after_sampling():
+    """No floor: as the noise grows the subsampled RDP goes to 0 (Zhu and Wang's general bound keeps
+    one, which over 240 steps at q = 0.1 alone cost epsilon > 1 whatever the noise)."""
+    huge = poisson_subsampled_rdp(8, sample_rate=0.1, rdp_of=lambda a: a / (2 * 1000.0**2))
+    assert 0 <= huge < 1e-6

@@ -1,0 +1,177 @@
+"""Federated DP-SGD over secure aggregation: each round one step over every site's data.
+
+``DistributedDpStrategy`` is the budget strategy (``strategies.privacy_budget``: write-ahead
+charges, site policies, quorum, rounds.csv) with the round's exchange replaced. Instead of one
+train message and one reply per site, the round is one secure sum (``strategies.secure_sum``:
+Flower's SecAgg+) of every selected site's contribution: its clipped sum on the integer grid plus
+its Skellam share (``fedclip.training.distributed``). The server decodes the sum, divides it by
+the public expected number of sampled units (the sample rate times the units the summed sites
+declared) and takes its optimizer step on the global model: post-processing of the sum.
+
+Only the sum's total is private against the server; what it still sees in clear is each site's
+report (its privacy events and declared size, both public) and who answered which stage. The
+shares really in each decoded sum are recorded write-ahead (``LedgerStore.record_secure_sum``)
+before the step, so the epsilon per adversary (``distributed_report``) survives a resume.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
+from flwr.serverapp import Grid
+
+from fedclip.distributed.accounting import SkellamSumEvent, epsilon
+from fedclip.distributed.adversaries import ADVERSARIES, adversary_variances
+from fedclip.distributed.grid import Grid as IntegerGrid
+from fedclip.models.arrays import load_arrays, model_to_arrays
+from fedclip.privacy.events import DpEvent, events_from_wire
+from fedclip.privacy.ledger_store import Status
+from fedclip.training.distributed import add_gradient
+from strategies.faults import crash_point
+from strategies.privacy_budget import PrivacyBudgetStrategy, _Outcome
+from strategies.secure_sum import SecureSumFailed, secure_sum
+
+EVENTS_KEY = "privacy-events"  # in a site's clear report: its events as a JSON list
+UNITS_KEY = "declared-units"  # in a site's clear report: its public size
+
+
+class ServerStep:
+    """The global model's optimizer at the server: AdamW (or Nesterov SGD) on the decoded mean gradient."""
+
+    def __init__(self, model: torch.nn.Module, *, lr: float, optimizer: str = "adamw") -> None:
+        self.model = model
+        params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = (
+            torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True)
+            if optimizer == "sgd"
+            else torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+        )
+
+    def __call__(self, arrays: ArrayRecord, gradient: torch.Tensor) -> ArrayRecord:
+        load_arrays(self.model, arrays)
+        add_gradient(self.model, gradient)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return model_to_arrays(self.model, trainable_only=True)
+
+
+class DistributedDpStrategy(PrivacyBudgetStrategy):
+    """The budget strategy whose rounds are secure sums of the sites' noisy clipped sums.
+
+    Parameters
+    ----------
+    inner, store, sites, budget, planned_events, round_offset, on_round, failure_quorum
+        As ``PrivacyBudgetStrategy`` (the inner strategy only selects the sites).
+    grid_spec : fedclip.distributed.grid.Grid
+        The integer grid of the sum (scale, bits, coordinates).
+    threshold : int
+        Sites that must stay for the sum to be decoded (SecAgg+'s reconstruction threshold).
+    sample_rate : float
+        The Poisson rate of units at every site: the divisor is it times the declared units.
+    share_variance : float
+        The Skellam variance every site adds (the plan's); the sum holds one per site in it.
+    step : ServerStep
+        The server's optimizer, applied to the decoded mean gradient.
+    """
+
+    def __init__(
+        self,
+        inner,
+        *,
+        grid_spec: IntegerGrid,
+        threshold: int,
+        sample_rate: float,
+        share_variance: float,
+        step: ServerStep,
+        **budget_kwargs,
+    ) -> None:
+        super().__init__(inner, **budget_kwargs)
+        self.grid_spec, self.threshold, self.sample_rate, self.step = grid_spec, threshold, sample_rate, step
+        self.share_variance = share_variance
+        self._grid: Grid | None = None
+        self._instructions: dict[int, tuple[ArrayRecord, ConfigRecord]] = {}
+        self._arrays: ArrayRecord | None = None
+
+    def _configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
+        """Charge and select as the budget strategy does; keep the messages' contents as the secure
+        sum's instructions and send nothing plain (the secure sum sends them in its stage 2)."""
+        messages = list(super()._configure_train(server_round, arrays, config, grid))
+        self._grid, self._arrays = grid, arrays
+        self._instructions = {m.metadata.dst_node_id: (m.content["arrays"], m.content["config"]) for m in messages}
+        crash_point("sent", self.round_offset + server_round)
+        return []
+
+    def _aggregate_train(self, server_round: int, replies) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        round_ = self.round_offset + server_round
+        if not self._instructions:
+            return None, None
+        node_site = {node: site for site, node in self._selected.items()}
+        try:
+            summed = secure_sum(
+                self._grid,
+                instructions=self._instructions,
+                bits=self.grid_spec.bits,
+                threshold=min(self.threshold, len(self._instructions)),
+                round_=round_,
+            )
+        except SecureSumFailed as exc:  # nothing was decoded; every charge stays, and the round fails
+            crash_point("replied", round_)
+            outcomes = {site: _Outcome(Status.FAILED, str(exc)) for site in sorted(self._selected)}
+            return self._conclude(round_, outcomes, lambda: (None, None))
+        crash_point("replied", round_)
+        outcomes: dict[str, _Outcome] = {}
+        declared: dict[str, float] = {}
+        for node, site in node_site.items():
+            if node not in summed.in_sum:
+                outcomes[site] = _Outcome(Status.FAILED, "not in the secure sum: lost before sending its masked vector")
+                continue
+            report = summed.reports.get(node, {})
+            try:
+                reported = events_from_wire(json.loads(str(report[EVENTS_KEY])))
+                declared[site] = float(report[UNITS_KEY])
+            except (KeyError, ValueError, TypeError) as exc:
+                outcomes[site] = _Outcome(Status.FAILED, f"unreadable report beside its masked vector: {exc}")
+                continue
+            outcomes[site] = _Outcome(Status.CONFIRMED, reported=reported)
+        # the sum exists at the server now: whose shares it holds is recorded before anything is taken from it
+        # (the plan's share for every site in it: each site adds what the plan says, or refuses the round)
+        self.store.record_secure_sum(
+            round_, attempt=self._attempt, shares={node_site[n]: self.share_variance for n in summed.in_sum}
+        )
+
+        def step() -> tuple[ArrayRecord, MetricRecord]:
+            divisor = self.sample_rate * sum(declared.values())
+            gradient = self.grid_spec.to_float(torch.as_tensor(summed.total)) / max(divisor, 1e-12)
+            new = self.step(self._arrays, gradient)
+            return new, MetricRecord({"sites-in-sum": len(summed.in_sum), "divisor": divisor})
+
+        return self._conclude(round_, outcomes, step)
+
+
+def distributed_report(
+    sums: list[dict[str, float]],
+    *,
+    event: DpEvent,
+    colluders: int,
+    delta: float,
+) -> dict[str, object]:
+    """The epsilon each adversary faces over every recorded secure sum (``fedclip.distributed.adversaries``):
+    one Skellam event per sum with the variance that adversary cannot subtract; a variance of 0 is infinite."""
+    out: dict[str, object] = {"sums": len(sums), "colluders": colluders, "delta": delta, "epsilon": {}}
+    for adversary in ADVERSARIES:
+        variances = [adversary_variances(s, colluders=colluders)[adversary] for s in sums if s]
+        if any(v <= 0 for v in variances):
+            eps = math.inf
+        else:
+            eps = epsilon(
+                [
+                    SkellamSumEvent(variance=v, l1=event.grid_l1, l2=event.grid_l2, sample_rate=event.sample_rate)
+                    for v in variances
+                ],
+                delta=delta,
+            )
+        out["epsilon"][adversary] = eps if math.isfinite(eps) else "inf"
+    return out
