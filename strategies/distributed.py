@@ -156,11 +156,18 @@ def distributed_report(
     *,
     event: DpEvent,
     colluders: int,
+    threshold: int,
     delta: float,
 ) -> dict[str, object]:
     """The epsilon each adversary faces over every recorded secure sum (``fedclip.distributed.adversaries``):
     one Skellam event per sum with the variance that adversary cannot subtract; a variance of 0 is infinite."""
-    out: dict[str, object] = {"sums": len(sums), "colluders": colluders, "delta": delta, "epsilon": {}}
+    out: dict[str, object] = {
+        "sums": len(sums),
+        "colluders": colluders,
+        "threshold": threshold,
+        "delta": delta,
+        "epsilon": {},
+    }
     for adversary in ADVERSARIES:
         variances = [adversary_variances(s, colluders=colluders)[adversary] for s in sums if s]
         if any(v <= 0 for v in variances):

@@ -11,7 +11,8 @@ key agreement, secret sharing, masks and their removal are Flower's.
 to [0, 2**bits) and shifted by -c, with c = 2**(bits-1), T = 2**bits, weight 1 and max weight 1:
 then every step is exact (x + c is an integer below 2**31, so the rounding is the identity and
 nothing is clipped), the modulo-2**32 sum of S sites is the plain integer sum as long as
-S * 2**bits <= 2**32 (``max_bits``), and the server reduces the decoded sum modulo 2**bits.
+S * 2**bits < 2**32 (``max_bits``; Flower also sums the sites' weights, S * 2**bits, which must not
+wrap to 0), and the server reduces the decoded sum modulo 2**bits.
 So the server sees the sites' vectors summed modulo 2**bits, and each masked vector alone is
 uniform modulo 2**32 to it (``tests/strategies/test_secure_sum.py`` tests both).
 
@@ -52,6 +53,7 @@ from flwr.serverapp import Grid
 MODULUS_BITS = 32  # Flower's SecAgg+ sums modulo 2**32 at most
 VECTOR = "secure-sum"  # the ArrayRecord a site's handler returns its vector in (one array, "vector")
 REPORT = "report"  # the ConfigRecord beside it: sent in clear
+ARRAY_NAMES = "secure-sum-array-names"  # the instructions' array names, in the legacy config they travel in
 STAGES = ("setup", "share-keys", "collect-masked-vectors", "unmask")
 
 
@@ -78,7 +80,7 @@ def max_bits(num_sites: int) -> int:
     """The widest sum Flower's SecAgg+ carries exactly for ``num_sites`` sites (module docstring)."""
     if num_sites < 2:
         raise ValueError(f"num_sites: a secure sum needs at least 2 sites, got {num_sites}")
-    return min(MODULUS_BITS - 1, MODULUS_BITS - math.ceil(math.log2(num_sites)))
+    return int(math.floor(math.log2((2**MODULUS_BITS - 1) / num_sites)))  # num_sites * 2**bits < 2**32
 
 
 def check_secure_sum(*, num_sites: int, bits: int, threshold: int) -> None:
@@ -94,6 +96,21 @@ def check_secure_sum(*, num_sites: int, bits: int, threshold: int) -> None:
             f"secure-agg-threshold: expected an integer in [2, {num_sites}] (the sites that must stay for "
             f"the sum to be decoded; at most the number of sites), got {threshold}"
         )
+
+
+class _ListingGrid:
+    """The grid with ``send_and_receive`` returning a list: Flower's workflow reads a stage's
+    replies twice, and a grid that yields them one by one (``strategies.windowed_grid``) would
+    leave the second reading empty."""
+
+    def __init__(self, grid: Grid) -> None:
+        self._grid = grid
+
+    def send_and_receive(self, messages, *, timeout: float | None = None):  # noqa: ANN001
+        return list(self._grid.send_and_receive(messages, timeout=timeout))
+
+    def __getattr__(self, name: str):
+        return getattr(self._grid, name)
 
 
 class _OneSum(LegacyStrategy):
@@ -136,10 +153,13 @@ def secure_sum(
     """One secure sum over the nodes in ``instructions`` (node id -> the arrays and config its
     handler gets). Raises ``SecureSumFailed`` when fewer than ``threshold`` sites are left at a stage."""
     check_secure_sum(num_sites=len(instructions), bits=bits, threshold=threshold)
+    grid = _ListingGrid(grid)
     run_id = 0
     proxies = {nid: GridClientProxy(nid, grid, run_id) for nid in instructions}
-    fit_ins = {
-        nid: FitIns(compat.arrayrecord_to_parameters(arrays, keep_input=True), dict(config))
+    fit_ins = {  # Flower's legacy instructions carry unnamed arrays: their names travel in the config
+        nid: FitIns(
+            compat.arrayrecord_to_parameters(arrays, keep_input=True), {**dict(config), ARRAY_NAMES: "\n".join(arrays)}
+        )
         for nid, (arrays, config) in instructions.items()
     }
     strategy = _OneSum(fit_ins, proxies)
@@ -190,6 +210,8 @@ def secure_sum(
         raise SecureSumFailed(f"secure sum, round {round_}: no sum was decoded", stage="unmask")
     in_sum = tuple(sorted(proxy.node_id for proxy, _ in strategy.results))
     (mean,) = parameters_to_ndarrays(strategy.results[0][1].parameters)
+    if not np.isfinite(mean).all():  # pragma: no cover - check_secure_sum keeps the weights from wrapping
+        raise SecureSumFailed(f"secure sum, round {round_}: the decoded sum is not finite", stage="unmask")
     half = 1 << (bits - 1)
     # Flower returns the mean of what the sites handed it, each vector shifted by -half
     shifted_sum = np.rint(np.asarray(mean, dtype=np.float64) * len(in_sum)).astype(np.int64)
@@ -213,13 +235,13 @@ def secure_sum_mod(msg: Message, context: Context, call_next: Callable[[Message,
 def _as_fit_reply(msg: Message, context: Context, call_next: Callable[[Message, Context], Message]) -> Message:
     fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
     protocol = msg.content.config_records[RECORD_KEY_CONFIGS]
-    msg.content = RecordDict(
-        {
-            "arrays": compat.parameters_to_arrayrecord(fitins.parameters, keep_input=True),
-            "config": ConfigRecord(dict(fitins.config)),
-            RECORD_KEY_CONFIGS: protocol,
-        }
-    )
+    config = dict(fitins.config)
+    names = [n for n in str(config.pop(ARRAY_NAMES, "")).split("\n") if n]
+    unnamed = compat.parameters_to_arrayrecord(fitins.parameters, keep_input=True)
+    if len(names) != len(unnamed):
+        raise ValueError(f"secure sum: {len(unnamed)} arrays arrived with {len(names)} names")
+    arrays = ArrayRecord({name: unnamed[key] for name, key in zip(names, unnamed, strict=True)})
+    msg.content = RecordDict({"arrays": arrays, "config": ConfigRecord(config), RECORD_KEY_CONFIGS: protocol})
     reply = call_next(msg, context)
     if reply.has_error():
         raise RuntimeError(f"secure sum: the site's handler failed: {reply.error.reason}")

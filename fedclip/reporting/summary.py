@@ -13,6 +13,12 @@ UNIT_TEXT = {
     "record": "one image-report pair; a patient with k pairs is protected only through group privacy (about k times epsilon)",
 }
 MECHANISM_TEXT = {
+    "distributed": "distributed DP over secure aggregation: each round is one DP-SGD step over every site's data; "
+    "each unit's gradient is clipped to C, each site's clipped sum is rounded onto an integer grid (unbiased, the "
+    "rounding's sqrt(d) counted in the sensitivity) and gets a share of Skellam noise, and Flower's SecAgg+ sums "
+    "the shares modulo 2^bits, so the server sees the sum only; adding or removing a unit adds or removes one "
+    "clipped term, present with probability q; accounted in Renyi DP (the Skellam bound of Agarwal, Kairouz and Liu "
+    "2021, Poisson subsampling bounded in both directions)",
     "microbatch-1": "one unit per micro-batch: adding or removing a unit adds or removes one clipped term, present with "
     "probability q (sensitivity C), accounted with Opacus' add-or-remove accountant",
     "microbatch": "per-micro-batch clipping: one unit changes one fixed hashed micro-batch, a replace-one change of one "
@@ -65,6 +71,12 @@ def _released(config: Mapping[str, Any]) -> str:
         )
     if config.get("release-count-noise", 0) > 0:
         extra.append(f"the number of units (noise multiplier {config['release-count-noise']}, charged in the ledger)")
+    if config.get("dp-mode") == "distributed":
+        return (
+            "Released by each site every round: its masked vector, uniform to the server alone (its clipped sum on the "
+            "grid plus its noise share, which only the secure sum unmasks), and in clear its privacy events and the "
+            "units it declares (public); which sites answered each SecAgg+ stage is visible to the server."
+        )
     text = (
         "Released by each site every round: its trainable parameters (the accounted mechanism), its privacy "
         "events, and a public weight it declares before training (1.0 in a simulation)"
@@ -169,12 +181,14 @@ def write_summary(
     utility: pd.DataFrame,
     noise_multiplier: float,
     site_level: Mapping[str, Any] | None = None,
+    distributed: Mapping[str, Any] | None = None,
     failure: str | None = None,
 ) -> Path:
     """``summary.md``: what ran, what the accountant promises, what the attacker extracted, utility."""
     lines = ["# fedclip run summary", ""]
     lines += _what_ran(config, noise_multiplier=noise_multiplier, failure=failure)
     lines += _what_the_accountant_promises(config, rounds=rounds, site_level=site_level)
+    lines += _per_adversary(config, distributed)
     lines += _what_the_attacker_extracted(config, attack)
     lines += _utility(utility)
     path = Path(path)
@@ -252,12 +266,53 @@ def _promise(config: Mapping[str, Any]) -> list[str]:
         f"at delta = {config['delta']:g}, composed over every round the site trained. Mechanism: "
         f"{mechanism_text(config)}.",
         "",
-        "Threat model: local DP; the server is the adversary. Each site draws its noise and sampling from "
-        "OS entropy"
+        (
+            "Threat model: distributed DP; the server is the adversary, and it sees only the secure sum. The sum "
+            "carries the noise of every share in it, so its protection rests on secure aggregation (fewer than the "
+            "reconstruction threshold of sites colluding with the server) and on every site adding its share: the "
+            "table below states the epsilon against each adversary. Each site draws its noise, rounding and sampling "
+            "from OS entropy"
+            if config["dp-mode"] == "distributed"
+            else "Threat model: local DP; the server is the adversary. Each site draws its noise and sampling from "
+            "OS entropy"
+        )
         + (" (here: NOT, reproducible-noise was on)" if config.get("reproducible-noise") else "")
         + ", enforces its own policy and keeps its own ledger; the server's ledger is write-ahead (a round is "
         "charged before it is sent; failed, refused or lost replies keep their charge).",
     ]
+
+
+ADVERSARY_TEXT = {
+    "server": ("the server alone", "SecAgg+: fewer than {threshold} sites collude with it"),
+    "colluding": (
+        "the server and {colluders} colluding site(s)",
+        "the other sites' shares; fewer than {threshold} collude",
+    ),
+    "own-share": ("anyone, the other sites included", "nobody: a site's own share only"),
+}
+
+
+def _per_adversary(config: Mapping[str, Any], distributed: Mapping[str, Any] | None) -> list[str]:
+    """dp-mode distributed: one epsilon per adversary, each over the shares really in every decoded sum."""
+    if not distributed:
+        return []
+    fill = {"threshold": distributed["threshold"], "colluders": distributed["colluders"]}
+    lines = [
+        "",
+        f"### Epsilon per adversary (distributed DP, {distributed['sums']} decoded sums, delta {float(distributed['delta']):g})",
+        "",
+        "Each figure composes, over every secure sum the server decoded, the Skellam noise that adversary cannot "
+        "subtract (the shares really in the sum: a site lost before sending its masked vector adds none). The site "
+        "epsilons above are the server-alone figure planned for the fewest survivors a decodable sum has (charged "
+        "write-ahead): never below the first row.",
+        "",
+        "| adversary | trusts | epsilon |",
+        "|---|---|---|",
+    ]
+    for key, (who, trusts) in ADVERSARY_TEXT.items():
+        eps = distributed["epsilon"][key]
+        lines.append(f"| {who.format(**fill)} | {trusts.format(**fill)} | {_fmt(float(eps))} |")
+    return lines + [""]
 
 
 def _what_the_accountant_promises(

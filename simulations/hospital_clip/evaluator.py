@@ -50,12 +50,14 @@ class RoundEvaluator:
         strategy_seconds: Callable[[], float] = lambda: 0.0,
         reply_attack: ReplyAttack | None = None,
         comparable: bool = True,
+        evaluate_every: int = 1,
     ) -> None:
         """``comparable``: the sites' epsilon bounds membership of a unit (False for input-level
         privatization, whose epsilon is about images): only then is an attack's bound held against it."""
         self.model, self.tokenizer, self.test, self.attacks = model, tokenizer, test, attacks
         self.files, self.epsilons, self.delta = files, epsilons, delta
         self.state_dir, self.round_offset, self.total_rounds = state_dir, round_offset, total_rounds
+        self.evaluate_every = evaluate_every  # and after the last round
         self.trained_this_round, self.strategy_seconds = trained_this_round, strategy_seconds
         self.reply_attack, self.comparable = reply_attack, comparable
         self.started = time.time()
@@ -73,6 +75,9 @@ class RoundEvaluator:
             return None  # resumed: round `round_offset` was evaluated before the interruption
         if server_round > 0 and not self.trained_this_round():
             return None  # no site could train: the model did not change
+        if server_round > 0 and round_ != self.total_rounds and round_ % self.evaluate_every:
+            self.bar.update(1)  # evaluate-every: a round between evaluations
+            return None
         load_arrays(self.model, arrays)
         eps = self.epsilons()
         max_eps = max(eps.values()) if eps else 0.0

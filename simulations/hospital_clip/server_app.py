@@ -9,6 +9,7 @@ output folder.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -21,6 +22,7 @@ from typing import Any
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
+from scipy.stats import binom
 
 from fedclip.attacks.base import Attack
 from fedclip.attacks.canary import CanaryAudit
@@ -32,9 +34,12 @@ from fedclip.data.manifest import load_manifest
 from fedclip.data.schema import Split
 from fedclip.data.synthetic import generate
 from fedclip.data.tensors import load_pairs
+from fedclip.distributed.adversaries import planned_share
+from fedclip.distributed.grid import Grid as IntegerGrid
 from fedclip.models.arrays import model_to_arrays
 from fedclip.models.factory import ModelConfig, create_model
-from fedclip.privacy.calibration import calibrate_noise_multiplier, warn_if_delta_is_large
+from fedclip.privacy.calibration import calibrate_noise_multiplier, calibrate_skellam_noise, warn_if_delta_is_large
+from fedclip.privacy.events import PrivacyUnit
 from fedclip.privacy.ledger_store import LedgerStore
 from fedclip.privacy.modes import INPUT_MODES
 from fedclip.privacy.randomness import NOT_PRIVATE_AGAINST_THE_SERVER
@@ -44,17 +49,20 @@ from fedclip.reporting.console_table import run_table
 from fedclip.reporting.plots import plot_run
 from fedclip.reporting.run_files import RunFiles
 from fedclip.reporting.summary import write_summary
+from fedclip.training.distributed import trainable_dim
 from fedclip.training.warmstart import WarmStartConfig, warm_start
 from simulations.hospital_clip.config import DEFAULT_TOML, SimulationConfig, load_toml
 from simulations.hospital_clip.discovery import discover_sites
 from simulations.hospital_clip.evaluator import RoundEvaluator
 from simulations.hospital_clip.input_privacy import input_plan
-from simulations.hospital_clip.plan import RoundPlan, SharedFiles
+from simulations.hospital_clip.plan import RoundPlan, SecureSumPlan, SharedFiles
 from simulations.hospital_clip.preflight import data_shape, preflight
 from simulations.hospital_clip.task import manifest_path, pick_device
 from strategies.client_level import calibrate_site_noise, site_level_report, with_site_level_dp
+from strategies.distributed import DistributedDpStrategy, ServerStep, distributed_report
 from strategies.privacy_budget import PrivacyBudgetStrategy, SiteFailure, SiteRound
 from strategies.registry import make_inner_strategy
+from strategies.secure_sum import max_bits
 from strategies.windowed_grid import WindowedGrid
 
 # run-config keys that are paths on the server's machine: never sent to a site
@@ -133,6 +141,60 @@ def plan_noise(cfg: SimulationConfig) -> float:
     )
 
 
+WRAP_TOLERANCE = 1e-6  # the largest chance per round that some coordinate of the secure sum wraps around
+
+
+def plan_secure_sum(cfg: SimulationConfig, *, checkpoint: str, units: Mapping[str, int]) -> SecureSumPlan:
+    """dp-mode distributed: the grid (``Grid.for_clip``: rounding adds 1% to the sensitivity), the
+    total Skellam variance calibrated to target-epsilon over every round, each site's share of it
+    (planned for ``threshold`` survivors), and a refusal of a sum too narrow to hold it."""
+    bits, threshold, colluders = cfg.secure_sum_settings()
+    model = create_model(cfg.model(pretrained=checkpoint), device="cpu").model
+    grid = IntegerGrid.for_clip(clip=cfg.max_grad_norm, dim=trainable_dim(model), bits=bits)
+    sens = grid.sensitivity(clip=cfg.max_grad_norm)
+    sigma = (
+        calibrate_skellam_noise(
+            target_epsilon=cfg.target_epsilon,
+            delta=cfg.delta,
+            sample_rate=cfg.sample_rate,
+            steps=cfg.num_rounds,
+            grid_l2=sens.l2,
+            grid_l1=sens.l1,
+            privacy_unit=PrivacyUnit(cfg.privacy_unit),
+        )
+        if cfg.target_epsilon > 0
+        else cfg.noise_multiplier
+    )
+    secure = SecureSumPlan(
+        bits=bits,
+        threshold=threshold,
+        colluders=colluders,
+        scale=grid.scale,
+        dim=grid.dim,
+        share_variance=planned_share((sigma * sens.l2) ** 2, min_survivors=threshold),
+    )
+    # utility only (the modular sum is post-processing): every coordinate must fit, with the most
+    # units one step plausibly samples (a binomial tail of 1e-9) and every site's rounding
+    total_units = sum(units.values()) or cfg.site_count() * (cfg.declared_units or cfg.planned_units())
+    most = float(binom.isf(1e-9, total_units, cfg.sample_rate))
+    signal = most * grid.scale * cfg.max_grad_norm + cfg.site_count()
+    wrap = grid.wrap_probability(signal=signal, variance=cfg.site_count() * secure.share_variance)
+    if wrap > WRAP_TOLERANCE:
+        raise ValueError(
+            f"secure-agg-bits: a sum of {bits} bits may wrap around (chance up to {wrap:.2g} per round, above "
+            f"{WRAP_TOLERANCE:g}) with {total_units} units, sample-rate {cfg.sample_rate} and noise multiplier "
+            f"{sigma:.3g}; widest for {cfg.site_count()} sites: {max_bits(cfg.site_count())} (fewer sites, or a "
+            "lower sample-rate, leave more room)"
+        )
+    return secure
+
+
+def secure_noise_multiplier(cfg: SimulationConfig, secure: SecureSumPlan) -> float:
+    """The noise multiplier the plan's threshold shares carry together (noise std over the grid's L2 sensitivity)."""
+    sens = secure.grid().sensitivity(clip=cfg.max_grad_norm)
+    return math.sqrt(secure.threshold * secure.share_variance) / sens.l2
+
+
 def train_config_record(
     cfg: SimulationConfig,
     *,
@@ -144,6 +206,7 @@ def train_config_record(
     input_plan: InputPlan | None = None,
     run_name: str = "",
     gradient_canaries: str = "",
+    secure: SecureSumPlan | None = None,
 ) -> ConfigRecord:
     """What every site is told each round: the round plan (``RoundPlan``), and nothing else.
     Simulated sites are also told where the shared data, base weights, site ledgers and site
@@ -165,6 +228,7 @@ def train_config_record(
         round_offset=round_offset,
         run_name=run_name,
         gradient_canaries=gradient_canaries,
+        secure=secure,
     )
     return ConfigRecord(plan.to_record())
 
@@ -302,6 +366,7 @@ class Prepared:
     site_sigma: float  # client-level DP at the server (0: off)
     inputs: InputPlan | None  # an input-level privatization, released once per site
     shape: Any  # preflight's view of the data: sites and their units
+    secure: SecureSumPlan | None = None  # dp-mode distributed: the grid and each site's noise share
 
 
 def open_run_folder(cfg: SimulationConfig) -> RunFolder:
@@ -331,9 +396,10 @@ def prepare(cfg: SimulationConfig, folder: RunFolder) -> Prepared:
         print(f"WARNING: {NOT_PRIVATE_AGAINST_THE_SERVER}", flush=True)
     manifest = prepare_data(cfg, folder.out)
     checkpoint = prepare_checkpoint(cfg, manifest)
-    sigma = plan_noise(cfg)
     inputs = input_plan(cfg, manifest)  # dp-mode cadp | maskdp | mask-replace: the sites' one-time release
     shape = preflight(cfg, manifest)  # the same checks the CLI ran, now on the data as generated
+    secure = plan_secure_sum(cfg, checkpoint=checkpoint, units=shape.units) if cfg.dp_mode == "distributed" else None
+    sigma = plan_noise(cfg) if secure is None else secure_noise_multiplier(cfg, secure)
     site_sigma = (
         calibrate_site_noise(target_epsilon=cfg.client_dp_epsilon, rounds=cfg.num_rounds, delta=cfg.delta)
         if cfg.client_dp_epsilon > 0
@@ -347,6 +413,7 @@ def prepare(cfg: SimulationConfig, folder: RunFolder) -> Prepared:
             "resolved-checkpoint": checkpoint,
             "resolved-noise-multiplier": sigma,
             "resolved-site-noise-multiplier": site_sigma,
+            **(secure.to_record() if secure is not None else {}),
             **(inputs.to_record() if inputs is not None else {}),
             "private-against-the-server": not cfg.reproducible_noise,
             **({"privacy-warning": NOT_PRIVATE_AGAINST_THE_SERVER} if cfg.reproducible_noise else {}),
@@ -361,7 +428,13 @@ def prepare(cfg: SimulationConfig, folder: RunFolder) -> Prepared:
         for w in caught:
             print(f"warning ({site}): {w.message}", flush=True)
     return Prepared(
-        manifest=manifest, checkpoint=checkpoint, sigma=sigma, site_sigma=site_sigma, inputs=inputs, shape=shape
+        manifest=manifest,
+        checkpoint=checkpoint,
+        sigma=sigma,
+        site_sigma=site_sigma,
+        inputs=inputs,
+        shape=shape,
+        secure=secure,
     )
 
 
@@ -379,6 +452,7 @@ def wire_settings(cfg: SimulationConfig, folder: RunFolder, prep: Prepared) -> d
         declared_units=declared,
         input_plan=prep.inputs,
         run_name=durable_run_name(folder.state),
+        secure=prep.secure,
     )
 
 
@@ -400,6 +474,7 @@ def make_strategy(
     sites: Mapping[int, str],
     replies: ReplyAttack | None,
     plan: RoundPlan,
+    model: torch.nn.Module | None = None,
 ) -> PrivacyBudgetStrategy:
     """The inner strategy (client-level DP at the server, or the named one) wrapped by the budget strategy."""
     guarantee = plan.guarantee()
@@ -423,8 +498,7 @@ def make_strategy(
         if prep.site_sigma > 0
         else make_inner_strategy(cfg.strategy, fraction_train=cfg.fraction_train)
     )
-    return PrivacyBudgetStrategy(
-        inner,
+    budget_kwargs = dict(
         store=folder.store,
         sites=sites,
         budget=cfg.budget_of,
@@ -432,8 +506,18 @@ def make_strategy(
         round_offset=folder.round_offset,
         on_round=on_round,
         failure_quorum=cfg.failure_quorum,
-        on_reply=replies.observe if replies else None,
     )
+    if prep.secure is not None:  # one DP-SGD step per round over a secure sum; the server steps a copy of the model
+        return DistributedDpStrategy(
+            inner,
+            grid_spec=prep.secure.grid(),
+            threshold=prep.secure.threshold,
+            sample_rate=cfg.sample_rate,
+            share_variance=prep.secure.share_variance,
+            step=ServerStep(copy.deepcopy(model), lr=cfg.lr, optimizer=cfg.optimizer),
+            **budget_kwargs,
+        )
+    return PrivacyBudgetStrategy(inner, on_reply=replies.observe if replies else None, **budget_kwargs)
 
 
 def report(cfg: SimulationConfig, folder: RunFolder, prep: Prepared, *, failure: str | None) -> Path:
@@ -448,6 +532,17 @@ def report(cfg: SimulationConfig, folder: RunFolder, prep: Prepared, *, failure:
             delta=cfg.delta,
         )
         folder.files.write_json("site_level.json", site_level)
+    distributed = None
+    if prep.secure is not None:
+        distributed = distributed_report(
+            folder.store.secure_sums(),
+            event=prep.secure.event(cfg.dp(prep.sigma), shares=prep.secure.threshold),
+            colluders=prep.secure.colluders,
+            threshold=prep.secure.threshold,
+            delta=cfg.delta,
+        )
+        folder.files.write_json("distributed.json", distributed)
+        print("epsilon per adversary (distributed.json): " + json.dumps(distributed["epsilon"]), flush=True)
     files = folder.files
     rounds, attack, utility = files.read("rounds"), files.read("attack"), files.read("utility")
     plot_run(folder.out, rounds, attack, utility, files.read("attack_scores"))
@@ -459,6 +554,7 @@ def report(cfg: SimulationConfig, folder: RunFolder, prep: Prepared, *, failure:
         utility=utility,
         noise_multiplier=prep.sigma,
         site_level=site_level,
+        distributed=distributed,
         failure=failure,
     )
     files.write_json(
@@ -528,8 +624,11 @@ def _run_rounds(grid: Grid, cfg: SimulationConfig, folder: RunFolder) -> Path:
     )
     attacks, replies, wire["gradient_canaries"] = set_up_auditor(cfg, folder, prep, bundle)
 
-    plan = cfg.round_plan(prep.sigma, prep.inputs)  # what every site runs: its events and its guarantee
-    strategy = make_strategy(cfg, folder, prep, sites=sites, replies=replies, plan=plan)
+    plan = replace(cfg.round_plan(prep.sigma, prep.inputs), secure=prep.secure)  # what every site runs
+    if prep.secure is not None and replies is not None:
+        print("the server sees only the secure sum: no site's reply to attack (the attacks on the global model stand)")
+        replies = None
+    strategy = make_strategy(cfg, folder, prep, sites=sites, replies=replies, plan=plan, model=bundle.model)
     evaluator = RoundEvaluator(
         model=bundle.model,
         tokenizer=bundle.tokenizer,
@@ -545,6 +644,7 @@ def _run_rounds(grid: Grid, cfg: SimulationConfig, folder: RunFolder) -> Path:
         strategy_seconds=lambda: strategy.strategy_seconds,
         reply_attack=replies,
         comparable=plan.guarantee().membership,
+        evaluate_every=cfg.evaluate_every,
     )
     failure = None
     if cfg.num_rounds > folder.round_offset:

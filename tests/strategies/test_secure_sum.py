@@ -56,6 +56,8 @@ app = ClientApp(mods=[crash_mod, secure_sum_mod])
 @app.train()
 def train(msg: Message, context) -> Message:
     assert int(msg.content["config"]["planned-round"]) == 7  # the instructions reach the site's handler
+    assert list(msg.content["arrays"]) == ["weights.a", "weights.b"]  # named as the server named them
+    assert np.array_equal(msg.content["arrays"]["weights.b"].numpy(), np.arange(3.0))
     wrapped = np.mod(vector_of(context.node_id), 2**BITS)
     content = RecordDict({VECTOR: ArrayRecord({"vector": Array(wrapped)}), REPORT: ConfigRecord({"share": 1e8})})
     return Message(content, reply_to=msg)
@@ -88,7 +90,8 @@ def no_crash():
 
 
 def run(grid: LocalGrid, *, threshold: int = 3):
-    instructions = {nid: (ArrayRecord(), ConfigRecord({"planned-round": 7})) for nid in grid.get_node_ids()}
+    arrays = ArrayRecord({"weights.a": Array(np.ones((2, 2))), "weights.b": Array(np.arange(3.0))})
+    instructions = {nid: (arrays, ConfigRecord({"planned-round": 7})) for nid in grid.get_node_ids()}
     return secure_sum(grid, instructions=instructions, bits=BITS, threshold=threshold, round_=1)
 
 
@@ -142,10 +145,26 @@ def test_fewer_sites_than_the_threshold_fail_the_sum_loudly_naming_the_stage(sta
     assert info.value.stage == stage.replace("_", "-")
 
 
+def test_the_widest_sum_for_the_sites_decodes_exactly():
+    """At max_bits the sites' weights sum to just below 2**32 (Flower divides by that sum)."""
+    global BITS
+    old, BITS = BITS, max_bits(4)
+    try:
+        result = run(SpyGrid(4))
+        assert np.array_equal(
+            result.total,
+            Grid(scale=1.0, bits=BITS, dim=DIM)
+            .centre(torch.as_tensor(sum(vector_of(n) for n in (1, 2, 3, 4))))
+            .numpy(),
+        )
+    finally:
+        BITS = old
+
+
 def test_bad_settings_are_refused_by_key_before_anything_runs():
-    assert max_bits(4) == 30 and max_bits(64) == 26 and max_bits(256) == 24 and max_bits(2) == 31
+    assert max_bits(4) == 29 and max_bits(64) == 25 and max_bits(256) == 23 and max_bits(2) == 30 and max_bits(3) == 30
     with pytest.raises(ValueError, match="secure-agg-bits"):
-        check_secure_sum(num_sites=64, bits=27, threshold=10)
+        check_secure_sum(num_sites=64, bits=26, threshold=10)
     with pytest.raises(ValueError, match="secure-agg-threshold"):
         check_secure_sum(num_sites=4, bits=20, threshold=5)
     with pytest.raises(ValueError, match="num_sites"):
