@@ -10,8 +10,10 @@ declared) and takes its optimizer step on the global model: post-processing of t
 
 Only the sum's total is private against the server; what it still sees in clear is each site's
 report (its privacy events and declared size, both public) and who answered which stage. The
-shares really in each decoded sum are recorded write-ahead (``LedgerStore.record_secure_sum``)
-before the step, so the epsilon per adversary (``distributed_report``) survives a resume.
+shares in each sum (the plan's share for every site whose masked vector it holds) are recorded
+write-ahead, before the server can unmask it (``LedgerStore.record_secure_sum``), so the epsilon
+per adversary (``distributed_report``) survives a crash and a resume, and a sum that was recorded
+but never unmasked counts as released.
 """
 
 from __future__ import annotations
@@ -109,6 +111,12 @@ class DistributedDpStrategy(PrivacyBudgetStrategy):
         if not self._instructions:
             return None, None
         node_site = {node: site for site, node in self._selected.items()}
+
+        def record(in_sum: tuple[int, ...]) -> None:  # write-ahead: before the server can unmask the sum
+            self.store.record_secure_sum(
+                round_, attempt=self._attempt, shares={node_site[n]: self.share_variance for n in in_sum}
+            )
+
         try:
             summed = secure_sum(
                 self._grid,
@@ -116,6 +124,7 @@ class DistributedDpStrategy(PrivacyBudgetStrategy):
                 bits=self.grid_spec.bits,
                 threshold=min(self.threshold, len(self._instructions)),
                 round_=round_,
+                before_unmask=record,
             )
         except SecureSumFailed as exc:  # nothing was decoded; every charge stays, and the round fails
             crash_point("replied", round_)
@@ -136,11 +145,6 @@ class DistributedDpStrategy(PrivacyBudgetStrategy):
                 outcomes[site] = _Outcome(Status.FAILED, f"unreadable report beside its masked vector: {exc}")
                 continue
             outcomes[site] = _Outcome(Status.CONFIRMED, reported=reported)
-        # the sum exists at the server now: whose shares it holds is recorded before anything is taken from it
-        # (the plan's share for every site in it: each site adds what the plan says, or refuses the round)
-        self.store.record_secure_sum(
-            round_, attempt=self._attempt, shares={node_site[n]: self.share_variance for n in summed.in_sum}
-        )
 
         def step() -> tuple[ArrayRecord, MetricRecord]:
             divisor = self.sample_rate * sum(declared.values())

@@ -149,9 +149,12 @@ def secure_sum(
     threshold: int,
     round_: int,
     timeout: float | None = None,
+    before_unmask: Callable[[tuple[int, ...]], None] | None = None,
 ) -> SecureSumResult:
     """One secure sum over the nodes in ``instructions`` (node id -> the arrays and config its
-    handler gets). Raises ``SecureSumFailed`` when fewer than ``threshold`` sites are left at a stage."""
+    handler gets). Raises ``SecureSumFailed`` when fewer than ``threshold`` sites are left at a stage.
+    ``before_unmask`` is told whose masked vectors the sum holds before the server can unmask it
+    (write-ahead: a crash after that point must not lose the release)."""
     check_secure_sum(num_sites=len(instructions), bits=bits, threshold=threshold)
     grid = _ListingGrid(grid)
     run_id = 0
@@ -194,6 +197,8 @@ def secure_sum(
         workflow.unmask_stage,
     )
     for stage, step in zip(STAGES, steps, strict=True):
+        if stage == "unmask" and before_unmask is not None:
+            before_unmask(tuple(sorted(p.node_id for p, _ in flow.legacy_results)))
         if not step(grid, context, flow):
             raise SecureSumFailed(
                 f"secure sum, round {round_}: stopped at the {stage} stage with {len(flow.active_node_ids)} of "

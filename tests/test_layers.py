@@ -17,7 +17,7 @@ BELOW = {
     "evaluation": {"data", "models"},
     "distributed": set(),
     "privacy": {"data", "distributed"},
-    "training": {"data", "models", "privacy"},
+    "training": {"data", "models", "privacy", "distributed"},
     "attacks": {"data", "models", "privacy", "evaluation"},
     "reporting": {"data", "privacy", "evaluation", "attacks"},
     "privatize": {"data", "models", "privacy", "reporting"},

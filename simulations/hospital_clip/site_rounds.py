@@ -79,6 +79,13 @@ def _check_and_charge(me: SiteIdentity, plan: RoundPlan, context: Context, *, ev
     return ledger, attempt
 
 
+def _close(ledger, me: SiteIdentity, round_: int, *, attempt: int, status: Status, **settled) -> None:
+    """Settle this round's charge, write the site's own account of its spending (never sent), close."""
+    ledger.settle(me.site, round_, attempt=attempt, status=status, **settled)
+    write_spending(ledger, me.state_dir)
+    ledger.close()
+
+
 def _training_data(me: SiteIdentity, plan: RoundPlan, kept=None) -> PairData:
     data = plan.data
     if plan.input is not None:  # this site's privatized images: ``kept`` from an earlier round, else released now
@@ -175,16 +182,12 @@ def train(msg: Message, context: Context) -> Message:
                 data, config=plan.release, privacy_unit=plan.dp.privacy_unit, generator=release_gen
             )
     except Exception as exc:
-        ledger.settle(me.site, round_, attempt=attempt, status=Status.FAILED, note=str(exc)[:500])
-        write_spending(ledger, me.state_dir)
-        ledger.close()
+        _close(ledger, me, round_, attempt=attempt, status=Status.FAILED, note=str(exc)[:500])
         raise
     crash_point("site-trained", round_)
     # on privatized inputs training is post-processing: the plan's event (no steps), not train_local's
     reported = (plan.events()[0] if plan.input is not None else result.event,) + plan.events()[1:] + releases
-    ledger.settle(me.site, round_, attempt=attempt, status=Status.CONFIRMED, reported=reported)
-    write_spending(ledger, me.state_dir)  # the site's own account of its spending, never sent
-    ledger.close()
+    _close(ledger, me, round_, attempt=attempt, status=Status.CONFIRMED, reported=reported)
     crash_point("site-settled", round_)
     RunFiles(me.state_dir).append(
         "site_timings", [{"round": round_, "handle_seconds": time.time() - started, "train_seconds": train_seconds}]
@@ -217,15 +220,11 @@ def _contribute(msg: Message, me: SiteIdentity, plan: RoundPlan, ledger, *, atte
             reproducible_seed=plan.reproducible_seed(round_=round_, site=me.site),
         )
     except Exception as exc:
-        ledger.settle(me.site, round_, attempt=attempt, status=Status.FAILED, note=str(exc)[:500])
-        write_spending(ledger, me.state_dir)
-        ledger.close()
+        _close(ledger, me, round_, attempt=attempt, status=Status.FAILED, note=str(exc)[:500])
         raise
     crash_point("site-trained", round_)
     reported = plan.events()
-    ledger.settle(me.site, round_, attempt=attempt, status=Status.CONFIRMED, reported=reported)
-    write_spending(ledger, me.state_dir)
-    ledger.close()
+    _close(ledger, me, round_, attempt=attempt, status=Status.CONFIRMED, reported=reported)
     crash_point("site-settled", round_)
     RunFiles(me.state_dir).append(
         "site_timings", [{"round": round_, "handle_seconds": time.time() - started, "train_seconds": math.nan}]

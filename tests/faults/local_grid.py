@@ -69,12 +69,36 @@ class LocalGrid(Grid):
         return self.pull_messages(list(self.push_messages(messages)))
 
 
+def _dropping(spec: str):
+    """The ClientApp, with one site raising at one stage of one round's secure sum, as a site lost
+    there would leave the server (an error reply, then no more messages for it that round)."""
+    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
+
+    nodes, stage, round_ = spec.split(":")
+    dropped = {int(n) for n in nodes.split(",")}
+
+    def app(msg, context):
+        configs = msg.content.config_records.get(RECORD_KEY_CONFIGS)
+        if (
+            configs is not None
+            and context.node_id in dropped
+            and configs.get(Key.STAGE) == stage
+            and msg.metadata.group_id == round_
+        ):
+            raise RuntimeError(f"site at node {context.node_id} lost at the {stage} stage of round {round_}")
+        return client_app(msg, context)
+
+    return app
+
+
 def main(argv: list[str]) -> int:
     out, cache, extra = argv
     TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
     cfg = resolve_config(default_run_config(), {**parse_run_config(extra), "output-dir": out, "cache-dir": cache})
     # FEDCLIP_TEST_EXTRA_NODES: SuperNodes beyond the sites (a node no site is planned for: discovery fails)
-    run(LocalGrid(cfg.num_sites + int(os.environ.get("FEDCLIP_TEST_EXTRA_NODES", "0"))), cfg)
+    # FEDCLIP_TEST_DROP="node:stage:round": that site dies at that SecAgg+ stage (Flower's name) of that round
+    app = _dropping(os.environ["FEDCLIP_TEST_DROP"]) if os.environ.get("FEDCLIP_TEST_DROP") else None
+    run(LocalGrid(cfg.num_sites + int(os.environ.get("FEDCLIP_TEST_EXTRA_NODES", "0")), app=app), cfg)
     return 0
 
 
