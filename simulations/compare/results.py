@@ -13,6 +13,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from fedclip.distributed.adversaries import ADVERSARIES  # noqa: E402
 from fedclip.privacy.ledger import PrivacyLedger  # noqa: E402
 from fedclip.privacy.ledger_store import LedgerStore  # noqa: E402
 from simulations.compare.runner import RunSpec  # noqa: E402
@@ -99,6 +100,8 @@ def run_row(run: RunSpec) -> dict:
     rounds = pd.read_csv(run.folder / "rounds.csv")
     config = json.loads((run.folder / "config.json").read_text())
     site_level = run.folder / "site_level.json"
+    distributed = run.folder / "distributed.json"
+    adversaries = json.loads(distributed.read_text())["epsilon"] if distributed.is_file() else {}
     setting = SETTINGS[run.setting]
     local_eps = float(rounds.loc[rounds["round"] == rounds["round"].max(), "epsilon"].max())
     k = largest_patient(run) if setting.unit == "record" else 1
@@ -114,6 +117,8 @@ def run_row(run: RunSpec) -> dict:
         "patient_epsilon_group": group_eps,
         "patient_delta_group": group_delta,
         "epsilon_site": json.loads(site_level.read_text())["epsilon"] if site_level.is_file() else math.nan,
+        # distributed DP: the epsilon each adversary faces (the server alone, with colluding sites, a site's own share)
+        **{f"epsilon_{k.replace('-', '_')}": float(adversaries.get(k, math.nan)) for k in ADVERSARIES},
         "noise_multiplier": config["resolved-noise-multiplier"],
         "site_noise_multiplier": config.get("resolved-site-noise-multiplier", 0.0),
         "rounds": int(utility["round"]),
@@ -132,6 +137,7 @@ def collect(runs: Sequence[RunSpec]) -> tuple[pd.DataFrame, pd.DataFrame]:
             seeds=("seed", "count"),
             epsilon_local=("epsilon_local", "mean"),
             epsilon_site=("epsilon_site", "mean"),
+            **{f"epsilon_{k}": (f"epsilon_{k}", "mean") for k in ("server", "colluding", "own_share")},
             patient_epsilon_group=("patient_epsilon_group", "max"),
             patient_delta_group=("patient_delta_group", "max"),
             noise_multiplier=("noise_multiplier", "mean"),
@@ -218,14 +224,14 @@ def plot_audited_vs_accounted(agg: pd.DataFrame, path: Path) -> Path:
 def markdown_table(agg: pd.DataFrame) -> str:
     head = (
         "| setting | target epsilon | unit and neighbouring data sets (what epsilon is about) | epsilon (local) | "
-        "epsilon (site) | "
+        "epsilon (site) | epsilon per adversary: server / server + colluders / a site's own share | "
         "per patient, record rows (group privacy, largest patient) | "
         "noise multiplier: local / site (site noise on the average, x S) | "
         "zero-shot acc | IDIA TPR | IDIA FPR | IDIA indicative eps bound | IDIA on the sites' replies: TPR / FPR | "
         "TPR at 1% FPR: IDIA / LiRA patient / LiRA record / canary | LiRA record AUC | "
         "audited eps: canary / gradient canary (certified) | seeds |"
     )
-    lines = [head, "|" + "---|" * 16]
+    lines = [head, "|" + "---|" * 17]
     for r in agg.itertuples():
         pm = lambda m: _mean_spread(getattr(r, m + "_mean"), getattr(r, m + "_std"))  # noqa: E731
         site_noise = (
@@ -239,13 +245,19 @@ def markdown_table(agg: pd.DataFrame) -> str:
         )
         lines.append(
             f"| {r.setting} | {_eps(r.target_epsilon)} | {r.unit}: {r.relation} | {_eps(r.epsilon_local)} | "
-            f"{_eps(r.epsilon_site)} | {group} | {local_noise} / {site_noise} | {pm('zero_shot_accuracy')} | {pm('tpr')} | {pm('fpr')} | "
+            f"{_eps(r.epsilon_site)} | {_adversaries(r)} | {group} | {local_noise} / {site_noise} | {pm('zero_shot_accuracy')} | {pm('tpr')} | {pm('fpr')} | "
             f"{pm('epsilon_lower_bound')} | {_pair(r, 'replies_tpr', 'replies_fpr')} | "
             f"{_pair(r, 'idia_tpr_at_1pct_fpr', 'lira_patient_tpr_at_1pct_fpr', 'lira_record_tpr_at_1pct_fpr', 'canary_tpr_at_1pct_fpr')} | "
             f"{_pair(r, 'lira_record_auc')} | "
             f"{_pair(r, 'canary_audited_epsilon', 'gradient_canary_audited_epsilon')} | {r.seeds} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def _adversaries(r) -> str:
+    if math.isnan(r.epsilon_server):
+        return "-"
+    return " / ".join(_eps(v) for v in (r.epsilon_server, r.epsilon_colluding, r.epsilon_own_share))
 
 
 def plot_against_epsilon(agg: pd.DataFrame, panels: dict[str, str], ylabel: str, path: Path) -> Path:

@@ -57,6 +57,24 @@ def _local(
     return build
 
 
+def _distributed() -> Callable[[float, SimulationConfig], dict[str, Any]]:
+    """One DP-SGD step per round over all sites, the noise summed by secure aggregation: the base's
+    rounds x local steps become rounds of one step, evaluated as often as the base evaluates. The
+    white-box gradient canaries need local training and are left out (the data canaries stay)."""
+
+    def build(eps: float, base: SimulationConfig) -> dict[str, Any]:
+        return {
+            **_local("identity")(eps, base),
+            "dp-mode": "distributed",
+            "local-steps": 1,
+            "num-rounds": base.num_rounds * base.local_steps,
+            "evaluate-every": base.local_steps * base.evaluate_every,
+            "gradient-canaries": 0,
+        }
+
+    return build
+
+
 def _nonprivate(*, pooled: bool = False, client: bool = False) -> Callable[[float, SimulationConfig], dict[str, Any]]:
     """No local DP. Without client-level DP this is the baseline, trained as ``nonprivate.toml``
     trains; with it, sites keep the DP defaults (few trainable parameters: the server's noise
@@ -107,6 +125,14 @@ SETTINGS: dict[str, Setting] = {
             _local("identity", pooled=True),
         ),
         Setting("fed-nonprivate", "federated, no DP", "none", "-", False, _nonprivate()),
+        Setting(
+            "fed-distributed",
+            "federated DP-SGD, each site's noise share summed by secure aggregation (SecAgg+), identity units",
+            "identity",
+            "add_or_remove",
+            True,
+            _distributed(),
+        ),
         Setting(
             "fed-local-record",
             "federated, local per-batch DP at every site, record units",
