@@ -89,14 +89,25 @@ def _cpu_by_name(seen: dict[int, tuple[str, int]]) -> dict[str, float]:
     return out
 
 
-def run_one(sites: int, *, rounds: int, patients: int, steps: int, workdir: Path, in_flight: int = 8) -> dict:
-    out = workdir / f"sites_{sites}"
+def run_one(
+    sites: int,
+    *,
+    rounds: int,
+    patients: int,
+    steps: int,
+    workdir: Path,
+    in_flight: int = 8,
+    extra: str = "",
+    name: str = "",
+) -> dict:
+    """One ``flower-simulation`` of ``sites`` sites; ``extra`` run-config overrides, ``name`` its folder's suffix."""
+    out = workdir / f"sites_{sites}{name}"
     config = (
         f"num-sites={sites} patients-per-site={patients} public-patients=40 heldout-patients=12 "
         f"images-per-patient=2 query-images-per-patient=1 idia-queries=1 idia-distractors=20 lira=false attack-replies=off "
         f"warm-start-epochs=3 local-steps={steps} negative-bank-size=32 num-rounds={rounds} "
         f"microbatch-size=1 target-epsilon=0.0 noise-multiplier=1.0 budget=inf cache-dir='{workdir / 'cache'}' "
-        f"messages-in-flight={in_flight}"
+        f"messages-in-flight={in_flight} {extra}"
     )
     cmd = [
         sys.executable,
@@ -113,7 +124,7 @@ def run_one(sites: int, *, rounds: int, patients: int, steps: int, workdir: Path
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "FEDCLIP_PROGRESS": "0"}
     started = time.time()
-    log = (workdir / f"sites_{sites}.log").open("w")
+    log = (workdir / f"sites_{sites}{name}.log").open("w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     peak, at_peak, timeline, cpu_seen, driver_peak = 0.0, {}, [], {}, 0.0
     while proc.poll() is None:

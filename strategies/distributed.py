@@ -31,6 +31,7 @@ from fedclip.distributed.grid import Grid as IntegerGrid
 from fedclip.models.arrays import load_arrays, model_to_arrays
 from fedclip.privacy.events import DpEvent, events_from_wire
 from fedclip.privacy.ledger_store import Status
+from fedclip.privacy.policy import REFUSAL
 from fedclip.training.distributed import add_gradient
 from strategies.faults import crash_point
 from strategies.privacy_budget import PrivacyBudgetStrategy, _Outcome
@@ -128,14 +129,16 @@ class DistributedDpStrategy(PrivacyBudgetStrategy):
             )
         except SecureSumFailed as exc:  # nothing was decoded; every charge stays, and the round fails
             crash_point("replied", round_)
-            outcomes = {site: _Outcome(Status.FAILED, str(exc)) for site in sorted(self._selected)}
+            outcomes = {site: _lost(exc.errors.get(node), default=str(exc)) for node, site in sorted(node_site.items())}
             return self._conclude(round_, outcomes, lambda: (None, None))
         crash_point("replied", round_)
         outcomes: dict[str, _Outcome] = {}
         declared: dict[str, float] = {}
         for node, site in node_site.items():
             if node not in summed.in_sum:
-                outcomes[site] = _Outcome(Status.FAILED, "not in the secure sum: lost before sending its masked vector")
+                outcomes[site] = _lost(
+                    summed.errors.get(node), default="not in the secure sum: lost before sending its masked vector"
+                )
                 continue
             report = summed.reports.get(node, {})
             try:
@@ -153,6 +156,14 @@ class DistributedDpStrategy(PrivacyBudgetStrategy):
             return new, MetricRecord({"sites-in-sum": len(summed.in_sum), "divisor": divisor})
 
         return self._conclude(round_, outcomes, step)
+
+
+def _lost(error: str | None, *, default: str) -> _Outcome:
+    """A site whose masked vector is not in the sum: refused (its policy named a rule), failed (it
+    answered with an error), or lost (``default`` says how)."""
+    if error is None:
+        return _Outcome(Status.FAILED, default)
+    return _Outcome(Status.REFUSED if REFUSAL in error else Status.FAILED, error)
 
 
 def distributed_report(

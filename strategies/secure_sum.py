@@ -60,9 +60,11 @@ STAGES = ("setup", "share-keys", "collect-masked-vectors", "unmask")
 class SecureSumFailed(RuntimeError):
     """The sum could not be formed; the message names the stage and how many sites were left."""
 
-    def __init__(self, message: str, *, stage: str, in_sum: tuple[int, ...] = ()) -> None:
+    def __init__(
+        self, message: str, *, stage: str, in_sum: tuple[int, ...] = (), errors: Mapping[int, str] | None = None
+    ) -> None:
         super().__init__(message)
-        self.stage, self.in_sum = stage, in_sum
+        self.stage, self.in_sum, self.errors = stage, in_sum, dict(errors or {})
 
 
 @dataclass(frozen=True)
@@ -74,6 +76,7 @@ class SecureSumResult:
     total: np.ndarray
     in_sum: tuple[int, ...]
     reports: Mapping[int, dict] = field(default_factory=dict)
+    errors: Mapping[int, str] = field(default_factory=dict)  # node id -> the error a site answered with
 
 
 def max_bits(num_sites: int) -> int:
@@ -105,9 +108,14 @@ class _ListingGrid:
 
     def __init__(self, grid: Grid) -> None:
         self._grid = grid
+        self.errors: dict[int, str] = {}  # the first error each site answered with (a refusal names its rule)
 
     def send_and_receive(self, messages, *, timeout: float | None = None):  # noqa: ANN001
-        return list(self._grid.send_and_receive(messages, timeout=timeout))
+        replies = list(self._grid.send_and_receive(messages, timeout=timeout))
+        for r in replies:
+            if r.has_error():
+                self.errors.setdefault(r.metadata.src_node_id, str(r.error.reason))
+        return replies
 
     def __getattr__(self, name: str):
         return getattr(self._grid, name)
@@ -205,6 +213,7 @@ def secure_sum(
                 f"{len(instructions)} sites left, below the reconstruction threshold {threshold}",
                 stage=stage,
                 in_sum=tuple(sorted(p.node_id for p, _ in flow.legacy_results)),
+                errors=grid.errors,
             )
         if stage in ("setup", "share-keys"):
             # A site lost before it shared its keys has no mask in anyone's vector. Flower's workflow
@@ -222,7 +231,10 @@ def secure_sum(
     shifted_sum = np.rint(np.asarray(mean, dtype=np.float64) * len(in_sum)).astype(np.int64)
     total = np.mod(shifted_sum + len(in_sum) * half + half, 1 << bits) - half
     return SecureSumResult(
-        total=total, in_sum=in_sum, reports={p.node_id: dict(r.metrics) for p, r in strategy.results}
+        total=total,
+        in_sum=in_sum,
+        reports={p.node_id: dict(r.metrics) for p, r in strategy.results},
+        errors=grid.errors,
     )
 
 

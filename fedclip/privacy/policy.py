@@ -13,7 +13,9 @@ the floor as such.
 
 Epsilon limits are checked against the site's own durable ledger, at the policy's ``delta``
 (not the server's), *before* the site trains: "would this round, as planned, take me past my
-limit?".
+limit?". In dp-mode distributed the ledger charges the epsilon against the adversary the policy
+names (``distributed-adversary``: ``server``, ``colluding`` or ``own-share``), so the caps bound
+that figure.
 """
 
 from __future__ import annotations
@@ -25,12 +27,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fedclip.distributed.adversaries import ADVERSARIES
 from fedclip.privacy.accountant import check_delta
 from fedclip.privacy.events import DpEvent
 from fedclip.privacy.ledger import PrivacyLedger
 from fedclip.privacy.modes import DP_MODES
 
-POLICY_KEYS = ("allowed-dp-modes", "min-noise-multiplier", "max-epsilon-run", "max-epsilon-total", "delta")
+POLICY_KEYS = (
+    "allowed-dp-modes",
+    "min-noise-multiplier",
+    "max-epsilon-run",
+    "max-epsilon-total",
+    "delta",
+    "distributed-adversary",
+)
 REFUSAL = "site policy refuses the round"
 
 
@@ -50,6 +60,9 @@ class SitePolicy:
     max_epsilon_total: float = math.inf
     delta: float = 1e-5
     allow_reproducible_noise: bool = False
+    # dp-mode distributed: whom the site's ledger and caps count against (fedclip.distributed.adversaries):
+    # the server alone, the server with colluding sites, or nobody trusted (its own noise share only)
+    distributed_adversary: str = "server"
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.allowed_dp_modes) - set(DP_MODES))
@@ -63,6 +76,10 @@ class SitePolicy:
                     f"{name.replace('_', '-')}: expected an epsilon > 0 (or inf), got {getattr(self, name)}"
                 )
         check_delta(self.delta)
+        if self.distributed_adversary not in ADVERSARIES:
+            raise ValueError(
+                f"distributed-adversary: expected one of {list(ADVERSARIES)}, got {self.distributed_adversary!r}"
+            )
 
     @classmethod
     def from_mapping(
@@ -79,6 +96,8 @@ class SitePolicy:
             for key in ("min-noise-multiplier", "max-epsilon-run", "max-epsilon-total", "delta"):
                 if key in values:
                     kwargs[key.replace("-", "_")] = float(values[key])
+            if "distributed-adversary" in values:
+                kwargs["distributed_adversary"] = str(values["distributed-adversary"])
             return cls(**{**base.__dict__, **kwargs})
         except (TypeError, ValueError) as exc:
             raise ValueError(f"{source}: site policy: {exc}") from exc

@@ -118,6 +118,7 @@ class SimulationConfig:
     secure_agg_threshold: int = 0  # sites that must stay for a round's sum to decode; 0 = every site
     secure_agg_colluders: int = 1  # sites assumed to collude with the server, for the 'colluding' epsilon
     secure_agg_bits: int = 0  # the secure sum's width; 0 = the widest Flower's SecAgg+ carries for the sites
+    secure_agg_rounding: float = 0.01  # the share the grid's rounding adds to the sensitivity (coarser: narrower sum)
     evaluate_every: int = 1  # evaluate and attack the global model every this many rounds (and after the last)
     # attack
     idia_queries: int = 5
@@ -243,6 +244,8 @@ class SimulationConfig:
         bits = self.secure_agg_bits or max_bits(sites)
         check_secure_sum(num_sites=sites, bits=bits, threshold=threshold)
         check_colluders(self.secure_agg_colluders, threshold=threshold)
+        if not 0 < self.secure_agg_rounding <= 1:
+            raise ValueError(f"secure-agg-rounding: expected a share in (0, 1], got {self.secure_agg_rounding}")
         return bits, threshold, self.secure_agg_colluders
 
     def _check_input_mode(self) -> None:

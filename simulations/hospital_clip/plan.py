@@ -207,13 +207,19 @@ class RoundPlan:
     gradient_canaries: str = ""  # the auditor's Dirac canaries per site (simulation only; wire form)
     secure: SecureSumPlan | None = None  # dp-mode distributed: the grid and the noise share
 
-    def events(self) -> tuple[DpEvent, ...]:
+    def events(self, adversary: str = "server") -> tuple[DpEvent, ...]:
         """Every round's events. Training on privatized inputs is post-processing (no steps),
         unless the privatization claims no epsilon (mask-replace): then it is non-private training.
-        A distributed round is one Skellam sum with ``threshold`` shares (what the server alone faces
-        at the fewest survivors a decodable sum has)."""
+        A distributed round is one Skellam sum with the shares ``adversary`` cannot subtract, at the
+        fewest survivors a decodable sum has (``threshold``): the server alone all of them, with
+        colluding sites ``threshold - colluders``, a site trusting nobody its own one."""
         if self.secure is not None:
-            return (self.secure.event(self.dp, shares=self.secure.threshold),) + release_events(
+            shares = {
+                "server": self.secure.threshold,
+                "colluding": self.secure.threshold - self.secure.colluders,
+                "own-share": 1,
+            }[adversary]
+            return (self.secure.event(self.dp, shares=shares),) + release_events(
                 self.release, privacy_unit=self.dp.privacy_unit
             )
         training = training_event(self.dp, self.train)

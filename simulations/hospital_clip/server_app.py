@@ -145,12 +145,14 @@ WRAP_TOLERANCE = 1e-6  # the largest chance per round that some coordinate of th
 
 
 def plan_secure_sum(cfg: SimulationConfig, *, checkpoint: str, units: Mapping[str, int]) -> SecureSumPlan:
-    """dp-mode distributed: the grid (``Grid.for_clip``: rounding adds 1% to the sensitivity), the
+    """dp-mode distributed: the grid (``Grid.for_clip``: rounding adds secure-agg-rounding to the sensitivity), the
     total Skellam variance calibrated to target-epsilon over every round, each site's share of it
     (planned for ``threshold`` survivors), and a refusal of a sum too narrow to hold it."""
     bits, threshold, colluders = cfg.secure_sum_settings()
     model = create_model(cfg.model(pretrained=checkpoint), device="cpu").model
-    grid = IntegerGrid.for_clip(clip=cfg.max_grad_norm, dim=trainable_dim(model), bits=bits)
+    grid = IntegerGrid.for_clip(
+        clip=cfg.max_grad_norm, dim=trainable_dim(model), bits=bits, rounding_share=cfg.secure_agg_rounding
+    )
     sens = grid.sensitivity(clip=cfg.max_grad_norm)
     sigma = (
         calibrate_skellam_noise(
@@ -183,8 +185,9 @@ def plan_secure_sum(cfg: SimulationConfig, *, checkpoint: str, units: Mapping[st
         raise ValueError(
             f"secure-agg-bits: a sum of {bits} bits may wrap around (chance up to {wrap:.2g} per round, above "
             f"{WRAP_TOLERANCE:g}) with {total_units} units, sample-rate {cfg.sample_rate} and noise multiplier "
-            f"{sigma:.3g}; widest for {cfg.site_count()} sites: {max_bits(cfg.site_count())} (fewer sites, or a "
-            "lower sample-rate, leave more room)"
+            f"{sigma:.3g}; widest for {cfg.site_count()} sites: {max_bits(cfg.site_count())} (a lower sample-rate, "
+            "fewer sites, or a coarser grid, secure-agg-rounding above "
+            f"{cfg.secure_agg_rounding:g}, which adds that share to the noise, leave more room)"
         )
     return secure
 

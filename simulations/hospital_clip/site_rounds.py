@@ -56,7 +56,11 @@ def query(msg: Message, context: Context) -> Message:
 
 
 def _check_and_charge(me: SiteIdentity, plan: RoundPlan, context: Context, *, events: tuple, run: str, round_: int):
+    """Check the round against the site's policy and ledger, charge it; the ledger, the attempt and the
+    events charged (dp-mode distributed: against the adversary the site's policy names)."""
     policy = site_policy(context, plan, me)
+    if plan.secure is not None:
+        events = plan.events(policy.distributed_adversary)
     ledger = site_ledger(plan, me, delta=policy.delta)
     try:  # the caps see everything this ledger holds; a second privacy unit is refused, not set apart
         try:
@@ -76,7 +80,7 @@ def _check_and_charge(me: SiteIdentity, plan: RoundPlan, context: Context, *, ev
         raise
     attempt = ledger.begin_round(round_)
     ledger.charge(me.site, round_, events, attempt=attempt, run=run)  # durable before any data is touched
-    return ledger, attempt
+    return ledger, attempt, events
 
 
 def _close(ledger, me: SiteIdentity, round_: int, *, attempt: int, status: Status, **settled) -> None:
@@ -133,12 +137,12 @@ def train(msg: Message, context: Context) -> Message:
     releases = (
         () if plan.input is None or kept is not None else tuple(e for e in (plan.input_release(),) if e is not None)
     )
-    ledger, attempt = _check_and_charge(
+    ledger, attempt, charged = _check_and_charge(
         me, plan, context, events=plan.events() + releases, run=run_name(plan, msg), round_=round_
     )
     crash_point("site-charged", round_)
     if plan.secure is not None:
-        return _contribute(msg, me, plan, ledger, attempt=attempt, round_=round_, started=started)
+        return _contribute(msg, me, plan, ledger, attempt=attempt, round_=round_, started=started, charged=charged)
     try:
         data = _training_data(me, plan, kept)
         model = fresh_model(plan.data.arch, me.checkpoint, plan.data.trainable, pick_device())
@@ -202,10 +206,13 @@ def train(msg: Message, context: Context) -> Message:
     return Message(content, reply_to=msg)
 
 
-def _contribute(msg: Message, me: SiteIdentity, plan: RoundPlan, ledger, *, attempt: int, round_: int, started: float):
+def _contribute(
+    msg: Message, me: SiteIdentity, plan: RoundPlan, ledger, *, attempt: int, round_: int, started: float, charged
+):
     """dp-mode distributed: this site's part of one federated DP-SGD step, for the secure sum
     (``strategies.secure_sum``): its clipped sum on the grid plus its noise share, and a clear
-    report of public numbers only (its events and declared size). The ledger was charged first."""
+    report of public numbers only (the plan's events, as the server charges them, and its declared
+    size). Its own ledger was charged first, against the adversary its policy names (``charged``)."""
     try:
         data = _training_data(me, plan)
         model = fresh_model(plan.data.arch, me.checkpoint, plan.data.trainable, pick_device())
@@ -223,8 +230,8 @@ def _contribute(msg: Message, me: SiteIdentity, plan: RoundPlan, ledger, *, atte
         _close(ledger, me, round_, attempt=attempt, status=Status.FAILED, note=str(exc)[:500])
         raise
     crash_point("site-trained", round_)
-    reported = plan.events()
-    _close(ledger, me, round_, attempt=attempt, status=Status.CONFIRMED, reported=reported)
+    _close(ledger, me, round_, attempt=attempt, status=Status.CONFIRMED, reported=charged)
+    reported = plan.events()  # the server's figure (the server alone): what its ledger charges
     crash_point("site-settled", round_)
     RunFiles(me.state_dir).append(
         "site_timings", [{"round": round_, "handle_seconds": time.time() - started, "train_seconds": math.nan}]

@@ -158,3 +158,27 @@ def test_the_server_killed_at_each_phase_then_resumed_loses_no_sum(tmp_path, cac
         own = LedgerStore(out / "sites" / site / "ledger.sqlite", delta=1e-5)
         assert server.ledger(site).epsilon() >= own.ledger(site).epsilon()
     assert np.isfinite(json.loads((out / "distributed.json").read_text())["epsilon"]["server"])
+
+
+def test_a_sites_policy_names_the_adversary_its_ledger_and_caps_count_against(tmp_path, cache):
+    """distributed-adversary = own-share: the site's ledger charges what its own share alone
+    protects (distributed.json's own-share figure), while the server's ledger charges the server's
+    figure; a cap on that figure is enforced by the site, naming the rule."""
+    policy = tmp_path / "policy.toml"
+    policy.write_text('[default]\nallowed-dp-modes = "distributed"\ndistributed-adversary = "own-share"\n')
+    out = tmp_path / "run"
+    done = _run(out, cache, f"site-policy-file={policy}")
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    report = check_adversaries(out, [3, 3, 3])
+    for site in SITES:
+        own = LedgerStore(out / "sites" / site / "ledger.sqlite", delta=1e-5).ledger(site).epsilon()
+        server = LedgerStore(out / "state" / "ledger.sqlite", delta=1e-5).ledger(site).epsilon()
+        assert own == pytest.approx(report["epsilon"]["own-share"], rel=1e-6)
+        assert server < own
+    capped = tmp_path / "capped.toml"
+    cap = report["epsilon"]["own-share"] * 0.8  # two rounds fit, the third does not
+    capped.write_text(policy.read_text() + f"max-epsilon-total = {cap}\n")
+    refused = _run(tmp_path / "refused", cache, f"site-policy-file={capped}")
+    assert refused.returncode != 0
+    status = json.loads((tmp_path / "refused" / "status.json").read_text())
+    assert "max-epsilon-total" in status["reason"] and "site policy refuses the round" in status["reason"]
