@@ -32,7 +32,7 @@ from fedclip.models.arrays import load_arrays, model_to_arrays
 from fedclip.privacy.events import DpEvent, events_from_wire
 from fedclip.privacy.ledger_store import Status
 from fedclip.privacy.policy import REFUSAL
-from fedclip.training.distributed import add_gradient
+from fedclip.training.distributed import add_gradient, trainable
 from strategies.faults import crash_point
 from strategies.privacy_budget import PrivacyBudgetStrategy, _Outcome
 from strategies.secure_sum import SecureSumFailed, secure_sum
@@ -60,6 +60,16 @@ class ServerStep:
         self.optimizer.zero_grad(set_to_none=True)
         return model_to_arrays(self.model, trainable_only=True)
 
+    def apply_update(self, arrays: ArrayRecord, update: torch.Tensor) -> ArrayRecord:
+        """Site level: the global model plus the mean of the sites' clipped updates (FedAvg of deltas)."""
+        load_arrays(self.model, arrays)
+        with torch.no_grad():
+            offset = 0
+            for _, p in trainable(self.model):
+                p.add_(update[offset : offset + p.numel()].reshape(p.shape).to(p.dtype))
+                offset += p.numel()
+        return model_to_arrays(self.model, trainable_only=True)
+
 
 class DistributedDpStrategy(PrivacyBudgetStrategy):
     """The budget strategy whose rounds are secure sums of the sites' noisy clipped sums.
@@ -78,6 +88,9 @@ class DistributedDpStrategy(PrivacyBudgetStrategy):
         The Skellam variance every site adds (the plan's); the sum holds one per site in it.
     step : ServerStep
         The server's optimizer, applied to the decoded mean gradient.
+    level : str
+        ``patient`` (one DP-SGD step over the sites' clipped sums) or ``site`` (the mean of the
+        sites' clipped updates, client-level DP's noise in shares).
     """
 
     def __init__(
@@ -89,11 +102,12 @@ class DistributedDpStrategy(PrivacyBudgetStrategy):
         sample_rate: float,
         share_variance: float,
         step: ServerStep,
+        level: str = "patient",
         **budget_kwargs,
     ) -> None:
         super().__init__(inner, **budget_kwargs)
         self.grid_spec, self.threshold, self.sample_rate, self.step = grid_spec, threshold, sample_rate, step
-        self.share_variance = share_variance
+        self.share_variance, self.level = share_variance, level
         self._grid: Grid | None = None
         self._instructions: dict[int, tuple[ArrayRecord, ConfigRecord]] = {}
         self._arrays: ArrayRecord | None = None
@@ -150,9 +164,13 @@ class DistributedDpStrategy(PrivacyBudgetStrategy):
             outcomes[site] = _Outcome(Status.CONFIRMED, reported=reported)
 
         def step() -> tuple[ArrayRecord, MetricRecord]:
-            divisor = self.sample_rate * sum(declared.values())
-            gradient = self.grid_spec.to_float(torch.as_tensor(summed.total)) / max(divisor, 1e-12)
-            new = self.step(self._arrays, gradient)
+            total = self.grid_spec.to_float(torch.as_tensor(summed.total))
+            if self.level == "site":  # the mean of the sites' clipped updates; the number summed is public
+                divisor = float(len(summed.in_sum))
+                new = self.step.apply_update(self._arrays, total / divisor)
+            else:  # one DP-SGD step: the public expected number of sampled units
+                divisor = self.sample_rate * sum(declared.values())
+                new = self.step(self._arrays, total / max(divisor, 1e-12))
             return new, MetricRecord({"sites-in-sum": len(summed.in_sum), "divisor": divisor})
 
         return self._conclude(round_, outcomes, step)
@@ -173,6 +191,7 @@ def distributed_report(
     colluders: int,
     threshold: int,
     delta: float,
+    level: str = "patient",
 ) -> dict[str, object]:
     """The epsilon each adversary faces over every recorded secure sum (``fedclip.distributed.adversaries``):
     one Skellam event per sum with the variance that adversary cannot subtract; a variance of 0 is infinite."""
@@ -180,6 +199,7 @@ def distributed_report(
         "sums": len(sums),
         "colluders": colluders,
         "threshold": threshold,
+        "level": level,
         "delta": delta,
         "epsilon": {},
     }

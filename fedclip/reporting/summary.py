@@ -71,11 +71,12 @@ def _released(config: Mapping[str, Any]) -> str:
         )
     if config.get("release-count-noise", 0) > 0:
         extra.append(f"the number of units (noise multiplier {config['release-count-noise']}, charged in the ledger)")
-    if config.get("dp-mode") == "distributed":
+    if config.get("dp-mode") == "distributed" or (config.get("secure-agg") and config.get("client-dp-epsilon", 0) > 0):
         return (
-            "Released by each site every round: its masked vector, uniform to the server alone (its clipped sum on the "
-            "grid plus its noise share, which only the secure sum unmasks), and in clear its privacy events and the "
-            "units it declares (public); which sites answered each SecAgg+ stage is visible to the server."
+            "Released by each site every round: its masked vector, uniform to the server alone (its clipped sum, or its "
+            "clipped update, on the grid plus its noise share, which only the secure sum unmasks), and in clear its "
+            "privacy events and the units it declares (public); which sites answered each SecAgg+ stage is visible to "
+            "the server."
         )
     text = (
         "Released by each site every round: its trainable parameters (the accounted mechanism), its privacy "
@@ -292,6 +293,12 @@ ADVERSARY_TEXT = {
 }
 
 
+LEVEL_TEXT = {
+    "patient": "distributed DP, about one unit as above",
+    "site": "client-level DP summed by secure aggregation, about one whole site's update: zero-out",
+}
+
+
 def _per_adversary(config: Mapping[str, Any], distributed: Mapping[str, Any] | None) -> list[str]:
     """dp-mode distributed: one epsilon per adversary, each over the shares really in every decoded sum."""
     if not distributed:
@@ -299,7 +306,8 @@ def _per_adversary(config: Mapping[str, Any], distributed: Mapping[str, Any] | N
     fill = {"threshold": distributed["threshold"], "colluders": distributed["colluders"]}
     lines = [
         "",
-        f"### Epsilon per adversary (distributed DP, {distributed['sums']} decoded sums, delta {float(distributed['delta']):g})",
+        f"### Epsilon per adversary ({LEVEL_TEXT[distributed.get('level', 'patient')]}, {distributed['sums']} decoded "
+        f"sums, delta {float(distributed['delta']):g})",
         "",
         "Each figure composes, over every secure sum the server decoded, the Skellam noise that adversary cannot "
         "subtract (the shares really in the sum: a site lost before sending its masked vector adds none). The site "

@@ -87,6 +87,33 @@ def contribution(
     return grid.wrap(noisy)
 
 
+def flat_trainable(model: torch.nn.Module) -> torch.Tensor:
+    """The trainable parameters as one flat float64 vector, in ``trainable`` order."""
+    return torch.cat([p.detach().reshape(-1).to(torch.float64).cpu() for _, p in trainable(model)])
+
+
+def update_contribution(
+    before: torch.Tensor,
+    model: torch.nn.Module,
+    *,
+    clip: float,
+    grid: Grid,
+    share_variance: float,
+    reproducible_seed: int | None = None,
+) -> torch.Tensor:
+    """Site-level distributed DP: the site's whole update (trained minus ``before``) clipped to
+    ``clip``, on the grid, with its Skellam share, modulo 2**bits (a site's update is one term of
+    the sum, so one site moves it by at most ``clip``)."""
+    update = flat_trainable(model) - before
+    update = update * min(1.0, clip / (float(update.norm()) + 1e-12))
+    if update.numel() != grid.dim:
+        raise ValueError(f"secure sum: the plan's grid has {grid.dim} coordinates, this model trains {update.numel()}")
+    noise = site_randomness(device=torch.device("cpu"), reproducible_seed=reproducible_seed).noise
+    return grid.wrap(
+        grid.round(update, generator=noise) + skellam_noise((grid.dim,), variance=share_variance, generator=noise)
+    )
+
+
 def add_gradient(model: torch.nn.Module, vector: torch.Tensor) -> None:
     """Set each trainable parameter's ``.grad`` from a flat vector in ``trainable`` order (the server's step)."""
     params = trainable(model)

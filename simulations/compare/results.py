@@ -116,7 +116,13 @@ def run_row(run: RunSpec) -> dict:
         "largest_patient_pairs": k if setting.unit == "record" else math.nan,
         "patient_epsilon_group": group_eps,
         "patient_delta_group": group_delta,
-        "epsilon_site": json.loads(site_level.read_text())["epsilon"] if site_level.is_file() else math.nan,
+        "epsilon_site": (
+            json.loads(site_level.read_text())["epsilon"]
+            if site_level.is_file()
+            else float(adversaries["server"])
+            if adversaries and json.loads(distributed.read_text()).get("level") == "site"
+            else math.nan
+        ),
         # distributed DP: the epsilon each adversary faces (the server alone, with colluding sites, a site's own share)
         **{f"epsilon_{k.replace('-', '_')}": float(adversaries.get(k, math.nan)) for k in ADVERSARIES},
         "noise_multiplier": config["resolved-noise-multiplier"],

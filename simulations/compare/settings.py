@@ -67,10 +67,21 @@ def _distributed() -> Callable[[float, SimulationConfig], dict[str, Any]]:
             **_local("identity")(eps, base),
             "dp-mode": "distributed",
             "local-steps": 1,
+            "microbatch-size": 1,  # every unit its own clipped term (add-or-remove)
             "num-rounds": base.num_rounds * base.local_steps,
             "evaluate-every": base.local_steps * base.evaluate_every,
             "gradient-canaries": 0,
         }
+
+    return build
+
+
+def _secure_client() -> Callable[[float, SimulationConfig], dict[str, Any]]:
+    """fed-client's guarantee without clean updates at the server: each site clips its update and adds
+    its share of the client-level noise; SecAgg+ sums them (docs/privacy.md, "Distributed DP")."""
+
+    def build(eps: float, base: SimulationConfig) -> dict[str, Any]:
+        return {**_nonprivate(client=True)(eps, base), "secure-agg": True}
 
     return build
 
@@ -164,6 +175,14 @@ SETTINGS: dict[str, Setting] = {
             "zero-out",
             True,
             _nonprivate(client=True),
+        ),
+        Setting(
+            "fed-distributed-client",
+            "federated, client-level DP with the noise added in shares by the sites and summed by SecAgg+ (a site is the unit)",
+            "site",
+            "zero-out",
+            True,
+            _secure_client(),
         ),
         Setting(
             "fed-local-client",

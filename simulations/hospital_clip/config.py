@@ -119,6 +119,9 @@ class SimulationConfig:
     secure_agg_colluders: int = 1  # sites assumed to collude with the server, for the 'colluding' epsilon
     secure_agg_bits: int = 0  # the secure sum's width; 0 = the widest Flower's SecAgg+ carries for the sites
     secure_agg_rounding: float = 0.01  # the share the grid's rounding adds to the sensitivity (coarser: narrower sum)
+    # client-level DP (client-dp-epsilon > 0) with its noise added in shares by the sites and summed by SecAgg+,
+    # instead of by the server on clean updates
+    secure_agg: bool = False
     evaluate_every: int = 1  # evaluate and attack the global model every this many rounds (and after the last)
     # attack
     idia_queries: int = 5
@@ -207,7 +210,12 @@ class SimulationConfig:
             )
         if self.evaluate_every < 1:
             raise ValueError(f"evaluate-every: expected an integer >= 1, got {self.evaluate_every}")
-        if self.dp_mode == "distributed":
+        if self.secure_agg and self.dp_mode != "distributed" and self.client_dp_epsilon <= 0:
+            raise ValueError(
+                "secure-agg: sums the sites' shares of client-level noise; set client-dp-epsilon > 0 "
+                "(or dp-mode = 'distributed', which always sums over secure aggregation)"
+            )
+        if self.secure_level:
             self.secure_sum_settings()
         # building the parts validates their own fields
         self.synthetic(), self.model(), self.dp(), self.train(), self.idia(), self.release()
@@ -215,8 +223,30 @@ class SimulationConfig:
     def site_count(self) -> int:
         return len(self.declared_sites()) if self.deployment else (1 if self.pool_sites else self.num_sites)
 
+    @property
+    def secure_level(self) -> str:
+        """What a secure sum protects: "patient" (dp-mode distributed: one DP-SGD step over all
+        sites), "site" (client-level DP's noise in shares: secure-agg), or "" (no secure sum)."""
+        if self.dp_mode == "distributed":
+            return "patient"
+        return "site" if self.secure_agg and self.client_dp_epsilon > 0 else ""
+
     def secure_sum_settings(self) -> tuple[int, int, int]:
-        """dp-mode distributed: (bits, threshold, colluders), resolved and checked, naming the key."""
+        """A secure sum's (bits, threshold, colluders), resolved and checked, naming the key."""
+        if self.secure_level == "patient":
+            self._check_patient_level_sum()
+        sites = self.site_count()
+        if sites < 2:
+            raise ValueError(f"num-sites: secure aggregation needs at least 2 sites, got {sites}")
+        threshold = self.secure_agg_threshold or sites
+        bits = self.secure_agg_bits or max_bits(sites)
+        check_secure_sum(num_sites=sites, bits=bits, threshold=threshold)
+        check_colluders(self.secure_agg_colluders, threshold=threshold)
+        if not 0 < self.secure_agg_rounding <= 1:
+            raise ValueError(f"secure-agg-rounding: expected a share in (0, 1], got {self.secure_agg_rounding}")
+        return bits, threshold, self.secure_agg_colluders
+
+    def _check_patient_level_sum(self) -> None:
         if self.local_steps != 1:
             raise ValueError(
                 f"local-steps: dp-mode 'distributed' is one DP-SGD step over all sites per round (after several local "
@@ -237,16 +267,6 @@ class SimulationConfig:
                 "fraction-train: dp-mode 'distributed' samples units at every site (Poisson, sample-rate); "
                 f"every site takes part in every round, expected 1.0, got {self.fraction_train}"
             )
-        sites = self.site_count()
-        if sites < 2:
-            raise ValueError(f"num-sites: secure aggregation needs at least 2 sites, got {sites}")
-        threshold = self.secure_agg_threshold or sites
-        bits = self.secure_agg_bits or max_bits(sites)
-        check_secure_sum(num_sites=sites, bits=bits, threshold=threshold)
-        check_colluders(self.secure_agg_colluders, threshold=threshold)
-        if not 0 < self.secure_agg_rounding <= 1:
-            raise ValueError(f"secure-agg-rounding: expected a share in (0, 1], got {self.secure_agg_rounding}")
-        return bits, threshold, self.secure_agg_colluders
 
     def _check_input_mode(self) -> None:
         if self.dp_mode != "mask-replace" and self.target_epsilon <= 0:

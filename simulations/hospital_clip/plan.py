@@ -147,16 +147,23 @@ class SecureSumPlan:
     scale: float
     dim: int
     share_variance: float
+    level: str = "patient"  # patient: one DP-SGD step's clipped sum; site: each site's clipped update
+    clip: float = 1.0  # the L2 norm a term of the sum is clipped to (a unit's gradient, or a site's update)
+
+    def __post_init__(self) -> None:
+        if self.level not in ("patient", "site"):
+            raise ValueError(f"secure-agg-level: expected 'patient' or 'site', got {self.level!r}")
 
     def grid(self) -> Grid:
         return Grid(scale=self.scale, bits=self.bits, dim=self.dim)
 
     def event(self, dp: DpConfig, *, shares: int) -> DpEvent:
-        """One step whose sum holds ``shares`` shares (the plan: ``threshold``)."""
-        sens = self.grid().sensitivity(clip=dp.max_grad_norm)
+        """One sum holding ``shares`` shares (the plan: ``threshold``): Poisson-sampled units at
+        patient level; every selected site, unsampled, at site level."""
+        sens = self.grid().sensitivity(clip=self.clip)
         return DpEvent(
             noise_multiplier=math.sqrt(shares * self.share_variance) / sens.l2,
-            sample_rate=dp.sample_rate,
+            sample_rate=dp.sample_rate if self.level == "patient" else 1.0,
             steps=1,
             privacy_unit=dp.privacy_unit,
             relation=Relation.ADD_OR_REMOVE,
@@ -174,6 +181,8 @@ class SecureSumPlan:
             "secure-agg-scale": self.scale,
             "secure-agg-dim": self.dim,
             "secure-agg-share-variance": self.share_variance,
+            "secure-agg-level": self.level,
+            "secure-agg-clip": self.clip,
         }
 
     @classmethod
@@ -181,7 +190,7 @@ class SecureSumPlan:
         if not record.get("secure-agg-dim"):
             return None
         _require(record, ("secure-agg-bits", "secure-agg-threshold", "secure-agg-colluders", "secure-agg-scale"))
-        _require(record, ("secure-agg-share-variance",))
+        _require(record, ("secure-agg-share-variance", "secure-agg-level", "secure-agg-clip"))
         return cls(
             bits=int(record["secure-agg-bits"]),
             threshold=int(record["secure-agg-threshold"]),
@@ -189,6 +198,8 @@ class SecureSumPlan:
             scale=float(record["secure-agg-scale"]),
             dim=int(record["secure-agg-dim"]),
             share_variance=float(record["secure-agg-share-variance"]),
+            level=str(record["secure-agg-level"]),
+            clip=float(record["secure-agg-clip"]),
         )
 
 
@@ -213,7 +224,7 @@ class RoundPlan:
         A distributed round is one Skellam sum with the shares ``adversary`` cannot subtract, at the
         fewest survivors a decodable sum has (``threshold``): the server alone all of them, with
         colluding sites ``threshold - colluders``, a site trusting nobody its own one."""
-        if self.secure is not None:
+        if self.secure is not None and self.secure.level == "patient":
             shares = {
                 "server": self.secure.threshold,
                 "colluding": self.secure.threshold - self.secure.colluders,

@@ -145,26 +145,29 @@ WRAP_TOLERANCE = 1e-6  # the largest chance per round that some coordinate of th
 
 
 def plan_secure_sum(cfg: SimulationConfig, *, checkpoint: str, units: Mapping[str, int]) -> SecureSumPlan:
-    """dp-mode distributed: the grid (``Grid.for_clip``: rounding adds secure-agg-rounding to the sensitivity), the
-    total Skellam variance calibrated to target-epsilon over every round, each site's share of it
-    (planned for ``threshold`` survivors), and a refusal of a sum too narrow to hold it."""
+    """A secure sum's plan: the grid (``Grid.for_clip``: rounding adds secure-agg-rounding to the
+    sensitivity), the total Skellam variance calibrated over every round (patient level: to
+    target-epsilon, Poisson-sampled units; site level: to client-dp-epsilon, every site each round),
+    each site's share of it (planned for ``threshold`` survivors), and a refusal of a sum too narrow to hold it."""
     bits, threshold, colluders = cfg.secure_sum_settings()
+    patient = cfg.secure_level == "patient"
+    clip = cfg.max_grad_norm if patient else cfg.client_clip_norm
+    target = cfg.target_epsilon if patient else cfg.client_dp_epsilon
+    rate = cfg.sample_rate if patient else 1.0
     model = create_model(cfg.model(pretrained=checkpoint), device="cpu").model
-    grid = IntegerGrid.for_clip(
-        clip=cfg.max_grad_norm, dim=trainable_dim(model), bits=bits, rounding_share=cfg.secure_agg_rounding
-    )
-    sens = grid.sensitivity(clip=cfg.max_grad_norm)
+    grid = IntegerGrid.for_clip(clip=clip, dim=trainable_dim(model), bits=bits, rounding_share=cfg.secure_agg_rounding)
+    sens = grid.sensitivity(clip=clip)
     sigma = (
         calibrate_skellam_noise(
-            target_epsilon=cfg.target_epsilon,
+            target_epsilon=target,
             delta=cfg.delta,
-            sample_rate=cfg.sample_rate,
+            sample_rate=rate,
             steps=cfg.num_rounds,
             grid_l2=sens.l2,
             grid_l1=sens.l1,
             privacy_unit=PrivacyUnit(cfg.privacy_unit),
         )
-        if cfg.target_epsilon > 0
+        if target > 0
         else cfg.noise_multiplier
     )
     secure = SecureSumPlan(
@@ -174,12 +177,14 @@ def plan_secure_sum(cfg: SimulationConfig, *, checkpoint: str, units: Mapping[st
         scale=grid.scale,
         dim=grid.dim,
         share_variance=planned_share((sigma * sens.l2) ** 2, min_survivors=threshold),
+        level=cfg.secure_level,
+        clip=clip,
     )
     # utility only (the modular sum is post-processing): every coordinate must fit, with the most
-    # units one step plausibly samples (a binomial tail of 1e-9) and every site's rounding
+    # units one step plausibly samples (a binomial tail of 1e-9) or every site's update, and every site's rounding
     total_units = sum(units.values()) or cfg.site_count() * (cfg.declared_units or cfg.planned_units())
-    most = float(binom.isf(1e-9, total_units, cfg.sample_rate))
-    signal = most * grid.scale * cfg.max_grad_norm + cfg.site_count()
+    most = float(binom.isf(1e-9, total_units, cfg.sample_rate)) if patient else float(cfg.site_count())
+    signal = most * grid.scale * clip + cfg.site_count()
     wrap = grid.wrap_probability(signal=signal, variance=cfg.site_count() * secure.share_variance)
     if wrap > WRAP_TOLERANCE:
         raise ValueError(
@@ -192,9 +197,9 @@ def plan_secure_sum(cfg: SimulationConfig, *, checkpoint: str, units: Mapping[st
     return secure
 
 
-def secure_noise_multiplier(cfg: SimulationConfig, secure: SecureSumPlan) -> float:
+def secure_noise_multiplier(secure: SecureSumPlan) -> float:
     """The noise multiplier the plan's threshold shares carry together (noise std over the grid's L2 sensitivity)."""
-    sens = secure.grid().sensitivity(clip=cfg.max_grad_norm)
+    sens = secure.grid().sensitivity(clip=secure.clip)
     return math.sqrt(secure.threshold * secure.share_variance) / sens.l2
 
 
@@ -401,11 +406,11 @@ def prepare(cfg: SimulationConfig, folder: RunFolder) -> Prepared:
     checkpoint = prepare_checkpoint(cfg, manifest)
     inputs = input_plan(cfg, manifest)  # dp-mode cadp | maskdp | mask-replace: the sites' one-time release
     shape = preflight(cfg, manifest)  # the same checks the CLI ran, now on the data as generated
-    secure = plan_secure_sum(cfg, checkpoint=checkpoint, units=shape.units) if cfg.dp_mode == "distributed" else None
-    sigma = plan_noise(cfg) if secure is None else secure_noise_multiplier(cfg, secure)
-    site_sigma = (
+    secure = plan_secure_sum(cfg, checkpoint=checkpoint, units=shape.units) if cfg.secure_level else None
+    sigma = secure_noise_multiplier(secure) if secure is not None and secure.level == "patient" else plan_noise(cfg)
+    site_sigma = (  # client-level noise added by the server (secure-agg: by the sites, in shares)
         calibrate_site_noise(target_epsilon=cfg.client_dp_epsilon, rounds=cfg.num_rounds, delta=cfg.delta)
-        if cfg.client_dp_epsilon > 0
+        if cfg.client_dp_epsilon > 0 and secure is None
         else 0.0
     )
     folder.files.write_json(
@@ -518,6 +523,7 @@ def make_strategy(
             sample_rate=cfg.sample_rate,
             share_variance=prep.secure.share_variance,
             step=ServerStep(copy.deepcopy(model), lr=cfg.lr, optimizer=cfg.optimizer),
+            level=prep.secure.level,
             **budget_kwargs,
         )
     return PrivacyBudgetStrategy(inner, on_reply=replies.observe if replies else None, **budget_kwargs)
@@ -542,6 +548,7 @@ def report(cfg: SimulationConfig, folder: RunFolder, prep: Prepared, *, failure:
             event=prep.secure.event(cfg.dp(prep.sigma), shares=prep.secure.threshold),
             colluders=prep.secure.colluders,
             threshold=prep.secure.threshold,
+            level=prep.secure.level,
             delta=cfg.delta,
         )
         folder.files.write_json("distributed.json", distributed)
@@ -628,7 +635,7 @@ def _run_rounds(grid: Grid, cfg: SimulationConfig, folder: RunFolder) -> Path:
     attacks, replies, wire["gradient_canaries"] = set_up_auditor(cfg, folder, prep, bundle)
 
     plan = replace(cfg.round_plan(prep.sigma, prep.inputs), secure=prep.secure)  # what every site runs
-    if prep.secure is not None and replies is not None:
+    if prep.secure is not None and replies is not None:  # both levels: no site's update reaches the server
         print("the server sees only the secure sum: no site's reply to attack (the attacks on the global model stand)")
         replies = None
     strategy = make_strategy(cfg, folder, prep, sites=sites, replies=replies, plan=plan, model=bundle.model)

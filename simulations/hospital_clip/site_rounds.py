@@ -28,7 +28,7 @@ from fedclip.privacy.randomness import site_randomness
 from fedclip.privacy.release import noisy_count, noisy_loss
 from fedclip.reporting.run_files import RunFiles
 from fedclip.reporting.spending import write_spending
-from fedclip.training.distributed import contribution
+from fedclip.training.distributed import contribution, flat_trainable, update_contribution
 from fedclip.training.local import train_local
 from fedclip.training.loss import clip_loss
 from simulations.hospital_clip.input_privacy import kept_private_rows, privatize_site_rows
@@ -141,12 +141,13 @@ def train(msg: Message, context: Context) -> Message:
         me, plan, context, events=plan.events() + releases, run=run_name(plan, msg), round_=round_
     )
     crash_point("site-charged", round_)
-    if plan.secure is not None:
+    if plan.secure is not None and plan.secure.level == "patient":
         return _contribute(msg, me, plan, ledger, attempt=attempt, round_=round_, started=started, charged=charged)
     try:
         data = _training_data(me, plan, kept)
         model = fresh_model(plan.data.arch, me.checkpoint, plan.data.trainable, pick_device())
         load_arrays(model, msg.content["arrays"])
+        before = flat_trainable(model) if plan.secure is not None else None  # site level: the update is what is summed
         seed = plan.reproducible_seed(round_=round_, site=me.site)
         public = (
             site_public_data(me.manifest, plan.data.arch, me.checkpoint, me.outside_paths, me.cache_dir)
@@ -196,6 +197,20 @@ def train(msg: Message, context: Context) -> Message:
     RunFiles(me.state_dir).append(
         "site_timings", [{"round": round_, "handle_seconds": time.time() - started, "train_seconds": train_seconds}]
     )  # the site's own; never sent
+    if plan.secure is not None:  # site-level distributed DP: the clipped update, with a noise share, to the secure sum
+        vector = update_contribution(
+            before,
+            model,
+            clip=plan.secure.clip,
+            grid=plan.secure.grid(),
+            share_variance=plan.secure.share_variance,
+            reproducible_seed=None if seed is None else seed + 11,
+        )
+        report = {**metrics, EVENTS_KEY: json.dumps(events_to_wire(reported)), UNITS_KEY: float(plan.dp.declared_units)}
+        return Message(
+            RecordDict({VECTOR: ArrayRecord({"vector": Array(vector.numpy())}), REPORT: ConfigRecord(report)}),
+            reply_to=msg,
+        )
     content = RecordDict(
         {
             "arrays": model_to_arrays(model, trainable_only=True),

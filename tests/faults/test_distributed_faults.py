@@ -55,6 +55,9 @@ def independent_epsilon(variances: list[float], *, l1: float, l2: float, q: floa
     for a in ORDERS:
         total = 0.0
         for mu in variances:
+            if q == 1.0:  # no sampling: the Skellam bound itself
+                total += skellam(a, mu)
+                continue
             logs = [a * math.log1p(-q), math.log(a * q) + (a - 1) * math.log1p(-q)] + [
                 math.log(comb(a, k, exact=True)) + (a - k) * math.log1p(-q) + k * math.log(q) + (k - 1) * skellam(k, mu)
                 for k in range(2, a + 1)
@@ -71,9 +74,11 @@ def check_adversaries(out, shares_per_sum: list[int]) -> dict:
     config = json.loads((out / "config.json").read_text())
     report = json.loads((out / "distributed.json").read_text())
     share, dim, scale = config["secure-agg-share-variance"], config["secure-agg-dim"], config["secure-agg-scale"]
-    l2 = scale * config["max-grad-norm"] + math.sqrt(dim)
-    l1 = min(math.sqrt(dim) * scale * config["max-grad-norm"] + dim, l2**2)
-    q, delta = config["sample-rate"], config["delta"]
+    site = report["level"] == "site"  # a whole site's clipped update, every site each round
+    clip = config["client-clip-norm"] if site else config["max-grad-norm"]
+    l2 = scale * clip + math.sqrt(dim)
+    l1 = min(math.sqrt(dim) * scale * clip + dim, l2**2)
+    q, delta = 1.0 if site else config["sample-rate"], config["delta"]
     assert report["sums"] == len(shares_per_sum)
     expected = {
         "server": independent_epsilon([n * share for n in shares_per_sum], l1=l1, l2=l2, q=q, delta=delta),
@@ -182,3 +187,19 @@ def test_a_sites_policy_names_the_adversary_its_ledger_and_caps_count_against(tm
     assert refused.returncode != 0
     status = json.loads((tmp_path / "refused" / "status.json").read_text())
     assert "max-epsilon-total" in status["reason"] and "site policy refuses the round" in status["reason"]
+
+
+def test_site_level_noise_in_shares_gives_client_level_dp_without_clean_updates(tmp_path, cache):
+    """secure-agg with client-dp-epsilon: local training as usual, each site's clipped update plus its
+    share of the client-level noise summed by SecAgg+; the site-level epsilon per adversary, checked
+    independently (every site every round: no sampling), within the target for the server alone."""
+    out = tmp_path / "run"
+    site_level = "dp-mode=nonprivate local-steps=2 target-epsilon=0 client-dp-epsilon=8 secure-agg=true"
+    done = _run(out, cache, site_level)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    report = check_adversaries(out, [3, 3, 3])
+    assert report["level"] == "site" and report["epsilon"]["server"] <= 8.0
+    utility = pd.read_csv(out / "utility.csv")
+    assert len(utility) == 4 and utility["zero_shot_accuracy"].notna().all()
+    assert not (out / "site_level.json").exists()  # the server added no noise of its own
+    assert "one whole site's update" in (out / "summary.md").read_text()

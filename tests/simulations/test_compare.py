@@ -165,7 +165,7 @@ def test_report_writes_tables_from_the_finished_runs_only(comparison, tmp_path):
 
 
 def test_compare_config_is_validated_before_anything_runs(tmp_path):
-    assert len(plan_runs(CompareConfig.from_toml(DEFAULT_COMPARE_TOML))) == 2 * 3 + 3 * 3 * 3
+    assert len(plan_runs(CompareConfig.from_toml(DEFAULT_COMPARE_TOML))) == 2 * 3 + 4 * 3 * 3
     with pytest.raises(ValueError, match="compare.settings: unknown"):
         CompareConfig(settings=("fed-magic",))
     with pytest.raises(ValueError, match="compare.epsilons"):
@@ -273,7 +273,13 @@ def test_every_shipped_comparison_config_plans_valid_runs():
     from simulations.hospital_clip.config import SimulationConfig
 
     files = sorted(Path("simulations/compare").glob("*.toml"))
-    assert {f.name for f in files} >= {"default.toml", "audits.toml", "input_level.toml", "nonprivate_like_dp.toml"}
+    assert {f.name for f in files} >= {
+        "default.toml",
+        "audits.toml",
+        "input_level.toml",
+        "nonprivate_like_dp.toml",
+        "many_sites.toml",
+    }
     for path in files:
         for run in plan_runs(CompareConfig.from_toml(path)):
             cfg = SimulationConfig.from_run_config(run.overrides)
