@@ -1,4 +1,8 @@
-"""Federated DP-SGD over secure aggregation: each round one step over every site's data.
+"""Rounds over secure aggregation: federated DP-SGD (patient level) or client-level DP in shares (site level).
+
+Patient level (dp-mode distributed): each round one DP-SGD step over every site's data. Site level
+(secure-agg with client-dp-epsilon): each site's clipped update plus its share of the client-level
+noise; the server applies the mean of the decoded sum.
 
 ``DistributedDpStrategy`` is the budget strategy (``strategies.privacy_budget``: write-ahead
 charges, site policies, quorum, rounds.csv) with the round's exchange replaced. Instead of one
