@@ -190,3 +190,33 @@ def test_a_supernode_without_node_config_is_refused(federation, hospital_data, t
     text = done.stdout + done.stderr
     assert "neither 'site'" in text and "partition-id" in text, text[-3000:]
     assert not list(out.glob("*/rounds.csv")) or all(pd.read_csv(p).empty for p in out.glob("*/rounds.csv"))
+
+
+def test_two_hospitals_run_distributed_dp_over_secure_aggregation_on_the_deployment_runtime(
+    federation, hospital_data, tmp_path
+):
+    """dp-mode distributed on real SuperLink and SuperNodes: Flower's SecAgg+ stages cross the
+    deployment runtime (a fresh ClientApp process per message keeps the protocol's state in the
+    node's context); each hospital opts in by its own policy and charges its own ledger."""
+    federation.superlink()
+    for k in range(2):
+        site = _site(f"hospital_{k}", hospital_data, tmp_path / f"state_{k}")
+        federation.supernode(f"hospital_{k}", f"{site} allowed-dp-modes='distributed'")
+    config = _run_config(tmp_path / "run.toml", hospital_data, out=tmp_path / "out")
+    config.write_text(
+        config.read_text().replace("local-steps = 3", "local-steps = 1")
+        + "dp-mode = 'distributed'\nsample-rate = 0.5\ntarget-epsilon = 8.0\nbudget = inf\n"
+    )
+    done = federation.run(config)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    (out,) = list((tmp_path / "out").iterdir())
+    assert json.loads((out / "status.json").read_text())["status"] == "finished"
+    report = json.loads((out / "distributed.json").read_text())
+    assert report["sums"] == 2 and report["epsilon"]["server"] <= 8.0
+    assert report["epsilon"]["server"] < report["epsilon"]["own-share"]
+    rounds = pd.read_csv(out / "rounds.csv")
+    assert (rounds["status"] == "trained").sum() == 4
+    for k in range(2):
+        with sqlite3.connect(tmp_path / f"state_{k}" / "ledger.sqlite") as db:
+            events = [json.loads(e) for (e,) in db.execute("SELECT event FROM charges ORDER BY round")]
+        assert [e["mechanism"] for e in events] == ["skellam", "skellam"]
