@@ -108,6 +108,10 @@ def _composed_epsilon(spent: tuple[DpEvent, ...], delta: float, accountant: str)
     if any(not e.is_private for e in spent):
         return math.inf
     if any(e.mechanism == Mechanism.SKELLAM for e in spent):
+        replace_one = [e for e in spent if e.relation == Relation.REPLACE_ONE]
+        if replace_one:  # no one accountant composes both: basic composition, delta split in two halves
+            rest = [e for e in spent if e.relation != Relation.REPLACE_ONE]
+            return _rdp_epsilon(rest, delta / 2) + _pld_epsilon(replace_one, delta / 2)
         return _rdp_epsilon(list(spent), delta)
     if all(e.relation == Relation.ADD_OR_REMOVE for e in spent):
         return _opacus_epsilon(list(spent), delta, accountant)
@@ -115,14 +119,11 @@ def _composed_epsilon(spent: tuple[DpEvent, ...], delta: float, accountant: str)
 
 
 def _rdp_epsilon(events: list[DpEvent], delta: float) -> float:
-    """Skellam sums (distributed DP) have a Renyi DP bound and no PLD: every event of the ledger is
-    composed in RDP at integer orders, the Gaussians with dp-accounting's exact RDP of the
-    Poisson-subsampled Gaussian, the Skellam sums with ``fedclip.distributed.accounting``."""
-    if any(e.relation != Relation.ADD_OR_REMOVE for e in events):
-        raise ValueError(
-            "accountant: a ledger with distributed-DP (Skellam) rounds composes in RDP, which fedclip has for "
-            "add-or-remove events only; it also holds replace-one events (micro-batches of several units)"
-        )
+    """Skellam sums (distributed DP) have a Renyi DP bound and no PLD: the add-or-remove events of a
+    ledger are composed in RDP at integer orders, the Gaussians with dp-accounting's exact RDP of the
+    Poisson-subsampled Gaussian, the Skellam sums with ``fedclip.distributed.accounting``. Replace-one
+    events (micro-batches of several units) have no RDP here: ``_composed_epsilon`` adds their PLD
+    epsilon at half the delta to this one at the other half (basic composition: conservative)."""
     orders = list(DISTRIBUTED_ORDERS)
     total = np.zeros(len(orders))
     for e in events:

@@ -261,9 +261,11 @@ def markdown_table(agg: pd.DataFrame) -> str:
 
 
 def _adversaries(r) -> str:
-    if math.isnan(r.epsilon_server):
+    """distributed DP's three epsilons (server, with colluders, own share); "-" for every other setting."""
+    values = [getattr(r, f"epsilon_{k}", math.nan) for k in ("server", "colluding", "own_share")]
+    if math.isnan(values[0]):
         return "-"
-    return " / ".join(_eps(v) for v in (r.epsilon_server, r.epsilon_colluding, r.epsilon_own_share))
+    return " / ".join(_eps(v) for v in values)
 
 
 def plot_against_epsilon(agg: pd.DataFrame, panels: dict[str, str], ylabel: str, path: Path) -> Path:

@@ -263,6 +263,12 @@ def test_the_table_prints_the_unit_with_its_neighbouring_data_sets():
     table = markdown_table(pd.DataFrame([row]))
     assert "| unit and neighbouring data sets (what epsilon is about) |" in table.splitlines()[0]
     assert "| identity (images): replace one patient's images by as many other images (local, replace-one) |" in table
+    distributed = {**row, "setting": "fed-distributed", "epsilon_server": 0.99, "epsilon_colluding": 1.45}
+    table = markdown_table(
+        pd.DataFrame([{**row, "epsilon_server": math.nan}, {**distributed, "epsilon_own_share": 2.5}])
+    )
+    assert "epsilon per adversary: server / server + colluders / a site's own share" in table.splitlines()[0]
+    assert "| 0.99 / 1.45 / 2.50 |" in table and table.splitlines()[2].count("| - |") >= 1
 
 
 def test_every_shipped_comparison_config_plans_valid_runs():
