@@ -107,7 +107,12 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--app: {args.app} has no make_server_app and client_app")
         from fedclip.privacy.randomness import NOT_PRIVATE_AGAINST_THE_SERVER
         from simulations.hospital_clip.preflight import preflight
-        from simulations.hospital_clip.server_app import default_run_config, resolve_config, saved_round
+        from simulations.hospital_clip.server_app import (
+            default_run_config,
+            plan_secure_sum,
+            resolve_config,
+            saved_round,
+        )
 
         overrides = parse_run_config(args.run_config)
         if args.output:
@@ -125,7 +130,10 @@ def main(argv: list[str] | None = None) -> int:
                 "a folder it can check after the run: pass --output DIR"
             )
         saved_round(cfg)  # a folder that holds a run, or a resume without its ledger, fails before Ray too
-        sites = len(preflight(cfg).sites)  # site names, sizes, delta: before Ray too
+        shape = preflight(cfg)  # site names, sizes, delta: before Ray too
+        sites = len(shape.sites)
+        if cfg.secure_level:  # a secure sum's grid, noise and width: a sum that may wrap fails here
+            plan_secure_sum(cfg, units=shape.units)
         supernodes = args.num_supernodes or sites
         if supernodes != sites:
             raise ValueError(f"--num-supernodes: {supernodes}, but the data has {sites} sites (one SuperNode per site)")

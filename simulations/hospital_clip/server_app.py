@@ -144,7 +144,7 @@ def plan_noise(cfg: SimulationConfig) -> float:
 WRAP_TOLERANCE = 1e-6  # the largest chance per round that some coordinate of the secure sum wraps around
 
 
-def plan_secure_sum(cfg: SimulationConfig, *, checkpoint: str, units: Mapping[str, int]) -> SecureSumPlan:
+def plan_secure_sum(cfg: SimulationConfig, *, units: Mapping[str, int]) -> SecureSumPlan:
     """A secure sum's plan: the grid (``Grid.for_clip``: rounding adds secure-agg-rounding to the
     sensitivity), the total Skellam variance calibrated over every round (patient level: to
     target-epsilon, Poisson-sampled units; site level: to client-dp-epsilon, every site each round),
@@ -154,7 +154,7 @@ def plan_secure_sum(cfg: SimulationConfig, *, checkpoint: str, units: Mapping[st
     clip = cfg.max_grad_norm if patient else cfg.client_clip_norm
     target = cfg.target_epsilon if patient else cfg.client_dp_epsilon
     rate = cfg.sample_rate if patient else 1.0
-    model = create_model(cfg.model(pretrained=checkpoint), device="cpu").model
+    model = create_model(cfg.model(pretrained=""), device="cpu").model  # its trainable coordinates, not weights
     grid = IntegerGrid.for_clip(clip=clip, dim=trainable_dim(model), bits=bits, rounding_share=cfg.secure_agg_rounding)
     sens = grid.sensitivity(clip=clip)
     sigma = (
@@ -406,7 +406,7 @@ def prepare(cfg: SimulationConfig, folder: RunFolder) -> Prepared:
     checkpoint = prepare_checkpoint(cfg, manifest)
     inputs = input_plan(cfg, manifest)  # dp-mode cadp | maskdp | mask-replace: the sites' one-time release
     shape = preflight(cfg, manifest)  # the same checks the CLI ran, now on the data as generated
-    secure = plan_secure_sum(cfg, checkpoint=checkpoint, units=shape.units) if cfg.secure_level else None
+    secure = plan_secure_sum(cfg, units=shape.units) if cfg.secure_level else None
     sigma = secure_noise_multiplier(secure) if secure is not None and secure.level == "patient" else plan_noise(cfg)
     site_sigma = (  # client-level noise added by the server (secure-agg: by the sites, in shares)
         calibrate_site_noise(target_epsilon=cfg.client_dp_epsilon, rounds=cfg.num_rounds, delta=cfg.delta)

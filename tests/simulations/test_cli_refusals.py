@@ -46,8 +46,42 @@ CASES = [
     (
         "dp-mode=microbach",
         None,
-        "dp-mode: expected one of ['microbatch', 'unit', 'paper', 'nonprivate', 'cadp', 'maskdp', 'mask-replace'], got 'microbach'",
+        "dp-mode: expected one of ['microbatch', 'unit', 'paper', 'nonprivate', 'distributed', 'cadp', 'maskdp', "
+        "'mask-replace'], got 'microbach'",
     ),
+    # distributed DP over secure aggregation (docs/privacy.md, "Distributed DP")
+    ("dp-mode=distributed local-steps=3", None, "local-steps: dp-mode 'distributed' is one DP-SGD step over all sites"),
+    (
+        "dp-mode=distributed local-steps=1 secure-agg-threshold=3",
+        None,
+        "secure-agg-threshold: expected an integer in [2, 2]",
+    ),
+    (
+        "dp-mode=distributed local-steps=1 secure-agg-bits=31",
+        None,
+        "secure-agg-bits: expected an integer in [2, 30] for 2 sites",
+    ),
+    (
+        "dp-mode=distributed local-steps=1 secure-agg-bits=12",
+        None,
+        "secure-agg-bits: a sum of 12 bits may wrap around",
+    ),
+    (
+        "dp-mode=distributed local-steps=1 secure-agg-colluders=2",
+        None,
+        "secure-agg-colluders: expected an integer in [0, 1]",
+    ),
+    (
+        "dp-mode=distributed local-steps=1 microbatch-size=3",
+        None,
+        "microbatch_size: dp-mode distributed clips every unit",
+    ),
+    (
+        "dp-mode=distributed local-steps=1 num-sites=1",
+        None,
+        "num-sites: secure aggregation needs at least 2 sites, got 1",
+    ),
+    ("secure-agg=true", None, "secure-agg: sums the sites' shares of client-level noise; set client-dp-epsilon > 0"),
     ("privacy-unit=patient", None, "privacy-unit: expected one of ['record', 'identity'], got 'patient'"),
     ("accountant=rdpp", None, "accountant: expected one of"),
     ("target-epsilon=nan", None, "target-epsilon: expected a finite number, got nan"),
@@ -163,3 +197,11 @@ def test_a_manifest_run_must_declare_its_public_site_size(tmp_path, capsys, smal
     assert "declared-units: with a manifest, declare the public number of units per site" in capsys.readouterr().err
     with pytest.raises(RayStarted):
         cli.main(argv[:-1] + [f"manifest='{small_manifest_path}' declared-units=8"])
+
+
+def test_a_valid_distributed_plan_passes_every_check_and_would_start_ray(tmp_path):
+    argv = ["--app", "simulations.hospital_clip", "--output", str(tmp_path / "run"), "--run-config"]
+    with pytest.raises(RayStarted):
+        cli.main(argv + [f"{TINY} dp-mode=distributed local-steps=1 secure-agg-threshold=2 secure-agg-colluders=1"])
+    with pytest.raises(RayStarted):
+        cli.main(argv + [f"{TINY} dp-mode=nonprivate client-dp-epsilon=4 secure-agg=true budget=inf"])
