@@ -43,3 +43,32 @@ def test_a_deployment_sends_the_plan_without_any_path(tmp_path):
     record = dict(train_config_record(cfg, noise_multiplier=1.0, manifest="/server.csv", checkpoint="/c.pt"))
     assert RoundPlan.from_record(record, hash_key="k", declared_units=10).files is None
     assert not {"manifest", "checkpoint", "site-state-root", "site-policy-file"} & set(record)
+
+
+def test_a_distributed_plan_carries_its_grid_and_share_and_each_adversary_sees_its_noise(tmp_path):
+    import math
+
+    from simulations.hospital_clip.plan import SecureSumPlan
+    from simulations.hospital_clip.server_app import plan_secure_sum, secure_noise_multiplier
+
+    cfg = SimulationConfig(
+        output_dir=str(tmp_path / "run"),
+        dp_mode="distributed",
+        local_steps=1,
+        num_sites=4,
+        secure_agg_threshold=3,
+        secure_agg_colluders=1,
+        target_epsilon=2.0,
+    )
+    secure = plan_secure_sum(cfg, units={f"hospital_{k}": 250 for k in range(4)})
+    assert secure.threshold == 3 and secure.bits == 29 and secure.level == "patient"
+    record = dict(train_config_record(cfg, noise_multiplier=1.0, manifest="/m", checkpoint="/c", secure=secure))
+    plan = RoundPlan.from_record(record, hash_key="k")
+    assert plan.secure == secure and plan.to_record() == record
+    # the server alone: threshold shares; with one colluder: two; a site trusting nobody: its own
+    sigma = {a: plan.events(a)[0].noise_multiplier for a in ("server", "colluding", "own-share")}
+    assert sigma["server"] == secure_noise_multiplier(secure)
+    assert math.isclose(sigma["colluding"] / sigma["server"], math.sqrt(2 / 3))
+    assert math.isclose(sigma["own-share"] / sigma["server"], math.sqrt(1 / 3))
+    assert plan.guarantee().membership and "anywhere in the federation" in plan.guarantee().neighbours
+    assert SecureSumPlan.from_record({}) is None  # a plan without a secure sum
