@@ -101,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    quiet_known_noise()  # known third-party warnings, by exact text, here and in Ray's actors
     try:
         module = importlib.import_module(args.app)
         if not hasattr(module, "make_server_app") or not hasattr(module, "client_app"):
@@ -145,7 +146,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"flower-simulation: error: {exc}", file=sys.stderr)
         return 2
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    quiet_known_noise()  # known third-party warnings, by exact text, here and in Ray's actors
     from flwr.simulation import run_simulation
 
     print(f"flower-simulation: {args.app}, {supernodes} SuperNodes, output {cfg.output_dir}", flush=True)
