@@ -420,7 +420,10 @@ def prepare(cfg: SimulationConfig, folder: RunFolder) -> Prepared:
             "resolved-manifest": manifest,
             "resolved-checkpoint": checkpoint,
             "resolved-noise-multiplier": sigma,
-            "resolved-site-noise-multiplier": site_sigma,
+            # client-level noise: the server's own, or (secure-agg) the sum of the sites' shares
+            "resolved-site-noise-multiplier": (
+                secure_noise_multiplier(secure) if secure is not None and secure.level == "site" else site_sigma
+            ),
             **(secure.to_record() if secure is not None else {}),
             **(inputs.to_record() if inputs is not None else {}),
             "private-against-the-server": not cfg.reproducible_noise,
