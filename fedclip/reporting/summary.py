@@ -369,6 +369,13 @@ def _what_the_attacker_extracted(config: Mapping[str, Any], attack: pd.DataFrame
     lines = ["## What the attacker extracted, and what the audit certifies", "", *ATTACK_HEADER]
     lines += attack_rows(attack)
     lines += contradictions(attack)
+    if config.get("dp-mode") == "distributed" or (config.get("secure-agg") and config.get("client-dp-epsilon", 0) > 0):
+        lines += [
+            "",
+            "**idia-replies: not run.** Over secure aggregation the server never holds a site's reply: each masked "
+            "vector is uniform to it and only the sum is decoded, so the model the sum produces (the rows above) is "
+            "all an attack on the replies has to work on.",
+        ]
     if not len(attack):
         lines += [
             "",

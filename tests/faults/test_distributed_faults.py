@@ -115,6 +115,7 @@ def test_an_uninterrupted_run_states_three_epsilons_each_checked_independently(w
         assert charged == pytest.approx(own) and eps["server"] <= charged <= 6.0
     summary = (whole / "summary.md").read_text()
     assert "Epsilon per adversary" in summary and "nobody: a site's own share only" in summary
+    assert "idia-replies: not run" in summary and "idia-replies" not in set(pd.read_csv(whole / "attack.csv")["attack"])
     assert (pd.read_csv(whole / "rounds.csv")["status"] == "trained").all()
 
 
