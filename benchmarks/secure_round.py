@@ -2,7 +2,7 @@
 each site's clipped sum with its noise share summed by Flower's SecAgg+) against the same step
 with local DP and plain aggregation, at several numbers of sites.
 
-    python -m benchmarks.secure_round [--sites 4,64,256] [--rounds 3] [--patients 4]
+    python -m benchmarks.secure_round [--sites 4,64,256] [--rounds 3] [--patients 4] [--neighbours 15 --threshold 8]
 
 Both runs do the same work at a site (one Poisson sample, every unit's gradient clipped and summed;
 the plain run adds Gaussian noise and takes its step locally, the distributed run rounds onto the
@@ -34,6 +34,8 @@ def main() -> int:
     parser.add_argument("--sites", default="4,64,256")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--patients", type=int, default=4, help="patients per site")
+    parser.add_argument("--neighbours", type=int, default=0, help="SecAgg+ neighbours per site (0: every site)")
+    parser.add_argument("--threshold", type=int, default=0, help="reconstruction threshold (0: every site)")
     parser.add_argument("--workdir", default="", help="keep the runs here (default: a temporary folder)")
     args = parser.parse_args()
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="fedclip_secure_round_"))
@@ -41,7 +43,11 @@ def main() -> int:
     rows = []
     for n in (int(s) for s in args.sites.split(",")):
         runs = {}
-        for kind, extra in (("plain", ONE_STEP), ("secagg", f"{ONE_STEP} {DISTRIBUTED}")):
+        graph = (
+            f"secure-agg-neighbours={args.neighbours if args.neighbours < n else 0} "
+            f"secure-agg-threshold={min(args.threshold, n) if args.threshold else 0}"
+        )
+        for kind, extra in (("plain", ONE_STEP), ("secagg", f"{ONE_STEP} {DISTRIBUTED} {graph}")):
             print(f"{n} sites, {kind}: running ({workdir})", flush=True)
             runs[kind] = run_one(
                 n, rounds=args.rounds, patients=args.patients, steps=1, workdir=workdir, extra=extra, name=f"_{kind}"

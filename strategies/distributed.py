@@ -95,6 +95,8 @@ class DistributedDpStrategy(PrivacyBudgetStrategy):
     level : str
         ``patient`` (one DP-SGD step over the sites' clipped sums) or ``site`` (the mean of the
         sites' clipped updates, client-level DP's noise in shares).
+    neighbours : int
+        SecAgg+'s neighbours per site (0: every site, SecAgg's complete graph).
     """
 
     def __init__(
@@ -107,9 +109,11 @@ class DistributedDpStrategy(PrivacyBudgetStrategy):
         share_variance: float,
         step: ServerStep,
         level: str = "patient",
+        neighbours: int = 0,
         **budget_kwargs,
     ) -> None:
         super().__init__(inner, **budget_kwargs)
+        self.neighbours = neighbours
         self.grid_spec, self.threshold, self.sample_rate, self.step = grid_spec, threshold, sample_rate, step
         self.share_variance, self.level = share_variance, level
         self._grid: Grid | None = None
@@ -142,6 +146,7 @@ class DistributedDpStrategy(PrivacyBudgetStrategy):
                 instructions=self._instructions,
                 bits=self.grid_spec.bits,
                 threshold=min(self.threshold, len(self._instructions)),
+                neighbours=self.neighbours if self.neighbours < len(self._instructions) else 0,
                 round_=round_,
                 before_unmask=record,
             )

@@ -119,6 +119,7 @@ class SimulationConfig:
     secure_agg_colluders: int = 1  # sites assumed to collude with the server, for the 'colluding' epsilon
     secure_agg_bits: int = 0  # the secure sum's width; 0 = the widest Flower's SecAgg+ carries for the sites
     secure_agg_rounding: float = 0.01  # the share the grid's rounding adds to the sensitivity (coarser: narrower sum)
+    secure_agg_neighbours: int = 0  # SecAgg+'s neighbours per site (odd); 0 = every site (SecAgg's complete graph)
     # client-level DP (client-dp-epsilon > 0) with its noise added in shares by the sites and summed by SecAgg+,
     # instead of by the server on clean updates
     secure_agg: bool = False
@@ -240,7 +241,7 @@ class SimulationConfig:
             raise ValueError(f"num-sites: secure aggregation needs at least 2 sites, got {sites}")
         threshold = self.secure_agg_threshold or sites
         bits = self.secure_agg_bits or max_bits(sites)
-        check_secure_sum(num_sites=sites, bits=bits, threshold=threshold)
+        check_secure_sum(num_sites=sites, bits=bits, threshold=threshold, neighbours=self.secure_agg_neighbours)
         check_colluders(self.secure_agg_colluders, threshold=threshold)
         if not 0 < self.secure_agg_rounding <= 1:
             raise ValueError(f"secure-agg-rounding: expected a share in (0, 1], got {self.secure_agg_rounding}")

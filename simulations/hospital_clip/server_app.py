@@ -527,6 +527,7 @@ def make_strategy(
             share_variance=prep.secure.share_variance,
             step=ServerStep(copy.deepcopy(model), lr=cfg.lr, optimizer=cfg.optimizer),
             level=prep.secure.level,
+            neighbours=cfg.secure_agg_neighbours,
             **budget_kwargs,
         )
     return PrivacyBudgetStrategy(inner, on_reply=replies.observe if replies else None, **budget_kwargs)

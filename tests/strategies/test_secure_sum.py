@@ -145,6 +145,23 @@ def test_fewer_sites_than_the_threshold_fail_the_sum_loudly_naming_the_stage(sta
     assert info.value.stage == stage.replace("_", "-")
 
 
+@pytest.mark.parametrize(
+    "stage,in_sum", [("collect_masked_vectors", (1, 2, 4, 5, 6, 7)), ("unmask", tuple(range(1, 8)))]
+)
+def test_secagg_plus_neighbourhoods_decode_exactly_and_recover_a_site_after_its_masked_vector(stage, in_sum):
+    """SecAgg+'s ring: each of 7 sites shares keys with 5 (itself included), threshold 3."""
+    CRASH[3] = stage
+    grid = SpyGrid(7)
+    arrays = ArrayRecord({"weights.a": Array(np.ones((2, 2))), "weights.b": Array(np.arange(3.0))})
+    instructions = {nid: (arrays, ConfigRecord({"planned-round": 7})) for nid in grid.get_node_ids()}
+    result = secure_sum(grid, instructions=instructions, bits=BITS, threshold=3, neighbours=5, round_=1)
+    assert result.in_sum == in_sum and np.array_equal(result.total, expected(in_sum))
+    with pytest.raises(ValueError, match="secure-agg-neighbours"):
+        check_secure_sum(num_sites=7, bits=BITS, threshold=3, neighbours=4)
+    with pytest.raises(ValueError, match="secure-agg-threshold: expected fewer than secure-agg-neighbours"):
+        check_secure_sum(num_sites=7, bits=BITS, threshold=5, neighbours=5)
+
+
 def test_the_widest_sum_for_the_sites_decodes_exactly():
     """At max_bits the sites' weights sum to just below 2**32 (Flower divides by that sum)."""
     global BITS
