@@ -11,11 +11,22 @@ from __future__ import annotations
 
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
 from simulations.hospital_clip.site_worker import WORKER_KEY, forward  # light: sockets and Flower's serde
-from strategies.secure_sum import secure_sum_mod  # Flower's SecAgg+ for dp-mode distributed; others pass through
 
-app = ClientApp(mods=[secure_sum_mod])
+
+def secure_sum(msg: Message, context: Context, call_next) -> Message:
+    """Flower's SecAgg+ for a secure sum's messages (``strategies.secure_sum``); every other message
+    passes through without importing it (the strategies package brings torch with it)."""
+    if RECORD_KEY_CONFIGS not in msg.content.config_records:
+        return call_next(msg, context)
+    from strategies.secure_sum import secure_sum_mod
+
+    return secure_sum_mod(msg, context, call_next)
+
+
+app = ClientApp(mods=[secure_sum])
 
 
 def _answer(msg: Message, context: Context) -> Message:
