@@ -223,4 +223,7 @@ SETTINGS: dict[str, Setting] = {
 # masks) and a fitted INN, so a grid that names no settings runs the gradient-DP ones
 INPUT_SETTINGS = ("fed-cadp", "fed-maskdp", "fed-mask-replace")
 MASK_SETTINGS = ("fed-maskdp", "fed-mask-replace")
-DEFAULT_SETTINGS = tuple(name for name in SETTINGS if name not in INPUT_SETTINGS)
+# the secure-aggregation settings are opt-in too (default.toml names fed-distributed): one secure sum per
+# DP-SGD step makes them the slowest to run, and a grid that names no settings should stay quick
+SECURE_SETTINGS = ("fed-distributed", "fed-distributed-client")
+DEFAULT_SETTINGS = tuple(name for name in SETTINGS if name not in INPUT_SETTINGS + SECURE_SETTINGS)

@@ -58,16 +58,14 @@ def comparison(tmp_path_factory):
 def test_every_setting_ran_and_wrote_tables_and_plots(comparison):
     out, _, stdout = comparison
     runs = pd.read_csv(out / "runs.csv")
-    assert len(runs) == 2 + 8 * 2  # two non-private settings, eight private ones at two epsilons, one seed
+    assert len(runs) == 2 + 6 * 2  # two non-private settings, six private ones at two epsilons, one seed
     assert set(runs["setting"]) == set(DEFAULT_SETTINGS)  # the input-level settings are opt-in
     for name in ("table.csv", "table.md", "utility_vs_epsilon.png", "tpr_vs_epsilon.png"):
         assert (out / name).stat().st_size > 0
     from matplotlib.image import imread  # the attack plot has two panels: the global model, and the replies
 
     assert imread(out / "tpr_vs_epsilon.png").shape[1] > 1.8 * imread(out / "utility_vs_epsilon.png").shape[1]
-    secure = runs["setting"].str.startswith("fed-distributed")  # the server sees only the secure sum: no reply
-    assert runs.loc[~secure, "replies_tpr"].notna().all() and runs.loc[secure, "replies_tpr"].isna().all()
-    assert runs.loc[secure, "epsilon_own_share"].notna().all() and runs.loc[~secure, "epsilon_server"].isna().all()
+    assert runs["replies_tpr"].notna().all() and runs["epsilon_server"].isna().all()
     table = pd.read_csv(out / "table.csv")
     units = dict(zip(table["setting"], table["unit"]))
     assert units["fed-local-record"] == "record" and units["fed-local-identity"] == "identity"
@@ -118,7 +116,7 @@ def test_a_second_invocation_reuses_every_finished_run(comparison):
     before = (out / "table.csv").read_text()
     again = _compare(config)
     assert again.returncode == 0, again.stderr[-2000:]
-    assert "18 already done, 0 to run" in again.stdout
+    assert "14 already done, 0 to run" in again.stdout
     assert (out / "table.csv").read_text() == before
 
 
@@ -144,9 +142,9 @@ def test_report_writes_tables_from_the_finished_runs_only(comparison, tmp_path):
         timeout=300,
     )
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "17 of 18 runs finished; incomplete: seed=0" in done.stdout
+    assert "13 of 14 runs finished; incomplete: seed=0" in done.stdout
     runs = pd.read_csv(partial / "runs.csv")
-    assert len(runs) == 17 and not ((runs["setting"] == "fed-client") & (runs["target_epsilon"] == 1.0)).any()
+    assert len(runs) == 13 and not ((runs["setting"] == "fed-client") & (runs["target_epsilon"] == 1.0)).any()
     empty = subprocess.run(
         [
             sys.executable,
