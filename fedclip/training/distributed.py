@@ -21,6 +21,7 @@ from fedclip.distributed.skellam import skellam_noise
 from fedclip.privacy.randomness import site_randomness
 from fedclip.training.config import DpConfig, Mode, TrainConfig
 from fedclip.training.group_grads import make_grad_engine
+from fedclip.training.local import dp_hand_over, make_optimizer, sampling_units  # the local trainer's own parts
 
 
 def trainable(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
@@ -37,8 +38,6 @@ def clipped_sum(
 ) -> torch.Tensor:
     """Sum over the Poisson-sampled units of each unit's gradient clipped to ``dp.max_grad_norm``:
     flat, float64, in ``trainable`` order (zeros if no unit was sampled)."""
-    from fedclip.training.local import dp_hand_over, make_optimizer, sampling_units  # the local trainer's parts
-
     if dp.mode != Mode.DISTRIBUTED:
         raise ValueError(f"dp-mode: a distributed contribution needs mode 'distributed', got {dp.mode}")
     pools = sampling_units(data, dp)

@@ -8,28 +8,15 @@ import sys
 import pandas as pd
 import pytest
 
-SMALL = """
-[compare]
-output-dir = "{out}"
-settings = ["fed-distributed", "fed-distributed-client"]
-epsilons = [1.0, 16.0]
-seeds = [0]
-parallel = 2
+from tests.simulations.test_compare import SMALL as GENERAL
 
-[base]
-num-sites = 2
-patients-per-site = 8
-public-patients = 30
-heldout-patients = 8
-images-per-patient = 8
-query-images-per-patient = 3
-idia-queries = 3
-idia-distractors = 20
-warm-start-epochs = 5
-local-steps = 3
-num-rounds = 2
-sample-rate = 0.5
-"""
+# the general comparison test's small base, with few steps: every step of fed-distributed is a secure sum
+SMALL = (
+    GENERAL.replace("[compare]", '[compare]\nsettings = ["fed-distributed", "fed-distributed-client"]')
+    .replace("local-steps = 30", "local-steps = 3")
+    .replace("num-rounds = 4", "num-rounds = 2")
+    .replace("microbatch-size = 2\n", "")
+)
 
 
 @pytest.fixture(scope="module")
