@@ -48,7 +48,10 @@ UNITS_KEY = "declared-units"  # in a site's clear report: its public size
 class ServerStep:
     """The global model's optimizer at the server: AdamW (or Nesterov SGD) on the decoded mean gradient."""
 
-    def __init__(self, model: torch.nn.Module, *, lr: float, optimizer: str = "adamw") -> None:
+    def __init__(
+        self, model: torch.nn.Module, *, lr: float, optimizer: str = "adamw", state: dict | None = None
+    ) -> None:
+        """``state``: a ``state_dict()`` saved with the global model, so a resumed run keeps its moments."""
         self.model = model
         params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = (
@@ -56,6 +59,11 @@ class ServerStep:
             if optimizer == "sgd"
             else torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
         )
+        if state:
+            self.optimizer.load_state_dict(state["optimizer"])
+
+    def state_dict(self) -> dict:
+        return {"optimizer": self.optimizer.state_dict()}
 
     def __call__(self, arrays: ArrayRecord, gradient: torch.Tensor) -> ArrayRecord:
         load_arrays(self.model, arrays)
@@ -119,6 +127,10 @@ class DistributedDpStrategy(PrivacyBudgetStrategy):
         self._grid: Grid | None = None
         self._instructions: dict[int, tuple[ArrayRecord, ConfigRecord]] = {}
         self._arrays: ArrayRecord | None = None
+
+    def server_state(self) -> dict:
+        """The server optimizer's moments, checkpointed with the global model (post-processing: no privacy cost)."""
+        return {"server_step": self.step.state_dict()}
 
     def _configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
         """Charge and select as the budget strategy does; keep the messages' contents as the secure

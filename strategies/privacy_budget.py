@@ -146,6 +146,10 @@ class PrivacyBudgetStrategy(Strategy):
         self._waited = 0.0
         self.strategy_seconds = 0.0  # this round: budget checks, charges, settlements, aggregation, report
 
+    def server_state(self) -> dict:
+        """State beyond the global model that a resumed run needs (none here: FedAvg keeps none)."""
+        return {}
+
     def epsilons(self) -> dict[str, float]:
         return {site: self.store.ledger(site).epsilon() for site in sorted(self.sites.values())}
 

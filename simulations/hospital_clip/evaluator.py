@@ -51,6 +51,7 @@ class RoundEvaluator:
         reply_attack: ReplyAttack | None = None,
         comparable: bool = True,
         evaluate_every: int = 1,
+        server_state: Callable[[], dict] = dict,
     ) -> None:
         """``comparable``: the sites' epsilon bounds membership of a unit (False for input-level
         privatization, whose epsilon is about images): only then is an attack's bound held against it."""
@@ -58,6 +59,7 @@ class RoundEvaluator:
         self.files, self.epsilons, self.delta = files, epsilons, delta
         self.state_dir, self.round_offset, self.total_rounds = state_dir, round_offset, total_rounds
         self.evaluate_every = evaluate_every  # and after the last round
+        self.server_state = server_state  # checkpointed beside the model (the server optimizer's moments)
         self.trained_this_round, self.strategy_seconds = trained_this_round, strategy_seconds
         self.reply_attack, self.comparable = reply_attack, comparable
         self.started = time.time()
@@ -76,7 +78,9 @@ class RoundEvaluator:
         if server_round > 0 and not self.trained_this_round():
             return None  # no site could train: the model did not change
         if server_round > 0 and round_ != self.total_rounds and round_ % self.evaluate_every:
-            self.bar.update(1)  # evaluate-every: a round between evaluations
+            self._checkpoint(round_, arrays, keep=False)  # a round between evaluations: resumable all the same
+            crash_point("saved", round_)
+            self.bar.update(1)
             return None
         load_arrays(self.model, arrays)
         eps = self.epsilons()
@@ -151,10 +155,13 @@ class RoundEvaluator:
     def close(self) -> None:
         self.bar.close()
 
-    def _checkpoint(self, round_: int, arrays: ArrayRecord) -> None:
+    def _checkpoint(self, round_: int, arrays: ArrayRecord, *, keep: bool = True) -> None:
+        """``keep``: also under ``models/`` for the auditor (evaluated rounds)."""
         saved = {"round": round_, "state_dict": arrays.to_torch_state_dict()}
-        _save_atomic(saved, self.files.dir / "models" / f"round_{round_:03d}.pt")
-        _save_atomic(saved, self.state_dir / "global.pt")  # last: the point a resumed run continues from
+        if keep:
+            _save_atomic(saved, self.files.dir / "models" / f"round_{round_:03d}.pt")
+        # last: the point a resumed run continues from, with what the server's own optimizer carries
+        _save_atomic({**saved, "server_state": self.server_state()}, self.state_dir / "global.pt")
 
 
 def _save_atomic(payload: dict, path: Path) -> None:

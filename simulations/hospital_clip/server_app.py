@@ -525,7 +525,12 @@ def make_strategy(
             threshold=prep.secure.threshold,
             sample_rate=cfg.sample_rate,
             share_variance=prep.secure.share_variance,
-            step=ServerStep(copy.deepcopy(model), lr=cfg.lr, optimizer=cfg.optimizer),
+            step=ServerStep(
+                copy.deepcopy(model),
+                lr=cfg.lr,
+                optimizer=cfg.optimizer,
+                state=(folder.saved or {}).get("server_state", {}).get("server_step"),
+            ),
             level=prep.secure.level,
             neighbours=cfg.secure_agg_neighbours,
             **budget_kwargs,
@@ -659,6 +664,7 @@ def _run_rounds(grid: Grid, cfg: SimulationConfig, folder: RunFolder) -> Path:
         reply_attack=replies,
         comparable=plan.guarantee().membership,
         evaluate_every=cfg.evaluate_every,
+        server_state=strategy.server_state,
     )
     failure = None
     if cfg.num_rounds > folder.round_offset:

@@ -16,6 +16,7 @@ import sys
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from dp_accounting.rdp.rdp_privacy_accountant import compute_epsilon
 from scipy.special import comb, logsumexp
 
@@ -91,6 +92,12 @@ def check_adversaries(out, shares_per_sum: list[int]) -> dict:
     return report
 
 
+def server_steps(out) -> int:
+    """The AdamW steps the server's optimizer has taken, from the checkpoint a resume continues from."""
+    saved = torch.load(out / "state" / "global.pt", map_location="cpu", weights_only=True)
+    return int(saved["server_state"]["server_step"]["optimizer"]["state"][0]["step"])
+
+
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
     return tmp_path_factory.mktemp("cache")
@@ -117,6 +124,7 @@ def test_an_uninterrupted_run_states_three_epsilons_each_checked_independently(w
     assert "Epsilon per adversary" in summary and "nobody: a site's own share only" in summary
     assert "idia-replies: not run" in summary and "idia-replies" not in set(pd.read_csv(whole / "attack.csv")["attack"])
     assert (pd.read_csv(whole / "rounds.csv")["status"] == "trained").all()
+    assert server_steps(whole) == 3
 
 
 @pytest.mark.parametrize(
@@ -164,6 +172,19 @@ def test_the_server_killed_at_each_phase_then_resumed_loses_no_sum(tmp_path, cac
         own = LedgerStore(out / "sites" / site / "ledger.sqlite", delta=1e-5)
         assert server.ledger(site).epsilon() >= own.ledger(site).epsilon()
     assert np.isfinite(json.loads((out / "distributed.json").read_text())["epsilon"]["server"])
+    # the server's AdamW moments came back with the model: one step per round, none lost or repeated
+    assert server_steps(out) == 3
+
+
+def test_a_round_between_evaluations_is_a_point_to_resume_from(tmp_path, cache):
+    out = tmp_path / "run"
+    crashed = _run(out, cache, "evaluate-every=3", env={"FEDCLIP_CRASH_AT": "saved:2"})
+    assert crashed.returncode == CRASH_EXIT_CODE, crashed.stdout[-2000:] + crashed.stderr[-3000:]
+    assert server_steps(out) == 2 and not (out / "models" / "round_002.pt").exists()  # not evaluated: not kept
+    resumed = _run(out, cache, "resume=true evaluate-every=3")
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]
+    assert "resuming after round 2" in resumed.stdout and server_steps(out) == 3
+    check_adversaries(out, [3, 3, 3])
 
 
 def test_a_sites_policy_names_the_adversary_its_ledger_and_caps_count_against(tmp_path, cache):
