@@ -1,6 +1,6 @@
 """A round on Flower's deployment runtime against the same round simulated on Ray.
 
-    python -m benchmarks.deployed_round [--patients 250] [--rounds 3]
+    python -m benchmarks.deployed_round [--patients 250] [--rounds 3] [--sites 2] [--mode distributed]
 
 Two hospitals of ``--patients`` patients (10 images each), the default private training plan.
 The same data and base weights run three times: as a consortium on loopback (SuperLink, two
@@ -11,6 +11,9 @@ Without a worker, round 1 pays for decoding every image (the cache miss) and lat
 the site's on-disk cache; a worker keeps model and data in memory.
 Round times come from the ServerApp's own per-round line (time since the first evaluation), so
 both runtimes are timed the same way; the table prints their ratio, measured in one run.
+
+``--mode distributed``: one DP-SGD step per round over Flower's SecAgg+ (each hospital's policy
+opts in), four exchanges per round instead of one; the table adds rounds per minute.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from fedclip.data.synthetic import SyntheticConfig, generate
 from fedclip.training.warmstart import WarmStartConfig, warm_start
 from simulations.loopback import BIN, REPO, Federation
 
+DISTRIBUTED = "dp-mode = 'distributed'\nlocal-steps = 1\nbudget = inf\n"  # the round is one step over SecAgg+
 ROUND_LINE = re.compile(r"round (\d+)/\d+ \|.*\| (\d+)s")
 WORKER_LINE = re.compile(r"train: answered \(run \d+\) in ([0-9.]+) s")
 
@@ -64,6 +68,7 @@ def deployed_run(
     patients: int,
     workers: bool,
     step: str,
+    node_extra: str = "",
 ) -> tuple[dict[int, float], float, list[list[float]]]:
     """One consortium run on loopback: its round times, wall time and (``workers``: each hospital hands
     its messages to a site worker) each worker's seconds per train message, from the worker's log."""
@@ -80,7 +85,7 @@ def deployed_run(
             state = folder / "state" / site
             node = (
                 f"site='{site}' manifest='{roles[site]}' checkpoint='{checkpoint}' state-dir='{state}' "
-                f"declared-units={patients}"
+                f"declared-units={patients}{node_extra}"
             )
             if workers:
                 node += f" site-worker='{fed.root / (site + '.sock')}'"
@@ -108,16 +113,21 @@ def main() -> None:
     parser.add_argument("--patients", type=int, default=250, help="patients per hospital")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--warm-epochs", type=int, default=3, help="warm start epochs (timing only: kept short)")
+    parser.add_argument("--sites", type=int, default=2, help="hospitals")
+    parser.add_argument("--mode", choices=("local", "distributed"), default="local")
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="fedclip-deployed-"))
-    data = SyntheticConfig(num_sites=2, patients_per_site=args.patients, public_patients=200, heldout_patients=100)
+    data = SyntheticConfig(
+        num_sites=args.sites, patients_per_site=args.patients, public_patients=200, heldout_patients=100
+    )
     manifest = generate(root / "data", data)
     roles = split_roles(manifest)
     checkpoint = warm_start(roles["server"], cache_dir=root / "cache", config=WarmStartConfig(epochs=args.warm_epochs))
     common = (
         f"num-rounds = {args.rounds}\npretrained = '{checkpoint}'\ncache-dir = '{root / 'cache'}'\n"
         f"declared-units = {args.patients}\nidia-distractors = 50\n"
-    )
+    ) + (DISTRIBUTED if args.mode == "distributed" else "")
+    node_extra = " allowed-dp-modes='distributed'" if args.mode == "distributed" else ""
     sites = sorted(r for r in roles if r not in ("server", "auditor"))
 
     deployed, deployed_wall, _ = deployed_run(
@@ -129,6 +139,7 @@ def main() -> None:
         patients=args.patients,
         workers=False,
         step="[1/3]",
+        node_extra=node_extra,
     )
     worker, worker_wall, handling = deployed_run(
         root / "worker",
@@ -139,6 +150,7 @@ def main() -> None:
         patients=args.patients,
         workers=True,
         step="[2/3]",
+        node_extra=node_extra,
     )
 
     print("[3/3] simulation: the same data through flower-simulation (Ray)", flush=True)
@@ -186,6 +198,10 @@ def main() -> None:
         f"{args.rounds} rounds (round 1 deployed: cache miss; later rounds: the site's disk cache)"
     )
     print(table.to_string(index=False, float_format=lambda v: f"{v:.2f}"))
+    later = [r for r in sorted(simulated) if r > 1]  # round 1 pays for the cache miss
+    for name, times in (("deployed", deployed), ("with site workers", worker), ("simulated", simulated)):
+        mean = sum(times[r] for r in later if r in times) / max(1, sum(r in times for r in later))
+        print(f"rounds per minute after round 1, {name}: {60 / mean:.1f}" if mean else f"{name}: no later rounds")
     print(
         f"\nwhole run: deployed {deployed_wall:.0f} s, with site workers {worker_wall:.0f} s, simulated {simulated_wall:.0f} s (each including its own "
         f"start-up, data check and warm-start lookup); folder {root}"

@@ -3,6 +3,11 @@ each site's clipped sum with its noise share summed by Flower's SecAgg+) against
 with local DP and plain aggregation, at several numbers of sites.
 
     python -m benchmarks.secure_round [--sites 4,64,256] [--rounds 3] [--patients 4] [--neighbours 15 --threshold 8]
+    python -m benchmarks.secure_round --level site --local-steps 10 [...]
+
+``--level site``: the site-level form instead, each site training ``--local-steps`` steps under its
+local DP as today, then clipping its whole update; client-level DP's noise added at the server over
+plain aggregation against the same noise added in shares and summed by SecAgg+ (``secure-agg``).
 
 Both runs do the same work at a site (one Poisson sample, every unit's gradient clipped and summed;
 the plain run adds Gaussian noise and takes its step locally, the distributed run rounds onto the
@@ -27,6 +32,15 @@ from benchmarks.many_sites import run_one
 
 ONE_STEP = "local-steps=1 attack-replies=off"
 DISTRIBUTED = "dp-mode=distributed secure-agg-rounding=0.1"
+SITE_LEVEL = "client-dp-epsilon=1.0 attack-replies=off"  # local DP as the defaults, --local-steps steps
+IN_SHARES = "secure-agg=true secure-agg-rounding=0.1"
+
+
+def _pair(level: str) -> tuple[tuple[str, str], tuple[str, str]]:
+    """The plain run's and the secure run's run-config overrides (without the SecAgg+ graph)."""
+    if level == "site":
+        return ("plain", SITE_LEVEL), ("secagg", f"{SITE_LEVEL} {IN_SHARES}")
+    return ("plain", ONE_STEP), ("secagg", f"{ONE_STEP} {DISTRIBUTED}")
 
 
 def main() -> int:
@@ -37,6 +51,8 @@ def main() -> int:
     parser.add_argument("--neighbours", type=int, default=0, help="SecAgg+ neighbours per site (0: every site)")
     parser.add_argument("--threshold", type=int, default=0, help="reconstruction threshold (0: every site)")
     parser.add_argument("--workdir", default="", help="keep the runs here (default: a temporary folder)")
+    parser.add_argument("--level", choices=("patient", "site"), default="patient")
+    parser.add_argument("--local-steps", type=int, default=10, help="site level: each site's local steps")
     args = parser.parse_args()
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="fedclip_secure_round_"))
     workdir.mkdir(parents=True, exist_ok=True)
@@ -47,10 +63,18 @@ def main() -> int:
             f"secure-agg-neighbours={args.neighbours if args.neighbours < n else 0} "
             f"secure-agg-threshold={min(args.threshold, n) if args.threshold else 0}"
         )
-        for kind, extra in (("plain", ONE_STEP), ("secagg", f"{ONE_STEP} {DISTRIBUTED} {graph}")):
-            print(f"{n} sites, {kind}: running ({workdir})", flush=True)
+        steps = args.local_steps if args.level == "site" else 1
+        for kind, extra in _pair(args.level):
+            extra += f" {graph}" if kind == "secagg" else ""
+            print(f"{n} sites, {kind} ({args.level} level): running ({workdir})", flush=True)
             runs[kind] = run_one(
-                n, rounds=args.rounds, patients=args.patients, steps=1, workdir=workdir, extra=extra, name=f"_{kind}"
+                n,
+                rounds=args.rounds,
+                patients=args.patients,
+                steps=steps,
+                workdir=workdir,
+                extra=extra,
+                name=f"_{kind}",
             )
         plain, secagg = _later_rounds(workdir, n, "plain"), _later_rounds(workdir, n, "secagg")
         rows.append(
