@@ -4,6 +4,7 @@ drive the Flower apps, which live here so that ``fedclip/`` never imports ``simu
     fedclip compare [--config FILE]        central vs federated DP: a matrix of federation runs
     fedclip audit RUN_DIR --targets FILE   the auditor: IDIA (and --canaries FILE) on every saved round model
     fedclip site-worker --site S --socket P a hospital's long-lived worker (node config site-worker=P)
+    fedclip job APP SUPERLINK --run-config F flwr run, then exit by how the run ended (0 finished, 1 failed)
 
     python -m simulations.commands ...     the same, without the console script
 """
@@ -65,8 +66,14 @@ def cmd_site_worker(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_job(args: argparse.Namespace) -> int:
+    from simulations.job import main as job
+
+    return job(args.app, args.superlink, run_config=args.run_config, wait=args.wait)
+
+
 def add_app_commands(sub) -> None:
-    """Register ``compare``, ``audit`` and ``site-worker`` on the ``fedclip`` parser's subcommands."""
+    """Register ``compare``, ``audit``, ``site-worker`` and ``job`` on the ``fedclip`` parser's subcommands."""
     p = sub.add_parser("compare", help="compare central and federated DP over a grid of epsilons and seeds")
     p.add_argument("--config", default=None, help="comparison TOML (default: simulations/compare/default.toml)")
     p.add_argument("--output", default=None, help="output folder (overrides compare.output-dir)")
@@ -101,6 +108,16 @@ def add_app_commands(sub) -> None:
     p.add_argument("--socket", required=True, help="Unix socket path (created with mode 0600)")
     p.add_argument("--max-messages", type=int, default=None, help="stop after this many connections (tests)")
     p.set_defaults(func=cmd_site_worker)
+    p = sub.add_parser(
+        "job",
+        help="the operator's command: flwr run with its log, then exit 0 only if the run finished "
+        "(1 failed or stopped, naming the reason; 2 not started; 3 not finished)",
+    )
+    p.add_argument("app", help="the Flower app's folder (as for flwr run), e.g. .")
+    p.add_argument("superlink", help="the SuperLink connection's name in Flower's config (as for flwr run)")
+    p.add_argument("--run-config", default="", help="run-config TOML file or overrides (as for flwr run)")
+    p.add_argument("--wait", type=float, default=120.0, help="seconds to wait for the final status after the log ends")
+    p.set_defaults(func=cmd_job)
 
 
 def _usage() -> str:

@@ -151,8 +151,9 @@ class Federation:
         return log
 
     def run(self, run_config: Path, *, timeout: float = 600) -> subprocess.CompletedProcess:
+        """The operator's command (``fedclip job``: ``flwr run --stream``, exit status by how the run ended)."""
         return subprocess.run(
-            [str(BIN / "flwr"), "run", ".", "loopback", "--run-config", str(run_config), "--stream"],
+            [str(BIN / "fedclip"), "job", ".", "loopback", "--run-config", str(run_config)],
             cwd=REPO,
             env=_env(self.home),
             capture_output=True,

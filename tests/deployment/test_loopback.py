@@ -1,5 +1,6 @@
 """The app on Flower's deployment runtime, as a consortium starts it: a SuperLink and two SuperNodes
-(real processes on loopback), each hospital with its own node config, and ``flwr run``; insecure,
+(real processes on loopback), each hospital with its own node config, and ``fedclip job`` (``flwr
+run``, then the run's final status at the SuperLink as the exit status); insecure,
 and with TLS plus SuperNode authentication (certificate authority, server certificate and node
 keys made by the test; nodes registered with ``flwr supernode register``).
 
@@ -189,7 +190,27 @@ def test_a_supernode_without_node_config_is_refused(federation, hospital_data, t
     done = federation.run(_run_config(tmp_path / "run.toml", hospital_data, out=out))
     text = done.stdout + done.stderr
     assert "neither 'site'" in text and "partition-id" in text, text[-3000:]
+    # the operator's command fails with the reason (flwr run --stream alone exits 0 here)
+    assert done.returncode == 1 and "failed: ServerApp failed with exception" in done.stderr, done.stderr[-3000:]
+    assert "neither 'site'" in done.stderr
     assert not list(out.glob("*/rounds.csv")) or all(pd.read_csv(p).empty for p in out.glob("*/rounds.csv"))
+
+
+def test_a_hospitals_policy_refusal_makes_the_operators_command_fail_naming_the_hospital(
+    federation, hospital_data, tmp_path
+):
+    """hospital_1 caps a run at epsilon 0.01: it refuses round 1, the run fails, and ``fedclip job``
+    exits 1 with the hospital and its rule (``flwr run --stream`` alone exits 0)."""
+    federation.superlink()
+    for k in range(2):
+        policy = " max-epsilon-run=0.01" if k == 1 else ""
+        federation.supernode(f"hospital_{k}", _site(f"hospital_{k}", hospital_data, tmp_path / f"state_{k}") + policy)
+    done = federation.run(_run_config(tmp_path / "run.toml", hospital_data, out=tmp_path / "out"))
+    assert done.returncode == 1, done.stdout[-3000:] + done.stderr[-3000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("fedclip job: run ") and "hospital_1 refused" in last and "max-epsilon-run" in last, last
+    (out,) = list((tmp_path / "out").iterdir())
+    assert _fedclip("status", str(out)).returncode == 1
 
 
 def test_two_hospitals_run_distributed_dp_over_secure_aggregation_on_the_deployment_runtime(
