@@ -17,6 +17,10 @@ And at a site (the process that trains: a ClientApp, or a site's worker):
 - ``site-charged``: the site's own ledger holds the round's charge, no data was read;
 - ``site-trained``: the update exists in memory, the charge is not settled;
 - ``site-settled``: the charge is settled and the spending files written, no reply was sent.
+
+``FEDCLIP_RAISE_AT="aggregated:2"`` raises ``InjectedFault`` there instead: an exception, as a bug
+would raise, which the run's ``finally`` must turn into a ``failed`` status. It also knows
+``report`` (the run's closing report, after the last round).
 """
 
 from __future__ import annotations
@@ -27,15 +31,25 @@ import sys
 PHASES = ("charged", "sent", "replied", "settled", "aggregated", "saved")
 SITE_PHASES = ("site-charged", "site-trained", "site-settled")
 CRASH_EXIT_CODE = 86
+REPORT_PHASE = "report"
+
+
+class InjectedFault(RuntimeError):
+    """The exception ``FEDCLIP_RAISE_AT`` raises."""
 
 
 def crash_point(phase: str, round_: int) -> None:
-    target = os.environ.get("FEDCLIP_CRASH_AT", "")
-    if not target:
-        return
-    name, _, at = target.partition(":")
-    if name not in PHASES + SITE_PHASES:
-        raise ValueError(f"FEDCLIP_CRASH_AT: unknown phase {name!r}; expected one of {PHASES + SITE_PHASES}")
-    if name == phase and (not at or int(at) == round_):
+    for variable in ("FEDCLIP_CRASH_AT", "FEDCLIP_RAISE_AT"):
+        target = os.environ.get(variable, "")
+        if not target:
+            continue
+        name, _, at = target.partition(":")
+        known = PHASES + SITE_PHASES + (REPORT_PHASE,)
+        if name not in known:
+            raise ValueError(f"{variable}: unknown phase {name!r}; expected one of {known}")
+        if name != phase or (at and int(at) != round_):
+            continue
+        if variable == "FEDCLIP_RAISE_AT":
+            raise InjectedFault(f"fault injection: an exception at phase {phase!r} of round {round_}")
         print(f"fault injection: crashing at phase {phase!r} of round {round_}", file=sys.stderr, flush=True)
         os._exit(CRASH_EXIT_CODE)

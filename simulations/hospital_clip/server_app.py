@@ -60,6 +60,7 @@ from simulations.hospital_clip.preflight import data_shape, preflight
 from simulations.hospital_clip.task import manifest_path, pick_device
 from strategies.client_level import calibrate_site_noise, site_level_report, with_site_level_dp
 from strategies.distributed import DistributedDpStrategy, ServerStep, distributed_report
+from strategies.faults import REPORT_PHASE, crash_point
 from strategies.privacy_budget import PrivacyBudgetStrategy, SiteFailure, SiteRound
 from strategies.registry import make_inner_strategy
 from strategies.secure_sum import max_bits
@@ -540,6 +541,7 @@ def make_strategy(
 
 def report(cfg: SimulationConfig, folder: RunFolder, prep: Prepared, *, failure: str | None) -> Path:
     """Site-level figures, plots, summary.md and status.json; the console's table."""
+    crash_point(REPORT_PHASE, cfg.num_rounds)
     site_level = None
     if prep.site_sigma > 0:
         site_level = site_level_report(

@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from tests.faults.test_crash_and_resume import TINY
 
 
@@ -26,3 +28,23 @@ def test_a_crash_while_discovering_the_sites_marks_the_run_failed(tmp_path):
         [sys.executable, "-m", "simulations.commands", "status", str(out)], capture_output=True, text=True, timeout=120
     )
     assert state.returncode == 1  # what a script branches on
+
+
+@pytest.mark.parametrize("phase", ["aggregated:2", "report"])
+def test_an_exception_in_aggregation_or_in_the_report_marks_the_run_failed(tmp_path, phase):
+    """A bug's exception, not a kill: in the second round's aggregation, or in the closing report
+    after every round trained. Either way status.json says failed with the exception."""
+    out = tmp_path / "run"
+    env = {**os.environ, "FEDCLIP_RAISE_AT": phase}
+    done = subprocess.run(
+        [sys.executable, "-m", "tests.faults.local_grid", str(out), str(tmp_path / "cache"), TINY],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert done.returncode != 0
+    status = json.loads((out / "status.json").read_text())
+    assert status["status"] == "failed", status
+    assert status["reason"].startswith("InjectedFault: fault injection: an exception at phase"), status
+    assert f"'{phase.split(':')[0]}'" in status["reason"]
