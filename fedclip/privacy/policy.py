@@ -11,6 +11,11 @@ person plays every site, so the sites read their policies from a TOML file the r
 (sensitivity 2C) at sigma 4 has the effective noise of sigma 2 in the other modes, and is held to
 the floor as such.
 
+A deployed hospital that sets no cap is not left without one: its node config starts from
+``DEPLOYED_DEFAULT`` (epsilon at most 10 for a run and in all, at delta 1e-5), the upper end of
+what the DP literature calls meaningful; a key it sets replaces the default. Each site prints its
+effective policy, saying which values are defaults, when a run starts (``describe``).
+
 Epsilon limits are checked against the site's own durable ledger, at the policy's ``delta``
 (not the server's), *before* the site trains: "would this round, as planned, take me past my
 limit?". In dp-mode distributed the ledger charges the epsilon against the adversary the policy
@@ -102,6 +107,19 @@ class SitePolicy:
         except (TypeError, ValueError) as exc:
             raise ValueError(f"{source}: site policy: {exc}") from exc
 
+    def describe(self, *, site: str, given: Mapping[str, Any]) -> str:
+        """One line for the site's log: every rule, each marked default unless ``given`` set it."""
+        values = {
+            "allowed-dp-modes": ",".join(self.allowed_dp_modes),
+            "min-noise-multiplier": f"{self.min_noise_multiplier:g}",
+            "max-epsilon-run": f"{self.max_epsilon_run:g}",
+            "max-epsilon-total": f"{self.max_epsilon_total:g}",
+            "delta": f"{self.delta:g}",
+            "distributed-adversary": self.distributed_adversary,
+        }
+        rules = " ".join(f"{k}={v}{'' if k in given else ' (default)'}" for k, v in values.items())
+        return f"{site}'s privacy policy: {rules}"
+
     @classmethod
     def simulated(cls, delta: float) -> "SitePolicy":
         """A simulated site without a policy file: one person plays every party, any mode runs."""
@@ -153,6 +171,9 @@ class SitePolicy:
                     f"this round would bring epsilon to {spent:.4g} (delta {self.delta:g}), "
                     f"above the limit {limit:.4g}",
                 )
+
+
+DEPLOYED_DEFAULT = SitePolicy(max_epsilon_run=10.0, max_epsilon_total=10.0)
 
 
 def load_policy_file(path: str | Path, *, delta: float) -> dict[str, SitePolicy]:

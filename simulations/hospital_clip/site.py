@@ -19,7 +19,7 @@ from typing import Any
 from flwr.app import Context
 
 from fedclip.privacy.ledger_store import LedgerStore
-from fedclip.privacy.policy import POLICY_KEYS, SitePolicy, load_policy_file
+from fedclip.privacy.policy import DEPLOYED_DEFAULT, POLICY_KEYS, SitePolicy, load_policy_file
 from simulations.hospital_clip.plan import RoundPlan, SharedFiles, SiteData, parse_site_numbers
 from simulations.hospital_clip.site_errors import SiteConfigError
 from simulations.hospital_clip.task import site_for_partition
@@ -122,9 +122,14 @@ def site_identity(context: Context, record: Mapping[str, Any]) -> SiteIdentity:
     )
 
 
+def deployed_policy(context: Context) -> SitePolicy:
+    """A hospital's own rules: its node config's policy keys over ``DEPLOYED_DEFAULT``."""
+    return SitePolicy.from_mapping(context.node_config, source="node config", defaults=DEPLOYED_DEFAULT)
+
+
 def site_policy(context: Context, plan: RoundPlan, me: SiteIdentity) -> SitePolicy:
     if me.deployed:
-        return SitePolicy.from_mapping(context.node_config, source="node config")
+        return deployed_policy(context)
     path = plan.files.site_policy_file if plan.files is not None else ""
     if not path:
         return SitePolicy.simulated(plan.dp.delta)

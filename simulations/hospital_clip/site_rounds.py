@@ -33,7 +33,7 @@ from fedclip.training.local import train_local
 from fedclip.training.loss import clip_loss
 from simulations.hospital_clip.input_privacy import kept_private_rows, privatize_site_rows
 from simulations.hospital_clip.plan import RoundPlan
-from simulations.hospital_clip.site import SiteIdentity, site_identity, site_ledger, site_policy
+from simulations.hospital_clip.site import SiteIdentity, deployed_policy, site_identity, site_ledger, site_policy
 from simulations.hospital_clip.site_errors import is_public, redacted
 from simulations.hospital_clip.task import (
     fresh_model,
@@ -51,7 +51,10 @@ from strategies.secure_sum import REPORT, VECTOR
 
 
 def query(msg: Message, context: Context) -> Message:
+    """Name this site; a deployed one also prints its effective policy in its own log as the run starts."""
     me = site_identity(context, msg.content["config"])
+    if me.deployed:
+        print(deployed_policy(context).describe(site=me.site, given=context.node_config), flush=True)
     return Message(RecordDict({"site": ConfigRecord({"site": me.site})}), reply_to=msg)
 
 

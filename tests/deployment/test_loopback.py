@@ -202,13 +202,19 @@ def test_a_hospitals_policy_refusal_makes_the_operators_command_fail_naming_the_
     """hospital_1 caps a run at epsilon 0.01: it refuses round 1, the run fails, and ``fedclip job``
     exits 1 with the hospital and its rule (``flwr run --stream`` alone exits 0)."""
     federation.superlink()
+    logs = []
     for k in range(2):
         policy = " max-epsilon-run=0.01" if k == 1 else ""
-        federation.supernode(f"hospital_{k}", _site(f"hospital_{k}", hospital_data, tmp_path / f"state_{k}") + policy)
+        site = _site(f"hospital_{k}", hospital_data, tmp_path / f"state_{k}") + policy
+        logs.append(federation.supernode(f"hospital_{k}", site))
     done = federation.run(_run_config(tmp_path / "run.toml", hospital_data, out=tmp_path / "out"))
     assert done.returncode == 1, done.stdout[-3000:] + done.stderr[-3000:]
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith("fedclip job: run ") and "hospital_1 refused" in last and "max-epsilon-run" in last, last
+    # each hospital's log states its policy as the run started: hospital_0 set none and is capped at 10
+    assert "hospital_0's privacy policy: " in logs[0].read_text(errors="replace")
+    assert "max-epsilon-run=10 (default) max-epsilon-total=10 (default)" in logs[0].read_text(errors="replace")
+    assert "max-epsilon-run=0.01 max-epsilon-total=10 (default)" in logs[1].read_text(errors="replace")
     (out,) = list((tmp_path / "out").iterdir())
     assert _fedclip("status", str(out)).returncode == 1
 

@@ -6,7 +6,7 @@ import pytest
 
 from fedclip.privacy.events import DpEvent
 from fedclip.privacy.ledger import PrivacyLedger
-from fedclip.privacy.policy import PolicyRefusal, SitePolicy, load_policy_file
+from fedclip.privacy.policy import DEPLOYED_DEFAULT, PolicyRefusal, SitePolicy, load_policy_file
 
 E = DpEvent(
     noise_multiplier=2.0, sample_rate=0.5, steps=10, privacy_unit="identity", relation="replace_one", sensitivity=1.0
@@ -26,6 +26,24 @@ def test_a_deployed_default_policy_allows_private_modes_only_and_no_seeded_noise
         _check(policy, mode="nonprivate", events=(DpEvent(**{**E.to_dict(), "noise_multiplier": 0.0}),))
     with pytest.raises(PolicyRefusal, match="reproducible-noise"):
         _check(policy, reproducible=True)
+
+
+def test_a_hospital_that_sets_no_cap_is_capped_at_epsilon_10_and_told_so():
+    policy = SitePolicy.from_mapping({"site": "h"}, source="node config", defaults=DEPLOYED_DEFAULT)
+    assert policy.max_epsilon_run == policy.max_epsilon_total == 10.0
+    step = DpEvent(**{**E.to_dict(), "steps": 1})
+    spent = PrivacyLedger(delta=1e-5).record_all([step] * 14)  # already near the cap
+    assert 8 < spent.epsilon() < 10
+    _check(policy, events=(step,), total=PrivacyLedger(delta=1e-5).record_all([step] * 2))
+    with pytest.raises(PolicyRefusal, match="max-epsilon-total: this round would bring epsilon to"):
+        _check(policy, events=(E,), total=spent)
+    line = policy.describe(site="h", given={"site": "h"})
+    assert "max-epsilon-total=10 (default)" in line and "min-noise-multiplier=0 (default)" in line
+    own = SitePolicy.from_mapping({"max-epsilon-total": 4.0}, source="node config", defaults=DEPLOYED_DEFAULT)
+    line = own.describe(site="h", given={"max-epsilon-total": 4.0})
+    assert "max-epsilon-total=4 " in line + " " and "max-epsilon-run=10 (default)" in line
+    unlimited = SitePolicy.from_mapping({"max-epsilon-total": "inf"}, source="node config", defaults=DEPLOYED_DEFAULT)
+    assert math.isinf(unlimited.max_epsilon_total)  # a hospital may lift the cap, by saying so
 
 
 def test_node_config_sets_each_rule():
