@@ -84,6 +84,8 @@ def test_a_killed_worker_never_releases_uncharged(
         "declared-units": 8,
         "site-worker": str(sock),
         "allowed-dp-modes": "cadp",
+        "max-epsilon-run": "inf",  # crashes, not caps, are under test: the hospital lifts the default caps
+        "max-epsilon-total": "inf",
     }  # a hospital must allow an input mode by name
 
     def train(round_: int) -> Message:
