@@ -20,7 +20,22 @@ _POPULATION = {Split.PUBLIC: "public", Split.TRAIN: "member", Split.QUERY: "memb
 
 
 class ManifestError(ValueError):
-    """A manifest that cannot be used as it is; the message names file, line and column."""
+    """A manifest that cannot be used as it is; the message names file, line and column.
+
+    ``rows`` holds the same places without any value from the file: (line, column, kind), the
+    kind a fixed phrase. A site may send these to the server where the message (paths, file names,
+    ids) must stay at the site (``simulations.hospital_clip.site_errors``)."""
+
+    def __init__(self, message: str, *, rows: tuple[tuple[int, str, str], ...] = ()) -> None:
+        super().__init__(message)
+        self.rows = rows
+
+    def places(self, limit: int = 10) -> str:
+        """'manifest line 5, column 'filepath': unreadable image; ...', or '' without rows."""
+        shown = "; ".join(
+            f"manifest line {line}, column '{column}': {kind}" for line, column, kind in self.rows[:limit]
+        )
+        return shown + (f"; and {len(self.rows) - limit} more" if len(self.rows) > limit else "")
 
 
 @dataclass(frozen=True)
@@ -53,6 +68,7 @@ class BadRow:
     line: int
     column: str
     problem: str
+    kind: str = ""  # a fixed phrase, no value from the file (what a site may tell the server)
 
     def describe(self, source: Path) -> str:
         return f"{source}: line {self.line}, column '{self.column}': {self.problem}"
@@ -82,16 +98,17 @@ def _read_table(path: Path, sep: str | None) -> pd.DataFrame:
         raise ManifestError(f"{path}: not a readable {'TSV' if sep == chr(9) else 'CSV'} file: {exc}") from exc
 
 
-def _check_image(path: Path) -> str | None:
+def _check_image(path: Path) -> tuple[str, str] | None:
+    """(kind, problem) of an image file that cannot be used, else None."""
     if path.is_dir():
-        return f"image path is a directory, not an image file: {path}"
+        return "a directory, not an image", f"image path is a directory, not an image file: {path}"
     if not path.is_file():
-        return f"image file not found: {path}"
+        return "image file not found", f"image file not found: {path}"
     try:
         with Image.open(path) as img:
             img.verify()
     except (UnidentifiedImageError, OSError) as exc:
-        return f"image file cannot be read as an image: {path} ({exc})"
+        return "unreadable image", f"image file cannot be read as an image: {path} ({exc})"
     return None
 
 
@@ -109,7 +126,7 @@ def _row_problems(
         line = i + 2
         image = row.filepath.strip()
         if not image:
-            problems.append(BadRow(line, columns.image, "empty image path"))
+            problems.append(BadRow(line, columns.image, "empty image path", "empty image path"))
         elif not allow_outside_paths and _outside(root, image):
             problems.append(
                 BadRow(
@@ -117,34 +134,48 @@ def _row_problems(
                     columns.image,
                     f"image path {image!r} is outside the manifest's folder "
                     f"{root} (absolute paths and '..' need allow_outside_paths=True)",
+                    "image path outside the manifest's folder",
                 )
             )
         elif image in seen_paths:
             problems.append(
-                BadRow(line, columns.image, f"duplicate image {image!r} (first on line {seen_paths[image]})")
+                BadRow(
+                    line,
+                    columns.image,
+                    f"duplicate image {image!r} (first on line {seen_paths[image]})",
+                    f"duplicate image (first on line {seen_paths[image]})",
+                )
             )
         else:
             seen_paths[image] = line
-            problem = _check_image(root / image) if verify_images else None
-            if problem:
-                problems.append(BadRow(line, columns.image, problem))
+            found = _check_image(root / image) if verify_images else None
+            if found:
+                problems.append(BadRow(line, columns.image, found[1], found[0]))
         if not row.title.strip():
-            problems.append(BadRow(line, columns.caption, "empty caption"))
+            problems.append(BadRow(line, columns.caption, "empty caption", "empty caption"))
         if not row.patient_id.strip():
-            problems.append(BadRow(line, columns.patient, "empty patient id"))
+            problems.append(BadRow(line, columns.patient, "empty patient id", "empty patient id"))
         if row.split not in valid_splits:
             problems.append(
                 BadRow(
                     line,
                     columns.split or "split",
                     f"unknown split {row.split!r}; expected one of {sorted(valid_splits)}",
+                    f"unknown split; expected one of {sorted(valid_splits)}",
                 )
             )
         mask = getattr(row, "mask", "").strip()
         if mask and not allow_outside_paths and _outside(root, mask):
-            problems.append(BadRow(line, "mask", f"mask path {mask!r} is outside the manifest's folder {root}"))
-        elif mask and verify_images and (problem := _check_image(root / mask)):
-            problems.append(BadRow(line, "mask", problem))
+            problems.append(
+                BadRow(
+                    line,
+                    "mask",
+                    f"mask path {mask!r} is outside the manifest's folder {root}",
+                    "mask path outside the manifest's folder",
+                )
+            )
+        elif mask and verify_images and (found := _check_image(root / mask)):
+            problems.append(BadRow(line, "mask", found[1], found[0]))
     return problems
 
 
@@ -165,7 +196,8 @@ def _check_patients(frame: pd.DataFrame, source: Path, columns: ManifestColumns)
             raise ManifestError(
                 f"{source}: column '{user}': patient {pid!r} has several {what} {values} "
                 f"(lines {lines[:10]}); a patient must belong to exactly one"
-                + (f" ({len(bad)} patients affected)" if len(bad) > 1 else "")
+                + (f" ({len(bad)} patients affected)" if len(bad) > 1 else ""),
+                rows=tuple((int(line), str(user), f"a patient with several {what}") for line in lines),
             )
 
 
@@ -209,7 +241,10 @@ def load_manifest(
     if problems and not skip_bad_rows:
         shown = "\n  ".join(p.describe(source) for p in problems[:20])
         more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
-        raise ManifestError(f"{len(problems)} bad row(s) in {source}:\n  {shown}{more}")
+        raise ManifestError(
+            f"{len(problems)} bad row(s) in {source}:\n  {shown}{more}",
+            rows=tuple((p.line, p.column, p.kind) for p in problems),
+        )
     bad_lines = {p.line for p in problems}
     frame = frame[~frame["line"].isin(bad_lines)].reset_index(drop=True)
     if frame.empty:

@@ -13,6 +13,8 @@ import pandas as pd
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from fedclip.data.manifest import ManifestError
+
 
 @dataclass(frozen=True)
 class PairData:
@@ -50,7 +52,8 @@ def load_images(frame: pd.DataFrame, *, preprocess: Callable[[Image.Image], torc
                 images.append(preprocess(img.convert("RGB")))
         except (FileNotFoundError, UnidentifiedImageError, OSError) as exc:
             where = f" (manifest line {line})" if line is not None else ""
-            raise ValueError(f"filepath: cannot read image {path}{where}: {exc}") from exc
+            rows = ((int(line), "filepath", "unreadable image"),) if line is not None else ()
+            raise ManifestError(f"filepath: cannot read image {path}{where}: {exc}", rows=rows) from exc
     return torch.stack(images)
 
 

@@ -9,8 +9,11 @@ So the site's boundary (``site_rounds.handle``) sends only:
   server already knows (its limits in epsilon are computed from the site's ledger of the server's
   own plans, not from data);
 - a ``SiteConfigError`` as it is: it names node-config keys, never their data-derived values;
-- anything else as ``SiteFailed``: the site, the phase and an error id. The detail (type, text,
-  traceback) goes to the site's own ``errors.log`` in its state folder under the same id, never sent.
+- anything else as ``SiteFailed``: the site, the phase and an error id, and for a manifest's
+  problem its places (``ManifestError.rows``: line, column and a fixed phrase, never a path, file
+  name or value from the file), so the coordinator can say which row to fix. The detail (type,
+  text, traceback) goes to the site's own ``errors.log`` in its state folder under the same id,
+  never sent.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import time
 import traceback
 from pathlib import Path
 
+from fedclip.data.manifest import ManifestError
 from fedclip.privacy.policy import PolicyRefusal
 
 log = logging.getLogger("fedclip.site")
@@ -58,7 +62,19 @@ def redacted(exc: BaseException, *, site: str, phase: str, state_dir: Path | Non
     if state_dir is None:
         log.error("error %s while %s:\n%s", error_id, phase, detail)
     where = "its state folder's errors.log" if state_dir is not None else "its process log"
+    places = _manifest_places(exc)
     return SiteFailed(
-        f"{site} failed while {phase} ({type(exc).__name__}, error {error_id}); the detail is in "
-        f"{where} at the site, never sent"
+        f"{site} failed while {phase} ({type(exc).__name__}, error {error_id})"
+        + (f" at {places}" if places else "")
+        + f"; the detail is in {where} at the site, never sent"
     )
+
+
+def _manifest_places(exc: BaseException | None) -> str:
+    """The manifest lines ``exc`` (or an exception it was raised from) points at, without values."""
+    seen = 0
+    while exc is not None and seen < 10:
+        if isinstance(exc, ManifestError) and exc.rows:
+            return exc.places()
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return ""

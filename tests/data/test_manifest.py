@@ -87,6 +87,11 @@ def test_bad_row_error_names_file_line_and_column(copy, damage, column, problem)
         load_manifest(copy)
     message = str(err.value)
     assert f"{copy.resolve()}: line 7, column '{column}': {problem}" in message
+    # the places a site may send: line, column and a fixed phrase, no path or value from the file
+    places = err.value.places()
+    assert places.startswith(f"manifest line 7, column '{column}': ")
+    for value in [str(copy.parent), frame.loc[row, "filepath"], frame.loc[0, "filepath"], "validation"]:
+        assert value not in places, (value, places)
 
 
 def test_skipping_bad_rows_reports_every_skipped_row(copy):
@@ -104,8 +109,10 @@ def test_patient_in_two_sites_always_fails(copy):
     pid = frame.loc[frame["split"] == "train", "patient_id"].iloc[0]
     first = frame.index[frame["patient_id"] == pid][0]
     _edit(copy, lambda f: f.__setitem__("site", f["site"].where(f.index != first, "elsewhere")))
-    with pytest.raises(ManifestError, match=f"column 'site': patient '{pid}' has several sites"):
+    with pytest.raises(ManifestError, match=f"column 'site': patient '{pid}' has several sites") as err:
         load_manifest(copy, skip_bad_rows=True)
+    assert f"manifest line {first + 2}, column 'site': a patient with several sites" in err.value.places()
+    assert pid not in err.value.places() and "elsewhere" not in err.value.places()
 
 
 def test_patient_in_two_populations_fails(copy):

@@ -280,14 +280,16 @@ def test_an_input_refusal_names_the_rule_not_the_largest_patient(tmp_path, small
 
 
 def test_any_other_failure_at_a_site_sends_the_phase_and_an_id_only(tmp_path, small_manifest_path, warm_checkpoint):
-    """A broken image: the exception names its file and row; the server is told neither."""
+    """A broken image: the exception names its file and row; the server is told the row (the
+    manifest line and column, to fix it) and not the file."""
     import re
     import shutil
 
     data = tmp_path / "data"
     shutil.copytree(small_manifest_path.parent, data)
     frame = pd.read_csv(data / small_manifest_path.name, dtype=str, keep_default_na=False)
-    broken = frame[(frame["site"] == "hospital_1") & (frame["split"] == "train")]["filepath"].iloc[3]
+    rows = frame[(frame["site"] == "hospital_1") & (frame["split"] == "train")]
+    broken, line = rows["filepath"].iloc[3], int(rows.index[3]) + 2  # the header is line 1
     (data / broken).write_bytes(b"not an image")
     _, config, model = _setup(tmp_path, small_manifest_path, warm_checkpoint)
     node = {
@@ -301,7 +303,8 @@ def test_any_other_failure_at_a_site_sends_the_phase_and_an_id_only(tmp_path, sm
         client_app(_train_message(model, config, 1), hospital)
     sent = str(info.value)
     assert re.fullmatch(
-        r"hospital_1 failed while handling a train message \(\w+, error ([0-9a-f]{8})\); "
+        r"hospital_1 failed while handling a train message \(ManifestError, error ([0-9a-f]{8})\) at "
+        rf"manifest line {line}, column 'filepath': unreadable image; "
         r"the detail is in its state folder's errors\.log at the site, never sent",
         sent,
     ), sent
