@@ -23,6 +23,7 @@ import logging
 import os
 import socket
 import struct
+import sys
 import time
 import traceback
 from collections.abc import Callable
@@ -69,10 +70,12 @@ def _receive(conn: socket.socket, count: int) -> list[bytes]:
     return [_receive_exact(conn, _LENGTH.unpack(_receive_exact(conn, _LENGTH.size))[0]) for _ in range(count)]
 
 
-def _check_path(socket_path: str) -> str:
+def _check_path(socket_path: str, *, show: bool = True) -> str:
+    """``show``: name the path (the worker's own command line), or not (an error the server receives)."""
     if len(os.fsencode(socket_path)) >= _MAX_PATH:
+        shown = f" {socket_path!r}" if show else ""
         raise ValueError(
-            f"site-worker: socket path {socket_path!r} is {len(socket_path)} bytes; a Unix socket path "
+            f"site-worker: the socket path{shown} is {len(socket_path)} bytes; a Unix socket path "
             f"must be shorter than {_MAX_PATH}: choose a shorter folder"
         )
     return socket_path
@@ -86,7 +89,7 @@ def forward(socket_path: str, msg: Message, context: Context) -> Message:
     header = json.dumps({"protocol": PROTOCOL, "fedclip": _version()}).encode()
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
-            conn.connect(_check_path(socket_path))
+            conn.connect(_check_path(socket_path, show=False))
             _send(
                 conn,
                 header,
@@ -97,10 +100,11 @@ def forward(socket_path: str, msg: Message, context: Context) -> Message:
             if not status.get("ok"):
                 raise RuntimeError(f"site worker: {status.get('error', 'failed')}")
             content, state = _receive(conn, 2)
-    except (ConnectionError, FileNotFoundError, OSError) as exc:
+    except (ConnectionError, FileNotFoundError, OSError) as exc:  # the path stays at the site: in its own log
+        print(f"site worker at {socket_path}: {exc!r}", file=sys.stderr, flush=True)
         raise RuntimeError(
-            f"site worker at {socket_path} (node config {WORKER_KEY!r}): {exc}; is "
-            "`fedclip site-worker` running for this site?"
+            f"the site worker (node config {WORKER_KEY!r}) did not answer ({type(exc).__name__}); is "
+            "`fedclip site-worker` running for this site? Its socket path is in this site's log"
         ) from exc
     context.state = serde.recorddict_from_proto(ProtoRecordDict.FromString(state))
     return Message(serde.recorddict_from_proto(ProtoRecordDict.FromString(content)), reply_to=msg)

@@ -114,10 +114,11 @@ def test_a_failed_message_is_reported_and_the_worker_serves_on(sock):
     assert lines[1].startswith("query: failed (ValueError")
 
 
-def test_no_worker_running_names_the_socket_and_the_command(sock):
+def test_no_worker_running_names_the_command_and_keeps_the_socket_path_at_the_site(sock, capsys):
     with pytest.raises(RuntimeError, match="is `fedclip site-worker` running for this site") as info:
         client_app(_query(), _node(sock))
-    assert str(sock) in str(info.value)
+    assert "node config 'site-worker'" in str(info.value) and str(sock) not in str(info.value)  # the server's copy
+    assert str(sock) in capsys.readouterr().err  # the site's own log
 
 
 def test_a_stale_socket_is_replaced_and_a_live_one_refused(sock):
@@ -134,7 +135,7 @@ def test_a_stale_socket_is_replaced_and_a_live_one_refused(sock):
 
 def test_a_socket_path_too_long_is_refused_naming_its_length(tmp_path):
     long = tmp_path / ("x" * 120) / "s.sock"
-    with pytest.raises(ValueError, match="site-worker: socket path .* must be shorter than"):
+    with pytest.raises(ValueError, match="site-worker: the socket path .* must be shorter than"):
         site_worker.listen(str(long))
 
 
