@@ -23,9 +23,9 @@ REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 
-def free_port() -> int:
+def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         return s.getsockname()[1]
 
 
@@ -50,14 +50,21 @@ def wait_for(log: Path, text: str, *, timeout: float) -> None:
 class Federation:
     """A SuperLink and SuperNodes started as processes; ``stop`` kills every process group."""
 
-    def __init__(self, root: Path, *, certs: Path | None = None):
-        self.root, self.procs, self.certs = root, [], certs
+    def __init__(
+        self, root: Path, *, certs: Path | None = None, host: str = "127.0.0.1", dial: str = "", server: str = "server"
+    ):
+        """``host``: the address the SuperLink listens on (as ``--host`` on the coordinator's machine);
+        ``dial``: the name or address the parties connect to (default ``host``), which the SuperLink's
+        certificate (``certs/<server>.pem``) must name."""
+        self.root, self.procs, self.certs, self.server = root, [], certs, server
+        self.host, self.dial = host, dial or host
         self.home = root / "flwr-home"
         self.home.mkdir(parents=True)
-        self.port = free_port()
+        self.port = free_port(host)
         security = "insecure = true\n" if certs is None else f'root-certificates = "{certs / "ca.crt"}"\n'
         (self.home / "config.toml").write_text(
-            f'[superlink]\ndefault = "loopback"\n\n[superlink.loopback]\naddress = "127.0.0.1:{self.port}"\n' + security
+            f'[superlink]\ndefault = "loopback"\n\n[superlink.loopback]\naddress = "{self.dial}:{self.port}"\n'
+            + security
         )
 
     def _security(self, *, node_key: str | None = None) -> list[str]:
@@ -68,9 +75,9 @@ class Federation:
                 "--ssl-ca-certfile",
                 str(self.certs / "ca.crt"),
                 "--ssl-certfile",
-                str(self.certs / "server.pem"),
+                str(self.certs / f"{self.server}.pem"),
                 "--ssl-keyfile",
-                str(self.certs / "server.key"),
+                str(self.certs / f"{self.server}.key"),
                 "--enable-supernode-auth",
             ]
         return [
@@ -118,6 +125,8 @@ class Federation:
             [
                 str(BIN / "flower-superlink"),
                 *self._security(),
+                "--host",
+                self.host,
                 "--port",
                 str(self.port),
                 "--disable-runtime-dependency-installation",
@@ -132,7 +141,7 @@ class Federation:
             str(BIN / "flower-supernode"),
             *self._security(node_key=node_key),
             "--superlink",
-            f"127.0.0.1:{self.port}",
+            f"{self.dial}:{self.port}",
             "--port",
             str(free_port()),
         ]
@@ -170,9 +179,17 @@ class Federation:
             p.wait(timeout=30)
 
 
-def make_certificates(folder: Path, nodes: tuple[str, ...]) -> Path:
-    """A certificate authority, a SuperLink certificate for 127.0.0.1/localhost, and an ECDSA key
-    pair per SuperNode (OpenSSH format, as ``flwr supernode register`` expects)."""
+def make_certificates(
+    folder: Path,
+    nodes: tuple[str, ...],
+    *,
+    names: tuple[str, ...] = ("localhost", "127.0.0.1"),
+    other_servers: dict[str, tuple[str, ...]] | None = None,
+) -> Path:
+    """A certificate authority, a SuperLink certificate ``server.pem`` for ``names`` (its subject
+    alternative names: the host names and addresses the parties dial), and an ECDSA key pair per
+    SuperNode (OpenSSH format, as ``flwr supernode register`` expects). ``other_servers``: more
+    SuperLink certificates from the same authority, ``{stem: names}`` as ``stem.pem`` and ``stem.key``."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec, rsa
@@ -196,7 +213,7 @@ def make_certificates(folder: Path, nodes: tuple[str, ...]) -> Path:
             b = b.add_extension(ext, critical=critical)
         return b.sign(signer, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
 
-    ca_key, server_key = (rsa.generate_private_key(public_exponent=65537, key_size=2048) for _ in range(2))
+    ca_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     (folder / "ca.crt").write_bytes(
         certificate(
             "fedclip test CA",
@@ -206,13 +223,24 @@ def make_certificates(folder: Path, nodes: tuple[str, ...]) -> Path:
             (x509.BasicConstraints(ca=True, path_length=None), True),
         )
     )
-    names = x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])
-    (folder / "server.pem").write_bytes(certificate("localhost", server_key, "fedclip test CA", ca_key, (names, False)))
-    (folder / "server.key").write_bytes(
-        server_key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+
+    def alt(name: str) -> x509.GeneralName:
+        try:
+            return x509.IPAddress(ipaddress.ip_address(name))
+        except ValueError:
+            return x509.DNSName(name)
+
+    for stem, server_names in {"server": names, **(other_servers or {})}.items():
+        server_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        alternatives = x509.SubjectAlternativeName([alt(n) for n in server_names])
+        (folder / f"{stem}.pem").write_bytes(
+            certificate(server_names[0], server_key, "fedclip test CA", ca_key, (alternatives, False))
         )
-    )
+        (folder / f"{stem}.key").write_bytes(
+            server_key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            )
+        )
     for node in nodes:
         key = ec.generate_private_key(ec.SECP384R1())
         (folder / f"{node}.key").write_bytes(

@@ -12,6 +12,8 @@ Bounded in time; every process is stopped by the test.
 from __future__ import annotations
 
 import json
+import os
+import socket
 import sqlite3
 import subprocess
 from collections.abc import Iterator
@@ -180,6 +182,63 @@ def test_with_tls_and_supernode_authentication_an_unregistered_node_is_refused(h
         assert json.loads((out / "config.json").read_text())["site-nodes"].count("=") == 2
     finally:
         fed.stop()
+
+
+def test_across_machines_the_superlink_listens_where_told_and_its_certificate_names_what_hospitals_dial(
+    hospital_data, tmp_path
+):
+    """The coordinator's SuperLink bound to one address (127.0.0.2, standing for the coordinator's
+    host: ``--host``), the hospitals and the operator dialling it under TLS with a certificate that
+    names it; not reachable elsewhere, and a certificate for another name is refused."""
+    certs = make_certificates(
+        tmp_path / "certs",
+        ("hospital_0", "hospital_1"),
+        names=("superlink.consortium.test", "127.0.0.2"),
+        other_servers={"misnamed": ("localhost", "127.0.0.1")},  # the same authority, another host's name
+    )
+    fed = Federation(tmp_path / "federation", certs=certs, host="127.0.0.2")
+    try:
+        fed.superlink()
+        with socket.socket() as probe:  # bound to the address it was given, not every interface
+            assert probe.connect_ex(("127.0.0.1", fed.port)) != 0
+        nodes = {f"hospital_{k}": fed.register(f"hospital_{k}") for k in range(2)}
+        for k in range(2):
+            site = _site(f"hospital_{k}", hospital_data, tmp_path / f"state_{k}")
+            fed.supernode(f"hospital_{k}", site, node_key=f"hospital_{k}")
+        config = _run_config(
+            tmp_path / "run.toml",
+            hospital_data,
+            out=tmp_path / "out",
+            site_nodes=",".join(f"{s}={n}" for s, n in nodes.items()),
+        )
+        config.write_text(config.read_text().replace("num-rounds = 2", "num-rounds = 1"))
+        done = fed.run(config)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        (out,) = list((tmp_path / "out").iterdir())
+        assert json.loads((out / "status.json").read_text())["status"] == "finished"
+        listed = _flwr_ls(fed)
+        assert listed.returncode == 0, listed.stdout + listed.stderr
+    finally:
+        fed.stop()
+    # the same authority's certificate for a name the parties do not dial: refused at the handshake
+    misnamed = Federation(tmp_path / "misnamed", certs=certs, host="127.0.0.2", server="misnamed")
+    try:
+        misnamed.superlink()
+        listed = _flwr_ls(misnamed)
+        assert listed.returncode != 0, listed.stdout + listed.stderr
+    finally:
+        misnamed.stop()
+
+
+def _flwr_ls(fed: Federation) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [str(BIN / "flwr"), "ls", "loopback"],
+        cwd=REPO,
+        env={**os.environ, "FLWR_HOME": str(fed.home)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_a_supernode_without_node_config_is_refused(federation, hospital_data, tmp_path):
