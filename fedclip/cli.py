@@ -9,6 +9,7 @@ the library never imports the apps.
     fedclip canaries OUT --sites a,b       the auditor: canary patients for a consortium's own data
     fedclip privatize --manifest M --out D CADP / MaskDP: privatize the training images once (input level)
     fedclip gallery --manifest M --out P  a picture of CADP / MaskDP / mask-replace on public images
+    fedclip check-manifest FILE            a manifest loads and every image reads: rows per split and site
     fedclip status RUN_DIR                 a run's status; exit 0 finished, 1 failed, 3 running or unknown
     fedclip spending STATE_DIR             a site's own privacy spending, from its own ledger
 """
@@ -294,6 +295,15 @@ def cmd_status(args: argparse.Namespace) -> int:
     return STATUS_EXIT.get(status.get("status"), 3)
 
 
+def cmd_check_manifest(args: argparse.Namespace) -> int:
+    """Every check a run makes of a party's manifest, before the run: a bad row is named (ValueError)."""
+    frame = load_manifest(args.manifest, allow_outside_paths=args.allow_outside_paths).frame
+    counts = frame.groupby(["split", "site"]).agg(rows=("filepath", "size"), patients=("patient_id", "nunique"))
+    print(counts.to_string())
+    print(f"{args.manifest}: {len(frame)} rows, every image readable")
+    return 0
+
+
 def cmd_spending(args: argparse.Namespace) -> int:
     from fedclip.privacy.ledger_store import LedgerStore
     from fedclip.reporting.spending import write_spending
@@ -395,6 +405,10 @@ def _site_commands(sub) -> None:
     p = sub.add_parser("status", help="a run's status.json; exit 0 finished, 1 failed, 3 running or unknown")
     p.add_argument("run_dir")
     p.set_defaults(func=cmd_status)
+    p = sub.add_parser("check-manifest", help="a manifest loads and every image reads (each party, before a run)")
+    p.add_argument("manifest")
+    p.add_argument("--allow-outside-paths", action="store_true", help="image paths may leave the manifest's folder")
+    p.set_defaults(func=cmd_check_manifest)
     p = sub.add_parser("spending", help="a site's privacy spending from its own ledger (writes spending.csv/.md)")
     p.add_argument("state_dir", help="the site's state-dir (node config), holding ledger.sqlite")
     p.add_argument("--delta", type=float, default=1e-5)

@@ -5,6 +5,7 @@ drive the Flower apps, which live here so that ``fedclip/`` never imports ``simu
     fedclip audit RUN_DIR --targets FILE   the auditor: IDIA (and --canaries FILE) on every saved round model
     fedclip site-worker --site S --socket P a hospital's long-lived worker (node config site-worker=P)
     fedclip job APP SUPERLINK --run-config F flwr run, then exit by how the run ended (0 finished, 1 failed)
+    fedclip consortium-init --manifest M --out D every party's files: coordinator, hospitals, auditor
 
     python -m simulations.commands ...     the same, without the console script
 """
@@ -66,6 +67,21 @@ def cmd_site_worker(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_consortium_init(args: argparse.Namespace) -> int:
+    from simulations.consortium_init import checks, consortium_init
+
+    folders = consortium_init(
+        args.manifest,
+        args.out,
+        base=args.base,
+        warm_epochs=args.warm_epochs,
+        allow_outside_paths=args.allow_outside_paths,
+    )
+    print("\n".join(f"{party}: {folder}" for party, folder in folders.items()))
+    print("\nbefore the first run:\n" + checks(folders))
+    return 0
+
+
 def cmd_job(args: argparse.Namespace) -> int:
     from simulations.job import main as job
 
@@ -118,6 +134,17 @@ def add_app_commands(sub) -> None:
     p.add_argument("--run-config", default="", help="run-config TOML file or overrides (as for flwr run)")
     p.add_argument("--wait", type=float, default=120.0, help="seconds to wait for the final status after the log ends")
     p.set_defaults(func=cmd_job)
+    p = sub.add_parser(
+        "consortium-init",
+        help="from one manifest, every party's folder: the coordinator's rows, run config and base weights; "
+        "each hospital's rows and node config; the auditor's targets",
+    )
+    p.add_argument("--manifest", required=True, help="the whole manifest ('train' rows name their site)")
+    p.add_argument("--out", required=True, help="a new folder: one subfolder per party")
+    p.add_argument("--base", default=None, help="agreed base weights (default: warm start on the public rows)")
+    p.add_argument("--warm-epochs", type=int, default=25, help="warm start epochs (without --base)")
+    p.add_argument("--allow-outside-paths", action="store_true", help="image paths may leave the manifest's folder")
+    p.set_defaults(func=cmd_consortium_init)
 
 
 def _usage() -> str:

@@ -23,7 +23,6 @@ import pandas as pd
 import pytest
 
 from fedclip.data.synthetic import SyntheticConfig, generate
-from fedclip.training.warmstart import WarmStartConfig, warm_start
 from simulations.loopback import BIN, REPO, Federation, make_certificates
 
 DATA = SyntheticConfig(
@@ -48,27 +47,35 @@ def federation(tmp_path: Path) -> Iterator[Federation]:
 
 @pytest.fixture(scope="module")
 def hospital_data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """The data as a consortium holds it: the server's manifest (public and held-out rows), one per
-    hospital (its own members; hospital_1's without a site column, as a hospital's export would
-    be), the auditor's (members' query photos, non-members' photos), and the base checkpoint."""
+    """The data as a consortium holds it, written by ``fedclip consortium-init``: the server's
+    folder (public and held-out rows, the base weights), one per hospital (its own members;
+    hospital_1's manifest without a site column, as a hospital's export would be), the auditor's
+    (members' query photos, non-members' photos)."""
     manifest = generate(tmp_path_factory.mktemp("deployed_data"), DATA)
-    frame = pd.read_csv(manifest, keep_default_na=False)
-    parts = {
-        "server": frame[frame["split"].isin(["public", "heldout"])],
-        "auditor": frame[frame["split"].isin(["query", "heldout"])],
-    }
-    for k in range(2):
-        own = frame[(frame["split"] == "train") & (frame["site"] == f"hospital_{k}")]
-        parts[f"hospital_{k}"] = own.assign(site="") if k == 1 else own
-    paths = {}
-    for role, rows in parts.items():
-        paths[role] = manifest.with_name(f"{role}.csv")
-        rows.to_csv(paths[role], index=False)
-    paths["checkpoint"] = warm_start(
-        paths["server"],
-        cache_dir=tmp_path_factory.mktemp("deployed_cache"),
-        config=WarmStartConfig(epochs=3, batch_size=32, seed=0),
+    parties = tmp_path_factory.mktemp("parties") / "consortium"
+    done = subprocess.run(
+        [
+            str(BIN / "fedclip"),
+            "consortium-init",
+            "--manifest",
+            str(manifest),
+            "--out",
+            str(parties),
+            "--warm-epochs",
+            "3",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    paths = {"server": parties / "coordinator" / "manifest.csv", "auditor": parties / "auditor" / "manifest.csv"}
+    for k in range(2):
+        paths[f"hospital_{k}"] = parties / f"hospital_{k}" / "manifest.csv"
+    own = pd.read_csv(paths["hospital_1"], keep_default_na=False)
+    own.drop(columns="site").to_csv(paths["hospital_1"], index=False)
+    paths["checkpoint"] = parties / "coordinator" / "base.pt"
     return paths
 
 
