@@ -1,7 +1,7 @@
-"""Server strategies: a privacy-budget wrapper around any Flower strategy, and its ledger store."""
+"""Server strategies: a privacy-budget wrapper around any Flower strategy, its distributed form over
+secure aggregation, and the secure sum's two halves.
 
-from fedclip.privacy.ledger_store import LedgerStore
-from strategies.privacy_budget import PrivacyBudgetStrategy, SiteRound
-from strategies.registry import INNER_STRATEGIES, make_inner_strategy
-
-__all__ = ["INNER_STRATEGIES", "LedgerStore", "PrivacyBudgetStrategy", "SiteRound", "make_inner_strategy"]
+Import the modules themselves (``strategies.privacy_budget``, ``strategies.secure_sum``, ...): this
+package imports nothing, so a ClientApp process that needs only the secure sum's client half
+(Flower's SecAgg+ mod) does not load torch and the accountants with it.
+"""

@@ -177,9 +177,11 @@ def test_a_train_round_through_the_worker_charges_the_sites_ledger(
 
 
 def test_the_clientapp_module_imports_nothing_heavy():
-    """A fresh process per message on the deployment runtime: the hand-over must not import torch."""
+    """A fresh process per message on the deployment runtime: the hand-over must not import torch,
+    nor must the secure sum's client half (three of a secure round's four messages need only it)."""
     code = (
         "import sys, simulations.hospital_clip.client_app, simulations.hospital_clip.site_worker; "
+        "import strategies.secure_sum; "
         "heavy = sorted(m for m in ('torch', 'open_clip', 'opacus', 'pandas') if m in sys.modules); "
         "print(heavy); sys.exit(1 if heavy else 0)"
     )

@@ -11,7 +11,8 @@ from flwr.supercore.task_identity import TaskIdentity
 from fedclip.privacy.events import DpEvent, events_to_wire
 from fedclip.privacy.ledger_store import LedgerStore
 from fedclip.privacy.policy import REFUSAL
-from strategies import PrivacyBudgetStrategy, make_inner_strategy
+from strategies.privacy_budget import PrivacyBudgetStrategy
+from strategies.registry import make_inner_strategy
 from strategies.privacy_budget import PRIVACY_RECORD, SiteFailure
 
 EVENT = DpEvent(
