@@ -11,9 +11,8 @@ from flwr.supercore.task_identity import TaskIdentity
 from fedclip.privacy.events import DpEvent, events_to_wire
 from fedclip.privacy.ledger_store import LedgerStore
 from fedclip.privacy.policy import REFUSAL
-from strategies.privacy_budget import PrivacyBudgetStrategy
+from strategies.privacy_budget import PRIVACY_RECORD, PrivacyBudgetStrategy, SiteFailure
 from strategies.registry import make_inner_strategy
-from strategies.privacy_budget import PRIVACY_RECORD, SiteFailure
 
 EVENT = DpEvent(
     noise_multiplier=1.0, sample_rate=0.5, steps=10, privacy_unit="identity", relation="replace_one", sensitivity=1.0
