@@ -49,7 +49,7 @@ def federation(tmp_path: Path) -> Iterator[Federation]:
 def hospital_data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """The data as a consortium holds it, written by ``fedclip consortium-init``: the server's
     folder (public and held-out rows, the base weights), one per hospital (its own members;
-    hospital_1's manifest without a site column, as a hospital's export would be), the auditor's
+    hospital_1's manifest with its site column empty, as a hospital's export would be), the auditor's
     (members' query photos, non-members' photos)."""
     manifest = generate(tmp_path_factory.mktemp("deployed_data"), DATA)
     parties = tmp_path_factory.mktemp("parties") / "consortium"
@@ -74,7 +74,7 @@ def hospital_data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     for k in range(2):
         paths[f"hospital_{k}"] = parties / f"hospital_{k}" / "manifest.csv"
     own = pd.read_csv(paths["hospital_1"], keep_default_na=False)
-    own.drop(columns="site").to_csv(paths["hospital_1"], index=False)
+    own.assign(site="").to_csv(paths["hospital_1"], index=False)
     paths["checkpoint"] = parties / "coordinator" / "base.pt"
     return paths
 
