@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass
 from logging import INFO, WARNING
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.common.constant import ErrorCode
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
@@ -35,6 +36,7 @@ from fedclip.privacy.policy import REFUSAL
 from strategies.faults import crash_point
 from strategies.reducers import reducer_for
 
+UNAVAILABLE = (ErrorCode.NODE_UNAVAILABLE, ErrorCode.MESSAGE_UNAVAILABLE, ErrorCode.REPLY_MESSAGE_UNAVAILABLE)
 PRIVACY_RECORD = "privacy"  # the ConfigRecord in a train reply that carries the site's DpEvents
 
 
@@ -197,6 +199,8 @@ class PrivacyBudgetStrategy(Strategy):
             return _Outcome(Status.LOST, "no reply")
         if reply.has_error():
             reason = str(reply.error.reason)
+            if reply.error.code in UNAVAILABLE:  # Flower answers for a node that is gone: what it did is unknown
+                return _Outcome(Status.LOST, reason)
             return _Outcome(Status.REFUSED if REFUSAL in reason else Status.FAILED, reason)
         if PRIVACY_RECORD not in reply.content.config_records:
             return _Outcome(Status.FAILED, f"the reply carries no '{PRIVACY_RECORD}' record with its privacy events")

@@ -184,11 +184,15 @@ def write_summary(
     site_level: Mapping[str, Any] | None = None,
     distributed: Mapping[str, Any] | None = None,
     failure: str | None = None,
+    site_ledgers: Mapping[str, float] | None = None,
 ) -> Path:
-    """``summary.md``: what ran, what the accountant promises, what the attacker extracted, utility."""
+    """``summary.md``: what ran, what the accountant promises, what the attacker extracted, utility.
+
+    ``site_ledgers``: each site's epsilon by its own ledger, where the server can read it (a
+    simulation); a deployed site's stays at the site (its ``spending.md``)."""
     lines = ["# fedclip run summary", ""]
     lines += _what_ran(config, noise_multiplier=noise_multiplier, failure=failure)
-    lines += _what_the_accountant_promises(config, rounds=rounds, site_level=site_level)
+    lines += _what_the_accountant_promises(config, rounds=rounds, site_level=site_level, site_ledgers=site_ledgers)
     lines += _per_adversary(config, distributed)
     lines += _what_the_attacker_extracted(config, attack)
     lines += _utility(utility)
@@ -324,7 +328,11 @@ def _per_adversary(config: Mapping[str, Any], distributed: Mapping[str, Any] | N
 
 
 def _what_the_accountant_promises(
-    config: Mapping[str, Any], *, rounds: pd.DataFrame, site_level: Mapping[str, Any] | None
+    config: Mapping[str, Any],
+    *,
+    rounds: pd.DataFrame,
+    site_level: Mapping[str, Any] | None,
+    site_ledgers: Mapping[str, float] | None = None,
 ) -> list[str]:
     lines = ["## What the accountant promises", "", *_promise(config)]
     if "neighbours" in rounds.columns and len(rounds):
@@ -346,23 +354,47 @@ def _what_the_accountant_promises(
         ]
     last = int(rounds["round"].max()) if len(rounds) else 0
     final_sites = rounds[rounds["round"] == last][["site", "epsilon", "budget"]] if len(rounds) else rounds
-    # rounds a site trained (a selected site that failed, refused or was lost trained nothing; it stays charged)
-    trained = rounds[rounds["status"] == "trained"] if "status" in rounds else rounds
-    selected = trained.groupby("site").size() if len(trained) else pd.Series(dtype=int)
-    lines += ["", "| site | rounds trained | epsilon | budget |", "|---|---|---|---|"]
+    # rounds a site trained, and rounds the server charged it for (every round it was selected in:
+    # a site that failed, refused or was lost trained nothing, and its charge stays in the server's ledger)
+    status = rounds["status"] if "status" in rounds else pd.Series("trained", index=rounds.index)
+    trained = rounds[status == "trained"].groupby("site").size() if len(rounds) else pd.Series(dtype=int)
+    charged = rounds[status != "not-selected"].groupby("site").size() if len(rounds) else pd.Series(dtype=int)
+    lines += [
+        "",
+        "| site | rounds trained | rounds charged by the server | epsilon (the server's ledger) "
+        "| epsilon (the site's own ledger) | budget |",
+        "|---|---|---|---|---|---|",
+    ]
     for row in final_sites.itertuples():
-        lines.append(f"| {row.site} | {int(selected.get(row.site, 0))} | {_fmt(float(row.epsilon))} | {row.budget} |")
-    failed = rounds[rounds["status"].isin(["failed", "refused", "lost"])] if "status" in rounds else rounds.iloc[0:0]
+        own = (site_ledgers or {}).get(row.site)
+        lines.append(
+            f"| {row.site} | {int(trained.get(row.site, 0))} | {int(charged.get(row.site, 0))} "
+            f"| {_fmt(float(row.epsilon))} | {_fmt(float(own)) if own is not None else 'at the site (spending.md)'} "
+            f"| {row.budget} |"
+        )
+    failed = rounds[status.isin(["failed", "refused", "lost"])]
     if len(failed):
         lines += [
             "",
-            "Sites that did not train when selected (their planned spending stays charged):",
+            "Sites that did not train when selected. The server's ledger keeps every such round's planned "
+            "charge: it cannot verify what a site did. The site's own ledger says what the site did: "
+            + "; ".join(WHY_CHARGED[s] for s in sorted(set(failed["status"])))
+            + " (a site's own ledger may also hold other runs, or, in dp-mode distributed, the figure its policy's "
+            "adversary faces).",
             "",
             "| round | site | status | reason |",
             "|---|---|---|---|",
         ]
         lines += [f"| {r.round} | {r.site} | {r.status} | {str(r.reason)[:200]} |" for r in failed.itertuples()]
     return lines + ["", _released(config), ""]
+
+
+WHY_CHARGED = {
+    "refused": "a site refuses before it charges, so its own ledger has nothing for a refused round",
+    "failed": "a site charges before it reads any data, so a round that failed there is charged in both ledgers "
+    "(conservative: the data may have been read)",
+    "lost": "a lost site (no reply) is charged in its own ledger if it received the round before it was lost",
+}
 
 
 def _what_the_attacker_extracted(config: Mapping[str, Any], attack: pd.DataFrame) -> list[str]:

@@ -539,6 +539,23 @@ def make_strategy(
     return PrivacyBudgetStrategy(inner, on_reply=replies.observe if replies else None, **budget_kwargs)
 
 
+def simulated_site_ledgers(folder: RunFolder, cfg: SimulationConfig, *, sites: list[str]) -> dict[str, float]:
+    """Each simulated site's epsilon by its own ledger (``sites/<site>/ledger.sqlite``; 0 if it never
+    charged), read beside the server's for the summary; a deployed site's ledger stays at the site."""
+    out = {}
+    for site in sites:
+        path = folder.out / "sites" / site / "ledger.sqlite"
+        if not path.is_file():
+            out[site] = 0.0
+            continue
+        store = LedgerStore(path, delta=cfg.delta, accountant=folder.store.accountant, create=False)
+        try:
+            out[site] = store.ledger(site).epsilon()
+        finally:
+            store.close()
+    return out
+
+
 def report(cfg: SimulationConfig, folder: RunFolder, prep: Prepared, *, failure: str | None) -> Path:
     """Site-level figures, plots, summary.md and status.json; the console's table."""
     crash_point(REPORT_PHASE, cfg.num_rounds)
@@ -577,6 +594,9 @@ def report(cfg: SimulationConfig, folder: RunFolder, prep: Prepared, *, failure:
         site_level=site_level,
         distributed=distributed,
         failure=failure,
+        site_ledgers=None
+        if cfg.deployment
+        else simulated_site_ledgers(folder, cfg, sites=sorted(set(rounds["site"])) if "site" in rounds else []),
     )
     files.write_json(
         "status.json",

@@ -83,6 +83,7 @@ def _check_and_charge(me: SiteIdentity, plan: RoundPlan, context: Context, *, ev
         raise
     attempt = ledger.begin_round(round_)
     ledger.charge(me.site, round_, events, attempt=attempt, run=run)  # durable before any data is touched
+    write_spending(ledger, me.state_dir)  # the site's own account holds the charge too, should it die before settling
     return ledger, attempt, events
 
 

@@ -103,7 +103,8 @@ def forward(socket_path: str, msg: Message, context: Context) -> Message:
     except (ConnectionError, FileNotFoundError, OSError) as exc:  # the path stays at the site: in its own log
         print(f"site worker at {socket_path}: {exc!r}", file=sys.stderr, flush=True)
         raise RuntimeError(
-            f"the site worker (node config {WORKER_KEY!r}) did not answer ({type(exc).__name__}); is "
+            f"the site worker (node config {WORKER_KEY!r}) did not answer "
+            f"({type(exc).__name__}: {str(exc).replace(socket_path, '<socket>')}); is "
             "`fedclip site-worker` running for this site? Its socket path is in this site's log"
         ) from exc
     context.state = serde.recorddict_from_proto(ProtoRecordDict.FromString(state))

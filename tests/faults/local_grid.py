@@ -52,6 +52,15 @@ class LocalGrid(Grid):
         for msg in messages:
             msg_id = str(uuid.uuid4())
             msg.metadata.__dict__["_message_id"] = msg_id  # as Flower's grids do: the reply names it
+            if _lost(msg):  # a SuperNode killed before this message: the SuperLink answers for it, as Flower's does
+                from flwr.app import Error
+                from flwr.common.constant import ErrorCode
+                from flwr.server.superlink.linkstate.utils import NODE_UNAVAILABLE_ERROR_REASON
+
+                error = Error(code=ErrorCode.NODE_UNAVAILABLE, reason=NODE_UNAVAILABLE_ERROR_REASON)
+                self._replies[msg_id] = Message(error, reply_to=msg)
+                ids.append(msg_id)
+                continue
             try:
                 # a copy, as a real transport delivers one: Flower's workflows send one content to many nodes
                 self._replies[msg_id] = self.app(copy.deepcopy(msg), self.contexts[msg.metadata.dst_node_id])
@@ -67,6 +76,17 @@ class LocalGrid(Grid):
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         return self.pull_messages(list(self.push_messages(messages)))
+
+
+def _lost(msg: Message) -> bool:
+    """FEDCLIP_TEST_LOSE="node:round": that node is gone from that round's train message on (the
+    SuperLink replies for it that the node is unavailable, as Flower's does after its heartbeat stops)."""
+    spec = os.environ.get("FEDCLIP_TEST_LOSE", "")
+    if not spec or not msg.metadata.message_type.startswith("train"):
+        return False
+    node, round_ = (int(x) for x in spec.split(":"))
+    config = msg.content.config_records.get("config", {})
+    return msg.metadata.dst_node_id == node and int(config.get("server-round", 0)) >= round_
 
 
 def _dropping(spec: str):
@@ -97,6 +117,7 @@ def main(argv: list[str]) -> int:
     cfg = resolve_config(default_run_config(), {**parse_run_config(extra), "output-dir": out, "cache-dir": cache})
     # FEDCLIP_TEST_EXTRA_NODES: SuperNodes beyond the sites (a node no site is planned for: discovery fails)
     # FEDCLIP_TEST_DROP="node:stage:round": that site dies at that SecAgg+ stage (Flower's name) of that round
+    # FEDCLIP_TEST_LOSE="node:round": that site's SuperNode is gone from that round on (no reply)
     app = _dropping(os.environ["FEDCLIP_TEST_DROP"]) if os.environ.get("FEDCLIP_TEST_DROP") else None
     run(LocalGrid(cfg.num_sites + int(os.environ.get("FEDCLIP_TEST_EXTRA_NODES", "0")), app=app), cfg)
     return 0

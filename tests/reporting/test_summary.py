@@ -137,5 +137,8 @@ def test_rounds_trained_counts_the_rounds_a_site_trained_not_those_it_was_select
         attack=attack,
         utility=utility,
         noise_multiplier=2.0,
+        site_ledgers={"h0": 1.0},
     ).read_text()
-    assert "| h0 | 1 | 2.000 | 4.0 |" in text
+    # trained once, charged twice by the server; the site's own ledger holds the round it trained
+    assert "| h0 | 1 | 2 | 2.000 | 1.000 | 4.0 |" in text
+    assert "a lost site (no reply) is charged in its own ledger if it received the round" in text
