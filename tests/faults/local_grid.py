@@ -111,6 +111,20 @@ def _dropping(spec: str):
     return app
 
 
+def run_local(out, cache, config: str, *, env: dict | None = None, timeout: float = 600):
+    """This module as a process (a crash must not take the test with it): ``config`` as run-config
+    overrides, ``env`` the fault-injection variables. Returns the finished ``subprocess.CompletedProcess``."""
+    import subprocess
+
+    return subprocess.run(
+        [sys.executable, "-m", "tests.faults.local_grid", str(out), str(cache), config],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
+
+
 def main(argv: list[str]) -> int:
     out, cache, extra = argv
     TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0

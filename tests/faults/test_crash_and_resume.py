@@ -11,14 +11,13 @@ Each run is a real process (the real ServerApp and ClientApp, the transport in-p
 
 import collections
 import shutil
-import subprocess
-import sys
 
 import pandas as pd
 import pytest
 
 from fedclip.privacy.ledger_store import LedgerStore
 from strategies.faults import CRASH_EXIT_CODE, PHASES
+from tests.faults.local_grid import run_local
 
 SITES = ("hospital_0", "hospital_1")
 TINY = (
@@ -29,17 +28,8 @@ TINY = (
 BUDGET = 9.0  # three planned rounds cost about 7.4: a crashed attempt's extra charge can push the last round out
 
 
-def _run(out, cache, extra: str, crash: str | None = None) -> subprocess.CompletedProcess:
-    env = {"FEDCLIP_CRASH_AT": crash} if crash else {}
-    import os
-
-    return subprocess.run(
-        [sys.executable, "-m", "tests.faults.local_grid", str(out), str(cache), f"{TINY} {extra}"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, **env},
-    )
+def _run(out, cache, extra: str, crash: str | None = None):
+    return run_local(out, cache, f"{TINY} {extra}", env={"FEDCLIP_CRASH_AT": crash} if crash else {}, timeout=300)
 
 
 @pytest.fixture(scope="module")

@@ -9,9 +9,6 @@ each sum really held, converted by dp-accounting.
 
 import json
 import math
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pandas as pd
@@ -22,6 +19,7 @@ from scipy.special import comb, logsumexp
 
 from fedclip.privacy.ledger_store import LedgerStore
 from strategies.faults import CRASH_EXIT_CODE, PHASES
+from tests.faults.local_grid import run_local
 
 TINY = (
     "num-sites=3 patients-per-site=6 public-patients=30 heldout-patients=8 images-per-patient=4 "
@@ -32,14 +30,8 @@ TINY = (
 SITES = ("hospital_0", "hospital_1", "hospital_2")
 
 
-def _run(out, cache, extra: str = "", env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "tests.faults.local_grid", str(out), str(cache), f"{TINY} {extra}"],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**os.environ, **(env or {})},
-    )
+def _run(out, cache, extra: str = "", env: dict | None = None):
+    return run_local(out, cache, f"{TINY} {extra}", env=env)
 
 
 ORDERS = list(range(2, 65)) + list(range(72, 257, 8))

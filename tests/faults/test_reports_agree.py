@@ -7,14 +7,11 @@ its planned charge), the summary says why.
 Real ServerApp and ClientApp over the in-process transport of the fault tests.
 """
 
-import os
-import subprocess
-import sys
-
 import pandas as pd
 import pytest
 
 from fedclip.privacy.ledger_store import LedgerStore
+from tests.faults.local_grid import run_local
 
 BASE = (
     "num-sites=3 patients-per-site=6 public-patients=30 heldout-patients=8 images-per-patient=4 "
@@ -29,14 +26,8 @@ def cache(tmp_path_factory):
     return tmp_path_factory.mktemp("cache")
 
 
-def _run(out, cache, extra: str = "", env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "tests.faults.local_grid", str(out), str(cache), f"{BASE} {extra}"],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**os.environ, **(env or {})},
-    )
+def _run(out, cache, extra: str = "", env: dict | None = None):
+    return run_local(out, cache, f"{BASE} {extra}", env=env)
 
 
 def _eps(value: float) -> str:
