@@ -169,11 +169,23 @@ def test_two_hospitals_train_two_rounds_on_the_deployment_runtime(federation, ho
     _two_rounds_at_two_hospitals(federation, hospital_data, tmp_path, worker_at=(0,))
 
 
-def test_with_tls_and_supernode_authentication_an_unregistered_node_is_refused(hospital_data, tmp_path):
-    certs = make_certificates(tmp_path / "certs", ("hospital_0", "hospital_1", "intruder"))
-    fed = Federation(tmp_path / "federation", certs=certs)
+def test_with_tls_and_supernode_authentication_across_machines(hospital_data, tmp_path):
+    """As a consortium across machines: the coordinator's SuperLink bound to one address (127.0.0.2,
+    standing for the coordinator's host: ``--host``) and unreachable elsewhere, the hospitals and the
+    operator dialling it under TLS with a certificate that names it, SuperNode authentication
+    turning an unregistered node away; a certificate from the same authority naming another host
+    is refused at the handshake."""
+    certs = make_certificates(
+        tmp_path / "certs",
+        ("hospital_0", "hospital_1", "intruder"),
+        names=("superlink.consortium.test", "127.0.0.2"),
+        other_servers={"misnamed": ("localhost", "127.0.0.1")},  # the same authority, another host's name
+    )
+    fed = Federation(tmp_path / "federation", certs=certs, host="127.0.0.2")
     try:
         fed.superlink()
+        with socket.socket() as probe:  # bound to the address it was given, not every interface
+            assert probe.connect_ex(("127.0.0.1", fed.port)) != 0
         nodes = {f"hospital_{k}": fed.register(f"hospital_{k}") for k in range(2)}
         # a node whose key the SuperLink does not know is turned away before it can join any run
         log = fed.supernode("intruder", None, node_key="intruder", expect="2004")
@@ -187,47 +199,9 @@ def test_with_tls_and_supernode_authentication_an_unregistered_node_is_refused(h
             site_nodes=",".join(f"{s}={n}" for s, n in nodes.items()),
         )
         assert json.loads((out / "config.json").read_text())["site-nodes"].count("=") == 2
+        assert _flwr_ls(fed).returncode == 0
     finally:
         fed.stop()
-
-
-def test_across_machines_the_superlink_listens_where_told_and_its_certificate_names_what_hospitals_dial(
-    hospital_data, tmp_path
-):
-    """The coordinator's SuperLink bound to one address (127.0.0.2, standing for the coordinator's
-    host: ``--host``), the hospitals and the operator dialling it under TLS with a certificate that
-    names it; not reachable elsewhere, and a certificate for another name is refused."""
-    certs = make_certificates(
-        tmp_path / "certs",
-        ("hospital_0", "hospital_1"),
-        names=("superlink.consortium.test", "127.0.0.2"),
-        other_servers={"misnamed": ("localhost", "127.0.0.1")},  # the same authority, another host's name
-    )
-    fed = Federation(tmp_path / "federation", certs=certs, host="127.0.0.2")
-    try:
-        fed.superlink()
-        with socket.socket() as probe:  # bound to the address it was given, not every interface
-            assert probe.connect_ex(("127.0.0.1", fed.port)) != 0
-        nodes = {f"hospital_{k}": fed.register(f"hospital_{k}") for k in range(2)}
-        for k in range(2):
-            site = _site(f"hospital_{k}", hospital_data, tmp_path / f"state_{k}")
-            fed.supernode(f"hospital_{k}", site, node_key=f"hospital_{k}")
-        config = _run_config(
-            tmp_path / "run.toml",
-            hospital_data,
-            out=tmp_path / "out",
-            site_nodes=",".join(f"{s}={n}" for s, n in nodes.items()),
-        )
-        config.write_text(config.read_text().replace("num-rounds = 2", "num-rounds = 1"))
-        done = fed.run(config)
-        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-        (out,) = list((tmp_path / "out").iterdir())
-        assert json.loads((out / "status.json").read_text())["status"] == "finished"
-        listed = _flwr_ls(fed)
-        assert listed.returncode == 0, listed.stdout + listed.stderr
-    finally:
-        fed.stop()
-    # the same authority's certificate for a name the parties do not dial: refused at the handshake
     misnamed = Federation(tmp_path / "misnamed", certs=certs, host="127.0.0.2", server="misnamed")
     try:
         misnamed.superlink()
