@@ -27,7 +27,7 @@ from ray.cluster_utils import Cluster  # noqa: E402
 REPO = Path(__file__).resolve().parents[2]
 
 
-def test_the_simulation_runs_on_a_two_node_ray_cluster_on_loopback(tmp_path):
+def test_the_simulation_runs_on_a_two_node_ray_cluster_on_this_machine(tmp_path):
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
     try:
         cluster.add_node(num_cpus=1)
