@@ -1,25 +1,19 @@
 """``status.json`` says how a run ended, however it ended: a polling script must never wait forever."""
 
 import json
-import os
 import subprocess
 import sys
 
 import pytest
 
+from tests.faults.local_grid import run_local
 from tests.faults.test_crash_and_resume import TINY
 
 
 def test_a_crash_while_discovering_the_sites_marks_the_run_failed(tmp_path):
     out = tmp_path / "run"
-    env = {**os.environ, "FEDCLIP_TEST_EXTRA_NODES": "1"}  # a third SuperNode for two sites
-    done = subprocess.run(
-        [sys.executable, "-m", "tests.faults.local_grid", str(out), str(tmp_path / "cache"), TINY],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-    )
+    # a third SuperNode for two sites
+    done = run_local(out, tmp_path / "cache", TINY, env={"FEDCLIP_TEST_EXTRA_NODES": "1"}, timeout=300)
     assert done.returncode != 0
     status = json.loads((out / "status.json").read_text())
     assert status["status"] == "failed", status
@@ -35,14 +29,7 @@ def test_an_exception_in_aggregation_or_in_the_report_marks_the_run_failed(tmp_p
     """A bug's exception, not a kill: in the second round's aggregation, or in the closing report
     after every round trained. Either way status.json says failed with the exception."""
     out = tmp_path / "run"
-    env = {**os.environ, "FEDCLIP_RAISE_AT": phase}
-    done = subprocess.run(
-        [sys.executable, "-m", "tests.faults.local_grid", str(out), str(tmp_path / "cache"), TINY],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-    )
+    done = run_local(out, tmp_path / "cache", TINY, env={"FEDCLIP_RAISE_AT": phase}, timeout=300)
     assert done.returncode != 0
     status = json.loads((out / "status.json").read_text())
     assert status["status"] == "failed", status
