@@ -27,10 +27,15 @@ import pandas as pd
 
 from fedclip.data.manifest import load_manifest
 from fedclip.data.schema import MANIFEST_COLUMNS, MASK_COLUMN, Split
+from fedclip.privacy.policy import DEPLOYED_DEFAULT
 from fedclip.training.warmstart import WarmStartConfig, warm_start
 
 COORDINATOR, AUDITOR = "coordinator", "auditor"
-POLICY = "max-epsilon-run=10.0 max-epsilon-total=10.0 min-noise-multiplier=0.5"  # each hospital's to edit
+# each hospital's to edit: the deployed default's caps written out, and a noise floor the default lacks
+POLICY = (
+    f"max-epsilon-run={DEPLOYED_DEFAULT.max_epsilon_run} max-epsilon-total={DEPLOYED_DEFAULT.max_epsilon_total} "
+    "min-noise-multiplier=0.5"
+)
 
 
 def consortium_init(
@@ -43,8 +48,10 @@ def consortium_init(
 ) -> dict[str, Path]:
     """Write every party's folder under ``out``; ``{party: folder}``."""
     out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise ValueError(f"--out: {out} is not empty; consortium-init writes a new folder and overwrites nothing")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(
+            f"--out: {out} is not empty (or is a file); consortium-init writes a new folder and overwrites nothing"
+        )
     if base is not None and not Path(base).is_file():
         raise ValueError(f"--base: {base} is not a file")
     loaded = load_manifest(manifest, allow_outside_paths=allow_outside_paths)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+from functools import lru_cache
 from pathlib import Path
 
 import pandas as pd
@@ -35,6 +36,13 @@ COLUMNS = (
 )
 
 
+@lru_cache(maxsize=4096)
+def _epsilon(delta: float, accountant: str, events: tuple[DpEvent, ...]) -> float:
+    """The total after a prefix of charges: a site writes its account when it charges and again when
+    it settles (and a site worker every round), so each prefix is composed once per process."""
+    return PrivacyLedger(delta=delta, accountant=accountant, events=events).epsilon()
+
+
 def spending_table(store: LedgerStore) -> pd.DataFrame:
     """One row per charged attempt, in order, with the site's total epsilon (for that privacy
     unit, over every earlier charge too) after it."""
@@ -48,7 +56,7 @@ def spending_table(store: LedgerStore) -> pd.DataFrame:
         for e in events:
             spent.setdefault((site, str(e.privacy_unit)), []).append(e)
         unit = str(training.privacy_unit)
-        eps = PrivacyLedger(delta=store.delta, accountant=store.accountant, events=tuple(spent[(site, unit)])).epsilon()
+        eps = _epsilon(store.delta, store.accountant, tuple(spent[(site, unit)]))
         rows.append(
             {
                 "site": site,
