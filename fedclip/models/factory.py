@@ -44,6 +44,19 @@ class ModelConfig:
                         f"trainable: last-{spec.last_k} but {self.arch}'s {tower.split('_')[0]} tower "
                         f"has {layers} blocks"
                     )
+        if spec.mode == "lora":
+            cfg = open_clip.get_model_config(self.arch) or {}
+            vision, text = cfg.get("vision_cfg", {}), cfg.get("text_cfg", {})
+            if not isinstance(vision.get("layers"), int) or vision.get("timm_model_name"):
+                raise ValueError(
+                    f"trainable: {self.trainable!r} needs transformer blocks in the image tower; {self.arch}'s is "
+                    "a ResNet or a timm model (use 'bias', 'projections' or 'all')"
+                )
+            if text.get("hf_model_name"):
+                raise ValueError(
+                    f"trainable: {self.trainable!r} needs open_clip's own text transformer; {self.arch}'s text "
+                    "tower is a Hugging Face model"
+                )
         if self.pretrained and not Path(self.pretrained).is_file():
             tags = open_clip.list_pretrained_tags_by_model(self.arch)
             if self.pretrained not in tags:
@@ -64,14 +77,20 @@ class ClipBundle:
 
 
 def create_model(config: ModelConfig, *, device: str | torch.device = "cpu") -> ClipBundle:
-    """Build the model, load weights if asked, and mark the trainable parameters."""
+    """Build the model, load weights if asked, add LoRA adapters if asked, and mark the trainable
+    parameters."""
     try:
         model, _, preprocess = open_clip.create_model_and_transforms(
             config.arch, pretrained=config.pretrained or None, device=device
         )
     except Exception as exc:  # open_clip and torch.load raise many types for one cause: bad weights
         raise RuntimeError(f"pretrained: could not load {config.pretrained!r} for {config.arch}: {exc}") from exc
-    apply_trainable(model, TrainableSpec.parse(config.trainable))
+    spec = TrainableSpec.parse(config.trainable)
+    if spec.mode == "lora":  # after the weights are loaded: adapters rename the weights they wrap
+        from fedclip.models.lora import add_lora
+
+        add_lora(model, rank=spec.lora_rank, targets=spec.lora_targets)
+    apply_trainable(model, spec)
     return ClipBundle(model=model, preprocess=preprocess, tokenizer=open_clip.get_tokenizer(config.arch), config=config)
 
 

@@ -1,15 +1,16 @@
 """A twin of an open_clip CLIP model that Opacus' grad-sample hooks can differentiate per sample.
 
 Opacus computes per-sample gradients with hooks on modules it knows (Linear, LayerNorm, Conv2d,
-Embedding, its own ``DPMultiheadAttention``). open_clip's CLIP has two kinds of parameters it does
+Embedding). open_clip's CLIP has two kinds of parameters it does
 not know: ``nn.MultiheadAttention``'s fused ``in_proj_weight`` and the *loose* parameters used
 directly in ``forward`` (class and positional embeddings, the two projections, ``logit_scale``).
 
 The twin shares every parameter's storage with the model (an optimizer step on the model is seen
 by the twin at once) and differs only in how it applies them:
 
-- each ``nn.MultiheadAttention`` becomes Opacus' ``DPMultiheadAttention`` whose q/k/v ``Linear``
-  weights are views of the model's ``in_proj_weight`` rows (its ``out_proj`` is the model's);
+- each ``nn.MultiheadAttention`` becomes a ``SplitAttention`` (``fedclip.models.attention``) whose
+  q/k/v ``Linear`` weights are views of the model's ``in_proj_weight`` rows (its ``out_proj`` is
+  the model's);
 - the loose parameters are applied through three small modules (``ClassToken``,
   ``PositionEmbedding``, ``MatrixProjection``) whose per-sample gradients are registered with
   Opacus' ``register_grad_sampler`` (its extension point);
@@ -33,10 +34,11 @@ import torch.nn.functional as F
 from opacus.grad_sample import register_grad_sampler
 from opacus.grad_sample.layer_norm import compute_layer_norm_grad_sample
 from opacus.grad_sample.linear import compute_linear_grad_sample
-from opacus.layers import DPMultiheadAttention
 from open_clip.transformer import LayerNorm as OpenClipLayerNorm
 from open_clip.transformer import VisionTransformer
 from torch import nn
+
+from fedclip.models.attention import SplitAttention, attention_like
 
 
 class ClassToken(nn.Module):
@@ -118,27 +120,6 @@ register_grad_sampler(OpenClipLayerNorm)(compute_layer_norm_grad_sample)
 register_grad_sampler(nn.modules.linear.NonDynamicallyQuantizableLinear)(compute_linear_grad_sample)
 
 
-class BatchFirstDPAttention(DPMultiheadAttention):
-    """Opacus' attention layers (q/k/v/out ``Linear`` modules that its hooks differentiate) with a
-    batch-first forward: Opacus 1.6 checks a 2-D ``attn_mask`` against the batch dimension when
-    ``batch_first`` is set (it expects ``[1, batch, batch]``), which refuses open_clip's causal
-    text mask. The attention itself has no parameters, so SDPA computes it."""
-
-    def forward(self, query, key, value, key_padding_mask=None, need_weights=False, attn_mask=None, is_causal=False):
-        if not self.batch_first or key_padding_mask is not None or need_weights or is_causal:
-            raise ValueError("BatchFirstDPAttention: only batch-first attention with an additive or boolean mask")
-        b, length, d = query.shape
-        heads = self.num_heads
-
-        def split(x: torch.Tensor) -> torch.Tensor:
-            return x.reshape(b, -1, heads, d // heads).transpose(1, 2)
-
-        q, k, v = split(self.qlinear(query)), split(self.klinear(key)), split(self.vlinear(value))
-        p = self.dropout.p if self.training else 0.0
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p)
-        return self.out_proj(out.transpose(1, 2).reshape(b, length, d)), None
-
-
 def unsupported_reason(model: nn.Module) -> str | None:
     """Why ``model`` has no twin (None when it has one)."""
     if not isinstance(model, open_clip.CLIP):
@@ -217,16 +198,9 @@ class GradSampleTwin(nn.Module):
         rows.weight = embedding.weight  # the model's parameter
         return rows
 
-    def _dp_attention(self, mha: nn.MultiheadAttention, names: dict[int, str]) -> BatchFirstDPAttention:
+    def _dp_attention(self, mha: nn.MultiheadAttention, names: dict[int, str]) -> SplitAttention:
         d = mha.embed_dim
-        dp = BatchFirstDPAttention(
-            d,
-            mha.num_heads,
-            dropout=mha.dropout,
-            bias=mha.in_proj_bias is not None,
-            batch_first=mha.batch_first,
-            device=mha.in_proj_weight.device,
-        )
+        dp = attention_like(mha)
         for i, linear in enumerate((dp.qlinear, dp.klinear, dp.vlinear)):
             for kind in ("weight", "bias"):
                 fused = getattr(mha, f"in_proj_{kind}")

@@ -7,6 +7,7 @@ from fedclip.training.config import DpConfig, TrainConfig
 from fedclip.training.ghost_clipping import GhostClipping, GhostDPOptimizer, unsupported
 from fedclip.training.local import make_optimizer
 from fedclip.training.microbatch_grads import per_microbatch_grads
+from tests.models.test_lora import lora_trained_a_little
 from tests.training.test_microbatch_grads import _bank, _batch
 
 
@@ -37,6 +38,9 @@ def _reference(model, groups, images, tokens, *, bank=None):
             True,
         ),
         ("ViT-B-32", "last-1", 224, [np.array([0]), np.arange(1, 5)], False),
+        ("fedclip-tiny", "lora-4", 32, [np.arange(0, 5), np.array([], dtype=np.int64), np.arange(5, 9)], True),
+        ("fedclip-tiny", "lora-2-attn", 32, [np.array([i]) for i in (3, 0, 7)], True),
+        ("fedclip-tiny", "bias", 32, [np.arange(0, 5), np.array([9]), np.arange(5, 9)], False),
     ],
 )
 def test_norms_and_clipped_sum_equal_opacus_clipping_the_reference(arch, trainable, size, groups, with_bank):
@@ -45,7 +49,7 @@ def test_norms_and_clipped_sum_equal_opacus_clipping_the_reference(arch, trainab
     architecture: the norms, the clipped sum of every parameter (fused q/k/v rows included) and
     the losses."""
     torch.manual_seed(0)
-    model = create_model(ModelConfig(arch=arch, trainable=trainable)).model
+    model = lora_trained_a_little(create_model(ModelConfig(arch=arch, trainable=trainable)).model)
     images, tokens = _batch(12, size, model.context_length)
     bank = _bank(model) if with_bank else None
     ghost, losses, rows = GhostClipping(model)(groups, images, tokens, bank=bank)

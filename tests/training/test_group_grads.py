@@ -9,6 +9,7 @@ from fedclip.training.ghost_clipping import GhostClipping
 from fedclip.training.group_grads import AutoGradEngine, GroupGradients, dense_grads, make_grad_engine
 from fedclip.training.local import train_local
 from fedclip.training.microbatch_grads import per_microbatch_grads
+from tests.models.test_lora import lora_trained_a_little
 from tests.training.test_microbatch_grads import _bank, _batch
 
 
@@ -28,13 +29,16 @@ def _assert_same(hooks, vmap):
         ("fedclip-tiny", "all", 32, [np.arange(0, 5), np.array([], dtype=np.int64), np.arange(5, 7), np.arange(7, 12)]),
         ("fedclip-tiny", "projections", 32, [np.array([3]), np.array([0]), np.array([7])]),
         ("ViT-B-32", "last-1", 224, [np.arange(0, 3), np.arange(3, 5)]),
+        ("fedclip-tiny", "lora-4", 32, [np.arange(0, 5), np.array([], dtype=np.int64), np.arange(5, 9)]),
+        ("fedclip-tiny", "lora-2-mlp", 32, [np.arange(0, 3), np.array([4, 3]), np.arange(5, 9)]),
+        ("fedclip-tiny", "bias", 32, [np.arange(0, 5), np.array([9]), np.arange(5, 9)]),
     ],
 )
 def test_one_backward_equals_the_vmap_reference(arch, trainable, size, groups):
     """Unequal groups, an empty group, one pair per group out of order, and a real open_clip
     architecture (random init): every trainable parameter's per-group gradient and each loss."""
     torch.manual_seed(0)
-    model = create_model(ModelConfig(arch=arch, trainable=trainable)).model
+    model = lora_trained_a_little(create_model(ModelConfig(arch=arch, trainable=trainable)).model)
     images, tokens = _batch(12, size, model.context_length)
     hooks, hook_losses, rows = GroupGradients(model)(groups, images, tokens)
     vmap, vmap_losses = per_microbatch_grads(model, groups, images, tokens)
@@ -69,7 +73,7 @@ def test_engine_choice():
     assert isinstance(make_grad_engine(model, "hooks"), GroupGradients)
     assert isinstance(make_grad_engine(model, "ghost"), GhostClipping)
     assert not isinstance(make_grad_engine(model, "vmap"), (GroupGradients, AutoGradEngine, GhostClipping))
-    for trainable in ("projections", "last-1", "all"):  # ghost norms cover every trainable set of CLIP
+    for trainable in ("projections", "last-1", "all", "bias", "lora-4"):  # ghost norms cover every trainable set
         auto = make_grad_engine(create_model(ModelConfig(trainable=trainable)).model, "auto")
         assert [auto.choose(k) for k in (1, 2, 128)] == ["single", "ghost", "ghost"], trainable
     # with an auditor's canaries (per-group gradients needed): hooks or vmap, as measured
@@ -91,7 +95,17 @@ def test_engine_choice():
         TrainConfig(grad_engine="fast")
 
 
-@pytest.mark.parametrize(("engine", "trainable"), [("hooks", "all"), ("ghost", "all"), ("ghost", "last-1")])
+@pytest.mark.parametrize(
+    ("engine", "trainable"),
+    [
+        ("hooks", "all"),
+        ("ghost", "all"),
+        ("ghost", "last-1"),
+        ("ghost", "lora-4"),
+        ("hooks", "lora-2"),
+        ("ghost", "bias"),
+    ],
+)
 def test_training_is_the_same_with_every_engine(engine, trainable):
     """Through ``train_local``, same reproducible seed (same sampling and noise), same steps: each
     engine ends where the vmap reference ends, so switching engines changes cost, not the
@@ -110,8 +124,15 @@ def test_training_is_the_same_with_every_engine(engine, trainable):
     for name in (engine, "vmap"):
         torch.manual_seed(0)
         model = create_model(ModelConfig(trainable=trainable)).model  # all: incl. the row-sparse embedding
+        lora_trained_a_little(model)
+        frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+        start = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
         train_local(model, data, dp=dp, train=TrainConfig(steps=3, lr=1e-3, grad_engine=name), reproducible_seed=7)
         ends.append({n: p.detach().clone() for n, p in model.named_parameters()})
+        # the noise covers the trainable coordinates, every one of them, and nothing else
+        assert all(torch.equal(ends[-1][n], t) for n, t in frozen.items())
+        moved = {n: float((ends[-1][n] != t).float().mean()) for n, t in start.items()}
+        assert min(moved.values()) > 0.9999, moved  # (a float32 Gaussian draw is exactly 0 about once in 2^24)
     _assert_same(*ends)
 
 
