@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from fedclip.models.attention import split_attention
-from fedclip.models.factory import ModelConfig, create_model
+from fedclip.models.factory import ModelConfig, create_model, save_checkpoint
 from fedclip.models.lora import _PATTERNS, add_lora
 from fedclip.models.trainable import LORA_TARGETS, TrainableSpec
 
@@ -18,6 +18,16 @@ def lora_trained_a_little(model: torch.nn.Module) -> torch.nn.Module:
             if ".lora_B." in name:
                 param.normal_(std=0.5)
     return model
+
+
+def assert_same_function(model: torch.nn.Module, reference: torch.nn.Module) -> None:
+    """Both models embed the same images and captions alike (a model with adapters against its base)."""
+    torch.manual_seed(5)
+    images, tokens = torch.randn(2, 3, 32, 32), torch.randint(1, 400, (2, reference.context_length))
+    model.eval(), reference.eval()
+    with torch.no_grad():
+        for mine, theirs in zip(model(images, tokens)[:2], reference(images, tokens)[:2]):
+            torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-5)
 
 
 def test_every_target_name_has_a_pattern():
@@ -42,11 +52,7 @@ def test_lora_starts_from_the_base_model_and_trains_only_adapters(trainable):
     lora = copy.deepcopy(base)
     spec = TrainableSpec.parse(trainable)
     names = add_lora(lora, rank=spec.lora_rank, targets=spec.lora_targets)
-    lora.eval()
-    images, tokens = torch.randn(2, 3, 32, 32), torch.randint(1, 400, (2, base.context_length))
-    with torch.no_grad():
-        for mine, theirs in zip(lora(images, tokens)[:2], base(images, tokens)[:2]):
-            torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-5)
+    assert_same_function(lora, base)
     trained = {n: p for n, p in lora.named_parameters() if p.requires_grad}
     per_block = {"attn": 4, "mlp": 2}
     expected = sum(per_block[t] for t in spec.lora_targets) * 2 * 2 * 2  # layers x blocks x towers x (A, B)
@@ -82,3 +88,18 @@ def test_bias_trains_every_bias_and_nothing_else():
     assert any(n.endswith("attn.in_proj_bias") for n in trained) and any(n.endswith("ln_final.bias") for n in trained)
     frozen_biases = [n for n, p in model.named_parameters() if n.endswith(".bias") and not p.requires_grad]
     assert frozen_biases == []
+
+
+@pytest.mark.parametrize("trainable", ["all", "projections", "last-1", "bias", "lora-4", "lora-2-attn"])
+def test_a_checkpoint_file_is_the_base_of_every_trainable_set(tmp_path, trainable):
+    """A user's open_clip checkpoint (``pretrained = "/path/file.pt"``): every weight of the file is
+    the model's, under whatever name adapters give it, and the model computes what the file's does."""
+    torch.manual_seed(7)
+    weights = create_model(ModelConfig()).model
+    path = save_checkpoint(weights, tmp_path / "user.pt")
+    torch.manual_seed(8)
+    model = create_model(ModelConfig(pretrained=str(path), trainable=trainable)).model
+    assert_same_function(model, weights)
+    if not trainable.startswith("lora"):
+        mine = model.state_dict()
+        assert all(torch.equal(mine[n], t) for n, t in weights.state_dict().items())
