@@ -103,3 +103,16 @@ def test_a_checkpoint_file_is_the_base_of_every_trainable_set(tmp_path, trainabl
     if not trainable.startswith("lora"):
         mine = model.state_dict()
         assert all(torch.equal(mine[n], t) for n, t in weights.state_dict().items())
+
+
+@pytest.mark.parametrize("layout", ["bare.pt", "weights.safetensors"])
+def test_checkpoints_as_released_load_under_lora_too(tmp_path, layout):
+    """Released open_clip weights are often a bare state dict or a safetensors file."""
+    from safetensors.torch import save_file
+
+    torch.manual_seed(9)
+    weights = create_model(ModelConfig()).model
+    path = tmp_path / layout
+    state = {n: t.contiguous() for n, t in weights.state_dict().items()}
+    save_file(state, path) if layout.endswith("safetensors") else torch.save(state, path)
+    assert_same_function(create_model(ModelConfig(pretrained=str(path), trainable="lora-2")).model, weights)
