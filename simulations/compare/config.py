@@ -22,6 +22,9 @@ class CompareConfig:
     epsilons: tuple[float, ...] = (1.0, 8.0)
     seeds: tuple[int, ...] = (0, 1)
     parallel: int = 0  # 0: as many as the cores allow
+    # an axis of trainable sets: every private setting runs once per set (labelled "setting@set");
+    # empty: the base's (the app's DP default). Non-private baselines keep their own training keys.
+    trainable: tuple[str, ...] = ()
     base: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -36,6 +39,12 @@ class CompareConfig:
             raise ValueError(f"compare.seeds: expected distinct integers, got {list(self.seeds)}")
         if self.parallel < 0:
             raise ValueError(f"compare.parallel: expected 0 (automatic) or >= 1, got {self.parallel}")
+        if len(set(self.trainable)) != len(self.trainable):
+            raise ValueError(f"compare.trainable: expected distinct trainable sets, got {list(self.trainable)}")
+        if self.trainable and "trainable" in self.base:
+            raise ValueError("base.trainable: the comparison's trainable axis sets it; remove one of the two")
+        for value in self.trainable:  # each against the base's architecture, before anything runs
+            SimulationConfig.from_run_config({**self.base_config().to_run_config(), "trainable": value})
         for key in ("output-dir", "seed", "resume"):
             if key in self.base:
                 raise ValueError(f"base.{key}: set by the comparison itself; remove it from [base]")
@@ -67,14 +76,14 @@ class CompareConfig:
         if unknown:
             raise ValueError(f"{path}: unknown table(s) {sorted(unknown)}; expected [compare] and [base]")
         table = dict(data.get("compare", {}))
-        known = {"output-dir", "settings", "epsilons", "seeds", "parallel"}
+        known = {"output-dir", "settings", "epsilons", "seeds", "parallel", "trainable"}
         bad = set(table) - known
         if bad:
             raise ValueError(f"{path}: unknown key(s) {sorted(bad)} in [compare]; expected {sorted(known)}")
         kwargs: dict[str, Any] = {"base": dict(data.get("base", {}))}
         if "output-dir" in table:
             kwargs["output_dir"] = str(table["output-dir"])
-        for key in ("settings", "epsilons", "seeds"):
+        for key in ("settings", "epsilons", "seeds", "trainable"):
             if key in table:
                 if not isinstance(table[key], list):
                     raise ValueError(f"compare.{key}: expected a list, got {table[key]!r}")

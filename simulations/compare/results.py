@@ -107,7 +107,7 @@ def run_row(run: RunSpec) -> dict:
     k = largest_patient(run) if setting.unit == "record" else 1
     group_eps, group_delta = group_privacy(local_eps, float(config["delta"]), k) if k > 1 else (math.nan, math.nan)
     return {
-        "setting": run.setting,
+        "setting": run.name,
         "target_epsilon": run.epsilon if run.epsilon is not None else math.inf,
         "seed": run.seed,
         "unit": setting.unit,
@@ -293,7 +293,7 @@ def _epsilon_panel(ax, agg: pd.DataFrame, metric: str) -> None:
             yerr=g[f"{metric}_std"].fillna(0),
             marker="o",
             capsize=3,
-            label=f"{name} ({SETTINGS[name].unit})",
+            label=f"{name} ({g['unit'].iloc[0]})",
         )
     baselines = agg[~agg["target_epsilon"].apply(math.isfinite)].groupby("setting", sort=False)
     for k, (name, g) in enumerate(baselines):  # one line style per baseline, so two never look alike

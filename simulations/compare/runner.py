@@ -30,11 +30,17 @@ class RunSpec:
     seed: int
     folder: Path
     overrides: dict[str, Any]
+    trainable: str = ""  # a value of the comparison's trainable axis ("" without one)
+
+    @property
+    def name(self) -> str:
+        """The setting as the tables name it: ``fed-local-identity@lora-8`` on a trainable axis."""
+        return f"{self.setting}@{self.trainable}" if self.trainable else self.setting
 
     @property
     def label(self) -> str:
         eps = "none" if self.epsilon is None else f"{self.epsilon:g}"
-        return f"{self.setting} eps={eps} seed={self.seed}"
+        return f"{self.name} eps={eps} seed={self.seed}"
 
 
 def plan_runs(config: CompareConfig) -> list[RunSpec]:
@@ -47,17 +53,20 @@ def plan_runs(config: CompareConfig) -> list[RunSpec]:
     for seed in config.seeds:
         for name in config.settings:
             setting = SETTINGS[name]
-            for eps in config.epsilons if setting.private else (None,):
-                folder = out / name / f"eps={'none' if eps is None else f'{eps:g}'}" / f"seed={seed}"
-                overrides = {
-                    **config.base,
-                    **setting.overrides(eps or 0.0, base),
-                    **explicit,
-                    "seed": seed,
-                    "output-dir": str(folder),
-                    "cache-dir": str(out / "cache"),
-                }
-                runs.append(RunSpec(name, eps, seed, folder, overrides))
+            for trainable in (config.trainable or ("",)) if setting.private else ("",):
+                for eps in config.epsilons if setting.private else (None,):
+                    label = f"{name}@{trainable}" if trainable else name
+                    folder = out / label / f"eps={'none' if eps is None else f'{eps:g}'}" / f"seed={seed}"
+                    overrides = {
+                        **config.base,
+                        **setting.overrides(eps or 0.0, base),
+                        **explicit,
+                        **({"trainable": trainable} if trainable else {}),
+                        "seed": seed,
+                        "output-dir": str(folder),
+                        "cache-dir": str(out / "cache"),
+                    }
+                    runs.append(RunSpec(name, eps, seed, folder, overrides, trainable))
     return runs
 
 

@@ -169,6 +169,11 @@ class SimulationConfig:
             raise ValueError(f"seed: expected an integer >= 0, got {self.seed}")
         if self.num_rounds < 1:
             raise ValueError(f"num-rounds: expected an integer >= 1, got {self.num_rounds}")
+        if self.warm_start_epochs < 1 and not self.pretrained:
+            raise ValueError(
+                f"warm-start-epochs: expected an integer >= 1 (the base model is warm-started on the public "
+                f"patients), got {self.warm_start_epochs}; or give pretrained = a checkpoint file or tag"
+            )
         if self.strategy not in INNER_STRATEGIES:
             raise ValueError(f"strategy: expected one of {sorted(INNER_STRATEGIES)}, got {self.strategy!r}")
         if not 0 < self.fraction_train <= 1:

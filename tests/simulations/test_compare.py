@@ -304,3 +304,59 @@ def test_every_shipped_comparison_config_plans_valid_runs():
     for run in like_dp:  # the stronger reference: no DP, but what the DP settings train, at their rate
         cfg = SimulationConfig.from_run_config(run.overrides)
         assert cfg.dp_mode == "nonprivate" and (cfg.trainable, cfg.lr) == (dp_default.trainable, dp_default.lr)
+
+
+AXIS = """
+[compare]
+output-dir = "{out}"
+settings = ["fed-nonprivate", "fed-local-identity"]
+epsilons = [4.0]
+seeds = [0]
+parallel = 2
+trainable = ["bias", "lora-2"]
+
+[base]
+num-sites = 2
+patients-per-site = 6
+public-patients = 30
+heldout-patients = 8
+images-per-patient = 4
+query-images-per-patient = 3
+idia-queries = 3
+idia-distractors = 20
+warm-start-epochs = 1
+local-steps = 3
+microbatch-size = 3
+num-rounds = 1
+"""
+
+
+def test_a_trainable_axis_runs_each_private_setting_once_per_set(tmp_path):
+    """``trainable = [...]`` in [compare]: every private setting once per set, labelled
+    ``setting@set`` in every table; the non-private baseline keeps its own training keys."""
+    config = tmp_path / "axis.toml"
+    config.write_text(AXIS.format(out=tmp_path / "out"))
+    runs = plan_runs(CompareConfig.from_toml(config))
+    assert sorted(r.label for r in runs) == [
+        "fed-local-identity@bias eps=4 seed=0",
+        "fed-local-identity@lora-2 eps=4 seed=0",
+        "fed-nonprivate eps=none seed=0",
+    ]
+    done = _compare(config)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    table = pd.read_csv(tmp_path / "out" / "runs.csv").set_index("setting")
+    assert set(table.index) == {"fed-local-identity@bias", "fed-local-identity@lora-2", "fed-nonprivate"}
+    for name, trainable in (("fed-local-identity@bias", "bias"), ("fed-local-identity@lora-2", "lora-2")):
+        assert table.loc[name, "unit"] == "identity" and table.loc[name, "epsilon_local"] <= 4.0
+        saved = pd.read_json(tmp_path / "out" / name / "eps=4" / "seed=0" / "config.json", typ="series")
+        assert saved["trainable"] == trainable
+    assert "| fed-local-identity@lora-2 |" in (tmp_path / "out" / "table.md").read_text()
+
+
+def test_a_trainable_axis_is_validated_before_anything_runs():
+    with pytest.raises(ValueError, match="trainable: .*'lora-0'.*rank must be >= 1"):
+        CompareConfig(trainable=("lora-0",))
+    with pytest.raises(ValueError, match="base.trainable: the comparison's trainable axis sets it"):
+        CompareConfig(trainable=("bias",), base={"trainable": "all"})
+    with pytest.raises(ValueError, match="compare.trainable: expected distinct"):
+        CompareConfig(trainable=("bias", "bias"))

@@ -30,6 +30,7 @@ def test_nonprivate_config_is_valid_and_nonprivate():
         ({"num-roundz": 3}, "num-roundz: unknown run-config key"),
         ({"num-rounds": "three"}, "num-rounds: expected int"),
         ({"num-rounds": 0}, "num-rounds: expected an integer >= 1"),
+        ({"warm-start-epochs": 0}, "warm-start-epochs: expected an integer >= 1"),
         ({"lr": True}, "lr: expected float"),
         ({"dp-mode": "ghost"}, "ghost"),
         ({"max-grad-norm": 0.0}, "max_grad_norm"),
