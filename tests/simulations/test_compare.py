@@ -285,6 +285,7 @@ def test_every_shipped_comparison_config_plans_valid_runs():
         "input_level.toml",
         "nonprivate_like_dp.toml",
         "many_sites.toml",
+        "trainable.toml",
     }
     for path in files:
         for run in plan_runs(CompareConfig.from_toml(path)):
