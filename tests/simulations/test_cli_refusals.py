@@ -89,6 +89,10 @@ CASES = [
     ("noise-multiplier=nan target-epsilon=0.0", None, "noise-multiplier: expected a finite number"),
     ("client-dp-epsilon=nan", None, "client-dp-epsilon: expected a finite number"),
     ("trainable=last-99", None, "trainable: last-99 but fedclip-tiny's vision tower has 2 blocks"),
+    ("trainable='lora-0'", None, "trainable: 'lora-0' has LoRA rank 0; the rank must be >= 1"),
+    ("trainable='lora-4-ffn'", None, "trainable: 'lora-4-ffn' names LoRA target 'ffn'; expected attn, mlp"),
+    ("arch='RN50' trainable='lora-4'", None, "trainable: 'lora-4' needs transformer blocks in the image tower"),
+    ("warm-start-epochs=0", None, "warm-start-epochs: expected an integer >= 1"),
     ("seed=-1", None, "seed: expected an integer >= 0, got -1"),
     (
         "site-budgets='hospital_9=2.0'",
