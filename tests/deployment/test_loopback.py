@@ -259,6 +259,35 @@ def test_a_hospitals_policy_refusal_makes_the_operators_command_fail_naming_the_
     assert _fedclip("status", str(out)).returncode == 1
 
 
+def test_a_hospitals_broken_manifest_fails_the_operators_command_with_the_line_and_no_path(
+    federation, hospital_data, tmp_path
+):
+    """hospital_1's manifest names an image that is not there: the run fails, and ``fedclip job``
+    exits 1 naming the hospital, the manifest line and the kind of problem, never the hospital's
+    paths or file names; the hospital's own errors.log has the detail."""
+    broken = tmp_path / "hospital_1" / "manifest.csv"
+    broken.parent.mkdir()
+    rows = pd.read_csv(hospital_data["hospital_1"], keep_default_na=False)
+    secret = "P99999_record_4711.png"
+    rows.loc[2, "filepath"] = str(Path(rows.loc[2, "filepath"]).with_name(secret))
+    rows.to_csv(broken, index=False)
+    for image in Path(hospital_data["hospital_1"]).parent.iterdir():  # the images beside the manifest
+        if image.name != "manifest.csv":
+            (broken.parent / image.name).symlink_to(image)
+    federation.superlink()
+    for k in range(2):
+        data = {**hospital_data, "hospital_1": broken}
+        federation.supernode(f"hospital_{k}", _site(f"hospital_{k}", data, tmp_path / f"state_{k}"))
+    done = federation.run(_run_config(tmp_path / "run.toml", hospital_data, out=tmp_path / "out"))
+    assert done.returncode == 1, done.stdout[-3000:] + done.stderr[-3000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("fedclip job: run ") and "hospital_1" in last and "line 4" in last, last
+    seen = done.stdout + done.stderr
+    leaks = [line for line in seen.splitlines() if secret in line or str(broken.parent) in line]
+    assert not leaks, leaks
+    assert secret in (tmp_path / "state_1" / "errors.log").read_text()  # the detail stays at the hospital
+
+
 def test_two_hospitals_run_distributed_dp_over_secure_aggregation_on_the_deployment_runtime(
     federation, hospital_data, tmp_path
 ):
