@@ -61,7 +61,19 @@ def cmd_site_worker(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
-        serve(args.socket, site=args.site, max_messages=args.max_messages, on_line=lambda line: print(line, flush=True))
+        node_config = None
+        if args.node_config is not None:
+            from simulations.cli import parse_run_config
+
+            node_config = parse_run_config(args.node_config)
+        serve(
+            args.socket,
+            site=args.site,
+            max_messages=args.max_messages,
+            on_line=lambda line: print(line, flush=True),
+            node_config=node_config,
+            allow_users=tuple(args.allow_user),
+        )
     except KeyboardInterrupt:
         pass
     return 0
@@ -122,6 +134,18 @@ def add_app_commands(sub) -> None:
     )
     p.add_argument("--site", required=True, help="the site it serves (the node config's 'site')")
     p.add_argument("--socket", required=True, help="Unix socket path (created with mode 0600)")
+    p.add_argument(
+        "--node-config",
+        default=None,
+        help="the hospital's own node config (\"manifest='...' checkpoint='...' state-dir='...' ...\"): used "
+        "for every message instead of the one the ClientApp sends",
+    )
+    p.add_argument(
+        "--allow-user",
+        action="append",
+        default=[],
+        help="an OS user besides this one that may connect (the user the SuperNode runs as)",
+    )
     p.add_argument("--max-messages", type=int, default=None, help="stop after this many connections (tests)")
     p.set_defaults(func=cmd_site_worker)
     p = sub.add_parser(

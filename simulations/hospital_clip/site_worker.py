@@ -7,13 +7,21 @@ SuperNode and name its socket in the node config (``site-worker``): each message
 the message and its context over the socket, the worker runs ``site_rounds.handle`` with the
 model and data kept in memory, and sends back the reply's content and the context's state.
 
-Nothing about privacy changes: the worker runs the same code on the same node config, charges
-the same ledger before touching data, and draws noise from the OS in its own process. The socket
-is a Unix socket created with mode 0600 under the site's control, and a connection from another
-user is refused (``SO_PEERCRED``); the worker serves only the site it was started for. Messages
-are served one at a time, in arrival order, like the ledger's rounds. If the worker dies, the
-message fails the way a crashed ClientApp does (the ledger records the charge as pending), and
-the ClientApp names the socket in its error.
+Nothing about privacy changes: the worker runs the same code, charges the same ledger before
+touching data, and draws noise from the OS in its own process. The socket is a Unix socket created
+with mode 0600 under the site's control, and a connection from another user is refused
+(``SO_PEERCRED``); the worker serves only the site it was started for. Messages are served one at
+a time, in arrival order, like the ledger's rounds. If the worker dies, the message fails the way a
+crashed ClientApp does (the ledger records the charge as pending), and the ClientApp names the
+socket in its error.
+
+**The worker's own node config** (``--node-config``, the hospital's, read when the worker starts):
+then every message is answered with it, whatever node config the ClientApp sends. The ClientApp is
+the coordinator's code; a modified one could send another manifest, ledger or policy. With its own
+node config the worker takes from a ClientApp only the message (the server's round plan) and the
+site's name, which must be its own: paths, policy and ledger are the hospital's. ``--allow-user``
+lets one other OS user connect (the user the SuperNode and its ClientApps run as, which then needs
+no access to the data: docs/federation.md, "A hospital that does not trust the coordinator's code").
 """
 
 from __future__ import annotations
@@ -26,11 +34,12 @@ import struct
 import sys
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
-from flwr.app import Context, Message
+from flwr.app import Context, Message, RecordDict
 from flwr.common import serde
 from flwr.proto.message_pb2 import Context as ProtoContext
 from flwr.proto.message_pb2 import Message as ProtoMessage
@@ -121,10 +130,17 @@ def _peer_uid(conn: socket.socket) -> int | None:
     return uid
 
 
-def _serve_one(conn: socket.socket, *, site: str, handle: Callable[[Message, Context], Message]) -> str:
+def _serve_one(
+    conn: socket.socket,
+    *,
+    site: str,
+    handle: Callable[[Message, Context], Message],
+    node_config: Mapping[str, Any] | None = None,
+    allow_uids: frozenset[int] = frozenset(),
+) -> str:
     """Answer one connection; a line for the worker's log."""
     uid = _peer_uid(conn)
-    if uid is not None and uid != os.getuid():
+    if uid is not None and uid != os.getuid() and uid not in allow_uids:
         _send(conn, json.dumps({"ok": False, "error": f"connection from user {uid} refused"}).encode())
         return f"refused a connection from user {uid}"
     header, msg_bytes, context_bytes = _receive(conn, 3)
@@ -145,6 +161,14 @@ def _serve_one(conn: socket.socket, *, site: str, handle: Callable[[Message, Con
         error = f"this worker serves site {site!r}; the node config says site {claimed!r}"
         _send(conn, json.dumps({"ok": False, "error": error}).encode())
         return error
+    if node_config is not None:  # the hospital's own: the ClientApp's paths and policy are not used
+        context = Context(
+            run_id=context.run_id,
+            node_id=context.node_id,
+            node_config=dict(node_config),
+            state=context.state,
+            run_config=context.run_config,
+        )
     started = time.perf_counter()
     try:
         reply = handle(msg, context)
@@ -164,8 +188,40 @@ def _serve_one(conn: socket.socket, *, site: str, handle: Callable[[Message, Con
     return f"{kind}: answered (run {msg.metadata.run_id}) in {time.perf_counter() - started:.2f} s"
 
 
-def listen(socket_path: str) -> socket.socket:
-    """A listening socket at ``socket_path``, mode 0600; a stale socket file is replaced, a live one refused."""
+def _user(name: str) -> tuple[int, int]:
+    """(uid, primary gid) of OS user ``name``."""
+    import pwd
+
+    try:
+        entry = pwd.getpwnam(name)
+    except KeyError:
+        raise ValueError(f"--allow-user: no OS user named {name!r} on this machine") from None
+    return entry.pw_uid, entry.pw_gid
+
+
+def own_node_config(node_config: Mapping[str, Any], *, site: str) -> dict[str, Any]:
+    """The hospital's node config as the worker will use it, checked as the ClientApp checks one
+    (known keys, the deployed site's required keys, its policy) before the first message."""
+    from simulations.hospital_clip.site import DEPLOYED_KEYS, check_node_keys, deployed_policy
+
+    config = dict(node_config)
+    if config.get("site", site) != site:
+        raise ValueError(f"--node-config: site {config['site']!r}, but this worker serves --site {site!r}")
+    config["site"] = site
+    check_node_keys(config)
+    missing = [k for k in DEPLOYED_KEYS if k not in config]
+    if missing:
+        raise ValueError(f"--node-config: a hospital's worker needs {list(DEPLOYED_KEYS)}; missing {missing}")
+    if WORKER_KEY in config:
+        raise ValueError(f"--node-config: {WORKER_KEY!r} belongs in the SuperNode's node config, not the worker's")
+    deployed_policy(Context(run_id=0, node_id=0, node_config=config, state=RecordDict(), run_config={}))
+    return config
+
+
+def listen(socket_path: str, *, group: int | None = None) -> socket.socket:
+    """A listening socket at ``socket_path``, mode 0600 (0660 with ``group``: that group may connect,
+    and ``SO_PEERCRED`` still admits only the allowed users); a stale socket file is replaced, a
+    live one refused."""
     path = Path(_check_path(socket_path))
     if path.exists():
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
@@ -182,6 +238,9 @@ def listen(socket_path: str) -> socket.socket:
         server.bind(str(path))
     finally:
         os.umask(old)
+    if group is not None:
+        os.chown(path, -1, group)
+        os.chmod(path, 0o660)
     server.listen(8)
     return server
 
@@ -193,12 +252,22 @@ def serve(
     max_messages: int | None = None,
     on_line: Callable[[str], None] = print,
     handle: Callable[[Message, Context], Message] | None = None,
+    node_config: Mapping[str, Any] | None = None,
+    allow_users: tuple[str, ...] = (),
 ) -> int:
     """Serve ``site``'s messages at ``socket_path`` until stopped (or ``max_messages`` connections);
-    ``handle``: what answers a message (default ``site_rounds.handle``, imported once, here)."""
+    ``handle``: what answers a message (default ``site_rounds.handle``, imported once, here);
+    ``node_config``: the hospital's own, used for every message (checked now); ``allow_users``: OS
+    users besides this one that may connect (the SuperNode's)."""
     if handle is None:
         from simulations.hospital_clip.site_rounds import handle
-    server = listen(socket_path)
+    if node_config is not None:
+        node_config = own_node_config(node_config, site=site)
+    allowed = {name: _user(name) for name in allow_users}
+    groups = {gid for _, gid in allowed.values()}
+    if len(groups) > 1:
+        raise ValueError(f"--allow-user: the users {sorted(allowed)} have different primary groups; allow one user")
+    server = listen(socket_path, group=next(iter(groups)) if groups else None)
     served = 0
     on_line(f"site worker for {site!r} listening on {socket_path}")
     try:
@@ -206,7 +275,15 @@ def serve(
             conn, _ = server.accept()
             with conn:
                 try:
-                    on_line(_serve_one(conn, site=site, handle=handle))
+                    on_line(
+                        _serve_one(
+                            conn,
+                            site=site,
+                            handle=handle,
+                            node_config=node_config,
+                            allow_uids=frozenset(uid for uid, _ in allowed.values()),
+                        )
+                    )
                 except Exception as exc:  # a malformed or broken connection ends itself, not the worker
                     on_line(f"connection dropped: {type(exc).__name__}: {exc}")
             served += 1

@@ -187,3 +187,128 @@ def test_the_clientapp_module_imports_nothing_heavy():
     )
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+HOSPITAL = {"manifest": "/hospital/manifest.csv", "checkpoint": "/hospital/base.pt", "state-dir": "/hospital/state"}
+
+
+def test_the_workers_own_node_config_is_used_whatever_the_clientapp_sends(sock):
+    """The ClientApp is the coordinator's code: started with the hospital's node config, the worker
+    answers with its paths and policy, not the ones a (modified) ClientApp sends."""
+    seen = []
+
+    def handle(msg, context):
+        seen.append(dict(context.node_config))
+        return Message(RecordDict({"ok": ConfigRecord({})}), reply_to=msg)
+
+    thread = threading.Thread(
+        target=site_worker.serve,
+        args=(str(sock),),
+        daemon=True,
+        kwargs=dict(
+            site="hospital_0",
+            max_messages=1,
+            on_line=lambda line: None,
+            handle=handle,
+            node_config={**HOSPITAL, "max-epsilon-run": 2.0},
+        ),
+    )
+    thread.start()
+    for _ in range(200):
+        if sock.exists():
+            break
+        threading.Event().wait(0.02)
+    hostile = _node(sock, manifest="/elsewhere/all_patients.csv", **{"max-epsilon-run": 100.0, "state-dir": "/tmp/x"})
+    reply = client_app(_query(), hostile)
+    thread.join(timeout=30)
+    assert not reply.has_error(), reply.error.reason
+    assert seen == [{"site": "hospital_0", **HOSPITAL, "max-epsilon-run": 2.0}]
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ({**HOSPITAL, "max-epsilon": 8.0}, "unknown key.*'max-epsilon'"),
+        ({"manifest": "/m.csv"}, "missing \\['checkpoint', 'state-dir'\\]"),
+        ({**HOSPITAL, "site": "hospital_9"}, "site 'hospital_9', but this worker serves --site 'hospital_0'"),
+        ({**HOSPITAL, "site-worker": "/s.sock"}, "'site-worker' belongs in the SuperNode's node config"),
+    ],
+)
+def test_a_bad_worker_node_config_is_refused_before_it_listens(sock, config, message):
+    with pytest.raises(ValueError, match=message):
+        site_worker.serve(str(sock), site="hospital_0", node_config=config, handle=lambda m, c: m)
+    assert not sock.exists()
+
+
+ASK = """
+import sys
+from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+from simulations.hospital_clip.site_worker import forward
+TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+msg = Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=7, message_type=MessageType.QUERY)
+ctx = Context(run_id=1, node_id=7, node_config={"site": "hospital_0"}, state=RecordDict(), run_config={})
+try:
+    forward(sys.argv[1], msg, ctx)
+    print("answered")
+except RuntimeError as exc:
+    print("error:", exc)
+"""
+
+
+@pytest.fixture
+def node_user():
+    """An unprivileged OS user, as a SuperNode runs as (created and removed by the test; needs root)."""
+    if os.geteuid() != 0 or not Path("/usr/sbin/useradd").exists():
+        pytest.skip("creating an OS user needs root and useradd (CI has both)")
+    name = f"fcnode{os.getpid() % 100000}"
+    subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", name], check=True)
+    try:
+        yield name
+    finally:
+        subprocess.run(["userdel", name], check=False)
+
+
+def test_only_the_allowed_user_reaches_the_worker(node_user):
+    """``--allow-user``: the SuperNode's user may connect (mode 0660, its group, ``SO_PEERCRED``);
+    without it that user cannot even open the socket."""
+    import pwd
+    import tempfile
+
+    entry = pwd.getpwnam(node_user)
+    folder = Path(tempfile.mkdtemp(prefix="fcw", dir="/tmp"))
+    folder.chmod(0o711)  # the node's user may reach the socket, not list the folder
+    try:
+        for allow, expected in (((node_user,), "answered"), ((), "error:")):
+            sock = folder / "w.sock"
+            handle = lambda msg, context: Message(RecordDict({"ok": ConfigRecord({})}), reply_to=msg)  # noqa: E731
+            thread = threading.Thread(
+                target=site_worker.serve,
+                args=(str(sock),),
+                daemon=True,
+                kwargs=dict(
+                    site="hospital_0", max_messages=1, on_line=lambda line: None, handle=handle, allow_users=allow
+                ),
+            )
+            thread.start()
+            for _ in range(200):
+                if sock.exists():
+                    break
+                threading.Event().wait(0.02)
+            ask = subprocess.run(
+                ["setpriv", f"--reuid={entry.pw_uid}", f"--regid={entry.pw_gid}", "--clear-groups"]
+                + [sys.executable, "-c", ASK, str(sock)],
+                cwd=REPO,
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
+            assert ask.stdout.strip().startswith(expected), (allow, ask.stdout, ask.stderr[-2000:])
+            if not allow:  # the worker never saw a connection: stop it with one of root's own
+                assert "PermissionError" in ask.stdout
+                client_app(_query(), _node(sock))
+            thread.join(timeout=30)
+    finally:
+        import shutil
+
+        shutil.rmtree(folder, ignore_errors=True)
