@@ -30,7 +30,7 @@ _PATTERNS = {
     "attn": r"attn\.(?:qlinear|klinear|vlinear|out_proj)",
     "mlp": r"mlp\.(?:c_fc|c_proj)",
 }
-_BLOCK = r"(?:visual\.)?transformer\.resblocks\.\d+\."
+_BLOCK = r"(?:visual\.)?transformer\.resblocks\.\d+"  # a block of either tower, by module name
 
 
 def add_lora(model: nn.Module, *, rank: int, targets: tuple[str, ...]) -> list[str]:
@@ -43,7 +43,7 @@ def add_lora(model: nn.Module, *, rank: int, targets: tuple[str, ...]) -> list[s
     unknown = sorted(set(targets) - set(LORA_TARGETS))
     if unknown or not targets:
         raise ValueError(f"trainable: unknown LoRA target(s) {unknown or targets}; expected some of {LORA_TARGETS}")
-    blocks = [n for n, _ in model.named_modules() if re.fullmatch(_BLOCK.rstrip(r"\."), n)]
+    blocks = [n for n, _ in model.named_modules() if re.fullmatch(_BLOCK, n)]
     towers = {("vision" if n.startswith("visual.") else "text") for n in blocks}
     if towers != {"vision", "text"}:
         raise ValueError(
@@ -55,7 +55,7 @@ def add_lora(model: nn.Module, *, rank: int, targets: tuple[str, ...]) -> list[s
             for child_name, child in list(parent.named_children()):
                 if isinstance(child, nn.MultiheadAttention):
                     setattr(parent, child_name, split_attention(child))
-    pattern = rf"{_BLOCK}(?:{'|'.join(_PATTERNS[t] for t in targets)})"
+    pattern = rf"{_BLOCK}\.(?:{'|'.join(_PATTERNS[t] for t in targets)})"
     config = LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=pattern, bias="none")
     inject_adapter_in_model(config, model)
     names = [n for n, _ in model.named_parameters() if ADAPTER.search(n)]
