@@ -89,10 +89,11 @@ def test_a_nonprivate_run_is_audited_clearly_above_zero(tmp_path, cache):
     assert final.loc["canary", "audited_epsilon"] > 0.2, final.to_string()
     assert final.loc["canary", "auc"] > 0.7
     # the likelihood-ratio attack on records (base model as reference) finds the training pairs
-    # (measured: AUC 0.88, TPR 0.55 at 1% FPR after 3 rounds)
+    # (measured: AUC 0.83-0.88 after 3 rounds; its TPR at 1% FPR swings from 0.03 to 0.55 between runs
+    # of this small test, too few non-members to assert on, so the test holds AUC and TPR - FPR)
     attack = pd.read_csv(tmp_path / "nonprivate" / "attack.csv")
     record = attack[(attack["attack"] == "lira-record") & (attack["round"] == 3)].iloc[0]
-    assert record["auc"] > 0.7 and record["tpr_at_1pct_fpr"] > 0.1, record.to_dict()
+    assert record["auc"] > 0.7 and record["tpr"] - record["fpr"] > 0.2, record.to_dict()
     assert set(attack["attack"]) == {"idia", "idia-replies", "lira-patient", "lira-record", "canary", "gradient-canary"}
     scores = pd.read_csv(tmp_path / "nonprivate" / "attack_scores.csv")
     last = scores[(scores["round"] == 3) & (scores["attack"] == "canary")]
