@@ -89,7 +89,7 @@ def create_model(config: ModelConfig, *, device: str | torch.device = "cpu") -> 
     if spec.mode == "lora":  # after the weights are loaded: adapters rename the weights they wrap
         from fedclip.models.lora import add_lora
 
-        add_lora(model, rank=spec.lora_rank, targets=spec.lora_targets)
+        add_lora(model, spec)
     apply_trainable(model, spec)
     return ClipBundle(model=model, preprocess=preprocess, tokenizer=open_clip.get_tokenizer(config.arch), config=config)
 

@@ -24,7 +24,7 @@ import re
 from torch import nn
 
 from fedclip.models.attention import split_attention
-from fedclip.models.trainable import ADAPTER, LORA_TARGETS
+from fedclip.models.trainable import ADAPTER, TrainableSpec
 
 _PATTERNS = {
     "attn": r"attn\.(?:qlinear|klinear|vlinear|out_proj)",
@@ -33,16 +33,15 @@ _PATTERNS = {
 _BLOCK = r"(?:visual\.)?transformer\.resblocks\.\d+"  # a block of either tower, by module name
 
 
-def add_lora(model: nn.Module, *, rank: int, targets: tuple[str, ...]) -> list[str]:
-    """Add rank-``rank`` adapters to ``targets`` (``attn``, ``mlp``) in every transformer block of
-    both towers; return the adapters' parameter names. Only the adapters are trainable after."""
+def add_lora(model: nn.Module, spec: TrainableSpec) -> list[str]:
+    """Add ``spec``'s adapters (rank and targets, checked by ``TrainableSpec.parse``) to every
+    transformer block of both towers; return the adapters' parameter names. Only the adapters are
+    trainable after."""
     from peft import LoraConfig, inject_adapter_in_model  # 3-4 s to import: only when LoRA is used
 
-    if rank < 1:
-        raise ValueError(f"trainable: LoRA rank must be >= 1, got {rank}")
-    unknown = sorted(set(targets) - set(LORA_TARGETS))
-    if unknown or not targets:
-        raise ValueError(f"trainable: unknown LoRA target(s) {unknown or targets}; expected some of {LORA_TARGETS}")
+    if spec.mode != "lora":
+        raise ValueError(f"trainable: add_lora needs a 'lora-R' spec, got mode {spec.mode!r}")
+    rank, targets = spec.lora_rank, spec.lora_targets
     blocks = [n for n, _ in model.named_modules() if re.fullmatch(_BLOCK, n)]
     towers = {("vision" if n.startswith("visual.") else "text") for n in blocks}
     if towers != {"vision", "text"}:

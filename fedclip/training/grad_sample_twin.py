@@ -210,11 +210,9 @@ class GradSampleTwin(nn.Module):
                 view = nn.Parameter(fused.data[i * d : (i + 1) * d], requires_grad=fused.requires_grad)
                 setattr(linear, kind, view)
                 self.attention_views[view] = (names[id(fused)], i * d, (i + 1) * d)
-        out = nn.Linear(d, d, bias=mha.out_proj.bias is not None, device=mha.out_proj.weight.device)
-        out.weight = mha.out_proj.weight
+        dp.out_proj.weight = mha.out_proj.weight  # the model's parameters themselves
         if mha.out_proj.bias is not None:
-            out.bias = mha.out_proj.bias
-        dp.out_proj = out
+            dp.out_proj.bias = mha.out_proj.bias
         return dp
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:

@@ -43,12 +43,12 @@ class CompareConfig:
             raise ValueError(f"compare.trainable: expected distinct trainable sets, got {list(self.trainable)}")
         if self.trainable and "trainable" in self.base:
             raise ValueError("base.trainable: the comparison's trainable axis sets it; remove one of the two")
-        for value in self.trainable:  # each against the base's architecture, before anything runs
-            SimulationConfig.from_run_config({**self.base_config().to_run_config(), "trainable": value})
         for key in ("output-dir", "seed", "resume"):
             if key in self.base:
                 raise ValueError(f"base.{key}: set by the comparison itself; remove it from [base]")
         base = self.base_config()  # validates every base key now, before anything runs
+        for value in self.trainable:  # each against the base's architecture, before anything runs
+            SimulationConfig.from_run_config({**base.to_run_config(), "trainable": value})
         masked = [s for s in self.settings if s in MASK_SETTINGS]
         if masked and base.identity_region >= 1 and not base.manifest:
             raise ValueError(

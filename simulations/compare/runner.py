@@ -34,13 +34,17 @@ class RunSpec:
 
     @property
     def name(self) -> str:
-        """The setting as the tables name it: ``fed-local-identity@lora-8`` on a trainable axis."""
-        return f"{self.setting}@{self.trainable}" if self.trainable else self.setting
+        return run_name(self.setting, self.trainable)
 
     @property
     def label(self) -> str:
         eps = "none" if self.epsilon is None else f"{self.epsilon:g}"
         return f"{self.name} eps={eps} seed={self.seed}"
+
+
+def run_name(setting: str, trainable: str) -> str:
+    """The setting as the tables and folders name it: ``fed-local-identity@lora-8`` on a trainable axis."""
+    return f"{setting}@{trainable}" if trainable else setting
 
 
 def plan_runs(config: CompareConfig) -> list[RunSpec]:
@@ -55,8 +59,12 @@ def plan_runs(config: CompareConfig) -> list[RunSpec]:
             setting = SETTINGS[name]
             for trainable in (config.trainable or ("",)) if setting.private else ("",):
                 for eps in config.epsilons if setting.private else (None,):
-                    label = f"{name}@{trainable}" if trainable else name
-                    folder = out / label / f"eps={'none' if eps is None else f'{eps:g}'}" / f"seed={seed}"
+                    folder = (
+                        out
+                        / run_name(name, trainable)
+                        / f"eps={'none' if eps is None else f'{eps:g}'}"
+                        / f"seed={seed}"
+                    )
                     overrides = {
                         **config.base,
                         **setting.overrides(eps or 0.0, base),

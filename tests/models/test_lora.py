@@ -51,7 +51,7 @@ def test_lora_starts_from_the_base_model_and_trains_only_adapters(trainable):
     base = create_model(ModelConfig(trainable="all")).model.eval()
     lora = copy.deepcopy(base)
     spec = TrainableSpec.parse(trainable)
-    names = add_lora(lora, rank=spec.lora_rank, targets=spec.lora_targets)
+    names = add_lora(lora, spec)
     assert_same_function(lora, base)
     trained = {n: p for n, p in lora.named_parameters() if p.requires_grad}
     per_block = {"attn": 4, "mlp": 2}
