@@ -4,6 +4,8 @@ drive the Flower apps, which live here so that ``fedclip/`` never imports ``simu
     fedclip compare [--config FILE]        central vs federated DP: a matrix of federation runs
     fedclip audit RUN_DIR --targets FILE   the auditor: IDIA (and --canaries FILE) on every saved round model
     fedclip site-worker --site S --socket P a hospital's long-lived worker (node config site-worker=P)
+    fedclip site-setup --node-config-file F --run-dir D --superlink H:P   a hospital's users and modes
+    fedclip site-start worker|supernode|superexec D   start one of a hospital's processes as its user
     fedclip job APP SUPERLINK --run-config F flwr run, then exit by how the run ended (0 finished, 1 failed)
     fedclip consortium-init --manifest M --out D every party's files: coordinator, hospitals, auditor
 
@@ -79,6 +81,39 @@ def cmd_site_worker(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_site_setup(args: argparse.Namespace) -> int:
+    from simulations.site_setup import separation_problems, site_setup, start_command
+
+    setup = site_setup(
+        node_config_file=args.node_config_file,
+        run_dir=args.run_dir,
+        superlink=args.superlink,
+        node_user=args.node_user,
+        app_user=args.app_user,
+        owner=args.owner,
+        root_certificates=args.root_certificates,
+        node_key=args.node_key,
+        runtime_port=args.runtime_port,
+        create_users=args.create_users,
+    )
+    print(f"site-setup: {setup.site}: {setup.run_dir}/site.json")
+    for role in ("worker", "supernode", "superexec"):
+        user, _, _ = start_command(setup, role)
+        print(f"  as root: fedclip site-start {role} {setup.run_dir}   # runs as {user.pw_name}")
+    problems = separation_problems(setup)
+    for line in problems:
+        print(f"  NOT SEPARATED: {line}")
+    return 1 if problems else 0
+
+
+def cmd_site_start(args: argparse.Namespace) -> int:
+    from simulations.site_setup import site_start
+
+    site_start(args.run_dir, args.role, check_only=args.check)
+    print(f"site-start {args.role}: checks passed")
+    return 0
+
+
 def cmd_consortium_init(args: argparse.Namespace) -> int:
     from simulations.consortium_init import checks, consortium_init
 
@@ -148,6 +183,31 @@ def add_app_commands(sub) -> None:
     )
     p.add_argument("--max-messages", type=int, default=None, help="stop after this many connections (tests)")
     p.set_defaults(func=cmd_site_worker)
+    p = sub.add_parser(
+        "site-setup",
+        help="as root, once: a hospital's users, file modes and run folder, so that the SuperNode and the "
+        "coordinator's ClientApps run as users that cannot read the data (docs/federation.md)",
+    )
+    p.add_argument("--node-config-file", required=True, help="the hospital's node config (node-config.txt)")
+    p.add_argument("--run-dir", required=True, help="a folder for the worker's socket and each user's Flower home")
+    p.add_argument("--superlink", required=True, help="the SuperLink's host:port")
+    p.add_argument("--node-user", default="fedclip-node", help="the SuperNode's OS user")
+    p.add_argument("--app-user", default="fedclip-app", help="the OS user of the SuperExec and every ClientApp")
+    p.add_argument("--owner", default=None, help="the data owner, who runs the worker (default: the manifest's)")
+    p.add_argument("--root-certificates", default=None, help="the consortium's CA certificate (TLS)")
+    p.add_argument("--node-key", default=None, help="this SuperNode's private key (SuperNode authentication)")
+    p.add_argument("--runtime-port", type=int, default=9094, help="the SuperNode's runtime API port on 127.0.0.1")
+    p.add_argument("--create-users", action="store_true", help="create the node and app users if missing")
+    p.set_defaults(func=cmd_site_setup)
+    p = sub.add_parser(
+        "site-start",
+        help="as root: start one of a hospital's processes as its user (the SuperNode only once no "
+        "other user can read the data and the worker answers)",
+    )
+    p.add_argument("role", choices=("worker", "supernode", "superexec"))
+    p.add_argument("run_dir", help="the folder site-setup made (site.json)")
+    p.add_argument("--check", action="store_true", help="run the checks only")
+    p.set_defaults(func=cmd_site_start)
     p = sub.add_parser(
         "job",
         help="the operator's command: flwr run with its log, then exit 0 only if the run finished "

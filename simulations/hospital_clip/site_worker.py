@@ -120,6 +120,16 @@ def forward(socket_path: str, msg: Message, context: Context) -> Message:
     return Message(serde.recorddict_from_proto(ProtoRecordDict.FromString(content)), reply_to=msg)
 
 
+def ping(socket_path: str, *, timeout: float = 10.0) -> dict[str, Any]:
+    """Whether a worker serves ``socket_path``: its answer (``site``, ``own-node-config``); raises
+    ``OSError`` if none does."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+        conn.settimeout(timeout)
+        conn.connect(_check_path(socket_path))
+        _send(conn, json.dumps({"ping": True, "protocol": PROTOCOL}).encode())
+        return json.loads(_receive(conn, 1)[0])
+
+
 # ---- the worker's side ----------------------------------------------------------------------
 
 
@@ -143,8 +153,11 @@ def _serve_one(
     if uid is not None and uid != os.getuid() and uid not in allow_uids:
         _send(conn, json.dumps({"ok": False, "error": f"connection from user {uid} refused"}).encode())
         return f"refused a connection from user {uid}"
-    header, msg_bytes, context_bytes = _receive(conn, 3)
-    request = json.loads(header)
+    request = json.loads(_receive(conn, 1)[0])
+    if request.get("ping"):  # the hospital's own check before it starts its SuperNode (site-start)
+        _send(conn, json.dumps({"ok": True, "site": site, "own-node-config": node_config is not None}).encode())
+        return "answered a ping"
+    msg_bytes, context_bytes = _receive(conn, 2)
     if request.get("protocol") != PROTOCOL or request.get("fedclip") != _version():
         error = (
             f"version mismatch: the ClientApp runs fedclip {request.get('fedclip')} (protocol "
