@@ -159,10 +159,11 @@ class Federation:
         wait_for(log, "listening on", timeout=120)
         return log
 
-    def run(self, run_config: Path, *, timeout: float = 600) -> subprocess.CompletedProcess:
-        """The operator's command (``fedclip job``: ``flwr run --stream``, exit status by how the run ended)."""
+    def run(self, run_config: Path, *, timeout: float = 600, app: Path = REPO) -> subprocess.CompletedProcess:
+        """The operator's command (``fedclip job``: ``flwr run --stream``, exit status by how the run
+        ended); ``app``: the Flower app's folder (default this project's)."""
         return subprocess.run(
-            [str(BIN / "fedclip"), "job", ".", "loopback", "--run-config", str(run_config)],
+            [str(BIN / "fedclip"), "job", str(app), "loopback", "--run-config", str(run_config)],
             cwd=REPO,
             env=_env(self.home),
             capture_output=True,
