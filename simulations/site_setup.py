@@ -114,6 +114,11 @@ def data_paths(node_config: dict[str, Any]) -> dict[str, list[Path]]:
 
 _PROBE = """
 import json, os, sys
+try:
+    import flwr.supernode, simulations.hospital_clip.client_app
+except Exception as exc:
+    print(json.dumps({"cannot-run": f"{type(exc).__name__}: {exc}"}))
+    sys.exit(0)
 readable = []
 for p in json.load(sys.stdin):
     try:
@@ -124,48 +129,40 @@ for p in json.load(sys.stdin):
     except OSError:
         continue
     readable.append(p)
-print(json.dumps(readable))
+print(json.dumps({"readable": readable}))
 """
 
 
-def _as_user(user: pwd.struct_passwd, args: list[str], *, stdin: str = "", home: Path | None = None):
-    env = {"PATH": f"{BIN}{os.pathsep}/usr/bin:/bin", "HOME": str(home or "/nonexistent"), "LANG": "C.UTF-8"}
-    return subprocess.run(
-        args,
-        input=stdin,
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd="/",
-        user=user.pw_uid,
-        group=user.pw_gid,
-        extra_groups=[],
-        timeout=120,
-    )
-
-
-def can_run_installation(user: pwd.struct_passwd) -> str | None:
-    """Why ``user`` cannot run this installation's Flower and fedclip (None: it can)."""
+def probe_as(user: pwd.struct_passwd, paths: list[Path]) -> tuple[str | None, list[Path]]:
+    """As ``user``: why it cannot run this installation's Flower and fedclip (None: it can), and
+    which of ``paths`` it can open (folders: list)."""
+    env = {"PATH": f"{BIN}{os.pathsep}/usr/bin:/bin", "HOME": "/nonexistent", "LANG": "C.UTF-8"}
     try:
-        done = _as_user(user, [sys.executable, "-c", "import flwr.supernode, simulations.hospital_clip.client_app"])
+        done = subprocess.run(
+            [sys.executable, "-c", _PROBE],
+            input=json.dumps([str(p) for p in paths]),
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd="/",
+            user=user.pw_uid,
+            group=user.pw_gid,
+            extra_groups=[],
+            timeout=120,
+        )
+        answer = json.loads(done.stdout.strip().splitlines()[-1]) if done.returncode == 0 else {}
+        why = answer.get("cannot-run") or (
+            None if answer else (done.stderr.strip() or f"exit {done.returncode}")[-300:]
+        )
     except OSError as exc:  # the interpreter itself is out of the user's reach
-        why = str(exc)
-    else:
-        if done.returncode == 0:
-            return None
-        why = (done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1]
-    return (
-        f"OS user {user.pw_name!r} cannot run this installation ({sys.executable}): {why}; install fedclip where "
-        "every user of the site can run it (for example a virtual environment from a system Python under /opt)"
-    )
-
-
-def readable_by(user: pwd.struct_passwd, paths: list[Path]) -> list[Path]:
-    """Which of ``paths`` ``user`` can open (directories: list)."""
-    done = _as_user(user, [sys.executable, "-c", _PROBE], stdin=json.dumps([str(p) for p in paths]))
-    if done.returncode != 0:
-        raise RuntimeError(f"site-start: the check as {user.pw_name!r} failed: {done.stderr.strip()[-500:]}")
-    return [Path(p) for p in json.loads(done.stdout)]
+        why, answer = str(exc), {}
+    if why:
+        why = (
+            f"OS user {user.pw_name!r} cannot run this installation ({sys.executable}): {why}; install fedclip "
+            "where every user of the site can run it (for example a virtual environment from a system Python "
+            "under /opt)"
+        )
+    return why, [Path(p) for p in answer.get("readable", [])]
 
 
 def separation_problems(setup: SiteSetup) -> list[str]:
@@ -173,17 +170,14 @@ def separation_problems(setup: SiteSetup) -> list[str]:
     from simulations.cli import parse_run_config
 
     problems = []
-    node_config = parse_run_config(setup.node_config)
-    paths = data_paths(node_config)
+    paths = data_paths(parse_run_config(setup.node_config))
     every = [p for kind in paths.values() for p in kind]
     for name in (setup.node_user, setup.app_user):
-        user = _user(name, flag="site.json")
-        why = can_run_installation(user)
+        keys = [setup.node_key] if setup.node_key is not None and name == setup.app_user else []
+        why, readable = probe_as(_user(name, flag="site.json"), every + keys)
         if why:
             problems.append(why)
-            continue
-        keys = [setup.node_key] if setup.node_key is not None and name == setup.app_user else []
-        for path in readable_by(user, every + keys):
+        for path in readable:
             kind = next((k for k, v in paths.items() if path in v), "node key")
             problems.append(f"OS user {name!r} can read the {kind} {path}")
     return problems
