@@ -57,6 +57,8 @@ TABLES: dict[str, tuple[str, ...]] = {
     "timings": ("round", "train_phase_seconds", "strategy_seconds", "evaluate_seconds"),
     # a site's own, in its state folder (never sent): handling one train message, and its local steps
     "site_timings": ("round", "handle_seconds", "train_seconds"),
+    # a site's own: each round its policy refused (nothing charged), with the rule (spending.md shows them)
+    "site_refusals": ("round", "run", "at", "rule", "reason"),
 }
 
 

@@ -75,6 +75,41 @@ def spending_table(store: LedgerStore) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=list(COLUMNS))
 
 
+def _failures(store: LedgerStore) -> list[str]:
+    """The charged attempts that did not confirm, with the error noted at the site (kept here, never sent)."""
+    attempts = {
+        (r["run"], r["round"], r["attempt"]): r
+        for r in store.rows()
+        if r["status"] in ("failed", "lost") and r["kind"] == "planned"
+    }
+    failed = list(attempts.values())
+    if not failed:
+        return []
+    lines = ["", "## Rounds that failed (charged all the same)", "", "| run | round | attempt | status | error |"]
+    lines.append("|---|---|---|---|---|")
+    for r in failed:
+        note = " ".join(str(r["note"]).split())[:200].replace("|", "/") or "(none recorded)"
+        lines.append(f"| {r['run']} | {r['round']} | {r['attempt']} | {r['status']} | {note} |")
+    return lines
+
+
+def _refusals(folder: Path) -> list[str]:
+    """The rounds this site's policy refused (``site_refusals.csv``): nothing was charged for them."""
+    path = folder / "site_refusals.csv"
+    if not path.is_file():
+        return []
+    table = pd.read_csv(path, keep_default_na=False)
+    if table.empty:
+        return []
+    lines = ["", f"## Rounds this site's policy refused ({len(table)}; nothing charged)", ""]
+    lines += ["| run | round | rule | reason |", "|---|---|---|---|"]
+    for r in table.tail(50).itertuples():
+        lines.append(f"| {r.run} | {r.round} | {r.rule} | {str(r.reason).replace('|', '/')} |")
+    if len(table) > 50:
+        lines.append(f"\n(the last 50 of {len(table)}: all in `{path.name}`)")
+    return lines
+
+
 def write_spending(store: LedgerStore, folder: str | Path) -> Path:
     """Rewrite ``spending.csv`` and ``spending.md`` in ``folder`` from ``store``; returns the .md."""
     folder = Path(folder)
@@ -95,6 +130,7 @@ def write_spending(store: LedgerStore, folder: str | Path) -> Path:
             f"| {r.site} | {r.run} | {r.round} | {r.attempt} | {r.status} | {r.privacy_unit} | "
             f"{r.noise_multiplier:.4g} | {r.sample_rate:g} | {r.steps} | {eps} |"
         )
+    lines += _failures(store) + _refusals(folder)
     path = folder / "spending.md"
     path.write_text("\n".join(lines) + "\n")
     (folder / "spending.json").write_text(

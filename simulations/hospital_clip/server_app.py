@@ -13,6 +13,7 @@ import copy
 import json
 import math
 import os
+import re
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
@@ -42,6 +43,7 @@ from fedclip.privacy.calibration import calibrate_noise_multiplier, calibrate_sk
 from fedclip.privacy.events import PrivacyUnit
 from fedclip.privacy.ledger_store import LedgerStore
 from fedclip.privacy.modes import INPUT_MODES
+from fedclip.privacy.policy import REFUSAL
 from fedclip.privacy.randomness import NOT_PRIVATE_AGAINST_THE_SERVER
 from fedclip.privacy.release import release_events
 from fedclip.privatize.plan import InputPlan
@@ -556,6 +558,28 @@ def simulated_site_ledgers(folder: RunFolder, cfg: SimulationConfig, *, sites: l
     return out
 
 
+def sites_not_trained(rounds) -> dict[str, dict[str, Any]]:
+    """For ``fedclip status``: per site, how many selected rounds it refused, failed or was lost in,
+    and the last one's round and reason (the rule a refusal names, or the error id of a failure)."""
+    out: dict[str, dict[str, Any]] = {}
+    if "status" not in rounds:
+        return out
+    for r in rounds[rounds["status"].isin(["refused", "failed", "lost"])].itertuples():
+        site = out.setdefault(str(r.site), {"refused": 0, "failed": 0, "lost": 0})
+        site[str(r.status)] += 1
+        site["last"] = {"round": int(r.round), "status": str(r.status), "reason": _essence(str(r.reason))}
+    return out
+
+
+def _essence(reason: str) -> str:
+    """The site's own words in an error reply that Flower or Ray wrapped: the refusal with its rule, or
+    the redacted failure (``site_errors``), else the reason's last line."""
+    for pattern in (rf"{REFUSAL}[^\n'\"]*", r"\S+ failed while [^\n'\"]*"):
+        if found := re.search(pattern, reason):
+            return found.group(0)[:300]
+    return ([line for line in reason.splitlines() if line.strip()] or [""])[-1][:300]
+
+
 def report(cfg: SimulationConfig, folder: RunFolder, prep: Prepared, *, failure: str | None) -> Path:
     """Site-level figures, plots, summary.md and status.json; the console's table."""
     crash_point(REPORT_PHASE, cfg.num_rounds)
@@ -604,6 +628,7 @@ def report(cfg: SimulationConfig, folder: RunFolder, prep: Prepared, *, failure:
             "status": "failed" if failure else "finished",
             "reason": failure or "",
             "rounds": int(utility["round"].max()) if len(utility) else 0,
+            "sites-not-trained": sites_not_trained(rounds),
         },
     )
     if len(utility):

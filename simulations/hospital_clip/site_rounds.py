@@ -78,7 +78,13 @@ def _check_and_charge(me: SiteIdentity, plan: RoundPlan, context: Context, *, ev
             total=ledger.ledger(me.site),
             this_run=ledger.ledger(me.site, run=run),
         )
-    except ValueError:
+    except ValueError as exc:
+        if isinstance(exc, PolicyRefusal):  # the site's own record of it: spending.md lists refusals
+            RunFiles(me.state_dir).append(
+                "site_refusals",
+                [{"round": round_, "run": run, "at": time.time(), "rule": exc.rule, "reason": str(exc)}],
+            )
+            write_spending(ledger, me.state_dir)
         ledger.close()
         raise
     attempt = ledger.begin_round(round_)

@@ -159,6 +159,10 @@ def test_a_hostile_bundle_takes_nothing_outside_the_accounted_mechanism(
     one_more = PrivacyLedger(delta=1e-5, accountant="prv", events=tuple(events) + (events[-1],)).epsilon()
     assert spent <= CAP_TOTAL < one_more, (spent, one_more)
 
+    spending = (hospital / "state" / "spending.md").read_text()  # the site's own account names each refusal
+    assert "policy refused (5; nothing charged)" in spending
+    assert all(f"| {rule} |" in spending for rule in (*rules.values(), "max-epsilon-total"))
+
     # (d) the tampered reply is the worker's release, post-processed; charged once like an honest round
     tamper = by_kind["tamper"]
     assert set(tamper.get("arrays", ())) == {"arrays", "honest"}, tamper

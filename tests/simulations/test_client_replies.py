@@ -171,6 +171,8 @@ def test_a_site_enforces_its_total_budget_across_rounds(tmp_path, small_manifest
     ledger = LedgerStore(tmp_path / "run" / "sites" / "hospital_2" / "ledger.sqlite", delta=1e-5)
     assert trained == 2 and len(ledger.events("hospital_2")) == trained
     assert ledger.ledger("hospital_2").epsilon() <= 2.0
+    spending = (tmp_path / "run" / "sites" / "hospital_2" / "spending.md").read_text()
+    assert "policy refused (1; nothing charged)" in spending and "| 3 | max-epsilon-total |" in spending
 
 
 def test_a_deployed_site_refuses_reproducible_noise_and_needs_its_own_paths(

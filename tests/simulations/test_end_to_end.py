@@ -184,6 +184,19 @@ def test_a_site_that_refuses_stops_the_run_naming_it(tmp_path):
     assert store.ledger("hospital_1").epsilon() > 0
     own = out / "sites" / "hospital_1" / "ledger.sqlite"
     assert not own.exists() or LedgerStore(own, delta=1e-5).events("hospital_1") == ()
+    # the operator's and the site's view: fedclip status names the site and the rule, spending.md too
+    status = _status(out)
+    assert status.returncode == 1
+    refused = json.loads(status.stdout)["sites-not-trained"]["hospital_1"]
+    assert refused["refused"] == 1 and "min-noise-multiplier" in refused["last"]["reason"]
+    spending = (out / "sites" / "hospital_1" / "spending.md").read_text()
+    assert "policy refused (1; nothing charged)" in spending and "| min-noise-multiplier |" in spending
+
+
+def _status(out) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "simulations.commands", "status", str(out)], capture_output=True, text=True, timeout=120
+    )
 
 
 def test_a_site_that_fails_stops_the_run_naming_it_and_the_error(tmp_path):
@@ -198,6 +211,8 @@ def test_a_site_that_fails_stops_the_run_naming_it_and_the_error(tmp_path):
     assert rounds["round"].tolist() == [1, 1]  # the run stopped after the failed round
     store = LedgerStore(out / "state" / "ledger.sqlite", delta=1e-5)
     assert store.ledger("hospital_0").epsilon() > 0  # the failed site's planned round stays charged
+    failed = json.loads(_status(out).stdout)["sites-not-trained"]["hospital_0"]
+    assert failed["failed"] == 1 and "hospital_0 failed" in failed["last"]["reason"]
 
 
 NOISE = (
