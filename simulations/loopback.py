@@ -57,6 +57,7 @@ class Federation:
         ``dial``: the name or address the parties connect to (default ``host``), which the SuperLink's
         certificate (``certs/<server>.pem``) must name."""
         self.root, self.procs, self.certs, self.server = root, [], certs, server
+        self.named: dict[str, subprocess.Popen] = {}
         self.host, self.dial = host, dial or host
         self.home = root / "flwr-home"
         self.home.mkdir(parents=True)
@@ -107,21 +108,37 @@ class Federation:
         assert done.returncode == 0, done.stdout + done.stderr
         return int(json.loads(done.stdout)["node-id"])
 
-    def _start(self, name: str, args: list[str]) -> Path:
+    def _start(self, name: str, args: list[str], *, env: dict[str, str] | None = None) -> Path:
         log = self.root / f"{name}.log"
         cwd = self.root / name
         cwd.mkdir(exist_ok=True)
         with log.open("w") as out:
             self.procs.append(
                 subprocess.Popen(
-                    args, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, env=_env(self.home), start_new_session=True
+                    args,
+                    cwd=cwd,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    env={**_env(self.home), **(env or {})},
+                    start_new_session=True,
                 )
             )
+        self.named[name] = self.procs[-1]
         return log
 
-    def superlink(self) -> None:
+    def kill(self, name: str) -> int:
+        """Kill the process group started as ``name`` (SIGKILL: no cleanup); its exit status."""
+        proc = self.named[name]
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        return proc.wait(timeout=30)
+
+    def superlink(self, *, database: Path | None = None, name: str = "superlink") -> None:
+        """``database``: the SuperLink's state on disk (a restarted SuperLink keeps its nodes and runs)."""
         log = self._start(
-            "superlink",
+            name,
             [
                 str(BIN / "flower-superlink"),
                 *self._security(),
@@ -130,6 +147,7 @@ class Federation:
                 "--port",
                 str(self.port),
                 "--disable-runtime-dependency-installation",
+                *(["--database", str(database)] if database is not None else []),
             ],
         )
         wait_for(log, "Uvicorn running", timeout=60)
@@ -151,10 +169,12 @@ class Federation:
         wait_for(log, expect, timeout=60)
         return log
 
-    def site_worker(self, site: str, socket_path: Path) -> Path:
+    def site_worker(self, site: str, socket_path: Path, *, name: str = "", env: dict[str, str] | None = None) -> Path:
         """A hospital's long-lived worker (``fedclip site-worker``); its node config names the socket."""
         log = self._start(
-            f"{site}-worker", [str(BIN / "fedclip"), "site-worker", "--site", site, "--socket", str(socket_path)]
+            name or f"{site}-worker",
+            [str(BIN / "fedclip"), "site-worker", "--site", site, "--socket", str(socket_path)],
+            env=env,
         )
         wait_for(log, "listening on", timeout=120)
         return log

@@ -106,6 +106,7 @@ class SimulationConfig:
     site_policy_file: str = ""
     # share of the selected sites that must train for a round to count; below it the run stops
     failure_quorum: float = 1.0
+    round_timeout: float = 3600.0  # seconds a round waits for the sites' replies; a site silent past it is lost
     # simulation: messages pushed ahead of their replies (0 = all at once; a deployment always sends all)
     messages_in_flight: int = 8
     # overrides that must be deliberate (each is printed in summary.md)
@@ -208,6 +209,8 @@ class SimulationConfig:
             if not Path(self.site_policy_file).is_file():
                 raise ValueError(f"site-policy-file: file not found: {self.site_policy_file}")
             load_policy_file(self.site_policy_file, delta=self.delta)
+        if not self.round_timeout > 0:
+            raise ValueError(f"round-timeout: expected seconds > 0, got {self.round_timeout}")
         if not 0 < self.failure_quorum <= 1:
             raise ValueError(f"failure-quorum: expected a share in (0, 1], got {self.failure_quorum}")
         if self.messages_in_flight < 0:

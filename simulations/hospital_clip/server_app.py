@@ -628,6 +628,10 @@ def report(cfg: SimulationConfig, folder: RunFolder, prep: Prepared, *, failure:
             "status": "failed" if failure else "finished",
             "reason": failure or "",
             "rounds": int(utility["round"].max()) if len(utility) else 0,
+            # rounds in which a site trained: a run whose budgets were spent finishes with fewer (or none)
+            "trained-rounds": int(rounds.loc[rounds["status"] == "trained", "round"].nunique())
+            if "status" in rounds
+            else 0,
             "sites-not-trained": sites_not_trained(rounds),
         },
     )
@@ -722,6 +726,7 @@ def _run_rounds(grid: Grid, cfg: SimulationConfig, folder: RunFolder) -> Path:
                 num_rounds=cfg.num_rounds - folder.round_offset,
                 train_config=train_config_record(cfg, **wire),
                 evaluate_fn=evaluator,
+                timeout=cfg.round_timeout,
             )
         except SiteFailure as exc:
             failure = str(exc)

@@ -4,7 +4,9 @@ Real processes on loopback: a SuperLink with TLS and SuperNode authentication; t
 worker as the data owner (root here), its SuperNode as the node user and its SuperExec with every
 ClientApp as the app user (``fedclip site-start``, users made by ``site-setup --create-users``).
 The coordinator ships ``hostile_app`` (its ServerApp sends honest round plans, its ClientApp tries
-what the plan's ``attack`` says) and the test reads what reached the coordinator:
+what the plan's ``attack`` says) and the test reads what reached the coordinator. First, the setup:
+the files' owners and modes, and ``site-start supernode`` refused while another user can read the
+manifest or no worker answers. Then the attacks:
 
 (a) opening the manifest, an image, the ledger or the node key: a permission error each, the round
     fails at the site with the error in the coordinator's reply;
@@ -21,7 +23,10 @@ Nothing the coordinator received holds a patient's name or caption or a file's b
 from __future__ import annotations
 
 import json
+import os
+import pwd
 import sqlite3
+import stat
 import subprocess
 from pathlib import Path
 
@@ -47,6 +52,22 @@ CAP_RUN, CAP_TOTAL = 4.0, 3.1  # the hospital's caps: one round of small.toml co
 
 def _fedclip(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     return subprocess.run([str(BIN / "fedclip"), *args], cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+def _check_modes(hospital: Path, run: Path, *, node_user: str, app_user: str) -> None:
+    """What site-setup set: the data the owner's alone, each user's Flower home its own."""
+    for path, user, mode in (
+        (hospital / "manifest.csv", "root", 0o600),
+        (hospital, "root", 0o700),
+        (hospital / "state", "root", 0o700),
+        (run, "root", 0o711),
+        (run / "node", node_user, 0o700),
+        (run / "node" / "node.key", node_user, 0o600),
+        (run / "app", app_user, 0o700),
+        (run / "app" / "superexec.secret", app_user, 0o600),
+    ):
+        info = path.stat()
+        assert (pwd.getpwuid(info.st_uid).pw_name, stat.S_IMODE(info.st_mode)) == (user, mode), path
 
 
 def test_a_hostile_bundle_takes_nothing_outside_the_accounted_mechanism(
@@ -92,8 +113,22 @@ def test_a_hostile_bundle_takes_nothing_outside_the_accounted_mechanism(
             "--create-users",
         )
         assert setup.returncode == 0 and "NOT SEPARATED" not in setup.stdout, setup.stdout + setup.stderr[-2000:]
+        assert f"fedclip site-start supernode {run}   # runs as {node_user}" in setup.stdout
+        _check_modes(hospital, run, node_user=node_user, app_user=app_user)
+        # the SuperNode is refused while another user can read the manifest, and while no worker answers
+        os.chmod(hospital, 0o755)
+        os.chmod(hospital / "manifest.csv", 0o644)
+        check = _fedclip("site-start", "supernode", str(run), "--check")
+        for user in (node_user, app_user):
+            assert f"OS user {user!r} can read the manifest {hospital / 'manifest.csv'}" in check.stderr, check.stderr
+        os.chmod(hospital, 0o700)
+        os.chmod(hospital / "manifest.csv", 0o600)
+        check = _fedclip("site-start", "supernode", str(run), "--check")
+        assert check.returncode != 0 and "no worker answers" in check.stderr, check.stderr
         worker = fed._start("worker", [str(BIN / "fedclip"), "site-start", "worker", str(run)])
         wait_for(worker, "listening on", timeout=120)
+        sock = (run / "worker.sock").stat()  # the app user's group may connect, nobody else
+        assert stat.S_IMODE(sock.st_mode) == 0o660 and sock.st_gid == pwd.getpwnam(app_user).pw_gid
         node = fed._start("supernode", [str(BIN / "fedclip"), "site-start", "supernode", str(run)])
         wait_for(node, "SuperNode ID", timeout=120)
         fed._start("superexec", [str(BIN / "fedclip"), "site-start", "superexec", str(run)])

@@ -22,18 +22,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from fedclip.data.synthetic import SyntheticConfig, generate
 from simulations.loopback import BIN, REPO, Federation, make_certificates
-
-DATA = SyntheticConfig(
-    seed=3,
-    num_sites=2,
-    patients_per_site=6,
-    public_patients=12,
-    heldout_patients=4,
-    images_per_patient=4,
-    query_images_per_patient=3,
-)
+from tests.deployment.consortium import run_config, site_node_config
 
 
 @pytest.fixture
@@ -43,58 +33,6 @@ def federation(tmp_path: Path) -> Iterator[Federation]:
         yield fed
     finally:
         fed.stop()
-
-
-@pytest.fixture(scope="module")
-def hospital_data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """The data as a consortium holds it, written by ``fedclip consortium-init``: the server's
-    folder (public and held-out rows, the base weights), one per hospital (its own members;
-    hospital_1's manifest with its site column empty, as a hospital's export would be), the auditor's
-    (members' query photos, non-members' photos)."""
-    manifest = generate(tmp_path_factory.mktemp("deployed_data"), DATA)
-    parties = tmp_path_factory.mktemp("parties") / "consortium"
-    done = subprocess.run(
-        [
-            str(BIN / "fedclip"),
-            "consortium-init",
-            "--manifest",
-            str(manifest),
-            "--out",
-            str(parties),
-            "--warm-epochs",
-            "3",
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    paths = {"server": parties / "coordinator" / "manifest.csv", "auditor": parties / "auditor" / "manifest.csv"}
-    for k in range(2):
-        paths[f"hospital_{k}"] = parties / f"hospital_{k}" / "manifest.csv"
-    own = pd.read_csv(paths["hospital_1"], keep_default_na=False)
-    own.assign(site="").to_csv(paths["hospital_1"], index=False)
-    paths["checkpoint"] = parties / "coordinator" / "base.pt"
-    return paths
-
-
-def _run_config(path: Path, data: dict[str, Path], *, out: Path, site_nodes: str = "") -> Path:
-    small = (REPO / "simulations" / "hospital_clip" / "small.toml").read_text().splitlines()
-    kept = [line for line in small if not line.startswith(("output-dir", "cache-dir"))]
-    path.write_text(
-        "\n".join(kept) + f"\nmanifest = '{data['server']}'\npretrained = '{data['checkpoint']}'\n"
-        f"output-dir = '{out}/{{run-id}}'\ncache-dir = '{out.parent / 'cache'}'\ndeclared-units = 6\n"
-        f"sites = 'hospital_0,hospital_1'\nsite-nodes = '{site_nodes}'\n"
-    )
-    return path
-
-
-def _site(name: str, data: dict[str, Path], state: Path, *, worker: Path | None = None) -> str:
-    config = (
-        f"site='{name}' manifest='{data[name]}' checkpoint='{data['checkpoint']}' state-dir='{state}' declared-units=6"
-    )
-    return config + (f" site-worker='{worker}'" if worker else "")
 
 
 def _fedclip(*args: str) -> subprocess.CompletedProcess:
@@ -115,9 +53,11 @@ def _two_rounds_at_two_hospitals(
     for k in range(2):
         worker = tmp_path / f"state_{k}" / "worker.sock" if k in workers else None
         fed.supernode(
-            f"hospital_{k}", _site(f"hospital_{k}", data, tmp_path / f"state_{k}", worker=worker), node_key=keys[k]
+            f"hospital_{k}",
+            site_node_config(f"hospital_{k}", data, tmp_path / f"state_{k}", worker=worker),
+            node_key=keys[k],
         )
-    done = fed.run(_run_config(tmp_path / "run.toml", data, out=tmp_path / "out", site_nodes=site_nodes))
+    done = fed.run(run_config(tmp_path / "run.toml", data, out=tmp_path / "out", site_nodes=site_nodes))
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     (out,) = list((tmp_path / "out").iterdir())  # output-dir = '.../{run-id}': one folder per run
     assert out.name.isdigit(), out
@@ -224,10 +164,10 @@ def _flwr_ls(fed: Federation) -> subprocess.CompletedProcess:
 
 def test_a_supernode_without_node_config_is_refused(federation, hospital_data, tmp_path):
     federation.superlink()
-    federation.supernode("hospital_0", _site("hospital_0", hospital_data, tmp_path / "state_0"))
+    federation.supernode("hospital_0", site_node_config("hospital_0", hospital_data, tmp_path / "state_0"))
     federation.supernode("bare", None)
     out = tmp_path / "out"
-    done = federation.run(_run_config(tmp_path / "run.toml", hospital_data, out=out))
+    done = federation.run(run_config(tmp_path / "run.toml", hospital_data, out=out))
     text = done.stdout + done.stderr
     assert "neither 'site'" in text and "partition-id" in text, text[-3000:]
     # the operator's command fails with the reason (flwr run --stream alone exits 0 here)
@@ -245,9 +185,9 @@ def test_a_hospitals_policy_refusal_makes_the_operators_command_fail_naming_the_
     logs = []
     for k in range(2):
         policy = " max-epsilon-run=0.01" if k == 1 else ""
-        site = _site(f"hospital_{k}", hospital_data, tmp_path / f"state_{k}") + policy
+        site = site_node_config(f"hospital_{k}", hospital_data, tmp_path / f"state_{k}") + policy
         logs.append(federation.supernode(f"hospital_{k}", site))
-    done = federation.run(_run_config(tmp_path / "run.toml", hospital_data, out=tmp_path / "out"))
+    done = federation.run(run_config(tmp_path / "run.toml", hospital_data, out=tmp_path / "out"))
     assert done.returncode == 1, done.stdout[-3000:] + done.stderr[-3000:]
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith("fedclip job: run ") and "hospital_1 refused" in last and "max-epsilon-run" in last, last
@@ -277,8 +217,8 @@ def test_a_hospitals_broken_manifest_fails_the_operators_command_with_the_line_a
     federation.superlink()
     for k in range(2):
         data = {**hospital_data, "hospital_1": broken}
-        federation.supernode(f"hospital_{k}", _site(f"hospital_{k}", data, tmp_path / f"state_{k}"))
-    done = federation.run(_run_config(tmp_path / "run.toml", hospital_data, out=tmp_path / "out"))
+        federation.supernode(f"hospital_{k}", site_node_config(f"hospital_{k}", data, tmp_path / f"state_{k}"))
+    done = federation.run(run_config(tmp_path / "run.toml", hospital_data, out=tmp_path / "out"))
     assert done.returncode == 1, done.stdout[-3000:] + done.stderr[-3000:]
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith("fedclip job: run ") and "hospital_1" in last and "line 4" in last, last
@@ -296,9 +236,9 @@ def test_two_hospitals_run_distributed_dp_over_secure_aggregation_on_the_deploym
     node's context); each hospital opts in by its own policy and charges its own ledger."""
     federation.superlink()
     for k in range(2):
-        site = _site(f"hospital_{k}", hospital_data, tmp_path / f"state_{k}")
+        site = site_node_config(f"hospital_{k}", hospital_data, tmp_path / f"state_{k}")
         federation.supernode(f"hospital_{k}", f"{site} allowed-dp-modes='distributed'")
-    config = _run_config(tmp_path / "run.toml", hospital_data, out=tmp_path / "out")
+    config = run_config(tmp_path / "run.toml", hospital_data, out=tmp_path / "out")
     config.write_text(
         config.read_text().replace("local-steps = 3", "local-steps = 1")
         + "dp-mode = 'distributed'\nsample-rate = 0.5\ntarget-epsilon = 8.0\nbudget = inf\n"

@@ -102,6 +102,7 @@ CASES = [
     ("delta=0.5", None, "delta: 0.5 is above 1/(number of identity units at the smallest site, hospital_0) = 1/6"),
     ("delta=0.1 privacy-unit=record", None, "delta: 0.1 is above 1/(number of record units"),
     ("failure-quorum=0.0", None, "failure-quorum: expected a share in (0, 1]"),
+    ("round-timeout=0", None, "round-timeout: expected seconds > 0"),
     ("messages-in-flight=-2", None, "messages-in-flight: expected an integer >= 0 (0 = all at once), got -2"),
     ("site-policy-file='/no/such/policy.toml'", None, "site-policy-file: file not found"),
     ("release-loss-noise=-1.0", None, "loss-noise: expected 0 (not released) or a finite value > 0"),
