@@ -32,21 +32,12 @@ from pathlib import Path
 
 import pandas as pd
 
-from fedclip.data.synthetic import SyntheticConfig, generate
 from fedclip.privacy.events import DpEvent
 from fedclip.privacy.ledger import PrivacyLedger
 from simulations.loopback import BIN, REPO, Federation, free_port, make_certificates, wait_for
+from tests.deployment.consortium import make_consortium
 
 HOSTILE = Path(__file__).parent / "hostile_app"
-DATA = SyntheticConfig(
-    seed=5,
-    num_sites=1,
-    patients_per_site=6,
-    public_patients=12,
-    heldout_patients=4,
-    images_per_patient=3,
-    query_images_per_patient=2,
-)
 CAP_RUN, CAP_TOTAL = 4.0, 3.1  # the hospital's caps: one round of small.toml costs 2.1, a round at sample rate 1 8.4
 
 
@@ -74,10 +65,8 @@ def test_a_hostile_bundle_takes_nothing_outside_the_accounted_mechanism(
     open_root: Path, site_users: tuple[str, str], reachable_installation: None
 ):
     node_user, app_user = site_users
-    manifest = generate(open_root / "data", DATA)
-    parties = open_root / "consortium"
-    done = _fedclip("consortium-init", "--manifest", str(manifest), "--out", str(parties), "--warm-epochs", "1")
-    assert done.returncode == 0, done.stderr[-2000:]
+    data = make_consortium(open_root / "data", open_root)  # under a folder other users may pass through
+    parties = data["server"].parent.parent
     hospital = parties / "hospital_0"
     own = (hospital / "node-config.txt").read_text()
     own = own.replace(
