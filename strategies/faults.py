@@ -21,12 +21,17 @@ And at a site (the process that trains: a ClientApp, or a site's worker):
 ``FEDCLIP_RAISE_AT="aggregated:2"`` raises ``InjectedFault`` there instead: an exception, as a bug
 would raise, which the run's ``finally`` must turn into a ``failed`` status. It also knows
 ``report`` (the run's closing report, after the last round).
+
+``FEDCLIP_PAUSE_AT="site-charged"`` (every round; or ``:N``) sleeps ``FEDCLIP_PAUSE_SECONDS``
+(default 3) there: a window in which a test kills another party mid-round, however fast the
+round would otherwise be.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+import time
 
 PHASES = ("charged", "sent", "replied", "settled", "aggregated", "saved")
 SITE_PHASES = ("site-charged", "site-trained", "site-settled")
@@ -39,7 +44,7 @@ class InjectedFault(RuntimeError):
 
 
 def crash_point(phase: str, round_: int) -> None:
-    for variable in ("FEDCLIP_CRASH_AT", "FEDCLIP_RAISE_AT"):
+    for variable in ("FEDCLIP_CRASH_AT", "FEDCLIP_RAISE_AT", "FEDCLIP_PAUSE_AT"):
         target = os.environ.get(variable, "")
         if not target:
             continue
@@ -48,6 +53,9 @@ def crash_point(phase: str, round_: int) -> None:
         if name not in known:
             raise ValueError(f"{variable}: unknown phase {name!r}; expected one of {known}")
         if name != phase or (at and int(at) != round_):
+            continue
+        if variable == "FEDCLIP_PAUSE_AT":
+            time.sleep(float(os.environ.get("FEDCLIP_PAUSE_SECONDS", "3")))
             continue
         if variable == "FEDCLIP_RAISE_AT":
             raise InjectedFault(f"fault injection: an exception at phase {phase!r} of round {round_}")

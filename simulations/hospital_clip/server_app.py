@@ -672,9 +672,10 @@ def run(grid: Grid, cfg: SimulationConfig) -> Path:
     except BaseException as exc:
         status = folder.files.dir / "status.json"
         if not (status.is_file() and json.loads(status.read_text()).get("status") == "failed"):
-            folder.files.write_json(
-                "status.json", {"status": "failed", "reason": f"{type(exc).__name__}: {exc}", "rounds": None}
-            )
+            reason = f"{type(exc).__name__}: {exc}"
+            if isinstance(exc, SystemExit):  # Flower ends the ServerApp so when its SuperLink goes away
+                reason = f"the ServerApp was stopped ({reason}): its SuperLink or the run was stopped; resume it"
+            folder.files.write_json("status.json", {"status": "failed", "reason": reason, "rounds": None})
         raise
 
 

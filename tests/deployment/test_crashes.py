@@ -25,6 +25,10 @@ from simulations.loopback import BIN, REPO, Federation, _env, make_certificates,
 from strategies.faults import CRASH_EXIT_CODE
 from tests.deployment.consortium import run_config, site_node_config
 
+# a site's worker waits 3 s after charging its ledger, before reading data: the window in which the
+# test kills another party mid-round (a round here trains in a quarter of a second)
+PAUSE = {"FEDCLIP_PAUSE_AT": "site-charged", "FEDCLIP_PAUSE_SECONDS": "3"}
+
 
 def _charges(ledger: Path, round_: int | None = None) -> int:
     if not ledger.exists():
@@ -97,14 +101,14 @@ def test_every_party_crashes_mid_round_and_the_resumed_run_loses_no_spending(hos
         # 1. in round 1, hospital_0's worker dies after charging its ledger (before reading data), and
         #    hospital_1's SuperNode is killed while its worker trains: the round fails at both
         fed.site_worker("hospital_0", sockets[0], name="worker_0", env={"FEDCLIP_CRASH_AT": "site-charged:1"})
-        fed.site_worker("hospital_1", sockets[1], name="worker_1")
+        fed.site_worker("hospital_1", sockets[1], name="worker_1", env=PAUSE)
         supernode(0, "supernode_0")
         supernode(1, "supernode_1")
         first = start_run(False)
         _until(lambda: _charges(ledgers[1]) > 0, timeout=300, what="hospital_1 never charged round 1")
         fed.kill("supernode_1")
         assert fed.named["worker_0"].wait(timeout=120) == CRASH_EXIT_CODE
-        fed.site_worker("hospital_0", sockets[0], name="worker_0b")
+        fed.site_worker("hospital_0", sockets[0], name="worker_0b", env=PAUSE)
         supernode(1, "supernode_1b")  # about a minute: the SuperLink's patience with the killed node
         output = first.communicate(timeout=600)[0]
         assert first.returncode == 1, output[-3000:]
@@ -120,8 +124,11 @@ def test_every_party_crashes_mid_round_and_the_resumed_run_loses_no_spending(hos
         _until(lambda: all(_charges(ledgers[k], 2) for k in range(2)), timeout=600, what="round 2 was never charged")
         fed.kill("superlink")
         output = second.communicate(timeout=300)[0]
-        assert second.returncode == 3, output[-3000:]  # not finished: the SuperLink cannot say how it ended
-        assert _status(out)[0] == 3  # status.json still says running: the ServerApp died with the SuperLink
+        assert second.returncode != 0, output[-3000:]
+        # not finished: status.json says running (the ServerApp died with the SuperLink) or failed (it saw
+        # the connection end), never finished
+        code, status = _status(out)
+        assert code in (1, 3) and status["status"] != "finished", status
         fed.superlink(database=tmp_path / "superlink.db", name="superlink_b")
 
         # 3. resumed once more: it finishes
