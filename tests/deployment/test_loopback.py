@@ -162,20 +162,6 @@ def _flwr_ls(fed: Federation) -> subprocess.CompletedProcess:
     )
 
 
-def test_a_supernode_without_node_config_is_refused(federation, hospital_data, tmp_path):
-    federation.superlink()
-    federation.supernode("hospital_0", site_node_config("hospital_0", hospital_data, tmp_path / "state_0"))
-    federation.supernode("bare", None)
-    out = tmp_path / "out"
-    done = federation.run(run_config(tmp_path / "run.toml", hospital_data, out=out))
-    text = done.stdout + done.stderr
-    assert "neither 'site'" in text and "partition-id" in text, text[-3000:]
-    # the operator's command fails with the reason (flwr run --stream alone exits 0 here)
-    assert done.returncode == 1 and "failed: ServerApp failed with exception" in done.stderr, done.stderr[-3000:]
-    assert "neither 'site'" in done.stderr
-    assert not list(out.glob("*/rounds.csv")) or all(pd.read_csv(p).empty for p in out.glob("*/rounds.csv"))
-
-
 def test_a_hospitals_policy_refusal_makes_the_operators_command_fail_naming_the_hospital(
     federation, hospital_data, tmp_path
 ):
