@@ -82,7 +82,7 @@ def cmd_site_worker(args: argparse.Namespace) -> int:
 
 
 def cmd_site_setup(args: argparse.Namespace) -> int:
-    from simulations.site_setup import separation_problems, site_setup, start_command
+    from simulations.site_setup import ROLES, separation_problems, site_setup, start_command
 
     setup = site_setup(
         node_config_file=args.node_config_file,
@@ -97,7 +97,7 @@ def cmd_site_setup(args: argparse.Namespace) -> int:
         create_users=args.create_users,
     )
     print(f"site-setup: {setup.site}: {setup.run_dir}/site.json")
-    for role in ("worker", "supernode", "superexec"):
+    for role in ROLES:
         user, _, _ = start_command(setup, role)
         print(f"  as root: fedclip site-start {role} {setup.run_dir}   # runs as {user.pw_name}")
     problems = separation_problems(setup)
@@ -204,7 +204,7 @@ def add_app_commands(sub) -> None:
         help="as root: start one of a hospital's processes as its user (the SuperNode only once no "
         "other user can read the data and the worker answers)",
     )
-    p.add_argument("role", choices=("worker", "supernode", "superexec"))
+    p.add_argument("role", choices=("worker", "supernode", "superexec"))  # simulations.site_setup.ROLES
     p.add_argument("run_dir", help="the folder site-setup made (site.json)")
     p.add_argument("--check", action="store_true", help="run the checks only")
     p.set_defaults(func=cmd_site_start)

@@ -179,16 +179,32 @@ class Federation:
         wait_for(log, "listening on", timeout=120)
         return log
 
-    def run(self, run_config: Path, *, timeout: float = 600, app: Path = REPO) -> subprocess.CompletedProcess:
+    def _job(self, run_config: Path, app: Path, wait: float) -> list[str]:
+        return [str(BIN / "fedclip"), "job", str(app), "loopback", "--run-config", str(run_config), "--wait", str(wait)]
+
+    def run(
+        self, run_config: Path, *, timeout: float = 600, app: Path = REPO, wait: float = 120
+    ) -> subprocess.CompletedProcess:
         """The operator's command (``fedclip job``: ``flwr run --stream``, exit status by how the run
         ended); ``app``: the Flower app's folder (default this project's)."""
         return subprocess.run(
-            [str(BIN / "fedclip"), "job", str(app), "loopback", "--run-config", str(run_config)],
+            self._job(run_config, app, wait),
             cwd=REPO,
             env=_env(self.home),
             capture_output=True,
             text=True,
             timeout=timeout,
+        )
+
+    def start_job(self, run_config: Path, *, app: Path = REPO, wait: float = 120) -> subprocess.Popen:
+        """``run`` without waiting for it (a test kills a party meanwhile); its output on stdout."""
+        return subprocess.Popen(
+            self._job(run_config, app, wait),
+            cwd=REPO,
+            env=_env(self.home),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
         )
 
     def stop(self) -> None:

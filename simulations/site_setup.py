@@ -36,6 +36,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from simulations.hospital_clip.site_worker import os_user
+
 BIN = Path(sys.executable).parent
 ROLES = ("worker", "supernode", "superexec")
 SETUP_FILE = "site.json"
@@ -79,13 +81,6 @@ class SiteSetup:
         return cls(**json.loads(path.read_text()))
 
 
-def _user(name: str, *, flag: str) -> pwd.struct_passwd:
-    try:
-        return pwd.getpwnam(name)
-    except KeyError:
-        raise ValueError(f"{flag}: no OS user named {name!r} (site-setup --create-users makes it)") from None
-
-
 def _own(path: Path, user: pwd.struct_passwd, mode: int) -> None:
     os.chown(path, user.pw_uid, user.pw_gid)
     os.chmod(path, mode)
@@ -102,14 +97,16 @@ def data_paths(node_config: dict[str, Any]) -> dict[str, list[Path]]:
     images = [Path(p) for p in manifest.frame["filepath"]]
     if MASK_COLUMN in manifest.frame:
         images += [Path(p) for p in manifest.frame[MASK_COLUMN] if p]
-    state = Path(str(node_config["state-dir"]))
-    state_files = [state, *sorted(state.rglob("*"))] if state.exists() else [state]
     return {
         "manifest": [manifest.source],
         "image": images,
-        "state": state_files,
+        "state": _state_files(Path(str(node_config["state-dir"]))),
         "checkpoint": [Path(str(node_config["checkpoint"]))],
     }
+
+
+def _state_files(state: Path) -> list[Path]:
+    return [state, *sorted(state.rglob("*"))] if state.exists() else [state]
 
 
 _PROBE = """
@@ -174,7 +171,7 @@ def separation_problems(setup: SiteSetup) -> list[str]:
     every = [p for kind in paths.values() for p in kind]
     for name in (setup.node_user, setup.app_user):
         keys = [setup.node_key] if setup.node_key is not None and name == setup.app_user else []
-        why, readable = probe_as(_user(name, flag="site.json"), every + keys)
+        why, readable = probe_as(os_user(name, flag="site.json"), every + keys)
         if why:
             problems.append(why)
         for path in readable:
@@ -209,7 +206,7 @@ def site_setup(
     node_config = parse_run_config(text)
     if "site" not in node_config:
         raise ValueError(f"--node-config-file: {node_config_file} names no 'site'")
-    own_node_config({k: v for k, v in node_config.items()}, site=str(node_config["site"]))
+    own_node_config(node_config, site=str(node_config["site"]))
     if len({node_user, app_user, owner or ""}) < 3 or "root" in (node_user, app_user):
         raise ValueError("--node-user and --app-user: two distinct users, neither root nor the data owner")
     if (root_certificates is None) != (node_key is None):
@@ -223,7 +220,7 @@ def site_setup(
     if not host or not port.isdigit():
         raise ValueError(f"--superlink: expected host:port, got {superlink!r}")
     paths = data_paths(node_config)
-    owner_entry = _user(owner, flag="--owner") if owner else pwd.getpwuid(paths["manifest"][0].stat().st_uid)
+    owner_entry = os_user(owner, flag="--owner") if owner else pwd.getpwuid(paths["manifest"][0].stat().st_uid)
     if owner_entry.pw_name in (node_user, app_user):
         raise ValueError(f"--owner: the data owner {owner_entry.pw_name!r} must not be the node or app user")
     for name, flag in ((node_user, "--node-user"), (app_user, "--app-user")):
@@ -245,7 +242,16 @@ def site_setup(
         runtime_port=runtime_port,
     )
 
-    for name in (node_user, app_user):  # checked: now change things
+    state = Path(str(node_config["state-dir"]))  # checked: now change things
+    state.mkdir(parents=True, exist_ok=True)
+    for path in [p for kind, files in paths.items() if kind != "state" for p in files] + _state_files(state):
+        if path.exists():
+            _own(path, owner_entry, 0o700 if path.is_dir() else 0o600)
+    _own(paths["manifest"][0].parent, owner_entry, 0o700)
+    run.mkdir(parents=True, exist_ok=True)
+    _own(run, owner_entry, 0o711)  # the socket's folder: others may pass, not list
+    secret = secrets.token_hex(32).encode()
+    for name in (node_user, app_user):  # each its own Flower home and copy of the SuperExec's secret
         try:
             pwd.getpwnam(name)
         except KeyError:
@@ -254,25 +260,11 @@ def site_setup(
                 check=True,
                 capture_output=True,
             )
-    state = Path(str(node_config["state-dir"]))
-    state.mkdir(parents=True, exist_ok=True)
-    for kind, files in data_paths(node_config).items():
-        for path in files:
-            if path.exists():
-                _own(path, owner_entry, 0o700 if path.is_dir() else 0o600)
-    for parent in {paths["manifest"][0].parent, state}:
-        _own(parent, owner_entry, 0o700)
-    run.mkdir(parents=True, exist_ok=True)
-    _own(run, owner_entry, 0o711)  # the socket's folder: others may pass, not list
-    for name in (node_user, app_user):
         user = pwd.getpwnam(name)
-        home = setup.home(name)
-        home.mkdir(exist_ok=True)
-        _own(home, user, 0o700)
-    secret = secrets.token_hex(32).encode()
-    for name in (node_user, app_user):
+        setup.home(name).mkdir(exist_ok=True)
+        _own(setup.home(name), user, 0o700)
         setup.secret(name).write_bytes(secret)
-        _own(setup.secret(name), pwd.getpwnam(name), 0o600)
+        _own(setup.secret(name), user, 0o600)
     if setup.node_key is not None:
         shutil.copyfile(node_key, setup.node_key)
         _own(setup.node_key, pwd.getpwnam(node_user), 0o600)
@@ -288,7 +280,7 @@ def start_command(setup: SiteSetup, role: str) -> tuple[pwd.struct_passwd, list[
     runtime = f"127.0.0.1:{setup.runtime_port}"
     base_env = {"PATH": f"{BIN}{os.pathsep}/usr/bin:/bin", "LANG": "C.UTF-8", "PYTHONUNBUFFERED": "1"}
     if role == "worker":
-        user = _user(setup.owner, flag="site.json owner")
+        user = os_user(setup.owner, flag="site.json owner")
         argv = [
             str(BIN / "fedclip"),
             "site-worker",
@@ -303,7 +295,7 @@ def start_command(setup: SiteSetup, role: str) -> tuple[pwd.struct_passwd, list[
         ]
         return user, argv, {**base_env, "HOME": user.pw_dir}
     if role == "supernode":
-        user = _user(setup.node_user, flag="site.json node_user")
+        user = os_user(setup.node_user, flag="site.json node_user")
         security = (
             ["--root-certificates", setup.root_certificates, "--auth-supernode-private-key", str(setup.node_key)]
             if setup.root_certificates
@@ -326,7 +318,7 @@ def start_command(setup: SiteSetup, role: str) -> tuple[pwd.struct_passwd, list[
             f"site={_quote(setup.site)} site-worker={_quote(str(setup.socket))}",
         ]
     else:
-        user = _user(setup.app_user, flag="site.json app_user")
+        user = os_user(setup.app_user, flag="site.json app_user")
         argv = [
             str(BIN / "flower-superexec"),
             "--insecure",  # the runtime API listens on 127.0.0.1 only; the shared secret admits the SuperExec
@@ -340,7 +332,9 @@ def start_command(setup: SiteSetup, role: str) -> tuple[pwd.struct_passwd, list[
 
 
 def _quote(value: str) -> str:
-    return "'" + value.replace("'", "") + "'"
+    if "'" in value:  # a node config value is TOML in single quotes
+        raise ValueError(f"site.json: {value!r} holds a single quote, which a SuperNode's node config cannot carry")
+    return f"'{value}'"
 
 
 def preflight(setup: SiteSetup, role: str) -> None:

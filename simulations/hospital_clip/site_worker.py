@@ -201,15 +201,14 @@ def _serve_one(
     return f"{kind}: answered (run {msg.metadata.run_id}) in {time.perf_counter() - started:.2f} s"
 
 
-def _user(name: str) -> tuple[int, int]:
-    """(uid, primary gid) of OS user ``name``."""
+def os_user(name: str, *, flag: str):
+    """The OS user ``name`` (``pwd.struct_passwd``), or a ``ValueError`` naming ``flag``."""
     import pwd
 
     try:
-        entry = pwd.getpwnam(name)
+        return pwd.getpwnam(name)
     except KeyError:
-        raise ValueError(f"--allow-user: no OS user named {name!r} on this machine") from None
-    return entry.pw_uid, entry.pw_gid
+        raise ValueError(f"{flag}: no OS user named {name!r} on this machine") from None
 
 
 def own_node_config(node_config: Mapping[str, Any], *, site: str) -> dict[str, Any]:
@@ -276,7 +275,7 @@ def serve(
         from simulations.hospital_clip.site_rounds import handle
     if node_config is not None:
         node_config = own_node_config(node_config, site=site)
-    allowed = {name: _user(name) for name in allow_users}
+    allowed = {name: (u.pw_uid, u.pw_gid) for name in allow_users for u in [os_user(name, flag="--allow-user")]}
     groups = {gid for _, gid in allowed.values()}
     if len(groups) > 1:
         raise ValueError(f"--allow-user: the users {sorted(allowed)} have different primary groups; allow one user")

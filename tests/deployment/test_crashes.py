@@ -21,7 +21,7 @@ import pandas as pd
 import pytest
 
 from fedclip.privacy.ledger_store import LedgerStore
-from simulations.loopback import BIN, REPO, Federation, _env, make_certificates, wait_for
+from simulations.loopback import BIN, Federation, make_certificates, wait_for
 from strategies.faults import CRASH_EXIT_CODE
 from tests.deployment.consortium import run_config, site_node_config
 
@@ -68,14 +68,7 @@ def test_every_party_crashes_mid_round_and_the_resumed_run_loses_no_spending(hos
         return run_config(tmp_path / "run.toml", hospital_data, out=out, extra=extra, site_nodes=site_nodes)
 
     def start_run(resume: bool, wait: float = 120) -> subprocess.Popen:
-        return subprocess.Popen(
-            [str(BIN / "fedclip"), "job", ".", "loopback", "--run-config", str(config(resume))] + ["--wait", str(wait)],
-            cwd=REPO,
-            env=_env(fed.home),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
+        return fed.start_job(config(resume), wait=wait)
 
     def supernode(k: int, name: str) -> None:
         """Start hospital_k's SuperNode, as its service manager would restart it: the SuperLink refuses
