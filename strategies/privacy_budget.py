@@ -114,6 +114,9 @@ class PrivacyBudgetStrategy(Strategy):
     on_reply : Callable[[int, str, ArrayRecord], None], optional
         Sees each confirmed reply's arrays as it arrives, before it is folded in (the
         server-as-adversary attack, ``fedclip.attacks.replies``); its time is not the strategy's.
+    on_send : Callable[[int, ArrayRecord], None], optional
+        Sees the arrays each round sends (what a reply is compared with: the gradient canaries'
+        server-side audit).
     """
 
     def __init__(
@@ -128,6 +131,7 @@ class PrivacyBudgetStrategy(Strategy):
         on_round: Callable[[list[SiteRound]], None] | None = None,
         failure_quorum: float = 1.0,
         on_reply: Callable[[int, str, ArrayRecord], None] | None = None,
+        on_send: Callable[[int, ArrayRecord], None] | None = None,
     ) -> None:
         if len(set(sites.values())) != len(sites):
             raise ValueError(f"sites: two nodes claim the same site: {sorted(sites.values())}")
@@ -142,6 +146,7 @@ class PrivacyBudgetStrategy(Strategy):
         self.on_round = on_round
         self.failure_quorum = failure_quorum
         self.on_reply = on_reply
+        self.on_send = on_send
         self.exhausted = False
         self._selected: dict[str, int] = {}
         self._attempt = 0
@@ -189,6 +194,8 @@ class PrivacyBudgetStrategy(Strategy):
         for site in sorted(self._selected):  # write-ahead: charged before anything is sent
             self.store.charge(site, round_, self.planned_events(site), attempt=self._attempt)
         crash_point("charged", round_)
+        if self.on_send is not None and messages:
+            self.on_send(round_, arrays)
         skipped = sorted(set(self.sites.values()) - {self.sites[n] for n in eligible})
         if skipped:
             log(INFO, "privacy budget: not selecting %s (next round would exceed the budget)", skipped)

@@ -17,13 +17,15 @@ import torch
 @dataclass(frozen=True)
 class AttackDecisions:
     """One row per target: ``target``, ``site`` ("" for non-members), ``is_member`` (truth),
-    ``predicted_member`` (the attack's call), optionally ``score`` (higher: more likely a member;
-    gives AUC and TPR at low FPR), plus attack-specific columns. ``randomised``: membership was a
-    fair coin per target (canaries), so the one-run epsilon lower bound applies."""
+        ``predicted_member`` (the attack's call), optionally ``score`` (higher: more likely a member;
+        gives AUC and TPR at low FPR), plus attack-specific columns. ``randomised``: membership was a
+        fair coin per target (canaries), so the one-run epsilon lower bound applies. ``white_box``: the
+    scores are Dirac gradient canaries' displacements, so the Gaussian-pair audit applies too."""
 
     attack: str
     frame: pd.DataFrame
     randomised: bool = False
+    white_box: bool = False
 
     def __post_init__(self) -> None:
         missing = {"target", "site", "is_member", "predicted_member"} - set(self.frame.columns)

@@ -11,6 +11,11 @@ as it covers a patient. The auditor scores canary j by how far the global model 
 coordinate since the start (``theta_0[j] - theta_t[j]``): a canary's gradient pushes it down,
 noise moves it either way, so a mechanism with less noise than the ledger says is caught.
 
+The server's view (``GradientCanaryReplies``) scores site s's canaries on site s's own replies
+instead: the sum over rounds of ``sent[j] - reply[j]`` holds s's noise alone, where the global
+model averages in every other site's noise too (about sqrt(S) times less signal per noise with S
+sites). It is what the site's local epsilon bounds, and the audit that can come near it.
+
 Which canaries are included is a fair coin each, from a secret of the auditor's (OS entropy).
 Here the server is the auditor and sends each simulated site its canaries: one person plays every
 party in a simulation. A deployment refuses them (a hospital would have to run the auditor's
@@ -25,6 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 import torch
+from flwr.app import ArrayRecord
 
 from fedclip.attacks.base import AttackDecisions
 
@@ -119,20 +125,17 @@ def coordinate_values(model: torch.nn.Module, coordinates: tuple[tuple[str, int]
     return np.array([float(params[n].detach().reshape(-1)[i]) for n, i in coordinates])
 
 
-class GradientCanaryAudit:
-    """Callable attack: ``audit(model)`` scores every site's Dirac canaries against the start."""
+class _AllCanaries:
+    """Every site's canaries in one order: each one's site, coordinate and inclusion."""
 
-    name = "gradient-canary"
-    randomised = True  # inclusion is a fair coin per canary: the one-run bound applies
+    name: str
 
-    def __init__(self, canaries: dict[str, DiracCanaries], *, reference: torch.nn.Module):
+    def __init__(self, canaries: dict[str, DiracCanaries]) -> None:
         self.sites = tuple(site for site, c in canaries.items() for _ in c.coordinates)
         self.coordinates = tuple(coord for c in canaries.values() for coord in c.coordinates)
         self.included = np.array([inc for c in canaries.values() for inc in c.included], dtype=bool)
-        self.start = coordinate_values(reference, self.coordinates)
 
-    def __call__(self, model: torch.nn.Module) -> AttackDecisions:
-        score = self.start - coordinate_values(model, self.coordinates)
+    def _decisions(self, score: np.ndarray) -> AttackDecisions:
         frame = pd.DataFrame(
             {
                 "target": [f"{n}[{i}]" for n, i in self.coordinates],
@@ -142,4 +145,59 @@ class GradientCanaryAudit:
                 "score": score,
             }
         )
-        return AttackDecisions(attack=self.name, frame=frame, randomised=True)
+        return AttackDecisions(attack=self.name, frame=frame, randomised=True, white_box=True)
+
+
+class GradientCanaryAudit(_AllCanaries):
+    """Callable attack: ``audit(model)`` scores every site's Dirac canaries against the start."""
+
+    name = "gradient-canary"
+    randomised = True  # inclusion is a fair coin per canary: the one-run bound applies
+
+    def __init__(self, canaries: dict[str, DiracCanaries], *, reference: torch.nn.Module):
+        super().__init__(canaries)
+        self.start = coordinate_values(reference, self.coordinates)
+
+    def __call__(self, model: torch.nn.Module) -> AttackDecisions:
+        return self._decisions(self.start - coordinate_values(model, self.coordinates))
+
+
+class GradientCanaryReplies(_AllCanaries):
+    """The server's view: each site's canaries scored on that site's replies, summed over rounds.
+
+    The strategy calls ``sent`` with the arrays of each round it sends and ``observe`` with each
+    confirmed reply; ``decisions(round_)`` scores every canary by its site's total displacement so
+    far. Only the canary coordinates are kept, never a reply. A resumed run starts the sums again
+    (what it scores is then the rounds since the resume: a lower bound all the same)."""
+
+    name = "gradient-canary-replies"
+    randomised = True
+
+    def __init__(self, canaries: dict[str, DiracCanaries]) -> None:
+        super().__init__(canaries)
+        self._rows = {site: np.array([k for k, s in enumerate(self.sites) if s == site]) for site in canaries}
+        self._score = np.zeros(len(self.coordinates))
+        self._sent: tuple[int, np.ndarray] | None = None
+        self._replies = 0
+
+    def _values(self, arrays: ArrayRecord, rows: np.ndarray) -> np.ndarray:
+        flat = {name: arrays[name].numpy().reshape(-1) for name in {self.coordinates[k][0] for k in rows}}
+        return np.array([float(flat[self.coordinates[k][0]][self.coordinates[k][1]]) for k in rows])
+
+    def sent(self, round_: int, arrays: ArrayRecord) -> None:
+        self._sent = (round_, self._values(arrays, np.arange(len(self.coordinates))))
+
+    def observe(self, round_: int, site: str, arrays: ArrayRecord) -> None:
+        rows = self._rows.get(site)
+        if rows is None or not len(rows):
+            return
+        if self._sent is None or self._sent[0] != round_:
+            raise ValueError(f"{self.name}: a reply of round {round_} from {site}, but not what was sent that round")
+        self._score[rows] += self._sent[1][rows] - self._values(arrays, rows)
+        self._replies += 1
+
+    def decisions(self, round_: int) -> AttackDecisions | None:
+        """Every canary's score so far (None before any reply was seen)."""
+        if not self._replies:
+            return None
+        return self._decisions(self._score.copy())

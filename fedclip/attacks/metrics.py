@@ -18,6 +18,7 @@ import pandas as pd
 from scipy import stats
 
 from fedclip.attacks.base import AttackDecisions
+from fedclip.attacks.gaussian_pair import gaussian_pair_audit
 from fedclip.attacks.one_run import audit_scores
 
 
@@ -127,9 +128,37 @@ def attack_tables(
         }
     else:
         m |= {"audited_epsilon": float("nan"), "audit_guesses": float("nan"), "audit_correct": float("nan")}
+    m |= gaussian_columns(decisions, delta=delta, confidence=confidence)
     row = {"round": round_, "attack": attack, "max_site_epsilon": max_site_epsilon, **m}
     sites = [{"round": round_, "attack": attack, **r} for r in per_site_rates(frame).to_dict("records")]
     return row, sites
+
+
+GAUSSIAN_COLUMNS = ("gaussian_epsilon", "gaussian_epsilon_estimate", "gaussian_mu", "normality_p")
+
+
+def gaussian_columns(decisions: AttackDecisions, *, delta: float, confidence: float) -> dict[str, float]:
+    """The Gaussian-pair audit's columns (``fedclip.attacks.gaussian_pair``): white-box canaries
+    only, whose scores are sums of per-step noise; NaN for every other attack."""
+    if not (decisions.randomised and decisions.white_box):
+        return dict.fromkeys(GAUSSIAN_COLUMNS, float("nan"))
+    frame = decisions.frame
+    audit = gaussian_pair_audit(
+        frame["score"].to_numpy(), frame["is_member"].to_numpy(), delta=delta, confidence=confidence
+    )
+    return {
+        "gaussian_epsilon": audit.epsilon_lower_bound,
+        "gaussian_epsilon_estimate": audit.epsilon_estimate,
+        "gaussian_mu": audit.mu_lower_bound,
+        "normality_p": audit.normality_p,
+    }
+
+
+def certified_bounds(attack: pd.DataFrame) -> pd.Series:
+    """Each row of an attack table's largest certified bound: the one-run bound, and for white-box
+    canaries the Gaussian-pair bound (NaN where neither applies; older tables lack the columns)."""
+    columns = [c for c in ("audited_epsilon", "gaussian_epsilon") if c in attack.columns]
+    return attack[columns].max(axis=1, skipna=True) if columns else pd.Series(float("nan"), attack.index)
 
 
 def score_rows(decisions: AttackDecisions, *, round_: int) -> list[dict]:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
+from typing import Protocol
 
 import pandas as pd
 import torch
@@ -29,6 +30,20 @@ from fedclip.attacks.base import Attack, AttackDecisions
 from fedclip.models.arrays import load_arrays
 
 REPLY_ROUNDS = ("final", "every", "off")
+
+
+class ReplyObserver(Protocol):
+    """What the strategy shows each round's sent arrays and each confirmed reply to, and the
+    evaluator asks for a round's decisions: ``ReplyAttack`` and the gradient canaries' server-side
+    audit (``fedclip.attacks.gradient_canaries.GradientCanaryReplies``)."""
+
+    name: str
+
+    def sent(self, round_: int, arrays: ArrayRecord) -> None: ...
+
+    def observe(self, round_: int, site: str, arrays: ArrayRecord) -> None: ...
+
+    def decisions(self, round_: int) -> AttackDecisions | None: ...
 
 
 class ReplyAttack:
@@ -44,6 +59,9 @@ class ReplyAttack:
         self.when = when
         self._model = copy.deepcopy(model)
         self._calls: dict[int, dict[str, pd.DataFrame]] = {}
+
+    def sent(self, round_: int, arrays: ArrayRecord) -> None:
+        """The attack on a reply needs only the reply."""
 
     def observe(self, round_: int, site: str, arrays: ArrayRecord) -> None:
         """One site's confirmed reply of round ``round_`` (called by the strategy as it arrives)."""

@@ -54,16 +54,16 @@ def plot_attack(out: Path, attack: pd.DataFrame) -> Path:
     beside what each attack bounds from below (right: certified for randomised audits, dotted for
     the indicative bound of the others)."""
     attack = attack.assign(attack=attack["attack"] if "attack" in attack.columns else "idia")
-    audited = (
-        attack["audited_epsilon"] if "audited_epsilon" in attack.columns else pd.Series(float("nan"), attack.index)
-    )
+    from fedclip.attacks.metrics import certified_bounds
+
+    audited = certified_bounds(attack)
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     for name, g in attack.groupby("attack", sort=False):
         line = ax.plot(g["round"], g["tpr"], marker="o", label=f"{name} TPR")[0]
         ax.plot(g["round"], g["fpr"], marker="s", linestyle="--", color=line.get_color(), label=f"{name} FPR")
         certified = audited[g.index]
         if certified.notna().any():
-            ax2.plot(g["round"], certified, marker="^", color=line.get_color(), label=f"{name}: audited (certified)")
+            ax2.plot(g["round"], certified, marker="^", color=line.get_color(), label=f"{name}: certified")
         else:
             ax2.plot(
                 g["round"],

@@ -47,6 +47,10 @@ TABLES: dict[str, tuple[str, ...]] = {
         "audited_epsilon",
         "audit_guesses",
         "audit_correct",
+        "gaussian_epsilon",  # white-box canaries: the Gaussian-pair audit's certified bound (under its model)
+        "gaussian_epsilon_estimate",
+        "gaussian_mu",
+        "normality_p",
         "comparable_to_epsilon",  # False: the sites' epsilon is not about membership (input level)
     ),
     "attack_sites": ("round", "attack", "site", "members", "tpr", "fpr"),

@@ -170,6 +170,29 @@ class GhostGroups:
     clipped_sum: Callable[[torch.Tensor], dict[int, torch.Tensor]]
 
 
+def with_extra_rows(groups: GhostGroups, *, model: nn.Module, rows: dict[str, torch.Tensor]) -> GhostGroups:
+    """``groups`` and n more, given as dense per-group gradient rows ({trainable parameter name:
+    [n, *shape]}, an auditor's canaries): their norms join the step's norms, so the optimizer clips
+    them with the same factor ``min(1, C / (norm + 1e-6))`` as every group, and their clipped sum
+    joins the groups' clipped sum. The same arithmetic as handing the rows over beside per-group
+    gradients, without making the step's groups dense."""
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if set(rows) != set(params):
+        raise ValueError(f"extra rows: expected one per trainable parameter, got {sorted(set(rows) ^ set(params))[:3]}")
+    count = len(groups.norms)
+    extra_norms = torch.sqrt(sum(r.reshape(len(r), -1).double().pow(2).sum(dim=1) for r in rows.values()))
+
+    def clipped_sum(factors: torch.Tensor) -> dict[int, torch.Tensor]:
+        sums = groups.clipped_sum(factors[:count])
+        extra = factors[count:]
+        for name, p in params.items():
+            row = rows[name].to(sums[id(p)].dtype)
+            sums[id(p)] = sums[id(p)] + torch.einsum("n,n...->...", extra.to(row.dtype), row)
+        return sums
+
+    return GhostGroups(norms=torch.cat([groups.norms, extra_norms.to(groups.norms.dtype)]), clipped_sum=clipped_sum)
+
+
 # One parameter's share of a step: its squared norm per group [K], and its clipped sum given the
 # clip factor of every pair ([n], the factor of the pair's group) and of every group ([K]).
 _Share = tuple[nn.Parameter, torch.Tensor, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]

@@ -225,18 +225,15 @@ def make_grad_engine(
     ``TrainConfig.grad_engine`` (``rows`` empty when every gradient is dense): ``hooks``
     (refused, with the reason, for a model the twin does not cover), ``vmap``, ``ghost``
     (``GhostClipping``: ``grads`` is a ``GhostGroups``, norms and a clipped sum, no per-group
-    gradient; refused for what it does not cover, and when ``group_gradients_needed``: an
-    auditor's canaries or step hook), or ``auto`` (``AutoGradEngine``; vmap for a model the twin
+    gradient; refused for what it does not cover, and when ``group_gradients_needed``: a step
+    hook; an auditor's canaries join the ghost groups instead), or ``auto`` (``AutoGradEngine``; vmap for a model the twin
     does not cover). All clip the same gradients."""
     reason = unsupported_reason(model)
     if engine in ("hooks", "ghost") and reason is not None:
         raise ValueError(f"grad-engine: '{engine}' does not support this model: {reason}; use 'vmap' or 'auto'")
     if engine == "ghost":
         if group_gradients_needed:
-            raise ValueError(
-                "grad-engine: 'ghost' gives no per-group gradients, which gradient canaries and step "
-                "hooks need; use 'auto'"
-            )
+            raise ValueError("grad-engine: 'ghost' gives no per-group gradients, which step hooks need; use 'auto'")
         return GhostClipping(model)
     if engine == "vmap" or reason is not None:
         return _vmap_engine(model, chunk_size)

@@ -31,7 +31,7 @@ from fedclip.progress import progress_bar
 from fedclip.training.allocator import retain_freed_memory
 from fedclip.training.config import DpConfig, Mode, TrainConfig
 from fedclip.training.extra_units import ExtraUnits
-from fedclip.training.ghost_clipping import GhostDPOptimizer, GhostGroups
+from fedclip.training.ghost_clipping import GhostDPOptimizer, GhostGroups, with_extra_rows
 from fedclip.training.group_grads import dense_grads, make_grad_engine
 from fedclip.training.loss import clip_loss
 from fedclip.training.negative_bank import build_negative_bank
@@ -161,7 +161,7 @@ def train_local(
             model,
             train.grad_engine,
             chunk_size=train.microbatch_chunk,
-            group_gradients_needed=canaries is not None or step_hook is not None,
+            group_gradients_needed=step_hook is not None,  # canaries join ghost groups as extra rows
         )
     )
     if step_hook is not None and isinstance(optimizer, DPOptimizer):
@@ -225,11 +225,7 @@ def dp_hand_over(
     """Give the optimizer the step's groups: ghost norms, or per-group gradients (and canaries)."""
     grads, group_losses, rows = computed
     if isinstance(grads, GhostGroups):  # norms and a clipped sum: no per-group rows to hand over
-        if canaries is not None:  # they would be lost, not added (make_grad_engine never pairs them)
-            raise ValueError(
-                "canaries: ghost norms give no per-group gradients to add canaries to; use grad-engine 'auto'"
-            )
-        optimizer.ghost_groups = grads
+        optimizer.ghost_groups = grads if canaries is None else with_extra_rows(grads, model=model, rows=canaries)
     else:
         if canaries is not None:  # a canary may touch any row: full-size gradients
             grads, rows = dense_grads(model, grads, rows), {}

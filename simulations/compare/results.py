@@ -36,6 +36,9 @@ METRICS = (
     "canary_tpr_at_1pct_fpr",
     "canary_audited_epsilon",
     "gradient_canary_audited_epsilon",
+    "replies_gaussian_epsilon",  # the gradient canaries on the sites' replies: Gaussian-pair, certified
+    "replies_gaussian_estimate",
+    "lira_patient_tpr_at_01pct_fpr",
 )
 
 
@@ -64,6 +67,9 @@ def final_attacks(attack: pd.DataFrame) -> dict[str, float]:
         "canary_tpr_at_1pct_fpr": value("canary", "tpr_at_1pct_fpr"),
         "canary_audited_epsilon": value("canary", "audited_epsilon"),
         "gradient_canary_audited_epsilon": value("gradient-canary", "audited_epsilon"),
+        "replies_gaussian_epsilon": value("gradient-canary-replies", "gaussian_epsilon"),
+        "replies_gaussian_estimate": value("gradient-canary-replies", "gaussian_epsilon_estimate"),
+        "lira_patient_tpr_at_01pct_fpr": value("lira-patient", "tpr_at_0.1pct_fpr"),
     }
 
 
@@ -202,7 +208,11 @@ def plot_audited_vs_accounted(agg: pd.DataFrame, path: Path) -> Path:
     (identity level, the largest site's) over the epsilon grid; above the diagonal is a contradiction."""
     fig, ax = plt.subplots(figsize=(6, 5))
     finite = agg[agg["epsilon_local"].apply(math.isfinite)]
-    for metric, marker in (("canary_audited_epsilon", "o"), ("gradient_canary_audited_epsilon", "^")):
+    for metric, marker in (
+        ("canary_audited_epsilon", "o"),
+        ("gradient_canary_audited_epsilon", "^"),
+        ("replies_gaussian_epsilon", "s"),
+    ):
         for setting, g in finite.groupby("setting", sort=False):
             if g[f"{metric}_mean"].notna().any():
                 ax.errorbar(
@@ -211,7 +221,7 @@ def plot_audited_vs_accounted(agg: pd.DataFrame, path: Path) -> Path:
                     yerr=g[f"{metric}_std"].fillna(0),
                     marker=marker,
                     capsize=3,
-                    label=f"{setting}: {metric.replace('_audited_epsilon', '').replace('_', ' ')}",
+                    label=f"{setting}: {metric.replace('_audited_epsilon', '').replace('_epsilon', '').replace('_', ' ')}",
                 )
     top = max([1.0, *finite["epsilon_local"].tolist()])
     ax.plot([0, top], [0, top], color="grey", linestyle=":", label="audited = accounted")
@@ -235,9 +245,10 @@ def markdown_table(agg: pd.DataFrame) -> str:
         "noise multiplier: local / site (site noise on the average, x S) | "
         "zero-shot acc | IDIA TPR | IDIA FPR | IDIA indicative eps bound | IDIA on the sites' replies: TPR / FPR | "
         "TPR at 1% FPR: IDIA / LiRA patient / LiRA record / canary | LiRA record AUC | "
-        "audited eps: canary / gradient canary (certified) | seeds |"
+        "audited eps: canary / gradient canary (certified) | "
+        "gradient canaries on the replies, Gaussian pair: certified / estimate | seeds |"
     )
-    lines = [head, "|" + "---|" * 17]
+    lines = [head, "|" + "---|" * 18]
     for r in agg.itertuples():
         pm = lambda m: _mean_spread(getattr(r, m + "_mean"), getattr(r, m + "_std"))  # noqa: E731
         site_noise = (
@@ -255,7 +266,8 @@ def markdown_table(agg: pd.DataFrame) -> str:
             f"{pm('epsilon_lower_bound')} | {_pair(r, 'replies_tpr', 'replies_fpr')} | "
             f"{_pair(r, 'idia_tpr_at_1pct_fpr', 'lira_patient_tpr_at_1pct_fpr', 'lira_record_tpr_at_1pct_fpr', 'canary_tpr_at_1pct_fpr')} | "
             f"{_pair(r, 'lira_record_auc')} | "
-            f"{_pair(r, 'canary_audited_epsilon', 'gradient_canary_audited_epsilon')} | {r.seeds} |"
+            f"{_pair(r, 'canary_audited_epsilon', 'gradient_canary_audited_epsilon')} | "
+            f"{_pair(r, 'replies_gaussian_epsilon', 'replies_gaussian_estimate')} | {r.seeds} |"
         )
     return "\n".join(lines) + "\n"
 

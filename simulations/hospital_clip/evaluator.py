@@ -1,7 +1,8 @@
 """The per-round hook: utility and IDIA against the global model, beside each site's epsilon.
 
-With a ``ReplyAttack`` it also writes the attack on the round's site replies (the server as the
-adversary), which the strategy ran as the replies arrived, beside the attacks on the average.
+With reply observers (``fedclip.attacks.replies``) it also writes the attacks on the round's site
+replies (the server as the adversary), which the strategy ran as the replies arrived, beside the
+attacks on the average.
 
 Passed to ``Strategy.start(..., evaluate_fn=...)``; called before the first round and after
 each. It also checkpoints the global model, so a resumed run continues from the last round, and
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -22,7 +23,7 @@ from flwr.app import ArrayRecord, MetricRecord
 from fedclip.attacks.base import Attack, AttackDecisions
 from fedclip.attacks.metrics import attack_tables, score_rows
 from fedclip.attacks.one_run import run_confidences
-from fedclip.attacks.replies import ReplyAttack
+from fedclip.attacks.replies import ReplyObserver
 from fedclip.data.tensors import PairData
 from fedclip.evaluation.retrieval import retrieval_recall
 from fedclip.evaluation.zero_shot import zero_shot_accuracy
@@ -48,7 +49,7 @@ class RoundEvaluator:
         total_rounds: int,
         trained_this_round: Callable[[], bool],
         strategy_seconds: Callable[[], float] = lambda: 0.0,
-        reply_attack: ReplyAttack | None = None,
+        reply_attacks: Sequence[ReplyObserver] = (),
         comparable: bool = True,
         evaluate_every: int = 1,
         server_state: Callable[[], dict] = dict,
@@ -61,12 +62,14 @@ class RoundEvaluator:
         self.evaluate_every = evaluate_every  # and after the last round
         self.server_state = server_state  # checkpointed beside the model (the server optimizer's moments)
         self.trained_this_round, self.strategy_seconds = trained_this_round, strategy_seconds
-        self.reply_attack, self.comparable = reply_attack, comparable
+        self.reply_attacks, self.comparable = tuple(reply_attacks), comparable
         self.started = time.time()
         # the bound is printed after every round: a Bonferroni correction over all of them keeps the
         # printed bounds jointly valid at 95% (each round's at 1 - 0.05 / (rounds + 1)); the randomised
         # audits' certified bounds hold jointly over every audit too
-        self.confidence, self.audit_confidence = run_confidences(rounds=total_rounds + 1, attacks=attacks)
+        self.confidence, self.audit_confidence = run_confidences(
+            rounds=total_rounds + 1, attacks=[*attacks, *self.reply_attacks]
+        )
         self.last_end = time.time()  # end of the previous evaluation: the train phase runs between
         self.bar = progress_bar(total=total_rounds - round_offset, desc="rounds", unit="round", leave=True)
 
@@ -100,9 +103,10 @@ class RoundEvaluator:
         ]
         for attack in self.attacks:
             line.append(self._record(attack(self.model), round_=round_, max_eps=max_eps))
-        on_replies = self.reply_attack.decisions(round_) if self.reply_attack else None
-        if on_replies is not None:
-            line.append(self._record(on_replies, round_=round_, max_eps=max_eps))
+        for observer in self.reply_attacks:
+            on_replies = observer.decisions(round_)
+            if on_replies is not None:
+                line.append(self._record(on_replies, round_=round_, max_eps=max_eps))
         self._checkpoint(round_, arrays)
         crash_point("saved", round_)
         say(" | ".join(line) + f" | {time.time() - self.started:.0f}s")
@@ -141,11 +145,19 @@ class RoundEvaluator:
         self.files.append("attack_sites", sites)
         self.files.append("attack_scores", score_rows(decisions, round_=round_))
         if m["audited_epsilon"] == m["audited_epsilon"]:  # a one-run audit (canaries): its bound is the valid one
+            certified = max(
+                m["audited_epsilon"], m["gaussian_epsilon"] if m["gaussian_epsilon"] == m["gaussian_epsilon"] else 0
+            )
+            gaussian = (
+                f", Gaussian pair >= {m['gaussian_epsilon']:.2f}"
+                if m["gaussian_epsilon"] == m["gaussian_epsilon"]
+                else ""
+            )
             return (
                 f"{decisions.attack} AUC {m['auc']:.2f} audited eps >= {m['audited_epsilon']:.2f} "
-                f"({m['audit_correct']}/{m['audit_guesses']} guesses right)"
+                f"({m['audit_correct']}/{m['audit_guesses']} guesses right{gaussian})"
                 + (
-                    (" ABOVE THE ACCOUNTANT'S" if m["audited_epsilon"] > max_eps else "")
+                    (" ABOVE THE ACCOUNTANT'S" if certified > max_eps else "")
                     if self.comparable
                     else " (not comparable: the sites' epsilon is about images, not membership)"
                 )

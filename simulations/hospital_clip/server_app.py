@@ -15,7 +15,7 @@ import math
 import os
 import re
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -27,8 +27,13 @@ from scipy.stats import binom
 
 from fedclip.attacks.base import Attack
 from fedclip.attacks.canary import CanaryAudit
-from fedclip.attacks.gradient_canaries import GradientCanaryAudit, canaries_to_wire, draw_dirac_canaries
-from fedclip.attacks.replies import ReplyAttack, reply_rounds
+from fedclip.attacks.gradient_canaries import (
+    GradientCanaryAudit,
+    GradientCanaryReplies,
+    canaries_to_wire,
+    draw_dirac_canaries,
+)
+from fedclip.attacks.replies import ReplyAttack, ReplyObserver, reply_rounds
 from fedclip.attacks.suite import target_attacks
 from fedclip.data.canaries import CANARY_FILE, load_canaries
 from fedclip.data.manifest import load_manifest
@@ -254,9 +259,9 @@ def canary_file(cfg: SimulationConfig, manifest: str) -> str:
 
 def gradient_canary_audit(
     cfg: SimulationConfig, *, model, sites: tuple[str, ...], state: Path
-) -> tuple[GradientCanaryAudit, str] | None:
-    """The auditor's Dirac canaries for every site, and their plan for the train config; the secret
-    (OS entropy) is kept in the server's state folder so a resumed run keeps its canaries."""
+) -> tuple[GradientCanaryAudit, GradientCanaryReplies, str] | None:
+    """The auditor's Dirac canaries for every site, audited on the global model and on each site's
+    replies (the server's view), and their plan for the train config; the secret (OS entropy) is kept in the server's state folder so a resumed run keeps its canaries."""
     if not cfg.gradient_canaries:
         return None
     secret_file = state / "gradient_canaries.secret"
@@ -266,7 +271,7 @@ def gradient_canary_audit(
     canaries = draw_dirac_canaries(
         model, per_site=cfg.gradient_canaries, sites=sites, secret=bytes.fromhex(secret_file.read_text().strip())
     )
-    return GradientCanaryAudit(canaries, reference=model), canaries_to_wire(canaries)
+    return GradientCanaryAudit(canaries, reference=model), GradientCanaryReplies(canaries), canaries_to_wire(canaries)
 
 
 def auditor_attacks(cfg: SimulationConfig, *, manifest: str, model, preprocess, tokenizer) -> list[Attack]:
@@ -486,7 +491,7 @@ def make_strategy(
     prep: Prepared,
     *,
     sites: Mapping[int, str],
-    replies: ReplyAttack | None,
+    replies: Sequence[ReplyObserver],
     plan: RoundPlan,
     model: torch.nn.Module | None = None,
 ) -> PrivacyBudgetStrategy:
@@ -538,7 +543,18 @@ def make_strategy(
             neighbours=cfg.secure_agg_neighbours,
             **budget_kwargs,
         )
-    return PrivacyBudgetStrategy(inner, on_reply=replies.observe if replies else None, **budget_kwargs)
+    if not replies:
+        return PrivacyBudgetStrategy(inner, **budget_kwargs)
+
+    def on_reply(round_: int, site: str, arrays: ArrayRecord) -> None:
+        for observer in replies:
+            observer.observe(round_, site, arrays)
+
+    def on_send(round_: int, arrays: ArrayRecord) -> None:
+        for observer in replies:
+            observer.sent(round_, arrays)
+
+    return PrivacyBudgetStrategy(inner, on_reply=on_reply, on_send=on_send, **budget_kwargs)
 
 
 def simulated_site_ledgers(folder: RunFolder, cfg: SimulationConfig, *, sites: list[str]) -> dict[str, float]:
@@ -642,22 +658,24 @@ def report(cfg: SimulationConfig, folder: RunFolder, prep: Prepared, *, failure:
 
 def set_up_auditor(
     cfg: SimulationConfig, folder: RunFolder, prep: Prepared, bundle
-) -> tuple[list[Attack], ReplyAttack | None, str]:
-    """The auditor's attacks on the global model, its attack on each reply (the server's view),
-    and the gradient canaries' plan for the sites ("" if none)."""
+) -> tuple[list[Attack], list[ReplyObserver], str]:
+    """The auditor's attacks on the global model, its attacks on each reply (the server's view:
+    IDIA, and the gradient canaries), and the gradient canaries' plan for the sites ("" if none)."""
     attacks = auditor_attacks(
         cfg, manifest=prep.manifest, model=bundle.model, preprocess=bundle.preprocess, tokenizer=bundle.tokenizer
     )
     gradient = gradient_canary_audit(cfg, model=bundle.model, sites=tuple(prep.shape.units), state=folder.state)
-    if gradient is not None:
-        attacks.append(gradient[0])
     idia = next((a for a in attacks if a.name == "idia"), None)
-    replies = (
-        ReplyAttack(idia, model=bundle.model, when=reply_rounds(cfg.attack_replies, total_rounds=cfg.num_rounds))
-        if idia is not None and cfg.attack_replies != "off"
-        else None
-    )
-    return attacks, replies, gradient[1] if gradient is not None else ""
+    replies: list[ReplyObserver] = []
+    if idia is not None and cfg.attack_replies != "off":
+        replies.append(
+            ReplyAttack(idia, model=bundle.model, when=reply_rounds(cfg.attack_replies, total_rounds=cfg.num_rounds))
+        )
+    if gradient is None:
+        return attacks, replies, ""
+    attacks.append(gradient[0])
+    replies.append(gradient[1])
+    return attacks, replies, gradient[2]
 
 
 def run(grid: Grid, cfg: SimulationConfig) -> Path:
@@ -696,9 +714,9 @@ def _run_rounds(grid: Grid, cfg: SimulationConfig, folder: RunFolder) -> Path:
     attacks, replies, wire["gradient_canaries"] = set_up_auditor(cfg, folder, prep, bundle)
 
     plan = replace(cfg.round_plan(prep.sigma, prep.inputs), secure=prep.secure)  # what every site runs
-    if prep.secure is not None and replies is not None:  # both levels: no site's update reaches the server
+    if prep.secure is not None and replies:  # both levels: no site's update reaches the server
         print("the server sees only the secure sum: no site's reply to attack (the attacks on the global model stand)")
-        replies = None
+        replies = []
     strategy = make_strategy(cfg, folder, prep, sites=sites, replies=replies, plan=plan, model=bundle.model)
     evaluator = RoundEvaluator(
         model=bundle.model,
@@ -713,7 +731,7 @@ def _run_rounds(grid: Grid, cfg: SimulationConfig, folder: RunFolder) -> Path:
         total_rounds=cfg.num_rounds,
         trained_this_round=lambda: not strategy.exhausted,
         strategy_seconds=lambda: strategy.strategy_seconds,
-        reply_attack=replies,
+        reply_attacks=replies,
         comparable=plan.guarantee().membership,
         evaluate_every=cfg.evaluate_every,
         server_state=strategy.server_state,

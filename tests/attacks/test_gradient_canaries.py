@@ -84,3 +84,29 @@ def test_included_canaries_move_down_and_the_audit_sees_it(bundle, small_manifes
         np.abs(coordinate_values(model, tuple(untouched)) - coordinate_values(bundle.model, tuple(untouched))).max()
         < members.min()
     )
+
+
+def test_the_servers_view_scores_each_sites_canaries_on_its_own_replies(bundle):
+    from flwr.app import ArrayRecord
+
+    from fedclip.attacks.gradient_canaries import GradientCanaryReplies
+    from fedclip.models.arrays import model_to_arrays
+
+    canaries = draw_dirac_canaries(bundle.model, per_site=40, sites=("a", "b"), secret=SECRET)
+    view = GradientCanaryReplies(canaries)
+    assert view.decisions(1) is None  # nothing seen yet
+    start = model_to_arrays(bundle.model, trainable_only=True).to_torch_state_dict()
+    expected = np.zeros(80)
+    for round_ in (1, 2):
+        view.sent(round_, ArrayRecord(torch_state_dict=start))
+        for s, site in enumerate(("a", "b")):
+            reply = {n: t.clone() for n, t in start.items()}
+            for k, (name, index) in enumerate(canaries[site].coordinates):
+                reply[name].view(-1)[index] -= 0.5 * (k + 1) * (s + 1)  # moved down by a known amount
+                expected[40 * s + k] += 0.5 * (k + 1) * (s + 1)
+            view.observe(round_, site, ArrayRecord(torch_state_dict=reply))
+    frame = view.decisions(2).frame
+    np.testing.assert_allclose(frame["score"].to_numpy(), expected, rtol=1e-5)
+    assert list(frame["is_member"]) == [*canaries["a"].included, *canaries["b"].included]
+    with pytest.raises(ValueError, match="round 3 from a"):
+        view.observe(3, "a", ArrayRecord(torch_state_dict=start))  # round 3 was never sent

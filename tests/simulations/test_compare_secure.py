@@ -12,7 +12,7 @@ from tests.simulations.test_compare import SMALL as GENERAL
 
 # the general comparison test's small base, with few steps: every step of fed-distributed is a secure sum
 SMALL = (
-    GENERAL.replace("[compare]", '[compare]\nsettings = ["fed-distributed", "fed-distributed-client"]')
+    GENERAL.replace("settings = {settings}", 'settings = ["fed-distributed", "fed-distributed-client"]')
     .replace("local-steps = 30", "local-steps = 3")
     .replace("num-rounds = 4", "num-rounds = 2")
     .replace("microbatch-size = 2\n", "")

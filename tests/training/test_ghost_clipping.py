@@ -155,18 +155,37 @@ def test_gram_norm_is_never_below_the_true_norm_when_terms_cancel():
     assert sq.sqrt().item() >= true.item()
 
 
-def test_canaries_with_ghost_groups_are_refused_not_dropped():
-    from fedclip.training.local import dp_step
+def test_canaries_join_ghost_groups_as_the_per_group_path_adds_them():
+    """An auditor's canary rows (norm exactly C) beside ghost groups: the clipped sum the optimizer
+    noises is the one the per-group path computes with the rows concatenated to its gradients."""
+    import copy
+
+    from fedclip.attacks.gradient_canaries import canary_rows, draw_dirac_canaries
+    from fedclip.training.local import dp_hand_over
 
     torch.manual_seed(4)
-    model = create_model(ModelConfig(trainable="projections")).model
-    images, tokens = _batch(4, 32, model.context_length)
-    computed = GhostClipping(model)([np.arange(2), np.arange(2, 4)], images, tokens)
-    dp = DpConfig(noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=1.0, microbatch_size=2, declared_units=4)
-    opt = make_optimizer(model, dp, TrainConfig(), expected_microbatches=2, noise_generator=None)
-    canaries = {n: torch.zeros(1, *p.shape) for n, p in model.named_parameters() if p.requires_grad}
-    with pytest.raises(ValueError, match="canaries: ghost norms give no per-group gradients"):
-        dp_step(model, opt, computed, canaries=canaries)
+    model = create_model(ModelConfig(trainable="last-1")).model
+    images, tokens = _batch(6, 32, model.context_length)
+    groups = [np.arange(0, 2), np.arange(2, 4), np.arange(4, 6)]
+    canaries = draw_dirac_canaries(model, per_site=5, sites=("a",), secret=bytes(range(32)))["a"]
+    rows = canary_rows(model, list(canaries.coordinates), norm=1.0)
+    rows = {n: r * torch.linspace(0.5, 3.0, len(r)).view(-1, *[1] * (r.dim() - 1)) for n, r in rows.items()}
+    dp = DpConfig(noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=1.0, microbatch_size=2, declared_units=6)
+    sums = {}
+    for engine in ("ghost", "reference"):
+        m = copy.deepcopy(model)
+        opt = make_optimizer(m, dp, TrainConfig(), expected_microbatches=3, noise_generator=None)
+        if engine == "ghost":
+            computed = GhostClipping(m)(groups, images, tokens)
+        else:
+            computed = (*per_microbatch_grads(m, groups, images, tokens), {})
+        dp_hand_over(m, opt, computed, canaries=rows)
+        opt.clip_and_accumulate()  # Opacus' first named step; noise comes after, and is not compared
+        sums[engine] = {n: p.summed_grad.clone() for n, p in m.named_parameters() if p.requires_grad}
+    for name in sums["ghost"]:
+        torch.testing.assert_close(sums["ghost"][name], sums["reference"][name], rtol=1e-4, atol=1e-5)
+    name, index = canaries.coordinates[0]
+    assert sums["ghost"][name].reshape(-1)[index] != 0  # the canaries are in it (clipped: rows above C shrink)
 
 
 def test_captions_of_different_lengths_match_the_reference():
