@@ -18,12 +18,17 @@ The contract (docs/privacy.md, "Audits"):
   (Balle and Wang 2018, Theorem 8; Dong, Roth and Su 2022, Corollary 2.13: mu-GDP). A mechanism
   that is (eps, delta)-DP for one canary must have delta_mu(eps) <= delta for the pair its
   output induces (post-processing), so the eps solving delta_mu(eps) = delta is a lower bound.
-* **Confidence.** Three one-sided intervals, exact under the model, at (1 - confidence)/3 each
-  (Bonferroni): Welch's t lower bound on m1 - m0, and chi-square upper bounds on s1 and on s0.
-  mu_low = (m1 - m0)_low / max(s1_high, s0_high) holds with probability >= confidence, and so
-  does eps(mu_low). A common s equal to the larger upper bound never uses a tail the data did not
-  show: heavy tails, to which a two-variance model would be sensitive, enter only through the
-  variance estimates.
+* **Unequal spreads.** If s1 != s0, take s = min(s1, s0) and mu = (m1 - m0) / s. For s1 >= s0 the
+  set {score > m0 + c}, c = s (eps/mu + mu/2) (the equal-spread pair's optimal test), has
+  P1 - e^eps P0 >= delta_mu(eps): its threshold lies above m1 whenever eps >= mu^2/2, which holds
+  for every delta < 1/2, so the wider P1 only puts more mass above it, and P0's mass is the
+  equal-spread one. For s0 > s1 the set {score < m1 - c} does the same for (P0, P1), and DP bounds
+  both directions. So the mechanism's delta(eps) is at least delta_mu(eps) either way.
+* **Confidence.** One-sided intervals, exact under the model: Welch's t lower bound on m1 - m0 at
+  (1 - confidence)/2, and chi-square upper bounds on s1 and on s0 at (1 - confidence)/4 each
+  (Bonferroni). mu_low = (m1 - m0)_low / min(s1_high, s0_high) is at most the true mu with
+  probability >= confidence, and so is eps(mu_low). Heavy tails, to which a model of the tails
+  would be sensitive, enter only through the variance estimates.
 
 The bound is certified *under the Gaussian model*, not distribution-free; ``normality_p`` (the
 smaller of D'Agostino-Pearson's p-values of the two sides) says whether the data contradict it.
@@ -89,15 +94,15 @@ def gaussian_pair_audit(
         raise ValueError(
             f"gaussian-pair audit: needs at least 8 included and 8 excluded canaries, got {len(inside)}, {len(outside)}"
         )
-    alpha = (1 - confidence) / 3
+    alpha = 1 - confidence
     n1, n0 = len(inside), len(outside)
     v1, v0 = inside.var(ddof=1), outside.var(ddof=1)
     gap = inside.mean() - outside.mean()
     se = math.sqrt(v1 / n1 + v0 / n0)
     df = se**4 / ((v1 / n1) ** 2 / (n1 - 1) + (v0 / n0) ** 2 / (n0 - 1)) if se > 0 else n1 + n0 - 2  # Welch
-    gap_low = gap - float(stats.t.ppf(1 - alpha, df)) * se
-    s_high = max(math.sqrt(v * (n - 1) / stats.chi2.ppf(alpha, n - 1)) for v, n in ((v1, n1), (v0, n0)))
-    s_hat = math.sqrt(max(v1, v0))
+    gap_low = gap - float(stats.t.ppf(1 - alpha / 2, df)) * se
+    s_high = min(math.sqrt(v * (n - 1) / stats.chi2.ppf(alpha / 4, n - 1)) for v, n in ((v1, n1), (v0, n0)))
+    s_hat = math.sqrt(min(v1, v0))
     mu_low = max(0.0, gap_low) / s_high if s_high > 0 else 0.0
     mu_hat = max(0.0, gap) / s_hat if s_hat > 0 else 0.0
     # D'Agostino-Pearson needs 20 values a side to say anything

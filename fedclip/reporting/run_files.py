@@ -48,9 +48,11 @@ TABLES: dict[str, tuple[str, ...]] = {
         "audit_guesses",
         "audit_correct",
         "gaussian_epsilon",  # white-box canaries: the Gaussian-pair audit's certified bound (under its model)
+        "gaussian_epsilon_95",  # the same at 95% alone: valid for one row named in advance (the final round)
         "gaussian_epsilon_estimate",
         "gaussian_mu",
         "normality_p",
+        "audit_confidence",  # of every certified bound in the row: joint over the run's rounds and audits
         "comparable_to_epsilon",  # False: the sites' epsilon is not about membership (input level)
     ),
     "attack_sites": ("round", "attack", "site", "members", "tpr", "fpr"),

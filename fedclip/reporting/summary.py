@@ -104,6 +104,7 @@ AUDIT_COLUMNS = (
     "audit_guesses",
     "audit_correct",
     "gaussian_epsilon",
+    "gaussian_epsilon_95",
     "gaussian_epsilon_estimate",
     "gaussian_mu",
 )
@@ -123,7 +124,8 @@ def attack_rows(attack: pd.DataFrame) -> list[str]:
             else ""
         )
         gaussian = (
-            f"**{row.gaussian_epsilon:.3f}** (mu >= {row.gaussian_mu:.3f}; estimate {row.gaussian_epsilon_estimate:.3f})"
+            f"**{row.gaussian_epsilon:.3f}** (mu >= {row.gaussian_mu:.3f}; this row alone at 95%: "
+            f"{row.gaussian_epsilon_95:.3f}; estimate {row.gaussian_epsilon_estimate:.3f})"
             if float(row.gaussian_epsilon) == float(row.gaussian_epsilon)
             else ""
         )

@@ -36,7 +36,7 @@ METRICS = (
     "canary_tpr_at_1pct_fpr",
     "canary_audited_epsilon",
     "gradient_canary_audited_epsilon",
-    "replies_gaussian_epsilon",  # the gradient canaries on the sites' replies: Gaussian-pair, certified
+    "replies_gaussian_epsilon",  # the gradient canaries on the sites' replies, final round: Gaussian pair at 95%
     "replies_gaussian_estimate",
     "lira_patient_tpr_at_01pct_fpr",
 )
@@ -67,7 +67,7 @@ def final_attacks(attack: pd.DataFrame) -> dict[str, float]:
         "canary_tpr_at_1pct_fpr": value("canary", "tpr_at_1pct_fpr"),
         "canary_audited_epsilon": value("canary", "audited_epsilon"),
         "gradient_canary_audited_epsilon": value("gradient-canary", "audited_epsilon"),
-        "replies_gaussian_epsilon": value("gradient-canary-replies", "gaussian_epsilon"),
+        "replies_gaussian_epsilon": value("gradient-canary-replies", "gaussian_epsilon_95"),
         "replies_gaussian_estimate": value("gradient-canary-replies", "gaussian_epsilon_estimate"),
         "lira_patient_tpr_at_01pct_fpr": value("lira-patient", "tpr_at_0.1pct_fpr"),
     }
@@ -246,7 +246,7 @@ def markdown_table(agg: pd.DataFrame) -> str:
         "zero-shot acc | IDIA TPR | IDIA FPR | IDIA indicative eps bound | IDIA on the sites' replies: TPR / FPR | "
         "TPR at 1% FPR: IDIA / LiRA patient / LiRA record / canary | LiRA record AUC | "
         "audited eps: canary / gradient canary (certified) | "
-        "gradient canaries on the replies, Gaussian pair: certified / estimate | seeds |"
+        "gradient canaries on the replies, Gaussian pair: certified (95%, final round) / estimate | seeds |"
     )
     lines = [head, "|" + "---|" * 18]
     for r in agg.itertuples():

@@ -46,12 +46,23 @@ def test_it_certifies_most_of_the_epsilon_with_enough_canaries_and_ignores_no_si
     assert none.epsilon_lower_bound == 0.0
 
 
-def test_a_wider_included_side_is_not_read_as_more_privacy_loss():
-    """Sampling spreads the included canaries' scores: the common deviation is the larger one."""
+@pytest.mark.parametrize("spread_in", [1.5, 0.7])
+def test_unequal_spreads_are_never_certified_above_the_pairs_true_epsilon(spread_in):
+    """The common deviation is the smaller one: the pair's true hockey-stick divergence (computed by
+    numerical integration, independently of the GDP formula) still exceeds delta at the certified epsilon."""
+    from scipy import integrate
+
     rng = np.random.default_rng(3)
-    scores, included = _pairs(rng, mu=1.0, m=4096, spread_in=1.5)
+    scores, included = _pairs(rng, mu=1.0, m=4096, spread_in=spread_in)
     audit = gaussian_pair_audit(scores, included, delta=DELTA, confidence=0.95)
-    assert audit.mu_estimate == pytest.approx(1.0 / 1.5, rel=0.1)
+    assert audit.mu_estimate == pytest.approx(1.0 / min(spread_in, 1.0), rel=0.1)
+    eps = audit.epsilon_lower_bound
+    inside, outside = stats.norm(1.0, spread_in), stats.norm(0.0, 1.0)
+
+    def hockey_stick(p, q):
+        return integrate.quad(lambda x: max(p.pdf(x) - np.exp(eps) * q.pdf(x), 0.0), -40, 40, limit=400)[0]
+
+    assert max(hockey_stick(inside, outside), hockey_stick(outside, inside)) >= DELTA
 
 
 def test_bad_input_is_named():
