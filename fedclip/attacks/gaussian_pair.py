@@ -20,10 +20,11 @@ The contract (docs/privacy.md, "Audits"):
   output induces (post-processing), so the eps solving delta_mu(eps) = delta is a lower bound.
 * **Unequal spreads.** If s1 != s0, take s = min(s1, s0) and mu = (m1 - m0) / s. For s1 >= s0 the
   set {score > m0 + c}, c = s (eps/mu + mu/2) (the equal-spread pair's optimal test), has
-  P1 - e^eps P0 >= delta_mu(eps): its threshold lies above m1 whenever eps >= mu^2/2, which holds
-  for every delta < 1/2, so the wider P1 only puts more mass above it, and P0's mass is the
-  equal-spread one. For s0 > s1 the set {score < m1 - c} does the same for (P0, P1), and DP bounds
-  both directions. So the mechanism's delta(eps) is at least delta_mu(eps) either way.
+  P1 - e^eps P0 >= delta_mu(eps) for every eps >= mu^2/2 (then the threshold lies above m1, the
+  wider P1 only puts more mass above it, and P0's mass is the equal-spread one). For s0 > s1 the
+  set {score < m1 - c} does the same for (P0, P1), and DP bounds both directions. Below mu^2/2,
+  delta(eps) >= delta(mu^2/2) >= delta_mu(mu^2/2), which is >= delta unless mu is tiny (about 3e-5
+  at delta 1e-5; the bound is then 0). So the mechanism's eps at delta is at least the pair's.
 * **Confidence.** One-sided intervals, exact under the model: Welch's t lower bound on m1 - m0 at
   (1 - confidence)/2, and chi-square upper bounds on s1 and on s0 at (1 - confidence)/4 each
   (Bonferroni). mu_low = (m1 - m0)_low / min(s1_high, s0_high) is at most the true mu with
@@ -109,8 +110,10 @@ def gaussian_pair_audit(
     normality = (
         min(float(stats.normaltest(side).pvalue) for side in (inside, outside)) if min(n1, n0) >= 20 else math.nan
     )
+    # delta_mu(mu^2/2) grows with mu: below this the unequal-spread argument says nothing (contract)
+    covered = mu_low > 0 and gdp_delta(mu_low, mu_low**2 / 2) >= delta
     return GaussianPairAudit(
-        epsilon_lower_bound=gdp_epsilon(mu_low, delta=delta),
+        epsilon_lower_bound=gdp_epsilon(mu_low, delta=delta) if covered else 0.0,
         epsilon_estimate=gdp_epsilon(mu_hat, delta=delta) if math.isfinite(mu_hat) else math.inf,
         mu_lower_bound=mu_low,
         mu_estimate=mu_hat,
