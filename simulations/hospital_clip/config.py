@@ -345,6 +345,11 @@ class SimulationConfig:
 
     def _check_deployment(self) -> None:
         nodes = self.site_node_map()
+        if not self.manifest and not self.audit_manifest and self.idia_queries > self.query_images_per_patient:
+            raise ValueError(
+                f"idia-queries: {self.idia_queries} query images per person, but the generated data has "
+                f"query-images-per-patient = {self.query_images_per_patient}; raise it or lower idia-queries"
+            )
         if self.audit_manifest and not Path(self.audit_manifest).is_file():
             raise ValueError(f"audit-manifest: file not found: {self.audit_manifest}")
         if self.canary_file and not Path(self.canary_file).is_file():

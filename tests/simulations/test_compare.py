@@ -301,6 +301,7 @@ def test_every_shipped_comparison_config_plans_valid_runs():
     assert {f.name for f in files} >= {
         "default.toml",
         "audits.toml",
+        "audits_tight.toml",
         "input_level.toml",
         "nonprivate_like_dp.toml",
         "many_sites.toml",

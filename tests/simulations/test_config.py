@@ -42,6 +42,7 @@ def test_nonprivate_config_is_valid_and_nonprivate():
         ({"attack-replies": "last"}, "attack-replies: expected one of"),
         ({"identity-strength": 3.0}, "identity_strength: expected a weight in \\(0, 2\\]"),
         ({"idia-tau": 9}, "idia tau"),
+        ({"idia-queries": 30}, "idia-queries: 30 query images per person, .* query-images-per-patient = 5"),
         ({"manifest": "/no/such/file.csv"}, "manifest: file not found"),
         ({"trainable": "last-0"}, "trainable"),
         ({"client-dp-epsilon": 2.0}, "client-dp-epsilon: .* budget = inf"),  # default budget is finite
@@ -77,6 +78,16 @@ def test_small_preset_is_small_and_valid():
     """The test preset stays a quick run: few patients, few rounds, and every key a real one."""
     cfg = SimulationConfig.from_run_config({**default_run_config(), **parse_run_config(str(APP_DIR / "small.toml"))})
     assert cfg.num_sites * cfg.patients_per_site <= 40 and cfg.num_rounds <= 3
+
+
+def test_the_published_idia_preset_is_the_papers_and_valid_with_any_config():
+    """Hintersdorf et al.'s settings: 21 templates, 30 query images, tau 1, on the default or small data."""
+    published = parse_run_config(str(APP_DIR / "idia_published.toml"))
+    for base in ({}, parse_run_config(str(APP_DIR / "small.toml"))):
+        cfg = SimulationConfig.from_run_config({**default_run_config(), **base, **published})
+        idia = cfg.idia()
+        assert len(idia.templates) == 21 and len(set(idia.templates)) == 21 and "a photo of {name}" in idia.templates
+        assert idia.num_queries == 30 == cfg.query_images_per_patient and idia.tau == 1
 
 
 def test_backend_config_merges_client_resources():
