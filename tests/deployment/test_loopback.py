@@ -103,18 +103,13 @@ def _two_rounds_at_two_hospitals(
     return out
 
 
-def test_two_hospitals_train_two_rounds_on_the_deployment_runtime(federation, hospital_data, tmp_path):
-    """hospital_0 runs a site worker, hospital_1 answers in each message's own ClientApp process."""
-    federation.superlink()
-    _two_rounds_at_two_hospitals(federation, hospital_data, tmp_path, worker_at=(0,))
-
-
 def test_with_tls_and_supernode_authentication_across_machines(hospital_data, tmp_path):
     """As a consortium across machines: the coordinator's SuperLink bound to one address (127.0.0.2,
     standing for the coordinator's host: ``--host``) and unreachable elsewhere, the hospitals and the
     operator dialling it under TLS with a certificate that names it, SuperNode authentication
     turning an unregistered node away; a certificate from the same authority naming another host
-    is refused at the handshake."""
+    is refused at the handshake. hospital_0 runs a site worker, hospital_1 answers in each message's
+    own ClientApp process (both ways a hospital runs, in one federation)."""
     certs = make_certificates(
         tmp_path / "certs",
         ("hospital_0", "hospital_1", "intruder"),
@@ -137,6 +132,7 @@ def test_with_tls_and_supernode_authentication_across_machines(hospital_data, tm
             tmp_path,
             keys=("hospital_0", "hospital_1"),
             site_nodes=",".join(f"{s}={n}" for s, n in nodes.items()),
+            worker_at=(0,),
         )
         assert json.loads((out / "config.json").read_text())["site-nodes"].count("=") == 2
         assert _flwr_ls(fed).returncode == 0
