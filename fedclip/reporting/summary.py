@@ -160,7 +160,13 @@ def contradictions(attack: pd.DataFrame) -> list[str]:
             *(
                 f"**WARNING: round {r.round}: the {r.attack} audit certifies epsilon >= {r.certified:.3f}, above "
                 f"the accountant's {r.max_site_epsilon:.3f}: the mechanism is less private than the ledger says "
-                "(or, with 5% probability over the whole run, the audit is wrong).**"
+                "(or, with 5% probability over the whole run, the audit is wrong"
+                + (
+                    ", or the canaries' scores are far from the Gaussian pair the bound assumes: see normality_p"
+                    if r.certified > r.audited_epsilon
+                    else ""
+                )
+                + ").**"
                 for r in bad.itertuples()
             ),
         ]
