@@ -158,35 +158,14 @@ def _flwr_ls(fed: Federation) -> subprocess.CompletedProcess:
     )
 
 
-def test_a_hospitals_policy_refusal_makes_the_operators_command_fail_naming_the_hospital(
+def test_a_refusal_and_a_broken_manifest_fail_the_operators_command_naming_each_hospital(
     federation, hospital_data, tmp_path
 ):
-    """hospital_1 caps a run at epsilon 0.01: it refuses round 1, the run fails, and ``fedclip job``
-    exits 1 with the hospital and its rule (``flwr run --stream`` alone exits 0)."""
-    federation.superlink()
-    logs = []
-    for k in range(2):
-        policy = " max-epsilon-run=0.01" if k == 1 else ""
-        site = site_node_config(f"hospital_{k}", hospital_data, tmp_path / f"state_{k}") + policy
-        logs.append(federation.supernode(f"hospital_{k}", site))
-    done = federation.run(run_config(tmp_path / "run.toml", hospital_data, out=tmp_path / "out"))
-    assert done.returncode == 1, done.stdout[-3000:] + done.stderr[-3000:]
-    last = done.stderr.strip().splitlines()[-1]
-    assert last.startswith("fedclip job: run ") and "hospital_1 refused" in last and "max-epsilon-run" in last, last
-    # each hospital's log states its policy as the run started: hospital_0 set none and is capped at 10
-    assert "hospital_0's privacy policy: " in logs[0].read_text(errors="replace")
-    assert "max-epsilon-run=10 (default) max-epsilon-total=10 (default)" in logs[0].read_text(errors="replace")
-    assert "max-epsilon-run=0.01 max-epsilon-total=10 (default)" in logs[1].read_text(errors="replace")
-    (out,) = list((tmp_path / "out").iterdir())
-    assert _fedclip("status", str(out)).returncode == 1
-
-
-def test_a_hospitals_broken_manifest_fails_the_operators_command_with_the_line_and_no_path(
-    federation, hospital_data, tmp_path
-):
-    """hospital_1's manifest names an image that is not there: the run fails, and ``fedclip job``
-    exits 1 naming the hospital, the manifest line and the kind of problem, never the hospital's
-    paths or file names; the hospital's own errors.log has the detail."""
+    """hospital_0 caps a run at epsilon 0.01 and refuses round 1; hospital_1's manifest names an
+    image that is not there. The run fails, and ``fedclip job`` exits 1 (``flwr run --stream``
+    alone exits 0) naming each hospital: hospital_0 with its rule, hospital_1 with the manifest line
+    and the kind of problem, never the hospital's paths or file names (its own errors.log has the
+    detail). One federation for both: each is a hospital's answer to the same round."""
     broken = tmp_path / "hospital_1" / "manifest.csv"
     broken.parent.mkdir()
     rows = pd.read_csv(hospital_data["hospital_1"], keep_default_na=False)
@@ -197,17 +176,27 @@ def test_a_hospitals_broken_manifest_fails_the_operators_command_with_the_line_a
         if image.name != "manifest.csv":
             (broken.parent / image.name).symlink_to(image)
     federation.superlink()
+    logs = []
     for k in range(2):
+        policy = " max-epsilon-run=0.01" if k == 0 else ""
         data = {**hospital_data, "hospital_1": broken}
-        federation.supernode(f"hospital_{k}", site_node_config(f"hospital_{k}", data, tmp_path / f"state_{k}"))
+        site = site_node_config(f"hospital_{k}", data, tmp_path / f"state_{k}") + policy
+        logs.append(federation.supernode(f"hospital_{k}", site))
     done = federation.run(run_config(tmp_path / "run.toml", hospital_data, out=tmp_path / "out"))
     assert done.returncode == 1, done.stdout[-3000:] + done.stderr[-3000:]
     last = done.stderr.strip().splitlines()[-1]
-    assert last.startswith("fedclip job: run ") and "hospital_1" in last and "line 4" in last, last
+    assert last.startswith("fedclip job: run ") and "hospital_0 refused" in last and "max-epsilon-run" in last, last
+    assert "hospital_1" in last and "line 4" in last, last
     seen = done.stdout + done.stderr
     leaks = [line for line in seen.splitlines() if secret in line or str(broken.parent) in line]
     assert not leaks, leaks
     assert secret in (tmp_path / "state_1" / "errors.log").read_text()  # the detail stays at the hospital
+    # each hospital's log states its policy as the run started: hospital_1 set none and is capped at 10
+    assert "hospital_1's privacy policy: " in logs[1].read_text(errors="replace")
+    assert "max-epsilon-run=10 (default) max-epsilon-total=10 (default)" in logs[1].read_text(errors="replace")
+    assert "max-epsilon-run=0.01 max-epsilon-total=10 (default)" in logs[0].read_text(errors="replace")
+    (out,) = list((tmp_path / "out").iterdir())
+    assert _fedclip("status", str(out)).returncode == 1
 
 
 def test_two_hospitals_run_distributed_dp_over_secure_aggregation_on_the_deployment_runtime(
