@@ -12,7 +12,11 @@ audit then compares the two Gaussians instead of counting guesses.
 The contract (docs/privacy.md, "Audits"):
 
 * **Model.** Scores of included canaries ~ N(m1, s1^2), of excluded ones ~ N(m0, s0^2),
-  independent across canaries (each canary is its own coordinate, with its own noise).
+  independent across canaries (each canary is its own coordinate, with its own noise). Canaries
+  differ (their coordinates drift and scale differently), so the two samples are draws from the
+  mixtures over canaries of each one's (in, out) pair; the hockey-stick divergence is jointly
+  convex, so the mixtures' divergence is at most the average canary's: a mixture pair above delta
+  means some canary's pair is, and the mechanism is not (eps, delta)-DP for that canary.
 * **Theorem.** For two Gaussians with a common standard deviation s and means mu * s apart, the
   hockey-stick divergence is delta(eps) = Phi(-eps/mu + mu/2) - e^eps Phi(-eps/mu - mu/2)
   (Balle and Wang 2018, Theorem 8; Dong, Roth and Su 2022, Corollary 2.13: mu-GDP). A mechanism
