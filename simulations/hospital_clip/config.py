@@ -200,6 +200,7 @@ class SimulationConfig:
         if self.manifest and not Path(self.manifest).is_file():
             raise ValueError(f"manifest: file not found: {self.manifest}")
         self.site_budget_map()
+        self._check_attacks()
         self._check_deployment()
         if self.dp_mode in INPUT_MODES:
             self._check_input_mode()
@@ -343,8 +344,8 @@ class SimulationConfig:
             raise ValueError(f"site-nodes: one node id is mapped to two sites in {self.site_nodes!r}")
         return out
 
-    def _check_deployment(self) -> None:
-        nodes = self.site_node_map()
+    def _check_attacks(self) -> None:
+        """The attack and audit keys, checked before any data is made or Ray starts."""
         if not self.manifest and not self.audit_manifest and self.idia_queries > self.query_images_per_patient:
             raise ValueError(
                 f"idia-queries: {self.idia_queries} query images per person, but the generated data has "
@@ -363,6 +364,9 @@ class SimulationConfig:
                 "gradient-canaries: simulation only (a hospital would have to run the auditor's canaries "
                 "in its own training); audit a deployment with data canaries (canary-file)"
             )
+
+    def _check_deployment(self) -> None:
+        nodes = self.site_node_map()
         if not self.deployment:
             if nodes:
                 raise ValueError("site-nodes: only meaningful in a deployment; declare the sites with 'sites' too")
