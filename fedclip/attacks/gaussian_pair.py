@@ -82,44 +82,71 @@ class GaussianPairAudit:
     normality_p: float
 
 
+@dataclass(frozen=True)
+class GaussianPair:
+    """The two sides' sample statistics, computed once; ``audit`` certifies them at any confidence."""
+
+    n1: int
+    n0: int
+    v1: float
+    v0: float
+    gap: float
+    normality_p: float
+
+    @classmethod
+    def from_scores(cls, scores: np.ndarray, included: np.ndarray) -> GaussianPair:
+        scores, included = np.asarray(scores, dtype=float), np.asarray(included, dtype=bool)
+        if scores.shape != included.shape or scores.ndim != 1:
+            raise ValueError(
+                f"gaussian-pair audit: scores and inclusion must be vectors of one length, got {scores.shape}, "
+                f"{included.shape}"
+            )
+        inside, outside = scores[included], scores[~included]
+        if min(len(inside), len(outside)) < 8:
+            raise ValueError(
+                f"gaussian-pair audit: needs at least 8 included and 8 excluded canaries, "
+                f"got {len(inside)}, {len(outside)}"
+            )
+        # D'Agostino-Pearson needs 20 values a side to say anything
+        normality = (
+            min(float(stats.normaltest(side).pvalue) for side in (inside, outside))
+            if min(len(inside), len(outside)) >= 20
+            else math.nan
+        )
+        return cls(
+            n1=len(inside),
+            n0=len(outside),
+            v1=float(inside.var(ddof=1)),
+            v0=float(outside.var(ddof=1)),
+            gap=float(inside.mean() - outside.mean()),
+            normality_p=normality,
+        )
+
+    def audit(self, *, delta: float, confidence: float) -> GaussianPairAudit:
+        """The certified epsilon at ``delta`` and ``confidence`` (the module's contract)."""
+        if not 0 < confidence < 1:
+            raise ValueError(f"gaussian-pair audit: confidence must be in (0, 1), got {confidence}")
+        alpha, n1, n0, v1, v0 = 1 - confidence, self.n1, self.n0, self.v1, self.v0
+        se = math.sqrt(v1 / n1 + v0 / n0)
+        df = se**4 / ((v1 / n1) ** 2 / (n1 - 1) + (v0 / n0) ** 2 / (n0 - 1)) if se > 0 else n1 + n0 - 2  # Welch
+        gap_low = self.gap - float(stats.t.ppf(1 - alpha / 2, df)) * se
+        s_high = min(math.sqrt(v * (n - 1) / stats.chi2.ppf(alpha / 4, n - 1)) for v, n in ((v1, n1), (v0, n0)))
+        s_hat = math.sqrt(min(v1, v0))
+        mu_low = max(0.0, gap_low) / s_high if s_high > 0 else 0.0
+        mu_hat = max(0.0, self.gap) / s_hat if s_hat > 0 else 0.0
+        # delta_mu(mu^2/2) grows with mu: below this the unequal-spread argument says nothing (contract)
+        covered = mu_low > 0 and gdp_delta(mu_low, mu_low**2 / 2) >= delta
+        return GaussianPairAudit(
+            epsilon_lower_bound=gdp_epsilon(mu_low, delta=delta) if covered else 0.0,
+            epsilon_estimate=gdp_epsilon(mu_hat, delta=delta) if math.isfinite(mu_hat) else math.inf,
+            mu_lower_bound=mu_low,
+            mu_estimate=mu_hat,
+            normality_p=self.normality_p,
+        )
+
+
 def gaussian_pair_audit(
     scores: np.ndarray, included: np.ndarray, *, delta: float, confidence: float = 0.95
 ) -> GaussianPairAudit:
     """The audit of one score vector (higher: more likely included), at ``confidence``."""
-    scores, included = np.asarray(scores, dtype=float), np.asarray(included, dtype=bool)
-    if scores.shape != included.shape or scores.ndim != 1:
-        raise ValueError(
-            f"gaussian-pair audit: scores and inclusion must be vectors of one length, got {scores.shape}, "
-            f"{included.shape}"
-        )
-    if not 0 < confidence < 1:
-        raise ValueError(f"gaussian-pair audit: confidence must be in (0, 1), got {confidence}")
-    inside, outside = scores[included], scores[~included]
-    if min(len(inside), len(outside)) < 8:
-        raise ValueError(
-            f"gaussian-pair audit: needs at least 8 included and 8 excluded canaries, got {len(inside)}, {len(outside)}"
-        )
-    alpha = 1 - confidence
-    n1, n0 = len(inside), len(outside)
-    v1, v0 = inside.var(ddof=1), outside.var(ddof=1)
-    gap = inside.mean() - outside.mean()
-    se = math.sqrt(v1 / n1 + v0 / n0)
-    df = se**4 / ((v1 / n1) ** 2 / (n1 - 1) + (v0 / n0) ** 2 / (n0 - 1)) if se > 0 else n1 + n0 - 2  # Welch
-    gap_low = gap - float(stats.t.ppf(1 - alpha / 2, df)) * se
-    s_high = min(math.sqrt(v * (n - 1) / stats.chi2.ppf(alpha / 4, n - 1)) for v, n in ((v1, n1), (v0, n0)))
-    s_hat = math.sqrt(min(v1, v0))
-    mu_low = max(0.0, gap_low) / s_high if s_high > 0 else 0.0
-    mu_hat = max(0.0, gap) / s_hat if s_hat > 0 else 0.0
-    # D'Agostino-Pearson needs 20 values a side to say anything
-    normality = (
-        min(float(stats.normaltest(side).pvalue) for side in (inside, outside)) if min(n1, n0) >= 20 else math.nan
-    )
-    # delta_mu(mu^2/2) grows with mu: below this the unequal-spread argument says nothing (contract)
-    covered = mu_low > 0 and gdp_delta(mu_low, mu_low**2 / 2) >= delta
-    return GaussianPairAudit(
-        epsilon_lower_bound=gdp_epsilon(mu_low, delta=delta) if covered else 0.0,
-        epsilon_estimate=gdp_epsilon(mu_hat, delta=delta) if math.isfinite(mu_hat) else math.inf,
-        mu_lower_bound=mu_low,
-        mu_estimate=mu_hat,
-        normality_p=normality,
-    )
+    return GaussianPair.from_scores(scores, included).audit(delta=delta, confidence=confidence)

@@ -18,7 +18,7 @@ import pandas as pd
 from scipy import stats
 
 from fedclip.attacks.base import AttackDecisions
-from fedclip.attacks.gaussian_pair import gaussian_pair_audit
+from fedclip.attacks.gaussian_pair import GaussianPair
 from fedclip.attacks.one_run import audit_scores
 
 
@@ -153,12 +153,11 @@ def gaussian_columns(decisions: AttackDecisions, *, delta: float, confidence: fl
         return dict.fromkeys(GAUSSIAN_COLUMNS, float("nan"))
     frame = decisions.frame
     scores, included = frame["score"].to_numpy(), frame["is_member"].to_numpy()
-    audit = gaussian_pair_audit(scores, included, delta=delta, confidence=confidence)
+    pair = GaussianPair.from_scores(scores, included)
+    audit = pair.audit(delta=delta, confidence=confidence)
     return {
         "gaussian_epsilon": audit.epsilon_lower_bound,
-        "gaussian_epsilon_95": gaussian_pair_audit(
-            scores, included, delta=delta, confidence=ONE_TEST
-        ).epsilon_lower_bound,
+        "gaussian_epsilon_95": pair.audit(delta=delta, confidence=ONE_TEST).epsilon_lower_bound,
         "gaussian_epsilon_estimate": audit.epsilon_estimate,
         "gaussian_mu": audit.mu_lower_bound,
         "normality_p": audit.normality_p,
