@@ -195,7 +195,10 @@ class PrivacyBudgetStrategy(Strategy):
             self.store.charge(site, round_, self.planned_events(site), attempt=self._attempt)
         crash_point("charged", round_)
         if self.on_send is not None and messages:
-            self.on_send(round_, arrays)
+            try:
+                self.on_send(round_, arrays)
+            except Exception as exc:  # noqa: BLE001 - an observer must not stop a charged round from being sent
+                log(WARNING, "round %s: the send observer failed: %s", round_, exc)
         skipped = sorted(set(self.sites.values()) - {self.sites[n] for n in eligible})
         if skipped:
             log(INFO, "privacy budget: not selecting %s (next round would exceed the budget)", skipped)

@@ -19,7 +19,8 @@ consortium's replies, not one site's.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+import logging
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 import pandas as pd
@@ -44,6 +45,28 @@ class ReplyObserver(Protocol):
     def observe(self, round_: int, site: str, arrays: ArrayRecord) -> None: ...
 
     def decisions(self, round_: int) -> AttackDecisions | None: ...
+
+
+def observe_each(
+    observers: Sequence[ReplyObserver],
+) -> tuple[Callable[[int, str, ArrayRecord], None], Callable[[int, ArrayRecord], None]]:
+    """The strategy's ``on_reply`` and ``on_send`` for several observers: each observer is guarded
+    on its own, so one that fails (logged) never keeps the others from seeing the arrays."""
+
+    def each(call: Callable[[ReplyObserver], None], what: str) -> None:
+        for observer in observers:
+            try:
+                call(observer)
+            except Exception as exc:  # noqa: BLE001 - an audit's failure must not blind the others
+                logging.getLogger("flwr").warning("%s failed on %s: %s", observer.name, what, exc)
+
+    def on_reply(round_: int, site: str, arrays: ArrayRecord) -> None:
+        each(lambda o: o.observe(round_, site, arrays), f"round {round_}'s reply from {site}")
+
+    def on_send(round_: int, arrays: ArrayRecord) -> None:
+        each(lambda o: o.sent(round_, arrays), f"round {round_}'s sent arrays")
+
+    return on_reply, on_send
 
 
 class ReplyAttack:

@@ -17,11 +17,12 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import pandas as pd
 import torch
 from flwr.app import ArrayRecord, MetricRecord
 
 from fedclip.attacks.base import Attack, AttackDecisions
-from fedclip.attacks.metrics import attack_tables, score_rows
+from fedclip.attacks.metrics import attack_tables, certified_bounds, score_rows
 from fedclip.attacks.one_run import run_confidences
 from fedclip.attacks.replies import ReplyObserver
 from fedclip.data.tensors import PairData
@@ -145,9 +146,7 @@ class RoundEvaluator:
         self.files.append("attack_sites", sites)
         self.files.append("attack_scores", score_rows(decisions, round_=round_))
         if m["audited_epsilon"] == m["audited_epsilon"]:  # a one-run audit (canaries): its bound is the valid one
-            certified = max(
-                m["audited_epsilon"], m["gaussian_epsilon"] if m["gaussian_epsilon"] == m["gaussian_epsilon"] else 0
-            )
+            certified = float(certified_bounds(pd.DataFrame([m])).iloc[0])
             gaussian = (
                 f", Gaussian pair >= {m['gaussian_epsilon']:.2f}"
                 if m["gaussian_epsilon"] == m["gaussian_epsilon"]

@@ -33,7 +33,7 @@ from fedclip.attacks.gradient_canaries import (
     canaries_to_wire,
     draw_dirac_canaries,
 )
-from fedclip.attacks.replies import ReplyAttack, ReplyObserver, reply_rounds
+from fedclip.attacks.replies import ReplyAttack, ReplyObserver, observe_each, reply_rounds
 from fedclip.attacks.suite import target_attacks
 from fedclip.data.canaries import CANARY_FILE, load_canaries
 from fedclip.data.manifest import load_manifest
@@ -546,14 +546,7 @@ def make_strategy(
     if not replies:
         return PrivacyBudgetStrategy(inner, **budget_kwargs)
 
-    def on_reply(round_: int, site: str, arrays: ArrayRecord) -> None:
-        for observer in replies:
-            observer.observe(round_, site, arrays)
-
-    def on_send(round_: int, arrays: ArrayRecord) -> None:
-        for observer in replies:
-            observer.sent(round_, arrays)
-
+    on_reply, on_send = observe_each(replies)
     return PrivacyBudgetStrategy(inner, on_reply=on_reply, on_send=on_send, **budget_kwargs)
 
 

@@ -6,7 +6,7 @@ import torch
 from flwr.app import ArrayRecord
 
 from fedclip.attacks.base import AttackDecisions
-from fedclip.attacks.replies import ReplyAttack, reply_rounds
+from fedclip.attacks.replies import ReplyAttack, observe_each, reply_rounds
 
 TARGETS = pd.DataFrame(
     {"target": ["p0", "p1", "p2", "p3"], "site": ["s1", "s2", "", ""], "is_member": [True, True, False, False]}
@@ -85,3 +85,32 @@ def test_replies_attacked_with_other_targets_are_refused():
     attack.observe(1, "s2", _reply(1.0, 1.0, 1.0, 1.0))
     with pytest.raises(ValueError, match="other targets"):
         attack.decisions(1)
+
+
+def test_an_observer_that_fails_does_not_keep_the_others_from_seeing_the_arrays(caplog):
+    class Recorder:
+        def __init__(self, name: str, *, fails: bool) -> None:
+            self.name, self.fails, self.seen = name, fails, []
+
+        def sent(self, round_, arrays):
+            self._see(("sent", round_))
+
+        def observe(self, round_, site, arrays):
+            self._see(("reply", round_, site))
+
+        def decisions(self, round_):
+            return None
+
+        def _see(self, what):
+            if self.fails:
+                raise RuntimeError("disk full")
+            self.seen.append(what)
+
+    broken, working = Recorder("broken-audit", fails=True), Recorder("working-audit", fails=False)
+    on_reply, on_send = observe_each([broken, working])
+    arrays = ArrayRecord({"w": torch.zeros(2)})
+    with caplog.at_level("WARNING", logger="flwr"):
+        on_send(3, arrays)
+        on_reply(3, "hospital_a", arrays)
+    assert working.seen == [("sent", 3), ("reply", 3, "hospital_a")]
+    assert "broken-audit failed on round 3's reply from hospital_a: disk full" in caplog.text

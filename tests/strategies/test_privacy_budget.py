@@ -268,3 +268,21 @@ def test_an_observer_that_fails_on_a_reply_does_not_keep_the_round_from_settling
     arrays, _ = strategy.aggregate_train(1, [_reply(m, 3.0) for m in messages])
     np.testing.assert_allclose(arrays.to_numpy_ndarrays()[0], np.full(3, 3.0))
     assert {row["status"] for row in store.rows()} == {"confirmed"}
+
+
+def test_a_send_observer_that_fails_does_not_keep_a_charged_round_from_being_sent(tmp_path):
+    def fails(round_, arrays):
+        raise RuntimeError("canary secret unreadable")
+
+    store = LedgerStore(tmp_path / "ledger.sqlite", delta=1e-5)
+    strategy = PrivacyBudgetStrategy(
+        make_inner_strategy("fedavg"),
+        store=store,
+        sites=SITES,
+        budget=lambda s: math.inf,
+        planned_events=lambda site: (EVENT,),
+        on_send=fails,
+    )
+    messages = list(strategy.configure_train(1, _arrays(0.0), ConfigRecord(), StubGrid(SITES)))
+    assert len(messages) == len(SITES)
+    assert {row["status"] for row in store.rows()} == {"pending"}
