@@ -1,4 +1,4 @@
-"""Likelihood-ratio membership attacks on records and on patients, scored against the base model.
+"""Likelihood-ratio membership attacks on records and on patients, against the base model or reference models.
 
 A likelihood-ratio attack (LiRA, Carlini et al., S&P 2022) asks how much more likely the model
 makes a target than models that never saw it. Its offline form needs only such "out" models; the
@@ -9,10 +9,18 @@ al. 2022, Mattern et al. 2023). The score of a target is
 
     log p(target | model)  -  log p(target | base model),
 
-which removes how easy each target is to begin with. Shadow models fine-tuned on the public
-population would also remove what fine-tuning does to every target alike; they cost a training
-run each, and with one reference the ranking of targets, hence AUC and TPR at any FPR, is the same
-as RMIA's (Zarifzadeh et al. 2024) for any population (its score is monotone in this ratio).
+which removes how easy each target is to begin with. With reference models
+(``fedclip.attacks.reference_models``: the run's recipe on the public population, so every one is
+"out" for every target; ``add_reference``), the score is LiRA's offline test with a fixed variance
+(Carlini et al., Section VI-C, the variant for few reference models):
+
+    (log p(target | model) - mean_k log p(target | reference k)) / s,
+
+s the reference models' spread about each target's mean, pooled over targets (a per-target
+variance needs dozens of reference models). This also removes what fine-tuning does to every
+target alike. RMIA (Zarifzadeh et al. 2024) offline ranks targets by p(target | model) over the
+references' (adjusted) mean probability, against a population; with few references its ranking,
+hence AUC and TPR at any FPR, is close to this one, and with the base model alone it is the same.
 
 - **Records** (``lira-record``): the attacker holds an exact (image, report) pair. p is the
   softmax probability of the pair's own report among all targets' reports given the image.
@@ -28,7 +36,9 @@ indicative bound a common form with IDIA.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
+from typing import Self
 
 import numpy as np
 import pandas as pd
@@ -74,6 +84,27 @@ def name_log_probs(
         log_p = logits.gather(1, truth[:, None]).squeeze(1) - torch.logsumexp(logits, dim=1)
         total += log_p.view(people, n).mean(dim=1).cpu().numpy()
     return total / len(templates)
+
+
+class _Reference:
+    """Each target's "out" scores: the base model's, then the reference models' as they are added."""
+
+    def __init__(self, base: np.ndarray) -> None:
+        self.base, self.out = base, []
+
+    def add(self, scores: np.ndarray) -> None:
+        self.out.append(scores)
+
+    def score(self, observed: np.ndarray) -> np.ndarray:
+        """Offline LiRA with a fixed variance; with no reference model, the ratio to the base model."""
+        if not self.out:
+            return observed - self.base
+        out = np.stack(self.out)
+        mean = out.mean(axis=0)
+        if len(out) < 2:
+            return observed - mean
+        spread = float(np.sqrt(out.var(axis=0, ddof=1).mean()))
+        return (observed - mean) / spread if spread > 0 else observed - mean
 
 
 def _decisions(attack: str, *, targets, sites, is_member: np.ndarray, score: np.ndarray) -> AttackDecisions:
@@ -125,10 +156,20 @@ class RecordLikelihoodRatio:
         self.sites = tuple(str(s) if m else "" for s, m in zip(rows["site"], self.is_member))
         self.images = load_images(rows, preprocess=preprocess)
         self.tokens = tokenizer(list(rows["title"]))
-        self.reference = report_log_probs(reference, self.images, self.tokens)
+        self.reference = _Reference(report_log_probs(reference, self.images, self.tokens))
+
+    def add_reference(self, model: torch.nn.Module) -> None:
+        """One more reference model that never saw a target (``fedclip.attacks.reference_models``)."""
+        self.reference.add(report_log_probs(model, self.images, self.tokens))
+
+    def sibling(self) -> Self:
+        """The same attack on the same targets, collecting its own reference models (the replies' view)."""
+        twin = copy.copy(self)
+        twin.reference = _Reference(self.reference.base)
+        return twin
 
     def __call__(self, model: torch.nn.Module) -> AttackDecisions:
-        score = report_log_probs(model, self.images, self.tokens) - self.reference
+        score = self.reference.score(report_log_probs(model, self.images, self.tokens))
         return _decisions(self.name, targets=self.ids, sites=self.sites, is_member=self.is_member, score=score)
 
 
@@ -146,7 +187,17 @@ class PatientLikelihoodRatio:
         config: IdiaConfig,
     ):
         self.targets, self.tokenizer, self.templates = targets, tokenizer, config.templates
-        self.reference = self._log_probs(reference)
+        self.reference = _Reference(self._log_probs(reference))
+
+    def add_reference(self, model: torch.nn.Module) -> None:
+        """One more reference model that never saw a target (``fedclip.attacks.reference_models``)."""
+        self.reference.add(self._log_probs(model))
+
+    def sibling(self) -> Self:
+        """The same attack on the same targets, collecting its own reference models (the replies' view)."""
+        twin = copy.copy(self)
+        twin.reference = _Reference(self.reference.base)
+        return twin
 
     def _log_probs(self, model: torch.nn.Module) -> np.ndarray:
         return name_log_probs(model, self.targets, tokenizer=self.tokenizer, templates=self.templates)
@@ -158,5 +209,5 @@ class PatientLikelihoodRatio:
             targets=t.patient_ids,
             sites=t.sites,
             is_member=t.is_member,
-            score=self._log_probs(model) - self.reference,
+            score=self.reference.score(self._log_probs(model)),
         )

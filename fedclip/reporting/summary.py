@@ -176,12 +176,13 @@ def contradictions(attack: pd.DataFrame) -> list[str]:
 
 
 AUDIT_TEXT = (
-    "Attacks: **idia** (names and other photos of each person, Hintersdorf et al.); **idia-replies** (the same "
-    "attack on each site's reply before averaging, the server's view: a person is a member if any site's reply names "
-    "them); **lira-patient** and "
-    "**lira-record** (likelihood-ratio attacks with the base model as the reference that never saw a target: on a "
-    "person's name given other photos, and on an exact training pair against held-out pairs; read their AUC and TPR "
-    "at 1% FPR); **canary** (canary patients, each "
+    "Attacks: **idia** (names and other photos of each person, Hintersdorf et al.); **idia-replies** and "
+    "**lira-patient-replies** (the same attacks on each site's reply before averaging, the server's view: a person "
+    "is a member if any site's reply names them, scored by the highest); **lira-patient** and "
+    "**lira-record** (likelihood-ratio attacks against models that never saw a target: the base model, or with "
+    "`lira-references` the attacker's reference models trained the run's way on the public population (offline "
+    "LiRA); on a person's name given other photos, and on an exact training pair against held-out pairs; read "
+    "their AUC and TPR at 1% and 0.1% FPR); **canary** (canary patients, each "
     "trained with probability 1/2 by the auditor's secret, scored by their own reports' likelihood against the base "
     "model); **gradient-canary** (Dirac gradient canaries inserted as units at the sites, scored by how far the "
     "global model moved down their coordinate: a white-box audit of the mechanism). The *audited epsilon* of a "

@@ -39,7 +39,12 @@ METRICS = (
     "replies_gaussian_epsilon",  # the gradient canaries on the sites' replies, final round: Gaussian pair at 95%
     "replies_gaussian_estimate",
     "lira_patient_tpr_at_01pct_fpr",
+    "lira_patient_auc",
+    "lira_patient_replies_auc",
+    "lira_patient_replies_tpr_at_1pct_fpr",
+    "patient_tpr_at_01pct_fpr",  # the strongest attack on people (global model or replies), final round
 )
+PATIENT_ATTACKS = ("idia", "idia-replies", "lira-patient", "lira-patient-replies")
 
 
 def final_attacks(attack: pd.DataFrame) -> dict[str, float]:
@@ -70,6 +75,13 @@ def final_attacks(attack: pd.DataFrame) -> dict[str, float]:
         "replies_gaussian_epsilon": value("gradient-canary-replies", "gaussian_epsilon_95"),
         "replies_gaussian_estimate": value("gradient-canary-replies", "gaussian_epsilon_estimate"),
         "lira_patient_tpr_at_01pct_fpr": value("lira-patient", "tpr_at_0.1pct_fpr"),
+        "lira_patient_auc": value("lira-patient", "auc"),
+        "lira_patient_replies_auc": value("lira-patient-replies", "auc"),
+        "lira_patient_replies_tpr_at_1pct_fpr": value("lira-patient-replies", "tpr_at_1pct_fpr"),
+        "patient_tpr_at_01pct_fpr": max(
+            (v for v in (value(a, "tpr_at_0.1pct_fpr") for a in PATIENT_ATTACKS) if not math.isnan(v)),
+            default=math.nan,
+        ),
     }
 
 
@@ -246,9 +258,11 @@ def markdown_table(agg: pd.DataFrame) -> str:
         "zero-shot acc | IDIA TPR | IDIA FPR | IDIA indicative eps bound | IDIA on the sites' replies: TPR / FPR | "
         "TPR at 1% FPR: IDIA / LiRA patient / LiRA record / canary | LiRA record AUC | "
         "audited eps: canary / gradient canary (certified) | "
-        "gradient canaries on the replies, Gaussian pair: certified (95%, final round) / estimate | seeds |"
+        "gradient canaries on the replies, Gaussian pair: certified (95%, final round) / estimate | "
+        "LiRA patient: AUC global / replies, TPR at 1% FPR on the replies | "
+        "people: strongest attack's TPR at 0.1% FPR | seeds |"
     )
-    lines = [head, "|" + "---|" * 18]
+    lines = [head, "|" + "---|" * 20]
     for r in agg.itertuples():
         pm = lambda m: _mean_spread(getattr(r, m + "_mean"), getattr(r, m + "_std"))  # noqa: E731
         site_noise = (
@@ -267,7 +281,9 @@ def markdown_table(agg: pd.DataFrame) -> str:
             f"{_pair(r, 'idia_tpr_at_1pct_fpr', 'lira_patient_tpr_at_1pct_fpr', 'lira_record_tpr_at_1pct_fpr', 'canary_tpr_at_1pct_fpr')} | "
             f"{_pair(r, 'lira_record_auc')} | "
             f"{_pair(r, 'canary_audited_epsilon', 'gradient_canary_audited_epsilon')} | "
-            f"{_pair(r, 'replies_gaussian_epsilon', 'replies_gaussian_estimate')} | {r.seeds} |"
+            f"{_pair(r, 'replies_gaussian_epsilon', 'replies_gaussian_estimate')} | "
+            f"{_pair(r, 'lira_patient_auc', 'lira_patient_replies_auc', 'lira_patient_replies_tpr_at_1pct_fpr')} | "
+            f"{_pair(r, 'patient_tpr_at_01pct_fpr')} | {r.seeds} |"
         )
     return "\n".join(lines) + "\n"
 

@@ -136,6 +136,8 @@ class SimulationConfig:
     # likelihood-ratio attacks (fedclip.attacks.likelihood_ratio), beside IDIA on the same targets
     lira: bool = True
     lira_records: int = 500  # member and non-member records each, sampled from the auditor's manifest
+    # the attacker's reference models (fedclip.attacks.reference_models): 0 = the base model alone
+    lira_references: int = 0
 
     def __post_init__(self) -> None:
         for key, allowed in (
@@ -357,6 +359,20 @@ class SimulationConfig:
             raise ValueError(f"canary-file: file not found: {self.canary_file}")
         if self.lira_records < 1:
             raise ValueError(f"lira-records: expected an integer >= 1 records per side, got {self.lira_records}")
+        if self.lira_references < 0:
+            raise ValueError(
+                f"lira-references: expected an integer >= 0 reference models (0: the base model), got {self.lira_references}"
+            )
+        if self.lira_references and self.dp_mode == "distributed":
+            raise ValueError(
+                "lira-references: a reference model repeats one site's local training, and dp-mode distributed "
+                "has none (each round is one DP-SGD step over every site); set lira-references = 0"
+            )
+        if self.lira_references and self.deployment:
+            raise ValueError(
+                "lira-references: simulation only (the server trains them on the generated public population); "
+                "an auditor of a deployment attacks the saved models with fedclip audit"
+            )
         if self.gradient_canaries < 0:
             raise ValueError(f"gradient-canaries: expected an integer >= 0 per site, got {self.gradient_canaries}")
         if self.gradient_canaries and self.deployment:

@@ -33,6 +33,7 @@ from fedclip.attacks.gradient_canaries import (
     canaries_to_wire,
     draw_dirac_canaries,
 )
+from fedclip.attacks.reference_models import reference_models
 from fedclip.attacks.replies import ReplyAttack, ReplyObserver, observe_each, reply_rounds
 from fedclip.attacks.suite import target_attacks
 from fedclip.data.canaries import CANARY_FILE, load_canaries
@@ -649,21 +650,62 @@ def report(cfg: SimulationConfig, folder: RunFolder, prep: Prepared, *, failure:
     return summary
 
 
+def add_reference_models(
+    cfg: SimulationConfig, prep: Prepared, bundle, *, on_model: Sequence[Attack], on_replies: Sequence[Attack]
+) -> None:
+    """With ``lira-references`` > 0, the attacker's shadow federations (``fedclip.attacks.reference_models``:
+    the run's recipe on the public population), scored by every likelihood-ratio attack of the view
+    each reference stands for (the global model, or a site's reply) and dropped."""
+    views = {
+        "global": [a for a in on_model if hasattr(a, "add_reference")],
+        "reply": [a for a in on_replies if hasattr(a, "add_reference")],
+    }
+    if not cfg.lira_references or not (views["global"] or views["reply"]):
+        return
+    frame = load_manifest(prep.manifest, allow_outside_paths=cfg.allow_outside_paths).frame
+    public = load_pairs(
+        frame[frame["split"] == str(Split.PUBLIC)], preprocess=bundle.preprocess, tokenizer=bundle.tokenizer
+    )
+    sites = len(prep.shape.units)
+    members = frame.loc[frame["split"] == str(Split.TRAIN), "patient_id"].nunique()
+    print(
+        f"lira: training {cfg.lira_references} reference models on the public population (shadow federations of "
+        f"{sites} sites x {cfg.num_rounds} rounds x {cfg.local_steps} steps: the run's training, each)",
+        flush=True,
+    )
+    for reference in reference_models(
+        bundle.model,
+        public,
+        count=cfg.lira_references,
+        sites=sites,
+        rounds=cfg.num_rounds,
+        patients=max(2, round(members / sites)),  # one site's size in patients
+        dp=cfg.dp(prep.sigma, declared_units=1),
+        train=cfg.train(),
+        seed=cfg.seed,
+    ):
+        for attack in views[reference.view]:
+            attack.add_reference(reference.model)
+
+
 def set_up_auditor(
     cfg: SimulationConfig, folder: RunFolder, prep: Prepared, bundle
 ) -> tuple[list[Attack], list[ReplyObserver], str]:
     """The auditor's attacks on the global model, its attacks on each reply (the server's view:
-    IDIA, and the gradient canaries), and the gradient canaries' plan for the sites ("" if none)."""
+    IDIA and the patient likelihood-ratio attack, and the gradient canaries), and the gradient
+    canaries' plan for the sites ("" if none)."""
     attacks = auditor_attacks(
         cfg, manifest=prep.manifest, model=bundle.model, preprocess=bundle.preprocess, tokenizer=bundle.tokenizer
     )
+    on_replies = (
+        [a.sibling() if hasattr(a, "sibling") else a for a in attacks if a.name in ("idia", "lira-patient")]
+        if cfg.attack_replies != "off"
+        else []
+    )
+    add_reference_models(cfg, prep, bundle, on_model=attacks, on_replies=on_replies)
+    when = reply_rounds(cfg.attack_replies, total_rounds=cfg.num_rounds)
+    replies: list[ReplyObserver] = [ReplyAttack(a, model=bundle.model, when=when) for a in on_replies]
     gradient = gradient_canary_audit(cfg, model=bundle.model, sites=tuple(prep.shape.units), state=folder.state)
-    idia = next((a for a in attacks if a.name == "idia"), None)
-    replies: list[ReplyObserver] = []
-    if idia is not None and cfg.attack_replies != "off":
-        replies.append(
-            ReplyAttack(idia, model=bundle.model, when=reply_rounds(cfg.attack_replies, total_rounds=cfg.num_rounds))
-        )
     if gradient is None:
         return attacks, replies, ""
     attacks.append(gradient[0])

@@ -387,3 +387,21 @@ def test_a_trainable_axis_is_validated_before_anything_runs():
         CompareConfig(trainable=("bias",), base={"trainable": "all"})
     with pytest.raises(ValueError, match="compare.trainable: expected distinct"):
         CompareConfig(trainable=("bias", "bias"))
+
+
+def test_the_strongest_attack_on_people_is_the_best_of_the_final_round_on_the_model_and_the_replies():
+    import pandas as pd
+
+    from simulations.compare.results import final_attacks
+
+    rows = [
+        {"round": 6, "attack": "idia", "tpr": 0.5, "tpr_at_0.1pct_fpr": 0.10, "auc": 0.7},
+        {"round": 6, "attack": "idia-replies", "tpr": 0.6, "tpr_at_0.1pct_fpr": 0.30, "auc": 0.8},
+        {"round": 6, "attack": "lira-patient", "tpr": 0.5, "tpr_at_0.1pct_fpr": 0.20, "auc": 0.9},
+        {"round": 6, "attack": "lira-record", "tpr": 0.9, "tpr_at_0.1pct_fpr": 0.90, "auc": 0.99},  # not people
+        {"round": 5, "attack": "lira-patient-replies", "tpr": 0.9, "tpr_at_0.1pct_fpr": 0.95, "auc": 0.99},  # earlier
+    ]
+    final = final_attacks(pd.DataFrame(rows))
+    assert final["patient_tpr_at_01pct_fpr"] == 0.30
+    assert final["lira_patient_auc"] == 0.9 and math.isnan(final["lira_patient_replies_auc"])
+    assert math.isnan(final_attacks(pd.DataFrame([{"round": 1, "attack": "canary"}]))["patient_tpr_at_01pct_fpr"])

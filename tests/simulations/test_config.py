@@ -44,6 +44,8 @@ def test_nonprivate_config_is_valid_and_nonprivate():
         ({"idia-tau": 9}, "idia tau"),
         ({"idia-queries": 30}, "idia-queries: 30 query images per person, .* query-images-per-patient = 5"),
         ({"manifest": "/no/such/file.csv"}, "manifest: file not found"),
+        ({"lira-references": -1}, "lira-references: expected an integer >= 0"),
+        ({"lira-references": 2, "dp-mode": "distributed", "secure-agg": True}, "lira-references: .*distributed"),
         ({"trainable": "last-0"}, "trainable"),
         ({"client-dp-epsilon": 2.0}, "client-dp-epsilon: .* budget = inf"),  # default budget is finite
         ({"client-dp-epsilon": 2.0, "budget": float("inf"), "fraction-train": 0.5}, "fraction-train = 1.0"),

@@ -138,10 +138,16 @@ def test_rounds_csv_composes_epsilon_per_site_across_rounds(run_dir):
 def test_attack_and_utility_rows_per_round(run_dir):
     out, _ = run_dir
     every, utility = pd.read_csv(out / "attack.csv"), pd.read_csv(out / "utility.csv")
-    assert sorted(set(every["attack"])) == ["idia", "idia-replies", "lira-patient", "lira-record"]
+    assert sorted(set(every["attack"])) == [
+        "idia",
+        "idia-replies",
+        "lira-patient",
+        "lira-patient-replies",
+        "lira-record",
+    ]
     for name, rows in every.groupby("attack"):
         # the sites' replies are attacked in each run's last round: round 1, then the resumed run's round 2
-        assert rows["round"].tolist() == ([1, 2] if name == "idia-replies" else [0, 1, 2]), name
+        assert rows["round"].tolist() == ([1, 2] if name.endswith("-replies") else [0, 1, 2]), name
     on_replies = every[every["attack"] == "idia-replies"]
     assert (on_replies["members"] == 12).all() and (on_replies["non_members"] == 8).all()
     scores = pd.read_csv(out / "attack_scores.csv")
