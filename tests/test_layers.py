@@ -18,7 +18,7 @@ BELOW = {
     "distributed": set(),
     "privacy": {"data", "distributed"},
     "training": {"data", "models", "privacy", "distributed"},
-    "attacks": {"data", "models", "privacy", "evaluation"},
+    "attacks": {"data", "models", "privacy", "evaluation", "training"},  # reference models train as a site does
     "reporting": {"data", "privacy", "evaluation", "attacks"},
     "privatize": {"data", "models", "privacy", "reporting"},
 }
