@@ -669,7 +669,8 @@ def add_reference_models(
     sites = len(prep.shape.units)
     members = frame.loc[frame["split"] == str(Split.TRAIN), "patient_id"].nunique()
     print(
-        f"lira: training {cfg.lira_references} reference models on the public population (shadow federations of "
+        f"lira: training {cfg.lira_references} reference model{'s' if cfg.lira_references > 1 else ''} on the public "
+        f"population (shadow federations of "
         f"{sites} sites x {cfg.num_rounds} rounds x {cfg.local_steps} steps: the run's training, each)",
         flush=True,
     )

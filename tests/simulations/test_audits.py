@@ -27,7 +27,7 @@ SELF_TEST = (
 )
 NONPRIVATE = (
     "dp-mode='nonprivate' privacy-unit='record' target-epsilon=0.0 trainable='all' lr=0.0005 budget=inf "
-    "canaries=64 gradient-canaries=128 num-rounds=3 local-steps=20 lira-references=2"
+    "canaries=64 gradient-canaries=128 num-rounds=3 local-steps=20"
 )
 
 
@@ -90,14 +90,13 @@ def test_an_honest_mechanism_is_never_audited_above_its_epsilon(tmp_path, cache)
 
 
 def test_a_nonprivate_run_is_audited_clearly_above_zero(tmp_path, cache):
-    done = _simulate(tmp_path / "nonprivate", cache, NONPRIVATE)
-    assert "lira: training 2 reference models on the public population" in done.stdout
+    _simulate(tmp_path / "nonprivate", cache, NONPRIVATE)
     audited = _audited(tmp_path / "nonprivate")
     final = audited[audited["round"] == audited["round"].max()].set_index("attack")
     assert final.loc["gradient-canary", "audited_epsilon"] > 1.0, final.to_string()
     assert final.loc["canary", "audited_epsilon"] > 0.2, final.to_string()
     assert final.loc["canary", "auc"] > 0.7
-    # the likelihood-ratio attack on records (two reference models) finds the training pairs
+    # the likelihood-ratio attack on records (base model as reference) finds the training pairs
     # (measured: AUC 0.83-0.88 after 3 rounds; its TPR at 1% FPR swings from 0.03 to 0.55 between runs
     # of this small test, too few non-members to assert on, so the test holds AUC and TPR - FPR)
     attack = pd.read_csv(tmp_path / "nonprivate" / "attack.csv")

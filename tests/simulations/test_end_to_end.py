@@ -39,15 +39,17 @@ def _simulate(out, cache, extra: str, env: dict | None = None) -> subprocess.Com
 def run_dir(tmp_path_factory):
     base = tmp_path_factory.mktemp("sim")
     out, cache = base / "run", base / "cache"
-    first = _simulate(out, cache, "num-rounds=1")
+    first = _simulate(out, cache, "num-rounds=1 lira-references=1")
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     (base / "first.stdout").write_text(first.stdout)  # the console, for test_the_console_*
     (base / "first.stderr").write_text(first.stderr)
     assert "round 1/1" in first.stdout
+    # the attacker's shadow federation (one), trained before round 1 and again on resuming
+    assert "lira: training 1 reference model on the public population (shadow federations of 2 sites" in first.stdout
     with sqlite3.connect(out / "state" / "ledger.sqlite") as db:
         after_first = db.execute("SELECT COUNT(*) FROM charges").fetchone()[0]
     # the resumed run as if on a terminal: a bar of rounds, and each site's local steps drawn by Ray
-    second = _simulate(out, cache, "num-rounds=2 resume=true", env={"FEDCLIP_PROGRESS": "1"})
+    second = _simulate(out, cache, "num-rounds=2 resume=true lira-references=1", env={"FEDCLIP_PROGRESS": "1"})
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     (base / "second.stderr").write_text(second.stderr)
     assert "resuming after round 1" in second.stdout and "round 2/2" in second.stdout
