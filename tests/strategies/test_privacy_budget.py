@@ -251,27 +251,11 @@ def test_the_reply_observer_sees_each_confirmed_reply_once_before_it_is_folded(t
     np.testing.assert_allclose(arrays.to_numpy_ndarrays()[0], np.full(3, 1.5))
 
 
-def test_an_observer_that_fails_on_a_reply_does_not_keep_the_round_from_settling(tmp_path):
-    def fails(round_, site, arrays):
+def test_observers_that_fail_keep_neither_the_charged_round_from_being_sent_nor_it_from_settling(tmp_path):
+    def fails_on_reply(round_, site, arrays):
         raise ValueError("arrays: weight has shape (2, 2), the model expects (1, 4)")
 
-    store = LedgerStore(tmp_path / "ledger.sqlite", delta=1e-5)
-    strategy = PrivacyBudgetStrategy(
-        make_inner_strategy("fedavg"),
-        store=store,
-        sites=SITES,
-        budget=lambda s: math.inf,
-        planned_events=lambda site: (EVENT,),
-        on_reply=fails,
-    )
-    messages = list(strategy.configure_train(1, _arrays(0.0), ConfigRecord(), StubGrid(SITES)))
-    arrays, _ = strategy.aggregate_train(1, [_reply(m, 3.0) for m in messages])
-    np.testing.assert_allclose(arrays.to_numpy_ndarrays()[0], np.full(3, 3.0))
-    assert {row["status"] for row in store.rows()} == {"confirmed"}
-
-
-def test_a_send_observer_that_fails_does_not_keep_a_charged_round_from_being_sent(tmp_path):
-    def fails(round_, arrays):
+    def fails_on_send(round_, arrays):
         raise RuntimeError("canary secret unreadable")
 
     store = LedgerStore(tmp_path / "ledger.sqlite", delta=1e-5)
@@ -281,8 +265,11 @@ def test_a_send_observer_that_fails_does_not_keep_a_charged_round_from_being_sen
         sites=SITES,
         budget=lambda s: math.inf,
         planned_events=lambda site: (EVENT,),
-        on_send=fails,
+        on_reply=fails_on_reply,
+        on_send=fails_on_send,
     )
     messages = list(strategy.configure_train(1, _arrays(0.0), ConfigRecord(), StubGrid(SITES)))
-    assert len(messages) == len(SITES)
-    assert {row["status"] for row in store.rows()} == {"pending"}
+    assert len(messages) == len(SITES) and {row["status"] for row in store.rows()} == {"pending"}
+    arrays, _ = strategy.aggregate_train(1, [_reply(m, 3.0) for m in messages])
+    np.testing.assert_allclose(arrays.to_numpy_ndarrays()[0], np.full(3, 3.0))
+    assert {row["status"] for row in store.rows()} == {"confirmed"}
