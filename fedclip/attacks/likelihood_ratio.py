@@ -107,6 +107,25 @@ class _Reference:
         return (observed - mean) / spread if spread > 0 else observed - mean
 
 
+class _ReferenceScored:
+    """What both attacks share: ``reference`` (a ``_Reference``) and ``_log_probs(model)``."""
+
+    reference: _Reference
+
+    def _log_probs(self, model: torch.nn.Module) -> np.ndarray:
+        raise NotImplementedError
+
+    def add_reference(self, model: torch.nn.Module) -> None:
+        """One more reference model that never saw a target (``fedclip.attacks.reference_models``)."""
+        self.reference.add(self._log_probs(model))
+
+    def sibling(self) -> Self:
+        """The same attack on the same targets, collecting its own reference models (the replies' view)."""
+        twin = copy.copy(self)
+        twin.reference = _Reference(self.reference.base)
+        return twin
+
+
 def _decisions(attack: str, *, targets, sites, is_member: np.ndarray, score: np.ndarray) -> AttackDecisions:
     frame = pd.DataFrame(
         {
@@ -120,7 +139,7 @@ def _decisions(attack: str, *, targets, sites, is_member: np.ndarray, score: np.
     return AttackDecisions(attack=attack, frame=frame)
 
 
-class RecordLikelihoodRatio:
+class RecordLikelihoodRatio(_ReferenceScored):
     """``attack(model)``: one decision and score per target record (image and report)."""
 
     name = "lira-record"
@@ -156,24 +175,17 @@ class RecordLikelihoodRatio:
         self.sites = tuple(str(s) if m else "" for s, m in zip(rows["site"], self.is_member))
         self.images = load_images(rows, preprocess=preprocess)
         self.tokens = tokenizer(list(rows["title"]))
-        self.reference = _Reference(report_log_probs(reference, self.images, self.tokens))
+        self.reference = _Reference(self._log_probs(reference))
 
-    def add_reference(self, model: torch.nn.Module) -> None:
-        """One more reference model that never saw a target (``fedclip.attacks.reference_models``)."""
-        self.reference.add(report_log_probs(model, self.images, self.tokens))
-
-    def sibling(self) -> Self:
-        """The same attack on the same targets, collecting its own reference models (the replies' view)."""
-        twin = copy.copy(self)
-        twin.reference = _Reference(self.reference.base)
-        return twin
+    def _log_probs(self, model: torch.nn.Module) -> np.ndarray:
+        return report_log_probs(model, self.images, self.tokens)
 
     def __call__(self, model: torch.nn.Module) -> AttackDecisions:
-        score = self.reference.score(report_log_probs(model, self.images, self.tokens))
+        score = self.reference.score(self._log_probs(model))
         return _decisions(self.name, targets=self.ids, sites=self.sites, is_member=self.is_member, score=score)
 
 
-class PatientLikelihoodRatio:
+class PatientLikelihoodRatio(_ReferenceScored):
     """``attack(model)``: one decision and score per target person (IDIA's targets and candidates)."""
 
     name = "lira-patient"
@@ -188,16 +200,6 @@ class PatientLikelihoodRatio:
     ):
         self.targets, self.tokenizer, self.templates = targets, tokenizer, config.templates
         self.reference = _Reference(self._log_probs(reference))
-
-    def add_reference(self, model: torch.nn.Module) -> None:
-        """One more reference model that never saw a target (``fedclip.attacks.reference_models``)."""
-        self.reference.add(self._log_probs(model))
-
-    def sibling(self) -> Self:
-        """The same attack on the same targets, collecting its own reference models (the replies' view)."""
-        twin = copy.copy(self)
-        twin.reference = _Reference(self.reference.base)
-        return twin
 
     def _log_probs(self, model: torch.nn.Module) -> np.ndarray:
         return name_log_probs(model, self.targets, tokenizer=self.tokenizer, templates=self.templates)
