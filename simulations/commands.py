@@ -2,6 +2,7 @@
 drive the Flower apps, which live here so that ``fedclip/`` never imports ``simulations/``.
 
     fedclip compare [--config FILE]        central vs federated DP: a matrix of federation runs
+    fedclip tune [--config FILE]           private hyperparameter search: the search's cost charged to every site
     fedclip audit RUN_DIR --targets FILE   the auditor: IDIA (and --canaries FILE) on every saved round model
     fedclip site-worker --site S --socket P a hospital's long-lived worker (node config site-worker=P)
     fedclip site-setup --node-config-file F --run-dir D --superlink H:P   a hospital's users and modes
@@ -36,6 +37,23 @@ def cmd_compare(args: argparse.Namespace) -> int:
     paths = write_outputs(config.output_dir, runs)
     print(paths["markdown"].read_text())
     print("\n".join(f"{k}: {v}" for k, v in paths.items()))
+    return 0
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from simulations.tune.config import DEFAULT_TUNE_TOML, TuneConfig
+    from simulations.tune.search import run_search
+
+    try:
+        config = TuneConfig.from_toml(args.config or DEFAULT_TUNE_TOML)
+        if args.output:
+            config = TuneConfig(**{**config.__dict__, "output_dir": args.output})
+        out = run_search(config)
+    except (ValueError, RuntimeError) as exc:
+        print(f"fedclip: error: {exc}", file=sys.stderr)
+        return 1
+    print((out / "tune.md").read_text())
+    print("\n".join(f"{name}: {out / name}" for name in ("tune.md", "selected.json", "candidates.csv")))
     return 0
 
 
@@ -144,6 +162,10 @@ def add_app_commands(sub) -> None:
         "--report", action="store_true", help="run nothing: write the tables and plots from the runs finished so far"
     )
     p.set_defaults(func=cmd_compare)
+    p = sub.add_parser("tune", help="private hyperparameter search: a random number of DP runs, the best released")
+    p.add_argument("--config", default=None, help="search TOML (default: simulations/tune/default.toml)")
+    p.add_argument("--output", default=None, help="output folder (overrides tune.output-dir)")
+    p.set_defaults(func=cmd_tune)
     p = sub.add_parser("audit", help="the auditor: IDIA with your own targets on every round model a run saved")
     p.add_argument("run_dir", help="the run's output folder (config.json, rounds.csv, models/)")
     p.add_argument(

@@ -20,7 +20,8 @@ And at a site (the process that trains: a ClientApp, or a site's worker):
 
 ``FEDCLIP_RAISE_AT="aggregated:2"`` raises ``InjectedFault`` there instead: an exception, as a bug
 would raise, which the run's ``finally`` must turn into a ``failed`` status. It also knows
-``report`` (the run's closing report, after the last round).
+``report`` (the run's closing report, after the last round), and ``fedclip tune``'s
+``search-charged`` (the search's state and charges are on disk, no candidate has started).
 
 ``FEDCLIP_PAUSE_AT="site-charged"`` (every round; or ``:N``) sleeps ``FEDCLIP_PAUSE_SECONDS``
 (default 3) there: a window in which a test kills another party mid-round, however fast the
@@ -37,6 +38,7 @@ PHASES = ("charged", "sent", "replied", "settled", "aggregated", "saved")
 SITE_PHASES = ("site-charged", "site-trained", "site-settled")
 CRASH_EXIT_CODE = 86
 REPORT_PHASE = "report"
+SEARCH_PHASE = "search-charged"  # fedclip tune: every site charged for the search, no candidate started
 
 
 class InjectedFault(RuntimeError):
@@ -49,7 +51,7 @@ def crash_point(phase: str, round_: int) -> None:
         if not target:
             continue
         name, _, at = target.partition(":")
-        known = PHASES + SITE_PHASES + (REPORT_PHASE,)
+        known = PHASES + SITE_PHASES + (REPORT_PHASE, SEARCH_PHASE)
         if name not in known:
             raise ValueError(f"{variable}: unknown phase {name!r}; expected one of {known}")
         if name != phase or (at and int(at) != round_):

@@ -57,7 +57,8 @@ TABLES: dict[str, tuple[str, ...]] = {
     ),
     "attack_sites": ("round", "attack", "site", "members", "tpr", "fpr"),
     "attack_scores": ("round", "attack", "target", "site", "is_member", "score"),  # for ROC curves
-    "utility": ("round", "zero_shot_accuracy", "recall_at_1", "recall_at_5"),
+    # validation: the server's validation patients (validation-patients > 0), apart from the test set
+    "utility": ("round", "zero_shot_accuracy", "recall_at_1", "recall_at_5", "validation_zero_shot_accuracy"),
     # where a round's time goes: the train phase (from sending to aggregating: every site, Flower and
     # Ray, and the strategy's own work, also given alone) and the server's evaluation
     "timings": ("round", "train_phase_seconds", "strategy_seconds", "evaluate_seconds"),

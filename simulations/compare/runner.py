@@ -8,12 +8,6 @@ as ``CompareConfig.workers()`` allows (one after another on a small machine).
 
 from __future__ import annotations
 
-import json
-import math
-import os
-import subprocess
-import sys
-import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +15,7 @@ from typing import Any
 
 from simulations.compare.config import CompareConfig
 from simulations.compare.settings import NONPRIVATE_TRAINING_KEYS, SETTINGS
+from simulations.launch import execute, is_done
 
 
 @dataclass(frozen=True)
@@ -78,56 +73,13 @@ def plan_runs(config: CompareConfig) -> list[RunSpec]:
     return runs
 
 
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, float) and math.isinf(value):
-        return "inf"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    return json.dumps(str(value))  # a TOML basic string
-
-
-def _is_done(run: RunSpec) -> bool:
-    return (run.folder / "done.json").is_file()
-
-
-def thread_env(workers: int) -> dict[str, str]:
-    """The environment of one run: its share of the cores for torch's thread pools. Two runs with
-    two OpenMP threads each on two cores spin against each other (measured: a warm start that takes
-    1.5 minutes alone did not finish in 16 with three runs at once). A value the user set wins."""
-    share = str(max(1, (os.cpu_count() or 1) // max(1, workers)))
-    env = dict(os.environ)
-    for key in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-        env.setdefault(key, share)
-    return env
-
-
-def execute(run: RunSpec, *, workers: int = 1) -> RunSpec:
-    """Run (or resume) one simulation; raise with the log's tail if it fails."""
-    overrides = dict(run.overrides)
-    if (run.folder / "state" / "global.pt").exists():
-        overrides["resume"] = True
-    config = " ".join(f"{k}={_toml_value(v)}" for k, v in overrides.items())
-    cmd = [sys.executable, "-m", "simulations.cli", "--app", "simulations.hospital_clip", "--run-config", config]
-    run.folder.mkdir(parents=True, exist_ok=True)
-    started = time.time()
-    with (run.folder / "log.txt").open("a") as log:
-        done = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, text=True, env=thread_env(workers))
-    if done.returncode != 0:
-        tail = (run.folder / "log.txt").read_text()[-2000:]
-        raise RuntimeError(f"{run.label} failed (exit {done.returncode}); log {run.folder / 'log.txt'}:\n{tail}")
-    (run.folder / "done.json").write_text(json.dumps({"seconds": time.time() - started, "label": run.label}))
-    return run
-
-
 def finished_runs(config: CompareConfig, *, progress=print) -> list[RunSpec]:
     """The runs of the plan that have finished, for an interim report while others still run."""
     runs = plan_runs(config)
-    done = [r for r in runs if _is_done(r)]
+    done = [r for r in runs if is_done(r)]
     if not done:
         raise RuntimeError(f"no finished run under {config.output_dir} yet (0 of {len(runs)}); nothing to report")
-    missing = sorted({f"seed={r.seed}" for r in runs if not _is_done(r)})
+    missing = sorted({f"seed={r.seed}" for r in runs if not is_done(r)})
     progress(
         f"compare --report: {len(done)} of {len(runs)} runs finished"
         + (f"; incomplete: {', '.join(missing)} (the table covers the finished runs only)" if missing else "")
@@ -137,7 +89,7 @@ def finished_runs(config: CompareConfig, *, progress=print) -> list[RunSpec]:
 
 def run_all(config: CompareConfig, *, progress=print) -> list[RunSpec]:
     runs = plan_runs(config)
-    todo = [r for r in runs if not _is_done(r)]
+    todo = [r for r in runs if not is_done(r)]
     progress(
         f"compare: {len(runs)} runs, {len(runs) - len(todo)} already done, {len(todo)} to run, "
         f"{config.workers()} at a time"

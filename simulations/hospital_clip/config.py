@@ -49,6 +49,9 @@ class SimulationConfig:
     patients_per_site: int = _DATA.patients_per_site
     public_patients: int = _DATA.public_patients
     heldout_patients: int = _DATA.heldout_patients
+    # the first N held-out patients (by id) are the server's validation set, scored apart from the
+    # test set (``validation_zero_shot_accuracy``): what ``fedclip tune`` selects on
+    validation_patients: int = 0
     images_per_patient: int = _DATA.images_per_patient
     query_images_per_patient: int = _DATA.query_images_per_patient
     site_skew: float = _DATA.site_skew
@@ -203,6 +206,7 @@ class SimulationConfig:
             raise ValueError(f"manifest: file not found: {self.manifest}")
         self.site_budget_map()
         self._check_attacks()
+        self._check_validation()
         self._check_deployment()
         if self.dp_mode in INPUT_MODES:
             self._check_input_mode()
@@ -345,6 +349,15 @@ class SimulationConfig:
         if len(set(out.values())) != len(out):
             raise ValueError(f"site-nodes: one node id is mapped to two sites in {self.site_nodes!r}")
         return out
+
+    def _check_validation(self) -> None:
+        if self.validation_patients < 0:
+            raise ValueError(f"validation-patients: expected an integer >= 0, got {self.validation_patients}")
+        if not self.manifest and self.validation_patients >= self.heldout_patients:
+            raise ValueError(
+                f"validation-patients: {self.validation_patients} of heldout-patients = {self.heldout_patients}; "
+                "keep some held-out patients for the test set (validation-patients below heldout-patients)"
+            )
 
     def _check_attacks(self) -> None:
         """The attack and audit keys, checked before any data is made or Ray starts."""

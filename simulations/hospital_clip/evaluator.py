@@ -41,6 +41,7 @@ class RoundEvaluator:
         model: torch.nn.Module,
         tokenizer: Callable,
         test: PairData,
+        validation: PairData | None = None,
         attacks: list[Attack],
         files: RunFiles,
         epsilons: Callable[[], dict[str, float]],
@@ -58,6 +59,7 @@ class RoundEvaluator:
         """``comparable``: the sites' epsilon bounds membership of a unit (False for input-level
         privatization, whose epsilon is about images): only then is an attack's bound held against it."""
         self.model, self.tokenizer, self.test, self.attacks = model, tokenizer, test, attacks
+        self.validation = validation  # the server's validation patients (validation-patients), scored apart
         self.files, self.epsilons, self.delta = files, epsilons, delta
         self.state_dir, self.round_offset, self.total_rounds = state_dir, round_offset, total_rounds
         self.evaluate_every = evaluate_every  # and after the last round
@@ -96,6 +98,9 @@ class RoundEvaluator:
             "recall_at_1": recall["image_to_text_r1"],
             "recall_at_5": recall["image_to_text_r5"],
         }
+        utility["validation_zero_shot_accuracy"] = (
+            zero_shot_accuracy(self.model, self.tokenizer, self.validation) if self.validation is not None else ""
+        )
         self.files.append("utility", [utility])
         line = [
             f"round {round_}/{self.total_rounds}",

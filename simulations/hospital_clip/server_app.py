@@ -20,6 +20,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
@@ -714,6 +715,19 @@ def set_up_auditor(
     return attacks, replies, gradient[2]
 
 
+def split_validation(heldout: pd.DataFrame, *, patients: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(validation, test): the first ``patients`` held-out patients by id, and the rest. The server's
+    own data (no site holds them), so a score on the validation part is post-processing of the
+    model; the test part stays untouched by any choice made on it."""
+    ids = sorted(heldout["patient_id"].unique())
+    if patients >= len(ids) > 0:
+        raise ValueError(
+            f"validation-patients: {patients} of the data's {len(ids)} held-out patients; keep some for the test set"
+        )
+    chosen = heldout["patient_id"].isin(ids[:patients])
+    return heldout[chosen], heldout[~chosen]
+
+
 def run(grid: Grid, cfg: SimulationConfig) -> Path:
     """The experiment, step by step: open the run folder, prepare, find the sites, set up the
     auditor, run the rounds under the budget strategy, report. However it ends, ``status.json``
@@ -744,8 +758,9 @@ def _run_rounds(grid: Grid, cfg: SimulationConfig, folder: RunFolder) -> Path:
         initial = ArrayRecord(torch_state_dict=folder.saved["state_dict"])
         print(f"resuming after round {folder.round_offset}", flush=True)
     frame = load_manifest(prep.manifest, allow_outside_paths=cfg.allow_outside_paths).frame
-    test = load_pairs(
-        frame[frame["split"] == str(Split.HELDOUT)], preprocess=bundle.preprocess, tokenizer=bundle.tokenizer
+    validation, test = (
+        load_pairs(part, preprocess=bundle.preprocess, tokenizer=bundle.tokenizer) if len(part) else None
+        for part in split_validation(frame[frame["split"] == str(Split.HELDOUT)], patients=cfg.validation_patients)
     )
     attacks, replies, wire["gradient_canaries"] = set_up_auditor(cfg, folder, prep, bundle)
 
@@ -758,6 +773,7 @@ def _run_rounds(grid: Grid, cfg: SimulationConfig, folder: RunFolder) -> Path:
         model=bundle.model,
         tokenizer=bundle.tokenizer,
         test=test,
+        validation=validation,
         attacks=attacks,
         files=folder.files,
         epsilons=strategy.epsilons,

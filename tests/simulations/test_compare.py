@@ -219,7 +219,7 @@ def test_baselines_train_as_nonprivate_toml_and_private_settings_as_the_dp_defau
 
 def test_runs_go_seed_by_seed_and_share_the_cores(monkeypatch):
     """A comparison stopped part-way has whole seeds; parallel runs split the cores' threads."""
-    from simulations.compare.runner import thread_env
+    from simulations.launch import thread_env
 
     runs = plan_runs(
         CompareConfig(settings=("fed-nonprivate", "fed-local-identity"), epsilons=(1.0, 8.0), seeds=(0, 1))

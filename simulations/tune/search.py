@@ -1,0 +1,296 @@
+"""``fedclip tune``: a private hyperparameter search, step by step.
+
+1. **Plan.** Every point of the space is a candidate's hyperparameters; each candidate trains with
+   one noise multiplier, calibrated so that the whole search (repeat-and-select over the number of
+   candidates, ``fedclip.privacy.selection``) costs ``target-epsilon`` at every site. A site whose
+   budget or policy is below that refuses the search, by name, before anything runs.
+2. **Draw and charge, write-ahead.** K (the number of candidates) and each candidate's point are
+   drawn from the operating system's randomness and written, with every site's search event, to
+   ``state/search.json`` (atomically) before the first candidate starts. A resumed search reads
+   that file: nothing is drawn again, nothing is charged twice.
+3. **Run** the candidates, each a full federated DP run of ``simulations.hospital_clip`` in its own
+   folder, resumed from its last round if it was interrupted.
+4. **Select** the best zero-shot accuracy on the server's validation patients (held-out patients no
+   site holds: a score of the released model, free); report the test accuracy on the other
+   held-out patients, and each site's epsilon per adversary.
+
+Only the selected model, its hyperparameters and its score may be published under the search's
+epsilon: K, the other candidates and their scores (``candidates.csv``) are the operator's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from fedclip.privacy.accountant import epsilon as composed_epsilon
+from fedclip.privacy.events import DpEvent
+from fedclip.privacy.ledger_store import LedgerStore
+from fedclip.privacy.policy import load_policy_file
+from fedclip.privacy.selection import SelectionEvent, calibrate_selection_noise
+from fedclip.progress import progress_bar
+from simulations.hospital_clip.preflight import data_shape
+from simulations.launch import execute, is_done
+from simulations.tune.config import TuneConfig
+from strategies.faults import crash_point
+
+SEARCH_FILE = "search.json"
+NOT_PUBLISHABLE = (
+    "the operator's record: publishing K, these candidates or their scores voids the released model's epsilon "
+    "(only the selected model, its hyperparameters and its score are covered)"
+)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    index: int
+    point: dict[str, Any]
+    folder: Path
+    overrides: dict[str, Any]
+
+    @property
+    def label(self) -> str:
+        return f"candidate {self.index} ({', '.join(f'{k}={v}' for k, v in self.point.items())})"
+
+
+def candidate_events(config: TuneConfig, point: dict[str, Any], sigma: float) -> tuple[DpEvent, ...]:
+    """One candidate's events over all its rounds, as its sites will be charged them."""
+    cfg = config.candidate_config(point, noise_multiplier=sigma)
+    return tuple(replace(e, steps=e.steps * cfg.num_rounds) for e in cfg.round_plan(sigma).events())
+
+
+def plan_noise(config: TuneConfig) -> float:
+    """The candidates' shared noise multiplier: the search costs at most target-epsilon."""
+    base = config.base_config()
+    return calibrate_selection_noise(
+        target_epsilon=config.target_epsilon,
+        delta=base.delta,
+        repetitions=config.repetitions,
+        candidates=lambda sigma: _distinct(candidate_events(config, p, sigma) for p in config.points()),
+    )
+
+
+def _distinct(events) -> tuple[tuple[DpEvent, ...], ...]:
+    return tuple(dict.fromkeys(events))
+
+
+def search_event(config: TuneConfig, sigma: float) -> SelectionEvent:
+    return SelectionEvent(_distinct(candidate_events(config, p, sigma) for p in config.points()), config.repetitions)
+
+
+def check_budgets(config: TuneConfig, event: SelectionEvent) -> dict[str, float]:
+    """Each site's epsilon for the search; refuse if it passes a site's budget or policy."""
+    base = config.base_config()
+    spent = event.epsilon(delta=base.delta)
+    policies = load_policy_file(base.site_policy_file, delta=base.delta) if base.site_policy_file else {}
+    out = {}
+    for site in data_shape(base).units:
+        if spent > base.budget_of(site):
+            raise ValueError(
+                f"tune: the search costs epsilon {spent:.3f} at {site} (delta {base.delta:g}), above its budget "
+                f"{base.budget_of(site):g} (budget / site-budgets); lower tune.target-epsilon or raise the budget"
+            )
+        policy = policies.get(site, policies.get("*"))
+        if policy is not None:
+            at_policy = event.epsilon(delta=policy.delta)
+            for rule, limit in (
+                ("max-epsilon-run", policy.max_epsilon_run),
+                ("max-epsilon-total", policy.max_epsilon_total),
+            ):
+                if at_policy > limit:
+                    raise ValueError(
+                        f"tune: {site}'s policy refuses the search: {rule}: it would cost epsilon {at_policy:.3f} "
+                        f"(delta {policy.delta:g}), above the limit {limit:g}"
+                    )
+        out[site] = spent
+    return out
+
+
+def _write_atomic(path: Path, payload: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    with tmp.open("w") as handle:
+        json.dump(payload, handle, indent=2, sort_keys=True)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def draw_and_charge(config: TuneConfig, *, progress=print) -> dict:
+    """The search's state: read back if it exists (a resume), else drawn and written before anything runs."""
+    state = Path(config.output_dir) / "state"
+    path = state / SEARCH_FILE
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        if saved["config"] != _fingerprint(config):
+            raise ValueError(
+                f"{path}: this folder holds a search with another configuration; resume it with the same config "
+                "or choose another output-dir (a search is charged once, with what it was planned as)"
+            )
+        progress(f"tune: resuming the search in {config.output_dir} ({saved['k']} candidates, charged already)")
+        return saved
+    sigma = plan_noise(config)
+    event = search_event(config, sigma)
+    epsilons = check_budgets(config, event)
+    rng = np.random.default_rng(secrets.randbits(128))  # the OS's randomness: K must stay secret and unchosen
+    k = config.repetitions.draw(rng)
+    points = config.points()
+    chosen = [points[int(i)] for i in rng.integers(len(points), size=k)]
+    base = config.base_config()
+    saved = {
+        "config": _fingerprint(config),
+        "k": k,
+        "noise_multiplier": sigma,
+        "candidates": [{"index": i, "point": p} for i, p in enumerate(chosen)],
+        "charges": {
+            site: {"event": event.to_json(), "epsilon": eps, "delta": base.delta, "accountant": "rdp"}
+            for site, eps in epsilons.items()
+        },
+    }
+    state.mkdir(parents=True, exist_ok=True)
+    _write_atomic(path, saved)
+    progress(
+        f"tune: charged every site epsilon {max(epsilons.values()):.3f} (delta {base.delta:g}) for the whole search "
+        f"before it runs; candidates train at noise multiplier {sigma:.3f}"
+    )
+    return saved
+
+
+def _fingerprint(config: TuneConfig) -> dict:
+    return {
+        "target_epsilon": config.target_epsilon,
+        "repetitions": config.repetitions.to_dict(),
+        "space": {k: list(v) for k, v in sorted(config.space.items())},
+        "base": config.base,
+        "selection": config.selection,
+        "validation_patients": config.validation_patients,
+    }
+
+
+def candidates(config: TuneConfig, saved: dict) -> list[Candidate]:
+    out = Path(config.output_dir)
+    runs = []
+    for row in saved["candidates"]:
+        folder = out / "candidates" / str(row["index"])
+        overrides = {
+            **config.base,
+            **row["point"],
+            "validation-patients": config.validation_patients,
+            "noise-multiplier": saved["noise_multiplier"],
+            "target-epsilon": 0.0,
+            "output-dir": str(folder),
+            "cache-dir": str(config.base.get("cache-dir", out / "cache")),
+        }
+        runs.append(Candidate(row["index"], row["point"], folder, overrides))
+    return runs
+
+
+def run_search(config: TuneConfig, *, progress=print) -> Path:
+    """Plan, charge, run and select; returns the output folder (``tune.md`` in it)."""
+    saved = draw_and_charge(config, progress=progress)
+    crash_point("search-charged", 0)
+    runs = candidates(config, saved)
+    bar = progress_bar(total=len(runs), desc="candidates", unit="run", leave=True)
+    for run in runs:
+        if not is_done(run):
+            progress(f"tune: {run.label}")
+            execute(run)
+        bar.update(1)
+    bar.close()
+    return write_results(config, saved, runs)
+
+
+def _final_row(run: Candidate) -> dict[str, float]:
+    utility = pd.read_csv(run.folder / "utility.csv")
+    last = utility.iloc[-1]
+    return {
+        "validation_zero_shot_accuracy": float(last["validation_zero_shot_accuracy"]),
+        "test_zero_shot_accuracy": float(last["zero_shot_accuracy"]),
+        "round": int(last["round"]),
+    }
+
+
+def server_epsilons(config: TuneConfig, runs: list[Candidate]) -> dict[str, float]:
+    """What the server faces: every candidate's charged events composed, per site (it saw every reply)."""
+    base = config.base_config()
+    events: dict[str, list[DpEvent]] = {}
+    for run in runs:
+        path = run.folder / "state" / "ledger.sqlite"
+        if not path.is_file():
+            continue
+        store = LedgerStore(path, delta=base.delta, accountant=base.accountant, create=False)
+        for site in store.sites():
+            events.setdefault(site, []).extend(store.events(site))
+        store.close()
+    return {site: composed_epsilon(ev, delta=base.delta, accountant=base.accountant) for site, ev in events.items()}
+
+
+def _markdown(frame: pd.DataFrame) -> str:
+    cell = lambda v: f"{v:.3f}" if isinstance(v, float) else str(v)  # noqa: E731
+    lines = ["| " + " | ".join(frame.columns) + " |", "|" + "---|" * len(frame.columns)]
+    return "\n".join(lines + ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.itertuples(index=False)])
+
+
+def write_results(config: TuneConfig, saved: dict, runs: list[Candidate]) -> Path:
+    out = Path(config.output_dir)
+    rows = [{"candidate": r.index, **r.point, **_final_row(r), "folder": str(r.folder)} for r in runs]
+    table = pd.DataFrame(rows)
+    table.to_csv(out / "candidates.csv", index=False)
+    best = max(rows, key=lambda row: row["validation_zero_shot_accuracy"]) if rows else None
+    released = {site: c["epsilon"] for site, c in saved["charges"].items()}
+    server = server_epsilons(config, runs)
+    base = config.base_config()
+    selected = {
+        "selected": None if best is None else {k: v for k, v in best.items()},
+        "noise_multiplier": saved["noise_multiplier"],
+        "epsilon": {
+            "released-model": released,
+            "server": server,
+        },
+        "delta": base.delta,
+        "repetitions": config.repetitions.to_dict(),
+        "who": {
+            "released-model": "anyone who sees only the selected model, its hyperparameters and its score "
+            "(repeat-and-select, Papernot and Steinke 2022, RDP)",
+            "server": "the server, which saw every candidate's replies: every candidate run composed "
+            f"({base.accountant.upper()} accountant over the runs' ledgers)",
+        },
+    }
+    (out / "selected.json").write_text(json.dumps(selected, indent=2, sort_keys=True))
+    lines = [
+        f"# Private hyperparameter search: {out}",
+        "",
+        f"Target: epsilon {config.target_epsilon:g} per site for the released model, the search included "
+        f"(delta {base.delta:g}); number of candidates ~ {config.repetitions.distribution} "
+        f"(mean {config.repetitions.mean:g}"
+        + (f", shape {config.repetitions.shape:g}" if config.repetitions.distribution != "poisson" else "")
+        + f"); every candidate at noise multiplier {saved['noise_multiplier']:.3f}.",
+        "",
+    ]
+    if best is None:
+        lines.append("No candidate was drawn (K = 0): nothing to release; the search's charge stands.")
+    else:
+        point = ", ".join(f"{k} = {best[k]}" for k in config.space)
+        lines += [
+            f"**Selected**: {point} (candidate {best['candidate']}): validation zero-shot "
+            f"{best['validation_zero_shot_accuracy']:.3f}, test zero-shot {best['test_zero_shot_accuracy']:.3f}; "
+            f"its run: `{best['folder']}`.",
+        ]
+    lines += ["", "| site | epsilon, released model (search included) | epsilon, server (every candidate's replies) |"]
+    lines += ["|---|---|---|"]
+    for site in sorted(released):
+        lines.append(f"| {site} | {released[site]:.3f} | {server.get(site, 0.0):.3f} |")
+    lines += ["", f"Candidates ({NOT_PUBLISHABLE}):", "", _markdown(table) if rows else "(none)"]
+    (out / "tune.md").write_text("\n".join(lines) + "\n")
+    return out
