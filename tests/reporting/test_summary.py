@@ -77,7 +77,17 @@ def test_released_statistics_are_named_with_their_noise(tmp_path):
 def test_a_resumed_run_drops_rows_of_rounds_it_will_run_again(tmp_path):
     files = RunFiles(tmp_path)
     files.append(
-        "utility", [{"round": r, "zero_shot_accuracy": 0.1, "recall_at_1": 0, "recall_at_5": 0} for r in range(4)]
+        "utility",
+        [
+            {
+                "round": r,
+                "zero_shot_accuracy": 0.1,
+                "recall_at_1": 0,
+                "recall_at_5": 0,
+                "validation_zero_shot_accuracy": "",
+            }
+            for r in range(4)
+        ],
     )
     files.truncate_after(2)
     assert files.read("utility")["round"].tolist() == [0, 1, 2]
