@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import math
 import os
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from simulations.compare.settings import DEFAULT_SETTINGS, MASK_SETTINGS, SETTINGS
 from simulations.hospital_clip.config import SimulationConfig
+from simulations.toml_tables import read_tables
 
 DEFAULT_COMPARE_TOML = Path(__file__).with_name("default.toml")
 
@@ -67,20 +67,10 @@ class CompareConfig:
 
     @classmethod
     def from_toml(cls, path: str | Path) -> "CompareConfig":
-        path = Path(path)
-        try:
-            data = tomllib.loads(path.read_text())
-        except (OSError, tomllib.TOMLDecodeError) as exc:
-            raise ValueError(f"{path}: not a readable TOML comparison config: {exc}") from exc
-        unknown = set(data) - {"compare", "base"}
-        if unknown:
-            raise ValueError(f"{path}: unknown table(s) {sorted(unknown)}; expected [compare] and [base]")
-        table = dict(data.get("compare", {}))
         known = {"output-dir", "settings", "epsilons", "seeds", "parallel", "trainable"}
-        bad = set(table) - known
-        if bad:
-            raise ValueError(f"{path}: unknown key(s) {sorted(bad)} in [compare]; expected {sorted(known)}")
-        kwargs: dict[str, Any] = {"base": dict(data.get("base", {}))}
+        tables = read_tables(path, what="comparison config", tables={"compare": known, "base": None})
+        table = tables["compare"]
+        kwargs: dict[str, Any] = {"base": tables["base"]}
         if "output-dir" in table:
             kwargs["output_dir"] = str(table["output-dir"])
         for key in ("settings", "epsilons", "seeds", "trainable"):

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import itertools
 import math
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from fedclip.privacy.selection import DISTRIBUTIONS, Repetitions
 from simulations.hospital_clip.config import SimulationConfig
+from simulations.toml_tables import read_tables
 
 DEFAULT_TUNE_TOML = Path(__file__).with_name("default.toml")
 # what a search may vary: hyperparameters of the training, none of the data or the privacy unit
@@ -107,21 +107,11 @@ class TuneConfig:
 
     @classmethod
     def from_toml(cls, path: str | Path) -> "TuneConfig":
-        path = Path(path)
-        try:
-            data = tomllib.loads(path.read_text())
-        except (OSError, tomllib.TOMLDecodeError) as exc:
-            raise ValueError(f"{path}: not a readable TOML search config: {exc}") from exc
-        unknown = set(data) - {"tune", "space", "base"}
-        if unknown:
-            raise ValueError(f"{path}: unknown table(s) {sorted(unknown)}; expected [tune], [space] and [base]")
-        table = dict(data.get("tune", {}))
         known = {"output-dir", "target-epsilon", "distribution", "mean", "shape", "selection", "validation-patients"}
-        bad = set(table) - known
-        if bad:
-            raise ValueError(f"{path}: unknown key(s) {sorted(bad)} in [tune]; expected {sorted(known)}")
+        tables = read_tables(path, what="search config", tables={"tune": known, "space": None, "base": None})
+        table = tables["tune"]
         space = {}
-        for key, values in data.get("space", {}).items():
+        for key, values in tables["space"].items():
             if not isinstance(values, list):
                 raise ValueError(f"{path}: space.{key}: expected a list of values, got {values!r}")
             space[key] = tuple(values)
@@ -133,7 +123,7 @@ class TuneConfig:
             )
         except ValueError as exc:
             raise ValueError(f"{path}: [tune] {exc}") from exc
-        kwargs: dict[str, Any] = {"space": space, "base": dict(data.get("base", {})), "repetitions": repetitions}
+        kwargs: dict[str, Any] = {"space": space, "base": tables["base"], "repetitions": repetitions}
         for key in ("output-dir", "selection"):
             if key in table:
                 kwargs[key.replace("-", "_")] = str(table[key])
