@@ -14,7 +14,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
+
+from fedclip.reporting.tracking import prepare_store
+
+if TYPE_CHECKING:
+    from simulations.hospital_clip.config import SimulationConfig
 
 
 class Launchable(Protocol):
@@ -28,6 +33,23 @@ class Launchable(Protocol):
 
     @property
     def label(self) -> str: ...
+
+
+def tracking_overrides(base: dict[str, Any], *, out: Path, experiment: str, label: str) -> dict[str, Any]:
+    """A batch's runs as one MLflow experiment in one store beside them, each named by its label;
+    what ``[base]`` sets itself wins."""
+    defaults = {
+        "mlflow-uri": f"sqlite:///{(out / 'mlflow.db').resolve()}",
+        "experiment": experiment,
+        "run-label": label,
+    }
+    return {k: v for k, v in defaults.items() if k not in base}
+
+
+def prepare_tracking(config: "SimulationConfig", overrides: dict[str, Any]) -> None:
+    """Create the batch's MLflow store and experiment before its runs start (see ``prepare_store``)."""
+    if "mlflow" in config.tracking_backends():
+        prepare_store(overrides.get("mlflow-uri", config.mlflow_uri), overrides.get("experiment", config.experiment))
 
 
 def toml_value(value: Any) -> str:

@@ -15,7 +15,7 @@ from typing import Any
 
 from simulations.compare.config import CompareConfig
 from simulations.compare.settings import NONPRIVATE_TRAINING_KEYS, SETTINGS
-from simulations.launch import execute, is_done
+from simulations.launch import execute, is_done, prepare_tracking, tracking_overrides
 
 
 @dataclass(frozen=True)
@@ -33,8 +33,12 @@ class RunSpec:
 
     @property
     def label(self) -> str:
-        eps = "none" if self.epsilon is None else f"{self.epsilon:g}"
-        return f"{self.name} eps={eps} seed={self.seed}"
+        return run_label(self.name, self.epsilon, self.seed)
+
+
+def run_label(name: str, epsilon: float | None, seed: int) -> str:
+    """How messages and MLflow name a run: ``fed-local-identity eps=4 seed=0``."""
+    return f"{name} eps={'none' if epsilon is None else f'{epsilon:g}'} seed={seed}"
 
 
 def run_name(setting: str, trainable: str) -> str:
@@ -68,6 +72,12 @@ def plan_runs(config: CompareConfig) -> list[RunSpec]:
                         "seed": seed,
                         "output-dir": str(folder),
                         "cache-dir": str(out / "cache"),
+                        **tracking_overrides(
+                            config.base,
+                            out=out,
+                            experiment=f"compare {out}",
+                            label=run_label(run_name(name, trainable), eps, seed),
+                        ),
                     }
                     runs.append(RunSpec(name, eps, seed, folder, overrides, trainable))
     return runs
@@ -94,6 +104,8 @@ def run_all(config: CompareConfig, *, progress=print) -> list[RunSpec]:
         f"compare: {len(runs)} runs, {len(runs) - len(todo)} already done, {len(todo)} to run, "
         f"{config.workers()} at a time"
     )
+    if todo:
+        prepare_tracking(config.base_config(), todo[0].overrides)
     failures = []
     with ThreadPoolExecutor(max_workers=config.workers()) as pool:
         futures = {pool.submit(execute, r, workers=config.workers()): r for r in todo}

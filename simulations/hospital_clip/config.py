@@ -25,6 +25,7 @@ from fedclip.privacy.modes import DP_MODES, INPUT_MODES
 from fedclip.privacy.policy import load_policy_file
 from fedclip.privacy.release import ReleaseConfig
 from fedclip.privatize.plan import InputPlan
+from fedclip.reporting.tracking import parse_backends
 from fedclip.training.config import GRAD_ENGINES, DpConfig, TrainConfig
 from simulations.hospital_clip.plan import RoundPlan, SiteData, parse_site_numbers
 from strategies.registry import INNER_STRATEGIES
@@ -141,6 +142,11 @@ class SimulationConfig:
     lira_records: int = 500  # member and non-member records each, sampled from the auditor's manifest
     # the attacker's reference models (fedclip.attacks.reference_models): 0 = the base model alone
     lira_references: int = 0
+    # experiment tracking (fedclip.reporting.tracking): "tensorboard", "mlflow", both (comma list) or "none"
+    tracking: str = "tensorboard"
+    mlflow_uri: str = ""  # "" = sqlite:///<output-dir's parent>/mlflow.db (a local file, no server)
+    experiment: str = ""  # the MLflow experiment; "" = hospital_clip (fedclip compare and tune name their own)
+    run_label: str = ""  # the run's name in MLflow; "" = the output folder's name
 
     def __post_init__(self) -> None:
         for key, allowed in (
@@ -207,6 +213,7 @@ class SimulationConfig:
         self.site_budget_map()
         self._check_attacks()
         self._check_validation()
+        self.tracking_backends()
         self._check_deployment()
         if self.dp_mode in INPUT_MODES:
             self._check_input_mode()
@@ -349,6 +356,15 @@ class SimulationConfig:
         if len(set(out.values())) != len(out):
             raise ValueError(f"site-nodes: one node id is mapped to two sites in {self.site_nodes!r}")
         return out
+
+    def tracking_backends(self) -> tuple[str, ...]:
+        return parse_backends(self.tracking)
+
+    def tracking_names(self) -> tuple[str, str, str]:
+        """(MLflow store, experiment, run name), the defaults resolved."""
+        out = Path(self.output_dir)
+        uri = self.mlflow_uri or f"sqlite:///{(out.parent / 'mlflow.db').resolve()}"
+        return uri, self.experiment or "hospital_clip", self.run_label or out.name
 
     def _check_validation(self) -> None:
         if self.validation_patients < 0:

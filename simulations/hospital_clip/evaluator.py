@@ -31,7 +31,20 @@ from fedclip.evaluation.zero_shot import zero_shot_accuracy
 from fedclip.models.arrays import load_arrays
 from fedclip.progress import progress_bar, say
 from fedclip.reporting.run_files import RunFiles
+from fedclip.reporting.tracking import Tracker
 from strategies.faults import crash_point
+
+# each attack's figures logged to the tracker (the CSV has every column)
+TRACKED_ATTACK_METRICS = (
+    "tpr",
+    "fpr",
+    "auc",
+    "tpr_at_1pct_fpr",
+    "tpr_at_0.1pct_fpr",
+    "epsilon_lower_bound",
+    "audited_epsilon",
+    "gaussian_epsilon",
+)
 
 
 class RoundEvaluator:
@@ -55,11 +68,13 @@ class RoundEvaluator:
         comparable: bool = True,
         evaluate_every: int = 1,
         server_state: Callable[[], dict] = dict,
+        tracker: Tracker | None = None,
     ) -> None:
         """``comparable``: the sites' epsilon bounds membership of a unit (False for input-level
         privatization, whose epsilon is about images): only then is an attack's bound held against it."""
         self.model, self.tokenizer, self.test, self.attacks = model, tokenizer, test, attacks
         self.validation = validation  # the server's validation patients (validation-patients), scored apart
+        self.tracker = tracker  # TensorBoard / MLflow: a view of what the tables record
         self.files, self.epsilons, self.delta = files, epsilons, delta
         self.state_dir, self.round_offset, self.total_rounds = state_dir, round_offset, total_rounds
         self.evaluate_every = evaluate_every  # and after the last round
@@ -102,6 +117,14 @@ class RoundEvaluator:
             zero_shot_accuracy(self.model, self.tokenizer, self.validation) if self.validation is not None else ""
         )
         self.files.append("utility", [utility])
+        if self.tracker is not None:
+            self.tracker.log_metrics(
+                round_,
+                {
+                    **{k: v for k, v in utility.items() if k != "round"},
+                    **{f"epsilon/{site}": e for site, e in eps.items()},
+                },
+            )
         line = [
             f"round {round_}/{self.total_rounds}",
             f"zero-shot {utility['zero_shot_accuracy']:.3f}",
@@ -116,17 +139,15 @@ class RoundEvaluator:
         self._checkpoint(round_, arrays)
         crash_point("saved", round_)
         say(" | ".join(line) + f" | {time.time() - self.started:.0f}s")
-        self.files.append(
-            "timings",
-            [
-                {
-                    "round": round_,
-                    "evaluate_seconds": time.time() - called,
-                    "train_phase_seconds": called - self.last_end if server_round > 0 else 0.0,
-                    "strategy_seconds": self.strategy_seconds() if server_round > 0 else 0.0,
-                }
-            ],
-        )
+        timing = {
+            "round": round_,
+            "evaluate_seconds": time.time() - called,
+            "train_phase_seconds": called - self.last_end if server_round > 0 else 0.0,
+            "strategy_seconds": self.strategy_seconds() if server_round > 0 else 0.0,
+        }
+        self.files.append("timings", [timing])
+        if self.tracker is not None:
+            self.tracker.log_metrics(round_, {f"time/{k}": v for k, v in timing.items() if k != "round"})
         self.last_end = time.time()
         if server_round > 0:
             self.bar.update(1)
@@ -148,6 +169,8 @@ class RoundEvaluator:
         )
         m["comparable_to_epsilon"] = self.comparable
         self.files.append("attack", [m])
+        if self.tracker is not None:
+            self.tracker.log_metrics(round_, {f"attack/{decisions.attack}/{k}": m[k] for k in TRACKED_ATTACK_METRICS})
         self.files.append("attack_sites", sites)
         self.files.append("attack_scores", score_rows(decisions, round_=round_))
         if m["audited_epsilon"] == m["audited_epsilon"]:  # a one-run audit (canaries): its bound is the valid one

@@ -58,6 +58,7 @@ from fedclip.reporting.console_table import run_table
 from fedclip.reporting.plots import plot_run
 from fedclip.reporting.run_files import RunFiles
 from fedclip.reporting.summary import write_summary
+from fedclip.reporting.tracking import Tracker
 from fedclip.training.distributed import trainable_dim
 from fedclip.training.warmstart import WarmStartConfig, warm_start
 from simulations.hospital_clip.config import DEFAULT_TOML, SimulationConfig, load_toml
@@ -591,7 +592,9 @@ def _essence(reason: str) -> str:
     return ([line for line in reason.splitlines() if line.strip()] or [""])[-1][:300]
 
 
-def report(cfg: SimulationConfig, folder: RunFolder, prep: Prepared, *, failure: str | None) -> Path:
+def report(
+    cfg: SimulationConfig, folder: RunFolder, prep: Prepared, *, failure: str | None, tracker: Tracker | None = None
+) -> Path:
     """Site-level figures, plots, summary.md and status.json; the console's table."""
     crash_point(REPORT_PHASE, cfg.num_rounds)
     site_level = None
@@ -618,7 +621,9 @@ def report(cfg: SimulationConfig, folder: RunFolder, prep: Prepared, *, failure:
         print("epsilon per adversary (distributed.json): " + json.dumps(distributed["epsilon"]), flush=True)
     files = folder.files
     rounds, attack, utility = files.read("rounds"), files.read("attack"), files.read("utility")
-    plot_run(folder.out, rounds, attack, utility, files.read("attack_scores"))
+    plots = plot_run(folder.out, rounds, attack, utility, files.read("attack_scores"))
+    if tracker is not None:
+        tracker.log_images(plots, step=int(utility["round"].max()) if len(utility) else 0)
     summary = write_summary(
         folder.out / "summary.md",
         config={**cfg.to_run_config(), **(prep.inputs.to_record() if prep.inputs else {})},
@@ -715,6 +720,21 @@ def set_up_auditor(
     return attacks, replies, gradient[2]
 
 
+def open_tracker(cfg: SimulationConfig, folder: RunFolder, prep: Prepared) -> Tracker:
+    """The run's experiment tracking (``tracking``), its config logged as the run resolved it."""
+    uri, experiment, name = cfg.tracking_names()
+    tracker = Tracker(
+        backends=cfg.tracking_backends(),
+        run_dir=folder.out,
+        experiment=experiment,
+        run_name=name,
+        mlflow_uri=uri,
+        resume=folder.saved is not None,
+    )
+    tracker.log_config({**cfg.to_run_config(), "resolved-noise-multiplier": prep.sigma})
+    return tracker
+
+
 def split_validation(heldout: pd.DataFrame, *, patients: int) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(validation, test): the first ``patients`` held-out patients by id, and the rest. The server's
     own data (no site holds them), so a score on the validation part is post-processing of the
@@ -763,6 +783,7 @@ def _run_rounds(grid: Grid, cfg: SimulationConfig, folder: RunFolder) -> Path:
         for part in split_validation(frame[frame["split"] == str(Split.HELDOUT)], patients=cfg.validation_patients)
     )
     attacks, replies, wire["gradient_canaries"] = set_up_auditor(cfg, folder, prep, bundle)
+    tracker = open_tracker(cfg, folder, prep)
 
     plan = replace(cfg.round_plan(prep.sigma, prep.inputs), secure=prep.secure)  # what every site runs
     if prep.secure is not None and replies:  # both levels: no site's update reaches the server
@@ -787,6 +808,7 @@ def _run_rounds(grid: Grid, cfg: SimulationConfig, folder: RunFolder) -> Path:
         comparable=plan.guarantee().membership,
         evaluate_every=cfg.evaluate_every,
         server_state=strategy.server_state,
+        tracker=tracker,
     )
     failure = None
     if cfg.num_rounds > folder.round_offset:
@@ -803,7 +825,8 @@ def _run_rounds(grid: Grid, cfg: SimulationConfig, folder: RunFolder) -> Path:
             failure = str(exc)
     evaluator.close()
     final_eps = strategy.epsilons()
-    summary = report(cfg, folder, prep, failure=failure)
+    summary = report(cfg, folder, prep, failure=failure, tracker=tracker)
+    tracker.close(status="FAILED" if failure else "FINISHED")
     folder.store.close()
     if failure:
         print(f"run stopped: {failure}", flush=True)

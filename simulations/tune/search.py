@@ -37,7 +37,7 @@ from fedclip.privacy.policy import load_policy_file
 from fedclip.privacy.selection import SelectionEvent, calibrate_selection_noise
 from fedclip.progress import progress_bar
 from simulations.hospital_clip.preflight import data_shape
-from simulations.launch import execute, is_done
+from simulations.launch import execute, is_done, prepare_tracking, tracking_overrides
 from simulations.tune.config import TuneConfig
 from strategies.faults import crash_point
 
@@ -191,6 +191,7 @@ def candidates(config: TuneConfig, saved: dict) -> list[Candidate]:
             "target-epsilon": 0.0,
             "output-dir": str(folder),
             "cache-dir": str(config.base.get("cache-dir", out / "cache")),
+            **tracking_overrides(config.base, out=out, experiment=f"tune {out}", label=f"candidate {row['index']}"),
         }
         runs.append(Candidate(row["index"], row["point"], folder, overrides))
     return runs
@@ -201,6 +202,8 @@ def run_search(config: TuneConfig, *, progress=print) -> Path:
     saved = draw_and_charge(config, progress=progress)
     crash_point("search-charged", 0)
     runs = candidates(config, saved)
+    if runs:
+        prepare_tracking(config.base_config(), runs[0].overrides)
     bar = progress_bar(total=len(runs), desc="candidates", unit="run", leave=True)
     for run in runs:
         if not is_done(run):

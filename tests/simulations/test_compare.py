@@ -39,6 +39,7 @@ local-steps = 30
 microbatch-size = 2
 num-rounds = 4
 sample-rate = 0.5
+tracking = "tensorboard,mlflow"
 """
 
 
@@ -77,6 +78,32 @@ def test_every_setting_ran_and_wrote_tables_and_plots(comparison):
     assert units["fed-local-record"] == "record" and units["fed-local-identity"] == "identity"
     assert units["fed-client"] == "site" and units["pooled-nonprivate"] == "none"
     assert "| fed-client |" in (out / "table.md").read_text() and "| setting |" in stdout
+
+
+def test_the_comparison_opens_as_one_experiment_in_mlflow_and_tensorboard(comparison):
+    """Read back with MLflow's and TensorBoard's own readers: every run, named, with its rounds."""
+    from mlflow.tracking import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out, _, _ = comparison
+    planned = plan_runs(CompareConfig.from_toml(next(out.parent.glob("compare.toml"))))
+    client = MlflowClient(tracking_uri=f"sqlite:///{(out / 'mlflow.db').resolve()}")
+    experiment = client.get_experiment_by_name(f"compare {out}")
+    logged = {r.info.run_name: r for r in client.search_runs([experiment.experiment_id])}
+    assert set(logged) == {run.label for run in planned}  # two at a time into one store, none lost
+    for run in planned:
+        mlflow_run = logged[run.label]
+        assert mlflow_run.info.status == "FINISHED" and mlflow_run.data.params["seed"] == "0"
+        utility = pd.read_csv(run.folder / "utility.csv")
+        history = client.get_metric_history(mlflow_run.info.run_id, "zero_shot_accuracy")
+        assert [(m.step, round(m.value, 6)) for m in history] == [
+            (int(r), round(v, 6)) for r, v in zip(utility["round"], utility["zero_shot_accuracy"])
+        ]
+        assert {a.path for a in client.list_artifacts(mlflow_run.info.run_id, "plots")} >= {"plots/utility.png"}
+        events = EventAccumulator(str(run.folder / "tensorboard"))
+        events.Reload()
+        assert [e.step for e in events.Scalars("zero_shot_accuracy")] == utility["round"].tolist()
+        assert "plots/attack" in events.Tags()["images"]
 
 
 def test_epsilon_grows_as_noise_shrinks(comparison):

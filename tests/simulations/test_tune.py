@@ -109,7 +109,7 @@ def test_the_draw_is_written_once_and_read_back(tmp_path):
 
 
 def test_a_search_killed_after_its_charge_resumes_without_charging_again(tmp_path):
-    config = _write(tmp_path, "target-epsilon = 8.0\nmean = 1.0")
+    config = _write(tmp_path, "target-epsilon = 8.0\nmean = 1.0", base=SMALL_BASE + "tracking = 'tensorboard,mlflow'\n")
     out = tmp_path / "out"
     crashed = _tune(config, FEDCLIP_CRASH_AT="search-charged")
     assert crashed.returncode == CRASH_EXIT_CODE, crashed.stderr[-2000:]
@@ -151,3 +151,12 @@ def test_a_search_killed_after_its_charge_resumes_without_charging_again(tmp_pat
     store.close()
     summary = (out / "tune.md").read_text()
     assert "epsilon, released model (search included)" in summary and "operator's record" in summary
+
+    from mlflow.tracking import MlflowClient  # the search as one MLflow experiment, a run per candidate
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{(out / 'mlflow.db').resolve()}")
+    (logged,) = client.search_runs([client.get_experiment_by_name(f"tune {out}").experiment_id])
+    assert logged.info.run_name == "candidate 0" and logged.data.params["validation-patients"] == "6"
+    assert logged.data.metrics["validation_zero_shot_accuracy"] == pytest.approx(
+        candidates["validation_zero_shot_accuracy"].iloc[0]
+    )
