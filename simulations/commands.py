@@ -34,7 +34,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     except RuntimeError as exc:
         print(f"fedclip: error: {exc}", file=sys.stderr)
         return 1
-    paths = write_outputs(config.output_dir, runs)
+    paths = write_outputs(config.output_dir, runs, earlier=config.earlier_runs)
     print(paths["markdown"].read_text())
     print("\n".join(f"{k}: {v}" for k, v in paths.items()))
     return 0

@@ -25,6 +25,9 @@ class CompareConfig:
     # an axis of trainable sets: every private setting runs once per set (labelled "setting@set");
     # empty: the base's (the app's DP default). Non-private baselines keep their own training keys.
     trainable: tuple[str, ...] = ()
+    # runs.csv files of the same grid run elsewhere (another machine, an earlier session): their rows
+    # join the tables; a run also finished here counts once, from here
+    earlier_runs: tuple[str, ...] = ()
     base: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -46,6 +49,9 @@ class CompareConfig:
         for key in ("output-dir", "seed", "resume"):
             if key in self.base:
                 raise ValueError(f"base.{key}: set by the comparison itself; remove it from [base]")
+        for path in self.earlier_runs:
+            if not Path(path).is_file():
+                raise ValueError(f"compare.earlier-runs: file not found: {path}")
         base = self.base_config()  # validates every base key now, before anything runs
         for value in self.trainable:  # each against the base's architecture, before anything runs
             SimulationConfig.from_run_config({**base.to_run_config(), "trainable": value})
@@ -67,17 +73,17 @@ class CompareConfig:
 
     @classmethod
     def from_toml(cls, path: str | Path) -> "CompareConfig":
-        known = {"output-dir", "settings", "epsilons", "seeds", "parallel", "trainable"}
+        known = {"output-dir", "settings", "epsilons", "seeds", "parallel", "trainable", "earlier-runs"}
         tables = read_tables(path, what="comparison config", tables={"compare": known, "base": None})
         table = tables["compare"]
         kwargs: dict[str, Any] = {"base": tables["base"]}
         if "output-dir" in table:
             kwargs["output_dir"] = str(table["output-dir"])
-        for key in ("settings", "epsilons", "seeds", "trainable"):
+        for key in ("settings", "epsilons", "seeds", "trainable", "earlier-runs"):
             if key in table:
                 if not isinstance(table[key], list):
                     raise ValueError(f"compare.{key}: expected a list, got {table[key]!r}")
-                kwargs[key] = tuple(float(v) if key == "epsilons" else v for v in table[key])
+                kwargs[key.replace("-", "_")] = tuple(float(v) if key == "epsilons" else v for v in table[key])
         if "parallel" in table:
             kwargs["parallel"] = int(table["parallel"])
         return cls(**kwargs)

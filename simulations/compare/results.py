@@ -151,9 +151,32 @@ def run_row(run: RunSpec) -> dict:
     }
 
 
-def collect(runs: Sequence[RunSpec]) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Per-run rows, and per (setting, target epsilon) mean and spread over seeds."""
+RUN_KEY = ["setting", "target_epsilon", "seed"]
+
+
+def earlier_rows(paths: Sequence[str | Path], *, columns: Sequence[str]) -> pd.DataFrame:
+    """Rows of ``runs.csv`` files written elsewhere (``compare.earlier-runs``), checked to hold every
+    column today's rows have (a file from an older version is refused, naming what it lacks)."""
+    frames = []
+    for path in paths:
+        frame = pd.read_csv(path)
+        missing = [c for c in columns if c not in frame.columns]
+        if missing:
+            raise ValueError(f"compare.earlier-runs: {path} lacks column(s) {missing}; re-run those runs here")
+        frames.append(frame[list(columns)])
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=list(columns))
+
+
+def collect(runs: Sequence[RunSpec], *, earlier: Sequence[str | Path] = ()) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Per-run rows (with ``earlier``'s rows of runs not finished here), and per (setting, target
+    epsilon) mean and spread over seeds."""
     rows = pd.DataFrame([run_row(r) for r in runs])
+    if earlier:
+        before = earlier_rows(earlier, columns=list(rows.columns))
+        here = set(map(tuple, rows[RUN_KEY].astype(str).values))
+        before = before[[tuple(k) not in here for k in before[RUN_KEY].astype(str).values]]
+        before = before.drop_duplicates(subset=RUN_KEY, keep="last")
+        rows = pd.concat([rows, before], ignore_index=True).sort_values(["seed"], kind="stable").reset_index(drop=True)
     keys = ["setting", "target_epsilon", "unit", "relation"]
     agg = (
         rows.groupby(keys, sort=False)
@@ -378,9 +401,11 @@ def publication_cost(runs: Sequence[RunSpec]) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
-def write_outputs(out_dir: str | Path, runs: Sequence[RunSpec]) -> dict[str, Path]:
+def write_outputs(
+    out_dir: str | Path, runs: Sequence[RunSpec], *, earlier: Sequence[str | Path] = ()
+) -> dict[str, Path]:
     out = Path(out_dir)
-    rows, agg = collect(runs)
+    rows, agg = collect(runs, earlier=earlier)
     paths = {
         "runs": out / "runs.csv",
         "table": out / "table.csv",
@@ -391,7 +416,14 @@ def write_outputs(out_dir: str | Path, runs: Sequence[RunSpec]) -> dict[str, Pat
     agg.to_csv(paths["table"], index=False)
     cost = publication_cost(runs)
     cost.to_csv(paths["publication"], index=False)
-    paths["markdown"].write_text(markdown_table(agg) + "\n" + publication_text(cost))
+    imported = len(rows) - len(runs)
+    note = (
+        f"\n{imported} of the {len(rows)} runs are rows of `earlier-runs` ({', '.join(map(str, earlier))}), run "
+        "elsewhere; the publication cost above covers the runs finished here only.\n"
+        if imported
+        else ""
+    )
+    paths["markdown"].write_text(markdown_table(agg) + "\n" + publication_text(cost) + note)
     paths["utility_plot"] = plot_against_epsilon(
         agg, {"zero_shot_accuracy": "Utility"}, "zero-shot accuracy (held-out)", out / "utility_vs_epsilon.png"
     )

@@ -19,7 +19,9 @@ from simulations.toml_tables import read_tables
 DEFAULT_TUNE_TOML = Path(__file__).with_name("default.toml")
 # what a search may vary: hyperparameters of the training, none of the data or the privacy unit
 TUNABLE = ("lr", "max-grad-norm", "trainable", "local-steps", "sample-rate")
-SELECTIONS = ("public",)
+# public: zero-shot accuracy on the server's validation patients (its own data: free);
+# site-loss: the sites' released contrastive loss (release-loss-noise > 0: noised, clipped, charged every round)
+SELECTIONS = ("public", "site-loss")
 # keys the search sets itself in every candidate's run config
 SET_BY_SEARCH = ("output-dir", "resume", "noise-multiplier", "target-epsilon", "validation-patients")
 GAUSSIAN_MODES = ("microbatch", "unit", "paper")
@@ -36,7 +38,9 @@ class TuneConfig:
     space : dict[str, tuple]
         Each tunable key's values; a candidate draws one of each, uniformly and independently.
     selection : str
-        ``public``: zero-shot accuracy on the server's validation patients (its own data: free).
+        ``public``: zero-shot accuracy on the server's validation patients (its own data: free);
+        ``site-loss``: the lowest mean of the sites' released, noised training loss in the last
+        round (``release-loss-noise`` > 0 in [base]: charged in every candidate's events).
     validation_patients : int
         Held-out patients set aside for the selection; the test accuracy is on the rest.
     """
@@ -68,6 +72,11 @@ class TuneConfig:
         if clash:
             raise ValueError(f"base: {clash} are also in [space]; a key is searched or fixed, not both")
         base = self.base_config()
+        if self.selection == "site-loss" and not base.release_loss_noise > 0:
+            raise ValueError(
+                "tune.selection: site-loss selects on the sites' released loss; set release-loss-noise > 0 in [base] "
+                "(its noise is charged with every round)"
+            )
         if base.dp_mode not in GAUSSIAN_MODES or base.microbatch_size != 1 or base.client_dp_epsilon > 0:
             raise ValueError(
                 f"base: a search needs local Gaussian DP with add-or-remove events (dp-mode one of "

@@ -11,8 +11,9 @@
 3. **Run** the candidates, each a full federated DP run of ``simulations.hospital_clip`` in its own
    folder, resumed from its last round if it was interrupted.
 4. **Select** the best zero-shot accuracy on the server's validation patients (held-out patients no
-   site holds: a score of the released model, free); report the test accuracy on the other
-   held-out patients, and each site's epsilon per adversary.
+   site holds: a score of the released model, free), or (``site-loss``) the lowest of the sites'
+   released, noised loss (charged in every round's events, so in the search's); report the test
+   accuracy on the other held-out patients, and each site's epsilon per adversary.
 
 Only the selected model, its hyperparameters and its score may be published under the search's
 epsilon: K, the other candidates and their scores (``candidates.csv``) are the operator's.
@@ -217,11 +218,24 @@ def run_search(config: TuneConfig, *, progress=print) -> Path:
 def _final_row(run: Candidate) -> dict[str, float]:
     utility = pd.read_csv(run.folder / "utility.csv")
     last = utility.iloc[-1]
+    rounds = pd.read_csv(run.folder / "rounds.csv")
+    final = rounds[rounds["round"] == rounds["round"].max()]
     return {
         "validation_zero_shot_accuracy": float(last["validation_zero_shot_accuracy"]),
         "test_zero_shot_accuracy": float(last["zero_shot_accuracy"]),
+        # the sites' released (noised, charged) loss in the last round; NaN unless release-loss-noise > 0
+        "site_loss": float(pd.to_numeric(final["train_loss"], errors="coerce").mean()),
         "round": int(last["round"]),
     }
+
+
+def select(rows: list[dict], *, selection: str) -> dict | None:
+    """The released candidate: the best validation accuracy (public), or the lowest released loss (site-loss)."""
+    if not rows:
+        return None
+    if selection == "site-loss":
+        return min(rows, key=lambda row: row["site_loss"])
+    return max(rows, key=lambda row: row["validation_zero_shot_accuracy"])
 
 
 def server_epsilons(config: TuneConfig, runs: list[Candidate]) -> dict[str, float]:
@@ -250,7 +264,7 @@ def write_results(config: TuneConfig, saved: dict, runs: list[Candidate]) -> Pat
     rows = [{"candidate": r.index, **r.point, **_final_row(r), "folder": str(r.folder)} for r in runs]
     table = pd.DataFrame(rows)
     table.to_csv(out / "candidates.csv", index=False)
-    best = max(rows, key=lambda row: row["validation_zero_shot_accuracy"]) if rows else None
+    best = select(rows, selection=config.selection)
     released = {site: c["epsilon"] for site, c in saved["charges"].items()}
     server = server_epsilons(config, runs)
     base = config.base_config()
@@ -286,8 +300,10 @@ def write_results(config: TuneConfig, saved: dict, runs: list[Candidate]) -> Pat
     else:
         point = ", ".join(f"{k} = {best[k]}" for k in config.space)
         lines += [
-            f"**Selected**: {point} (candidate {best['candidate']}): validation zero-shot "
-            f"{best['validation_zero_shot_accuracy']:.3f}, test zero-shot {best['test_zero_shot_accuracy']:.3f}; "
+            f"**Selected** by {config.selection}: {point} (candidate {best['candidate']}): validation zero-shot "
+            f"{best['validation_zero_shot_accuracy']:.3f}, test zero-shot {best['test_zero_shot_accuracy']:.3f}"
+            + (f", the sites' released loss {best['site_loss']:.3f}" if best["site_loss"] == best["site_loss"] else "")
+            + "; "
             f"its run: `{best['folder']}`.",
         ]
     lines += ["", "| site | epsilon, released model (search included) | epsilon, server (every candidate's replies) |"]

@@ -197,6 +197,40 @@ def test_report_writes_tables_from_the_finished_runs_only(comparison, tmp_path):
     assert empty.returncode == 1 and "no finished run" in empty.stderr
 
 
+def test_rows_of_runs_finished_elsewhere_join_the_tables(comparison, tmp_path):
+    """A grid split over machines or sessions: ``earlier-runs`` rows fill the runs not finished here."""
+    from simulations.compare.results import write_outputs
+    from simulations.compare.runner import finished_runs
+
+    out, config, _ = comparison
+    partial = tmp_path / "partial"
+    shutil.copytree(out, partial, ignore=shutil.ignore_patterns("data", "models", "mlflow.db"))
+    shutil.rmtree(next(partial.glob("fed-client/eps=1/seed=0")))  # run elsewhere: only its row is here
+    merged = CompareConfig(
+        **{
+            **CompareConfig.from_toml(config).__dict__,
+            "output_dir": str(partial),
+            "earlier_runs": (str(out / "runs.csv"),),
+        }
+    )
+    runs = finished_runs(merged, progress=lambda _: None)
+    assert len(runs) == 7
+    write_outputs(partial, runs, earlier=merged.earlier_runs)
+    rows, full = pd.read_csv(partial / "runs.csv"), pd.read_csv(out / "runs.csv")
+    assert len(rows) == 8
+    key = ["setting", "target_epsilon", "seed"]
+    pd.testing.assert_frame_equal(
+        rows.sort_values(key).reset_index(drop=True), full.sort_values(key).reset_index(drop=True), check_like=True
+    )
+    assert "1 of the 8 runs are rows of `earlier-runs`" in (partial / "table.md").read_text()
+    old = tmp_path / "old_runs.csv"
+    full.drop(columns=["lira_patient_auc"]).to_csv(old, index=False)
+    with pytest.raises(ValueError, match=r"lacks column\(s\) \['lira_patient_auc'\]"):
+        write_outputs(partial, runs, earlier=[old])
+    with pytest.raises(ValueError, match="earlier-runs: file not found"):
+        CompareConfig(**{**merged.__dict__, "earlier_runs": (str(tmp_path / "missing.csv"),)})
+
+
 def test_compare_config_is_validated_before_anything_runs(tmp_path):
     assert len(plan_runs(CompareConfig.from_toml(DEFAULT_COMPARE_TOML))) == 2 * 3 + 4 * 3 * 3
     with pytest.raises(ValueError, match="compare.settings: unknown"):

@@ -13,7 +13,7 @@ from dp_accounting.rdp import RdpAccountant
 from fedclip.privacy.accountant import epsilon as composed_epsilon
 from fedclip.privacy.ledger_store import LedgerStore
 from simulations.tune.config import DEFAULT_TUNE_TOML, TuneConfig
-from simulations.tune.search import SEARCH_FILE, draw_and_charge
+from simulations.tune.search import SEARCH_FILE, draw_and_charge, search_event, select
 from strategies.faults import CRASH_EXIT_CODE
 
 SMALL_BASE = """
@@ -91,6 +91,25 @@ def test_a_search_a_site_cannot_afford_is_refused_before_anything_runs(tmp_path)
     record_pairs = _write(tmp_path, "target-epsilon = 8.0", base=SMALL_BASE + "microbatch-size = 2\n")
     with pytest.raises(ValueError, match="local Gaussian DP with add-or-remove events"):
         TuneConfig.from_toml(record_pairs)
+
+
+def test_selection_by_the_sites_released_loss_is_charged_and_picks_the_lowest(tmp_path):
+    with pytest.raises(ValueError, match="release-loss-noise > 0"):
+        TuneConfig.from_toml(_write(tmp_path, "target-epsilon = 8.0\nselection = 'site-loss'"))
+    config = TuneConfig.from_toml(
+        _write(
+            tmp_path, "target-epsilon = 8.0\nselection = 'site-loss'", base=SMALL_BASE + "release-loss-noise = 5.0\n"
+        )
+    )
+    (candidate,) = search_event(config, 1.0).candidates
+    assert any(e.steps == 2 and e.sample_rate == 1.0 for e in candidate)  # the loss released in each of 2 rounds
+    rows = [
+        {"candidate": 0, "validation_zero_shot_accuracy": 0.9, "site_loss": 3.0},
+        {"candidate": 1, "validation_zero_shot_accuracy": 0.5, "site_loss": 2.5},
+    ]
+    assert select(rows, selection="site-loss")["candidate"] == 1
+    assert select(rows, selection="public")["candidate"] == 0
+    assert select([], selection="public") is None  # a Poisson K of 0: nothing released
 
 
 def test_the_draw_is_written_once_and_read_back(tmp_path):
