@@ -778,10 +778,9 @@ def _run_rounds(grid: Grid, cfg: SimulationConfig, folder: RunFolder) -> Path:
         initial = ArrayRecord(torch_state_dict=folder.saved["state_dict"])
         print(f"resuming after round {folder.round_offset}", flush=True)
     frame = load_manifest(prep.manifest, allow_outside_paths=cfg.allow_outside_paths).frame
-    validation, test = (
-        load_pairs(part, preprocess=bundle.preprocess, tokenizer=bundle.tokenizer) if len(part) else None
-        for part in split_validation(frame[frame["split"] == str(Split.HELDOUT)], patients=cfg.validation_patients)
-    )
+    held, tested = split_validation(frame[frame["split"] == str(Split.HELDOUT)], patients=cfg.validation_patients)
+    test = load_pairs(tested, preprocess=bundle.preprocess, tokenizer=bundle.tokenizer)
+    validation = load_pairs(held, preprocess=bundle.preprocess, tokenizer=bundle.tokenizer) if len(held) else None
     attacks, replies, wire["gradient_canaries"] = set_up_auditor(cfg, folder, prep, bundle)
     tracker = open_tracker(cfg, folder, prep)
 
