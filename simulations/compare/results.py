@@ -13,6 +13,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from fedclip.attacks.metrics import certified_bounds  # noqa: E402
 from fedclip.distributed.adversaries import ADVERSARIES  # noqa: E402
 from fedclip.privacy.ledger import PrivacyLedger  # noqa: E402
 from fedclip.privacy.ledger_store import LedgerStore  # noqa: E402
@@ -43,6 +44,7 @@ METRICS = (
     "lira_patient_replies_auc",
     "lira_patient_replies_tpr_at_1pct_fpr",
     "patient_tpr_at_01pct_fpr",  # the strongest attack on people (global model or replies), final round
+    "largest_attack_bound",  # the largest lower bound on epsilon any attack or audit gives, final round
 )
 PATIENT_ATTACKS = ("idia", "idia-replies", "lira-patient", "lira-patient-replies")
 
@@ -82,7 +84,18 @@ def final_attacks(attack: pd.DataFrame) -> dict[str, float]:
             (v for v in (value(a, "tpr_at_0.1pct_fpr") for a in PATIENT_ATTACKS) if not math.isnan(v)),
             default=math.nan,
         ),
+        "largest_attack_bound": largest_bound(last),
     }
+
+
+def largest_bound(last: pd.DataFrame) -> float:
+    """The largest lower bound on epsilon among one round's attacks: each attack's indicative bound
+    (from its TPR and FPR at 95%, Bonferroni over the run's evaluations) and each audit's certified
+    one (one-run, Gaussian pair). Held against the accountant's epsilon: at or below it, no attack
+    contradicts the accountant (the evaluator warns in the run when one does)."""
+    columns = [c for c in ("epsilon_lower_bound",) if c in last.columns]
+    bounds = pd.concat([last[columns].max(axis=1, skipna=True), certified_bounds(last)], axis=1).max(axis=1)
+    return float(bounds.max()) if bounds.notna().any() else math.nan
 
 
 def group_privacy(epsilon: float, delta: float, k: int) -> tuple[float, float]:
@@ -283,9 +296,9 @@ def markdown_table(agg: pd.DataFrame) -> str:
         "audited eps: canary / gradient canary (certified) | "
         "gradient canaries on the replies, Gaussian pair: certified (95%, final round) / estimate | "
         "LiRA patient: AUC global / replies, TPR at 1% FPR on the replies | "
-        "people: strongest attack's TPR at 0.1% FPR | seeds |"
+        "people: strongest attack's TPR at 0.1% FPR | largest lower bound on epsilon any attack gives | seeds |"
     )
-    lines = [head, "|" + "---|" * 20]
+    lines = [head, "|" + "---|" * 21]
     for r in agg.itertuples():
         pm = lambda m: _mean_spread(getattr(r, m + "_mean"), getattr(r, m + "_std"))  # noqa: E731
         site_noise = (
@@ -306,7 +319,7 @@ def markdown_table(agg: pd.DataFrame) -> str:
             f"{_pair(r, 'canary_audited_epsilon', 'gradient_canary_audited_epsilon')} | "
             f"{_pair(r, 'replies_gaussian_epsilon', 'replies_gaussian_estimate')} | "
             f"{_pair(r, 'lira_patient_auc', 'lira_patient_replies_auc', 'lira_patient_replies_tpr_at_1pct_fpr')} | "
-            f"{_pair(r, 'patient_tpr_at_01pct_fpr')} | {r.seeds} |"
+            f"{_pair(r, 'patient_tpr_at_01pct_fpr')} | {_pair(r, 'largest_attack_bound')} | {r.seeds} |"
         )
     return "\n".join(lines) + "\n"
 

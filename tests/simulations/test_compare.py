@@ -466,3 +466,17 @@ def test_the_strongest_attack_on_people_is_the_best_of_the_final_round_on_the_mo
     assert final["patient_tpr_at_01pct_fpr"] == 0.30
     assert final["lira_patient_auc"] == 0.9 and math.isnan(final["lira_patient_replies_auc"])
     assert math.isnan(final_attacks(pd.DataFrame([{"round": 1, "attack": "canary"}]))["patient_tpr_at_01pct_fpr"])
+
+
+def test_the_largest_bound_is_the_largest_of_every_attacks_indicative_and_certified_bounds():
+    from simulations.compare.results import final_attacks
+
+    rows = [
+        {"round": 6, "attack": "idia", "epsilon_lower_bound": 0.4},
+        {"round": 6, "attack": "canary", "epsilon_lower_bound": 0.1, "audited_epsilon": 0.9},
+        {"round": 6, "attack": "gradient-canary-replies", "epsilon_lower_bound": 0.2, "gaussian_epsilon": 2.5},
+        {"round": 5, "attack": "gradient-canary-replies", "gaussian_epsilon": 7.0},  # an earlier round
+    ]
+    assert final_attacks(pd.DataFrame(rows))["largest_attack_bound"] == 2.5
+    assert final_attacks(pd.DataFrame(rows[:2]))["largest_attack_bound"] == 0.9
+    assert math.isnan(final_attacks(pd.DataFrame([{"round": 1, "attack": "idia"}]))["largest_attack_bound"])
