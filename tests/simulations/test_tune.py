@@ -4,34 +4,31 @@ crash and resume keep, and the reported epsilons against independent computation
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pandas as pd
 import pytest
 from dp_accounting import dp_event as dpe
 from dp_accounting.rdp import RdpAccountant
 
+import simulations.hospital_clip
 from fedclip.privacy.accountant import epsilon as composed_epsilon
 from fedclip.privacy.ledger_store import LedgerStore
 from simulations.tune.config import DEFAULT_TUNE_TOML, TuneConfig
 from simulations.tune.search import SEARCH_FILE, draw_and_charge, search_event, select
 from strategies.faults import CRASH_EXIT_CODE
 
-SMALL_BASE = """
-[base]
-num-rounds = 2
-num-sites = 2
-patients-per-site = 12
-public-patients = 40
-heldout-patients = 12
-images-per-patient = 4
-query-images-per-patient = 3
-warm-start-epochs = 3
-local-steps = 3
-negative-bank-size = 32
-idia-queries = 3
-idia-distractors = 20
-budget = 8.0
-"""
+
+def _small_base() -> str:
+    """The app's small preset (simulations/hospital_clip/small.toml) as a search's [base], budget 8."""
+    import tomllib
+
+    preset = tomllib.loads((Path(simulations.hospital_clip.__file__).with_name("small.toml")).read_text())
+    keys = {k: v for k, v in preset.items() if k not in ("output-dir", "cache-dir")}
+    return "[base]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in keys.items()) + "budget = 8.0\n"
+
+
+SMALL_BASE = _small_base()
 
 
 def _write(tmp_path, tune: str, space: str = "lr = [0.005]", base: str = SMALL_BASE):
