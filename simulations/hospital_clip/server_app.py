@@ -783,53 +783,58 @@ def _run_rounds(grid: Grid, cfg: SimulationConfig, folder: RunFolder) -> Path:
     validation = load_pairs(held, preprocess=bundle.preprocess, tokenizer=bundle.tokenizer) if len(held) else None
     attacks, replies, wire["gradient_canaries"] = set_up_auditor(cfg, folder, prep, bundle)
     tracker = open_tracker(cfg, folder, prep)
-
-    plan = replace(cfg.round_plan(prep.sigma, prep.inputs), secure=prep.secure)  # what every site runs
-    if prep.secure is not None and replies:  # both levels: no site's update reaches the server
-        print("the server sees only the secure sum: no site's reply to attack (the attacks on the global model stand)")
-        replies = []
-    strategy = make_strategy(cfg, folder, prep, sites=sites, replies=replies, plan=plan, model=bundle.model)
-    evaluator = RoundEvaluator(
-        model=bundle.model,
-        tokenizer=bundle.tokenizer,
-        test=test,
-        validation=validation,
-        attacks=attacks,
-        files=folder.files,
-        epsilons=strategy.epsilons,
-        delta=cfg.delta,
-        state_dir=folder.state,
-        round_offset=folder.round_offset,
-        total_rounds=cfg.num_rounds,
-        trained_this_round=lambda: not strategy.exhausted,
-        strategy_seconds=lambda: strategy.strategy_seconds,
-        reply_attacks=replies,
-        comparable=plan.guarantee().membership,
-        evaluate_every=cfg.evaluate_every,
-        server_state=strategy.server_state,
-        tracker=tracker,
-    )
-    failure = None
-    if cfg.num_rounds > folder.round_offset:
-        try:
-            strategy.start(
-                grid,
-                initial,
-                num_rounds=cfg.num_rounds - folder.round_offset,
-                train_config=train_config_record(cfg, **wire),
-                evaluate_fn=evaluator,
-                timeout=cfg.round_timeout,
+    try:  # a run that raises still ends its MLflow run (as failed), not left 'running'
+        plan = replace(cfg.round_plan(prep.sigma, prep.inputs), secure=prep.secure)  # what every site runs
+        if prep.secure is not None and replies:  # both levels: no site's update reaches the server
+            print(
+                "the server sees only the secure sum: no site's reply to attack (the attacks on the global model stand)"
             )
-        except SiteFailure as exc:
-            failure = str(exc)
-    evaluator.close()
-    final_eps = strategy.epsilons()
-    summary = report(cfg, folder, prep, failure=failure, tracker=tracker)
-    tracker.close(status="FAILED" if failure else "FINISHED")
-    folder.store.close()
-    if failure:
-        print(f"run stopped: {failure}", flush=True)
-        raise SiteFailure(failure)
-    print(f"done: {summary}", flush=True)
-    print(json.dumps({"final_site_epsilon": {k: v if math.isfinite(v) else "inf" for k, v in final_eps.items()}}))
-    return folder.out
+            replies = []
+        strategy = make_strategy(cfg, folder, prep, sites=sites, replies=replies, plan=plan, model=bundle.model)
+        evaluator = RoundEvaluator(
+            model=bundle.model,
+            tokenizer=bundle.tokenizer,
+            test=test,
+            validation=validation,
+            attacks=attacks,
+            files=folder.files,
+            epsilons=strategy.epsilons,
+            delta=cfg.delta,
+            state_dir=folder.state,
+            round_offset=folder.round_offset,
+            total_rounds=cfg.num_rounds,
+            trained_this_round=lambda: not strategy.exhausted,
+            strategy_seconds=lambda: strategy.strategy_seconds,
+            reply_attacks=replies,
+            comparable=plan.guarantee().membership,
+            evaluate_every=cfg.evaluate_every,
+            server_state=strategy.server_state,
+            tracker=tracker,
+        )
+        failure = None
+        if cfg.num_rounds > folder.round_offset:
+            try:
+                strategy.start(
+                    grid,
+                    initial,
+                    num_rounds=cfg.num_rounds - folder.round_offset,
+                    train_config=train_config_record(cfg, **wire),
+                    evaluate_fn=evaluator,
+                    timeout=cfg.round_timeout,
+                )
+            except SiteFailure as exc:
+                failure = str(exc)
+        evaluator.close()
+        final_eps = strategy.epsilons()
+        summary = report(cfg, folder, prep, failure=failure, tracker=tracker)
+        tracker.close(status="FAILED" if failure else "FINISHED")
+        folder.store.close()
+        if failure:
+            print(f"run stopped: {failure}", flush=True)
+            raise SiteFailure(failure)
+        print(f"done: {summary}", flush=True)
+        print(json.dumps({"final_site_epsilon": {k: v if math.isfinite(v) else "inf" for k, v in final_eps.items()}}))
+        return folder.out
+    except BaseException:
+        tracker.close(status="FAILED")
+        raise
