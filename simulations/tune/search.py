@@ -37,6 +37,7 @@ from fedclip.privacy.ledger_store import LedgerStore
 from fedclip.privacy.policy import load_policy_file
 from fedclip.privacy.selection import SelectionEvent, calibrate_selection_noise
 from fedclip.progress import progress_bar
+from simulations.hospital_clip.config import SimulationConfig
 from simulations.hospital_clip.preflight import data_shape
 from simulations.launch import execute, is_done, prepare_tracking, tracking_overrides
 from simulations.tune.config import TuneConfig
@@ -61,29 +62,33 @@ class Candidate:
         return f"candidate {self.index} ({', '.join(f'{k}={v}' for k, v in self.point.items())})"
 
 
-def candidate_events(config: TuneConfig, point: dict[str, Any], sigma: float) -> tuple[DpEvent, ...]:
-    """One candidate's events over all its rounds, as its sites will be charged them."""
-    cfg = config.candidate_config(point, noise_multiplier=sigma)
+def candidate_events(cfg: SimulationConfig, sigma: float) -> tuple[DpEvent, ...]:
+    """One candidate's events over all its rounds at noise ``sigma``, as its sites will be charged them."""
     return tuple(replace(e, steps=e.steps * cfg.num_rounds) for e in cfg.round_plan(sigma).events())
+
+
+def _point_configs(config: TuneConfig) -> list[SimulationConfig]:
+    """Every point's run config, parsed once (the noise is set per event by ``round_plan``)."""
+    return [config.candidate_config(p, noise_multiplier=1.0) for p in config.points()]
+
+
+def _distinct_events(configs: list[SimulationConfig], sigma: float) -> tuple[tuple[DpEvent, ...], ...]:
+    return tuple(dict.fromkeys(candidate_events(cfg, sigma) for cfg in configs))
 
 
 def plan_noise(config: TuneConfig) -> float:
     """The candidates' shared noise multiplier: the search costs at most target-epsilon."""
-    base = config.base_config()
+    configs = _point_configs(config)
     return calibrate_selection_noise(
         target_epsilon=config.target_epsilon,
-        delta=base.delta,
+        delta=config.base_config().delta,
         repetitions=config.repetitions,
-        candidates=lambda sigma: _distinct(candidate_events(config, p, sigma) for p in config.points()),
+        candidates=lambda sigma: _distinct_events(configs, sigma),
     )
 
 
-def _distinct(events) -> tuple[tuple[DpEvent, ...], ...]:
-    return tuple(dict.fromkeys(events))
-
-
 def search_event(config: TuneConfig, sigma: float) -> SelectionEvent:
-    return SelectionEvent(_distinct(candidate_events(config, p, sigma) for p in config.points()), config.repetitions)
+    return SelectionEvent(_distinct_events(_point_configs(config), sigma), config.repetitions)
 
 
 def check_budgets(config: TuneConfig, event: SelectionEvent) -> dict[str, float]:
