@@ -2,6 +2,7 @@
 
     python -m benchmarks.tuning_cost [--epsilons 4 8] [--seeds 0 1 2]
                                      [--config simulations/tune/default.toml] [--out runs/bench_tuning_cost]
+                                     [--parallel 2]
 
 For each epsilon and seed: ``fedclip tune``'s search (its released model at that epsilon per site,
 the search included) and one run of the app's DP defaults at the same target epsilon, on the same
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -39,6 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--config", default="simulations/tune/default.toml")
     p.add_argument("--out", default="runs/bench_tuning_cost")
+    p.add_argument(
+        "--parallel", type=int, default=2, help="(epsilon, seed) cells at once (each gets its share of the cores)"
+    )
     args = p.parse_args(argv)
 
     from simulations.launch import execute, is_done
@@ -47,47 +52,50 @@ def main(argv: list[str] | None = None) -> int:
 
     template = TuneConfig.from_toml(args.config)
     out = Path(args.out)
-    rows = []
-    for eps in args.epsilons:
-        for seed in args.seeds:
-            where = out / f"eps={eps:g}" / f"seed={seed}"
-            # the budget a site's ledger allows must admit the search's epsilon
-            base = {**template.base, "seed": seed, "cache-dir": str(out / "cache"), "budget": eps}
-            search = replace(template, target_epsilon=eps, base=base, output_dir=str(where / "tune"))
-            run_search(search)
-            chosen = json.loads((where / "tune" / "selected.json").read_text())
-            default = DefaultRun(
-                where / "default",
-                {
-                    **base,
-                    "target-epsilon": eps,
-                    "validation-patients": template.validation_patients,
-                    "output-dir": str(where / "default"),
-                },
-                f"defaults eps={eps:g} seed={seed}",
-            )
-            if not is_done(default):
-                execute(default)
-            utility = pd.read_csv(default.folder / "utility.csv").iloc[-1]
-            config = json.loads((default.folder / "config.json").read_text())
-            rounds = pd.read_csv(default.folder / "rounds.csv")
-            best = chosen["selected"] or {}
-            rows.append(
-                {
-                    "epsilon": eps,
-                    "seed": seed,
-                    "candidates": len(json.loads((where / "tune" / "state" / "search.json").read_text())["candidates"]),
-                    "tuned_point": ", ".join(f"{k}={best[k]}" for k in template.space if k in best),
-                    "tuned_noise": chosen["noise_multiplier"],
-                    "tuned_test_accuracy": best.get("test_zero_shot_accuracy", float("nan")),
-                    "tuned_epsilon_released": max(chosen["epsilon"]["released-model"].values()),
-                    "tuned_epsilon_server": max(chosen["epsilon"]["server"].values(), default=0.0),
-                    "default_noise": config["resolved-noise-multiplier"],
-                    "default_test_accuracy": float(utility["zero_shot_accuracy"]),
-                    "default_epsilon": float(rounds["epsilon"].max()),
-                }
-            )
-            print(rows[-1], flush=True)
+
+    def cell(eps: float, seed: int) -> dict[str, Any]:
+        where = out / f"eps={eps:g}" / f"seed={seed}"
+        # the budget a site's ledger allows must admit the search's epsilon
+        base = {**template.base, "seed": seed, "cache-dir": str(out / "cache"), "budget": eps}
+        search = replace(template, target_epsilon=eps, base=base, output_dir=str(where / "tune"))
+        run_search(search, workers=args.parallel)
+        chosen = json.loads((where / "tune" / "selected.json").read_text())
+        default = DefaultRun(
+            where / "default",
+            {
+                **base,
+                "target-epsilon": eps,
+                "validation-patients": template.validation_patients,
+                "output-dir": str(where / "default"),
+            },
+            f"defaults eps={eps:g} seed={seed}",
+        )
+        if not is_done(default):
+            execute(default, workers=args.parallel)
+        utility = pd.read_csv(default.folder / "utility.csv").iloc[-1]
+        config = json.loads((default.folder / "config.json").read_text())
+        rounds = pd.read_csv(default.folder / "rounds.csv")
+        best = chosen["selected"] or {}
+        row = {
+            "epsilon": eps,
+            "seed": seed,
+            "candidates": len(json.loads((where / "tune" / "state" / "search.json").read_text())["candidates"]),
+            "tuned_point": ", ".join(f"{k}={best[k]}" for k in template.space if k in best),
+            "tuned_noise": chosen["noise_multiplier"],
+            "tuned_test_accuracy": best.get("test_zero_shot_accuracy", float("nan")),
+            "tuned_epsilon_released": max(chosen["epsilon"]["released-model"].values()),
+            "tuned_epsilon_server": max(chosen["epsilon"]["server"].values(), default=0.0),
+            "default_noise": config["resolved-noise-multiplier"],
+            "default_test_accuracy": float(utility["zero_shot_accuracy"]),
+            "default_epsilon": float(rounds["epsilon"].max()),
+        }
+        print(row, flush=True)
+        return row
+
+    # independent (epsilon, seed) cells share the machine; each search runs its candidates in turn
+    cells = [(eps, seed) for eps in args.epsilons for seed in args.seeds]
+    with ThreadPoolExecutor(max_workers=args.parallel) as pool:
+        rows = list(pool.map(lambda c: cell(*c), cells))
     table = pd.DataFrame(rows)
     out.mkdir(parents=True, exist_ok=True)
     table.to_csv(out / "tuning_cost.csv", index=False)

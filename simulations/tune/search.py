@@ -203,8 +203,9 @@ def candidates(config: TuneConfig, saved: dict) -> list[Candidate]:
     return runs
 
 
-def run_search(config: TuneConfig, *, progress=print) -> Path:
-    """Plan, charge, run and select; returns the output folder (``tune.md`` in it)."""
+def run_search(config: TuneConfig, *, progress=print, workers: int = 1) -> Path:
+    """Plan, charge, run and select; returns the output folder (``tune.md`` in it). ``workers``:
+    how many runs share the machine (each candidate gets its share of the cores)."""
     saved = draw_and_charge(config, progress=progress)
     crash_point("search-charged", 0)
     runs = candidates(config, saved)
@@ -214,7 +215,7 @@ def run_search(config: TuneConfig, *, progress=print) -> Path:
     for run in runs:
         if not is_done(run):
             progress(f"tune: {run.label}")
-            execute(run)
+            execute(run, workers=workers)
         bar.update(1)
     bar.close()
     return write_results(config, saved, runs)
