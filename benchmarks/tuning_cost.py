@@ -45,6 +45,8 @@ def main(argv: list[str] | None = None) -> int:
         "--parallel", type=int, default=2, help="(epsilon, seed) cells at once (each gets its share of the cores)"
     )
     args = p.parse_args(argv)
+    if args.parallel < 1:
+        p.error(f"--parallel: expected at least 1 cell at once, got {args.parallel}")
 
     from simulations.launch import execute, is_done
     from simulations.tune.config import TuneConfig
