@@ -76,18 +76,21 @@ def _distinct_events(configs: list[SimulationConfig], sigma: float) -> tuple[tup
     return tuple(dict.fromkeys(candidate_events(cfg, sigma) for cfg in configs))
 
 
-def plan_noise(config: TuneConfig) -> float:
-    """The candidates' shared noise multiplier: the search costs at most target-epsilon."""
+def plan(config: TuneConfig) -> tuple[float, SelectionEvent]:
+    """The candidates' shared noise multiplier (the search costs at most target-epsilon) and the
+    search's event at that noise, from the points' run configs parsed once."""
     configs = _point_configs(config)
-    return calibrate_selection_noise(
+    sigma = calibrate_selection_noise(
         target_epsilon=config.target_epsilon,
         delta=config.base_config().delta,
         repetitions=config.repetitions,
-        candidates=lambda sigma: _distinct_events(configs, sigma),
+        candidates=lambda s: _distinct_events(configs, s),
     )
+    return sigma, SelectionEvent(_distinct_events(configs, sigma), config.repetitions)
 
 
 def search_event(config: TuneConfig, sigma: float) -> SelectionEvent:
+    """The search's event at a given noise (the one ``plan`` charges, at its sigma)."""
     return SelectionEvent(_distinct_events(_point_configs(config), sigma), config.repetitions)
 
 
@@ -144,10 +147,9 @@ def draw_and_charge(config: TuneConfig, *, progress=print) -> dict:
                 f"{path}: this folder holds a search with another configuration; resume it with the same config "
                 "or choose another output-dir (a search is charged once, with what it was planned as)"
             )
-        progress(f"tune: resuming the search in {config.output_dir} ({saved['k']} candidates, charged already)")
+        progress(f"tune: resuming the search in {config.output_dir} (K = {saved['k']}, charged already)")
         return saved
-    sigma = plan_noise(config)
-    event = search_event(config, sigma)
+    sigma, event = plan(config)
     epsilons = check_budgets(config, event)
     rng = np.random.default_rng(secrets.randbits(128))  # the OS's randomness: K must stay secret and unchosen
     k = config.repetitions.draw(rng)
