@@ -150,6 +150,18 @@ class Tracker:
                 client, run_id = writer
                 self._guard(name, lambda: [client.log_artifact(run_id, str(p), "plots") for p in paths])
 
+    def __enter__(self) -> Tracker:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        """A run that raises ends its MLflow run as FAILED (KILLED if interrupted), never left 'running';
+        a tracker closed already inside the block keeps the status it was closed with."""
+        if exc_type is None:
+            status = "FINISHED"
+        else:
+            status = "KILLED" if issubclass(exc_type, KeyboardInterrupt) else "FAILED"
+        self.close(status=status)
+
     def close(self, *, status: str = "FINISHED") -> None:
         for name, writer in self._writers.items():
             if name == "tensorboard":

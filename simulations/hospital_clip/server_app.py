@@ -782,8 +782,7 @@ def _run_rounds(grid: Grid, cfg: SimulationConfig, folder: RunFolder) -> Path:
     test = load_pairs(tested, preprocess=bundle.preprocess, tokenizer=bundle.tokenizer)
     validation = load_pairs(held, preprocess=bundle.preprocess, tokenizer=bundle.tokenizer) if len(held) else None
     attacks, replies, wire["gradient_canaries"] = set_up_auditor(cfg, folder, prep, bundle)
-    tracker = open_tracker(cfg, folder, prep)
-    try:  # a run that raises still ends its MLflow run (as failed), not left 'running'
+    with open_tracker(cfg, folder, prep) as tracker:  # a run that raises ends its MLflow run as FAILED
         plan = replace(cfg.round_plan(prep.sigma, prep.inputs), secure=prep.secure)  # what every site runs
         if prep.secure is not None and replies:  # both levels: no site's update reaches the server
             print(
@@ -827,7 +826,6 @@ def _run_rounds(grid: Grid, cfg: SimulationConfig, folder: RunFolder) -> Path:
         evaluator.close()
         final_eps = strategy.epsilons()
         summary = report(cfg, folder, prep, failure=failure, tracker=tracker)
-        tracker.close(status="FAILED" if failure else "FINISHED")
         folder.store.close()
         if failure:
             print(f"run stopped: {failure}", flush=True)
@@ -835,6 +833,3 @@ def _run_rounds(grid: Grid, cfg: SimulationConfig, folder: RunFolder) -> Path:
         print(f"done: {summary}", flush=True)
         print(json.dumps({"final_site_epsilon": {k: v if math.isfinite(v) else "inf" for k, v in final_eps.items()}}))
         return folder.out
-    except BaseException:
-        tracker.close(status="FAILED")
-        raise

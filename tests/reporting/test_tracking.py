@@ -64,6 +64,28 @@ def test_a_resumed_run_continues_its_mlflow_run(tmp_path):
     assert [m.step for m in client.get_metric_history(run.info.run_id, "zero_shot_accuracy")] == [1, 2]
 
 
+@pytest.mark.parametrize("raised,status", [(None, "FINISHED"), (ValueError, "FAILED"), (KeyboardInterrupt, "KILLED")])
+def test_a_run_that_raises_is_not_left_running(tmp_path, raised, status):
+    try:
+        with _tracker(tmp_path) as tracker:
+            tracker.log_metrics(1, {"zero_shot_accuracy": 0.3})
+            if raised is not None:
+                raise raised("the run stopped")
+    except (ValueError, KeyboardInterrupt):
+        pass
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("exp").experiment_id])
+    assert run.info.status == status
+
+
+def test_a_tracker_closed_inside_its_block_keeps_its_status(tmp_path):
+    with _tracker(tmp_path) as tracker:
+        tracker.close(status="FAILED")  # a site failed: the run reports, closes as failed, then returns
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("exp").experiment_id])
+    assert run.info.status == "FAILED"
+
+
 def test_a_failing_backend_is_reported_once_and_never_stops_the_run(tmp_path, capsys):
     (tmp_path / "blocked").write_text("a file where the store's folder should be")
     tracker = _tracker(tmp_path, uri=f"sqlite:///{tmp_path / 'blocked' / 'mlflow.db'}", backends=("mlflow",))
