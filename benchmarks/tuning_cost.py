@@ -118,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     table.to_csv(out / "tuning_cost.csv", index=False)
     print(table.round(3).to_string(index=False))
+    print(f"plot: {plot(table, out / 'tuning_cost.png')}")
     for eps, g in table.groupby("epsilon"):
         wins = int((g["tuned_test_accuracy"] >= g["default_test_accuracy"]).sum())
         gap = (g["tuned_test_accuracy"] - g["default_test_accuracy"]).mean()
@@ -128,6 +129,37 @@ def main(argv: list[str] | None = None) -> int:
             f"(the search's charge costs {cost:+.3f}; the selected point, uncharged, against the defaults {found:+.3f})"
         )
     return 0
+
+
+def plot(table: pd.DataFrame, path: Path) -> Path:
+    """Test zero-shot accuracy per (epsilon, seed): defaults, tuned with the search charged, and the
+    selected point with the search not charged (the decomposition's reference, not a private result)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    bars = [
+        ("default_test_accuracy", "defaults (their choice not charged)"),
+        ("tuned_test_accuracy", "tuned (search charged)"),
+        ("uncharged_test_accuracy", "selected point (search NOT charged)"),
+    ]
+    fig, ax = plt.subplots(figsize=(7.5, 3.4))
+    x = range(len(table))
+    for i, (column, label) in enumerate(bars):
+        ax.bar([j + (i - 1) * 0.27 for j in x], table[column], width=0.27, label=label)
+    ax.set_xticks(
+        list(x), [f"eps {e:g}\nseed {s}\nK = {k}" for e, s, k in zip(table.epsilon, table.seed, table.candidates)]
+    )
+    values = table[[c for c, _ in bars]]
+    ax.set_ylim(max(0.0, float(values.min().min()) - 0.05), float(values.max().max()) + 0.04)
+    ax.set_ylabel("test zero-shot accuracy")
+    ax.set_title("Tuning at equal total epsilon per site (released model's figure)", fontsize=9)
+    ax.legend(fontsize=7, loc="upper left", ncol=3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def _final_accuracy(folder: Path) -> float:
