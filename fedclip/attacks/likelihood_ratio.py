@@ -119,6 +119,14 @@ class _ReferenceScored:
         """One more reference model that never saw a target (``fedclip.attacks.reference_models``)."""
         self.reference.add(self._log_probs(model))
 
+    def reference_state(self) -> tuple[np.ndarray, list[np.ndarray]]:
+        """The base model's scores and each reference model's, as added (``reference_cache`` saves them)."""
+        return self.reference.base, list(self.reference.out)
+
+    def restore_references(self, out) -> None:
+        """Reference scores saved by an earlier attempt of this run, in place of training the models again."""
+        self.reference.out = [np.asarray(o) for o in out]
+
     def sibling(self) -> Self:
         """The same attack on the same targets, collecting its own reference models (the replies' view)."""
         twin = copy.copy(self)

@@ -34,6 +34,9 @@ from fedclip.attacks.gradient_canaries import (
     canaries_to_wire,
     draw_dirac_canaries,
 )
+from fedclip.attacks.reference_cache import recipe_key
+from fedclip.attacks.reference_cache import restore as restore_references
+from fedclip.attacks.reference_cache import save as save_references
 from fedclip.attacks.reference_models import reference_models
 from fedclip.attacks.replies import ReplyAttack, ReplyObserver, observe_each, reply_rounds
 from fedclip.attacks.suite import target_attacks
@@ -78,6 +81,7 @@ from strategies.windowed_grid import WindowedGrid
 
 # run-config keys that are paths on the server's machine: never sent to a site
 SERVER_PATHS = ("manifest", "pretrained", "output-dir", "cache-dir", "site-policy-file", "audit-manifest")
+REFERENCE_SCORES = "lira_references.npz"  # the attacker's reference scores, read back on resuming
 
 
 def default_run_config() -> dict[str, Any]:
@@ -657,11 +661,18 @@ def report(
 
 
 def add_reference_models(
-    cfg: SimulationConfig, prep: Prepared, bundle, *, on_model: Sequence[Attack], on_replies: Sequence[Attack]
+    cfg: SimulationConfig,
+    prep: Prepared,
+    bundle,
+    *,
+    on_model: Sequence[Attack],
+    on_replies: Sequence[Attack],
+    state: Path,
 ) -> None:
     """With ``lira-references`` > 0, the attacker's shadow federations (``fedclip.attacks.reference_models``:
     the run's recipe on the public population), scored by every likelihood-ratio attack of the view
-    each reference stands for (the global model, or a site's reply) and dropped."""
+    each reference stands for (the global model, or a site's reply) and dropped. Their scores are kept
+    in ``state/`` (``fedclip.attacks.reference_cache``): a resumed run reads them back."""
     views = {
         "global": [a for a in on_model if hasattr(a, "add_reference")],
         "reply": [a for a in on_replies if hasattr(a, "add_reference")],
@@ -669,30 +680,36 @@ def add_reference_models(
     if not cfg.lira_references or not (views["global"] or views["reply"]):
         return
     frame = load_manifest(prep.manifest, allow_outside_paths=cfg.allow_outside_paths).frame
-    public = load_pairs(
-        frame[frame["split"] == str(Split.PUBLIC)], preprocess=bundle.preprocess, tokenizer=bundle.tokenizer
-    )
     sites = len(prep.shape.units)
     members = frame.loc[frame["split"] == str(Split.TRAIN), "patient_id"].nunique()
+    recipe = {
+        "count": cfg.lira_references,
+        "sites": sites,
+        "rounds": cfg.num_rounds,
+        "patients": max(2, round(members / sites)),  # one site's size in patients
+        "dp": cfg.dp(prep.sigma, declared_units=1),
+        "train": cfg.train(),
+        "seed": cfg.seed,
+    }
+    cache, key = state / REFERENCE_SCORES, recipe_key(**recipe)
+    why = restore_references(cache, views, key=key)
+    if not why:
+        print(f"lira: the {cfg.lira_references} reference models' scores read back from {cache}", flush=True)
+        return
     print(
         f"lira: training {cfg.lira_references} reference model{'s' if cfg.lira_references > 1 else ''} on the public "
         f"population (shadow federations of "
-        f"{sites} sites x {cfg.num_rounds} rounds x {cfg.local_steps} steps: the run's training, each)",
+        f"{sites} sites x {cfg.num_rounds} rounds x {cfg.local_steps} steps: the run's training, each)"
+        + (f"; saved scores not used: {why}" if why != "none saved" else ""),
         flush=True,
     )
-    for reference in reference_models(
-        bundle.model,
-        public,
-        count=cfg.lira_references,
-        sites=sites,
-        rounds=cfg.num_rounds,
-        patients=max(2, round(members / sites)),  # one site's size in patients
-        dp=cfg.dp(prep.sigma, declared_units=1),
-        train=cfg.train(),
-        seed=cfg.seed,
-    ):
+    public = load_pairs(
+        frame[frame["split"] == str(Split.PUBLIC)], preprocess=bundle.preprocess, tokenizer=bundle.tokenizer
+    )
+    for reference in reference_models(bundle.model, public, **recipe):
         for attack in views[reference.view]:
             attack.add_reference(reference.model)
+    save_references(cache, views, key=key)
 
 
 def set_up_auditor(
@@ -709,7 +726,7 @@ def set_up_auditor(
         if cfg.attack_replies != "off"
         else []
     )
-    add_reference_models(cfg, prep, bundle, on_model=attacks, on_replies=on_replies)
+    add_reference_models(cfg, prep, bundle, on_model=attacks, on_replies=on_replies, state=folder.state)
     when = reply_rounds(cfg.attack_replies, total_rounds=cfg.num_rounds)
     replies: list[ReplyObserver] = [ReplyAttack(a, model=bundle.model, when=when) for a in on_replies]
     gradient = gradient_canary_audit(cfg, model=bundle.model, sites=tuple(prep.shape.units), state=folder.state)

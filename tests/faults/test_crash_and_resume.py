@@ -84,3 +84,18 @@ def test_resume_refuses_a_missing_ledger_or_one_behind_the_model(tmp_path, cache
     refused = _run(out, cache, "budget=inf resume=true")
     assert refused.returncode != 0
     assert f"resume: {ledger} is missing but the saved model is at round 2" in refused.stderr
+
+
+def test_a_resumed_run_reads_the_attackers_reference_scores_back(tmp_path, cache):
+    """The shadow federation is trained once: a run killed after round 1 resumes with its scores."""
+    out = tmp_path / "run"
+    crashed = _run(out, cache, "budget=inf lira-references=1", crash="saved:1")
+    assert crashed.returncode == CRASH_EXIT_CODE, crashed.stderr[-3000:]
+    assert "lira: training 1 reference model" in crashed.stdout
+    assert (out / "state" / "lira_references.npz").is_file()
+    resumed = _run(out, cache, "budget=inf lira-references=1 resume=true")
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]
+    assert "lira: the 1 reference models' scores read back" in resumed.stdout
+    assert "lira: training" not in resumed.stdout
+    attack = pd.read_csv(out / "attack.csv")
+    assert sorted(attack.loc[attack["attack"] == "lira-patient", "round"]) == [0, 1, 2, 3]

@@ -44,7 +44,7 @@ def run_dir(tmp_path_factory):
     (base / "first.stdout").write_text(first.stdout)  # the console, for test_the_console_*
     (base / "first.stderr").write_text(first.stderr)
     assert "round 1/1" in first.stdout
-    # the attacker's shadow federation (one), trained before round 1 and again on resuming
+    # the attacker's shadow federation (one), trained before round 1 and again on resuming (another recipe)
     assert "lira: training 1 reference model on the public population (shadow federations of 2 sites" in first.stdout
     with sqlite3.connect(out / "state" / "ledger.sqlite") as db:
         after_first = db.execute("SELECT COUNT(*) FROM charges").fetchone()[0]
@@ -53,6 +53,8 @@ def run_dir(tmp_path_factory):
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     (base / "second.stderr").write_text(second.stderr)
     assert "resuming after round 1" in second.stdout and "round 2/2" in second.stdout
+    # two rounds now, not one: the saved reference scores are of another recipe, and say so
+    assert "saved scores not used: trained with another recipe" in second.stdout
     return out, after_first
 
 
