@@ -37,7 +37,7 @@ indicative bound a common form with IDIA.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Self
 
 import numpy as np
@@ -123,7 +123,7 @@ class _ReferenceScored:
         """The base model's scores and each reference model's, as added (``reference_cache`` saves them)."""
         return self.reference.base, list(self.reference.out)
 
-    def restore_references(self, out) -> None:
+    def restore_references(self, out: Sequence[np.ndarray]) -> None:
         """Reference scores saved by an earlier attempt of this run, in place of training the models again."""
         self.reference.out = [np.asarray(o) for o in out]
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -70,7 +71,7 @@ def restore(path: Path, views: Mapping[str, Sequence[ReferenceScored]], *, key: 
                     restored.append((attack, list(saved[f"{name}/out"])))
             if len(saved.files) != 1 + 2 * len(restored):
                 return "another set of attacks"
-    except (OSError, ValueError, KeyError) as exc:
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
         return f"unreadable ({type(exc).__name__}: {exc})"
     for attack, out in restored:
         attack.restore_references(out)

@@ -46,9 +46,20 @@ def prepare_store(uri: str, experiment: str) -> None:
     processes creating a new SQLite store's tables at once would race)."""
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri=uri)
-    if client.get_experiment_by_name(experiment) is None:
-        client.create_experiment(experiment)
+    experiment_id(MlflowClient(tracking_uri=uri), uri, experiment)
+
+
+def experiment_id(client, uri: str, experiment: str) -> str:
+    """The experiment's id, created if new with its artifacts beside a SQLite store
+    (``<store's folder>/mlartifacts``): MLflow's default, ``./mlruns``, is relative to whatever
+    folder the process started in, so ``mlflow ui`` elsewhere would not find the plots."""
+    found = client.get_experiment_by_name(experiment)
+    if found is not None:
+        return found.experiment_id
+    location = None
+    if uri.startswith("sqlite:///"):
+        location = (Path(uri.removeprefix("sqlite:///")).resolve().parent / "mlartifacts").as_uri()
+    return client.create_experiment(experiment, artifact_location=location)
 
 
 def numeric(metrics: Mapping[str, Any]) -> dict[str, float]:
@@ -90,12 +101,11 @@ class Tracker:
             from mlflow.tracking import MlflowClient
 
             client = MlflowClient(tracking_uri=mlflow_uri)
-            found = client.get_experiment_by_name(experiment)
-            experiment_id = found.experiment_id if found else client.create_experiment(experiment)
+            experiment_key = experiment_id(client, mlflow_uri, experiment)
             id_file = self.run_dir / "state" / "mlflow_run_id"
             run_id = id_file.read_text().strip() if resume and id_file.is_file() else ""
             if not run_id:
-                run_id = client.create_run(experiment_id, run_name=run_name).info.run_id
+                run_id = client.create_run(experiment_key, run_name=run_name).info.run_id
                 id_file.parent.mkdir(parents=True, exist_ok=True)
                 id_file.write_text(run_id + "\n")
             self._writers[name] = (client, run_id)

@@ -700,7 +700,7 @@ def add_reference_models(
         f"lira: training {cfg.lira_references} reference model{'s' if cfg.lira_references > 1 else ''} on the public "
         f"population (shadow federations of "
         f"{sites} sites x {cfg.num_rounds} rounds x {cfg.local_steps} steps: the run's training, each)"
-        + (f"; saved scores not used: {why}" if why != "none saved" else ""),
+        + (f"; saved scores not used: {why} ({cache})" if why != "none saved" else ""),
         flush=True,
     )
     public = load_pairs(

@@ -15,11 +15,10 @@ class _Scored(_ReferenceScored):
 
 def _views(seed=0):
     rng = np.random.default_rng(seed)
-    views = {
+    return {
         "global": [_Scored(rng.normal(size=5))],
         "reply": [_Scored(rng.normal(size=5)), _Scored(rng.normal(size=3))],
     }
-    return views
 
 
 def _train(views, count=2):

@@ -100,3 +100,16 @@ def test_backends_and_values_are_checked():
     with pytest.raises(ValueError, match="unknown backend"):
         parse_backends("wandb")
     assert numeric({"a": 1, "b": float("nan"), "c": "", "d": True, "e": 2.5}) == {"a": 1.0, "e": 2.5}
+
+
+def test_plots_are_stored_beside_the_store_not_where_the_process_started(tmp_path, monkeypatch):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    plot = tmp_path / "utility.png"
+    plot.write_bytes(b"\x89PNG not really")  # MLflow stores the file as it is
+    tracker = _tracker(tmp_path, backends=("mlflow",))
+    tracker.log_images([plot], step=1)
+    tracker.close()
+    assert not (elsewhere / "mlruns").exists()
+    assert list((tmp_path / "mlartifacts").rglob("plots/utility.png"))
